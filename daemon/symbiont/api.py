@@ -1,0 +1,129 @@
+"""The HTTP+JSON API (FastAPI), served on the daemon's unix socket.
+
+Thin over :class:`symbiont.daemon.Daemon`: request bodies are pydantic models (a bad body
+is a 422 naming the field), daemon errors map to 4xx/5xx with a ``detail`` reason, and no
+handler changes state before its input has been validated. Parts mount their own routers
+under ``/v1/<part>`` (see :mod:`symbiont.plugins`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from symbiont import __version__
+from symbiont.daemon import Daemon, DaemonError
+from symbiont.plugins import part_modules
+
+VmName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$", description="libvirt domain name")]
+
+
+class MemoryPolicy(BaseModel):
+    """ESX-style memory policy parameters (used by the memory part)."""
+
+    model_config = ConfigDict(extra="forbid")
+    shares: int = Field(1000, ge=1, le=1_000_000, description="proportional-share weight")
+    min_mib: int | None = Field(None, ge=64, le=1 << 22, description="never balloon below this")
+    max_mib: int | None = Field(None, ge=64, le=1 << 22, description="never give more than this")
+
+
+class CpuPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_vcpus: int | None = Field(None, ge=1, le=1024)
+    max_vcpus: int | None = Field(None, ge=1, le=1024)
+    weight: int = Field(100, ge=1, le=10_000, description="cgroup v2 cpu.weight-style share")
+
+
+class Registration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$", description="libvirt domain name")
+    memory: MemoryPolicy = Field(default_factory=MemoryPolicy)
+    cpu: CpuPolicy = Field(default_factory=CpuPolicy)
+    extra: dict[str, Any] = Field(default_factory=dict, description="parameters of later parts, by part name")
+
+
+class MemoryTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target_mib: int = Field(ge=64, le=1 << 22, description="balloon target: memory the guest keeps")
+
+
+class VcpuTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(ge=1, le=1024, description="live vCPU count")
+
+
+def create_app(daemon: Daemon) -> FastAPI:
+    app = FastAPI(
+        title="symbiontd",
+        version=__version__,
+        description="Symbiotic resource management: the host decides how much, the guest decides what.",
+    )
+    app.state.daemon = daemon
+
+    @app.exception_handler(DaemonError)
+    async def _daemon_error(_req: Request, exc: DaemonError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "version": __version__, "loop_iterations": daemon.loop_iterations}
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        return daemon.status()
+
+    @app.get("/v1/vms")
+    async def list_vms() -> list[dict[str, Any]]:
+        return [daemon.vm_view(r.name) for r in daemon.store.list_vms()]
+
+    @app.post("/v1/vms", status_code=201)
+    async def register(body: Registration) -> dict[str, Any]:
+        policy = body.model_dump(exclude={"name"})
+        return await daemon.register(body.name, policy)
+
+    @app.get("/v1/vms/{name}")
+    async def show(name: VmName) -> dict[str, Any]:
+        return daemon.vm_view(name)
+
+    @app.delete("/v1/vms/{name}")
+    async def unregister(name: VmName) -> dict[str, Any]:
+        await daemon.unregister(name)
+        return {"unregistered": name}
+
+    @app.put("/v1/vms/{name}/memory")
+    async def set_memory(name: VmName, body: MemoryTarget) -> dict[str, Any]:
+        return await daemon.set_memory(name, body.target_mib)
+
+    @app.put("/v1/vms/{name}/vcpus")
+    async def set_vcpus(name: VmName, body: VcpuTarget) -> dict[str, Any]:
+        return await daemon.set_vcpus(name, body.count)
+
+    @app.get("/v1/vms/{name}/history")
+    async def history(
+        name: VmName,
+        source: Annotated[str, Query(pattern="^(agent|libvirt)$")] = "agent",
+        since: Annotated[float, Query(ge=0)] = 0.0,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+    ) -> list[dict[str, Any]]:
+        daemon._require(name)
+        return [{"ts": ts, **data} for ts, data in daemon.store.history(name, source, since, limit)]
+
+    @app.get("/v1/decisions")
+    async def decisions(
+        vm: str | None = None, limit: Annotated[int, Query(ge=1, le=10000)] = 100
+    ) -> list[dict[str, Any]]:
+        return daemon.store.decisions(vm, limit)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    for part, mod in part_modules("api").items():
+        router = getattr(mod, "router", None)
+        if router is not None:
+            app.include_router(router, prefix=f"/v1/{part}", tags=[part])
+    return app

@@ -1,0 +1,397 @@
+"""The ``symbiont`` command line: the lab, the daemon's API, experiments.
+
+Human tables (rich) by default, ``--json`` for scripts. Errors are one clear line on stderr
+and exit status 2 (bad input) or 1 (operation failed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from symbiont.client import ApiError, Client
+from symbiont.config import Config, ConfigError, load_config
+from symbiont.plugins import part_modules
+
+console = Console()
+err = Console(stderr=True)
+
+
+class Ctx:
+    def __init__(self, config_path: str | None, socket: str | None) -> None:
+        self.config_path = config_path
+        self._socket = socket
+        self._cfg: Config | None = None
+
+    @property
+    def cfg(self) -> Config:
+        if self._cfg is None:
+            try:
+                self._cfg = load_config(self.config_path)
+            except ConfigError as exc:
+                fail(f"config error: {exc}", 2)
+        return self._cfg
+
+    def client(self) -> Client:
+        return Client(self._socket or self.cfg.socket)
+
+
+def fail(msg: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {msg}", highlight=False)
+    sys.exit(code)
+
+
+def emit(data: Any, as_json: bool, table: Table | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif table is not None:
+        console.print(table)
+
+
+def api(ctx: Ctx, method: str, path: str, body: Any = None, **params: Any) -> Any:
+    try:
+        with ctx.client() as c:
+            return c.call(method, path, json=body, params=params or None)
+    except ApiError as exc:
+        fail(exc.detail if exc.status == 0 else f"{exc.status} {exc.detail}", 2 if 400 <= exc.status < 500 else 1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "-c", "config_path", envvar="SYMBIONT_CONFIG", help="YAML config (daemon socket, lab paths).")
+@click.option("--socket", envvar="SYMBIONT_SOCKET", help="daemon API socket (default: from the config).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, socket: str | None) -> None:
+    """symbiont: symbiotic resource management for VMs.
+
+    The host daemon (symbiontd) decides how much memory, CPU, SSD cache and GPU each VM gets;
+    the guest agent decides what to give up. This command drives the daemon's API, the VM lab
+    and the experiments.
+    """
+    ctx.obj = Ctx(config_path, socket)
+
+
+# -- status / vm -----------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_obj
+def status(ctx: Ctx, as_json: bool) -> None:
+    """Show the daemon's health, host stats and VM summary."""
+    st = api(ctx, "GET", "/v1/status")
+    vms = api(ctx, "GET", "/v1/vms")
+    if as_json:
+        emit({"status": st, "vms": vms}, True)
+        return
+    host = st.get("host", {})
+    console.print(
+        f"symbiontd {st['version']} pid {st['pid']} up {st['uptime_s']:.0f}s  "
+        f"period {st['period_s']}s  loop iterations {st['loop_iterations']}  samples {st['samples']}"
+    )
+    if host:
+        console.print(
+            f"host: CPU {host.get('cpu_percent', 0):.0f}%  mem available "
+            f"{host.get('mem_available', 0) / 2**30:.1f}/{host.get('mem_total', 0) / 2**30:.1f} GiB  "
+            f"PSI mem some10 {host.get('psi', {}).get('memory', {}).get('some_avg10', 0):.2f}"
+        )
+    console.print(vm_table(vms))
+
+
+def vm_table(vms: list[dict[str, Any]]) -> Table:
+    t = Table(title="VMs")
+    for col in ("name", "state", "agent", "balloon MiB", "guest MemTotal", "guest avail", "vCPUs", "guest online", "QEMU CPU%"):
+        t.add_column(col, justify="right" if col not in ("name", "state", "agent") else "left")
+    for v in vms:
+        g = v.get("guest", {})
+        t.add_row(
+            v["name"],
+            str(v.get("state") or "?"),
+            "[green]cooperative[/green]" if v["cooperative"] else "[red]uncooperative[/red]",
+            _s(v.get("balloon_actual_mib") or v.get("balloon_mib")),
+            _s(g.get("mem_total_mib")),
+            _s(g.get("mem_available_mib")),
+            f"{_s(v.get('vcpus'))}/{_s(v.get('max_vcpus'))}",
+            _s(g.get("online_cpus")),
+            _s(None if v.get("qemu_cpu_percent") is None else round(v["qemu_cpu_percent"])),
+        )
+    return t
+
+
+def _s(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+@cli.group()
+def vm() -> None:
+    """Register, inspect and steer VMs through the daemon."""
+
+
+@vm.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def vm_list(ctx: Ctx, as_json: bool) -> None:
+    """List registered VMs with live stats."""
+    vms = api(ctx, "GET", "/v1/vms")
+    emit(vms, as_json, vm_table(vms))
+
+
+@vm.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def vm_show(ctx: Ctx, name: str, as_json: bool) -> None:
+    """Show one VM: policy, agent session, stats, knobs the daemon changed."""
+    v = api(ctx, "GET", f"/v1/vms/{name}")
+    if as_json:
+        emit(v, True)
+        return
+    console.print(vm_table([v]))
+    a = v["agent"]
+    console.print(f"agent: connected={a['connected']} handshakes={a['handshakes']} "
+                  f"protocol_errors={a['protocol_errors']} timeouts={a['timeouts']} caps={(a['hello'] or {}).get('caps')}")
+    if a["last_error"]:
+        console.print(f"last agent error: {a['last_error']}")
+    console.print(f"policy: {json.dumps(v['policy'])}")
+    for k in v["knobs"]:
+        console.print(f"knob {k['knob']}: {k['original']} -> {k['current']} (restored on unregister/stop)")
+
+
+@vm.command("register")
+@click.argument("name")
+@click.option("--shares", type=int, default=1000, show_default=True, help="memory shares (ESX S)")
+@click.option("--min-mib", type=int, help="never balloon below this")
+@click.option("--max-mib", type=int, help="never give more than this")
+@click.option("--min-vcpus", type=int)
+@click.option("--max-vcpus", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def vm_register(ctx: Ctx, name: str, shares: int, min_mib: int | None, max_mib: int | None,
+                min_vcpus: int | None, max_vcpus: int | None, as_json: bool) -> None:
+    """Register a libvirt domain with its policy parameters."""
+    body = {"name": name, "memory": {"shares": shares, "min_mib": min_mib, "max_mib": max_mib},
+            "cpu": {"min_vcpus": min_vcpus, "max_vcpus": max_vcpus}}
+    v = api(ctx, "POST", "/v1/vms", body)
+    if as_json:
+        emit(v, True)
+    else:
+        console.print(f"registered {name}")
+
+
+@vm.command("unregister")
+@click.argument("name")
+@click.pass_obj
+def vm_unregister(ctx: Ctx, name: str) -> None:
+    """Unregister a VM; every knob the daemon changed on it is restored."""
+    api(ctx, "DELETE", f"/v1/vms/{name}")
+    console.print(f"unregistered {name}")
+
+
+@vm.command("memory")
+@click.argument("name")
+@click.argument("target_mib", type=int)
+@click.pass_obj
+def vm_memory(ctx: Ctx, name: str, target_mib: int) -> None:
+    """Set a VM's balloon target (MiB the guest keeps)."""
+    r = api(ctx, "PUT", f"/v1/vms/{name}/memory", {"target_mib": target_mib})
+    console.print(f"{name}: balloon {r['before_mib']} -> {r['target_mib']} MiB")
+
+
+@vm.command("vcpus")
+@click.argument("name")
+@click.argument("count", type=int)
+@click.pass_obj
+def vm_vcpus(ctx: Ctx, name: str, count: int) -> None:
+    """Hot-plug/unplug vCPUs; the guest agent onlines/offlines them."""
+    r = api(ctx, "PUT", f"/v1/vms/{name}/vcpus", {"count": count})
+    online = (r.get("guest") or {}).get("online")
+    console.print(f"{name}: vCPUs {r['before']} -> {r['vcpus']}; guest online CPUs: {online}")
+
+
+# -- image / lab -----------------------------------------------------------------------------
+@cli.group()
+def image() -> None:
+    """The golden guest image (debootstrap, cached by recipe hash)."""
+
+
+@image.command("build")
+@click.option("--force", is_flag=True, help="rebuild even if the recipe is unchanged")
+@click.pass_obj
+def image_build(ctx: Ctx, force: bool) -> None:
+    """Build (or reuse) the golden Debian bookworm image with the guest agent."""
+    img = build_image_with_progress(ctx.cfg, force)
+    console.print(f"image {img.recipe_digest} {'reused' if img.reused else 'built'}: {img.dir}")
+
+
+def build_image_with_progress(cfg: Config, force: bool = False):
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from symbiont.lab.image import ImageError, build_image, make_recipe
+
+    try:
+        recipe = make_recipe(cfg.lab.mirror)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as p:
+            task = p.add_task("image", total=None)
+            return build_image(
+                Path(cfg.lab.images_dir), Path(cfg.lab.cache_dir), recipe, force,
+                step=lambda s: p.update(task, description=f"image: {s}"),
+            )
+    except ImageError as exc:
+        fail(str(exc))
+
+
+@cli.group()
+def lab() -> None:
+    """Lab VMs through libvirt: each boots from its own overlay on the golden image."""
+
+
+@lab.command("up")
+@click.argument("count", type=click.IntRange(1, 64))
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait for each agent's hello")
+@click.option("--timeout", type=float, default=300, show_default=True)
+@click.pass_obj
+def lab_up(ctx: Ctx, count: int, wait: bool, timeout: float) -> None:
+    """Boot COUNT lab VMs (builds the image first if needed)."""
+    from symbiont.host.libvirt_host import ensure_libvirtd
+    from symbiont.lab import vms
+
+    started = ensure_libvirtd()
+    if started:
+        console.print(f"started {', '.join(started)}")
+    img = build_image_with_progress(ctx.cfg)
+    host = _host(ctx)
+    try:
+        made = vms.lab_up(host, ctx.cfg, img, count, on_vm=lambda n: console.print(f"{n}: started"))
+        if wait:
+            for vm in made:
+                t0 = time.monotonic()
+                with console.status(f"{vm.name}: waiting for the agent's hello"):
+                    hello = vms.wait_for_agent(vm.channel, timeout)
+                console.print(f"{vm.name}: agent {hello.get('version')} up ({time.monotonic() - t0:.1f}s), caps {hello.get('caps')}")
+    except vms.LabError as exc:
+        fail(str(exc))
+
+
+@lab.command("down")
+@click.pass_obj
+def lab_down(ctx: Ctx) -> None:
+    """Remove every VM 'lab up' made (domains, overlays, sockets) and nothing else."""
+    from symbiont.lab import vms
+
+    try:
+        removed = vms.lab_down(_host(ctx), ctx.cfg)
+    except vms.LabError as exc:
+        fail(str(exc))
+    console.print(f"removed {len(removed)} lab VMs: {', '.join(removed) or '-'}")
+
+
+@lab.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def lab_list(ctx: Ctx, as_json: bool) -> None:
+    """List the lab's VMs as libvirt sees them."""
+    from symbiont.lab import vms
+
+    rows = vms.list_lab(_host(ctx), ctx.cfg)
+    t = Table(title="lab VMs")
+    for col in ("name", "state", "type", "memory MiB", "vCPUs", "channel"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["state"], r["type"], f"{r['memory_mib']}/{r['max_memory_mib']}",
+                  f"{r['vcpus']}/{r['max_vcpus']}", str(r["channel"]))
+    emit(rows, as_json, t)
+
+
+def _host(ctx: Ctx):
+    import libvirt
+
+    from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    try:
+        return LibvirtHost(ctx.cfg.libvirt_uri)
+    except LibvirtError as exc:
+        fail(f"{exc} (is libvirtd running? 'symbiont lab up' starts it)")
+
+
+# -- experiments -----------------------------------------------------------------------------
+@cli.group()
+def experiment() -> None:
+    """Run experiments: each writes results/NAME/TIMESTAMP/ with CSV, PNG and run.json."""
+
+
+@experiment.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def experiment_list(as_json: bool) -> None:
+    """List experiments with their parameters."""
+    from symbiont.experiments.framework import registry
+
+    reg = registry()
+    rows = [{"name": e.name, "part": e.part, "needs": sorted(e.needs), "summary": e.summary,
+             "params": dict(e.params)} for e in reg.values()]
+    t = Table(title="experiments")
+    for col in ("name", "part", "needs", "summary", "parameters (defaults)"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(r["name"], r["part"], ",".join(r["needs"]) or "-", r["summary"],
+                  " ".join(f"{k}={v}" for k, v in r["params"].items()))
+    emit(rows, as_json, t)
+
+
+@experiment.command("run")
+@click.argument("name")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a parameter (repeatable)")
+@click.option("--results", default="results", show_default=True, help="results root folder")
+@click.option("--no-progress", is_flag=True, help="no progress bar (for logs)")
+def experiment_run(name: str, overrides: tuple[str, ...], results: str, no_progress: bool) -> None:
+    """Run experiment NAME; see 'symbiont experiment list' for names and parameters."""
+    from symbiont.experiments.framework import ExperimentError, run_experiment
+
+    try:
+        out, summary = run_experiment(name, overrides, Path(results), show_progress=not no_progress)
+    except ExperimentError as exc:
+        fail(str(exc), 2)
+    console.print(f"[bold]{name}[/bold] done: {out}")
+    for k, v in summary.items():
+        console.print(f"  {k}: {v}")
+
+
+# -- config ----------------------------------------------------------------------------------
+@cli.group("config")
+def config_group() -> None:
+    """Validate or print configuration."""
+
+
+@config_group.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_check(path: str) -> None:
+    """Validate a config file; errors name the key."""
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    console.print(f"{path}: OK")
+
+
+@config_group.command("default")
+def config_default() -> None:
+    """Print the default configuration as YAML."""
+    from symbiont.config import dump_default_config
+
+    click.echo(dump_default_config(), nl=False)
+
+
+def _add_part_groups() -> None:
+    for part, mod in part_modules("cli").items():
+        group = getattr(mod, "group", None)
+        if isinstance(group, click.Command) and (group.name or part) not in cli.commands:
+            cli.add_command(group, name=group.name or part)
+
+
+def main() -> None:
+    _add_part_groups()
+    cli()

@@ -1,0 +1,190 @@
+"""YAML configuration of the daemon and the lab, validated before anything starts.
+
+Every error names the key (``control.period_s``) and the reason. Unknown keys are errors
+too: a typo must not silently fall back to a default. Parts add their own sections by
+extending :class:`Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+def _check(cond: bool, key: str, reason: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {reason}")
+
+
+@dataclass
+class ControlConfig:
+    period_s: float = 5.0  # how often the control loop collects stats
+    agent_timeout_s: float = 5.0  # a request to an agent fails after this long
+    history_keep_s: float = 7 * 86400.0  # stats older than this are pruned
+
+    def validate(self, key: str) -> None:
+        _check(0.2 <= self.period_s <= 3600, f"{key}.period_s", "must be between 0.2 and 3600 seconds")
+        _check(0.1 <= self.agent_timeout_s <= 600, f"{key}.agent_timeout_s", "must be between 0.1 and 600")
+        _check(self.history_keep_s >= 60, f"{key}.history_keep_s", "must be at least 60 seconds")
+
+
+@dataclass
+class AgentConfig:
+    frame_timeout_s: float = 10.0  # a frame must complete within this long once started
+    max_json_bytes: int = 1 << 20
+    max_binary_bytes: int = 16 << 20
+    reconnect_max_s: float = 5.0  # back-off ceiling when a channel socket is gone
+    channel_name: str = "org.symbiont.agent.0"
+
+    def validate(self, key: str) -> None:
+        _check(0.1 <= self.frame_timeout_s <= 600, f"{key}.frame_timeout_s", "must be between 0.1 and 600")
+        _check(64 <= self.max_json_bytes <= 1 << 20, f"{key}.max_json_bytes", "must be between 64 and 1 MiB")
+        _check(0 <= self.max_binary_bytes <= 16 << 20, f"{key}.max_binary_bytes", "must be at most 16 MiB")
+        _check(0.1 <= self.reconnect_max_s <= 300, f"{key}.reconnect_max_s", "must be between 0.1 and 300")
+        _check(bool(self.channel_name), f"{key}.channel_name", "must not be empty")
+
+
+@dataclass
+class LabConfig:
+    domain_type: str = "auto"  # auto: kvm where the CPU has vmx/svm and /dev/kvm works, else qemu (TCG)
+    vm_prefix: str = "symbiont-lab-"
+    memory_mib: int = 512  # boot memory (the balloon's ceiling)
+    vcpus: int = 1
+    max_vcpus: int = 4
+    balloon_period_s: int = 2  # virtio-balloon stats period
+    images_dir: str = "/var/lib/symbiont/images"
+    vms_dir: str = "/var/lib/symbiont/vms"
+    channels_dir: str = "/var/lib/symbiont/channels"
+    cache_dir: str = "/var/cache/symbiont"
+    mirror: str = ""  # Debian mirror for the image; empty: the host's apt mirror
+
+    def validate(self, key: str) -> None:
+        _check(self.domain_type in ("auto", "kvm", "qemu"), f"{key}.domain_type", "must be auto, kvm or qemu")
+        _check(bool(self.vm_prefix) and "/" not in self.vm_prefix, f"{key}.vm_prefix", "must be a plain name")
+        _check(128 <= self.memory_mib <= 1 << 20, f"{key}.memory_mib", "must be between 128 and 1048576")
+        _check(1 <= self.vcpus <= 256, f"{key}.vcpus", "must be between 1 and 256")
+        _check(self.vcpus <= self.max_vcpus <= 256, f"{key}.max_vcpus", "must be between vcpus and 256")
+        _check(0 <= self.balloon_period_s <= 3600, f"{key}.balloon_period_s", "must be between 0 and 3600")
+
+
+@dataclass
+class Config:
+    state_dir: str = "/var/lib/symbiont"
+    socket: str = "/run/symbiont/symbiontd.sock"
+    socket_mode: int = 0o660
+    socket_group: str = ""  # group owning the API socket; empty: the daemon's group
+    libvirt_uri: str = "qemu:///system"
+    log_level: str = "INFO"
+    restore_on_exit: bool = True  # every knob turned is restored on stop / unregister
+    control: ControlConfig = field(default_factory=ControlConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    lab: LabConfig = field(default_factory=LabConfig)
+
+    def validate(self, key: str = "") -> None:
+        _check(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
+        _check(0 <= self.socket_mode <= 0o777, "socket_mode", "must be an octal file mode such as 0660")
+        _check(os.path.isabs(self.socket), "socket", "must be an absolute path")
+        _check(os.path.isabs(self.state_dir), "state_dir", "must be an absolute path")
+        self.control.validate("control")
+        self.agent.validate("agent")
+        self.lab.validate("lab")
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.state_dir) / "symbiont.sqlite3"
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if key.endswith("socket_mode") and isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError:
+                raise ConfigError(f"{key}: must be an octal mode such as \"0660\", got {value!r}") from None
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], where)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate a config file (``None``: all defaults)."""
+    data: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    if overrides:
+        data = merge_dicts(data, overrides)
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def dump_default_config() -> str:
+    cfg = Config()
+    d = dataclasses.asdict(cfg)
+    d["socket_mode"] = f"{cfg.socket_mode:04o}"
+    return yaml.safe_dump(d, sort_keys=False)

@@ -1,0 +1,528 @@
+"""``symbiontd``: the host daemon — collectors → policies → controllers, in one asyncio loop.
+
+The control loop collects host stats (psutil, PSI), libvirt's view of each VM (balloon,
+vCPUs) and the guest's view from its agent (meminfo, vmstat, PSI, online CPUs), stores them
+in sqlite, and runs each part's policy hooks. Controllers turn real knobs (the balloon, vCPU
+hotplug, ...) and every knob's original value is saved first, so that it is restored when
+the VM is unregistered or the daemon stops (``restore_on_exit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import uvicorn
+
+from symbiont import __version__, guest_stats
+from symbiont import metrics as m
+from symbiont.agentlink import AgentLink, AgentOpError, AgentUnavailable
+from symbiont.config import Config, ConfigError, load_config
+from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
+from symbiont.host.procstats import ProcessCpu, host_sample
+from symbiont.state import StateStore
+
+log = logging.getLogger("symbiontd")
+
+# A controller hook of a part: called once per period with the daemon, after collection.
+PeriodicHook = Callable[["Daemon"], Awaitable[None]]
+
+
+class DaemonError(Exception):
+    """Base of the errors the API maps to 4xx/5xx responses."""
+
+    status = 400
+
+
+class NotFound(DaemonError):
+    status = 404
+
+
+class Conflict(DaemonError):
+    status = 409
+
+
+class Invalid(DaemonError):
+    status = 422
+
+
+class Unavailable(DaemonError):
+    status = 503
+
+
+class Daemon:
+    """The daemon's state and operations; the API is a thin layer over these methods."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(cfg.db_path)
+        self.links: dict[str, AgentLink] = {}
+        self.latest: dict[str, dict[str, Any]] = {}  # per VM: last collected snapshot
+        self.host_latest: dict[str, Any] = {}
+        self.hooks: list[PeriodicHook] = []
+        self.loop_iterations = 0
+        self.loop_cpu_s = 0.0
+        self._libvirt: LibvirtHost | None = None
+        self._proc_cpu = ProcessCpu()
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # -- libvirt --------------------------------------------------------------------------
+    @property
+    def libvirt(self) -> LibvirtHost:
+        """The libvirt connection, (re)opened on demand; raises Unavailable when down."""
+        if self._libvirt is not None:
+            try:
+                if self._libvirt.conn.isAlive():
+                    return self._libvirt
+            except libvirt.libvirtError:
+                pass
+            self._libvirt.close()
+            self._libvirt = None
+        try:
+            self._libvirt = LibvirtHost(self.cfg.libvirt_uri)
+        except LibvirtError as exc:
+            raise Unavailable(str(exc)) from None
+        return self._libvirt
+
+    def _channel_path(self, vm: str) -> str | None:
+        try:
+            return self.libvirt.channel_path(vm, self.cfg.agent.channel_name)
+        except (LibvirtError, DaemonError):
+            return None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        for rec in self.store.list_vms():
+            self._start_link(rec.name)
+        m.vms_registered.set(len(self.links))
+        self._loop_task = asyncio.get_running_loop().create_task(self._control_loop(), name="control-loop")
+        log.info("symbiontd %s started: %d VMs registered, period %.1f s",
+                 __version__, len(self.links), self.cfg.control.period_s)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self.cfg.restore_on_exit:
+            for name in list(self.links):
+                await self._restore_knobs(name, reason="daemon stopping")
+        for link in list(self.links.values()):
+            await link.stop()
+        if self._libvirt is not None:
+            self._libvirt.close()
+        self.store.close()
+        log.info("symbiontd stopped")
+
+    def _start_link(self, name: str) -> AgentLink:
+        a = self.cfg.agent
+        link = AgentLink(
+            name,
+            lambda: self._channel_path(name),
+            frame_timeout=a.frame_timeout_s,
+            request_timeout=self.cfg.control.agent_timeout_s,
+            reconnect_max=a.reconnect_max_s,
+            max_json=a.max_json_bytes,
+            max_binary=a.max_binary_bytes,
+            on_event=self._on_event,
+            on_state=self._on_agent_state,
+        )
+        self.links[name] = link
+        link.start()
+        return link
+
+    def _on_event(self, vm: str, name: str, data: dict[str, Any]) -> None:
+        log.info("vm %s: event %s %s", vm, name, data)
+
+    def _on_agent_state(self, vm: str, cooperative: bool, reason: str) -> None:
+        m.vm_cooperative.labels(vm).set(1 if cooperative else 0)
+        if cooperative:
+            m.agent_handshakes.labels(vm).inc(0)
+        elif reason.startswith("protocol error"):
+            m.agent_protocol_errors.labels(vm).inc()
+        with contextlib.suppress(Exception):
+            self.store.log_decision("agent", "cooperative" if cooperative else "uncooperative", vm,
+                                    {"reason": reason}, {})
+
+    # -- registration ---------------------------------------------------------------------
+    async def register(self, name: str, policy: dict[str, Any]) -> dict[str, Any]:
+        async with self._lock:
+            if self.store.get_vm(name) is not None:
+                raise Conflict(f"VM {name!r} is already registered")
+            try:
+                info = await asyncio.to_thread(self.libvirt.info, name)
+            except LibvirtError as exc:
+                raise NotFound(f"no libvirt domain {name!r}: register a VM that exists") from exc
+            mem = policy.get("memory", {})
+            max_mib = info.max_memory_kib // 1024
+            if mem.get("max_mib") is not None and mem["max_mib"] > max_mib:
+                raise Invalid(f"memory.max_mib {mem['max_mib']} exceeds the VM's boot memory {max_mib} MiB")
+            if mem.get("min_mib") is not None and mem.get("max_mib") is not None and mem["min_mib"] > mem["max_mib"]:
+                raise Invalid("memory.min_mib must not exceed memory.max_mib")
+            cpu = policy.get("cpu", {})
+            if cpu.get("max_vcpus") is not None and cpu["max_vcpus"] > info.max_vcpus:
+                raise Invalid(f"cpu.max_vcpus {cpu['max_vcpus']} exceeds the domain's maximum {info.max_vcpus}")
+            self.store.add_vm(name, info.uuid, policy)
+            self.store.log_decision("core", "register", name, {"policy": policy}, {"uuid": info.uuid})
+            self._start_link(name)
+            m.vms_registered.set(len(self.links))
+        self._wake.set()
+        return self.vm_view(name)
+
+    async def unregister(self, name: str) -> None:
+        async with self._lock:
+            if self.store.get_vm(name) is None:
+                raise NotFound(f"VM {name!r} is not registered")
+            if self.cfg.restore_on_exit:
+                await self._restore_knobs(name, reason="unregistered")
+            link = self.links.pop(name, None)
+            if link is not None:
+                await link.stop()
+            self.store.remove_vm(name)
+            self.latest.pop(name, None)
+            self.store.log_decision("core", "unregister", name, {}, {})
+            m.forget_vm(name)
+            m.vms_registered.set(len(self.links))
+
+    def _require(self, name: str) -> dict[str, Any]:
+        rec = self.store.get_vm(name)
+        if rec is None:
+            raise NotFound(f"VM {name!r} is not registered")
+        return rec.policy
+
+    # -- knobs ----------------------------------------------------------------------------
+    async def set_memory(self, name: str, target_mib: int, reason: str = "api") -> dict[str, Any]:
+        """Move the balloon so the guest has ``target_mib`` MiB."""
+        policy = self._require(name)
+        info = await self._info(name)
+        mem = policy.get("memory", {})
+        lo = int(mem.get("min_mib") or 64)
+        hi = min(int(mem.get("max_mib") or info.max_memory_kib // 1024), info.max_memory_kib // 1024)
+        if not lo <= target_mib <= hi:
+            raise Invalid(f"target_mib {target_mib} outside this VM's range {lo}..{hi} MiB")
+        if info.state != "running":
+            raise Conflict(f"VM {name!r} is {info.state}; the balloon needs a running VM")
+        before = info.memory_kib // 1024
+        self.store.save_knob(name, "balloon_mib", before, target_mib)
+        try:
+            await asyncio.to_thread(self.libvirt.set_balloon, name, target_mib * 1024)
+        except LibvirtError as exc:
+            raise Unavailable(str(exc)) from None
+        m.actions_total.labels("memory", "balloon").inc()
+        self.store.log_decision("memory", "balloon", name,
+                                {"target_mib": target_mib, "before_mib": before, "range": [lo, hi], "reason": reason},
+                                {"ok": True})
+        log.info("vm %s: balloon %d -> %d MiB (%s)", name, before, target_mib, reason)
+        self._wake.set()
+        return {"vm": name, "before_mib": before, "target_mib": target_mib}
+
+    async def set_vcpus(self, name: str, count: int, reason: str = "api") -> dict[str, Any]:
+        """Hot-plug or unplug vCPUs; the agent onlines/offlines them inside the guest."""
+        policy = self._require(name)
+        info = await self._info(name)
+        cpu = policy.get("cpu", {})
+        lo = int(cpu.get("min_vcpus") or 1)
+        hi = min(int(cpu.get("max_vcpus") or info.max_vcpus), info.max_vcpus)
+        if not lo <= count <= hi:
+            raise Invalid(f"vcpus {count} outside this VM's range {lo}..{hi}")
+        if info.state != "running":
+            raise Conflict(f"VM {name!r} is {info.state}; vCPU hotplug needs a running VM")
+        before = info.vcpus
+        link = self.links.get(name)
+        guest: Any = None
+        self.store.save_knob(name, "vcpus", before, count)
+        if count < before and link is not None and link.cooperative:
+            # Scale down: the guest offlines first, so the unplug does not yank a busy CPU.
+            guest = await self._agent_online(link, count)
+        try:
+            await asyncio.to_thread(self.libvirt.set_vcpus, name, count)
+        except LibvirtError as exc:
+            raise Unavailable(str(exc)) from None
+        if count > before and link is not None and link.cooperative:
+            guest = await self._agent_online(link, None, wait_for=count)
+        m.actions_total.labels("cpu", "vcpus").inc()
+        outcome = {"guest": guest}
+        self.store.log_decision("cpu", "vcpus", name,
+                                {"count": count, "before": before, "range": [lo, hi], "reason": reason}, outcome)
+        log.info("vm %s: vcpus %d -> %d (%s); guest online: %s", name, before, count, reason,
+                 guest and guest.get("online"))
+        self._wake.set()
+        return {"vm": name, "before": before, "vcpus": count, "guest": guest}
+
+    async def _agent_online(self, link: AgentLink, target: int | None, wait_for: int | None = None) -> Any:
+        """Ask the agent to online CPUs; after a hot-plug, wait until the new CPUs are present."""
+        deadline = time.monotonic() + 20.0
+        result: Any = None
+        while True:
+            try:
+                result, _ = await link.request("online-cpus", {} if target is None else {"target": target})
+            except (AgentUnavailable, AgentOpError) as exc:
+                return {"error": str(exc)}
+            online = result.get("online", []) if isinstance(result, dict) else []
+            if wait_for is None or len(online) >= wait_for or time.monotonic() > deadline:
+                return result
+            await asyncio.sleep(0.5)  # the ACPI hot-plug event has not reached the guest yet
+
+    async def _restore_knobs(self, name: str, reason: str) -> None:
+        for knob in self.store.knobs(name):
+            try:
+                if knob["knob"] == "balloon_mib":
+                    await asyncio.to_thread(self.libvirt.set_balloon, name, int(knob["original"]) * 1024)
+                elif knob["knob"] == "vcpus":
+                    link = self.links.get(name)
+                    if int(knob["original"]) < int(knob["current"]) and link is not None and link.cooperative:
+                        await self._agent_online(link, int(knob["original"]))
+                    await asyncio.to_thread(self.libvirt.set_vcpus, name, int(knob["original"]))
+                else:
+                    continue
+                self.store.forget_knob(name, knob["knob"])
+                self.store.log_decision("core", "restore", name, {"knob": knob, "reason": reason}, {"ok": True})
+                log.info("vm %s: restored %s to %s (%s)", name, knob["knob"], knob["original"], reason)
+            except (LibvirtError, DaemonError) as exc:
+                log.warning("vm %s: could not restore %s: %s", name, knob["knob"], exc)
+
+    async def _info(self, name: str):
+        try:
+            return await asyncio.to_thread(self.libvirt.info, name)
+        except LibvirtError as exc:
+            raise NotFound(f"libvirt domain {name!r} is gone: {exc}") from None
+
+    # -- control loop ---------------------------------------------------------------------
+    async def _control_loop(self) -> None:
+        last_prune = 0.0
+        while not self._stop.is_set():
+            t0, c0 = time.monotonic(), time.process_time()
+            try:
+                await self.collect_once()
+                for hook in self.hooks:
+                    await hook(self)
+                if time.time() - last_prune > 600:
+                    self.store.prune(time.time() - self.cfg.control.history_keep_s)
+                    last_prune = time.time()
+            except Exception:  # the loop must survive anything a period throws
+                log.exception("control loop iteration failed")
+            dt, dc = time.monotonic() - t0, time.process_time() - c0
+            self.loop_iterations += 1
+            self.loop_cpu_s += dc
+            m.control_loop_seconds.observe(dt)
+            m.control_loop_cpu_seconds.inc(dc)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.05, self.cfg.control.period_s - dt))
+
+    async def collect_once(self) -> None:
+        now = time.time()
+        host = host_sample()
+        self.host_latest = {"ts": now, **host}
+        m.host_cpu_percent.set(host["cpu_percent"])
+        m.host_mem_available_bytes.set(host["mem_available"])
+        m.host_mem_total_bytes.set(host["mem_total"])
+        for res, psi in host["psi"].items():
+            if "some_avg10" in psi:
+                m.host_psi_some_avg10.labels(res).set(psi["some_avg10"])
+        rows: list[tuple[float, str | None, str, dict[str, Any]]] = [(now, None, "host", host)]
+        names = list(self.links)
+        results = await asyncio.gather(*(self._collect_vm(n) for n in names), return_exceptions=True)
+        for name, res in zip(names, results, strict=True):
+            if isinstance(res, BaseException):
+                log.warning("vm %s: collection failed: %s", name, res)
+                continue
+            rows.extend((now, name, src, data) for src, data in res.items() if data)
+        self.store.add_samples(rows)
+
+    async def _collect_vm(self, name: str) -> dict[str, dict[str, Any]]:
+        snap: dict[str, Any] = {"ts": time.time()}
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            info = await asyncio.to_thread(self.libvirt.info, name)
+            lv: dict[str, Any] = {
+                "state": info.state, "memory_mib": info.memory_kib // 1024,
+                "max_memory_mib": info.max_memory_kib // 1024, "vcpus": info.vcpus, "max_vcpus": info.max_vcpus,
+            }
+            if info.state == "running":
+                lv["memstats_kib"] = await asyncio.to_thread(self.libvirt.memory_stats, name)
+                pid = self.libvirt.qemu_pid(name)
+                lv["qemu_pid"] = pid
+                lv["qemu_cpu_percent"] = self._proc_cpu.percent(pid)
+                lv["qemu_rss"] = self._proc_cpu.rss(pid)
+            out["libvirt"] = lv
+            snap["libvirt"] = lv
+            m.vm_vcpus.labels(name).set(info.vcpus)
+            if "actual" in lv.get("memstats_kib", {}):
+                m.vm_balloon_actual_bytes.labels(name).set(lv["memstats_kib"]["actual"] * 1024)
+            if lv.get("qemu_cpu_percent") is not None:
+                m.vm_qemu_cpu_percent.labels(name).set(lv["qemu_cpu_percent"])
+        except (LibvirtError, DaemonError) as exc:
+            snap["libvirt"] = {"state": "missing", "error": str(exc)}
+        link = self.links.get(name)
+        if link is not None and link.ready:
+            try:
+                raw, _ = await link.request("stats")
+                gs = guest_stats.sanitize(raw)
+                out["agent"] = gs
+                snap["agent"] = gs
+                mi = gs["meminfo"]
+                if "MemTotal" in mi:
+                    m.vm_guest_mem_total_bytes.labels(name).set(mi["MemTotal"])
+                if "MemAvailable" in mi:
+                    m.vm_guest_mem_available_bytes.labels(name).set(mi["MemAvailable"])
+                m.vm_guest_online_cpus.labels(name).set(gs["cpus"]["count_online"])
+                if "some_avg10" in gs["psi"]["memory"]:
+                    m.vm_guest_psi_mem_some_avg10.labels(name).set(gs["psi"]["memory"]["some_avg10"])
+            except (AgentUnavailable, AgentOpError, ValueError) as exc:
+                snap["agent_error"] = str(exc)
+        m.vm_cooperative.labels(name).set(1 if link is not None and link.cooperative else 0)
+        self.latest[name] = snap
+        return out
+
+    # -- views ----------------------------------------------------------------------------
+    def vm_view(self, name: str) -> dict[str, Any]:
+        rec = self.store.get_vm(name)
+        if rec is None:
+            raise NotFound(f"VM {name!r} is not registered")
+        link = self.links.get(name)
+        snap = self.latest.get(name, {})
+        lv = snap.get("libvirt", {})
+        ag = snap.get("agent", {})
+        mi = ag.get("meminfo", {})
+        return {
+            "name": name,
+            "uuid": rec.uuid,
+            "policy": rec.policy,
+            "registered_at": rec.registered_at,
+            "cooperative": bool(link and link.cooperative),
+            "agent": {
+                "connected": bool(link and link.connected),
+                "hello": link.hello if link else None,
+                "handshakes": link.stats.handshakes if link else 0,
+                "protocol_errors": link.stats.protocol_errors if link else 0,
+                "timeouts": link.stats.timeouts if link else 0,
+                "last_error": link.stats.last_error if link else "",
+            },
+            "stats_at": snap.get("ts"),
+            "state": lv.get("state"),
+            "balloon_mib": lv.get("memory_mib"),
+            "balloon_actual_mib": (lv.get("memstats_kib", {}).get("actual", 0) // 1024) or None,
+            "max_memory_mib": lv.get("max_memory_mib"),
+            "vcpus": lv.get("vcpus"),
+            "max_vcpus": lv.get("max_vcpus"),
+            "qemu_cpu_percent": lv.get("qemu_cpu_percent"),
+            "guest": {
+                "mem_total_mib": mi["MemTotal"] // (1 << 20) if "MemTotal" in mi else None,
+                "mem_available_mib": mi["MemAvailable"] // (1 << 20) if "MemAvailable" in mi else None,
+                "online_cpus": ag.get("cpus", {}).get("count_online"),
+                "psi_memory_some_avg10": ag.get("psi", {}).get("memory", {}).get("some_avg10"),
+                "loadavg": ag.get("loadavg"),
+            },
+            "knobs": self.store.knobs(name),
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "period_s": self.cfg.control.period_s,
+            "loop_iterations": self.loop_iterations,
+            "loop_cpu_s": round(self.loop_cpu_s, 4),
+            "vms": len(self.links),
+            "cooperative": sum(1 for link in self.links.values() if link.cooperative),
+            "host": self.host_latest,
+            "samples": self.store.count_samples(),
+        }
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon handles signals and cleans up."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+async def serve(cfg: Config, ready: Callable[[Daemon], None] | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT: API on the unix socket, control loop, agents."""
+    from symbiont.api import create_app
+
+    daemon = Daemon(cfg)
+    sock = Path(cfg.socket)
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    if sock.exists() or sock.is_symlink():
+        sock.unlink()
+    app = create_app(daemon)
+    server = _Server(uvicorn.Config(app, uds=str(sock), log_level="warning", access_log=False, lifespan="on"))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    await daemon.start()
+    api_task = loop.create_task(server.serve(), name="api")
+    while not server.started and not api_task.done():
+        await asyncio.sleep(0.02)
+    if api_task.done():
+        await daemon.stop()
+        api_task.result()
+        raise SystemExit("API server failed to start")
+    os.chmod(sock, cfg.socket_mode)
+    if cfg.socket_group:
+        os.chown(sock, -1, grp.getgrnam(cfg.socket_group).gr_gid)
+    log.info("API listening on %s (mode %04o)", sock, cfg.socket_mode)
+    if ready:
+        ready(daemon)
+    try:
+        await api_task
+    finally:
+        await daemon.stop()
+        with contextlib.suppress(OSError):
+            sock.unlink()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="symbiontd",
+        description="symbiont host daemon: collects host, libvirt and guest-agent stats, serves the "
+        "HTTP+JSON API on a unix socket and runs the parts' control policies.",
+    )
+    ap.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    ap.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    ap.add_argument("--print-default-config", action="store_true", help="print the default config and exit")
+    args = ap.parse_args(argv)
+    if args.print_default_config:
+        from symbiont.config import dump_default_config
+
+        print(dump_default_config(), end="")
+        return
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"symbiontd: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.check_config:
+        print("config OK")
+        return
+    logging.basicConfig(
+        level=cfg.log_level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    main()

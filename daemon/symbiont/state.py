@@ -1,0 +1,216 @@
+"""The daemon's durable state in sqlite: registrations, stats history, knobs and decisions.
+
+Everything that must survive a crash (``kill -9`` included) is written here in a
+transaction before the daemon acts on it: a registration exists once its INSERT committed;
+a knob's original value is saved before the knob is turned, so a restarted daemon can still
+put it back (the tuned discipline). Parts add tables with :meth:`StateStore.ensure_schema`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    name TEXT PRIMARY KEY,
+    uuid TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    registered_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    vm TEXT,
+    source TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_vm_ts ON samples (vm, source, ts);
+CREATE TABLE IF NOT EXISTS knobs (
+    vm TEXT NOT NULL,
+    knob TEXT NOT NULL,
+    original TEXT NOT NULL,
+    current TEXT NOT NULL,
+    changed_at REAL NOT NULL,
+    PRIMARY KEY (vm, knob)
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    vm TEXT,
+    part TEXT NOT NULL,
+    action TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_ts ON decisions (ts);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass
+class VmRecord:
+    name: str
+    uuid: str
+    policy: dict[str, Any]
+    registered_at: float
+
+
+class StateStore:
+    """A thin, thread-safe wrapper over one sqlite database (WAL, synchronous=FULL)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self.ensure_schema(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def ensure_schema(self, ddl: str) -> None:
+        with self.transaction() as db:
+            for stmt in ddl.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # -- VMs ------------------------------------------------------------------------------
+    def add_vm(self, name: str, uuid: str, policy: dict[str, Any]) -> VmRecord:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO vms (name, uuid, policy, registered_at) VALUES (?, ?, ?, ?)",
+                (name, uuid, json.dumps(policy), now),
+            )
+        return VmRecord(name, uuid, policy, now)
+
+    def update_vm_policy(self, name: str, policy: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE vms SET policy = ? WHERE name = ?", (json.dumps(policy), name))
+
+    def remove_vm(self, name: str) -> bool:
+        with self.transaction() as db:
+            cur = db.execute("DELETE FROM vms WHERE name = ?", (name,))
+            db.execute("DELETE FROM knobs WHERE vm = ?", (name,))
+            return cur.rowcount > 0
+
+    def get_vm(self, name: str) -> VmRecord | None:
+        rows = self.query("SELECT * FROM vms WHERE name = ?", (name,))
+        return _vm(rows[0]) if rows else None
+
+    def list_vms(self) -> list[VmRecord]:
+        return [_vm(r) for r in self.query("SELECT * FROM vms ORDER BY name")]
+
+    # -- samples --------------------------------------------------------------------------
+    def add_samples(self, rows: list[tuple[float, str | None, str, dict[str, Any]]]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO samples (ts, vm, source, data) VALUES (?, ?, ?, ?)",
+                [(ts, vm, src, json.dumps(data, separators=(",", ":"))) for ts, vm, src, data in rows],
+            )
+
+    def history(
+        self, vm: str | None, source: str, since: float = 0.0, limit: int = 1000
+    ) -> list[tuple[float, dict[str, Any]]]:
+        if vm is None:
+            rows = self.query(
+                "SELECT ts, data FROM samples WHERE vm IS NULL AND source = ? AND ts >= ? ORDER BY ts DESC LIMIT ?",
+                (source, since, limit),
+            )
+        else:
+            rows = self.query(
+                "SELECT ts, data FROM samples WHERE vm = ? AND source = ? AND ts >= ? ORDER BY ts DESC LIMIT ?",
+                (vm, source, since, limit),
+            )
+        return [(r["ts"], json.loads(r["data"])) for r in reversed(rows)]
+
+    def latest(self, vm: str | None, source: str) -> tuple[float, dict[str, Any]] | None:
+        h = self.history(vm, source, limit=1)
+        return h[-1] if h else None
+
+    def count_samples(self, vm: str | None = None) -> int:
+        if vm is None:
+            return self.query("SELECT COUNT(*) AS n FROM samples")[0]["n"]
+        return self.query("SELECT COUNT(*) AS n FROM samples WHERE vm = ?", (vm,))[0]["n"]
+
+    def prune(self, older_than: float) -> int:
+        with self.transaction() as db:
+            n = db.execute("DELETE FROM samples WHERE ts < ?", (older_than,)).rowcount
+            db.execute("DELETE FROM decisions WHERE ts < ?", (older_than,))
+            return n
+
+    # -- knobs (save before change, restore on exit) --------------------------------------
+    def save_knob(self, vm: str, knob: str, original: Any, current: Any) -> None:
+        """Record a knob change; the *first* original value is kept across changes."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO knobs (vm, knob, original, current, changed_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (vm, knob) DO UPDATE SET current = excluded.current, changed_at = excluded.changed_at",
+                (vm, knob, json.dumps(original), json.dumps(current), time.time()),
+            )
+
+    def knobs(self, vm: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM knobs" + (" WHERE vm = ?" if vm is not None else "") + " ORDER BY vm, knob"
+        rows = self.query(sql, (vm,) if vm is not None else ())
+        return [
+            {"vm": r["vm"], "knob": r["knob"], "original": json.loads(r["original"]),
+             "current": json.loads(r["current"]), "changed_at": r["changed_at"]}
+            for r in rows
+        ]
+
+    def forget_knob(self, vm: str, knob: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM knobs WHERE vm = ? AND knob = ?", (vm, knob))
+
+    # -- decisions ------------------------------------------------------------------------
+    def log_decision(
+        self, part: str, action: str, vm: str | None, inputs: dict[str, Any], outcome: dict[str, Any]
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO decisions (ts, vm, part, action, inputs, outcome) VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), vm, part, action, json.dumps(inputs, default=str), json.dumps(outcome, default=str)),
+            )
+
+    def decisions(self, vm: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM decisions" + (" WHERE vm = ?" if vm else "") + " ORDER BY id DESC LIMIT ?"
+        rows = self.query(sql, ((vm, limit) if vm else (limit,)))
+        return [
+            {"ts": r["ts"], "vm": r["vm"], "part": r["part"], "action": r["action"],
+             "inputs": json.loads(r["inputs"]), "outcome": json.loads(r["outcome"])}
+            for r in reversed(rows)
+        ]
+
+
+def _vm(row: sqlite3.Row) -> VmRecord:
+    return VmRecord(row["name"], row["uuid"], json.loads(row["policy"]), row["registered_at"])

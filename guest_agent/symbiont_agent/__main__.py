@@ -1,0 +1,3 @@
+from symbiont_agent.agent import main
+
+main()

@@ -1,0 +1,218 @@
+"""The agent's main loop: open the virtio-serial port, say hello, answer requests.
+
+Operations are plain functions registered with :func:`op`; later parts (containers,
+ballooning cooperation, cache membership, CRIU) add theirs the same way, and the hello's
+``caps`` lists them so the daemon knows what this guest can do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from symbiont_agent import __version__, cpus, stats
+from symbiont_agent import protocol as proto
+
+log = logging.getLogger("symbiont-agent")
+
+Handler = Callable[[dict[str, Any], bytes], Any]
+OPS: dict[str, Handler] = {}
+
+
+def op(name: str) -> Callable[[Handler], Handler]:
+    """Register a handler for request ``name``: ``fn(args, payload) -> result``.
+
+    A handler may return ``(result, payload_bytes)`` to send binary data back.
+    """
+
+    def register(fn: Handler) -> Handler:
+        OPS[name] = fn
+        return fn
+
+    return register
+
+
+@op("ping")
+def _ping(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    return {"pong": True, "echo": args.get("echo"), "payload_len": len(payload), "time": time.time()}
+
+
+@op("stats")
+def _stats(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    return stats.collect()
+
+
+@op("online-cpus")
+def _online_cpus(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    target = args.get("target")
+    if target is not None and (not isinstance(target, int) or isinstance(target, bool)):
+        raise ValueError("target must be an integer")
+    return cpus.online_cpus(target)
+
+
+class Channel:
+    """The guest end of the virtio-serial port, with reconnect and resync."""
+
+    def __init__(self, path: str, write_timeout: float = 5.0) -> None:
+        self.path = path
+        self.write_timeout = write_timeout
+        self.fd: int | None = None
+        self.reader = proto.FrameReader()
+
+    def open(self) -> None:
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENXIO):
+                    raise
+                _load_virtio_console()
+                time.sleep(0.5)
+        self.reader = proto.FrameReader()
+        self.reader.hunt()  # bytes queued before we opened may start mid-frame
+        log.info("opened %s", self.path)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> bool:
+        data = memoryview(proto.encode(header, payload))
+        deadline = time.monotonic() + self.write_timeout
+        assert self.fd is not None
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("write timed out (host not reading); dropped %s", header.get("type"))
+                return False
+            _, w, _ = select.select([], [self.fd], [], left)
+            if not w:
+                continue
+            try:
+                n = os.write(self.fd, data)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ENOTCONN):  # host side closed
+                    time.sleep(0.2)
+                    continue
+                raise
+            data = data[n:]
+        return True
+
+
+def _load_virtio_console() -> None:
+    if not os.path.exists("/sys/module/virtio_console"):
+        subprocess.run(["modprobe", "virtio_console"], check=False, capture_output=True)
+
+
+def handle(msg: proto.Message) -> tuple[dict[str, Any], bytes] | None:
+    """Answer one message; returns the reply frame (header, payload) or None."""
+    if msg.type == "hello":
+        return hello_frame(), b""
+    if msg.type != "req":
+        return None
+    mid = msg.header["id"]
+    name = msg.header["op"]
+    fn = OPS.get(name)
+    if fn is None:
+        return proto.response_error(mid, f"unknown op {name!r}"), b""
+    try:
+        result = fn(msg.header.get("args") or {}, msg.payload)
+    except Exception as exc:  # a failing op answers with an error; the agent lives on
+        log.exception("op %s failed", name)
+        return proto.response_error(mid, f"{type(exc).__name__}: {exc}"), b""
+    payload = b""
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], (bytes, bytearray)):
+        result, payload = result[0], bytes(result[1])
+    return proto.response_ok(mid, result), payload
+
+
+def hello_frame() -> dict[str, Any]:
+    return proto.hello(
+        "agent",
+        __version__,
+        sorted(OPS),
+        boot_id=stats.boot_id(),
+        pid=os.getpid(),
+        started=_STARTED,
+    )
+
+
+_STARTED = time.time()
+
+
+def serve(channel: Channel, stop: Callable[[], bool] = lambda: False) -> None:
+    """Serve until ``stop()``; reopen the port after protocol errors or hang-ups."""
+    while not stop():
+        channel.open()
+        channel.send(hello_frame())
+        hung_up = False
+        try:
+            while not stop():
+                assert channel.fd is not None
+                poll = select.poll()
+                poll.register(channel.fd, select.POLLIN | select.POLLHUP)
+                events = poll.poll(1000)
+                if not events:
+                    continue
+                _, ev = events[0]
+                if ev & select.POLLHUP and not ev & select.POLLIN:
+                    # Host side not connected: wait, and greet it when it comes back.
+                    hung_up = True
+                    time.sleep(0.5)
+                    continue
+                if hung_up:
+                    hung_up = False
+                    channel.reader.hunt()
+                    channel.send(hello_frame())
+                try:
+                    data = os.read(channel.fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    hung_up = True
+                    time.sleep(0.5)
+                    continue
+                for msg in channel.reader.feed(data):
+                    reply = handle(msg)
+                    if reply is not None:
+                        channel.send(*reply)
+        except proto.ProtocolError as exc:
+            log.warning("protocol error from host, resetting channel: %s", exc)
+        finally:
+            channel.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="symbiont-agent", description=__doc__)
+    ap.add_argument("--port", default="/dev/virtio-ports/org.symbiont.agent.0", help="virtio-serial port")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    stopping = False
+
+    def _stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    log.info("symbiont-agent %s starting on %s (ops: %s)", __version__, args.port, ", ".join(sorted(OPS)))
+    serve(Channel(args.port), stop=lambda: stopping)
+
+
+if __name__ == "__main__":
+    main()
