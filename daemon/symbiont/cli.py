@@ -20,8 +20,9 @@ from symbiont.client import ApiError, Client
 from symbiont.config import Config, ConfigError, load_config
 from symbiont.plugins import part_modules
 
-console = Console()
-err = Console(stderr=True)
+# Piped output (logs, scripts, CI) gets full rows instead of the 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 class Ctx:
@@ -104,8 +105,9 @@ def status(ctx: Ctx, as_json: bool) -> None:
 
 def vm_table(vms: list[dict[str, Any]]) -> Table:
     t = Table(title="VMs")
-    for col in ("name", "state", "agent", "balloon MiB", "guest MemTotal", "guest avail", "vCPUs", "guest online", "QEMU CPU%"):
-        t.add_column(col, justify="right" if col not in ("name", "state", "agent") else "left")
+    t.add_column("name", no_wrap=True)
+    for col in ("state", "agent", "balloon MiB", "guest MemTotal", "guest avail", "vCPUs", "guest online", "QEMU CPU%"):
+        t.add_column(col, justify="right" if col not in ("state", "agent") else "left")
     for v in vms:
         g = v.get("guest", {})
         t.add_row(

@@ -525,4 +525,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run main() from the importable module, not from __main__: otherwise the API module's
+    # `from symbiont.daemon import DaemonError` would name a different class than the one
+    # this copy raises, and every 4xx would turn into a 500.
+    from symbiont.daemon import main as _main
+
+    _main()
