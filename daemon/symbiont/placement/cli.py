@@ -1,0 +1,304 @@
+"""``symbiont place``: plan placements from files, list heuristics, generate and replay traces.
+
+Errors in the input (a bad file, an unknown heuristic, a negative demand) print one line
+``error: ...`` on stderr and exit with status 2; a request that is valid but cannot be placed is
+not an error — the plan lists it with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import numpy as np
+
+from symbiont.placement import heuristics
+from symbiont.placement.inventory import load_inventory, load_requests
+from symbiont.placement.planner import MODES, Plan, plan
+from symbiont.placement.simulator import DETECTION, SimConfig, simulate
+from symbiont.placement.traces import MIXES, generate, read_csv, standard_hosts, write_csv
+
+EXAMPLES = Path(__file__).parent / "examples"
+
+
+def _fail(msg: str) -> NoReturn:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=160)
+
+
+@click.group(name="place", context_settings={"help_option_names": ["-h", "--help"]})
+def group() -> None:
+    """Cluster placement: multi-dimensional packing with constraints, and its simulator.
+
+    Example files: daemon/symbiont/placement/examples/ (hosts.yaml, vms.yaml, trace.csv).
+    """
+
+
+@group.command("heuristics")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def heuristics_cmd(as_json: bool) -> None:
+    """List the placement heuristics with their formulas."""
+    items = [
+        {"name": h.name, "formula": h.formula, "description": h.doc} for h in heuristics.HEURISTICS.values()
+    ]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(
+        title="placement heuristics (r: request, a: host's free capacity before placing, E: capacity x overcommit, ^: divided by E)"
+    )
+    for col in ("name", "formula", "description"):
+        t.add_column(col)
+    for it in items:
+        t.add_row(it["name"], it["formula"], it["description"])
+    _console().print(t)
+
+
+@group.command("plan")
+@click.option("--inventory", "-i", required=True, type=click.Path(dir_okay=False), help="hosts YAML")
+@click.option(
+    "--requests", "-r", "requests_path", required=True, type=click.Path(dir_okay=False), help="requests YAML"
+)
+@click.option(
+    "--heuristic", "-H", default="best-fit", show_default=True, help="see 'symbiont place heuristics'"
+)
+@click.option("--mode", type=click.Choice(MODES), default="batch", show_default=True)
+@click.option("--now", type=float, default=None, help="current time, for deadlines")
+@click.option("--bound", is_flag=True, help="also compute a lower bound on hosts (MILP/LP/volume)")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="write a PNG of utilisation per host before and after",
+)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def plan_cmd(
+    inventory: str,
+    requests_path: str,
+    heuristic: str,
+    mode: str,
+    now: float | None,
+    bound: bool,
+    plot_path: str | None,
+    as_json: bool,
+) -> None:
+    """Plan where new VMs go, with a reason for every rejection."""
+    inv = _guard(lambda: load_inventory(inventory))
+    reqs = _guard(lambda: load_requests(requests_path))
+    p: Plan = _guard(lambda: plan(inv.hosts, reqs, heuristic, mode, inv.existing, inv.quotas, now))
+    out = p.to_dict()
+    if bound:
+        out["lower_bound"] = _guard(lambda: _bound(inv, p, reqs))
+    if plot_path:
+        _guard(lambda: _plot_util(p, plot_path))
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    _print_plan(p, out.get("lower_bound"))
+    if plot_path:
+        click.echo(f"wrote {plot_path}")
+
+
+def _bound(inv: Any, p: Plan, reqs: list[Any]) -> dict[str, Any]:
+    from symbiont.placement.bound import lower_bound, quality
+    from symbiont.placement.state import ClusterState
+
+    st = ClusterState(inv.hosts, inv.quotas)
+    placed = set(p.placements)
+    dem = [st.demand_of(r) for r in reqs if r.id in placed] + [st.demand_of(r) for r, _ in inv.existing]
+    arr = np.array(dem).reshape(len(dem), len(st.dims))
+    lb = lower_bound(arr, st.effective, time_limit=10.0)
+    return {
+        "value": lb.value,
+        "method": lb.method,
+        "optimal": lb.optimal,
+        "detail": lb.detail,
+        "ratio": round(quality(p.hosts_used, lb), 4),
+    }
+
+
+def _print_plan(p: Plan, lb: dict[str, Any] | None) -> None:
+    from rich.table import Table
+
+    con = _console()
+    t = Table(title=f"plan: {p.heuristic}, {p.mode} mode")
+    t.add_column("vm")
+    t.add_column("host")
+    t.add_column("reason")
+    for d in p.decisions:
+        t.add_row(d.request_id, d.host or "[red]rejected[/red]", d.reason)
+    con.print(t)
+    u = Table(title="allocated / physical capacity per host (before -> after)")
+    u.add_column("host")
+    for d in p.dims:
+        u.add_column(d, justify="right")
+    for h in p.host_ids:
+        b, a = p.utilisation_before[h], p.utilisation_after[h]
+        u.add_row(h, *[f"{100 * b[d]:.0f}% -> {100 * a[d]:.0f}%" for d in p.dims])
+    con.print(u)
+    n = len(p.decisions)
+    line = (
+        f"placed {n - len(p.rejected)} of {n}; hosts used {p.hosts_used_before} -> {p.hosts_used}; "
+        f"{1e6 * p.seconds / max(n, 1):.0f} us per decision"
+    )
+    if lb is not None:
+        line += f"; lower bound {lb['value']} ({lb['method']}), hosts used / bound = {lb['ratio']}"
+    con.print(line)
+
+
+def _plot_util(p: Plan, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(p.dims),
+        1,
+        figsize=(max(6.0, 0.6 * len(p.host_ids) + 2), 2.4 * len(p.dims)),
+        squeeze=False,
+        sharex=True,
+    )
+    x = np.arange(len(p.host_ids))
+    for ax, d in zip(axes[:, 0], p.dims, strict=True):
+        ax.bar(x - 0.2, [100 * p.utilisation_before[h][d] for h in p.host_ids], 0.4, label="before")
+        ax.bar(x + 0.2, [100 * p.utilisation_after[h][d] for h in p.host_ids], 0.4, label="after")
+        ax.axhline(100, color="k", lw=0.7)
+        ax.set_ylabel(f"{d} (%)")
+    axes[0, 0].legend()
+    axes[-1, 0].set_xticks(x, p.host_ids, rotation=45, ha="right")
+    fig.suptitle(f"allocation / physical capacity, {p.heuristic} ({p.mode})")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+@group.command("simulate")
+@click.option("--trace", "-t", "trace_path", required=True, type=click.Path(dir_okay=False), help="trace CSV")
+@click.option(
+    "--inventory",
+    "-i",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="hosts YAML (VMs listed there are ignored)",
+)
+@click.option(
+    "--hosts",
+    "n_hosts",
+    type=int,
+    default=10,
+    show_default=True,
+    help="standard hosts (48 cores, 512 GiB, 25 Gbit/s) when no inventory is given",
+)
+@click.option("--overcommit", default="", help="overcommit for standard hosts, e.g. cpu=2,mem=1.5")
+@click.option("--heuristic", "-H", default="best-fit", show_default=True)
+@click.option(
+    "--detection",
+    type=click.Choice(DETECTION),
+    default="off",
+    show_default=True,
+    help="Sandpiper hotspot detection",
+)
+@click.option("--interval", type=float, default=5.0, show_default=True, help="step in minutes")
+@click.option(
+    "--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="write per-step series here"
+)
+@click.option("--json", "as_json", is_flag=True)
+def simulate_cmd(
+    trace_path: str,
+    inventory: str | None,
+    n_hosts: int,
+    overcommit: str,
+    heuristic: str,
+    detection: str,
+    interval: float,
+    csv_path: str | None,
+    as_json: bool,
+) -> None:
+    """Replay a trace through a placement policy: hosts used, rejections, overload, migrations."""
+    tr = _guard(lambda: read_csv(trace_path))
+    if inventory:
+        hosts = _guard(lambda: load_inventory(inventory)).hosts
+    else:
+        oc = _guard(lambda: _kv_floats(overcommit))
+        if n_hosts < 1:
+            _fail("--hosts must be at least 1")
+        hosts = _guard(lambda: standard_hosts(n_hosts, tr.dims, oc))
+    res = _guard(
+        lambda: simulate(tr, hosts, SimConfig(heuristic=heuristic, detection=detection, interval=interval))
+    )
+    s = res.summary()
+    if csv_path:
+        import csv
+
+        with open(csv_path, "w", newline="") as fh:
+            rows = res.rows()
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["time"])
+            w.writeheader()
+            w.writerows(rows)
+    if as_json:
+        s["rejections"] = [d.to_dict() for d in res.rejected]
+        s["moves"] = [{"time": t, **m.to_dict()} for t, m in res.migrations]
+        click.echo(json.dumps(s, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"simulation of {trace_path}: {len(hosts)} hosts, {heuristic}, detection {detection}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in s.items():
+        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    con = _console()
+    con.print(t)
+    for d in res.rejected[:10]:
+        con.print(f"rejected {d.request_id}: {d.reason}")
+    if len(res.rejected) > 10:
+        con.print(f"... and {len(res.rejected) - 10} more rejections")
+
+
+def _kv_floats(s: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in filter(None, (x.strip() for x in s.split(","))):
+        if "=" not in part:
+            raise ValueError(f"--overcommit {part!r}: expected resource=ratio")
+        k, v = part.split("=", 1)
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise ValueError(f"--overcommit {part!r}: {v!r} is not a number") from None
+    return out
+
+
+@group.command("generate")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="trace CSV to write")
+@click.option("--vms", type=int, default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mix", type=click.Choice(MIXES), default="azure", show_default=True)
+@click.option("--dims", default="cpu,mem,net", show_default=True)
+@click.option("--horizon", type=float, default=1440.0, show_default=True, help="minutes")
+@click.option("--no-usage", is_flag=True, help="only arrivals and departures")
+def generate_cmd(out: str, vms: int, seed: int, mix: str, dims: str, horizon: float, no_usage: bool) -> None:
+    """Write a seeded synthetic trace (distributions: see symbiont.placement.traces.generate)."""
+    dl = tuple(d.strip() for d in dims.split(",") if d.strip())
+    tr = _guard(lambda: generate(vms, seed=seed, mix=mix, dims=dl, horizon=horizon, usage=not no_usage))
+    _guard(lambda: write_csv(tr, out))
+    click.echo(f"wrote {out}: {vms} VMs, {len(tr.events)} events")

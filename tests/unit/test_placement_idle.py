@@ -1,0 +1,100 @@
+"""Idle-VM consolidation (seeds/004): idleness, shrinking to the working set, parking, waking."""
+
+from __future__ import annotations
+
+import pytest
+
+from symbiont.placement.idle import (
+    IdleConfig,
+    VMActivity,
+    consolidation_plan,
+    idle_run,
+    is_idle,
+    target_mem,
+    wake_plan,
+)
+
+CFG = IdleConfig(cpu_threshold=0.05, window=4, wss_max_mib=64, margin=0.25, min_mem_mib=64, wake_cpu=0.2)
+QUIET = [0.01, 0.02, 0.01, 0.0]
+
+
+def act(
+    i: str, cpu: list[float], wss: float = 3.2, mem: float = 2048, host: str = "n1", **kw: object
+) -> VMActivity:
+    return VMActivity(i, host, mem, cpu, wss, **kw)  # type: ignore[arg-type]
+
+
+def test_idle_run_counts_newest_quiet_samples() -> None:
+    assert idle_run([0.5, 0.01, 0.02], 0.05) == 2
+    assert idle_run([0.01, 0.01], 0.05) == 2
+    assert idle_run([0.01, 0.5], 0.05) == 0
+
+
+def test_idleness_rule() -> None:
+    assert is_idle(act("a", QUIET), CFG) == (True, "CPU below 0.05 for 4 samples, working set 3.2 MiB")
+    assert is_idle(act("b", [0.01, 0.3, 0.01, 0.01]), CFG)[0] is False  # busy inside the window
+    assert is_idle(act("c", QUIET[:3]), CFG) == (False, "only 3 of 4 CPU samples")
+    # seeds/004: scp in at 348 KB/s has a 31.6 MB working set, find / 24.9 MB; both small enough,
+    # but a 100 MiB working set is not idle.
+    assert is_idle(act("d", QUIET, wss=100), CFG) == (False, "working set 100 MiB above 64 MiB")
+    assert is_idle(act("e", QUIET, events=2), CFG) == (False, "2 pending activity events")
+
+
+def test_target_mem() -> None:
+    # 31.6 * 1.25 = 39.5 -> 40 MiB, raised to the 64 MiB floor; 60 * 1.25 = 75 stays 75.
+    assert target_mem(act("a", QUIET, wss=31.6), CFG) == 64
+    assert target_mem(act("a", QUIET, wss=60), CFG) == 75
+    assert target_mem(act("a", QUIET, wss=60, mem=50), CFG) == 50  # never grows a VM
+
+
+def test_consolidation_shrinks_and_parks_longest_idle_first() -> None:
+    vms = [
+        act("short", [0.5] * 2 + [0.01] * 4, wss=10),  # idle for 4 samples, target 64
+        act("long", [0.01] * 8, wss=60),  # idle for 8 samples, target 75
+        act("busy", [0.5] * 6),
+        act("parked", [0.0] * 6, wss=2, mem=64, host="idle"),  # already parked and shrunk
+    ]
+    actions = consolidation_plan(vms, "idle", idle_host_free_mib=100, cfg=CFG)
+    got = [(a.kind, a.vm, a.dst, a.mem_to) for a in actions]
+    assert got == [
+        ("shrink", "long", None, 75),
+        ("move", "long", "idle", 75),  # 100 - 75 = 25 MiB left
+        ("shrink", "short", None, 64),
+        ("stay", "short", None, None),  # needs 64, only 25 left
+    ]
+    assert actions[3].reason == "idle host idle full: needs 64 MiB, 25 free"
+
+
+def test_wake_plan_goes_home_or_to_best_fit() -> None:
+    vms = [
+        act("a", [0.0, 0.9], mem=64, host="idle", home="n1", home_mem_mib=2048),  # CPU woke it
+        act("b", [0.0, 0.0], mem=64, host="idle", home="n1", home_mem_mib=4096, events=3),  # a packet
+        act("c", [0.0, 0.01], mem=64, host="idle", home="n1", home_mem_mib=1024),  # still asleep
+    ]
+    actions = wake_plan(vms, "idle", {"n1": 3000, "n2": 8000, "n3": 4500}, CFG)
+    got = [(x.kind, x.vm, x.dst, x.mem_to) for x in actions]
+    # a: home n1 has 3000 >= 2048 -> n1.  b: n1 now has 952 < 4096; best fit among n2 (8000) and
+    # n3 (4500) is n3 (leftover 404).
+    assert got == [
+        ("move", "a", "n1", None),
+        ("grow", "a", None, 2048),
+        ("move", "b", "n3", None),
+        ("grow", "b", None, 4096),
+    ]
+    assert actions[2].reason == "awake (3 activity events); back to n3"
+
+
+def test_wake_without_room_grows_in_place() -> None:
+    actions = wake_plan([act("a", [0.9], mem=64, host="idle", home_mem_mib=2048)], "idle", {"n1": 100}, CFG)
+    assert [(x.kind, x.mem_to) for x in actions] == [("grow", 2048)]
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="CPU samples must be fractions"):
+        act("a", [1.5])
+    with pytest.raises(ValueError, match="listed twice"):
+        consolidation_plan([act("a", QUIET), act("a", QUIET)], "idle", 100, CFG)
+    with pytest.raises(ValueError, match="wake_cpu"):
+        IdleConfig(cpu_threshold=0.3, wake_cpu=0.1)
+    with pytest.raises(ValueError, match="unknown home host 'zz'"):
+        wake_plan([act("a", [0.9], host="idle", home="zz")], "idle", {"n1": 100}, CFG)
