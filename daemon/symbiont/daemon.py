@@ -31,6 +31,7 @@ from symbiont.agentlink import AgentLink, AgentOpError, AgentUnavailable
 from symbiont.config import Config, ConfigError, load_config
 from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
 from symbiont.host.procstats import ProcessCpu, host_sample
+from symbiont.plugins import part_modules
 from symbiont.state import StateStore
 
 log = logging.getLogger("symbiontd")
@@ -73,6 +74,7 @@ class Daemon:
         self.latest: dict[str, dict[str, Any]] = {}  # per VM: last collected snapshot
         self.host_latest: dict[str, Any] = {}
         self.hooks: list[PeriodicHook] = []
+        self.controllers: dict[str, Any] = {}
         self.loop_iterations = 0
         self.loop_cpu_s = 0.0
         self._libvirt: LibvirtHost | None = None
@@ -111,6 +113,13 @@ class Daemon:
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         for rec in self.store.list_vms():
             self._start_link(rec.name)
+        # Parts' controllers: ``symbiont.<part>.controller.start(daemon)`` may add periodic
+        # hooks to ``daemon.hooks``; ``stop(daemon)`` restores what the part changed.
+        self.controllers = part_modules("controller")
+        for part, mod in self.controllers.items():
+            if hasattr(mod, "start"):
+                await mod.start(self)
+                log.info("controller %s started", part)
         m.vms_registered.set(len(self.links))
         self._loop_task = asyncio.get_running_loop().create_task(self._control_loop(), name="control-loop")
         log.info("symbiontd %s started: %d VMs registered, period %.1f s",
@@ -122,6 +131,12 @@ class Daemon:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        for part, mod in reversed(list(self.controllers.items())):
+            if hasattr(mod, "stop"):
+                try:
+                    await mod.stop(self)
+                except Exception:
+                    log.exception("controller %s failed to stop cleanly", part)
         if self.cfg.restore_on_exit:
             for name in list(self.links):
                 await self._restore_knobs(name, reason="daemon stopping")

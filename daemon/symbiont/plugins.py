@@ -5,9 +5,15 @@ Each part (memory, dedup, ssdcache, cpu, migration, gpu, placement, ...) is a su
 
 * ``symbiont.<part>.cli``: a module-level ``group`` (a :class:`click.Group`), added to ``symbiont``;
 * ``symbiont.<part>.api``: a module-level ``router`` (a :class:`fastapi.APIRouter`), mounted by
-  the daemon under ``/v1/<part>``; optionally ``startup(daemon)``/``shutdown(daemon)`` coroutines;
+  the daemon under ``/v1/<part>`` (the daemon is ``request.app.state.daemon``);
 * ``symbiont.<part>.experiments``: experiments registered with
-  :func:`symbiont.experiments.framework.experiment` at import time.
+  :func:`symbiont.experiments.framework.experiment` at import time;
+* ``symbiont.<part>.controller``: ``async def start(daemon)`` (may append periodic hooks,
+  ``async def hook(daemon)``, to ``daemon.hooks``) and ``async def stop(daemon)``, which must
+  restore every knob the part turned.
+
+The guest agent is extended the same way: a module ``symbiont_agent/ops_<part>.py`` registers
+its operations with ``symbiont_agent.agent.op``.
 
 Discovery by convention keeps parts independent: adding one touches no central list.
 """

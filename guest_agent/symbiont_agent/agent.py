@@ -41,6 +41,25 @@ def op(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
+def load_op_modules() -> list[str]:
+    """Import every ``symbiont_agent.ops_*`` module: each registers its operations with @op.
+
+    Parts extend the agent by adding such a module (containers, cache membership, CRIU...);
+    the hello's ``caps`` then tells the daemon what this guest supports.
+    """
+    import importlib
+    import pkgutil
+
+    import symbiont_agent
+
+    loaded = []
+    for m in pkgutil.iter_modules(symbiont_agent.__path__):
+        if m.name.startswith("ops_"):
+            importlib.import_module(f"symbiont_agent.{m.name}")
+            loaded.append(m.name)
+    return sorted(loaded)
+
+
 @op("ping")
 def _ping(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return {"pong": True, "echo": args.get("echo"), "payload_len": len(payload), "time": time.time()}
@@ -210,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         stopping = True
 
     signal.signal(signal.SIGTERM, _stop)
+    load_op_modules()
     log.info("symbiont-agent %s starting on %s (ops: %s)", __version__, args.port, ", ".join(sorted(OPS)))
     serve(Channel(args.port), stop=lambda: stopping)
 

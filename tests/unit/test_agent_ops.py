@@ -94,3 +94,20 @@ def test_online_to_target_offlines_highest_first_never_cpu0(tmp_path: Path, monk
 def test_parse_cpu_list() -> None:
     assert stats.parse_cpu_list("0-2,5,7-8\n") == [0, 1, 2, 5, 7, 8]
     assert stats.parse_cpu_list("") == []
+
+
+def test_op_modules_are_discovered(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import symbiont_agent
+
+    mod = Path(symbiont_agent.__file__).parent / "ops_unittest_probe.py"
+    mod.write_text(
+        "from symbiont_agent.agent import op\n\n\n@op('unittest-probe')\ndef _p(args, payload):\n    return {'ok': 1}\n"
+    )
+    try:
+        assert "ops_unittest_probe" in agent.load_op_modules()
+        assert "unittest-probe" in agent.hello_frame()["caps"]
+        reply, _ = agent.handle(msg(proto.request(9, "unittest-probe")))
+        assert reply["result"] == {"ok": 1}
+    finally:
+        mod.unlink()
+        agent.OPS.pop("unittest-probe", None)
