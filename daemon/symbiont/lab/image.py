@@ -13,6 +13,7 @@ folder, so nothing is mounted on the host.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -201,6 +202,33 @@ def build_image(
         if found:
             step("reusing cached image")
             return found
+    images_dir.mkdir(parents=True, exist_ok=True)
+    # One build at a time per images folder: a second builder waits, then reuses the result
+    # (replacing an image while a VM boots from it would pull the disk from under the VM).
+    with open(images_dir / ".build.lock", "w") as lock:
+        if _locked(lock):
+            step("waiting for another image build")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force:
+            found = find_built(images_dir, recipe)
+            if found:
+                step("reusing the image another build just made")
+                return found
+        return _build_locked(images_dir, cache_dir, recipe, step, log)
+
+
+def _locked(lock) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    return False
+
+
+def _build_locked(
+    images_dir: Path, cache_dir: Path, recipe: Recipe, step: Callable[[str], None], log: Callable[[str], None]
+) -> Image:
     if os.geteuid() != 0:
         raise ImageError("building the image needs root (debootstrap chroots); run as root")
     for tool in ("debootstrap", "mkfs.ext4", "qemu-img"):
