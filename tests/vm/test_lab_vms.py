@@ -176,6 +176,21 @@ def test_daemon_restart_keeps_registrations_and_history(lab: LabSession) -> None
     lab.wait_for(lambda: samples(lab) > n_before + 2, 30, "new samples after restart")
 
 
+def test_daemon_reconnects_after_a_vm_reboot(lab: LabSession) -> None:
+    name = lab.names[1]
+    before = vm(lab, name)["agent"]
+    lab.host.domain(name).reset(0)  # the guest reboots at once; QEMU and the channel stay
+    lab.wait_for(
+        lambda: (a := vm(lab, name)["agent"])["hello"] and a["hello"]["boot_id"] != before["hello"]["boot_id"],
+        180, "agent hello from the new boot",
+    )
+    after = vm(lab, name)
+    assert after["agent"]["handshakes"] == before["handshakes"] + 1
+    lab.wait_for(lambda: vm(lab, name)["cooperative"], 30, "cooperative after reboot")
+    n = samples(lab, name)
+    lab.wait_for(lambda: samples(lab, name) > n, 30, "stats after reboot")
+
+
 def test_unregister_restores_the_balloon(lab: LabSession) -> None:
     name = lab.names[0]
     assert vm(lab, name)["balloon_mib"] == 256

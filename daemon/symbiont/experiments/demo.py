@@ -125,7 +125,7 @@ def _plot(ctx: RunContext, rows: list[dict[str, Any]], events: list[dict[str, An
     import matplotlib.pyplot as plt
 
     vms = sorted({r["vm"] for r in rows})
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
     for vm in vms:
         rs = [r for r in rows if r["vm"] == vm]
         t = [r["t_s"] for r in rs]
@@ -140,8 +140,8 @@ def _plot(ctx: RunContext, rows: list[dict[str, Any]], events: list[dict[str, An
                      va="top", ha="right")
     ax1.set_ylabel("MiB")
     ax1.set_title("Host decides how much (balloon, vCPUs); the guest sees it")
-    ax1.legend(fontsize=7, loc="lower left")
+    ax1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax2.set_ylabel("CPUs")
     ax2.set_xlabel("seconds since the daemon's first stats")
-    ax2.legend(fontsize=7, loc="upper left")
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ctx.savefig(fig, "demo.png")
