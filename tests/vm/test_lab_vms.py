@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from symbiont.cli import cli
 from symbiont.client import ApiError
+from symbiont.config import load_config
 from symbiont.lab import vms as lab_vms
 from symbiont.lab.console import guest_exec
 from symbiont.lab.session import LabSession
@@ -218,17 +219,22 @@ def test_lab_down_removes_only_lab_domains(lab: LabSession, tmp_path) -> None:
     xml = f"""<domain type='qemu'><name>{bystander}</name><memory unit='MiB'>64</memory>
       <os><type arch='x86_64'>hvm</type></os></domain>"""
     dom = lab.host.conn.defineXML(xml)
+    cfg = lab.daemon.cfg
+    # A lab VM of another lab (another prefix) is not ours to remove either.
+    other_cfg = load_config(None, {"lab": {"vm_prefix": "symbiont-otherlab-"}})
+    other = lab_vms.create_vm(lab.host, other_cfg, lab.image, "symbiont-otherlab-1", start=False)
     try:
-        cfg = lab.daemon.cfg
         with pytest.raises(lab_vms.LabError, match="not created by"):
             lab_vms.remove_vm(lab.host, cfg, bystander)
         removed = lab_vms.lab_down(lab.host, cfg)
         assert set(lab.names) <= set(removed)
         assert bystander not in removed and lab.host.exists(bystander)
+        assert other.name not in removed and lab.host.exists(other.name)
         for name in lab.names:
             assert not lab.host.exists(name)
             assert not lab_vms.lab_vm(cfg, name).dir.exists()
     finally:
+        lab_vms.remove_vm(lab.host, other_cfg, other.name)
         try:
             dom.undefine()
         except libvirt.libvirtError:

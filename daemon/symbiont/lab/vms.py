@@ -203,7 +203,7 @@ def remove_vm(host: LibvirtHost, cfg: Config, name: str) -> bool:
 def list_lab(host: LibvirtHost, cfg: Config) -> list[dict]:
     out = []
     for dom in host.conn.listAllDomains():
-        if not is_lab_domain(dom):
+        if not is_lab_domain(dom) or not dom.name().startswith(cfg.lab.vm_prefix):
             continue
         info = host.info(dom.name())
         out.append(
@@ -292,9 +292,10 @@ def lab_up(
 
 
 def lab_down(host: LibvirtHost, cfg: Config) -> list[str]:
+    """Remove the lab's VMs: lab-marked domains with this config's ``vm_prefix``, only."""
     removed = []
     for dom in host.conn.listAllDomains():
-        if is_lab_domain(dom):
+        if is_lab_domain(dom) and dom.name().startswith(cfg.lab.vm_prefix):
             remove_vm(host, cfg, dom.name())
             removed.append(dom.name())
     return sorted(removed)
