@@ -29,6 +29,7 @@ class MemoryPolicy(BaseModel):
     shares: int = Field(1000, ge=1, le=1_000_000, description="proportional-share weight")
     min_mib: int | None = Field(None, ge=64, le=1 << 22, description="never balloon below this")
     max_mib: int | None = Field(None, ge=64, le=1 << 22, description="never give more than this")
+    tax_rate: float | None = Field(None, ge=0.0, lt=1.0, description="idle-memory tax τ (default: config)")
 
 
 class CpuPolicy(BaseModel):

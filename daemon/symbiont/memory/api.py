@@ -1,0 +1,70 @@
+"""API of the memory part (mounted at /v1/memory): show ρ, f, target, actual; tune at run time."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from symbiont.memory import controller
+
+router = APIRouter()
+VmName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")]
+
+
+class HostPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool | None = None
+    budget_mib: int | None = Field(None, ge=0, le=1 << 24)
+    free_target_mib: int | None = Field(None, ge=0, le=1 << 24)
+    tax_rate: float | None = Field(None, ge=0.0, lt=1.0)
+
+
+class VmPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shares: int | None = Field(None, ge=1, le=1_000_000)
+    tax_rate: float | None = Field(None, ge=0.0, lt=1.0)
+    min_mib: int | None = Field(None, ge=64, le=1 << 22)
+    max_mib: int | None = Field(None, ge=64, le=1 << 22)
+
+
+@router.get("")
+async def show(request: Request) -> dict[str, Any]:
+    return controller.view(request.app.state.daemon)
+
+
+@router.put("/policy")
+async def set_host_policy(body: HostPolicy, request: Request) -> dict[str, Any]:
+    daemon = request.app.state.daemon
+    cfg = daemon.cfg.memory
+    changes = body.model_dump(exclude_none=True)
+    for key in ("budget_mib", "free_target_mib", "tax_rate"):
+        if key in changes:
+            setattr(cfg, key, changes[key])
+    if "enabled" in changes:
+        daemon.memory.enabled = changes["enabled"]
+    daemon.store.log_decision("memory", "host-policy", None, changes, {})
+    return controller.view(daemon)
+
+
+@router.put("/vms/{name}")
+async def set_vm_policy(name: VmName, body: VmPolicy, request: Request) -> dict[str, Any]:
+    """Change a VM's shares, τ or bounds; validated against the VM before anything changes."""
+    daemon = request.app.state.daemon
+    rec = daemon.store.get_vm(name)
+    if rec is None:
+        raise HTTPException(404, f"VM {name!r} is not registered")
+    mem = dict(rec.policy.get("memory", {}))
+    mem.update(body.model_dump(exclude_none=True))
+    boot = (daemon.latest.get(name, {}).get("libvirt", {}) or {}).get("max_memory_mib")
+    if mem.get("min_mib") is not None and mem.get("max_mib") is not None and mem["min_mib"] > mem["max_mib"]:
+        raise HTTPException(422, f"min_mib {mem['min_mib']} exceeds max_mib {mem['max_mib']}")
+    if boot and mem.get("max_mib") is not None and mem["max_mib"] > boot:
+        raise HTTPException(422, f"max_mib {mem['max_mib']} exceeds the VM's boot memory {boot} MiB")
+    if boot and mem.get("min_mib") is not None and mem["min_mib"] > boot:
+        raise HTTPException(422, f"min_mib {mem['min_mib']} exceeds the VM's boot memory {boot} MiB")
+    policy = {**rec.policy, "memory": mem}
+    daemon.store.update_vm_policy(name, policy)
+    daemon.store.log_decision("memory", "vm-policy", name, body.model_dump(exclude_none=True), {"memory": mem})
+    return {"name": name, "memory": mem}

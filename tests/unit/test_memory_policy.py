@@ -1,0 +1,172 @@
+"""The ESX memory policy: ρ by hand, and properties over random hosts (hypothesis)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from symbiont.memory.policy import (
+    ActiveEstimate,
+    HostMemory,
+    VmMemory,
+    decide,
+    idle_tax_k,
+    shares_per_page,
+    under_pressure,
+)
+
+
+def vm(name="a", shares=1000, alloc=512, f=1.0, lo=128, hi=1024, tau=0.75, used=100, pressure=False, u=1.0,
+       coop=True) -> VmMemory:
+    return VmMemory(name, shares, alloc, f, lo, hi, tau, used, pressure, u, coop)
+
+
+def test_rho_by_hand() -> None:
+    # τ = 0.75 → k = 4. S=1000, P=500, f=0.5: ρ = 1000 / (500·(0.5 + 4·0.5)) = 1000/1250 = 0.8
+    assert idle_tax_k(0.75) == pytest.approx(4.0)
+    assert shares_per_page(1000, 500, 0.5, 0.75) == pytest.approx(0.8)
+    # τ = 0: plain shares per page, independent of f: 1000/500 = 2
+    assert shares_per_page(1000, 500, 0.1, 0.0) == pytest.approx(2.0)
+    # fully active: the tax does not apply
+    assert shares_per_page(1000, 500, 1.0, 0.9) == pytest.approx(2.0)
+    assert shares_per_page(1, 0, 0.5, 0.5) == math.inf
+    with pytest.raises(ValueError):
+        idle_tax_k(1.0)
+
+
+def test_idle_vm_pays_the_tax() -> None:
+    host = HostMemory(budget_mib=900, free_target_mib=100)
+    # 1024 allocated of 900: must reclaim 224. Equal shares; 'idle' has f=0.1, 'busy' f=0.9.
+    out = {d.name: d for d in decide([vm("idle", f=0.1), vm("busy", f=0.9)], host)}
+    assert out["idle"].target_mib < 512 and out["busy"].target_mib == 512
+    assert out["idle"].target_mib == 512 - 224
+    assert "lowest ρ" in out["idle"].reason
+
+
+def test_without_tax_equal_shares_split_evenly() -> None:
+    host = HostMemory(budget_mib=900, free_target_mib=100)
+    out = {d.name: d.target_mib for d in decide([vm("a", f=0.1, tau=0.0), vm("b", f=0.9, tau=0.0)], host)}
+    assert abs(out["a"] - out["b"]) <= 16 and out["a"] + out["b"] == 800
+
+
+def test_hungry_vm_takes_from_idle_one() -> None:
+    host = HostMemory(budget_mib=1024, free_target_mib=0, max_step_mib=256, pressure_grant_mib=128)
+    hungry = vm("hungry", f=1.0, used=480, pressure=True)
+    idle = vm("idle", f=0.05, used=60)
+    out = {d.name: d for d in decide([hungry, idle], host)}
+    assert out["hungry"].target_mib >= 512 + 128
+    assert out["idle"].target_mib == 1024 - out["hungry"].target_mib
+    assert "under pressure" in out["idle"].reason
+
+
+def test_pressure_does_not_steal_from_a_higher_rho_vm() -> None:
+    host = HostMemory(budget_mib=1024, free_target_mib=0)
+    hungry = vm("hungry", shares=100, f=0.1, pressure=True)  # low ρ
+    rich = vm("rich", shares=10000, f=1.0)
+    out = {d.name: d for d in decide([hungry, rich], host)}
+    assert out["rich"].target_mib == 512 and out["hungry"].target_mib == 512
+
+
+def test_sharing_aware_reclaim_sizes_the_balloon_by_unshared_fraction() -> None:
+    # 'shared' occupies 512·0.5 = 256 MiB of host memory, 'plain' 512: 768 in all, 100 over budget.
+    host = HostMemory(budget_mib=256 + 512 - 100, free_target_mib=0, max_step_mib=512)
+    shared = vm("shared", f=0.1, u=0.5, used=50)  # occupies 256 of host memory
+    plain = vm("plain", f=1.0, used=50)
+    out = {d.name: d for d in decide([shared, plain], host)}
+    # 100 MiB of host memory from a VM whose pages are half shared needs a 200 MiB balloon
+    assert out["shared"].target_mib == 512 - 200 and out["plain"].target_mib == 512
+
+
+def test_uncooperative_vm_is_left_alone() -> None:
+    host = HostMemory(budget_mib=600, free_target_mib=0)
+    out = {d.name: d for d in decide([vm("x", f=0.0, coop=False), vm("y", f=1.0)], host)}
+    assert out["x"].target_mib == 512 and "uncooperative" in out["x"].reason
+    assert out["y"].target_mib < 512
+
+
+def test_invalid_parameters_are_rejected() -> None:
+    with pytest.raises(ValueError, match="tax rate"):
+        vm(tau=1.0)
+    with pytest.raises(ValueError, match="shares"):
+        vm(shares=0)
+    with pytest.raises(ValueError, match="min_mib"):
+        vm(lo=600, hi=500)
+    with pytest.raises(ValueError, match="duplicate"):
+        decide([vm("a"), vm("a")], HostMemory(1000, 0))
+
+
+def test_active_estimate_follows_esx_fast_and_slow_averages() -> None:
+    e = ActiveEstimate()
+    assert e.value == 1.0  # unknown: no tax
+    e.update(0.8)
+    for _ in range(3):
+        e.update(0.1)
+    # the slow average still remembers the activity: the idle tax comes in gradually
+    assert e.value > 0.5
+    e.update(0.9)
+    assert e.value == 0.9  # a VM that becomes active is seen at once
+
+
+def test_pressure_signal() -> None:
+    assert under_pressure({"MemTotal": 1000, "MemAvailable": 50}, 0.0)
+    assert under_pressure({"MemTotal": 1000, "MemAvailable": 500}, 25.0)
+    assert not under_pressure({"MemTotal": 1000, "MemAvailable": 500}, 1.0)
+
+
+vm_strategy = st.builds(
+    lambda i, shares, alloc, f, lo, span, tau, used, pressure, u, coop: VmMemory(
+        f"vm{i}", shares, alloc, f, lo, lo + span, tau, used, pressure, u, coop
+    ),
+    st.integers(0, 10**6),
+    st.integers(1, 10000),
+    st.integers(64, 4096),
+    st.floats(0, 1),
+    st.integers(64, 1024),
+    st.integers(0, 4096),
+    st.sampled_from([0.0, 0.5, 0.75, 0.9]),
+    st.integers(0, 2048),
+    st.booleans(),
+    st.sampled_from([0.25, 0.5, 1.0]),
+    st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(vm_strategy, min_size=1, max_size=8, unique_by=lambda v: v.name),
+       st.integers(256, 20000), st.integers(0, 2048), st.integers(16, 512))
+def test_properties(vms, budget, free_target, step) -> None:
+    host = HostMemory(budget, free_target, max_step_mib=step)
+    out = {d.name: d for d in decide(vms, host)}
+    occ_before = sum(v.allocated_mib * v.unshared_fraction for v in vms)
+    occ_after = sum(out[v.name].target_mib * v.unshared_fraction for v in vms)
+    for v in vms:
+        t = out[v.name].target_mib
+        if not v.cooperative:
+            assert t == v.allocated_mib
+            continue
+        assert v.min_mib <= t <= v.max_mib
+        # never more than one step up; never below what the guest uses + margin (unless the
+        # VM was already there, or its minimum is higher), never more than one step down
+        if v.min_mib <= v.allocated_mib <= v.max_mib:
+            assert t <= v.allocated_mib + step + 1
+            if t < v.allocated_mib:
+                assert t >= v.allocated_mib - step - 1
+                assert t >= min(v.allocated_mib, v.used_mib + host.safety_margin_mib) - 1
+                if v.pressure:  # shrunk only when no other VM had anything left to give
+                    others = [o for o in vms if o.cooperative and not o.pressure and o is not v]
+                    for o in others:
+                        floor = max(o.min_mib, o.used_mib + host.safety_margin_mib, o.allocated_mib - step)
+                        assert out[o.name].target_mib <= max(floor, o.min_mib) + 1
+    # the host is never pushed further past its budget than it already was
+    if all(v.min_mib <= v.allocated_mib <= v.max_mib for v in vms):
+        assert occ_after <= max(occ_before, budget - free_target) + len(vms) * 1.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(vm_strategy, min_size=1, max_size=6, unique_by=lambda v: v.name), st.integers(256, 8000))
+def test_deterministic(vms, budget) -> None:
+    host = HostMemory(budget, 64)
+    assert decide(vms, host) == decide(list(reversed(vms)), host)[::-1]
