@@ -87,7 +87,7 @@ class MemoryConfig:
     reserve_mib: int = 2048  # kept for the host when budget_mib is 0
     free_target_mib: int = 0  # keep this much of the budget free
     max_step_mib: int = 128  # largest balloon change per VM per period
-    chunk_mib: int = 16  # granularity of the policy's transfers
+    chunk_mib: int = 16  # balloon changes smaller than this are not applied (no churn)
     tax_rate: float = 0.75  # default idle-memory tax τ (per VM: policy memory.tax_rate)
     safety_margin_mib: int = 64  # never balloon a guest below its used memory + this
     pressure_grant_mib: int = 64  # what a VM under pressure asks for per period

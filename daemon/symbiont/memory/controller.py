@@ -162,7 +162,7 @@ async def period(daemon: Daemon) -> None:
         pressure_grant_mib=cfg.pressure_grant_mib,
     )
     t0 = time.perf_counter()
-    decisions = decide(views, host, chunk_mib=cfg.chunk_mib)
+    decisions = decide(views, host)
     state.periods += 1
     state.last_period_at = time.time()
     state.last_host = {**asdict(host), "policy_ms": round(1000 * (time.perf_counter() - t0), 3),
@@ -170,8 +170,8 @@ async def period(daemon: Daemon) -> None:
     for d in decisions:
         state.vm(d.name).last = {"target_mib": d.target_mib, "before_mib": d.before_mib, "rho": d.rho,
                                  "reason": d.reason, "at": state.last_period_at}
-        if abs(d.delta_mib) >= 1:
-            await apply(daemon, d)
+        if abs(d.delta_mib) >= cfg.chunk_mib or (d.delta_mib != 0 and d.target_mib <= d.inputs["min_mib"]):
+            await apply(daemon, d)  # smaller moves are churn: the balloon waits for a real change
 
 
 async def apply(daemon: Daemon, d: Decision) -> None:
