@@ -1,0 +1,247 @@
+"""Turns KSM's knobs with the tuned discipline: save the original first, restore it on exit.
+
+Every tunable's *first* original value is written to durable storage (the daemon's sqlite, table
+``dedup_ksm_knobs``) **before** the knob is changed, so that a daemon killed with ``-9`` restores
+the host on its next start (:meth:`KsmController.restore`, called by the dedup controller at
+start-up when rows are left over). Restoring writes the tunables back in :data:`TUNABLES` order,
+``run`` last.
+
+Two tunables can only change while nothing is merged (the kernel answers ``EBUSY``):
+``max_page_sharing`` and ``merge_across_nodes``. Setting them unmerges first only when asked
+(``unmerge=True``). Restoring them when pages are merged unmerges (``run=2``) only if KSM was not
+running before we touched it (then unmerged is the state the host had) or ``unmerge_on_restore``
+is set; otherwise the row stays saved and the failure is reported, to be retried.
+
+``run`` restored to 0 stops ksmd but keeps pages merged (kernel semantics); with
+``unmerge_on_restore`` the controller writes ``run=2`` first so the host is left with nothing
+merged, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from symbiont.dedup.policy import KsmSettings
+from symbiont.host.ksm import RUN_MERGE, RUN_STOP, RUN_UNMERGE, TUNABLES, Ksm, KsmdCpu, KsmError, KsmStats
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS dedup_ksm_knobs (
+    knob TEXT PRIMARY KEY,
+    original TEXT NOT NULL,
+    current TEXT NOT NULL,
+    changed_at REAL NOT NULL
+)
+"""
+
+NEEDS_UNMERGED = ("max_page_sharing", "merge_across_nodes")
+
+
+class KnobStore(Protocol):
+    def load(self) -> dict[str, int | str]: ...
+    def save(self, knob: str, original: int | str, current: int | str) -> None: ...
+    def forget(self, knob: str) -> None: ...
+
+
+class MemoryKnobStore:
+    """Originals in memory only (experiments that restore in ``finally``; tests)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[int | str, int | str]] = {}
+
+    def load(self) -> dict[str, int | str]:
+        return {k: v[0] for k, v in self.rows.items()}
+
+    def save(self, knob: str, original: int | str, current: int | str) -> None:
+        orig = self.rows.get(knob, (original, current))[0]
+        self.rows[knob] = (orig, current)
+
+    def forget(self, knob: str) -> None:
+        self.rows.pop(knob, None)
+
+
+class SqliteKnobStore:
+    """Originals in the daemon's :class:`~symbiont.state.StateStore` (survives ``kill -9``)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        store.ensure_schema(SCHEMA)
+
+    def load(self) -> dict[str, int | str]:
+        rows = self.store.query("SELECT knob, original FROM dedup_ksm_knobs")
+        return {r["knob"]: json.loads(r["original"]) for r in rows}
+
+    def save(self, knob: str, original: int | str, current: int | str) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO dedup_ksm_knobs (knob, original, current, changed_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (knob) DO UPDATE SET current = excluded.current, changed_at = excluded.changed_at",
+                (knob, json.dumps(original), json.dumps(current), time.time()),
+            )
+
+    def forget(self, knob: str) -> None:
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM dedup_ksm_knobs WHERE knob = ?", (knob,))
+
+
+@dataclass
+class Sample:
+    """One observation of KSM for time series and the policies."""
+
+    t: float
+    stats: KsmStats
+    ksmd_cpu_s: float | None
+    settings: dict[str, int | str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"t": self.t, **self.stats.as_dict(), "ksmd_cpu_s": self.ksmd_cpu_s, "settings": self.settings}
+
+
+class KsmController:
+    """Apply settings to KSM, remembering every original value (thread-safe)."""
+
+    def __init__(
+        self,
+        ksm: Ksm | None = None,
+        store: KnobStore | None = None,
+        unmerge_on_restore: bool = False,
+        on_change: Callable[[str, Any, Any], None] | None = None,
+    ) -> None:
+        self.ksm = ksm or Ksm()
+        self.store: KnobStore = store or MemoryKnobStore()
+        self.unmerge_on_restore = unmerge_on_restore
+        self.on_change = on_change
+        self._lock = threading.RLock()
+        self.originals: dict[str, int | str] = dict(self.store.load())
+        self.ksmd = KsmdCpu()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.originals)
+
+    # -- reading ------------------------------------------------------------------------------
+    def sample(self) -> Sample:
+        return Sample(time.time(), self.ksm.stats(), self.ksmd.seconds(), self.ksm.settings())
+
+    # -- writing ------------------------------------------------------------------------------
+    def set(self, knob: str, value: int | str, unmerge: bool = False) -> bool:
+        """Set one tunable (saving its original first); ``True`` when the value changed."""
+        if knob not in TUNABLES:
+            raise KsmError(f"unknown KSM tunable {knob!r}")
+        with self._lock:
+            cur = self.ksm.read(knob)
+            if cur == value or str(cur) == str(value):
+                return False
+            if knob in NEEDS_UNMERGED and unmerge and self.ksm.read_int("pages_shared") > 0:
+                self._write("run", RUN_UNMERGE)
+            self._write(knob, value, cur)
+            return True
+
+    def _write(self, knob: str, value: int | str, cur: int | str | None = None) -> None:
+        if cur is None:
+            cur = self.ksm.read(knob)
+        if knob not in self.originals:
+            self.originals[knob] = cur
+            self.store.save(knob, cur, value)  # durable before the change
+        else:
+            self.store.save(knob, self.originals[knob], value)
+        self.ksm.write(knob, value)
+        log.info("ksm: %s %s -> %s", knob, cur, value)
+        if self.on_change is not None:
+            self.on_change(knob, cur, value)
+
+    def apply(self, s: KsmSettings) -> dict[str, tuple[Any, Any]]:
+        """Write the settings that differ (scan parameters first, then ``run``)."""
+        changed: dict[str, tuple[Any, Any]] = {}
+        with self._lock:
+            for knob, value in (("pages_to_scan", s.pages_to_scan), ("sleep_millisecs", s.sleep_millisecs),
+                                ("run", s.run)):  # fmt: skip
+                before = self.ksm.read(knob)
+                if self.set(knob, value):
+                    changed[knob] = (before, value)
+        return changed
+
+    def unmerge(self) -> None:
+        """``run=2``: unmerge every merged page on the host (and stop ksmd)."""
+        with self._lock:
+            self._write("run", RUN_UNMERGE)
+
+    # -- restoring ----------------------------------------------------------------------------
+    def restore(self) -> dict[str, Any]:
+        """Write every saved original back (``run`` last). Returns per-knob outcome; knobs that
+        could not be restored stay saved (and are retried by the next restore)."""
+        out: dict[str, Any] = {}
+        with self._lock:
+            pending = dict(self.originals)
+            if not pending:
+                return out
+            orig_run = pending.get("run", self._safe_read("run"))
+            ksm_was_off = orig_run != RUN_MERGE
+            if orig_run is not None:
+                pending.setdefault("run", orig_run)  # unmerging below writes run; put it back last
+            if self.unmerge_on_restore and ksm_was_off:
+                self._raw_write_ok("run", RUN_UNMERGE)
+            for knob in TUNABLES:
+                if knob not in pending or knob == "run":
+                    continue
+                out[knob] = self._restore_one(knob, pending[knob], allow_unmerge=ksm_was_off or self.unmerge_on_restore)
+            if "run" in pending:
+                out["run"] = self._restore_one("run", pending["run"], allow_unmerge=False)
+        return out
+
+    def _safe_read(self, knob: str) -> int | str | None:
+        try:
+            return self.ksm.read(knob)
+        except KsmError:
+            return None
+
+    def _raw_write_ok(self, knob: str, value: int | str) -> bool:
+        try:
+            self.ksm.write(knob, value)
+            return True
+        except KsmError as exc:
+            log.warning("ksm: %s", exc)
+            return False
+
+    def _restore_one(self, knob: str, value: int | str, allow_unmerge: bool) -> dict[str, Any]:
+        try:
+            cur = self.ksm.read(knob)
+            if cur != value and str(cur) != str(value):
+                try:
+                    self.ksm.write(knob, value)
+                except KsmError:
+                    if knob in NEEDS_UNMERGED and allow_unmerge:
+                        self.ksm.write("run", RUN_UNMERGE)
+                        self.ksm.write(knob, value)
+                    else:
+                        raise
+            self.store.forget(knob)
+            self.originals.pop(knob, None)
+            log.info("ksm: restored %s %s -> %s", knob, cur, value)
+            if self.on_change is not None:
+                self.on_change(knob, cur, value)
+            return {"restored": value, "was": cur}
+        except KsmError as exc:
+            log.warning("ksm: could not restore %s to %s: %s", knob, value, exc)
+            return {"error": str(exc), "original": value}
+
+
+__all__ = [
+    "NEEDS_UNMERGED",
+    "RUN_MERGE",
+    "RUN_STOP",
+    "RUN_UNMERGE",
+    "SCHEMA",
+    "KnobStore",
+    "KsmController",
+    "MemoryKnobStore",
+    "Sample",
+    "SqliteKnobStore",
+]
