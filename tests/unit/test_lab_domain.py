@@ -90,3 +90,11 @@ def test_customize_installs_agent_unit_and_enables_it(tmp_path: Path) -> None:
 
 def test_host_mirror_is_read_from_apt_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert image_mod.host_apt_mirror().startswith("http")
+
+
+def test_nosharepages_opt_out(tmp_path: Path) -> None:
+    cfg = load_config()
+    vm = lab_vm(cfg, "x")
+    assert ET.fromstring(domain_xml(cfg, vm, fake_image(tmp_path))).find("memoryBacking") is None
+    root = ET.fromstring(domain_xml(cfg, vm, fake_image(tmp_path), nosharepages=True))
+    assert root.find("memoryBacking/nosharepages") is not None

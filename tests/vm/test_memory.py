@@ -26,7 +26,7 @@ BUDGET = 800
 # Keeps the guest's MemAvailable below 8 % of MemTotal (allocating up to 400 MiB) and
 # touches everything it holds: a guest that stays hungry while memory comes in.
 HOG = """
-import mmap, time
+import mmap, os, time
 def avail():
     d = {l.split(':')[0]: int(l.split()[1]) for l in open('/proc/meminfo')}
     return d['MemAvailable'], d['MemTotal']
@@ -36,12 +36,12 @@ while True:
     if a >= 0.08 * t and len(bufs) * 8 < 400:
         b = mmap.mmap(-1, 8 << 20)
         for i in range(0, 8 << 20, 4096):
-            b[i] = 1
+            b[i:i + 16] = os.urandom(16)  # unique pages: KSM cannot merge them
         bufs.append(b)
         continue
     for b in bufs:
         for i in range(0, 8 << 20, 4096):
-            b[i] = 2
+            b[i + 16] = (b[i + 16] + 1) & 255
     time.sleep(0.2)
 """
 

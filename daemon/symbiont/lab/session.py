@@ -94,6 +94,7 @@ class LabSession:
     daemon_overrides: dict[str, Any] = field(default_factory=dict)
     step: Callable[[str], None] = lambda s: None
     register: bool = True
+    register_extra: dict[str, Any] = field(default_factory=dict)  # the registrations' "extra" (by part)
     # Filled in by __enter__:
     image: Image | None = None
     host: LibvirtHost | None = None
@@ -166,7 +167,7 @@ class LabSession:
         if self.register:
             with self.client() as c:
                 for name in self.names:
-                    c.post("/v1/vms", {"name": name, "memory": {"min_mib": 128}})
+                    c.post("/v1/vms", {"name": name, "memory": {"min_mib": 128}, "extra": self.register_extra})
 
     def client(self) -> Client:
         assert self.daemon is not None

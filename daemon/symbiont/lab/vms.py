@@ -64,8 +64,10 @@ def domain_xml(
     memory_mib: int | None = None,
     vcpus: int | None = None,
     max_vcpus: int | None = None,
+    nosharepages: bool = False,
 ) -> str:
-    """The libvirt domain for one lab VM."""
+    """The libvirt domain for one lab VM (``nosharepages``: guest RAM not mergeable by KSM,
+    the only way the host can enforce a tenant's opt-out of page sharing)."""
     lab = cfg.lab
     dtype = resolve_domain_type(lab.domain_type)
     mem = memory_mib or lab.memory_mib
@@ -83,6 +85,7 @@ def domain_xml(
   <metadata><lab:lab xmlns:lab='{LAB_NS}' image='{escape(image.recipe_digest)}'/></metadata>
   <memory unit='MiB'>{mem}</memory>
   <currentMemory unit='MiB'>{mem}</currentMemory>
+  {"<memoryBacking><nosharepages/></memoryBacking>" if nosharepages else ""}
   <vcpu placement='static' current='{cur}'>{top}</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -145,7 +148,7 @@ def is_lab_domain(dom: libvirt.virDomain) -> bool:
 
 
 def create_vm(
-    host: LibvirtHost, cfg: Config, image: Image, name: str, start: bool = True, **sizes: int
+    host: LibvirtHost, cfg: Config, image: Image, name: str, start: bool = True, **sizes: int | bool
 ) -> LabVm:
     """Make the overlay, define the domain and start it."""
     if host.exists(name):

@@ -102,7 +102,7 @@ def observe(daemon: Daemon, name: str, st: VmMemoryState) -> VmMemory | None:
     allocated = float(_current_target(daemon, name, lv))
     used = (mi.get("MemTotal", 0) - mi.get("MemAvailable", 0)) / MIB if mi else allocated
     st.pressure = under_pressure(mi, psi, cfg.psi_threshold, cfg.min_available_fraction) if mi else False
-    st.unshared_fraction = unshared_fraction(lv.get("qemu_pid"))
+    st.unshared_fraction = _unshared(daemon, name, lv.get("qemu_pid"))
     return VmMemory(
         name=name,
         shares=float(pol.get("shares") or 1000),
@@ -116,6 +116,20 @@ def observe(daemon: Daemon, name: str, st: VmMemoryState) -> VmMemory | None:
         unshared_fraction=st.unshared_fraction,
         cooperative=bool(link and link.cooperative),
     )
+
+
+def _unshared(daemon: Daemon, name: str, pid: int | None) -> float:
+    """u from the dedup part's accounting of the VM's guest RAM when it has one, else from
+    the QEMU process's KSM counter."""
+    try:
+        from symbiont.dedup.controller import sharing
+
+        info = sharing(daemon, name)
+    except Exception:  # the dedup part may not run in this daemon
+        info = None
+    if info and isinstance(info.get("unshared_fraction"), (int, float)):
+        return min(1.0, max(0.05, float(info["unshared_fraction"])))
+    return unshared_fraction(pid)
 
 
 def _current_target(daemon: Daemon, name: str, lv: dict[str, Any]) -> int:
@@ -170,11 +184,21 @@ async def period(daemon: Daemon) -> None:
     for d in decisions:
         state.vm(d.name).last = {"target_mib": d.target_mib, "before_mib": d.before_mib, "rho": d.rho,
                                  "reason": d.reason, "at": state.last_period_at}
-        if abs(d.delta_mib) >= cfg.chunk_mib or (d.delta_mib != 0 and d.target_mib <= d.inputs["min_mib"]):
-            await apply(daemon, d)  # smaller moves are churn: the balloon waits for a real change
+    # Smaller moves than chunk_mib are churn: the balloon waits for a real change.
+    moves = [d for d in decisions
+             if abs(d.delta_mib) >= cfg.chunk_mib or (d.delta_mib != 0 and d.target_mib <= d.inputs["min_mib"])]
+    # Shrinks first (their guests prepare concurrently), grants after: memory given to one VM
+    # is never handed out before the VMs paying for it have given it up.
+    shrunk = await asyncio.gather(*(apply(daemon, d) for d in moves if d.delta_mib < 0))
+    if not all(shrunk):
+        log.warning("memory: a balloon inflation failed; grants wait for the next period")
+        return
+    for d in moves:
+        if d.delta_mib > 0:
+            await apply(daemon, d)
 
 
-async def apply(daemon: Daemon, d: Decision) -> None:
+async def apply(daemon: Daemon, d: Decision) -> bool:
     """Symbiotic ballooning: on inflation the guest frees memory first, then the balloon moves."""
     prepared: Any = None
     link = daemon.links.get(d.name)
@@ -189,8 +213,10 @@ async def apply(daemon: Daemon, d: Decision) -> None:
                                "reason": d.reason, "prepared": prepared})
     try:
         await daemon.set_memory(d.name, int(d.target_mib), reason=f"policy: {d.reason}")
+        return True
     except Exception as exc:  # one VM's failure must not stop the others
         log.warning("vm %s: policy balloon to %d MiB failed: %s", d.name, d.target_mib, exc)
+        return False
 
 
 def view(daemon: Daemon) -> dict[str, Any]:

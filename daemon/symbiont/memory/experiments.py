@@ -1,0 +1,232 @@
+"""Memory experiments on real VMs: the idle-memory tax and ESX's balloon-vs-configured figure.
+
+* ``memory-idle-tax``: two VMs with equal shares share a budget smaller than their boot
+  memory. One runs a memory hog (always under pressure), the other is idle. With τ = 0
+  (pure proportional share) equal shares mean equal memory whatever the VMs do; with
+  τ = 0.75 the idle VM's pages are taxed, its ρ falls below the busy VM's, and memory flows
+  to the busy VM until their ρ meet (Waldspurger, OSDI'02, section 5.2).
+* ``memory-balloon-vs-configured``: ESX Figure 2's shape. Throughput of a file-server-like
+  workload in a VM *configured* with M MiB, and in a VM configured with the maximum and
+  *ballooned down* to M, for several M. The seed's claim: ballooning costs little against
+  a VM that simply has that much memory.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from symbiont.experiments.framework import RunContext, experiment
+
+# The busy VM: keep MemAvailable under 8 % of MemTotal (up to 400 MiB) and touch it all.
+HOG = """
+import mmap, os, time
+def avail():
+    d = {l.split(':')[0]: int(l.split()[1]) for l in open('/proc/meminfo')}
+    return d['MemAvailable'], d['MemTotal']
+bufs = []
+while True:
+    a, t = avail()
+    if a >= 0.08 * t and len(bufs) * 8 < 400:
+        b = mmap.mmap(-1, 8 << 20)
+        for i in range(0, 8 << 20, 4096):
+            b[i:i + 16] = os.urandom(16)  # unique pages: KSM cannot merge them
+        bufs.append(b)
+        continue
+    for b in bufs:
+        for i in range(0, 8 << 20, 4096):
+            b[i + 16] = (b[i + 16] + 1) & 255
+    time.sleep(0.2)
+"""
+
+# A file-server-like load (dbench's spirit): N files, random whole-file reads and rewrites of
+# 64 KiB blocks, for a fixed time; prints operations per second. Its working set is the files.
+FILESERVER = """
+import os, random, sys, time
+root, nfiles, size_mib, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+os.makedirs(root, exist_ok=True)
+block = os.urandom(64 << 10)
+per = (size_mib << 20) // nfiles
+for i in range(nfiles):
+    with open(f'{root}/f{i}', 'wb') as fh:
+        for _ in range(per // len(block)):
+            fh.write(block)
+os.sync()
+with open('/proc/sys/vm/drop_caches', 'w') as fh:
+    fh.write('3')
+rng = random.Random(1)
+ops = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    i = rng.randrange(nfiles)
+    if rng.random() < 0.8:
+        with open(f'{root}/f{i}', 'rb') as fh:
+            while fh.read(64 << 10):
+                pass
+    else:
+        with open(f'{root}/f{i}', 'r+b') as fh:
+            fh.seek(rng.randrange(per // len(block)) * len(block))
+            fh.write(block)
+    ops += 1
+print('OPS', ops / seconds)
+"""
+
+
+def _run_script(lab: Any, vm: str, script: str, name: str, args: str = "", background: bool = True,
+                timeout: float = 600) -> str:
+    import base64
+
+    from symbiont.lab.console import guest_exec
+
+    b64 = base64.b64encode(script.encode()).decode()
+    if background:
+        cmd = f"echo {b64} | base64 -d > /root/{name}.py && (nohup python3 /root/{name}.py {args} >/dev/null 2>&1 &)"
+    else:
+        cmd = f"echo {b64} | base64 -d > /root/{name}.py && python3 /root/{name}.py {args}"
+    return guest_exec(lab.host, vm, cmd, timeout=timeout).output
+
+
+@experiment(
+    "memory-idle-tax",
+    "Two VMs, equal shares, one busy and one idle: allocation over time with τ=0, then τ=0.75",
+    params={"budget_mib": 800, "memory_mib": 512, "phase_s": 60.0, "period_s": 2.0, "tau": 0.75},
+    param_help={"budget_mib": "memory both VMs may use together", "phase_s": "seconds per τ phase",
+                "tau": "tax rate of the second phase"},
+    needs=("root", "libvirt", "vm"),
+)
+def idle_tax(ctx: RunContext) -> dict[str, Any]:
+    from symbiont.lab.session import LabSession
+
+    p = ctx.params
+    rows: list[dict[str, Any]] = []
+    ctx.stage("booting 2 VMs and the daemon (memory policy on, τ = 0)")
+    with LabSession(count=2, prefix="symbiont-exp-mem-", period_s=p["period_s"], memory_mib=p["memory_mib"],
+                    step=ctx.note,
+                    daemon_overrides={"memory": {"enabled": True, "budget_mib": p["budget_mib"],
+                                                 "tax_rate": 0.0, "max_step_mib": 64}}) as lab:
+        busy, idle = lab.names
+        with lab.client() as c:
+            lab.wait_for(lambda: c.get("/v1/memory")["periods"] >= 3, 120, "policy running")
+            _run_script(lab, busy, HOG, "hog")
+            t0 = time.monotonic()
+            summary: dict[str, Any] = {}
+            for phase, tau in (("tau=0", 0.0), (f"tau={p['tau']}", p["tau"])):
+                c.put("/v1/memory/policy", {"tax_rate": tau})
+                ctx.stage(f"phase {phase}: observing", total=p["phase_s"])
+                end = time.monotonic() + p["phase_s"]
+                while time.monotonic() < end:
+                    for v in c.get("/v1/memory")["vms"]:
+                        rows.append({"t_s": round(time.monotonic() - t0, 1), "phase": phase, "vm": v["name"],
+                                     "role": "busy" if v["name"] == busy else "idle",
+                                     "target_mib": v["target_mib"], "actual_mib": v["actual_mib"], "f": v["f"],
+                                     "rho": v["rho"], "pressure": int(v["pressure"]), "used_mib": v["used_mib"]})
+                    time.sleep(p["period_s"])
+                    ctx.advance(p["period_s"])
+                last = {r["role"]: r["target_mib"] for r in rows[-2:]}
+                summary[f"{phase}: busy_mib"] = last.get("busy")
+                summary[f"{phase}: idle_mib"] = last.get("idle")
+                ctx.note(f"end of {phase}: busy VM {last.get('busy')} MiB, idle VM {last.get('idle')} MiB")
+    ctx.write_csv("allocation.csv", rows)
+    _plot_idle_tax(ctx, rows, p)
+    return summary
+
+
+def _plot_idle_tax(ctx: RunContext, rows: list[dict[str, Any]], p: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, axf) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for role, color in (("busy", "tab:red"), ("idle", "tab:blue")):
+        rs = [r for r in rows if r["role"] == role]
+        ax.plot([r["t_s"] for r in rs], [r["target_mib"] for r in rs], color=color, label=f"{role} VM target")
+        ax.plot([r["t_s"] for r in rs], [r["actual_mib"] for r in rs], ":", color=color, label=f"{role} VM actual")
+        axf.plot([r["t_s"] for r in rs], [r["f"] for r in rs], color=color, label=f"{role} VM f")
+    switch = min((r["t_s"] for r in rows if r["phase"] != "tau=0"), default=None)
+    if switch is not None:
+        for a in (ax, axf):
+            a.axvline(switch, color="grey", lw=0.8)
+        ax.annotate(f"τ: 0 → {p['tau']}", (switch, ax.get_ylim()[1]), fontsize=8, va="top", ha="left")
+    ax.set_ylabel("memory (MiB)")
+    ax.set_title(f"Idle-memory tax: equal shares, budget {p['budget_mib']} MiB for two {p['memory_mib']} MiB VMs")
+    ax.legend(fontsize=8)
+    axf.set_ylabel("active fraction f")
+    axf.set_xlabel("seconds")
+    axf.set_ylim(0, 1)
+    ctx.savefig(fig, "idle_tax.png")
+
+
+@experiment(
+    "memory-balloon-vs-configured",
+    "ESX Fig. 2: file-server throughput, VM configured with M MiB vs a larger VM ballooned down to M",
+    params={"sizes_mib": [256, 384, 512], "max_mib": 512, "files": 24, "data_mib": 160, "seconds": 20.0},
+    param_help={"sizes_mib": "memory sizes M to compare", "max_mib": "boot memory of the ballooned VM",
+                "data_mib": "file-server data set (the working set)", "seconds": "measurement time per point"},
+    needs=("root", "libvirt", "vm"),
+)
+def balloon_vs_configured(ctx: RunContext) -> dict[str, Any]:
+    from symbiont.lab.session import LabSession
+
+    p = ctx.params
+    sizes = sorted(p["sizes_mib"])
+    if not sizes or max(sizes) > p["max_mib"] or min(sizes) < 192:
+        raise ValueError("sizes_mib must lie within 192..max_mib")
+    rows: list[dict[str, Any]] = []
+    args = f"/root/fs {p['files']} {p['data_mib']} {p['seconds']}"
+
+    def measure(lab: Any, vm: str) -> float:
+        out = _run_script(lab, vm, FILESERVER, "fileserver", args, background=False, timeout=p["seconds"] + 600)
+        for line in out.splitlines():
+            if line.startswith("OPS"):
+                return float(line.split()[1])
+        raise RuntimeError(f"file-server workload printed no result: {out[-300:]}")
+
+    ctx.stage("ballooned VM: boot with max memory", total=None)
+    with LabSession(count=1, prefix="symbiont-exp-fig2b-", memory_mib=p["max_mib"], step=ctx.note) as lab:
+        vm = lab.names[0]
+        with lab.client() as c:
+            for m in sorted(sizes, reverse=True):
+                ctx.stage(f"ballooned to {m} MiB", total=None)
+                c.put(f"/v1/vms/{vm}/memory", {"target_mib": m})
+                lab.wait_for(lambda m=m: abs((c.get(f"/v1/vms/{vm}")["balloon_actual_mib"] or 0) - m) <= 2, 120,
+                             f"balloon at {m} MiB")
+                ops = measure(lab, vm)
+                rows.append({"memory_mib": m, "kind": "ballooned", "ops_per_s": round(ops, 2)})
+                ctx.note(f"ballooned {p['max_mib']}→{m} MiB: {ops:.1f} ops/s")
+    for m in sizes:
+        ctx.stage(f"configured VM with {m} MiB", total=None)
+        with LabSession(count=1, prefix="symbiont-exp-fig2c-", memory_mib=m, step=ctx.note, register=False) as lab:
+            ops = measure(lab, lab.names[0])
+            rows.append({"memory_mib": m, "kind": "configured", "ops_per_s": round(ops, 2)})
+            ctx.note(f"configured {m} MiB: {ops:.1f} ops/s")
+    ctx.write_csv("throughput.csv", rows)
+    _plot_fig2(ctx, rows, p)
+    ratio = {}
+    for m in sizes:
+        b = next(r["ops_per_s"] for r in rows if r["memory_mib"] == m and r["kind"] == "ballooned")
+        cfg = next(r["ops_per_s"] for r in rows if r["memory_mib"] == m and r["kind"] == "configured")
+        ratio[m] = round(b / cfg, 3) if cfg else None
+    return {"ballooned_over_configured": ratio}
+
+
+def _plot_fig2(ctx: RunContext, rows: list[dict[str, Any]], p: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sizes = sorted({r["memory_mib"] for r in rows})
+    x = np.arange(len(sizes))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for off, kind, color in ((-0.2, "configured", "black"), (0.2, "ballooned", "grey")):
+        vals = [next((r["ops_per_s"] for r in rows if r["memory_mib"] == m and r["kind"] == kind), 0) for m in sizes]
+        ax.bar(x + off, vals, width=0.4, color=color,
+               label=f"{kind}" + (f" (boot {p['max_mib']} MiB)" if kind == "ballooned" else ""))
+    ax.set_xticks(x, [str(m) for m in sizes])
+    ax.set_xlabel("VM memory (MiB)")
+    ax.set_ylabel("file-server operations / s")
+    ax.set_title(f"Balloon performance (ESX Fig. 2 shape): {p['data_mib']} MiB data set, QEMU TCG")
+    ax.legend()
+    ctx.savefig(fig, "balloon_vs_configured.png")
