@@ -230,3 +230,102 @@ def _plot_fig2(ctx: RunContext, rows: list[dict[str, Any]], p: dict[str, Any]) -
     ax.set_title(f"Balloon performance (ESX Fig. 2 shape): {p['data_mib']} MiB data set, QEMU TCG")
     ax.legend()
     ctx.savefig(fig, "balloon_vs_configured.png")
+
+
+def _vm_host_memory(lab: Any, names: list[str]) -> dict[str, float]:
+    """Host memory the VMs occupy (MiB): their QEMU processes' resident pages minus the pages
+    KSM merged, plus one copy of each shared page (``pages_shared``, host-wide)."""
+    import psutil
+
+    from symbiont.host.ksm import PAGE_SIZE, Ksm, process_merging_pages
+
+    rss = merged = 0
+    for n in names:
+        pid = lab.host.qemu_pid(n)
+        rss += psutil.Process(pid).memory_info().rss
+        merged += (process_merging_pages(pid) or 0) * PAGE_SIZE
+    shared = Ksm().stats().pages_shared * PAGE_SIZE
+    return {"rss_mib": rss / 2**20, "merged_mib": merged / 2**20, "shared_copies_mib": shared / 2**20,
+            "occupied_mib": (rss - merged + shared) / 2**20}
+
+
+@experiment(
+    "memory-synergy",
+    "Synergy's table: balloon size vs host memory actually reclaimed, KSM off vs on, two identical VMs",
+    params={"balloons_mib": [64, 128, 192, 256], "memory_mib": 512, "merge_wait_s": 90.0, "settle_s": 6.0},
+    param_help={"balloons_mib": "balloon sizes for the first VM", "merge_wait_s": "time KSM gets to merge",
+                "settle_s": "wait after each balloon change"},
+    needs=("root", "libvirt", "vm"),
+)
+def synergy(ctx: RunContext) -> dict[str, Any]:
+    """KSM is set directly (pages_to_scan/sleep/run) and every value is restored at the end."""
+    from symbiont.host.ksm import Ksm
+    from symbiont.lab.session import LabSession
+
+    p = ctx.params
+    ksm = Ksm()
+    ksm.require()
+    saved = ksm.settings()
+    rows: list[dict[str, Any]] = []
+    try:
+        for mode in ("off", "on"):
+            ctx.stage(f"KSM {mode}: booting two identical VMs")
+            ksm.write("run", 2)  # unmerge everything from before
+            ksm.write("run", 0)
+            with LabSession(count=2, prefix=f"symbiont-exp-syn{mode}-", memory_mib=p["memory_mib"],
+                            step=ctx.note) as lab:
+                vm = lab.names[0]
+                if mode == "on":
+                    ksm.write("pages_to_scan", 5000)
+                    ksm.write("sleep_millisecs", 10)
+                    ksm.write("run", 1)
+                    ctx.stage(f"KSM on: merging for {p['merge_wait_s']:.0f} s", total=p["merge_wait_s"])
+                    end = time.monotonic() + p["merge_wait_s"]
+                    while time.monotonic() < end:
+                        time.sleep(1)
+                        ctx.advance(1)
+                time.sleep(p["settle_s"])
+                base = _vm_host_memory(lab, lab.names)
+                rows.append({"ksm": mode, "balloon_mib": 0, "reclaimed_mib": 0.0, **base})
+                with lab.client() as c:
+                    for b in sorted(p["balloons_mib"]):
+                        c.put(f"/v1/vms/{vm}/memory", {"target_mib": p["memory_mib"] - b})
+                        lab.wait_for(lambda b=b, vm=vm: abs((c.get(f"/v1/vms/{vm}")["balloon_actual_mib"] or 0)
+                                                            - (p["memory_mib"] - b)) <= 2, 120, f"balloon {b} MiB")
+                        time.sleep(p["settle_s"])
+                        now = _vm_host_memory(lab, lab.names)
+                        rec = base["occupied_mib"] - now["occupied_mib"]
+                        rows.append({"ksm": mode, "balloon_mib": b, "reclaimed_mib": round(rec, 1), **now})
+                        ctx.note(f"KSM {mode}: balloon {b} MiB reclaimed {rec:.0f} MiB of host memory "
+                                 f"(shared copies {now['shared_copies_mib']:.0f} MiB)")
+    finally:
+        ksm.write("run", 2)
+        for name in ("pages_to_scan", "sleep_millisecs"):
+            if name in saved:
+                ksm.write(name, saved[name])
+        ksm.write("run", saved.get("run", 0))
+    ctx.write_csv("synergy.csv", rows)
+    _plot_synergy(ctx, rows)
+    top = max(p["balloons_mib"])
+    return {f"ksm {m}: reclaimed by a {top} MiB balloon": next(r["reclaimed_mib"] for r in rows
+                                                              if r["ksm"] == m and r["balloon_mib"] == top)
+            for m in ("off", "on")}
+
+
+def _plot_synergy(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, style in (("off", "o-"), ("on", "s-")):
+        rs = [r for r in rows if r["ksm"] == mode]
+        ax.plot([r["balloon_mib"] for r in rs], [r["reclaimed_mib"] for r in rs], style, label=f"KSM {mode}")
+    m = max(r["balloon_mib"] for r in rows)
+    ax.plot([0, m], [0, m], ":", color="grey", label="reclaimed = ballooned")
+    ax.set_xlabel("balloon size (MiB)")
+    ax.set_ylabel("host memory reclaimed (MiB)")
+    ax.set_title("Ballooning vs page sharing (Synergy): two identical idle VMs")
+    ax.legend()
+    ctx.savefig(fig, "synergy.png")
