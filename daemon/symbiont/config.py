@@ -110,6 +110,19 @@ class MemoryConfig:
 
 
 @dataclass
+class SsdCacheConfig:
+    """Elastic SSD caches (part 'ssdcache'); the pool itself is created through the API."""
+
+    runtime_dir: str = ""  # NBD sockets; empty: /run/symbiont/ssdcache/<hash of state_dir>
+    release_timeout_s: float = 3.0  # how long a guest may take to choose blocks to give back
+
+    def validate(self, key: str) -> None:
+        _check(not self.runtime_dir or os.path.isabs(self.runtime_dir), f"{key}.runtime_dir",
+               "must be an absolute path (or empty for the default)")
+        _check(0.1 <= self.release_timeout_s <= 600, f"{key}.release_timeout_s", "must be between 0.1 and 600")
+
+
+@dataclass
 class Config:
     state_dir: str = "/var/lib/symbiont"
     socket: str = "/run/symbiont/symbiontd.sock"
@@ -122,6 +135,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     lab: LabConfig = field(default_factory=LabConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    ssdcache: SsdCacheConfig = field(default_factory=SsdCacheConfig)
 
     def validate(self, key: str = "") -> None:
         _check(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
@@ -132,6 +146,7 @@ class Config:
         self.agent.validate("agent")
         self.lab.validate("lab")
         self.memory.validate("memory")
+        self.ssdcache.validate("ssdcache")
 
     @property
     def db_path(self) -> Path:

@@ -1,0 +1,333 @@
+"""HTTP API of the ssdcache part, mounted by the daemon under ``/v1/ssdcache``.
+
+Pool: ``GET/POST/DELETE /pool``. Caches (SymFlex registration ``<vm-id, size, current-size,
+persist>``): ``GET/POST /caches``, ``GET/PATCH/DELETE /caches/{vm}``, ``PUT /caches/{vm}/size``
+(inflate/deflate), ``POST /caches/{vm}/attach|detach`` (hot-plug the elastic disk into the
+running libvirt domain), ``GET /caches/{vm}/disk-xml``. Policy: ``GET/PUT /policy``,
+``GET /policy/plan``, ``POST /policy/apply``. Two-level (DoubleDecker) partitions: ``/twolevel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from symbiont.ssdcache import controller
+from symbiont.ssdcache.manager import MAX_CACHE_MIB, CacheError, CacheManager
+from symbiont.ssdcache.pool import MAX_POOL_MIB
+
+router = APIRouter()
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
+VmName = Annotated[str, Path(pattern=NAME, description="VM (libvirt domain) name")]
+
+
+class PoolBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file: str | None = Field(None, max_length=4096, description="backing file for a loop device (absolute path)")
+    device: str | None = Field(None, max_length=4096, description="a real block device instead")
+    size_mib: int | None = Field(None, ge=1, le=MAX_POOL_MIB, description="size of a new backing file")
+
+    @model_validator(mode="after")
+    def _one(self) -> PoolBody:
+        if (self.file is None) == (self.device is None):
+            raise ValueError("give exactly one of file and device")
+        if self.file is not None and self.size_mib is None:
+            raise ValueError("a pool file needs size_mib")
+        return self
+
+
+class CacheBody(BaseModel):
+    """SymFlex registration: ``<vm-id, size, current-size, persist>`` (+ policy parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+    vm: str = Field(pattern=NAME)
+    size_mib: int = Field(ge=1, le=MAX_CACHE_MIB, description="the virtual SSD the VM sees")
+    current_mib: int = Field(0, ge=0, le=MAX_CACHE_MIB, description="how much of it is backed now")
+    persist: bool = Field(False, description="keep blocks and data across VM and daemon restarts")
+    weight: int = Field(100, ge=1, le=1_000_000, description="share-based allocation weight")
+    min_mib: int = Field(0, ge=0, le=MAX_CACHE_MIB)
+    max_mib: int | None = Field(None, ge=0, le=MAX_CACHE_MIB)
+
+
+class CachePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: int | None = Field(None, ge=1, le=1_000_000)
+    persist: bool | None = None
+    min_mib: int | None = Field(None, ge=0, le=MAX_CACHE_MIB)
+    max_mib: int | None = Field(None, ge=0, le=MAX_CACHE_MIB)
+
+
+class SizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    current_mib: int = Field(ge=0, le=MAX_CACHE_MIB)
+
+
+class AttachBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target_dev: str = Field("vdb", pattern=r"^vd[b-z]$")
+    serial: str = Field("symbiont-cache", pattern=r"^[A-Za-z0-9_.-]{1,20}$", description="the guest finds it by this")
+
+
+class WorkloadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["start", "stop"]
+    working_set_mib: int = Field(32, ge=1, le=65536)
+    seconds: float = Field(3600, gt=0, le=86400)
+    io_kib: int = Field(4, ge=4, le=1024, multiple_of=4)
+    seed: int = Field(1, ge=0, le=1 << 31)
+    verify: bool = False
+
+
+class PolicyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["manual", "shares", "throughput"] | None = None
+    capacity_mib: int | None = Field(None, ge=0, le=MAX_POOL_MIB)
+    target_ratio: dict[str, float] | None = Field(None, description="throughput mode: VM -> target ratio")
+    gain: float | None = Field(None, gt=0, le=1)
+    max_step_mib: int | None = Field(None, ge=1, le=1 << 20)
+    every_periods: int | None = Field(None, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _ratios(self) -> PolicyBody:
+        if self.target_ratio is not None:
+            if len(self.target_ratio) > 10_000 or any(not 0 < v < 1e9 for v in self.target_ratio.values()):
+                raise ValueError("target ratios must be positive")
+        return self
+
+
+class ApplyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["shares", "throughput"] | None = None
+
+
+def _mgr(request: Request) -> CacheManager:
+    try:
+        return controller.manager(request.app.state.daemon)
+    except CacheError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
+async def _run(coro: Any) -> Any:
+    try:
+        return await coro
+    except CacheError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
+def _sync(fn: Any, *a: Any, **kw: Any) -> Any:
+    try:
+        return fn(*a, **kw)
+    except CacheError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
+@router.get("/pool")
+async def get_pool(request: Request) -> dict[str, Any]:
+    return _mgr(request).pool_view()
+
+
+@router.post("/pool", status_code=201)
+async def create_pool(request: Request, body: PoolBody) -> dict[str, Any]:
+    return await _run(_mgr(request).create_pool(body.file, body.device, body.size_mib))
+
+
+@router.delete("/pool")
+async def delete_pool(request: Request, remove_file: bool = False) -> dict[str, Any]:
+    return await _run(_mgr(request).delete_pool(remove_file))
+
+
+@router.get("/caches")
+async def list_caches(request: Request) -> list[dict[str, Any]]:
+    return _mgr(request).views()
+
+
+@router.post("/caches", status_code=201)
+async def register(request: Request, body: CacheBody) -> dict[str, Any]:
+    return await _run(_mgr(request).register(body.vm, body.size_mib, body.current_mib, body.persist,
+                                             body.weight, body.min_mib, body.max_mib))
+
+
+@router.get("/caches/{vm}")
+async def show(request: Request, vm: VmName) -> dict[str, Any]:
+    return _sync(_mgr(request).view, vm)
+
+
+@router.patch("/caches/{vm}")
+async def update(request: Request, vm: VmName, body: CachePatch) -> dict[str, Any]:
+    return await _run(_mgr(request).update(vm, body.weight, body.persist, body.min_mib, body.max_mib))
+
+
+@router.delete("/caches/{vm}")
+async def unregister(request: Request, vm: VmName) -> dict[str, Any]:
+    return await _run(_mgr(request).unregister(vm))
+
+
+@router.put("/caches/{vm}/size")
+async def resize(request: Request, vm: VmName, body: SizeBody) -> dict[str, Any]:
+    return await _run(_mgr(request).resize(vm, body.current_mib, reason="api"))
+
+
+@router.get("/caches/{vm}/disk-xml")
+async def disk_xml(request: Request, vm: VmName, target_dev: Annotated[str, Query(pattern=r"^vd[b-z]$")] = "vdb",
+                   serial: Annotated[str, Query(pattern=r"^[A-Za-z0-9_.-]{1,20}$")] = "symbiont-cache") -> dict[str, Any]:
+    return {"xml": _sync(_mgr(request).disk_xml, vm, target_dev, serial)}
+
+
+def _libvirt_domain(request: Request, vm: str) -> Any:
+    daemon = request.app.state.daemon
+    from symbiont.host.libvirt_host import LibvirtError
+
+    try:
+        return daemon.libvirt.domain(vm)
+    except LibvirtError as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+def _flags(dom: Any) -> int:
+    """The running domain, and its persistent definition too (the disk survives a VM restart)."""
+    import libvirt
+
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+    if dom.isPersistent():
+        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    return flags
+
+
+@router.post("/caches/{vm}/attach")
+async def attach(request: Request, vm: VmName, body: AttachBody) -> dict[str, Any]:
+    """Hot-plug the elastic disk into the running domain (QEMU's NBD client, unix socket)."""
+    import libvirt
+
+    mgr = _mgr(request)
+    xml = _sync(mgr.disk_xml, vm, body.target_dev, body.serial)
+    dom = _libvirt_domain(request, vm)
+    try:
+        await asyncio.to_thread(dom.attachDeviceFlags, xml, _flags(dom))
+    except libvirt.libvirtError as exc:
+        raise HTTPException(409, f"libvirt refused the disk: {exc.get_error_message()}") from None
+    mgr.store.log_decision("ssdcache", "attach", vm, {"target_dev": body.target_dev}, {"ok": True})
+    await mgr.sync_guest(vm)
+    return {"attached": vm, "target_dev": body.target_dev, "xml": xml}
+
+
+@router.post("/caches/{vm}/detach")
+async def detach(request: Request, vm: VmName, body: AttachBody) -> dict[str, Any]:
+    import libvirt
+
+    mgr = _mgr(request)
+    xml = _sync(mgr.disk_xml, vm, body.target_dev, body.serial)
+    dom = _libvirt_domain(request, vm)
+    try:
+        await asyncio.to_thread(dom.detachDeviceFlags, xml, _flags(dom))
+    except libvirt.libvirtError as exc:
+        raise HTTPException(409, f"libvirt refused to detach: {exc.get_error_message()}") from None
+    mgr.store.log_decision("ssdcache", "detach", vm, {"target_dev": body.target_dev}, {"ok": True})
+    return {"detached": vm}
+
+
+@router.post("/caches/{vm}/guest-workload")
+async def guest_workload(request: Request, vm: VmName, body: WorkloadBody) -> dict[str, Any]:
+    """Start/stop the guest agent's cache workload: random reads of a throttled slow disk
+    through the guest's cache on the elastic SSD (``verify`` checks every byte read)."""
+    params = body.model_dump(exclude={"action"})
+    return await _run(_mgr(request).guest_workload(vm, body.action, params if body.action == "start" else {}))
+
+
+@router.get("/stats")
+async def stats(request: Request) -> dict[str, Any]:
+    mgr = _mgr(request)
+    return {
+        "pool": mgr.pool_view(),
+        "caches": {v["vm"]: {"current_mib": v["current_mib"], "size_mib": v["size_mib"], "io": v["io"],
+                             "guest": v["guest"]["status"]} for v in mgr.views()},
+    }
+
+
+@router.get("/policy")
+async def get_policy(request: Request) -> dict[str, Any]:
+    return _mgr(request).policy()
+
+
+@router.put("/policy")
+async def set_policy(request: Request, body: PolicyBody) -> dict[str, Any]:
+    return _sync(_mgr(request).set_policy, **body.model_dump(exclude_none=True))
+
+
+@router.get("/policy/plan")
+async def plan(request: Request,
+               mode: Annotated[str | None, Query(pattern="^(shares|throughput)$")] = None) -> dict[str, Any]:
+    target, why = _sync(_mgr(request).plan, mode)
+    return {"target": target, "why": why}
+
+
+@router.post("/policy/apply")
+async def apply(request: Request, body: ApplyBody) -> dict[str, Any]:
+    return await _run(_mgr(request).apply_policy(body.mode, reason="api"))
+
+
+# -- DoubleDecker: two-level Mem/SSD partitions ---------------------------------------------
+class TwoLevelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mem_mib: int = Field(ge=0, le=1 << 20, description="host memory tier")
+    ssd_mib: int = Field(0, ge=0, le=MAX_POOL_MIB, description="SSD tier, carved from the pool")
+
+
+class TWBody(BaseModel):
+    """``<T, W>``: ``{"type": "mem", "weight": 60}``, or ``{"mem": 50, "ssd": 10}`` for both tiers."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["mem", "ssd"] | None = None
+    weight: int | None = Field(None, ge=0, le=1_000_000)
+    mem: int | None = Field(None, ge=0, le=1_000_000)
+    ssd: int | None = Field(None, ge=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _shape(self) -> TWBody:
+        if (self.type is None) == (self.mem is None and self.ssd is None):
+            raise ValueError("give type and weight, or mem and/or ssd weights")
+        if self.type is not None and self.weight is None:
+            raise ValueError("type needs a weight")
+        return self
+
+    def tw(self) -> dict[str, Any]:
+        if self.type is not None:
+            return {"type": self.type, "weight": self.weight}
+        return {t: w for t, w in (("mem", self.mem), ("ssd", self.ssd)) if w is not None}
+
+
+Container = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")]
+
+
+@router.get("/twolevel")
+async def twolevel_view(request: Request) -> dict[str, Any]:
+    tl = _mgr(request).twolevel
+    return tl.view() if tl is not None else {"exists": False}
+
+
+@router.put("/twolevel")
+async def twolevel_setup(request: Request, body: TwoLevelBody) -> dict[str, Any]:
+    return await _run(_mgr(request).twolevel_setup(body.mem_mib, body.ssd_mib))
+
+
+@router.put("/twolevel/vms/{vm}")
+async def twolevel_vm(request: Request, vm: VmName, body: TWBody) -> dict[str, Any]:
+    return await _run(_mgr(request).twolevel_configure(vm, body.tw()))
+
+
+@router.delete("/twolevel/vms/{vm}")
+async def twolevel_vm_remove(request: Request, vm: VmName) -> dict[str, Any]:
+    return await _run(_mgr(request).twolevel_remove(vm))
+
+
+@router.put("/twolevel/vms/{vm}/containers/{container}")
+async def twolevel_container(request: Request, vm: VmName, container: Container, body: TWBody) -> dict[str, Any]:
+    return await _run(_mgr(request).twolevel_configure(vm, body.tw(), container))
+
+
+@router.delete("/twolevel/vms/{vm}/containers/{container}")
+async def twolevel_container_remove(request: Request, vm: VmName, container: Container) -> dict[str, Any]:
+    return await _run(_mgr(request).twolevel_remove(vm, container))

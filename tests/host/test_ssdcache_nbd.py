@@ -1,0 +1,254 @@
+"""The NBD data path on a real loop device, with QEMU's own NBD client (qemu-io) as the client.
+
+What is checked: data lands exactly where SymFlex's translation says on the loop device;
+unbacked blocks are refused with EIO and counted; remapping under the lock; the handshake
+variants QEMU and others use; and a hostile client (bad magic, oversized write, truncated
+frames, garbage) is dropped alone while another client keeps working.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from symbiont.ssdcache import nbdserver as nbd
+from symbiont.ssdcache.layout import BLOCK_SIZE
+from symbiont.ssdcache.nbdserver import Export, IoThread, NbdServer
+from symbiont.ssdcache.pool import Pool, loop_devices_of
+
+pytestmark = [pytest.mark.root]
+
+
+@pytest.fixture(scope="module")
+def env(as_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nbd")
+    pool = Pool.create_file(tmp / "pool.img", 32)
+    io = IoThread()
+    io.start()
+    # vm1: 8 logical blocks, lbn i → pbn 20 - 2i for the even ones; odd ones unbacked.
+    exp = Export("vm1", 8, pool, {0: 20, 2: 18, 4: 16, 6: 14})
+    srv = NbdServer(exp, tmp / "vm1.sock", executor=io.executor)
+    io.submit(srv.start())
+    yield {"pool": pool, "exp": exp, "srv": srv, "io": io, "sock": tmp / "vm1.sock", "tmp": tmp}
+    io.submit(srv.close())
+    io.stop()
+    dev = pool.device
+    pool.close(detach=True)
+    assert dev not in loop_devices_of(tmp / "pool.img")
+    (tmp / "pool.img").unlink()
+
+
+def qemu_io(sock: Path, *cmds: str, export: str = "vm1") -> subprocess.CompletedProcess[str]:
+    args = ["qemu-io", "-f", "raw", f"nbd+unix:///{export}?socket={sock}"]
+    for c in cmds:
+        args += ["-c", c]
+    return subprocess.run(args, capture_output=True, text=True, timeout=30)
+
+
+def test_writes_land_where_the_translation_says(env) -> None:
+    r = qemu_io(env["sock"], "write -P 0xab 0 1M", "write -P 0xcd 2M 4k", "write -P 0x5e 4194816 512", "flush")
+    assert r.returncode == 0 and "failed" not in r.stdout, r.stdout + r.stderr
+    pool: Pool = env["pool"]
+    assert pool.pread(20 * BLOCK_SIZE, BLOCK_SIZE) == b"\xab" * BLOCK_SIZE  # lbn 0 → pbn 20
+    assert pool.pread(18 * BLOCK_SIZE, 4096) == b"\xcd" * 4096  # lbn 2 → pbn 18
+    # sector 8193 = lbn 4, offset 1 → physical sector 16·2048 + 1
+    assert pool.pread((16 * 2048 + 1) * 512, 512) == b"\x5e" * 512
+    assert pool.pread(19 * BLOCK_SIZE, 4096) == bytes(4096)  # nothing leaked next door
+    r = qemu_io(env["sock"], "read -P 0xab 0 1M", "read -P 0xcd 2M 4k", "read -P 0x5e 4194816 512")
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+
+
+def test_unbacked_blocks_are_refused_and_counted(env) -> None:
+    st = env["exp"].stats
+    before = st.unbacked_errors
+    r = qemu_io(env["sock"], "read 1M 4k")
+    assert "Input/output error" in r.stdout + r.stderr
+    r = qemu_io(env["sock"], "write -P 0x11 1M 4k")
+    assert "Input/output error" in r.stdout + r.stderr
+    # A request spanning a backed and an unbacked block is refused whole: nothing is written.
+    r = qemu_io(env["sock"], "write -P 0x77 1044480 8k")
+    assert "Input/output error" in r.stdout + r.stderr
+    assert env["pool"].pread(20 * BLOCK_SIZE + 1044480, 4096) == b"\xab" * 4096
+    assert st.unbacked_errors == before + 3
+
+
+def test_remapping_takes_effect_for_the_next_request(env) -> None:
+    exp: Export = env["exp"]
+    exp.map_blocks({1: 3})
+    r = qemu_io(env["sock"], "write -P 0x42 1M 64k", "read -P 0x42 1M 64k")
+    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout
+    assert env["pool"].pread(3 * BLOCK_SIZE, 16) == b"\x42" * 16
+    assert exp.unmap_blocks([1]) == {1: 3}
+    assert "Input/output error" in qemu_io(env["sock"], "read 1M 4k").stdout
+
+
+def test_out_of_range_and_zero_writes(env) -> None:
+    r = qemu_io(env["sock"], "write -z 0 64k", "read -P 0 0 64k")
+    assert r.returncode == 0 and "failed" not in r.stdout, r.stdout
+    sock = raw_session(env["sock"])
+    assert request(sock, nbd.CMD_READ, 8 * BLOCK_SIZE, 4096)[0] == 22  # EINVAL past the end
+    assert request(sock, nbd.CMD_WRITE, 8 * BLOCK_SIZE - 512, 1024, b"x" * 1024)[0] == 28  # ENOSPC
+    assert request(sock, nbd.CMD_READ, 0, 0)[0] == 22
+    assert request(sock, 99, 0, 512)[0] == 22  # unknown command: EINVAL, connection kept
+    err, data = request(sock, nbd.CMD_READ, 0, 512)
+    assert err == 0 and data == bytes(512)
+    assert request(sock, nbd.CMD_FLUSH, 0, 0)[0] == 0
+    assert request(sock, nbd.CMD_TRIM, 0, 4096)[0] == 0
+    sock.close()
+
+
+# -- a hand-written client: handshakes and attacks --------------------------------------------
+def connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(path))
+    return s
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return buf
+
+
+def greet(s: socket.socket, flags: int = nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES) -> None:
+    hello = recv_exact(s, 18)
+    assert hello[:8] == b"NBDMAGIC" and struct.unpack(">QH", hello[8:]) == (nbd.IHAVEOPT, 3)
+    s.sendall(struct.pack(">I", flags))
+
+
+def option(s: socket.socket, opt: int, data: bytes = b"") -> None:
+    s.sendall(struct.pack(">QII", nbd.IHAVEOPT, opt, len(data)) + data)
+
+
+def replies(s: socket.socket, until: set[int]) -> list[tuple[int, bytes]]:
+    out = []
+    while True:
+        magic, _opt, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
+        assert magic == nbd.REPLY_MAGIC
+        out.append((rtype, recv_exact(s, n)))
+        if rtype in until or rtype >= 1 << 31:
+            return out
+
+
+def go(s: socket.socket, name: bytes = b"vm1", infos: tuple[int, ...] = (nbd.INFO_BLOCK_SIZE,)) -> list:
+    data = struct.pack(">I", len(name)) + name + struct.pack(">H", len(infos)) + struct.pack(f">{len(infos)}H", *infos)
+    option(s, nbd.OPT_GO, data)
+    return replies(s, {nbd.REP_ACK})
+
+
+def raw_session(path: Path) -> socket.socket:
+    s = connect(path)
+    greet(s)
+    got = go(s)
+    assert got[-1][0] == nbd.REP_ACK
+    return s
+
+
+def request(s: socket.socket, cmd: int, offset: int, length: int, payload: bytes = b"") -> tuple[int, bytes]:
+    s.sendall(struct.pack(">IHH8sQI", nbd.REQUEST_MAGIC, 0, cmd, b"handle01", offset, length) + payload)
+    magic, err, handle = struct.unpack(">II8s", recv_exact(s, 16))
+    assert magic == nbd.SIMPLE_REPLY_MAGIC and handle == b"handle01"
+    data = recv_exact(s, length) if cmd == nbd.CMD_READ and not err else b""
+    return err, data
+
+
+def test_handshake_options(env) -> None:
+    s = connect(env["sock"])
+    greet(s)
+    option(s, 8)  # STRUCTURED_REPLY: not supported, client falls back to simple replies
+    assert replies(s, set())[0][0] == nbd.REP_ERR_UNSUP
+    option(s, nbd.OPT_LIST)
+    got = replies(s, {nbd.REP_ACK})
+    assert got[0][0] == nbd.REP_SERVER and got[0][1][4:] == b"vm1"
+    assert go(s, b"nope")[-1][0] == nbd.REP_ERR_UNKNOWN
+    option(s, nbd.OPT_INFO, b"\x00\x00")  # malformed INFO: an error reply, not a disconnect
+    assert replies(s, set())[0][0] == nbd.REP_ERR_INVALID
+    got = go(s)
+    info = {struct.unpack(">H", d[:2])[0]: d for t, d in got if t == nbd.REP_INFO}
+    assert struct.unpack(">HQH", info[nbd.INFO_EXPORT])[1] == 8 * BLOCK_SIZE
+    assert struct.unpack(">HIII", info[nbd.INFO_BLOCK_SIZE])[1:] == (512, 4096, nbd.MAX_REQUEST)
+    assert request(s, nbd.CMD_READ, 0, 4096)[0] == 0
+    s.close()
+    # The old way: EXPORT_NAME (with the 124 zero bytes when NO_ZEROES was not agreed).
+    s = connect(env["sock"])
+    greet(s, nbd.FLAG_FIXED_NEWSTYLE)
+    option(s, nbd.OPT_EXPORT_NAME, b"vm1")
+    size, flags = struct.unpack(">QH", recv_exact(s, 10))
+    assert size == 8 * BLOCK_SIZE and flags & nbd.TF_SEND_FLUSH and recv_exact(s, 124) == bytes(124)
+    assert request(s, nbd.CMD_READ, 0, 512)[0] == 0
+    s.close()
+
+
+def closed_by_server(s: socket.socket, timeout: float = 5.0) -> bool:
+    s.settimeout(timeout)
+    try:
+        while True:
+            if not s.recv(65536):
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+ATTACKS = {
+    "bad-client-flags": lambda s: s.sendall(struct.pack(">I", 0xFFFF)),
+    "bad-option-magic": lambda s: (greet(s), s.sendall(b"\x00" * 16)),
+    "huge-option": lambda s: (greet(s), s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 1 << 30))),
+    "unknown-export-name": lambda s: (greet(s), option(s, nbd.OPT_EXPORT_NAME, b"other")),
+    "bad-request-magic": lambda s: (greet(s), go(s), s.sendall(b"\xde\xad\xbe\xef" * 7)),
+    "oversized-write": lambda s: (greet(s), go(s), s.sendall(struct.pack(
+        ">IHH8sQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, b"h" * 8, 0, 1 << 31))),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_malformed_client_is_dropped_alone(env, attack: str) -> None:
+    good = raw_session(env["sock"])  # another client, connected before and during the attack
+    st = env["exp"].stats
+    errors = st.protocol_errors
+    s = connect(env["sock"])
+    if attack == "bad-client-flags":
+        recv_exact(s, 18)
+    ATTACKS[attack](s)
+    assert closed_by_server(s)
+    deadline = time.monotonic() + 5
+    while st.protocol_errors == errors and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert st.protocol_errors == errors + 1
+    assert request(good, nbd.CMD_READ, 0, 4096)[0] == 0  # the other client is unaffected
+    good.close()
+    assert qemu_io(env["sock"], "read 0 4k").returncode == 0  # and new clients are served
+
+
+def test_truncated_handshake_times_out_alone(env) -> None:
+    srv: NbdServer = env["srv"]
+    old = srv.handshake_timeout
+    srv.handshake_timeout = 0.5
+    try:
+        s = connect(env["sock"])
+        recv_exact(s, 18)
+        s.sendall(b"\x00\x00")  # half of the client flags, then silence
+        assert closed_by_server(s, 5)
+    finally:
+        srv.handshake_timeout = old
+    assert qemu_io(env["sock"], "read 0 4k").returncode == 0
+
+
+def test_too_many_clients_are_turned_away(env) -> None:
+    conns = [raw_session(env["sock"]) for _ in range(nbd.MAX_CLIENTS)]
+    extra = connect(env["sock"])
+    assert closed_by_server(extra, 5)
+    assert env["exp"].stats.rejected_clients >= 1
+    for c in conns:
+        c.close()

@@ -1,0 +1,81 @@
+"""The ssdcache HTTP router on a small FastAPI app, with a real manager on an in-memory sqlite
+store and no pool (no root needed): input validation, clear refusals, policy settings, and the
+DoubleDecker memory tier configured through the API."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+
+import pytest
+from fastapi import FastAPI
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+from symbiont.ssdcache import controller
+from symbiont.ssdcache.api import router
+from symbiont.ssdcache.manager import CacheManager
+from symbiont.state import StateStore
+
+
+class Daemon:
+    """Just enough of symbiont.daemon.Daemon for the router: the manager is looked up by it."""
+
+
+@pytest.fixture
+def client(tmp_path):
+    daemon = Daemon()
+    mgr = CacheManager(StateStore(":memory:"), tmp_path / "run")
+    controller._MANAGERS[daemon] = mgr
+    app = FastAPI()
+    app.state.daemon = daemon
+    app.include_router(router, prefix="/v1/ssdcache")
+    yield TestClient(app)
+    asyncio.run(mgr.stop())
+    controller._MANAGERS.pop(daemon, None)
+
+
+def test_no_pool_is_a_clear_503_and_bad_bodies_are_422(client: TestClient) -> None:
+    assert client.get("/v1/ssdcache/pool").json() == {"exists": False}
+    r = client.post("/v1/ssdcache/caches", json={"vm": "a", "size_mib": 8})
+    assert r.status_code == 503 and "no pool" in r.json()["detail"]
+    for body in ({"vm": "a"}, {"vm": "a b", "size_mib": 1}, {"vm": "a", "size_mib": 1, "x": 1},
+                 {"vm": "a", "size_mib": 1 << 30}, {"vm": "a", "size_mib": 4, "weight": 0}):
+        assert client.post("/v1/ssdcache/caches", json=body).status_code == 422, body
+    for body in ({}, {"file": "/x"}, {"file": "/x", "device": "/dev/sda", "size_mib": 1}, {"size_mib": 4}):
+        assert client.post("/v1/ssdcache/pool", json=body).status_code == 422, body
+    r = client.post("/v1/ssdcache/pool", json={"file": "relative.img", "size_mib": 4})
+    assert r.status_code == 422 and "absolute" in r.json()["detail"]
+    assert client.get("/v1/ssdcache/caches/nope").status_code == 404
+    assert client.put("/v1/ssdcache/caches/nope/size", json={"current_mib": -1}).status_code == 422
+    assert client.put("/v1/ssdcache/caches/nope/size", json={"current_mib": 1}).status_code == 503
+
+
+def test_policy_settings(client: TestClient) -> None:
+    assert client.get("/v1/ssdcache/policy").json()["mode"] == "manual"
+    r = client.put("/v1/ssdcache/policy", json={"mode": "throughput", "target_ratio": {"a": 2, "b": 1}, "gain": 0.3})
+    assert r.status_code == 200 and r.json()["target_ratio"] == {"a": 2, "b": 1}
+    assert client.get("/v1/ssdcache/policy").json()["gain"] == 0.3
+    assert client.put("/v1/ssdcache/policy", json={"mode": "random"}).status_code == 422
+    assert client.put("/v1/ssdcache/policy", json={"target_ratio": {"a": -1}}).status_code == 422
+    assert client.get("/v1/ssdcache/policy/plan").status_code == 503  # no pool to plan over
+
+
+def test_doubledecker_memory_tier_through_the_api(client: TestClient) -> None:
+    assert client.get("/v1/ssdcache/twolevel").json() == {"exists": False}
+    assert client.put("/v1/ssdcache/twolevel/vms/vm1", json={"mem": 1}).status_code == 503
+    v = client.put("/v1/ssdcache/twolevel", json={"mem_mib": 4}).json()
+    assert v["capacity_pages"] == {"mem": 1024, "ssd": 0}
+    client.put("/v1/ssdcache/twolevel/vms/vm1", json={"type": "mem", "weight": 3})
+    client.put("/v1/ssdcache/twolevel/vms/vm2", json={"type": "mem", "weight": 1})
+    v = client.put("/v1/ssdcache/twolevel/vms/vm1/containers/web", json={"type": "mem", "weight": 1}).json()
+    assert v["partitions"]["vm1/web"]["quota"] == {"mem": 768, "ssd": 0}
+    assert v["partitions"]["vm2/-"]["quota"] == {"mem": 256, "ssd": 0}
+    v = client.delete("/v1/ssdcache/twolevel/vms/vm2").json()
+    assert v["partitions"] == {"vm1/web": v["partitions"]["vm1/web"]} and v["partitions"]["vm1/web"]["quota"]["mem"] == 1024
+    r = client.put("/v1/ssdcache/twolevel/vms/vm1/containers/web", json={"type": "mem"})
+    assert r.status_code == 422
+    r = client.put("/v1/ssdcache/twolevel", json={"mem_mib": 4, "ssd_mib": 1})
+    assert r.status_code == 503 and "no pool" in r.json()["detail"]
