@@ -263,10 +263,22 @@ class Daemon:
         before = info.vcpus
         link = self.links.get(name)
         guest: Any = None
-        self.store.save_knob(name, "vcpus", before, count)
         if count < before and link is not None and link.cooperative:
-            # Scale down: the guest offlines first, so the unplug does not yank a busy CPU.
+            # Scale down by offlining in the guest: an offline vCPU halts and costs the host
+            # nothing. libvirt's unplug is not used: under TCG the guest's ACPI eject outlasts
+            # libvirt's fixed 5 s wait, after which libvirt's vCPU count goes stale and later
+            # hot-plugs fail ("vcpu unplug request timed out").
             guest = await self._agent_online(link, count)
+            if isinstance(guest, dict) and "error" not in guest:
+                m.actions_total.labels("cpu", "vcpus").inc()
+                self.store.log_decision("cpu", "vcpus", name,
+                                        {"count": count, "before": before, "range": [lo, hi], "reason": reason,
+                                         "mechanism": "guest-offline"}, {"guest": guest})
+                log.info("vm %s: %d vCPUs online in the guest (offlined; libvirt keeps %d plugged) (%s)",
+                         name, count, before, reason)
+                self._wake.set()
+                return {"vm": name, "before": before, "vcpus": count, "guest": guest, "mechanism": "guest-offline"}
+        self.store.save_knob(name, "vcpus", before, count)
         try:
             await asyncio.to_thread(self.libvirt.set_vcpus, name, count)
         except LibvirtError as exc:
@@ -303,9 +315,14 @@ class Daemon:
                     await asyncio.to_thread(self.libvirt.set_balloon, name, int(knob["original"]) * 1024)
                 elif knob["knob"] == "vcpus":
                     link = self.links.get(name)
-                    if int(knob["original"]) < int(knob["current"]) and link is not None and link.cooperative:
+                    if int(knob["original"]) < int(knob["current"]):
+                        # Back down by offlining in the guest (see set_vcpus); without an agent the
+                        # hot-plugged vCPUs stay: an unplug under TCG would leave libvirt stale.
+                        if link is None or not link.cooperative:
+                            raise Unavailable("no cooperative agent to offline the added vCPUs")
                         await self._agent_online(link, int(knob["original"]))
-                    await asyncio.to_thread(self.libvirt.set_vcpus, name, int(knob["original"]))
+                    else:
+                        await asyncio.to_thread(self.libvirt.set_vcpus, name, int(knob["original"]))
                 else:
                     continue
                 self.store.forget_knob(name, knob["knob"])
@@ -438,6 +455,7 @@ class Daemon:
             "balloon_actual_mib": (lv.get("memstats_kib", {}).get("actual", 0) // 1024) or None,
             "max_memory_mib": lv.get("max_memory_mib"),
             "vcpus": lv.get("vcpus"),
+            "effective_vcpus": ag.get("cpus", {}).get("count_online"),
             "max_vcpus": lv.get("max_vcpus"),
             "qemu_cpu_percent": lv.get("qemu_cpu_percent"),
             "guest": {

@@ -108,7 +108,19 @@ def _free() -> int:
 
 
 def reclaim_page_cache(nbytes: int) -> dict[str, Any]:
-    """Free up to ``nbytes`` of clean page cache (memory.reclaim, else drop_caches)."""
+    """Free up to ``nbytes`` of clean page cache (memory.reclaim, else drop_caches).
+
+    Reclaim on the root group reaches into every cgroup, so no-reclaim containers get their
+    ``memory.min`` protection refreshed first (the containers part), and keep their pages.
+    """
+    try:
+        from symbiont_agent import ops_containers
+
+        protect = getattr(ops_containers, "refresh_protection", None)
+        if protect is not None:
+            protect()
+    except ImportError:
+        pass
     before = _free()
     method = "memory.reclaim"
     try:
@@ -149,7 +161,7 @@ def _balloon_prepare(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
 def _reclaim_containers(nbytes: int) -> dict[str, Any]:
     """Containers' memory by their shares, never no-reclaim ones (the containers part)."""
     try:
-        from symbiont_agent import ops_containers  # noqa: PLC0415
+        from symbiont_agent import ops_containers
     except ImportError:
         return {"freed_bytes": 0, "skipped": "no containers part in this agent"}
     fn = getattr(ops_containers, "reclaim_by_shares", None)
