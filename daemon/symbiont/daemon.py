@@ -260,10 +260,13 @@ class Daemon:
             raise Invalid(f"vcpus {count} outside this VM's range {lo}..{hi}")
         if info.state != "running":
             raise Conflict(f"VM {name!r} is {info.state}; vCPU hotplug needs a running VM")
-        before = info.vcpus
+        plugged = info.vcpus
         link = self.links.get(name)
+        coop = link is not None and link.cooperative
+        snap_online = self.latest.get(name, {}).get("agent", {}).get("cpus", {}).get("count_online")
+        before = int(snap_online) if coop and snap_online else plugged  # what the guest really runs on
         guest: Any = None
-        if count < before and link is not None and link.cooperative:
+        if count < before and coop:
             # Scale down by offlining in the guest: an offline vCPU halts and costs the host
             # nothing. libvirt's unplug is not used: under TCG the guest's ACPI eject outlasts
             # libvirt's fixed 5 s wait, after which libvirt's vCPU count goes stale and later
@@ -275,24 +278,33 @@ class Daemon:
                                         {"count": count, "before": before, "range": [lo, hi], "reason": reason,
                                          "mechanism": "guest-offline"}, {"guest": guest})
                 log.info("vm %s: %d vCPUs online in the guest (offlined; libvirt keeps %d plugged) (%s)",
-                         name, count, before, reason)
+                         name, count, plugged, reason)
                 self._wake.set()
                 return {"vm": name, "before": before, "vcpus": count, "guest": guest, "mechanism": "guest-offline"}
-        self.store.save_knob(name, "vcpus", before, count)
-        try:
-            await asyncio.to_thread(self.libvirt.set_vcpus, name, count)
-        except LibvirtError as exc:
-            raise Unavailable(str(exc)) from None
-        if count > before and link is not None and link.cooperative:
-            guest = await self._agent_online(link, None, wait_for=count)
+        mechanism = "guest-online"
+        if count > plugged:
+            self.store.save_knob(name, "vcpus", plugged, count)
+            try:
+                await asyncio.to_thread(self.libvirt.set_vcpus, name, count)
+            except LibvirtError as exc:
+                raise Unavailable(str(exc)) from None
+            mechanism = "hotplug"
+        elif count < plugged and not coop:
+            raise Conflict(f"VM {name!r} has no cooperative agent to offline vCPUs, and libvirt's unplug "
+                           "is not used (it goes stale under TCG)")
+        if coop and count != before:
+            # After a hot-plug every present CPU should run (the new ones may take a moment to
+            # appear); otherwise bring exactly `count` online again.
+            guest = await self._agent_online(link, None if mechanism == "hotplug" else count, wait_for=count)
         m.actions_total.labels("cpu", "vcpus").inc()
-        outcome = {"guest": guest}
+        outcome = {"guest": guest, "mechanism": mechanism}
         self.store.log_decision("cpu", "vcpus", name,
-                                {"count": count, "before": before, "range": [lo, hi], "reason": reason}, outcome)
-        log.info("vm %s: vcpus %d -> %d (%s); guest online: %s", name, before, count, reason,
+                                {"count": count, "before": before, "plugged": plugged, "range": [lo, hi],
+                                 "reason": reason}, outcome)
+        log.info("vm %s: vcpus %d -> %d by %s (%s); guest online: %s", name, before, count, mechanism, reason,
                  guest and guest.get("online"))
         self._wake.set()
-        return {"vm": name, "before": before, "vcpus": count, "guest": guest}
+        return {"vm": name, "before": before, "vcpus": count, "guest": guest, "mechanism": mechanism}
 
     async def _agent_online(self, link: AgentLink, target: int | None, wait_for: int | None = None) -> Any:
         """Ask the agent to online CPUs; after a hot-plug, wait until the new CPUs are present."""

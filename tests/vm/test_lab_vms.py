@@ -92,6 +92,16 @@ def test_vcpu_hotplug_raises_guest_online_cpus(lab: LabSession) -> None:
     lab.wait_for(lambda: vm(lab, name)["guest"]["online_cpus"] == 3, 60, "3 CPUs online in the guest")
     assert vm(lab, name)["vcpus"] == 3
     assert guest_exec(lab.host, name, "nproc").output.strip() == "3"
+    # Scale down: the guest offlines (libvirt keeps the vCPU plugged; an offline vCPU halts).
+    with lab.client() as c:
+        r = c.put(f"/v1/vms/{name}/vcpus", {"count": 2})
+    assert r["mechanism"] == "guest-offline" and r["guest"]["online"] == [0, 1]
+    assert guest_exec(lab.host, name, "nproc").output.strip() == "2"
+    lab.wait_for(lambda: vm(lab, name)["effective_vcpus"] == 2, 30, "effective vCPUs = 2")
+    # ... and up again, onlining the offlined one.
+    with lab.client() as c:
+        c.put(f"/v1/vms/{name}/vcpus", {"count": 3})
+    lab.wait_for(lambda: vm(lab, name)["guest"]["online_cpus"] == 3, 60, "3 CPUs online again")
 
 
 def test_bad_input_is_4xx_with_a_reason_and_changes_nothing(lab: LabSession) -> None:
