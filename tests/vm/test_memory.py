@@ -7,7 +7,6 @@ large machine by the ``memory.budget_mib`` setting).
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
 import time
@@ -17,33 +16,12 @@ import pytest
 from symbiont.client import ApiError
 from symbiont.lab.console import guest_exec
 from symbiont.lab.session import LabSession
+from symbiont.memory.experiments import HOG, run_guest_script
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 
 PERIOD = 2.0
 BUDGET = 800
-
-# Keeps the guest's MemAvailable below 8 % of MemTotal (allocating up to 400 MiB) and
-# touches everything it holds: a guest that stays hungry while memory comes in.
-HOG = """
-import mmap, os, time
-def avail():
-    d = {l.split(':')[0]: int(l.split()[1]) for l in open('/proc/meminfo')}
-    return d['MemAvailable'], d['MemTotal']
-bufs = []
-while True:
-    a, t = avail()
-    if a >= 0.08 * t and len(bufs) * 8 < 400:
-        b = mmap.mmap(-1, 8 << 20)
-        for i in range(0, 8 << 20, 4096):
-            b[i:i + 16] = os.urandom(16)  # unique pages: KSM cannot merge them
-        bufs.append(b)
-        continue
-    for b in bufs:
-        for i in range(0, 8 << 20, 4096):
-            b[i + 16] = (b[i + 16] + 1) & 255
-    time.sleep(0.2)
-"""
 
 # A known working set: 48 MiB hot out of 128 MiB resident.
 TOUCH = """
@@ -60,11 +38,7 @@ while True:
 
 
 def run_in_background(lab: LabSession, vm: str, script: str, name: str) -> None:
-    """Copy a python script into the guest over the console and start it detached."""
-    b64 = base64.b64encode(script.encode()).decode()
-    r = guest_exec(lab.host, vm, f"echo {b64} | base64 -d > /root/{name}.py && "
-                                 f"(nohup python3 /root/{name}.py >/dev/null 2>&1 &) && echo started")
-    assert "started" in r.output, r.output
+    run_guest_script(lab, vm, script, name)
 
 
 @pytest.fixture(scope="module")

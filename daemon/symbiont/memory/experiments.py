@@ -72,8 +72,10 @@ print('OPS', ops / seconds)
 """
 
 
-def _run_script(lab: Any, vm: str, script: str, name: str, args: str = "", background: bool = True,
-                timeout: float = 600) -> str:
+def run_guest_script(lab: Any, vm: str, script: str, name: str, args: str = "", background: bool = True,
+                     timeout: float = 600) -> str:
+    """Copy a Python script into the guest over the serial console and run it (detached, or
+    to completion returning its output)."""
     import base64
 
     from symbiont.lab.console import guest_exec
@@ -107,7 +109,7 @@ def idle_tax(ctx: RunContext) -> dict[str, Any]:
         busy, idle = lab.names
         with lab.client() as c:
             lab.wait_for(lambda: c.get("/v1/memory")["periods"] >= 3, 120, "policy running")
-            _run_script(lab, busy, HOG, "hog")
+            run_guest_script(lab, busy, HOG, "hog")
             t0 = time.monotonic()
             summary: dict[str, Any] = {}
             for phase, tau in (("tau=0", 0.0), (f"tau={p['tau']}", p["tau"])):
@@ -176,7 +178,7 @@ def balloon_vs_configured(ctx: RunContext) -> dict[str, Any]:
     args = f"/root/fs {p['files']} {p['data_mib']} {p['seconds']}"
 
     def measure(lab: Any, vm: str) -> float:
-        out = _run_script(lab, vm, FILESERVER, "fileserver", args, background=False, timeout=p["seconds"] + 600)
+        out = run_guest_script(lab, vm, FILESERVER, "fileserver", args, background=False, timeout=p["seconds"] + 600)
         for line in out.splitlines():
             if line.startswith("OPS"):
                 return float(line.split()[1])
@@ -232,6 +234,20 @@ def _plot_fig2(ctx: RunContext, rows: list[dict[str, Any]], p: dict[str, Any]) -
     ctx.savefig(fig, "balloon_vs_configured.png")
 
 
+# Fill most of the guest's free memory with content that is the same in every VM (page i
+# holds byte i % 251), then exit: the freed pages stay backed on the host with identical
+# contents across VMs, as after a real workload in identical guests.
+FILL = """
+import mmap
+d = {l.split(':')[0]: int(l.split()[1]) for l in open('/proc/meminfo')}
+n = (d['MemAvailable'] // 1024 - 48) << 20
+b = mmap.mmap(-1, n)
+for i in range(0, n, 4096):
+    b[i:i + 4096] = bytes([(i // 4096) % 251]) * 4096
+print('filled', n >> 20)
+"""
+
+
 def _vm_host_memory(lab: Any, names: list[str]) -> dict[str, float]:
     """Host memory the VMs occupy (MiB): their QEMU processes' resident pages minus the pages
     KSM merged, plus one copy of each shared page (``pages_shared``, host-wide)."""
@@ -275,6 +291,9 @@ def synergy(ctx: RunContext) -> dict[str, Any]:
             with LabSession(count=2, prefix=f"symbiont-exp-syn{mode}-", memory_mib=p["memory_mib"],
                             step=ctx.note) as lab:
                 vm = lab.names[0]
+                ctx.stage(f"KSM {mode}: filling the guests' free memory (same content in both VMs)")
+                for n in lab.names:
+                    ctx.note(f"{n}: " + run_guest_script(lab, n, FILL, "fill", background=False, timeout=600).strip())
                 if mode == "on":
                     ksm.write("pages_to_scan", 5000)
                     ksm.write("sleep_millisecs", 10)
