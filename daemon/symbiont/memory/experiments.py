@@ -345,6 +345,6 @@ def _plot_synergy(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
     ax.plot([0, m], [0, m], ":", color="grey", label="reclaimed = ballooned")
     ax.set_xlabel("balloon size (MiB)")
     ax.set_ylabel("host memory reclaimed (MiB)")
-    ax.set_title("Ballooning vs page sharing (Synergy): two identical idle VMs")
+    ax.set_title("Ballooning vs page sharing (Synergy): two identical VMs,\nfree memory filled with the same pages in both")
     ax.legend()
     ctx.savefig(fig, "synergy.png")
