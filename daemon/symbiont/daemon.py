@@ -29,6 +29,7 @@ from symbiont import __version__, guest_stats
 from symbiont import metrics as m
 from symbiont.agentlink import AgentLink, AgentOpError, AgentUnavailable
 from symbiont.config import Config, ConfigError, load_config
+from symbiont.errors import Conflict, DaemonError, Invalid, NotFound, Unavailable
 from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
 from symbiont.host.procstats import ProcessCpu, host_sample
 from symbiont.plugins import part_modules
@@ -38,28 +39,6 @@ log = logging.getLogger("symbiontd")
 
 # A controller hook of a part: called once per period with the daemon, after collection.
 PeriodicHook = Callable[["Daemon"], Awaitable[None]]
-
-
-class DaemonError(Exception):
-    """Base of the errors the API maps to 4xx/5xx responses."""
-
-    status = 400
-
-
-class NotFound(DaemonError):
-    status = 404
-
-
-class Conflict(DaemonError):
-    status = 409
-
-
-class Invalid(DaemonError):
-    status = 422
-
-
-class Unavailable(DaemonError):
-    status = 503
 
 
 class Daemon:

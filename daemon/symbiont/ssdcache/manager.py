@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from symbiont.errors import Conflict, DaemonError, Invalid, NotFound, Unavailable
 from symbiont.ssdcache import policy as pol
 from symbiont.ssdcache.blockmap import BlockMap, BlockMapError, CacheRecord, PoolExhausted
 from symbiont.ssdcache.layout import BLOCK_SIZE, expand, ranges
@@ -70,26 +71,8 @@ DEFAULT_POLICY: dict[str, Any] = {
 }
 
 
-class CacheError(Exception):
-    """Base: ``status`` is the HTTP status the API answers with."""
-
-    status = 400
-
-
-class NotFound(CacheError):
-    status = 404
-
-
-class Conflict(CacheError):
-    status = 409
-
-
-class Invalid(CacheError):
-    status = 422
-
-
-class Unavailable(CacheError):
-    status = 503
+# The cache's errors are the daemon's: the API answers each with its HTTP status.
+CacheError = DaemonError
 
 
 @dataclass
