@@ -18,12 +18,12 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from symbiont.agentlink import AgentOpError, AgentUnavailable
+from symbiont.host.ksm import PAGE_SIZE, process_merging_pages
 from symbiont.memory.policy import ActiveEstimate, Decision, HostMemory, VmMemory, decide, rho, under_pressure
 
 if TYPE_CHECKING:
@@ -65,13 +65,14 @@ def unshared_fraction(pid: int | None) -> float:
     """1 − (KSM-merged pages of the QEMU process / its resident pages); 1.0 when unknown."""
     if pid is None:
         return 1.0
+    pages = process_merging_pages(pid)
     try:
-        merged = int(Path(f"/proc/{pid}/ksm_merging_pages").read_text()) * 4096
         rss = psutil.Process(pid).memory_info().rss
-    except (OSError, ValueError, psutil.Error):
+    except psutil.Error:
         return 1.0
-    if rss <= 0:
+    if pages is None or rss <= 0:
         return 1.0
+    merged = pages * PAGE_SIZE
     return min(1.0, max(0.05, 1.0 - merged / rss))
 
 
