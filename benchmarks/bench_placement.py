@@ -9,7 +9,8 @@
    (the instance is far too large for the LP).
 2. Quality on the standard traces: for each size mix (azure, uniform, anticorrelated) and seeds
    0-2, 500 VMs onto hosts of 32 cores / 128 GiB, lower bound by LP relaxation (or MILP/volume
-   where that is tighter or cheaper). Reports mean hosts used / lower bound per heuristic and mode.
+   where that is tighter or cheaper). Reports mean hosts used / lower bound per heuristic and mode,
+   alone and followed by host elimination (symbiont.placement.improve).
 """
 
 from __future__ import annotations
@@ -79,19 +80,22 @@ def standard_quality(
             )
             for name in heuristics.HEURISTICS:
                 for mode in ("online", "batch"):
-                    p = plan(hosts, reqs, name, mode)
-                    assert len(p.placements) == n_vms, "every VM fits a 32/128 host"
-                    rows.append(
-                        {
-                            "mix": mix,
-                            "seed": seed,
-                            "heuristic": name,
-                            "mode": mode,
-                            "hosts_used": p.hosts_used,
-                            "bound": lb.value,
-                            "ratio": quality(p.hosts_used, lb),
-                        }
-                    )
+                    for improve in (False, True):
+                        t0 = time.perf_counter()
+                        p = plan(hosts, reqs, name, mode, improve=improve)
+                        assert len(p.placements) == n_vms, "every VM fits a 32/128 host"
+                        rows.append(
+                            {
+                                "mix": mix,
+                                "seed": seed,
+                                "heuristic": name,
+                                "mode": mode + ("+elim" if improve else ""),
+                                "hosts_used": p.hosts_used,
+                                "bound": lb.value,
+                                "ratio": quality(p.hosts_used, lb),
+                                "seconds": time.perf_counter() - t0,
+                            }
+                        )
     return rows, bounds
 
 
@@ -131,17 +135,38 @@ def main() -> None:
     qrows, bounds = standard_quality(q_vms, seeds, time_limit=10.0)
     for b in bounds:
         print("  " + b)
+    for modes, title in (
+        (("online", "batch"), "heuristic alone"),
+        (("online+elim", "batch+elim"), "+ host elimination"),
+    ):
+        print(f"  {title}:")
+        _quality_table(qrows, modes)
+    for mix in MIXES:
+        best = min(
+            ((r["heuristic"], r["mode"]) for r in qrows if r["mix"] == mix),
+            key=lambda hm: np.mean(
+                [r["ratio"] for r in qrows if r["mix"] == mix and (r["heuristic"], r["mode"]) == hm]
+            ),
+        )
+        v = np.mean([r["ratio"] for r in qrows if r["mix"] == mix and (r["heuristic"], r["mode"]) == best])
+        t = max(r["seconds"] for r in qrows if r["mix"] == mix and (r["heuristic"], r["mode"]) == best)
+        print(
+            f"best on {mix}: {best[0]} ({best[1]}), hosts used / bound = {v:.3f} "
+            f"({'within' if v <= 1.05 else 'NOT within'} 5%), plan() at most {t:.3f} s"
+        )
+
+
+def _quality_table(qrows: list[dict[str, object]], modes: tuple[str, str]) -> None:
     print(
         f"{'heuristic':<14} "
-        + " ".join(f"{m[:10] + ' ' + mode[:3]:>15}" for m in MIXES for mode in ("online", "batch"))
+        + " ".join(f"{m[:10] + ' ' + mode[:3]:>15}" for m in MIXES for mode in modes)
         + f" {'mean':>7}"
     )
-    means = {}
     for name in heuristics.HEURISTICS:
         cells = []
         vals = []
         for mix in MIXES:
-            for mode in ("online", "batch"):
+            for mode in modes:
                 v = float(
                     np.mean(
                         [
@@ -153,20 +178,7 @@ def main() -> None:
                 )
                 cells.append(f"{v:>15.3f}")
                 vals.append(v)
-        means[name] = float(np.mean(vals))
-        print(f"{name:<14} " + " ".join(cells) + f" {means[name]:>7.3f}")
-    for mix in MIXES:
-        best = min(
-            ((r["heuristic"], r["mode"]) for r in qrows if r["mix"] == mix),
-            key=lambda hm: np.mean(
-                [r["ratio"] for r in qrows if r["mix"] == mix and (r["heuristic"], r["mode"]) == hm]
-            ),
-        )
-        v = np.mean([r["ratio"] for r in qrows if r["mix"] == mix and (r["heuristic"], r["mode"]) == best])
-        print(
-            f"best on {mix}: {best[0]} ({best[1]}), hosts used / bound = {v:.3f} "
-            f"({'within' if v <= 1.05 else 'NOT within'} 5%)"
-        )
+        print(f"{name:<14} " + " ".join(cells) + f" {float(np.mean(vals)):>7.3f}")
 
 
 if __name__ == "__main__":

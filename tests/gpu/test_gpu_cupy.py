@@ -70,6 +70,31 @@ def test_throughput_follows_the_share(cb):
     cb.destroy_context(ctx)
 
 
+def test_critical_client_keeps_its_share_beside_a_squeezed_neighbour(cb):
+    """Shares adding up to more than the device must not make SM ranges overlap: a critical
+    client at 1.0 beside a neighbour on its one-SM floor runs (almost) as fast as alone."""
+    g = cb.devices()[0].gpu_type
+    app = cb.create_context(0, 1.0, "app")
+    k = kernel_for(cb, 5e-3)
+    cb.wait_all([cb.launch(app, k)])  # warm up
+    alone = [cb.launch(app, k) for _ in range(5)]
+    cb.wait_all(alone)
+    nb = cb.create_context(0, 1.0 / g.sm_count, "neighbour")
+    lo_a, hi_a = cb._ctxs[app].sm_range
+    lo_n, hi_n = cb._ctxs[nb].sm_range
+    assert hi_a - lo_a == g.sm_count - 1 and (lo_n, hi_n) == (g.sm_count - 1, 0)
+    noisy = [cb.launch(nb, k) for _ in range(2)]
+    beside = [cb.launch(app, k) for _ in range(5)]
+    cb.wait_all(beside)
+    t_alone = max(cb.timing(o).duration for o in alone)
+    t_beside = max(cb.timing(o).duration for o in beside)
+    assert t_beside < 1.3 * t_alone, (t_alone, t_beside)
+    cb.synchronize(nb)
+    assert all(cb.blocks_processed(o) == k.blocks for o in noisy)
+    cb.destroy_context(nb)
+    cb.destroy_context(app)
+
+
 def test_copies_roundtrip_and_cost_pcie_time(cb):
     ctx = cb.create_context(0)
     data = np.arange(1 << 20, dtype=np.uint32)

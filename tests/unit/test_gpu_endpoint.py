@@ -240,3 +240,51 @@ def test_socket_kernels_sync_timing_and_admin_scaling(sock_dir):
 
     run(scenario())
     assert "vm2" in svc.clients
+
+
+def test_one_socket_serves_several_services_and_bound_streams(sock_dir):
+    """The daemon's shape: a resolver over two services, and a relayed guest stream bound to
+    one client with a lower payload limit."""
+    a, b = service(), service(DeviceConfig("T4"))
+    a.register_client("vm1", 0, 0.5, mem_bytes=1 << 20)
+    b.register_client("vm2", 0, 0.5, mem_bytes=1 << 20)
+
+    def resolve(name: str) -> GpuEndpointService:
+        for s in (a, b):
+            if name in s.clients:
+                return s
+        raise EndpointError("unknown_client", f"no client named {name!r}")
+
+    async def scenario():
+        server = EndpointServer(None, sock_dir / "ep.sock", resolve=resolve)
+        assert server.allow_admin is False
+        async with server:
+            c2 = await EndpointClient.connect(server.path, "vm2")
+            assert (await c2.call("info"))["mem_quota"] == 1 << 20
+            buf = await c2.alloc(64)
+            assert b.clients["vm2"].mem_used == 64 and a.clients["vm1"].mem_used == 0
+            with pytest.raises(EndpointError) as e:
+                await EndpointClient.connect(server.path, "ghost")
+            assert e.value.code == "unknown_client"
+            await c2.close()
+            # a guest channel: bound to vm1, 1 KiB payloads
+            relay = await asyncio.start_unix_server(
+                lambda r, w: server.serve_connection(r, w, bound="vm1", max_payload=1024), path=str(sock_dir / "g.sock")
+            )
+            g = await EndpointClient.connect(sock_dir / "g.sock")
+            for args in ({"client": "vm2"}, {"admin": True}):
+                with pytest.raises(EndpointError) as e:
+                    await g.call("hello", **args)
+                assert e.value.code == "forbidden" and "vm1" in e.value.message
+            await g.call("hello", client="vm1")
+            gb = await g.alloc(4096)
+            await g.h2d(gb, b"x" * 1024)
+            reply, _ = await g.request("h2d", {"buf": gb}, b"x" * 1025)
+            assert reply["error"]["code"] == "bad_frame"
+            with pytest.raises(ConnectionError):
+                await g.call("info")
+            relay.close()
+            await relay.wait_closed()
+            return buf
+
+    assert run(scenario()) >= 1

@@ -69,7 +69,7 @@ def test_heuristics_listing(client: TestClient) -> None:
         ({"requests": [{"id": "a", "demand": {"cpu": "lots"}}]}, "valid number"),
         ({"requests": [{"id": "a", "demand": {"gpu": 1}}]}, "request a: demand: unknown resource 'gpu'"),
         ({"requests": [{"id": "a", "demand": {}, "colour": "red"}]}, "Extra inputs are not permitted"),
-        ({"hosts": []}, "at least 1 item"),
+        ({"hosts": []}, "at least one host"),
         (
             {"hosts": [{"id": "h0", "capacity": {"cpu": 1}, "overcommit": {"cpu": 0}}]},
             "overcommit cpu: 0.0 must be finite and > 0",

@@ -1,10 +1,15 @@
 """HTTP API of the GPU part, mounted by the daemon under ``/v1/gpu``.
 
-Register GPUs (simulated presets or real CUDA devices), set client quotas on the endpoint
+Register GPUs (simulated presets or real CUDA devices), set client quotas on the live endpoint
 service (a share change is a vertical scaling, measured), migrate clients, submit FaaS
-workloads from a trace and read their results. State is in memory (:data:`MANAGER`); GPU
-registrations are cheap to redo after a restart and workload results are also written by the
-experiments as CSV.
+workloads from a trace and read their results. The state lives in the daemon's sqlite
+(:mod:`symbiont.gpu.manager`) and survives a restart; the part runs when the daemon's config
+has ``gpu.enabled: true`` (503 with that reason otherwise; ``/types`` and ``/backends`` always
+answer).
+
+Handlers are ``async``: they run on the daemon's event loop, the same thread as the endpoint
+server, so the endpoint service is never touched from two threads. Workload runs, which can
+take seconds, go to a worker thread on a backend of their own.
 
 Workloads on a *simulated* GPU replay on a fresh simulator instance of that GPU's type and
 sharing mode, so results are reproducible and independent of the endpoint clients; on a real
@@ -13,18 +18,19 @@ GPU they run on the device.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import asyncio
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field, field_validator, model_validator
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from symbiont.gpu import metrics
-from symbiont.gpu.backend import GpuBackend, GpuError, cupy_status
-from symbiont.gpu.endpoint import EndpointError, GpuEndpointService
-from symbiont.gpu.faas import DROP_MODES, SCHEDULERS, BackgroundLoad, Task, TraceError, parse_trace, run_trace
-from symbiont.gpu.simulated import GPU_TYPES, SCHED_MODES, DeviceConfig, SimulatedBackend
+from symbiont.errors import Invalid
+from symbiont.gpu import backend as gb
+from symbiont.gpu import controller
+from symbiont.gpu.backend import GpuError
+from symbiont.gpu.faas import DROP_MODES, SCHEDULERS, Task, TraceError, parse_trace
+from symbiont.gpu.manager import GpuManager
+from symbiont.gpu.simulated import GPU_TYPES, SCHED_MODES
 
 router = APIRouter(tags=["gpu"])
 
@@ -36,83 +42,16 @@ assert set(DropMode.__args__) == set(DROP_MODES)  # type: ignore[attr-defined]
 assert set(SharingMode.__args__) == set(SCHED_MODES)  # type: ignore[attr-defined]
 
 
-@dataclass
-class RegisteredGpu:
-    id: str
-    kind: str  # simulated | cupy
-    backend: GpuBackend
-    index: int
-    config: DeviceConfig | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        info = self.backend.devices()[self.index]
-        return {"id": self.id, "kind": self.kind, **info.as_dict()}
+ClientName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$", description="endpoint client")]
 
 
-@dataclass
-class GpuManager:
-    """All GPU state behind the API; one lock because handlers run in a thread pool."""
-
-    gpus: dict[str, RegisteredGpu] = field(default_factory=dict)
-    workloads: dict[str, dict[str, Any]] = field(default_factory=dict)
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    _sim: SimulatedBackend | None = None
-    _cupy: GpuBackend | None = None
-    _endpoints: dict[str, GpuEndpointService] = field(default_factory=dict)
-    _next_gpu: int = 0
-    _next_workload: int = 0
-
-    def sim(self) -> SimulatedBackend:
-        if self._sim is None:
-            self._sim = SimulatedBackend(devices=())
-        return self._sim
-
-    def cupy(self) -> GpuBackend:
-        if self._cupy is None:
-            ok, why = cupy_status()
-            if not ok:
-                raise HTTPException(409, f"no real GPU here: {why}")
-            from symbiont.gpu.cupy_backend import CupyBackend
-
-            self._cupy = CupyBackend()
-        return self._cupy
-
-    def endpoint(self, g: RegisteredGpu) -> GpuEndpointService:
-        svc = self._endpoints.get(g.kind)
-        if svc is None:
-            svc = self._endpoints[g.kind] = GpuEndpointService(g.backend)
-        return svc
-
-    def gpu(self, gpu_id: str) -> RegisteredGpu:
-        g = self.gpus.get(gpu_id)
-        if g is None:
-            raise HTTPException(404, f"unknown GPU {gpu_id!r}")
-        return g
-
-    def client_gpu(self, name: str) -> tuple[GpuEndpointService, RegisteredGpu]:
-        for svc in self._endpoints.values():
-            c = svc.clients.get(name)
-            if c is not None:
-                g = next(g for g in self.gpus.values() if g.backend is svc.backend and g.index == c.device)
-                return svc, g
-        raise HTTPException(404, f"unknown client {name!r}")
-
-    def reset(self) -> None:
-        """Forget everything (tests)."""
-        with self.lock:
-            self.gpus.clear()
-            self.workloads.clear()
-            self._endpoints.clear()
-            self._sim = None
-            self._next_gpu = 0
-            self._next_workload = 0
-
-
-MANAGER = GpuManager()
+def _mgr(request: Request) -> GpuManager:
+    return controller.manager(request.app.state.daemon)
 
 
 # -- models --------------------------------------------------------------------------------------------
 class GpuRegistration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     kind: Literal["simulated", "cupy"] = "simulated"
     type: str | None = Field(None, description="simulated GPU type: " + ", ".join(GPU_TYPES))
     index: int | None = Field(None, ge=0, description="CUDA device index (kind=cupy)")
@@ -139,6 +78,7 @@ class GpuRegistration(BaseModel):
 
 
 class QuotaRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     gpu: str | None = Field(None, description="GPU id (required when the client is new)")
     sm_share: float | None = Field(None, gt=0.0, le=1.0)
     mem_bytes: int | None = Field(None, gt=0)
@@ -146,10 +86,12 @@ class QuotaRequest(BaseModel):
 
 
 class MigrateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     gpu: str
 
 
 class TaskIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     task: str | None = Field(None, max_length=64)
     function: str = Field("fn", max_length=64)
     arrival_ms: float = Field(ge=0)
@@ -159,6 +101,7 @@ class TaskIn(BaseModel):
 
 
 class WorkloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     gpu: str
     scheduler: SchedulerName = "edf-slice"
     drop: DropMode | None = None
@@ -178,117 +121,66 @@ class WorkloadRequest(BaseModel):
 
 # -- routes ----------------------------------------------------------------------------------------------
 @router.get("/types")
-def list_types() -> list[dict[str, Any]]:
+async def list_types() -> list[dict[str, Any]]:
     return [t.as_dict() for t in GPU_TYPES.values()]
 
 
 @router.get("/backends")
-def list_backends() -> dict[str, Any]:
-    ok, why = cupy_status()
-    return {"cupy": {"available": ok, "reason": why}, "simulated": {"available": True}}
+async def list_backends(request: Request) -> dict[str, Any]:
+    ok, why = gb.cupy_status()
+    mgr = controller._MANAGERS.get(request.app.state.daemon)
+    return {"cupy": {"available": ok, "reason": why}, "simulated": {"available": True},
+            "enabled": mgr is not None, "selected": mgr.backend_name if mgr else None,
+            "endpoint_socket": str(mgr.server.path) if mgr and mgr.server else None}  # fmt: skip
 
 
 @router.post("/gpus", status_code=201)
-def register_gpu(req: GpuRegistration) -> dict[str, Any]:
-    with MANAGER.lock:
-        if req.kind == "simulated":
-            cfg = DeviceConfig(req.type or "A100", server=req.server, sched=req.sharing)
-            b: GpuBackend = MANAGER.sim()
-            index = MANAGER.sim().add_device(cfg)
-        else:
-            b = MANAGER.cupy()
-            cfg = None
-            index = int(req.index or 0)
-            if index >= len(b.devices()):
-                raise HTTPException(404, f"no CUDA device {index} (have {len(b.devices())})")
-            if any(g.kind == "cupy" and g.index == index for g in MANAGER.gpus.values()):
-                raise HTTPException(409, f"CUDA device {index} is already registered")
-        gid = f"gpu{MANAGER._next_gpu}"
-        MANAGER._next_gpu += 1
-        g = RegisteredGpu(gid, req.kind, b, index, cfg)
-        MANAGER.gpus[gid] = g
-        metrics.DEVICES.labels(req.kind, b.devices()[index].gpu_type.name).inc()
-        return g.as_dict()
+async def register_gpu(req: GpuRegistration, request: Request) -> dict[str, Any]:
+    mgr = _mgr(request)
+    spec = {"type": req.type, "server": req.server, "sharing": req.sharing} if req.kind == "simulated" else {
+        "index": req.index}  # fmt: skip
+    return mgr.register_gpu(req.kind, spec)
 
 
 @router.get("/gpus")
-def list_gpus() -> list[dict[str, Any]]:
-    with MANAGER.lock:
-        return [g.as_dict() for g in MANAGER.gpus.values()]
+async def list_gpus(request: Request) -> list[dict[str, Any]]:
+    mgr = _mgr(request)
+    return [mgr.gpu_view(g) for g in mgr.gpus.values()]
 
 
 @router.get("/gpus/{gpu_id}")
-def get_gpu(gpu_id: str) -> dict[str, Any]:
-    with MANAGER.lock:
-        g = MANAGER.gpu(gpu_id)
-        svc = MANAGER._endpoints.get(g.kind)
-        clients = [c.info() for c in svc.clients.values() if c.device == g.index] if svc else []
-        return {**g.as_dict(), "clients": clients}
-
-
-def _endpoint_error(exc: EndpointError) -> HTTPException:
-    status = {"unknown_client": 404, "unknown_device": 404, "exists": 409, "over_capacity": 409,
-              "out_of_memory": 409}.get(exc.code, 422)  # fmt: skip
-    return HTTPException(status, f"{exc.code}: {exc.message}")
+async def get_gpu(gpu_id: str, request: Request) -> dict[str, Any]:
+    mgr = _mgr(request)
+    g = mgr.gpu(gpu_id)
+    return {**mgr.gpu_view(g), "clients": mgr.clients_on(g)}
 
 
 @router.put("/clients/{name}")
-def set_client_quota(name: str, req: QuotaRequest) -> dict[str, Any]:
+async def set_client_quota(name: ClientName, req: QuotaRequest, request: Request) -> dict[str, Any]:
     """Create a client with its quotas, or change them (a share change is a vertical scaling)."""
-    with MANAGER.lock:
-        try:
-            existing = any(name in svc.clients for svc in MANAGER._endpoints.values())
-            if not existing:
-                if req.gpu is None:
-                    raise HTTPException(422, "a new client needs 'gpu'")
-                g = MANAGER.gpu(req.gpu)
-                svc = MANAGER.endpoint(g)
-                c = svc.register_client(name, g.index, req.sm_share if req.sm_share is not None else 1.0,
-                                        req.mem_bytes if req.mem_bytes is not None else 2**30,
-                                        bool(req.critical))  # fmt: skip
-                return {"created": True, "client": c.info(), "scale": None}
-            svc, g = MANAGER.client_gpu(name)
-            if req.gpu is not None and req.gpu != g.id:
-                raise HTTPException(422, f"client {name!r} is on {g.id}; use POST /clients/{name}/migrate to move it")
-            res = svc.set_quota(name, req.sm_share, req.mem_bytes, req.critical)
-            return {"created": False, "client": svc.clients[name].info(), "scale": res.as_dict() if res else None}
-        except EndpointError as exc:
-            raise _endpoint_error(exc) from None
+    return _mgr(request).set_client(name, req.gpu, req.sm_share, req.mem_bytes, req.critical)
 
 
 @router.get("/clients")
-def list_clients() -> list[dict[str, Any]]:
-    with MANAGER.lock:
-        return [c.info() for svc in MANAGER._endpoints.values() for c in svc.clients.values()]
+async def list_clients(request: Request) -> list[dict[str, Any]]:
+    return _mgr(request).list_clients()
 
 
 @router.get("/clients/{name}")
-def get_client(name: str) -> dict[str, Any]:
-    with MANAGER.lock:
-        svc, g = MANAGER.client_gpu(name)
-        st = svc.scale_status(name)
-        return {**svc.clients[name].info(), "gpu": g.id, "last_scale": st.as_dict() if st else None}
+async def get_client(name: ClientName, request: Request) -> dict[str, Any]:
+    return _mgr(request).client_view(name)
 
 
-@router.delete("/clients/{name}", status_code=204)
-def delete_client(name: str) -> None:
-    with MANAGER.lock:
-        svc, _ = MANAGER.client_gpu(name)
-        svc.remove_client(name)
+@router.delete("/clients/{name}")
+async def delete_client(name: ClientName, request: Request) -> dict[str, Any]:
+    _mgr(request).delete_client(name)
+    return {"deleted": name}
 
 
 @router.post("/clients/{name}/migrate")
-def migrate_client(name: str, req: MigrateRequest) -> dict[str, Any]:
+async def migrate_client(name: ClientName, req: MigrateRequest, request: Request) -> dict[str, Any]:
     """Horizontal scaling: move the client's endpoint and buffers to another GPU."""
-    with MANAGER.lock:
-        svc, _ = MANAGER.client_gpu(name)
-        dst = MANAGER.gpu(req.gpu)
-        if dst.backend is not svc.backend:
-            raise HTTPException(422, "migration between a simulated and a real GPU is not possible")
-        try:
-            return svc.migrate(name, dst.index).as_dict()
-        except EndpointError as exc:
-            raise _endpoint_error(exc) from None
+    return await _mgr(request).migrate(name, req.gpu)
 
 
 def _tasks(req: WorkloadRequest) -> list[Task]:
@@ -306,45 +198,36 @@ def _tasks(req: WorkloadRequest) -> list[Task]:
             raise TraceError("no tasks")
         return sorted(out.values(), key=lambda t: (t.arrival, t.id))
     except TraceError as exc:
-        raise HTTPException(422, f"bad trace: {exc}") from None
+        raise Invalid(f"bad trace: {exc}") from None
 
 
 @router.post("/workloads", status_code=201)
-def submit_workload(req: WorkloadRequest) -> dict[str, Any]:
-    """Run a FaaS workload to completion and keep its results."""
-    with MANAGER.lock:
-        g = MANAGER.gpu(req.gpu)
-        tasks = _tasks(req)
-        if g.kind == "simulated" and g.config is not None:
-            backend: GpuBackend = SimulatedBackend([g.config], seed=req.seed)
-            device = 0
-        else:
-            backend, device = g.backend, g.index
-        bg = BackgroundLoad(vms=req.background_vms, duty=req.duty, seed=req.seed + 1) if req.background_vms else None
-        try:
-            r = run_trace(backend, tasks, req.scheduler, device=device, share=req.share, drop=req.drop, background=bg)
-        except (GpuError, ValueError) as exc:
-            raise HTTPException(422, f"workload failed: {exc}") from None
-        wid = f"w{MANAGER._next_workload}"
-        MANAGER._next_workload += 1
-        summary = r.summary()
-        MANAGER.workloads[wid] = {"id": wid, "gpu": g.id, "summary": summary, "tasks": r.rows}
-        for outcome, n in (("met", r.met), ("missed", r.missed), ("dropped", r.dropped)):
-            metrics.FAAS_TASKS.labels(r.scheduler, outcome).inc(n)
-        metrics.FAAS_WASTED_GFLOP.labels(r.scheduler).inc(r.wasted_gflop)
-        return {"id": wid, "gpu": g.id, "summary": summary}
+async def submit_workload(req: WorkloadRequest, request: Request) -> dict[str, Any]:
+    """Run a FaaS workload to completion; its results are kept in sqlite."""
+    mgr = _mgr(request)
+    mgr.gpu(req.gpu)  # 404 before parsing a large trace
+    tasks = _tasks(req)
+    params = {"scheduler": req.scheduler, "drop": req.drop, "share": req.share, "background_vms": req.background_vms,
+              "duty": req.duty, "seed": req.seed, "source": "trace_csv" if req.trace_csv is not None else "tasks",
+              "n_tasks": len(tasks)}  # fmt: skip
+    wid, g = mgr.workload_start(req.gpu, params)
+    try:
+        backend, device = mgr.workload_backend(g, req.seed)
+        r = await asyncio.to_thread(mgr.run_workload, backend, device, tasks, params)
+    except (GpuError, ValueError) as exc:
+        mgr.workload_failed(wid)
+        raise Invalid(f"workload failed: {exc}") from None
+    except BaseException:
+        mgr.workload_failed(wid)
+        raise
+    return mgr.workload_done(wid, g, params, r)
 
 
 @router.get("/workloads")
-def list_workloads() -> list[dict[str, Any]]:
-    with MANAGER.lock:
-        return [{"id": w["id"], "gpu": w["gpu"], "summary": w["summary"]} for w in MANAGER.workloads.values()]
+async def list_workloads(request: Request) -> list[dict[str, Any]]:
+    return _mgr(request).workloads()
 
 
 @router.get("/workloads/{workload_id}")
-def get_workload(workload_id: str) -> dict[str, Any]:
-    with MANAGER.lock:
-        w = MANAGER.workloads.get(workload_id)
-        if w is None:
-            raise HTTPException(404, f"unknown workload {workload_id!r}")
-        return w
+async def get_workload(workload_id: str, request: Request) -> dict[str, Any]:
+    return _mgr(request).workload(workload_id)

@@ -1,10 +1,13 @@
-"""``symbiont gpu``: list backends and devices, show the GPU presets, replay a FaaS trace."""
+"""``symbiont gpu``: list backends and devices, show the GPU presets, replay a FaaS trace locally;
+and, through the daemon's API (``/v1/gpu``, needs ``gpu.enabled``), register GPUs, set client
+quotas, migrate clients, submit trace workloads and read their results."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -166,4 +169,188 @@ def run_trace_cmd(
         t.add_row(r.scheduler, r.drop, str(r.met), str(r.missed), str(r.dropped), f"{r.goodput:.3f}",
                   f"{r.wasted_gflop:.2f}", f"{100 * r.wasted_fraction:.1f}", str(r.slices),
                   f"{r.makespan_s * 1e3:.2f}")  # fmt: skip
+    _console().print(t)
+
+
+# -- through the daemon's API ------------------------------------------------------------------
+def _api(method: str, path: str, body: Any = None) -> Any:
+    from symbiont.cli import Ctx, api
+
+    ctx = click.get_current_context().find_object(Ctx)
+    if ctx is None:  # the group invoked on its own (tests): default socket
+        ctx = Ctx(None, None)
+    return api(ctx, method, path, body)
+
+
+def _gpus_table(gpus: list[dict[str, Any]]) -> Table:
+    t = Table(title="GPUs of the daemon")
+    for c in ("id", "kind", "type", "server", "sharing", "SMs", "memory GiB", "clients"):
+        t.add_column(c)
+    for g in gpus:
+        t.add_row(g["id"], g["kind"], g["type"], g["server"], g["sched"], str(g["sm_count"]),
+                  f"{g['mem_bytes'] / 2**30:.1f}", str(len(g.get("clients", []))))  # fmt: skip
+    return t
+
+
+@group.command("gpus")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def gpus_cmd(as_json: bool) -> None:
+    """GPUs registered with the daemon (configured and added through the API)."""
+    gpus = [_api("GET", f"/v1/gpu/gpus/{g['id']}") for g in _api("GET", "/v1/gpu/gpus")]
+    if as_json:
+        click.echo(json.dumps(gpus, indent=2))
+        return
+    _console().print(_gpus_table(gpus))
+
+
+@group.command("register")
+@click.argument("gpu_type", required=False)
+@click.option("--server", default="server0", show_default=True, help="Server the simulated GPU sits in.")
+@click.option("--sharing", type=click.Choice(SCHED_MODES), default="spatial", show_default=True)
+@click.option("--cuda", "cuda_index", type=click.IntRange(0), help="Register CUDA device INDEX instead.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def register_cmd(gpu_type: str | None, server: str, sharing: str, cuda_index: int | None, as_json: bool) -> None:
+    """Register a simulated GPU of GPU_TYPE (A100, V100, T4, H100) or a CUDA device (--cuda N)."""
+    if (gpu_type is None) == (cuda_index is None):
+        raise GpuCliError("give a GPU type or --cuda INDEX (one of them)")
+    body: dict[str, Any] = ({"kind": "cupy", "index": cuda_index} if cuda_index is not None
+                            else {"kind": "simulated", "type": gpu_type, "server": server, "sharing": sharing})  # fmt: skip
+    g = _api("POST", "/v1/gpu/gpus", body)
+    if as_json:
+        click.echo(json.dumps(g, indent=2))
+        return
+    _console().print(f"registered {g['id']}: {g['kind']} {g['type']} in {g['server']} ({g['sched']})")
+
+
+def _clients_table(clients: list[dict[str, Any]]) -> Table:
+    t = Table(title="GPU endpoint clients")
+    for c in ("client", "gpu", "share", "effective", "critical", "memory used / quota", "buffers", "state"):
+        t.add_column(c)
+    for c in clients:
+        if c.get("state") == "orphaned":
+            t.add_row(c["client"], c["gpu"], f"{c['sm_share']:.3g}", "-", str(c["critical"]),
+                      f"- / {c['mem_bytes']}", "-", f"orphaned: {c['reason']}")  # fmt: skip
+            continue
+        t.add_row(c["client"], c["gpu"], f"{c['sm_share']:.3g}", f"{c['effective_share']:.3g}", str(c["critical"]),
+                  f"{c['mem_used']} / {c['mem_quota']}", str(c["buffers"]), "active")  # fmt: skip
+    return t
+
+
+@group.command("clients")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def clients_cmd(as_json: bool) -> None:
+    """Endpoint clients with their quotas (persisted; re-applied when the daemon restarts)."""
+    clients = _api("GET", "/v1/gpu/clients")
+    if as_json:
+        click.echo(json.dumps(clients, indent=2))
+        return
+    _console().print(_clients_table(clients))
+
+
+@group.command("quota")
+@click.argument("client")
+@click.option("--gpu", help="GPU id (needed when the client is new).")
+@click.option("--share", type=click.FloatRange(0.0, 1.0, min_open=True), help="SM share (vertical scaling).")
+@click.option("--mem-mib", type=click.IntRange(1), help="Device-memory quota in MiB.")
+@click.option("--critical/--no-critical", default=None, help="A critical client's share is a guarantee.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def quota_cmd(client: str, gpu: str | None, share: float | None, mem_mib: int | None, critical: bool | None,
+              as_json: bool) -> None:  # fmt: skip
+    """Create CLIENT with quotas, or change them; a share change is a vertical scaling (timed)."""
+    body = {"gpu": gpu, "sm_share": share, "mem_bytes": None if mem_mib is None else mem_mib << 20,
+            "critical": critical}  # fmt: skip
+    r = _api("PUT", f"/v1/gpu/clients/{client}", {k: v for k, v in body.items() if v is not None})
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    c = r["client"]
+    verb = "created" if r["created"] else "updated"
+    line = f"{verb} {c['client']} on {c['gpu']}: share {c['sm_share']:.3g} (effective {c['effective_share']:.3g})"
+    sc = r.get("scale")
+    if sc:
+        eff = "pending" if sc["effect_s"] is None else f"{1e3 * (sc['control_wall_s'] + sc['effect_s']):.3f} ms"
+        line += f"; scaled {sc['old_share']:.3g} -> {sc['new_share']:.3g} in {eff}"
+    _console().print(line)
+
+
+@group.command("delete")
+@click.argument("client")
+def delete_cmd(client: str) -> None:
+    """Remove CLIENT: its device memory is freed and its quotas forgotten."""
+    _api("DELETE", f"/v1/gpu/clients/{client}")
+    _console().print(f"deleted {client}")
+
+
+@group.command("migrate")
+@click.argument("client")
+@click.argument("gpu")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def migrate_cmd(client: str, gpu: str, as_json: bool) -> None:
+    """Horizontal scaling: move CLIENT with its device buffers to GPU."""
+    r = _api("POST", f"/v1/gpu/clients/{client}/migrate", {"gpu": gpu})
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    _console().print(f"moved {client} {r['src_gpu']} -> {r['dst_gpu']}: {r['nbytes']} bytes in {r['buffers']} "
+                     f"buffers, downtime {1e3 * r['downtime_s']:.3f} ms")  # fmt: skip
+
+
+@group.command("submit")
+@click.argument("trace", type=click.Path(path_type=Path))
+@click.option("--gpu", required=True, help="GPU id to run on.")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="edf-slice", show_default=True)
+@click.option("--drop", type=click.Choice(DROP_MODES), default=None)
+@click.option("--share", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--background-vms", type=click.IntRange(0, 64), default=0, show_default=True)
+@click.option("--duty", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def submit_cmd(trace: Path, gpu: str, scheduler: str, drop: str | None, share: float, background_vms: int,
+               duty: float, seed: int, as_json: bool) -> None:  # fmt: skip
+    """Run the FaaS workload in TRACE (CSV, as for run-trace) on the daemon; results are kept there."""
+    try:
+        text = trace.read_text()
+    except OSError as exc:
+        raise GpuCliError(f"cannot read trace {trace}: {exc.strerror or exc}") from None
+    body = {"gpu": gpu, "scheduler": scheduler, "drop": drop, "share": share, "trace_csv": text,
+            "background_vms": background_vms, "duty": duty, "seed": seed}  # fmt: skip
+    r = _api("POST", "/v1/gpu/workloads", body)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    s = r["summary"]
+    _console().print(f"{r['id']} on {r['gpu']} ({s['scheduler']}): {s['met']} of {s['tasks']} tasks met their "
+                     f"deadline, {s['missed']} missed, {s['dropped']} dropped")  # fmt: skip
+
+
+@group.command("workloads")
+@click.argument("workload", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def workloads_cmd(workload: str | None, as_json: bool) -> None:
+    """Workloads the daemon ran (or one of them, with per-task results)."""
+    if workload is not None:
+        w = _api("GET", f"/v1/gpu/workloads/{workload}")
+        if as_json:
+            click.echo(json.dumps(w, indent=2))
+            return
+        t = Table(title=f"{w['id']} on {w['gpu']}: {w['status']}")
+        cols = list(w["tasks"][0]) if w["tasks"] else []
+        for c in cols:
+            t.add_column(c)
+        for row in w["tasks"]:
+            t.add_row(*(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols))
+        _console().print(t)
+        return
+    ws = _api("GET", "/v1/gpu/workloads")
+    if as_json:
+        click.echo(json.dumps(ws, indent=2))
+        return
+    t = Table(title="GPU workloads")
+    for c in ("id", "gpu", "status", "scheduler", "tasks", "met", "missed", "dropped", "goodput"):
+        t.add_column(c)
+    for w in ws:
+        s = w["summary"] or {}
+        t.add_row(w["id"], w["gpu"], w["status"], str(s.get("scheduler", "-")), str(s.get("tasks", "-")),
+                  str(s.get("met", "-")), str(s.get("missed", "-")), str(s.get("dropped", "-")),
+                  f"{s['goodput']:.3f}" if "goodput" in s else "-")  # fmt: skip
     _console().print(t)

@@ -97,6 +97,26 @@ def _lanes(major: int, minor: int) -> int:
     return 128 if major >= 8 else 64
 
 
+def sm_ranges(shares: list[float], total: int) -> list[tuple[int, int]]:
+    """Consecutive SM ranges ``(lo, hi)`` (``hi < lo`` wraps; ``hi == lo + total``: all SMs).
+
+    Each context gets ``max(1, floor(share * total))`` SMs. Shares may add up to more than the
+    device (a critical client at 1.0 beside a neighbour squeezed to its one-SM floor);
+    overlapping ranges would let the neighbour's blocks slow the critical client's kernels
+    (seen on an H100: 2.6 ms kernels stretched to 7 ms, once stalled for 300 ms), so the
+    largest ranges give SMs up until they fit. They overlap only with more contexts than SMs.
+    """
+    caps = [max(1, int(s * total + 1e-9)) for s in shares]
+    while sum(caps) > total and max(caps) > 1:
+        i = max(range(len(caps)), key=lambda j: (caps[j], j))
+        caps[i] -= 1
+    out, lo = [], 0
+    for cap in caps:
+        out.append((lo % total, (lo + cap) % total if cap < total else lo % total + total))
+        lo += cap
+    return out
+
+
 class _RCtx:
     def __init__(self, cid: int, dev: int, share: float, label: str, stream: Any) -> None:
         self.id = cid
@@ -172,6 +192,8 @@ class CupyBackend(GpuBackend):
                 ev.record()
                 ev.synchronize()
                 self._refs.append((ev, self.now()))
+                # compile now (NVRTC, tens of ms): not inside the first measured launch
+                self._kernel(i).compile()
 
     # -- devices ---------------------------------------------------------------------------
     def _probe(self, i: int) -> DeviceInfo:
@@ -240,11 +262,9 @@ class CupyBackend(GpuBackend):
 
     def _assign_ranges(self, device: int) -> None:
         total = self._infos[device].gpu_type.sm_count
-        lo = 0
-        for c in sorted((c for c in self._ctxs.values() if c.alive and c.dev == device), key=lambda c: c.id):
-            cap = max(1, int(c.share * total + 1e-9))
-            c.sm_range = (lo % total, (lo + cap) % total if cap < total else lo % total + total)
-            lo += cap
+        ctxs = sorted((c for c in self._ctxs.values() if c.alive and c.dev == device), key=lambda c: c.id)
+        for c, r in zip(ctxs, sm_ranges([c.share for c in ctxs], total), strict=True):
+            c.sm_range = r
 
     def destroy_context(self, ctx: int) -> None:
         c = self._ctx(ctx)
@@ -277,6 +297,10 @@ class CupyBackend(GpuBackend):
             op = c.first_op_after_change
             if self.done(op):
                 c.effective_at = self.timing(op).start
+        elif c.effective_at is None and c.changed_at is not None and c.last_op is not None and self.done(c.last_op):
+            # nothing launched since the change: it took effect when the work queued before it
+            # drained, the first moment a launch would run with the new SM range
+            c.effective_at = max(c.changed_at, self.timing(c.last_op).end)
         return c.effective_at
 
     # -- memory ----------------------------------------------------------------------------
@@ -451,7 +475,7 @@ class CupyBackend(GpuBackend):
 
     def done(self, op: int) -> bool:
         o = self._op(op)
-        if not o.is_done and o.ev_end.query():
+        if not o.is_done and o.ev_end.done:  # cudaEventQuery
             o.is_done = True
             o.keep.clear()
         return o.is_done

@@ -36,6 +36,7 @@ import logging
 import math
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,22 +243,29 @@ class GpuEndpointService:
     def set_quota(
         self, name: str, sm_share: float | None = None, mem_bytes: int | None = None, critical: bool | None = None
     ) -> ScaleResult | None:
-        """Change quotas; a share change is a vertical scaling and returns its measurement."""
+        """Change quotas; a share change is a vertical scaling and returns its measurement.
+
+        Everything is validated before anything changes: a refused request leaves the client as it was.
+        """
         c = self._client(name)
         t_wall = time.perf_counter()
+        new_mem = c.mem_quota
         if mem_bytes is not None:
-            if int(mem_bytes) < c.mem_used:
+            if isinstance(mem_bytes, bool) or not isinstance(mem_bytes, int) or mem_bytes <= 0:
+                raise EndpointError("bad_request", f"memory quota must be a positive integer, got {mem_bytes!r}")
+            if mem_bytes < c.mem_used:
                 raise EndpointError(
                     "bad_request", f"memory quota {mem_bytes} below what {name!r} already holds ({c.mem_used})"
                 )
-            c.mem_quota = int(mem_bytes)
-            metrics.CLIENT_MEMORY_QUOTA.labels(name).set(c.mem_quota)
-        if sm_share is None and critical is None:
-            return None
+            new_mem = mem_bytes
         new_share = c.sm_share if sm_share is None else self._share(sm_share)
         new_crit = c.critical if critical is None else bool(critical)
         if new_crit and self._critical_sum(c.device, exclude=name) + new_share > 1.0 + 1e-9:
             raise EndpointError("over_capacity", f"critical shares on device {c.device} would exceed 1.0")
+        c.mem_quota = new_mem
+        metrics.CLIENT_MEMORY_QUOTA.labels(name).set(c.mem_quota)
+        if sm_share is None and critical is None:
+            return None
         old = c.effective_share
         requested_at = self.backend.now()
         c.sm_share, c.critical = new_share, new_crit
@@ -496,27 +504,59 @@ async def read_frame(reader: asyncio.StreamReader, max_payload: int = MAX_PAYLOA
 
 
 class EndpointServer:
-    """Serves a :class:`GpuEndpointService` on a unix socket."""
+    """Serves a :class:`GpuEndpointService` on a unix socket.
+
+    ``resolve`` (optional) maps a client name to the service that holds it, so one socket can
+    serve clients of several backends (the daemon has one service per backend kind); without
+    it every client is looked up in ``service``. Admin operations always go to ``service``.
+    """
 
     def __init__(
-        self, service: GpuEndpointService, path: str | Path, allow_admin: bool = False, max_payload: int = MAX_PAYLOAD
+        self,
+        service: GpuEndpointService | None,
+        path: str | Path,
+        allow_admin: bool = False,
+        max_payload: int = MAX_PAYLOAD,
+        resolve: Callable[[str], GpuEndpointService] | None = None,
+        mode: int = 0o660,
     ) -> None:
+        if service is None and resolve is None:
+            raise ValueError("an endpoint server needs a service or a resolver")
         self.service = service
         self.path = Path(path)
-        self.allow_admin = allow_admin
+        self.allow_admin = allow_admin and service is not None
         self.max_payload = max_payload
+        self.mode = mode
+        self._resolve = resolve
         self._server: asyncio.base_events.Server | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self.connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def service_of(self, name: str) -> GpuEndpointService:
+        """The service holding client ``name`` (EndpointError ``unknown_client`` when none)."""
+        if self._resolve is not None:
+            return self._resolve(name)
+        assert self.service is not None
+        self.service._client(name)
+        return self.service
+
+    def client_lock(self, name: str) -> asyncio.Lock:
+        """Held while one of ``name``'s requests runs; admins take it to migrate the client."""
+        return self._lock(name)
 
     async def start(self) -> None:
-        if self.path.exists():
+        if self.path.exists() or self.path.is_symlink():
             self.path.unlink()
         self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
-        self.path.chmod(0o660)
+        self.path.chmod(self.mode)
 
     async def stop(self) -> None:
+        """Stop listening and end open connections (their clients see the stream end)."""
         if self._server is not None:
             self._server.close()
+            for w in list(self._writers):
+                w.close()
             await self._server.wait_closed()
             self._server = None
         with contextlib.suppress(FileNotFoundError):
@@ -536,11 +576,30 @@ class EndpointServer:
         return lk
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session: dict[str, Any] = {"client": None, "admin": False}
+        await self.serve_connection(reader, writer)
+
+    async def serve_connection(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        bound: str | None = None,
+        max_payload: int | None = None,
+    ) -> None:
+        """Serve one byte stream until it ends: a socket connection, or a relayed guest channel.
+
+        ``bound``: the only client this stream may speak for (a VM's channel is bound to the
+        VM's client, so an untrusted guest cannot use another client's quotas, nor admin
+        operations). ``max_payload`` lowers the payload limit for such streams.
+        """
+        session: dict[str, Any] = {"client": None, "admin": False, "bound": bound}
+        limit = self.max_payload if max_payload is None else min(max_payload, self.max_payload)
+        self.connections += 1
+        self._writers.add(writer)
+        metrics.ENDPOINT_CONNECTIONS.set(self.connections)
         try:
             while True:
                 try:
-                    frame = await read_frame(reader, self.max_payload)
+                    frame = await read_frame(reader, limit)
                 except FrameError as exc:
                     metrics.ENDPOINT_REQUESTS.labels("frame", "error").inc()
                     writer.write(encode_frame({"id": None, "ok": False,
@@ -558,6 +617,9 @@ class EndpointServer:
         except Exception:  # never let one connection take the server down
             log.exception("endpoint connection failed")
         finally:
+            self.connections -= 1
+            self._writers.discard(writer)
+            metrics.ENDPOINT_CONNECTIONS.set(self.connections)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -599,8 +661,10 @@ class EndpointServer:
     async def _call(
         self, session: dict[str, Any], op: str, args: dict[str, Any], payload: bytes
     ) -> tuple[dict[str, Any], bytes]:
-        svc = self.service
         if op == "hello":
+            bound = session.get("bound")
+            if bound is not None and (args.get("admin") or args.get("client") != bound):
+                raise EndpointError("forbidden", f"this connection may only speak for client {bound!r}")
             if args.get("admin"):
                 if not self.allow_admin:
                     raise EndpointError("forbidden", "admin connections are disabled on this endpoint")
@@ -609,7 +673,7 @@ class EndpointServer:
             name = args.get("client")
             if not isinstance(name, str):
                 raise EndpointError("bad_request", "hello needs a 'client' name")
-            svc._client(name)
+            svc = self.service_of(name)
             session["client"] = name
             return {"client": name, "info": svc._client(name).info()}, b""
         if op in _ADMIN_OPS:
@@ -622,6 +686,7 @@ class EndpointServer:
         if name is None:
             raise EndpointError("not_registered", "send hello with a client name first")
         async with self._lock(name):
+            svc = self.service_of(name)  # looked up per request: the client may have been removed
             c = svc._client(name)
             if op == "alloc":
                 return {"buf": svc.alloc(name, args.get("nbytes"))}, b""
@@ -648,6 +713,7 @@ class EndpointServer:
 
     def _admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         svc = self.service
+        assert svc is not None  # allow_admin needs a service
         name = args.get("client")
         if not isinstance(name, str):
             raise EndpointError("bad_request", f"{op} needs a 'client' name")

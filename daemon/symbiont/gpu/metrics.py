@@ -52,3 +52,8 @@ FAAS_TASKS = _get_or_create(
 FAAS_WASTED_GFLOP = _get_or_create(
     Counter, "symbiont_gpu_faas_wasted_gflop", "GPU work spent on tasks that missed their deadline", ("scheduler",)
 )
+ENDPOINT_CONNECTIONS = _get_or_create(
+    Gauge, "symbiont_gpu_endpoint_connections", "Open connections to the daemon's GPU endpoint socket"
+)
+CLIENTS = _get_or_create(Gauge, "symbiont_gpu_clients", "Endpoint clients with quotas, by GPU", ("gpu",))
+WORKLOADS = _get_or_create(Gauge, "symbiont_gpu_workloads", "FaaS workloads kept in sqlite, by status", ("status",))

@@ -1,21 +1,28 @@
 """HTTP API for placement plans (mounted by the daemon under ``/v1/placement``).
 
-Pure: a plan is computed from the request body alone (no libvirt, no daemon state), so the
-endpoint is safe to call at any time and its answer is reproducible. Bad input gets 422 with the
-reason: shape and type errors from the pydantic models, semantic ones (unknown resource,
-contradictory constraint groups, an existing VM on an unknown host) from the planner.
+``POST /plan`` is pure when the body carries the hosts: the plan is computed from the body
+alone and is reproducible. With ``live: true`` (or ``hotspots``/``idle``) this daemon's live
+inventory (``GET /inventory``: host capacity from libvirt, registered VMs, their stored samples)
+is the first host, and the hotspot and idle detectors are fed from the stored samples.
+``POST /execute`` checks (``dry_run``, the default) or carries out a plan's migrations between
+the hosts of ``placement.hosts``; ``GET /migrations`` shows the progress of running ones.
+Bad input gets 422 with the reason: shape and type errors from the pydantic models, semantic ones
+(unknown resource, contradictory constraint groups, unknown host or VM) from the planner.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
+import time
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from symbiont.placement import heuristics
+from symbiont.placement import heuristics, live
 from symbiont.placement.bound import lower_bound, quality
 from symbiont.placement.inventory import parse_inventory, parse_requests
 from symbiont.placement.planner import MODES, plan
@@ -73,17 +80,49 @@ class HostIn(BaseModel):
         return v
 
 
+class HotspotIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: str = Field("gray-box", pattern="^(black-box|gray-box)$")
+    thresholds: dict[str, float] = Field(default_factory=lambda: {"cpu": 0.75, "mem": 0.75})
+    k: int = Field(3, ge=1, le=10_000)
+    n: int = Field(5, ge=1, le=10_000)
+    heuristic: str = "worst-fit"
+
+
+class IdleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    idle_host: str = Field(min_length=1, max_length=256)
+    cpu_threshold: float = 0.05
+    window: int = Field(12, ge=1, le=10_000)
+    wss_max_mib: float = 64.0
+    margin: float = 0.25
+    min_mem_mib: float = 64.0
+
+
+class ExecuteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan: dict[str, Any]
+    dry_run: bool = True
+
+
 class PlanIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hosts: list[HostIn] = Field(min_length=1, max_length=100_000)
-    requests: list[VMIn] = Field(max_length=100_000)
+    hosts: list[HostIn] = Field(default_factory=list, max_length=100_000)
+    requests: list[VMIn] = Field(default_factory=list, max_length=100_000)
     heuristic: str = "best-fit"
     mode: str = "batch"
     quotas: dict[str, dict[str, float]] = Field(default_factory=dict)
     now: float | None = None
     prefer_open: bool = True
     bound: bool = False
+    improve: bool = False  # host elimination after the heuristic (symbiont.placement.improve)
+    live: bool = False  # this daemon's live inventory is the first host
+    hotspots: HotspotIn | None = None  # Sandpiper on the stored samples (implies live)
+    idle: IdleIn | None = None  # idle-VM consolidation on the stored samples (implies live)
 
     @field_validator("heuristic")
     @classmethod
@@ -107,15 +146,54 @@ def list_heuristics() -> list[dict[str, str]]:
     ]
 
 
+@router.get("/inventory")
+async def get_inventory(request: Request, n: int = Query(0, ge=0, le=10_000)) -> dict[str, Any]:
+    """What this daemon feeds the planner: host capacity, VM allocations, usage series (last ``n``)."""
+    daemon = request.app.state.daemon
+    return await asyncio.to_thread(live.collect, daemon, n or daemon.cfg.placement.history_samples)
+
+
 @router.post("/plan")
-def post_plan(body: PlanIn) -> dict[str, Any]:
-    """Plan ``requests`` onto ``hosts`` (which may already run ``vms``); one decision per request."""
+async def post_plan(body: PlanIn, request: Request) -> dict[str, Any]:
+    """Plan ``requests`` onto ``hosts`` (which may already run ``vms``); one decision per request.
+    With ``live``/``hotspots``/``idle``: on this daemon's live inventory (plus any ``hosts``)."""
+    if body.live or body.hotspots is not None or body.idle is not None:
+        daemon = request.app.state.daemon
+        data = body.model_dump()
+        try:
+            mine = await asyncio.to_thread(live.collect, daemon, daemon.cfg.placement.history_samples)
+            others = [{"host": h} for h in data["hosts"]]
+            return live.plan_live(
+                [mine, *others],
+                parse_requests(data["requests"]),
+                body.heuristic,
+                body.mode,
+                body.now,
+                data["hotspots"],
+                data["idle"],
+            )
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from exc
+    if not body.hosts:
+        raise HTTPException(status_code=422, detail="hosts: at least one host (or live: true)")
+    return _static_plan(body)
+
+
+def _static_plan(body: PlanIn) -> dict[str, Any]:
     data = body.model_dump()
     try:
         inv = parse_inventory({"hosts": data["hosts"], "quotas": data["quotas"]})
         reqs = parse_requests(data["requests"])
         p = plan(
-            inv.hosts, reqs, body.heuristic, body.mode, inv.existing, inv.quotas, body.now, body.prefer_open
+            inv.hosts,
+            reqs,
+            body.heuristic,
+            body.mode,
+            inv.existing,
+            inv.quotas,
+            body.now,
+            body.prefer_open,
+            body.improve,
         )
         out = p.to_dict()
         if body.bound:
@@ -135,3 +213,64 @@ def post_plan(body: PlanIn) -> dict[str, Any]:
     except ValueError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
     return out
+
+
+# Progress of running migrations (vm -> bytes processed/total), for GET /migrations.
+_progress: dict[str, dict[str, Any]] = {}
+_progress_lock = threading.Lock()
+
+
+def _executor(daemon: Any) -> Any:
+    from symbiont.placement.execute import Executor, parse_hosts
+
+    pl = daemon.cfg.placement
+
+    def progress(vm: str, done: float, total: float) -> None:
+        with _progress_lock:
+            _progress[vm] = {"processed_bytes": done, "total_bytes": total, "at": time.time()}
+
+    return Executor(
+        parse_hosts(pl.hosts),
+        daemon.cfg.agent.channel_name,
+        unsafe=pl.migrate_unsafe,
+        log_decision=lambda action, vm, inputs, outcome: daemon.store.log_decision(
+            "placement", action, vm, inputs, outcome
+        ),
+        progress=progress,
+    )
+
+
+@router.post("/execute")
+async def post_execute(body: ExecuteIn, request: Request) -> dict[str, Any]:
+    """Check (``dry_run``) or carry out a plan's migrations between the configured hosts."""
+    from symbiont.placement.execute import parse_moves
+
+    daemon = request.app.state.daemon
+    try:
+        moves = parse_moves(body.plan)
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from exc
+
+    def run() -> dict[str, Any]:
+        with _executor(daemon) as ex:
+            steps = ex.check(moves)
+            if body.dry_run:
+                return {"dry_run": True, "steps": steps}
+            try:
+                return {"dry_run": False, "results": ex.execute(moves)}
+            finally:
+                with _progress_lock:
+                    for m in moves:
+                        _progress.pop(m.vm, None)
+
+    try:
+        return await asyncio.to_thread(run)
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from exc
+
+
+@router.get("/migrations")
+def get_migrations() -> dict[str, Any]:
+    """Migrations in progress, by VM."""
+    with _progress_lock:
+        return {"running": dict(_progress)}

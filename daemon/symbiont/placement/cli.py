@@ -74,16 +74,36 @@ def heuristics_cmd(as_json: bool) -> None:
 
 
 @group.command("plan")
-@click.option("--inventory", "-i", required=True, type=click.Path(dir_okay=False), help="hosts YAML")
+@click.option("--inventory", "-i", type=click.Path(dir_okay=False), help="hosts YAML")
+@click.option("--requests", "-r", "requests_path", type=click.Path(dir_okay=False), help="requests YAML")
 @click.option(
-    "--requests", "-r", "requests_path", required=True, type=click.Path(dir_okay=False), help="requests YAML"
+    "--from-daemon",
+    "daemons",
+    multiple=True,
+    help="take a host (capacity, VMs, usage samples) from this daemon's socket or http URL; repeatable",
 )
+@click.option(
+    "--hotspots",
+    type=click.Choice(["black-box", "gray-box"]),
+    default=None,
+    help="live: Sandpiper hotspot detection on the daemons' samples, and moves off hot hosts",
+)
+@click.option(
+    "--threshold", "thresholds", default="cpu=0.75,mem=0.75", show_default=True, help="hotspot thresholds"
+)
+@click.option("--k", "k", type=int, default=3, show_default=True, help="hotspot: k of the last n samples")
+@click.option("--n", "n", type=int, default=5, show_default=True, help="hotspot: k of the last n samples")
+@click.option("--idle-host", default=None, help="live: consolidate idle VMs (seeds/004) onto this host")
+@click.option("--idle-cpu", type=float, default=0.05, show_default=True, help="idle: CPU fraction below this")
+@click.option("--idle-window", type=int, default=12, show_default=True, help="idle: for this many samples")
+@click.option("--idle-wss-mib", type=float, default=64.0, show_default=True, help="idle: working set at most")
 @click.option(
     "--heuristic", "-H", default="best-fit", show_default=True, help="see 'symbiont place heuristics'"
 )
 @click.option("--mode", type=click.Choice(MODES), default="batch", show_default=True)
 @click.option("--now", type=float, default=None, help="current time, for deadlines")
 @click.option("--bound", is_flag=True, help="also compute a lower bound on hosts (MILP/LP/volume)")
+@click.option("--improve", is_flag=True, help="after the heuristic, empty hosts by relocating new VMs")
 @click.option(
     "--plot",
     "plot_path",
@@ -93,19 +113,48 @@ def heuristics_cmd(as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def plan_cmd(
-    inventory: str,
-    requests_path: str,
+    inventory: str | None,
+    requests_path: str | None,
+    daemons: tuple[str, ...],
+    hotspots: str | None,
+    thresholds: str,
+    k: int,
+    n: int,
+    idle_host: str | None,
+    idle_cpu: float,
+    idle_window: int,
+    idle_wss_mib: float,
     heuristic: str,
     mode: str,
     now: float | None,
     bound: bool,
+    improve: bool,
     plot_path: str | None,
     as_json: bool,
 ) -> None:
-    """Plan where new VMs go, with a reason for every rejection."""
+    """Plan where new VMs go, with a reason for every rejection.
+
+    From files (-i hosts.yaml -r vms.yaml) or from live daemons (--from-daemon, one per host),
+    where --hotspots and --idle-host also plan migrations; 'symbiont place execute' runs them.
+    """
+    if daemons:
+        _live_plan(
+            daemons, inventory, requests_path, heuristic, mode, now, as_json,
+            {"mode": hotspots, "thresholds": _guard(lambda: _kv_floats(thresholds, "--threshold")), "k": k, "n": n}
+            if hotspots else None,
+            {"idle_host": idle_host, "cpu_threshold": idle_cpu, "window": idle_window, "wss_max_mib": idle_wss_mib}
+            if idle_host else None,
+        )  # fmt: skip
+        return
+    if hotspots or idle_host:
+        _fail("--hotspots and --idle-host need live data: add --from-daemon")
+    if not inventory or not requests_path:
+        _fail("give --inventory and --requests, or --from-daemon")
     inv = _guard(lambda: load_inventory(inventory))
     reqs = _guard(lambda: load_requests(requests_path))
-    p: Plan = _guard(lambda: plan(inv.hosts, reqs, heuristic, mode, inv.existing, inv.quotas, now))
+    p: Plan = _guard(
+        lambda: plan(inv.hosts, reqs, heuristic, mode, inv.existing, inv.quotas, now, improve=improve)
+    )
     out = p.to_dict()
     if bound:
         out["lower_bound"] = _guard(lambda: _bound(inv, p, reqs))
@@ -275,16 +324,16 @@ def simulate_cmd(
         con.print(f"... and {len(res.rejected) - 10} more rejections")
 
 
-def _kv_floats(s: str) -> dict[str, float]:
+def _kv_floats(s: str, opt: str = "--overcommit") -> dict[str, float]:
     out: dict[str, float] = {}
     for part in filter(None, (x.strip() for x in s.split(","))):
         if "=" not in part:
-            raise ValueError(f"--overcommit {part!r}: expected resource=ratio")
+            raise ValueError(f"{opt} {part!r}: expected resource=ratio")
         k, v = part.split("=", 1)
         try:
             out[k.strip()] = float(v)
         except ValueError:
-            raise ValueError(f"--overcommit {part!r}: {v!r} is not a number") from None
+            raise ValueError(f"{opt} {part!r}: {v!r} is not a number") from None
     return out
 
 
@@ -302,3 +351,220 @@ def generate_cmd(out: str, vms: int, seed: int, mix: str, dims: str, horizon: fl
     tr = _guard(lambda: generate(vms, seed=seed, mix=mix, dims=dl, horizon=horizon, usage=not no_usage))
     _guard(lambda: write_csv(tr, out))
     click.echo(f"wrote {out}: {vms} VMs, {len(tr.events)} events")
+
+
+def _fetch_inventory(spec: str) -> dict[str, Any]:
+    from symbiont.client import ApiError
+    from symbiont.placement.execute import _client
+
+    try:
+        with _client(spec) as c:
+            return c.get("/v1/placement/inventory")
+    except ApiError as exc:
+        raise ValueError(f"--from-daemon {spec}: {exc}") from None
+
+
+def _live_plan(
+    daemons: tuple[str, ...],
+    inventory: str | None,
+    requests_path: str | None,
+    heuristic: str,
+    mode: str,
+    now: float | None,
+    as_json: bool,
+    hotspots: dict[str, Any] | None,
+    idle: dict[str, Any] | None,
+) -> None:
+    from symbiont.placement.inventory import load_yaml
+    from symbiont.placement.live import plan_live
+
+    invs = [_guard(lambda d=d: _fetch_inventory(d)) for d in daemons]
+    if inventory:
+        raw = _guard(lambda: load_inventory(inventory) and load_yaml(inventory))
+        invs += [{"host": h} for h in raw.get("hosts", [])]
+    reqs = _guard(lambda: load_requests(requests_path)) if requests_path else []
+    out = _guard(lambda: plan_live(invs, reqs, heuristic, mode, now, hotspots, idle))
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    from rich.table import Table
+
+    con = _console()
+    t = Table(title="live hosts: allocated / capacity")
+    for col in ("host", "capacity", "VMs", "alloc cpu", "alloc mem"):
+        t.add_column(col)
+    for inv in invs:
+        h = inv["host"]
+        ua = out["plan"]["utilisation_before"].get(h["id"], {})
+        cap = ", ".join(f"{r} {v:.4g}" for r, v in h["capacity"].items())
+        t.add_row(
+            h["id"],
+            cap,
+            str(len(h.get("vms", []))),
+            f"{100 * ua.get('cpu', 0):.0f}%",
+            f"{100 * ua.get('mem', 0):.0f}%",
+        )
+    con.print(t)
+    if out["plan"]["decisions"]:
+        d = Table(title=f"placements: {heuristic}, {mode} mode")
+        for col in ("vm", "host", "reason"):
+            d.add_column(col)
+        for x in out["plan"]["decisions"]:
+            d.add_row(x["vm"], x.get("host") or "[red]rejected[/red]", x.get("reason", ""))
+        con.print(d)
+    if "hotspots" in out:
+        hs = out["hotspots"]
+        for h in hs["hotspots"]:
+            con.print(f"hotspot {h['host']} ({hs['mode']}): {'; '.join(h['reasons'])}")
+        if not hs["hotspots"]:
+            con.print(f"no hotspots ({hs['mode']})")
+        for u in hs["unresolved"]:
+            con.print(f"[red]unresolved[/red] {u}")
+    if "idle" in out:
+        for a in out["idle"]["actions"]:
+            con.print(f"idle: {a['kind']} {a['vm']}: {a['reason']}")
+    m = Table(title="migrations (run them with 'symbiont place execute PLAN.json')")
+    for col in ("vm", "from", "to", "reason"):
+        m.add_column(col)
+    for x in out["moves"]:
+        m.add_row(x["vm"], x["from"], x["to"], x["reason"])
+    con.print(m if out["moves"] else "no migrations planned")
+
+
+@group.command("inventory")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def inventory_cmd(obj: Any, as_json: bool) -> None:
+    """What the daemon would feed the planner: capacity, VM allocations, usage samples."""
+    from symbiont.client import ApiError
+
+    try:
+        with obj.client() as c:
+            inv = c.get("/v1/placement/inventory")
+    except ApiError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(inv, indent=2))
+        return
+    from rich.table import Table
+
+    h = inv["host"]
+    t = Table(title=f"host {h['id']}: " + ", ".join(f"{r} {v:.4g}" for r, v in h["capacity"].items())
+              + f" (from {inv.get('capacity_source', '?')})")  # fmt: skip
+    for col in (
+        "vm",
+        "alloc cpu",
+        "alloc mem GiB",
+        "black-box cpu/mem",
+        "gray-box cpu/mem",
+        "wss MiB",
+        "samples",
+    ):
+        t.add_column(col)
+    for v in h["vms"]:
+        b = inv["usage"]["black-box"].get(v["id"]) or []
+        g = inv["usage"]["gray-box"].get(v["id"]) or []
+        a = inv["activity"].get(v["id"], {})
+        t.add_row(
+            v["id"],
+            f"{v['demand']['cpu']:.4g}",
+            f"{v['demand']['mem']:.3g}",
+            f"{b[-1][0]:.3f} / {b[-1][1]:.3f}" if b else "-",
+            f"{g[-1][0]:.3f} / {g[-1][1]:.3f}" if g else "-",
+            str(a.get("wss_mib") if a.get("wss_mib") is not None else "-"),
+            f"{len(b)} / {len(g)}",
+        )
+    _console().print(t)
+
+
+@group.command("execute")
+@click.argument("plan_path", type=click.Path(dir_okay=False))
+@click.option(
+    "--yes", is_flag=True, help="carry out the migrations (default: dry run, show what would happen)"
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def execute_cmd(obj: Any, plan_path: str, yes: bool, as_json: bool) -> None:
+    """Live-migrate a plan's VMs between the daemon's configured hosts (placement.hosts).
+
+    Dry run by default. The daemon checks the whole plan first (hosts known, each VM running on
+    its 'from' host); an error there changes nothing. With --yes the moves run one at a time.
+    """
+    import threading
+
+    from symbiont.client import ApiError, Client
+
+    try:
+        data = json.loads(Path(plan_path).read_text())
+    except (OSError, ValueError) as exc:
+        _fail(f"{plan_path}: {exc}")
+    try:
+        with obj.client() as c:
+            dry = c.post("/v1/placement/execute", {"plan": data, "dry_run": True})
+    except ApiError as exc:
+        _fail(str(exc))
+    steps = dry["steps"]
+    if not yes:
+        if as_json:
+            click.echo(json.dumps(dry, indent=2))
+            return
+        from rich.table import Table
+
+        t = Table(title="dry run: these live migrations would run (add --yes)")
+        for col in ("vm", "from", "to", "via", "re-register", "reason"):
+            t.add_column(col)
+        for s in steps:
+            t.add_row(s["vm"], f"{s['from']} ({s['from_uri']})", f"{s['to']} ({s['to_uri']})",
+                      s["migrate_uri"], "yes" if s["reregister"] else "no", s["reason"])  # fmt: skip
+        _console().print(t if steps else "nothing to migrate")
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    results: list[dict[str, Any]] = []
+    sock = obj.client().socket_path
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+        console=_console(), disable=as_json,
+    ) as prog:  # fmt: skip
+        for s in steps:
+            task = prog.add_task(f"{s['vm']}: {s['from']} -> {s['to']}", total=None)
+            box: dict[str, Any] = {}
+
+            def run(s: dict[str, Any] = s, box: dict[str, Any] = box) -> None:
+                try:
+                    with Client(sock, timeout=3600) as c:
+                        one = {"moves": [{k: s[k] for k in ("vm", "from", "to", "reason")}]}
+                        box["res"] = c.post("/v1/placement/execute", {"plan": one, "dry_run": False})
+                except ApiError as exc:
+                    box["err"] = str(exc)
+
+            th = threading.Thread(target=run, daemon=True)
+            th.start()
+            while th.is_alive():
+                th.join(0.5)
+                try:
+                    with Client(sock, timeout=5) as c:
+                        pr = c.get("/v1/placement/migrations")["running"].get(s["vm"])
+                except ApiError:
+                    pr = None
+                if pr and pr.get("total_bytes"):
+                    prog.update(task, total=pr["total_bytes"], completed=pr["processed_bytes"])
+            if "err" in box:
+                results.append({**s, "ok": False, "error": box["err"]})
+                break
+            r = box["res"]["results"][0]
+            results.append(r)
+            prog.update(task, total=1, completed=1 if r["ok"] else 0)
+            if not r["ok"]:
+                break
+    if as_json:
+        click.echo(json.dumps({"results": results}, indent=2))
+    else:
+        for r in results:
+            state = "[green]ok[/green]" if r["ok"] else f"[red]failed[/red]: {r.get('error')}"
+            extra = f", registered on {r['registered_on']}" if r.get("registered_on") else ""
+            _console().print(
+                f"{r['vm']}: {r['from']} -> {r['to']} {state} in {r.get('seconds', '?')} s{extra}"
+            )
+    if any(not r["ok"] for r in results):
+        sys.exit(1)

@@ -151,8 +151,12 @@ def plan(
     quotas: Mapping[str, Vector] | None = None,
     now: float | None = None,
     prefer_open: bool = True,
+    improve: bool = False,
 ) -> Plan:
     """Plan ``requests`` onto ``hosts`` that already run ``existing`` (request, host id) VMs.
+
+    ``improve``: after the heuristic, empty what hosts it can by relocating the new requests
+    (:func:`symbiont.placement.improve.eliminate_hosts`; VMs already running never move).
 
     Pure: builds its own state from the inputs. Raises ValueError for malformed input (unknown
     heuristic or mode, negative or mis-dimensioned demand, unknown host, contradictory groups);
@@ -184,6 +188,17 @@ def plan(
     t0 = time.perf_counter()
     for u in units:
         decisions.extend(placer.place_unit(u, now, [demands[r.id] for r in u]))
+    if improve:
+        from symbiont.placement.improve import eliminate_hosts
+
+        state, moved = eliminate_hosts(state, movable={r.id for r in requests})
+        dst = {m.vm: m.dst for m in moved}
+        decisions = [
+            Decision(d.request_id, dst[d.request_id], f"{d.reason}; host elimination moved it from {d.host}")
+            if d.request_id in dst
+            else d
+            for d in decisions
+        ]
     seconds = time.perf_counter() - t0
     return Plan(
         heuristic=heuristic,

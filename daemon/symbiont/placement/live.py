@@ -1,0 +1,262 @@
+"""Placement inputs from a running daemon: host capacity, VM allocations, usage series.
+
+Why: plans should start from what the host really has and what its VMs really use, not only
+from hand-written files. This module maps the daemon's live data (libvirt's host facts, each
+registered VM's allocation, and the samples the control loop stored in sqlite) onto the
+placement model, in the units docs/placement.md uses: ``cpu`` in cores, ``mem`` in GiB.
+
+Two views of usage, as in Sandpiper (seeds/003):
+
+* **black-box** — only what the hypervisor sees: the QEMU process's CPU (psutil, 100% = one
+  core) and the guest memory QEMU holds (the balloon driver's ``rss``, else QEMU's RSS).
+  A sample without the QEMU CPU figure (no PID known) is skipped, never guessed.
+* **gray-box** — what the guest agent reports: CPU from successive ``/proc/stat`` totals
+  (busy share × online CPUs) and memory in use (``MemTotal − MemAvailable``).
+
+Idle-VM detection (seeds/004) uses the guest's CPU as a fraction of its vCPUs and its memory in
+use as the working-set estimate (an upper bound: it includes the page cache the guest would
+give up under pressure).
+
+The mapping functions are pure (lists of stored samples in, numbers out) and unit-tested; only
+:func:`collect` touches the daemon.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+GIB = float(1 << 30)
+DIMS = ("cpu", "mem")
+_IDLE_TICKS = ("idle", "iowait")
+
+
+def black_box(samples: Sequence[tuple[float, Mapping[str, Any]]]) -> list[list[float]]:
+    """``[[cpu cores, mem GiB], ...]`` oldest first, from the daemon's ``libvirt`` samples."""
+    out: list[list[float]] = []
+    for _ts, d in samples:
+        if d.get("state") != "running":
+            continue
+        cpu = d.get("qemu_cpu_percent")
+        if not isinstance(cpu, (int, float)) or isinstance(cpu, bool) or cpu < 0:
+            continue
+        ms = d.get("memstats_kib") or {}
+        if isinstance(ms.get("rss"), (int, float)) and ms["rss"] > 0:
+            mem = ms["rss"] * 1024 / GIB
+        elif isinstance(d.get("qemu_rss"), (int, float)) and d["qemu_rss"] > 0:
+            mem = d["qemu_rss"] / GIB
+        else:
+            continue
+        out.append([float(cpu) / 100.0, float(mem)])
+    return out
+
+
+def gray_box(samples: Sequence[tuple[float, Mapping[str, Any]]]) -> tuple[list[list[float]], list[float]]:
+    """``([[cpu cores, mem GiB], ...], [busy fraction of the online CPUs, ...])`` oldest first, from
+    the daemon's (sanitised) ``agent`` samples. CPU needs two samples; a guest counter that went
+    backwards (reboot) starts a new pair."""
+    series: list[list[float]] = []
+    frac: list[float] = []
+    prev: Mapping[str, Any] | None = None
+    for _ts, d in samples:
+        mi = d.get("meminfo") or {}
+        ct = d.get("cpu_times") or {}
+        online = (d.get("cpus") or {}).get("count_online") or 0
+        cur = ct if ct else None
+        if prev is not None and cur is not None and "MemTotal" in mi and "MemAvailable" in mi:
+            tot = sum(float(v) for v in cur.values()) - sum(float(v) for v in prev.values())
+            idle = sum(float(cur.get(k, 0)) - float(prev.get(k, 0)) for k in _IDLE_TICKS)
+            if tot > 0 and 0 <= idle <= tot:
+                f = (tot - idle) / tot
+                frac.append(f)
+                used = max(0.0, float(mi["MemTotal"]) - float(mi["MemAvailable"]))
+                series.append([f * max(int(online), 1), used / GIB])
+        prev = cur
+    return series, frac
+
+
+def host_id(cfg: Any) -> str:
+    """This daemon's host id: ``placement.host_id``, else the entry of ``placement.hosts`` whose
+    libvirt URI is the daemon's, else the machine's hostname."""
+    pl = getattr(cfg, "placement", None)
+    if pl is not None and pl.host_id:
+        return str(pl.host_id)
+    for h in getattr(pl, "hosts", None) or []:
+        if isinstance(h, Mapping) and h.get("libvirt_uri") == cfg.libvirt_uri and h.get("id"):
+            return str(h["id"])
+    return socket.gethostname()
+
+
+def build_inventory(
+    hid: str,
+    capacity: Mapping[str, float],
+    overcommit: Mapping[str, float],
+    vms: Sequence[Mapping[str, Any]],
+    n: int,
+) -> dict[str, Any]:
+    """The inventory document (what ``GET /v1/placement/inventory`` returns) from per-VM facts.
+
+    Each VM mapping has ``name``, ``vcpus``, ``memory_mib`` (its allocation), ``libvirt`` and
+    ``agent`` (stored samples, oldest first). ``n``: how many samples per series to keep.
+    """
+    host_vms: list[dict[str, Any]] = []
+    bb: dict[str, list[list[float]]] = {}
+    gb: dict[str, list[list[float]]] = {}
+    activity: dict[str, dict[str, Any]] = {}
+    for v in vms:
+        name = str(v["name"])
+        vcpus = int(v.get("vcpus") or 0)
+        mem_mib = float(v.get("memory_mib") or 0)
+        if vcpus <= 0 or mem_mib <= 0:
+            continue  # not running (or libvirt does not know it): it takes no room on this host
+        host_vms.append({"id": name, "demand": {"cpu": float(vcpus), "mem": mem_mib / 1024.0}})
+        b = black_box(v.get("libvirt") or [])
+        g, frac = gray_box(v.get("agent") or [])
+        if b:
+            bb[name] = b[-n:]
+        if g:
+            gb[name] = g[-n:]
+        activity[name] = {
+            "mem_mib": mem_mib,
+            "cpu": [min(1.0, max(0.0, f)) for f in frac[-n:]],
+            "wss_mib": round(g[-1][1] * 1024.0, 1) if g else None,
+        }
+    return {
+        "host": {"id": hid, "capacity": dict(capacity), "overcommit": dict(overcommit), "vms": host_vms},
+        "dims": list(DIMS),
+        "usage": {"black-box": bb, "gray-box": gb},
+        "activity": activity,
+    }
+
+
+def collect(daemon: Any, n: int = 60) -> dict[str, Any]:
+    """The daemon's live inventory: libvirt host facts, registered VMs and their last ``n`` samples."""
+    import psutil
+
+    from symbiont.errors import DaemonError
+    from symbiont.host.libvirt_host import LibvirtError
+
+    cfg = daemon.cfg
+    try:
+        _model, mem_mib, cpus, *_ = daemon.libvirt.conn.getInfo()
+        capacity = {"cpu": float(cpus), "mem": float(mem_mib) / 1024.0}
+        source = f"libvirt {cfg.libvirt_uri}"
+    except (LibvirtError, DaemonError, Exception):  # noqa: BLE001 - libvirt down: psutil still knows the machine
+        capacity = {"cpu": float(psutil.cpu_count() or 1), "mem": psutil.virtual_memory().total / GIB}
+        source = "psutil (libvirt unavailable)"
+    vms = []
+    for rec in daemon.store.list_vms():
+        lv = daemon.latest.get(rec.name, {}).get("libvirt", {})
+        vms.append(
+            {
+                "name": rec.name,
+                "vcpus": lv.get("vcpus") if lv.get("state") == "running" else 0,
+                "memory_mib": lv.get("memory_mib") if lv.get("state") == "running" else 0,
+                "libvirt": daemon.store.history(rec.name, "libvirt", limit=n),
+                "agent": daemon.store.history(rec.name, "agent", limit=n + 1),
+            }
+        )
+    pl = getattr(cfg, "placement", None)
+    inv = build_inventory(host_id(cfg), capacity, dict(getattr(pl, "overcommit", None) or {}), vms, n)
+    inv["capacity_source"] = source
+    inv["libvirt_uri"] = cfg.libvirt_uri
+    inv["period_s"] = cfg.control.period_s
+    return inv
+
+
+def plan_live(
+    inventories: Sequence[Mapping[str, Any]],
+    requests: Sequence[Any] = (),
+    heuristic: str = "best-fit",
+    mode: str = "batch",
+    now: float | None = None,
+    hotspots: Mapping[str, Any] | None = None,
+    idle: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Plan on live inventories (one per daemon): place ``requests``, and optionally find hotspots
+    (Sandpiper, fed with the stored samples) and idle VMs (seeds/004) and plan their moves.
+
+    ``hotspots``: ``{mode: black-box|gray-box, thresholds: {res: fraction}, k, n, heuristic}``.
+    ``idle``: ``{idle_host, cpu_threshold, window, wss_max_mib, margin, min_mem_mib}``.
+    The result's ``moves`` list is what ``symbiont place execute`` carries out.
+    """
+    import numpy as np
+
+    from symbiont.placement.idle import IdleConfig, VMActivity, consolidation_plan
+    from symbiont.placement.inventory import parse_inventory
+    from symbiont.placement.overload import GuestStats, HotspotConfig, detect_hotspots, plan_migrations
+    from symbiont.placement.planner import plan
+    from symbiont.placement.state import ClusterState
+
+    if not inventories:
+        raise ValueError("no live inventories given")
+    inv = parse_inventory({"hosts": [dict(i["host"]) for i in inventories]}, "live inventory")
+    p = plan(inv.hosts, list(requests), heuristic, mode, inv.existing, inv.quotas, now)
+    out: dict[str, Any] = {"plan": p.to_dict(), "moves": [], "hosts": [h.id for h in inv.hosts]}
+    moved: set[str] = set()
+    if hotspots is not None:
+        hs = dict(hotspots)
+        hmode = str(hs.pop("mode", "gray-box"))
+        hheur = str(hs.pop("heuristic", "worst-fit"))
+        cfg = HotspotConfig(**hs)
+        state = ClusterState(inv.hosts, inv.quotas)
+        for r, host in inv.existing:
+            state.add(r, host)
+        bb: dict[str, np.ndarray] = {}
+        guest: dict[str, GuestStats] = {}
+        unobserved: list[str] = []
+        for i in inventories:
+            for vm in (v["id"] for v in i["host"].get("vms", [])):
+                b = i.get("usage", {}).get("black-box", {}).get(vm)
+                g = i.get("usage", {}).get("gray-box", {}).get(vm)
+                if b:
+                    bb[vm] = np.array(b, dtype=float)
+                elif g and hmode == "gray-box":
+                    bb[vm] = np.array(g, dtype=float)  # no hypervisor CPU figure: the guest's own
+                else:
+                    unobserved.append(vm)
+                    continue
+                if g:
+                    guest[vm] = GuestStats(mem=[row[1] for row in g])
+        found = detect_hotspots(state, bb, cfg, hmode, guest)
+        mp = plan_migrations(state, bb, found, cfg, hheur, hmode, guest)
+        out["hotspots"] = {**mp.to_dict(), "mode": hmode, "unobserved": unobserved}
+        for m in mp.moves:
+            out["moves"].append(m.to_dict())
+            moved.add(m.vm)
+    if idle is not None:
+        ic = dict(idle)
+        idle_host = str(ic.pop("idle_host", ""))
+        if idle_host not in out["hosts"]:
+            raise ValueError(
+                f"idle.idle_host {idle_host!r} is not one of the hosts ({', '.join(out['hosts'])})"
+            )
+        ic.setdefault("wake_cpu", max(IdleConfig.wake_cpu, float(ic.get("cpu_threshold", 0.0))))
+        icfg = IdleConfig(**ic)
+        acts: list[VMActivity] = []
+        free_mib = 0.0
+        for i in inventories:
+            h = i["host"]
+            if h["id"] == idle_host:
+                oc = float(h.get("overcommit", {}).get("mem", 1.0))
+                free_mib = h["capacity"].get("mem", 0.0) * oc * 1024 - sum(
+                    v["demand"].get("mem", 0.0) * 1024 for v in h.get("vms", [])
+                )
+            for v in h.get("vms", []):
+                a = i.get("activity", {}).get(v["id"])
+                if a is None or a.get("wss_mib") is None or v["id"] in moved:
+                    continue
+                acts.append(
+                    VMActivity(v["id"], h["id"], float(a["mem_mib"]), list(a["cpu"]), float(a["wss_mib"]))
+                )
+        actions = consolidation_plan(acts, idle_host, max(free_mib, 0.0), icfg)
+        out["idle"] = {
+            "idle_host": idle_host,
+            "free_mib": round(free_mib, 1),
+            "actions": [a.to_dict() for a in actions],
+        }
+        for a in actions:
+            if a.kind == "move":
+                out["moves"].append({"vm": a.vm, "from": a.src, "to": a.dst, "reason": a.reason})
+    return out
