@@ -16,6 +16,7 @@ PKGS=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
   debootstrap criu e2fsprogs pkg-config gcc python3 python3-venv python3-dev
   systemd procps psmisc iproute2 kmod ca-certificates
+  vagrant vagrant-libvirt dnsmasq-base ansible ansible-lint python3-libvirt python3-lxml rsync
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -87,6 +87,32 @@ GUEST_LINKS: dict[str, str] = {
 }
 
 
+# The Vagrant box variant (``make_recipe(variant="vagrant")``): the same recipe plus what
+# vagrant-libvirt needs to reach a guest over its management network: sshd, sudo, a
+# ``vagrant`` user with Vagrant's well-known insecure public key (lab VMs only), and DHCP on
+# the first NIC through systemd-networkd. The default image's recipe hash is unchanged.
+VAGRANT_PUBKEY = (
+    "ssh-rsa AAAAB3NzaC1yc2EAAAABIwAAAQEA6NF8iallvQVp22WDkTkyrtvp9eWW6A8YVr+kz4TjGYe7gHzIw+niNltGEFH"
+    "zD8+v1I2YJ6oXevct1YeS0o9HZyN1Q9qgCgzUFtdOKLv6IedplqoPkcmF0aYet2PkEDo3MlTBckFXPITAMzF8dJSIFo9D8Hfd"
+    "OV0IAdx4O7PtixWKn5y2hMNG0zQPyUecp4pzC6kivAIhyfHilFR61RGL+GPXQ2MWZWFYbAGjyiYJnAmCP3NOTd0jMZEnDkbUvx"
+    "hMmBYSdETk1rRgm+R4LOzFUGaHqHDLKLX+FIPKcF96hrucXzcWyLbIbEgE98OHlnVYCzRdK8jlqm8tehUc9c9WhQ== "
+    "vagrant insecure public key"
+)
+BOX_PACKAGES = ("openssh-server", "sudo")
+BOX_FILES: dict[str, str] = {
+    "etc/systemd/network/80-symbiont-dhcp.network": "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
+    "etc/sudoers.d/vagrant": "vagrant ALL=(ALL) NOPASSWD: ALL\n",
+    "etc/ssh/sshd_config.d/symbiont.conf": "UseDNS no\n",
+}
+BOX_LINKS: dict[str, str] = {
+    "etc/systemd/system/multi-user.target.wants/systemd-networkd.service": (
+        "/lib/systemd/system/systemd-networkd.service"
+    ),
+    "etc/systemd/system/sockets.target.wants/systemd-networkd.socket": "/lib/systemd/system/systemd-networkd.socket",
+}
+VARIANTS = ("", "vagrant")
+
+
 class ImageError(Exception):
     """The image could not be built (a step failed; its output is in the message)."""
 
@@ -102,9 +128,13 @@ class Recipe:
     builder_version: int = BUILDER_VERSION
     agent_digest: str = ""
     files_digest: str = ""
+    variant: str = ""  # "" (lab image) or "vagrant" (the box); left out of the hash when empty
 
     def digest(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if not fields["variant"]:
+            del fields["variant"]  # keeps the lab image's hash what it was before variants existed
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -153,12 +183,21 @@ def host_apt_mirror() -> str:
     )
 
 
-def make_recipe(mirror: str = "") -> Recipe:
-    files_blob = json.dumps([GUEST_FILES, GUEST_LINKS], sort_keys=True).encode()
+def make_recipe(mirror: str = "", variant: str = "") -> Recipe:
+    if variant not in VARIANTS:
+        raise ImageError(f"unknown image variant {variant!r} (known: {', '.join(map(repr, VARIANTS))})")
+    parts: list = [GUEST_FILES, GUEST_LINKS]
+    packages = PACKAGES
+    if variant == "vagrant":
+        parts += [BOX_FILES, BOX_LINKS, VAGRANT_PUBKEY]
+        packages = PACKAGES + BOX_PACKAGES
+    files_blob = json.dumps(parts, sort_keys=True).encode()
     return Recipe(
+        packages=packages,
         mirror=mirror or host_apt_mirror(),
         agent_digest=_digest_tree(agent_source_dir()),
         files_digest=hashlib.sha256(files_blob).hexdigest()[:16],
+        variant=variant,
     )
 
 
@@ -255,6 +294,8 @@ def _build_locked(
         )
         step("installing the guest agent and its systemd unit")
         _customize(root)
+        if recipe.variant == "vagrant":
+            _customize_box(root, log)
         step("copying kernel and initrd for direct boot")
         staging = Path(tmp) / "out"
         staging.mkdir()
@@ -316,3 +357,28 @@ def _customize(root: Path) -> None:
         lines = shadow.read_text().splitlines()
         lines = [("root::" + ln.split(":", 2)[2]) if ln.startswith("root:") else ln for ln in lines]
         shadow.write_text("\n".join(lines) + "\n")
+
+
+def _customize_box(root: Path, log: Callable[[str], None]) -> None:
+    """The Vagrant box additions: networkd DHCP, sudo, and the ``vagrant`` user with the key."""
+    for rel, text in BOX_FILES.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    os.chmod(root / "etc/sudoers.d/vagrant", 0o440)
+    for rel, target in BOX_LINKS.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_symlink() or p.exists():
+            p.unlink()
+        p.symlink_to(target)
+    if not (root / "home/vagrant").exists():
+        _run(["chroot", str(root), "useradd", "-m", "-s", "/bin/bash", "-G", "sudo", "vagrant"], log)
+    ssh_dir = root / "home/vagrant/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text(VAGRANT_PUBKEY + "\n")
+    os.chmod(ssh_dir / "authorized_keys", 0o600)
+    home = root / "home/vagrant"
+    uid, gid = home.stat().st_uid, home.stat().st_gid
+    for p in (ssh_dir, ssh_dir / "authorized_keys"):
+        os.chown(p, uid, gid)
