@@ -31,8 +31,12 @@ import json
 import mmap
 import os
 import random
+import socket
+import struct
+import sys
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from symbiont_agent.agent import op
@@ -109,7 +113,7 @@ class Slot:
     __slots__ = ("state", "line", "last", "token")
 
     def __init__(self) -> None:
-        self.state = "free"  # free | filling | valid
+        self.state = "free"  # free | filling | valid | lent (to the DoubleDecker store's SSD tier)
         self.line: int | None = None
         self.last = 0.0
         self.token = 0
@@ -142,6 +146,7 @@ class GuestCache:
         self.released = 0
         self._tokens = 0
         self._opened_at = 0.0
+        self.on_lent_drop: Any = None  # called with a lent block the host took back
         self._load()
 
     # -- persistence ----------------------------------------------------------------------
@@ -204,7 +209,8 @@ class GuestCache:
             raise ValueError("vm must be a short string")
         with self.lock:
             if vm != self.vm:  # a different cache: nothing we remember applies
-                self.slots.clear()
+                for b in list(self.slots):
+                    self._drop(b)
                 self.index.clear()
                 self.persisted = {}
                 self.vm = vm
@@ -247,7 +253,7 @@ class GuestCache:
     def coldest(self, n: int) -> list[int]:
         """Blocks in the order we would give them back: free ones, then LRU lines, then fills."""
         with self.lock:
-            rank = {"free": 0, "valid": 1, "filling": 2}
+            rank = {"free": 0, "valid": 1, "lent": 2, "filling": 3}
             order = sorted(self.slots.items(), key=lambda kv: (rank[kv[1].state], kv[1].last, kv[0]))
             return [b for b, _ in order[:n]]
 
@@ -266,6 +272,25 @@ class GuestCache:
         s = self.slots.pop(b, None)
         if s is not None and s.line is not None and self.index.get(s.line) == b:
             del self.index[s.line]
+        if s is not None and s.state == "lent" and self.on_lent_drop is not None:
+            self.on_lent_drop(b)
+
+    def lend(self, n: int) -> list[int]:
+        """Hand up to ``n`` backed blocks to another user of the disk (the DoubleDecker store):
+        free ones first, then the coldest cached lines. A lent block is never filled here."""
+        with self.lock:
+            order = sorted((0 if s.state == "free" else 1, s.last, b) for b, s in self.slots.items()
+                           if s.state in ("free", "valid"))
+            out = []
+            for _, _, b in order[:n]:
+                s = self.slots[b]
+                if s.line is not None and self.index.get(s.line) == b:
+                    del self.index[s.line]
+                s.state, s.line = "lent", None
+                out.append(b)
+            if out:
+                self._save()
+            return out
 
     # -- data path ------------------------------------------------------------------------
     def _reopen(self) -> None:
@@ -369,6 +394,7 @@ class GuestCache:
                 "vm": self.vm, "device": self.device or "", "slow_device": self.slow or "",
                 "size_blocks": self.size_blocks, "backed_blocks": len(self.slots),
                 "cached_blocks": sum(1 for s in self.slots.values() if s.state == "valid"),
+                "lent_blocks": sum(1 for s in self.slots.values() if s.state == "lent"),
                 "hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
                 "eio": self.eio, "fills": self.fills, "evictions": self.evictions, "released": self.released,
                 "epoch": max(self.epoch, 0),
@@ -546,6 +572,359 @@ def split_share(share: dict[str, Any], containers: dict[str, Any]) -> dict[str, 
     return out
 
 
+DD_SOCKET = "/run/symbiont-agent/doubledecker.sock"
+PAGES_PER_BLOCK = BLOCK // PAGE
+DD_MAX_CLIENTS = 64
+DD_MAX_CONTAINERS = 256
+CT_SUBTREE = "symbiont-ct"  # the containers part's cgroup subtree (containers.SUBTREE)
+
+
+def container_of_pid(pid: int, proc: str = "/proc") -> str | None:
+    """The container a process runs in: its cgroup v2 path is ``/symbiont-ct/NAME[/...]``."""
+    try:
+        with open(f"{proc}/{pid}/cgroup") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            parts = [p for p in line[3:].strip().split("/") if p]
+            if len(parts) >= 2 and parts[0] == CT_SUBTREE:
+                return parts[1]
+    return None
+
+
+class DDStore:
+    """DoubleDecker's VM level inside the guest: the VM's share of a memory tier (guest RAM)
+    and of an SSD tier (4 KiB slots in blocks of the elastic SSD lent by the cache), split
+    among the guest's containers by their own ``<T, W>``.
+
+    Containers are the producers: on a page-cache eviction a container *puts* the clean page
+    here, on a page-cache miss it *gets* it back (exclusive, as cleancache). Partitioning is
+    strict: a container over its quota of a tier loses its least recently put page (demoted
+    from memory to the SSD tier when it has an SSD quota). Occupancy is accounted per container.
+    """
+
+    def __init__(self, cache: GuestCache) -> None:
+        self.cache = cache
+        self.lock = threading.RLock()
+        self.share: dict[str, int] = {"mem": 0, "ssd": 0}
+        self.quota: dict[str, dict[str, int]] = {}
+        self.mem: dict[str, OrderedDict[int, bytes]] = {}
+        self.ssd: dict[str, OrderedDict[int, int]] = {}  # key -> slot (slot · PAGE = disk offset)
+        self.owner: dict[int, tuple[str, int]] = {}  # slot -> (container, key)
+        self.free_slots: list[int] = []
+        self.lent: set[int] = set()
+        self.counters: dict[str, dict[str, int]] = {}
+        self.ssd_errors = 0
+        cache.on_lent_drop = self._block_gone
+
+    # -- configuration --------------------------------------------------------------------
+    def apply(self, share: dict[str, int], split: dict[str, dict[str, int]]) -> dict[str, Any]:
+        """Take the VM's share and the containers' quotas (pages); trims at once."""
+        if len(split) > DD_MAX_CONTAINERS:
+            raise ValueError(f"at most {DD_MAX_CONTAINERS} containers")
+        with self.lock:
+            self.share = {t: int(share.get(t, 0)) for t in TIERS}
+            for c in list(self.quota):
+                if c not in split:
+                    self.quota[c] = {"mem": 0, "ssd": 0}
+            for c, q in split.items():
+                self.quota[c] = {t: int(q.get(t, 0)) for t in TIERS}
+                self.mem.setdefault(c, OrderedDict())
+                self.ssd.setdefault(c, OrderedDict())
+                self.counters.setdefault(c, {"puts": 0, "gets": 0, "hits": 0, "demoted": 0, "evicted": 0,
+                                             "dropped": 0})
+            self._ensure_slots(sum(q["ssd"] for q in self.quota.values()))
+            for c in list(self.quota):
+                self._trim(c)
+                if c not in split and not self.mem[c] and not self.ssd[c]:
+                    del self.quota[c]
+            return self.status()
+
+    def _ensure_slots(self, pages: int) -> None:
+        have = len(self.lent) * PAGES_PER_BLOCK
+        if pages <= have:
+            return
+        need = -(-(pages - have) // PAGES_PER_BLOCK)
+        for b in self.cache.lend(need):
+            self.lent.add(b)
+            self.free_slots.extend(range(b * PAGES_PER_BLOCK, (b + 1) * PAGES_PER_BLOCK))
+        self.free_slots.sort(reverse=True)
+
+    def _block_gone(self, b: int) -> None:
+        """The host took a lent block back: its pages are gone (a later get is a miss)."""
+        with self.lock:
+            self.lent.discard(b)
+            lo, hi = b * PAGES_PER_BLOCK, (b + 1) * PAGES_PER_BLOCK
+            self.free_slots = [s for s in self.free_slots if not lo <= s < hi]
+            for slot in range(lo, hi):
+                who = self.owner.pop(slot, None)
+                if who is not None:
+                    self.ssd[who[0]].pop(who[1], None)
+
+    def _trim(self, c: str) -> None:
+        q = self.quota[c]
+        while len(self.mem[c]) > q["mem"]:
+            k, data = self.mem[c].popitem(last=False)
+            if q["ssd"] > 0:
+                self.counters[c]["demoted"] += 1
+                self._ssd_put(c, k, data)
+            else:
+                self.counters[c]["evicted"] += 1
+        while len(self.ssd[c]) > q["ssd"]:
+            _, slot = self.ssd[c].popitem(last=False)
+            self._free(slot)
+            self.counters[c]["evicted"] += 1
+
+    def _free(self, slot: int) -> None:
+        self.owner.pop(slot, None)
+        if slot // PAGES_PER_BLOCK in self.lent:
+            self.free_slots.append(slot)
+
+    # -- the data path (containers) -------------------------------------------------------
+    def _ssd_put(self, c: str, key: int, data: bytes) -> None:
+        q = self.quota[c]["ssd"]
+        if q <= 0:
+            return
+        while len(self.ssd[c]) >= q:
+            _, old = self.ssd[c].popitem(last=False)
+            self._free(old)
+            self.counters[c]["evicted"] += 1
+        if not self.free_slots or self.cache.fd < 0:
+            self.counters[c]["dropped"] += 1  # the SSD tier is short of lent blocks
+            return
+        slot = self.free_slots.pop()
+        buf = mmap.mmap(-1, PAGE)
+        try:
+            buf[:] = data
+            self.cache.ssd_write(buf, slot * PAGE)
+        except OSError:
+            self.ssd_errors += 1
+            self.free_slots.append(slot)
+            return
+        finally:
+            buf.close()
+        self.ssd[c][key] = slot
+        self.owner[slot] = (c, key)
+
+    def put(self, c: str, key: int, data: bytes) -> bool:
+        if len(data) != PAGE:
+            raise ValueError("a put is one 4 KiB page")
+        with self.lock:
+            q = self.quota.get(c)
+            if q is None:
+                return False
+            self.counters[c]["puts"] += 1
+            self.mem[c].pop(key, None)
+            old = self.ssd[c].pop(key, None)
+            if old is not None:
+                self._free(old)
+            if q["mem"] > 0:
+                self.mem[c][key] = data
+                self._trim(c)
+            elif q["ssd"] > 0:
+                self._ssd_put(c, key, data)
+            else:
+                self.counters[c]["dropped"] += 1
+                return False
+            return True
+
+    def get(self, c: str, key: int) -> bytes | None:
+        """Exclusive: a hit leaves the store (the page is back in the container's page cache)."""
+        with self.lock:
+            if c not in self.quota:
+                return None
+            self.counters[c]["gets"] += 1
+            data = self.mem[c].pop(key, None)
+            if data is None:
+                slot = self.ssd[c].pop(key, None)
+                if slot is None:
+                    return None
+                buf = mmap.mmap(-1, PAGE)
+                try:
+                    self.cache.ssd_read(buf, slot * PAGE)
+                    data = bytes(buf)
+                except OSError:
+                    self.ssd_errors += 1
+                    return None
+                finally:
+                    buf.close()
+                    self._free(slot)
+            self.counters[c]["hits"] += 1
+            return data
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "share": dict(self.share),
+                "ssd_capacity": len(self.lent) * PAGES_PER_BLOCK,
+                "ssd_errors": self.ssd_errors,
+                "containers": {c: {"quota": dict(q), "used": {"mem": len(self.mem[c]), "ssd": len(self.ssd[c])},
+                                   **self.counters[c]} for c, q in self.quota.items()},
+            }
+
+
+class DDServer:
+    """The containers' door to the store: a unix socket; a client is known by its cgroup.
+
+    Frames: ``P`` + key (8 bytes) + page (4 KiB) → 1 byte; ``G`` + key → 1 byte (hit) [+ page].
+    Anything else, or a process outside a container, closes that connection only."""
+
+    def __init__(self, store: DDStore, path: str = DD_SOCKET) -> None:
+        self.store = store
+        self.path = path
+        self.sock: socket.socket | None = None
+        self.clients = 0
+        self.refused = 0
+        self._count = threading.Lock()
+
+    def start(self) -> None:
+        if self.sock is not None:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(self.path)
+        os.chmod(self.path, 0o600)
+        s.listen(16)
+        self.sock = s
+        threading.Thread(target=self._accept, name="dd-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            ct = container_of_pid(pid)
+            if ct is None or self.clients >= DD_MAX_CLIENTS:
+                self.refused += 1
+                conn.close()
+                continue
+            with self._count:
+                self.clients += 1
+            threading.Thread(target=self._client, args=(conn, ct), name=f"dd-{ct}", daemon=True).start()
+
+    def _client(self, conn: socket.socket, ct: str) -> None:
+        try:
+            conn.settimeout(60)
+            while True:
+                head = _recv_exact(conn, 9)
+                if head is None:
+                    return
+                kind, key = head[:1], int.from_bytes(head[1:], "big")
+                if kind == b"P":
+                    data = _recv_exact(conn, PAGE)
+                    if data is None:
+                        return
+                    conn.sendall(b"\x01" if self.store.put(ct, key, data) else b"\x00")
+                elif kind == b"G":
+                    got = self.store.get(ct, key)
+                    conn.sendall(b"\x00" if got is None else b"\x01" + got)
+                else:
+                    return
+        except OSError:
+            return
+        finally:
+            with self._count:
+                self.clients -= 1
+            conn.close()
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+DDSTORE = DDStore(CACHE)
+DDSERVER = DDServer(DDSTORE)
+
+
 @op("doubledecker-split")
 def _dd_split(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
-    return {"split": split_share(args.get("share", {}), args.get("containers", {}))}
+    """The VM-level decision: split the VM's share by the containers' ``<T, W>``, and apply it
+    to the in-guest store the containers use."""
+    share = args.get("share", {})
+    split = split_share(share, args.get("containers", {}))
+    st = DDSTORE.apply(share, split)
+    DDSERVER.start()
+    return {"split": split, "ssd_capacity": st["ssd_capacity"]}
+
+
+@op("doubledecker-status")
+def _dd_status(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    return {**DDSTORE.status(), "socket": DDSERVER.path if DDSERVER.sock else "", "clients": DDSERVER.clients,
+            "refused": DDSERVER.refused}
+
+
+def page_of(key: int) -> bytes:
+    """What page ``key`` of a producer's (simulated) file holds: the producer verifies gets."""
+    return key.to_bytes(8, "big") * (PAGE // 8)
+
+
+def producer(argv: list[str]) -> int:
+    """A container's workload: random reads over ``--pages`` pages of a file through a small
+    page cache of ``--local`` pages; evictions are put into the VM's store, misses are got
+    from it (and checked) before going to the "disk"."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="ops_ssdcache dd-producer")
+    ap.add_argument("--pages", type=int, default=8192)
+    ap.add_argument("--local", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=3600)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--rate", type=float, default=0.0, help="page-cache misses per second (0: as fast as it can)")
+    ap.add_argument("--socket", default=DD_SOCKET)
+    a = ap.parse_args(argv)
+    rng = random.Random(a.seed)
+    deadline = time.monotonic() + a.seconds
+    while True:
+        try:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(a.socket)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                return 1
+            time.sleep(1)
+    local: OrderedDict[int, bool] = OrderedDict()
+    n = hits = misses = mismatches = 0
+    last = time.monotonic()
+    while time.monotonic() < deadline:
+        key = rng.randrange(a.pages)
+        if key in local:
+            local.move_to_end(key)
+            continue
+        conn.sendall(b"G" + key.to_bytes(8, "big"))
+        if _recv_exact(conn, 1) == b"\x01":
+            hits += 1
+            if _recv_exact(conn, PAGE) != page_of(key):
+                mismatches += 1
+        else:
+            misses += 1
+        local[key] = True
+        if len(local) > a.local:
+            old, _ = local.popitem(last=False)
+            conn.sendall(b"P" + old.to_bytes(8, "big") + page_of(old))
+            _recv_exact(conn, 1)
+        n += 1
+        if a.rate > 0:
+            time.sleep(1.0 / a.rate)
+        if time.monotonic() - last > 10:
+            last = time.monotonic()
+            print(f"ops {n} hits {hits} misses {misses} mismatches {mismatches}", flush=True)
+    print(f"ops {n} hits {hits} misses {misses} mismatches {mismatches}", flush=True)
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "dd-producer":
+    sys.exit(producer(sys.argv[2:]))

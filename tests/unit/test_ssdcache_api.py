@@ -79,3 +79,18 @@ def test_doubledecker_memory_tier_through_the_api(client: TestClient) -> None:
     assert r.status_code == 422
     r = client.put("/v1/ssdcache/twolevel", json={"mem_mib": 4, "ssd_mib": 1})
     assert r.status_code == 503 and "no pool" in r.json()["detail"]
+
+
+def test_guest_doubledecker_status_needs_an_agent_and_is_sanitized(client: TestClient) -> None:
+    from symbiont.ssdcache.manager import _sanitize_dd_status
+
+    r = client.get("/v1/ssdcache/twolevel/vms/vm1/guest")
+    assert r.status_code == 503 and "doubledecker-status" in r.json()["detail"]
+    hostile = {"share": {"mem": -5, "ssd": 2**70}, "ssd_capacity": "lots", "clients": True,
+               "containers": {"C1": {"quota": {"mem": 3}, "used": {"mem": 2, "ssd": 1.5}, "puts": 7, "x": 1},
+                              "": {}, "C2": "nope", **{f"c{i}": {} for i in range(400)}}}  # fmt: skip
+    st = _sanitize_dd_status(hostile)
+    assert st["share"] == {"mem": 0, "ssd": 0} and st["ssd_capacity"] == 0 and st["clients"] == 0
+    assert st["containers"]["C1"] == {"quota": {"mem": 3, "ssd": 0}, "used": {"mem": 2, "ssd": 0}, "puts": 7,
+                                      "gets": 0, "hits": 0, "demoted": 0, "evicted": 0, "dropped": 0}
+    assert "" not in st["containers"] and "C2" not in st["containers"] and len(st["containers"]) <= 256

@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from symbiont_agent import agent
-from symbiont_agent.ops_ssdcache import BLOCK, GuestCache, find_disk, parse_runs, split_share, to_runs
+from symbiont_agent.ops_ssdcache import (
+    BLOCK,
+    DDStore,
+    GuestCache,
+    container_of_pid,
+    find_disk,
+    page_of,
+    parse_runs,
+    split_share,
+    to_runs,
+)
 
 
 @pytest.fixture
@@ -31,7 +41,8 @@ def cache(tmp_path: Path, disks: tuple[str, str]) -> GuestCache:
 def test_ops_are_registered_with_the_agent() -> None:
     agent.load_op_modules()
     for name in ("ssdcache-config", "ssdcache-release", "ssdcache-grant", "ssdcache-revoke", "ssdcache-status",
-                 "ssdcache-coldest", "ssdcache-workload-start", "ssdcache-workload-stop", "doubledecker-split"):
+                 "ssdcache-coldest", "ssdcache-workload-start", "ssdcache-workload-stop", "doubledecker-split",
+                 "doubledecker-status"):
         assert name in agent.OPS
 
 
@@ -130,3 +141,65 @@ def test_env_overrides_the_state_file(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("SYMBIONT_SSDCACHE_STATE", str(tmp_path / "x.json"))
     assert GuestCache().state_file == str(tmp_path / "x.json")
     assert not os.path.exists(tmp_path / "x.json")
+
+
+# -- DoubleDecker's VM level inside the guest: the store the containers put into -------------
+def dd_store(tmp_path: Path, disks: tuple[str, str], backed: int = 2) -> tuple[GuestCache, DDStore]:
+    c = cache(tmp_path, disks)
+    c.configure({"vm": "vm1", "size_blocks": 8, "backed": [[0, backed]], "epoch": 1})
+    return c, DDStore(c)
+
+
+def test_dd_store_partitions_memory_by_weight_and_trims_at_once(tmp_path: Path, disks: tuple[str, str]) -> None:
+    _, st = dd_store(tmp_path, disks)
+    share = {"mem": 10, "ssd": 0}
+    st.apply(share, split_share(share, {"C1": {"type": "mem", "weight": 60}, "C2": {"type": "mem", "weight": 40}}))
+    for k in range(20):  # both produce far more than their quota
+        assert st.put("C1", k, page_of(k)) and st.put("C2", k, page_of(k))
+    occ = st.status()["containers"]
+    assert occ["C1"]["used"] == {"mem": 6, "ssd": 0} and occ["C2"]["used"] == {"mem": 4, "ssd": 0}
+    assert st.get("C1", 19) == page_of(19) and st.get("C1", 19) is None  # exclusive get
+    assert st.get("C1", 0) is None  # the LRU pages went first
+    # A third container joins: 50:30:20; the others shrink immediately.
+    st.apply(share, split_share(share, {c: {"type": "mem", "weight": w} for c, w in
+                                        (("C1", 50), ("C2", 30), ("C3", 20))}))
+    occ = st.status()["containers"]
+    assert occ["C1"]["used"]["mem"] == 5 and occ["C2"]["used"]["mem"] == 3 and occ["C3"]["quota"]["mem"] == 2
+    assert st.put("C4", 1, page_of(1)) is False  # not a configured container: nothing stored
+
+
+def test_dd_store_ssd_tier_lives_in_lent_blocks_of_the_elastic_disk(tmp_path: Path, disks: tuple[str, str]) -> None:
+    c, st = dd_store(tmp_path, disks)
+    share = {"mem": 4, "ssd": 300}
+    st.apply(share, {"C1": {"mem": 4, "ssd": 0}, "C3": {"mem": 0, "ssd": 300}})
+    assert c.status()["lent_blocks"] == 2 and st.status()["ssd_capacity"] == 512
+    c.read(3 * BLOCK)  # the read cache finds no free block: lent blocks are not its to fill
+    assert c.fills == 0
+    for k in range(400):
+        st.put("C3", k, page_of(k))
+    assert st.status()["containers"]["C3"]["used"]["ssd"] == 300
+    slot = st.ssd["C3"][399]
+    with open(disks[0], "rb") as fh:  # the page really is on the disk, at its slot
+        fh.seek(slot * 4096)
+        assert fh.read(4096) == page_of(399)
+    assert st.get("C3", 399) == page_of(399)
+    # C1 moves to the SSD tier too: its memory pages are demoted, not lost.
+    for k in range(4):
+        st.put("C1", 1000 + k, page_of(1000 + k))
+    st.apply(share, {"C1": {"mem": 0, "ssd": 100}, "C3": {"mem": 0, "ssd": 200}})
+    occ = st.status()["containers"]
+    assert occ["C1"]["used"] == {"mem": 0, "ssd": 4} and occ["C1"]["demoted"] == 4
+    assert occ["C3"]["used"]["ssd"] == 200 and st.get("C1", 1002) == page_of(1002)
+    # The host takes a lent block back (release): its pages are gone, later gets miss.
+    gone = c.release({"count": 2})["lbns"]
+    assert gone == [[0, 2]] and st.status()["ssd_capacity"] == 0
+    assert st.get("C3", 398) is None and st.status()["containers"]["C3"]["used"]["ssd"] == 0
+
+
+def test_container_of_pid_reads_the_cgroup(tmp_path: Path) -> None:
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "cgroup").write_text("0::/symbiont-ct/C2\n")
+    (tmp_path / "8").mkdir()
+    (tmp_path / "8" / "cgroup").write_text("0::/system.slice/ssh.service\n")
+    assert container_of_pid(7, str(tmp_path)) == "C2"
+    assert container_of_pid(8, str(tmp_path)) is None and container_of_pid(9, str(tmp_path)) is None

@@ -127,3 +127,44 @@ def test_removal_frees_ssd_slots_and_the_guests_split_is_used() -> None:
     c.remove("a")
     assert len(ssd.free) == 128 and "a" in calls
     assert c.view()["vms"] == {"b": {"ssd": 1}}
+
+
+def test_the_guest_is_asked_to_split_and_told_when_its_containers_are_gone(tmp_path) -> None:
+    """The VM level is the guest's decision: the manager asks the agent (here a recording link
+    that answers with the agent's own split function) and, once the VM has no container left,
+    tells it so, so that its in-guest store stops holding their pages."""
+    import asyncio
+
+    from symbiont.ssdcache.manager import CacheManager
+    from symbiont.state import StateStore
+
+    class Link:
+        ready, caps, hello = True, ["doubledecker-split"], {}
+
+        def __init__(self) -> None:
+            self.asked: list[dict] = []
+
+        async def request(self, op: str, args: dict, payload: bytes = b"", timeout: float | None = None):
+            self.asked.append(args)
+            return {"split": split_share(args["share"], args["containers"])}, b""
+
+    link = Link()
+
+    async def scenario() -> None:
+        mgr = CacheManager(StateStore(":memory:"), tmp_path / "run", agent=lambda vm: link if vm == "vm1" else None)
+        await mgr.twolevel_setup(1, 0)
+        await mgr.twolevel_configure("vm1", {"mem": 100})
+        await mgr.twolevel_configure("vm1", {"mem": 60}, "C1")
+        await mgr.twolevel_configure("vm1", {"mem": 40}, "C2")
+        assert link.asked[-1] == {"share": {"mem": 256, "ssd": 0}, "containers": {
+            "C1": {"type": "mem", "weight": 60}, "C2": {"type": "mem", "weight": 40}}}  # fmt: skip
+        await mgr.twolevel_remove("vm1", "C1")
+        assert set(link.asked[-1]["containers"]) == {"C2"}
+        n = len(link.asked)
+        await mgr.twolevel_remove("vm1", "C2")
+        assert len(link.asked) == n + 1 and link.asked[-1]["containers"] == {}
+        await mgr.twolevel_remove("vm1")
+        assert len(link.asked) == n + 1  # told once; nothing left to tell
+        await mgr.stop()
+
+    asyncio.run(scenario())

@@ -3,8 +3,10 @@
 Pool: ``GET/POST/DELETE /pool``. Caches (SymFlex registration ``<vm-id, size, current-size,
 persist>``): ``GET/POST /caches``, ``GET/PATCH/DELETE /caches/{vm}``, ``PUT /caches/{vm}/size``
 (inflate/deflate), ``POST /caches/{vm}/attach|detach`` (hot-plug the elastic disk into the
-running libvirt domain), ``GET /caches/{vm}/disk-xml``. Policy: ``GET/PUT /policy``,
-``GET /policy/plan``, ``POST /policy/apply``. Two-level (DoubleDecker) partitions: ``/twolevel``.
+running libvirt domain; with ``reconnect_delay_s`` over QMP, see :mod:`symbiont.ssdcache.qmp`),
+``GET /caches/{vm}/disk-xml``. Policy: ``GET/PUT /policy``, ``GET /policy/plan``,
+``POST /policy/apply``. Two-level (DoubleDecker) partitions: ``/twolevel``; the VM level as run
+in the guest: ``GET /twolevel/vms/{vm}/guest``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from symbiont.ssdcache import controller
+from symbiont.ssdcache import controller, qmp
 from symbiont.ssdcache.manager import MAX_CACHE_MIB, CacheError, CacheManager
 from symbiont.ssdcache.pool import MAX_POOL_MIB
 
@@ -70,6 +72,8 @@ class AttachBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target_dev: str = Field("vdb", pattern=r"^vd[b-z]$")
     serial: str = Field("symbiont-cache", pattern=r"^[A-Za-z0-9_.-]{1,20}$", description="the guest finds it by this")
+    reconnect_delay_s: int = Field(0, ge=0, le=3600, description="QEMU NBD reconnect-delay: requests wait this "
+                                   "long for a restarted daemon (attached over QMP: libvirt 9.0 has no such XML)")
 
 
 class WorkloadBody(BaseModel):
@@ -205,6 +209,17 @@ async def attach(request: Request, vm: VmName, body: AttachBody) -> dict[str, An
     mgr = _mgr(request)
     xml = _sync(mgr.disk_xml, vm, body.target_dev, body.serial)
     dom = _libvirt_domain(request, vm)
+    if body.reconnect_delay_s:
+        try:
+            node = await asyncio.to_thread(qmp.attach, dom, str(mgr.socket_path(vm)), vm, body.target_dev,
+                                           body.serial, body.reconnect_delay_s)
+        except qmp.QmpError as exc:
+            raise HTTPException(409, f"QEMU refused the disk: {exc}") from None
+        mgr.store.log_decision("ssdcache", "attach", vm, {"target_dev": body.target_dev, "via": "qmp",
+                                                          "reconnect_delay_s": body.reconnect_delay_s}, {"node": node})
+        await mgr.sync_guest(vm)
+        return {"attached": vm, "target_dev": body.target_dev, "qmp_node": node,
+                "reconnect_delay_s": body.reconnect_delay_s}
     try:
         await asyncio.to_thread(dom.attachDeviceFlags, xml, _flags(dom))
     except libvirt.libvirtError as exc:
@@ -221,6 +236,13 @@ async def detach(request: Request, vm: VmName, body: AttachBody) -> dict[str, An
     mgr = _mgr(request)
     xml = _sync(mgr.disk_xml, vm, body.target_dev, body.serial)
     dom = _libvirt_domain(request, vm)
+    if body.reconnect_delay_s or await asyncio.to_thread(qmp.attached, dom, body.target_dev):
+        try:
+            await asyncio.to_thread(qmp.detach, dom, body.target_dev)
+        except qmp.QmpError as exc:
+            raise HTTPException(409, f"QEMU refused to detach: {exc}") from None
+        mgr.store.log_decision("ssdcache", "detach", vm, {"target_dev": body.target_dev, "via": "qmp"}, {"ok": True})
+        return {"detached": vm}
     try:
         await asyncio.to_thread(dom.detachDeviceFlags, xml, _flags(dom))
     except libvirt.libvirtError as exc:
@@ -326,6 +348,12 @@ async def twolevel_vm_remove(request: Request, vm: VmName) -> dict[str, Any]:
 @router.put("/twolevel/vms/{vm}/containers/{container}")
 async def twolevel_container(request: Request, vm: VmName, container: Container, body: TWBody) -> dict[str, Any]:
     return await _run(_mgr(request).twolevel_configure(vm, body.tw(), container))
+
+
+@router.get("/twolevel/vms/{vm}/guest")
+async def twolevel_guest(request: Request, vm: VmName) -> dict[str, Any]:
+    """The VM level as run in the guest: per-container quotas and occupancy of its store."""
+    return await _run(_mgr(request).twolevel_guest(vm))
 
 
 @router.delete("/twolevel/vms/{vm}/containers/{container}")

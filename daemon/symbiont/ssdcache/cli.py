@@ -175,11 +175,16 @@ def unregister(ctx: Ctx, vm: str) -> None:
 @group.command("attach")
 @click.argument("vm")
 @click.option("--target-dev", default="vdb", show_default=True)
+@click.option("--reconnect-delay", type=click.IntRange(0, 3600), default=0, show_default=True,
+              help="seconds QEMU's NBD client waits for a restarted daemon (attached over QMP: libvirt 9.0 "
+                   "cannot set it); 0: the libvirt path")  # fmt: skip
 @click.pass_obj
-def attach(ctx: Ctx, vm: str, target_dev: str) -> None:
+def attach(ctx: Ctx, vm: str, target_dev: str, reconnect_delay: int) -> None:
     """Hot-plug VM's elastic SSD into its running libvirt domain."""
-    api(ctx, "POST", f"/v1/ssdcache/caches/{vm}/attach", {"target_dev": target_dev})
-    console.print(f"attached {vm}'s elastic SSD as {target_dev}")
+    api(ctx, "POST", f"/v1/ssdcache/caches/{vm}/attach", {"target_dev": target_dev,
+                                                          "reconnect_delay_s": reconnect_delay})  # fmt: skip
+    how = f" (QMP, reconnect-delay {reconnect_delay} s)" if reconnect_delay else ""
+    console.print(f"attached {vm}'s elastic SSD as {target_dev}{how}")
 
 
 # -- policy ----------------------------------------------------------------------------------
@@ -304,6 +309,26 @@ def twolevel_show(ctx: Ctx, as_json: bool) -> None:
         emit(v, True)
         return
     _tl_out(v)
+
+
+@twolevel.command("guest")
+@click.argument("vm")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def twolevel_guest(ctx: Ctx, vm: str, as_json: bool) -> None:
+    """The VM level as the guest runs it: its containers' quotas and occupancy (pages)."""
+    v = api(ctx, "GET", f"/v1/ssdcache/twolevel/vms/{vm}/guest")
+    if as_json:
+        emit(v, True)
+        return
+    t = Table(title=f"{vm}: share mem {v['share']['mem']} / ssd {v['share']['ssd']} pages "
+                    f"(SSD tier capacity {v['ssd_capacity']}), {v['clients']} producers")  # fmt: skip
+    for col in ("container", "mem quota", "mem used", "ssd quota", "ssd used", "puts", "gets", "hits", "demoted"):
+        t.add_column(col, justify="left" if col == "container" else "right")
+    for name, c in v["containers"].items():
+        t.add_row(name, str(c["quota"]["mem"]), str(c["used"]["mem"]), str(c["quota"]["ssd"]), str(c["used"]["ssd"]),
+                  str(c["puts"]), str(c["gets"]), str(c["hits"]), str(c["demoted"]))
+    console.print(t)
 
 
 def _tl_out(v: dict[str, Any]) -> None:

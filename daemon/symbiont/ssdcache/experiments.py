@@ -4,10 +4,10 @@
   cache in front of a throttled slow disk, the host inflating and deflating the elastic SSD
   as the guest's load (working set) changes; the guest workload's throughput follows.
 * ``ssdcache-allocation`` — share-based allocation, then allocation with proportionate
-  throughput, across three caches on the real pool, served by the real NBD servers and
-  managed by the real manager. The three "VMs" are host processes running the guest agent's
-  own cache code over an NBD client (the host lends one VM at a time to this experiment);
-  the agent protocol is replaced by direct calls to the same operations.
+  throughput, across three real lab VMs: each has its elastic SSD (the daemon's NBD server on
+  the shared pool, QEMU's NBD client) and its guest agent's cache in front of an
+  iotune-throttled slow disk; the daemon's control loop runs the policies and resizes the
+  caches with the guests (they pick the blocks they give back).
 * ``doubledecker-partitioning`` — deterministic cache partitioning: containers C1:C2 at 60:40
   in the memory tier, C3 joins at 50:30:20, then C3 moves to the SSD tier and C1:C2 go back to
   60:40; occupancy over time.
@@ -15,10 +15,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,11 +63,7 @@ def _write_slow_disk(path: Path, lines: int) -> None:
     needs=("root", "libvirt", "vm"),
 )
 def run_elastic(ctx: RunContext) -> dict[str, Any]:
-    import libvirt
-
-    from symbiont.config import load_config
     from symbiont.lab.session import LabSession
-    from symbiont.lab.vms import lab_vm
 
     _need_root()
     p = ctx.params
@@ -93,13 +87,7 @@ def run_elastic(ctx: RunContext) -> dict[str, Any]:
             c.post("/v1/ssdcache/pool", {"file": str(lab.work_dir / "pool.img"), "size_mib": 80})
             c.post("/v1/ssdcache/caches", {"vm": name, "size_mib": 64, "current_mib": phases[0][1], "persist": False})
             c.post(f"/v1/ssdcache/caches/{name}/attach", {"target_dev": "vdb"})
-        slow = lab_vm(load_config(None, {"lab": {"vm_prefix": lab.prefix}}), name).dir / "slow.img"
-        _write_slow_disk(slow, max_ws)
-        bps = int(p["slow_mib_s"]) << 20
-        xml = (f"<disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>"
-               f"<source file='{slow}'/><target dev='vdc' bus='virtio'/><serial>symbiont-slow</serial>"
-               f"<iotune><read_bytes_sec>{bps}</read_bytes_sec><read_iops_sec>400</read_iops_sec></iotune></disk>")
-        lab.host.domain(name).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        _attach_slow_disk(lab, name, max_ws, int(p["slow_mib_s"]) << 20)
 
         def view() -> dict[str, Any]:
             with lab.client() as c:
@@ -158,161 +146,137 @@ def run_elastic(ctx: RunContext) -> dict[str, Any]:
 
 
 # -- ssdcache-allocation ---------------------------------------------------------------------
-class _HostGuest:
-    """The guest agent's cache and workload, run on the host over an NBD client."""
+def _attach_slow_disk(lab: Any, name: str, lines: int, bytes_per_s: int, iops: int = 400) -> None:
+    """Give ``name`` an HDD stand-in (serial ``symbiont-slow``) throttled by libvirt iotune."""
+    import libvirt
 
-    def __init__(self, name: str, sock: str, slow: Path, slow_bps: float, state: Path) -> None:
-        from symbiont.ssdcache.nbdclient import NbdClient
-        from symbiont_agent import ops_ssdcache as g
+    from symbiont.config import load_config
+    from symbiont.lab.vms import lab_vm
 
-        outer = self
-        self.client = NbdClient(sock, name)
-        self.slow_fd = os.open(slow, os.O_RDONLY)
-        self.slow_bps = slow_bps
-        self._slow_lock = threading.Lock()
-
-        class Cache(g.GuestCache):
-            def _open(self) -> None:
-                self.fd, self.slow_fd, self.device, self.slow = 0, 0, f"nbd:{name}", str(slow)
-
-            def ssd_read(self, buf: Any, offset: int) -> int:
-                data = outer.client.read(offset, len(buf))
-                buf[: len(data)] = data
-                return len(data)
-
-            def ssd_write(self, buf: Any, offset: int) -> int:
-                outer.client.write(offset, bytes(buf))
-                return len(buf)
-
-            def slow_read(self, buf: Any, offset: int) -> int:
-                with outer._slow_lock:  # an HDD: one request at a time, at its bandwidth
-                    t = time.monotonic()
-                    n = os.preadv(outer.slow_fd, [buf], offset)
-                    time.sleep(max(0.0, n / outer.slow_bps - (time.monotonic() - t)))
-                return n
-
-        self.cache = Cache(state_file=str(state))
-        self.cache._open()
-        self.workload = g.Workload(self.cache)
-        self.ops = {"ssdcache-config": self.cache.configure, "ssdcache-grant": self.cache.grant,
-                    "ssdcache-revoke": self.cache.revoke, "ssdcache-release": self.cache.release,
-                    "ssdcache-status": self._status}
-        self.caps = list(self.ops)
-        self.ready = True
-        self.hello = {"caps": self.caps}
-
-    def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
-        st = self.cache.status()
-        st["ops_per_s"] = self.workload.rate()
-        st["workload"] = self.workload.running
-        return st
-
-    async def request(self, op: str, args: dict[str, Any] | None = None, payload: bytes = b"",
-                      timeout: float | None = None) -> tuple[Any, bytes]:
-        return await asyncio.to_thread(self.ops[op], args or {}), b""
-
-    def close(self) -> None:
-        self.workload.stop()
-        self.client.close()
-        os.close(self.slow_fd)
+    slow = lab_vm(load_config(None, {"lab": {"vm_prefix": lab.prefix}}), name).dir / "slow.img"
+    _write_slow_disk(slow, lines)
+    xml = (
+        "<disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+        f"<source file='{slow}'/><target dev='vdc' bus='virtio'/><serial>symbiont-slow</serial>"
+        f"<iotune><read_bytes_sec>{bytes_per_s}</read_bytes_sec><read_iops_sec>{iops}</read_iops_sec></iotune>"
+        "</disk>"
+    )
+    lab.host.domain(name).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
 
 @experiment(
     "ssdcache-allocation",
-    "SymFlex share-based cache allocation, then allocation with proportionate throughput, across three caches "
-    "with different working sets (real pool, NBD servers and manager; guest cache code run on the host)",
-    params={"working_sets": [8, 20, 36], "weights": [3, 2, 1], "capacity_mib": 36, "share_s": 30.0,
-            "proportional_s": 90.0, "period_s": 3.0, "slow_mib_s": 16, "gain": 0.5},  # fmt: skip
+    "SymFlex share-based cache allocation, then allocation with proportionate throughput, across three real "
+    "lab VMs with different working sets, each with its elastic SSD and in-guest cache in front of a slow disk",
+    params={"working_sets": [8, 20, 36], "weights": [3, 2, 1], "capacity_mib": 36, "share_s": 40.0,
+            "proportional_s": 100.0, "period_s": 3.0, "sample_s": 3.0, "slow_mib_s": 8, "gain": 0.5,
+            "memory_mib": 320},  # fmt: skip
     param_help={
-        "working_sets": "MiB of slow disk each VM's workload reads at random",
+        "working_sets": "MiB of slow disk each VM's workload reads at random (one VM per entry)",
         "weights": "share-based phase: weight of each VM",
         "capacity_mib": "elastic SSD the policies hand out in total",
         "share_s": "seconds of the share-based phase",
         "proportional_s": "seconds of the throughput-proportional phase (target 1:1:1)",
-        "period_s": "policy period",
-        "slow_mib_s": "slow disk bandwidth per VM",
+        "period_s": "the daemon's control period (the policy runs once per period)",
+        "sample_s": "sampling period of the CSV",
+        "slow_mib_s": "slow disk bandwidth per VM (libvirt iotune)",
         "gain": "throughput-proportional controller gain",
+        "memory_mib": "memory of each guest",
     },
-    needs=("root",),
+    needs=("root", "libvirt", "vm"),
 )
 def run_allocation(ctx: RunContext) -> dict[str, Any]:
+    from symbiont.lab.session import LabSession
+
     _need_root()
     p = ctx.params
     ws = [int(x) for x in p["working_sets"]]
     weights = [int(x) for x in p["weights"]]
-    if len(ws) != len(weights) or not ws:
-        raise ExperimentError("working_sets and weights need the same (non-zero) length")
-    return asyncio.run(_allocation(ctx, ws, weights))
-
-
-async def _allocation(ctx: RunContext, ws: list[int], weights: list[int]) -> dict[str, Any]:
-    from symbiont.ssdcache.manager import CacheManager
-    from symbiont.state import StateStore
-
-    p = ctx.params
+    if len(ws) != len(weights) or not 1 <= len(ws) <= 4:
+        raise ExperimentError("working_sets and weights need the same length, 1 to 4 VMs")
+    if not all(1 <= w <= 64 for w in ws) or not all(w >= 1 for w in weights):
+        raise ExperimentError("working sets must be within 1..64 MiB and weights at least 1")
+    capacity = int(p["capacity_mib"])
+    if not 1 <= capacity <= 256:
+        raise ExperimentError("capacity_mib must be within 1..256")
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="symbiont-ssdexp-") as tmpd:
-        tmp = Path(tmpd)
-        store = StateStore(tmp / "state.sqlite3")
-        guests: dict[str, _HostGuest] = {}
-        mgr = CacheManager(store, tmp / "run", agent=lambda vm: guests.get(vm))
-        await mgr.start()
-        try:
-            await mgr.create_pool(str(tmp / "pool.img"), None, int(p["capacity_mib"]) + 8)
-            names = [f"vm{i + 1}" for i in range(len(ws))]
+    ctx.stage(f"booting {len(ws)} lab VMs (golden image, libvirt)")
+    with LabSession(count=len(ws), prefix="symbiont-cache-alloc-", period_s=float(p["period_s"]),
+                    memory_mib=int(p["memory_mib"]), max_vcpus=1, step=ctx.note,
+                    daemon_overrides={"control": {"agent_timeout_s": 5.0}}) as lab:
+        assert lab.work_dir is not None
+        names = lab.names
+        with lab.client() as c:
+            c.post("/v1/ssdcache/pool", {"file": str(lab.work_dir / "pool.img"), "size_mib": capacity + 8})
             for name, w, wt in zip(names, ws, weights, strict=True):
-                await mgr.register(name, size_mib=w, current_mib=0, persist=False, weight=wt)
-                slow = tmp / f"{name}.slow"
-                _write_slow_disk(slow, w)
-                guests[name] = _HostGuest(name, str(mgr.socket_path(name)), slow, int(p["slow_mib_s"]) << 20,
-                                          tmp / f"{name}.json")
-                await mgr.sync_guest(name)
-                guests[name].workload.start({"working_set_mib": w, "seconds": 3600, "verify": True, "seed": 7})
-            t0 = time.monotonic()
-            for mode, secs in (("shares", float(p["share_s"])), ("throughput", float(p["proportional_s"]))):
-                mgr.set_policy(mode=mode, capacity_mib=int(p["capacity_mib"]), gain=float(p["gain"]),
-                               target_ratio={n: 1.0 for n in names}, max_step_mib=8)
-                ctx.stage(f"{mode} allocation for {secs:.0f} s")
-                end = time.monotonic() + secs
-                while time.monotonic() < end:
-                    await asyncio.sleep(float(p["period_s"]))
-                    await mgr.on_period()
-                    await asyncio.sleep(0.3)  # let the guest ticks land
-                    for n in names:
-                        st = mgr.guests[n].last_status or {}
-                        rows.append({"t_s": round(time.monotonic() - t0, 2), "mode": mode, "vm": n,
-                                     "working_set_mib": ws[names.index(n)], "weight": weights[names.index(n)],
-                                     "cache_mib": len(mgr.exports[n].backed()),
-                                     "ops_per_s": round(st.get("ops_per_s", 0.0), 2),
-                                     "hit_rate": round(st.get("hit_rate", 0.0), 4)})
-                    ctx.note("  ".join(f"{r['vm']}: {r['cache_mib']} MiB {r['ops_per_s']:.0f} op/s"
-                                       for r in rows[-len(names):]))
-            mism = sum(g.workload.mismatches for g in guests.values())
-        finally:
-            for g in guests.values():
-                g.close()
-            for name in list(mgr.exports):
-                await mgr.unregister(name)
-            if mgr.bmap.pool() is not None:
-                await mgr.delete_pool(remove_file=True)
-            await mgr.stop()
-            store.close()
+                c.post("/v1/ssdcache/caches", {"vm": name, "size_mib": w, "current_mib": 0, "persist": False,
+                                               "weight": wt})
+                c.post(f"/v1/ssdcache/caches/{name}/attach", {"target_dev": "vdb"})
+                _attach_slow_disk(lab, name, w, int(p["slow_mib_s"]) << 20)
+
+        def views() -> dict[str, dict[str, Any]]:
+            with lab.client() as c:
+                return {v["vm"]: v for v in c.get("/v1/ssdcache/caches")}
+
+        def ready() -> bool:
+            for v in views().values():
+                st = v["guest"]["status"] or {}
+                if v["guest"]["acked_epoch"] != v["epoch"] or not st.get("device") or not st.get("slow_device"):
+                    return False
+            return True
+
+        lab.wait_for(ready, 180, "every guest agent configured with both disks")
+        with lab.client() as c:
+            for i, (name, w) in enumerate(zip(names, ws, strict=True)):
+                c.post(f"/v1/ssdcache/caches/{name}/guest-workload",
+                       {"action": "start", "working_set_mib": w, "seconds": 3600, "verify": True, "seed": i + 7})
+        t0 = time.monotonic()
+        phases = (("shares", float(p["share_s"])), ("throughput", float(p["proportional_s"])))
+        ctx.stage("share-based, then proportionate throughput", total=sum(s for _, s in phases))
+        for mode, secs in phases:
+            with lab.client() as c:
+                c.put("/v1/ssdcache/policy", {"mode": mode, "capacity_mib": capacity, "gain": float(p["gain"]),
+                                              "target_ratio": {n: 1.0 for n in names}, "max_step_mib": 8,
+                                              "every_periods": 1})
+            ctx.note(f"{time.monotonic() - t0:5.1f} s: policy {mode}")
+            end = time.monotonic() + secs
+            while time.monotonic() < end:
+                time.sleep(float(p["sample_s"]))
+                vs = views()
+                for i, n in enumerate(names):
+                    st = vs[n]["guest"]["status"] or {}
+                    rows.append({"t_s": round(time.monotonic() - t0, 2), "mode": mode, "vm": n,
+                                 "working_set_mib": ws[i], "weight": weights[i], "cache_mib": vs[n]["current_mib"],
+                                 "ops_per_s": round(st.get("ops_per_s", 0.0), 2),
+                                 "hit_rate": round(st.get("hit_rate", 0.0), 4),
+                                 "mismatches": st.get("workload_mismatches", 0), "eio": st.get("eio", 0)})
+                ctx.note("  ".join(f"{r['vm'][-1]}: {r['cache_mib']} MiB {r['ops_per_s']:.0f} op/s"
+                                   for r in rows[-len(names):]))
+                ctx.advance(float(p["sample_s"]))
+        with lab.client() as c:
+            c.put("/v1/ssdcache/policy", {"mode": "manual"})
+            decisions = [d for d in c.get("/v1/decisions", limit=1000) if d.get("action") == "policy-apply"]
+            for n in names:
+                c.post(f"/v1/ssdcache/caches/{n}/guest-workload", {"action": "stop"})
+                c.delete(f"/v1/ssdcache/caches/{n}")
+            c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
     ctx.write_csv("allocation.csv", rows)
     plt = _plt()
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
-    names = sorted({r["vm"] for r in rows})
     switch = min((r["t_s"] for r in rows if r["mode"] == "throughput"), default=None)
     for n in names:
         rs = [r for r in rows if r["vm"] == n]
-        lab = f"{n} (ws {rs[0]['working_set_mib']} MiB, w {rs[0]['weight']})"
-        a1.step([r["t_s"] for r in rs], [r["cache_mib"] for r in rs], where="post", label=lab)
-        a2.plot([r["t_s"] for r in rs], [r["ops_per_s"] for r in rs], label=n)
+        if not rs:
+            continue
+        label = f"{n} (ws {rs[0]['working_set_mib']} MiB, w {rs[0]['weight']})"
+        a1.step([r["t_s"] for r in rs], [r["cache_mib"] for r in rs], where="post", label=label)
+        a2.plot([r["t_s"] for r in rs], [max(r["ops_per_s"], 0.1) for r in rs], label=n)
     for a in (a1, a2):
         if switch is not None:
             a.axvline(switch, color="gray", ls=":")
     a1.set_ylabel("elastic SSD (MiB)")
-    a1.set_title("share-based (weights) | then proportionate throughput (target 1:1:1)")
-    a2.set_ylabel("throughput (ops/s, log)")
+    a1.set_title(f"{len(names)} real VMs: share-based (weights) | then proportionate throughput (target 1:1:1)")
+    a2.set_ylabel("guest throughput (ops/s, log)")
     a2.set_yscale("log")
     a2.set_xlabel("time (s)")
     a1.legend(loc="upper center", bbox_to_anchor=(0.5, -1.45), ncol=3)
@@ -320,12 +284,15 @@ async def _allocation(ctx: RunContext, ws: list[int], weights: list[int]) -> dic
 
     def tail(mode: str) -> dict[str, Any]:
         rs = [r for r in rows if r["mode"] == mode]
-        last = rs[-len(names) * 3:] if rs else []
+        last = rs[-len(names) * 3 :] if rs else []
         return {n: {"cache_mib": [r["cache_mib"] for r in last if r["vm"] == n][-1:],
                     "ops_per_s": round(sum(r["ops_per_s"] for r in last if r["vm"] == n)
                                        / max(1, sum(1 for r in last if r["vm"] == n)), 1)} for n in names}
 
-    return {"shares_end": tail("shares"), "proportional_end": tail("throughput"), "mismatches": mism}
+    return {"vms": names, "boot_s": {k: round(v, 1) for k, v in lab.boot_seconds.items()},
+            "shares_end": tail("shares"), "proportional_end": tail("throughput"),
+            "policy_decisions": len(decisions),
+            "mismatches": max((r["mismatches"] for r in rows), default=0)}
 
 
 # -- doubledecker-partitioning ---------------------------------------------------------------
@@ -413,3 +380,136 @@ def run_doubledecker(ctx: RunContext) -> dict[str, Any]:
         last = [r for r in rows if r["container"] == name][-1]
         end[name] = {"mem_pct": round(100 * last["mem_used"] / mem_total, 1), "ssd_used": last["ssd_used"]}
     return {"end": end}
+
+
+# -- doubledecker-guest ----------------------------------------------------------------------
+def _producer_cmd(pages: int, local: int, rate: float, seed: int) -> list[str]:
+    """A container's workload: the guest agent's DoubleDecker producer (puts on eviction, gets on miss)."""
+    return ["/usr/bin/env", "PYTHONPATH=/opt/symbiont-agent", "/usr/bin/python3", "-m", "symbiont_agent.ops_ssdcache",
+            "dd-producer", "--pages", str(pages), "--local", str(local), "--rate", str(rate), "--seed", str(seed)]
+
+
+@experiment(
+    "doubledecker-guest",
+    "DoubleDecker deterministic partitioning at the container level inside a real VM: containers in the guest "
+    "put evicted pages into, and get them from, the VM's share (memory tier in guest RAM, SSD tier on its "
+    "elastic SSD); C1:C2 60:40, C3 joins at 50:30:20, then C3 moves to the SSD tier and C1:C2 go back to 60:40",
+    params={"phase_s": 40.0, "sample_s": 2.0, "mem_mib": 8, "ssd_mib": 8, "pages": 8192, "local_pages": 256,
+            "rate": 60.0, "memory_mib": 448},  # fmt: skip
+    param_help={
+        "phase_s": "seconds per phase",
+        "sample_s": "occupancy sampling period",
+        "mem_mib": "the VM's share of the memory tier (the whole hypervisor memory tier; one VM)",
+        "ssd_mib": "the VM's share of the SSD tier (kept in blocks of its elastic SSD)",
+        "pages": "pages of each container's (simulated) file",
+        "local_pages": "each container's own page cache (pages); evictions from it are puts",
+        "rate": "page-cache misses per second per container",
+        "memory_mib": "guest memory",
+    },
+    needs=("root", "libvirt", "vm"),
+)
+def run_doubledecker_guest(ctx: RunContext) -> dict[str, Any]:
+    from symbiont.client import ApiError
+    from symbiont.lab.session import LabSession
+
+    _need_root()
+    p = ctx.params
+    mem_mib, ssd_mib = int(p["mem_mib"]), int(p["ssd_mib"])
+    if not (1 <= mem_mib <= 64 and 1 <= ssd_mib <= 64):
+        raise ExperimentError("mem_mib and ssd_mib must be within 1..64")
+    rows: list[dict[str, Any]] = []
+    ctx.stage("booting one lab VM (golden image, libvirt)")
+    with LabSession(count=1, prefix="symbiont-cache-dd-", period_s=2.0, memory_mib=int(p["memory_mib"]),
+                    max_vcpus=1, step=ctx.note) as lab:
+        assert lab.work_dir is not None
+        vm = lab.names[0]
+        with lab.client() as c:
+            c.post("/v1/ssdcache/pool", {"file": str(lab.work_dir / "pool.img"), "size_mib": 2 * ssd_mib + 8})
+            c.post("/v1/ssdcache/caches", {"vm": vm, "size_mib": ssd_mib, "current_mib": ssd_mib, "persist": False})
+            c.post(f"/v1/ssdcache/caches/{vm}/attach", {"target_dev": "vdb"})
+
+        def ready() -> bool:
+            with lab.client() as c:
+                v = c.get(f"/v1/ssdcache/caches/{vm}")
+            return v["guest"]["acked_epoch"] == v["epoch"] and bool((v["guest"]["status"] or {}).get("device"))
+
+        lab.wait_for(ready, 120, "the guest agent configured with its elastic SSD")
+        with lab.client() as c:
+            c.put("/v1/ssdcache/twolevel", {"mem_mib": mem_mib, "ssd_mib": ssd_mib})
+            c.put(f"/v1/ssdcache/twolevel/vms/{vm}", {"mem": 100, "ssd": 100})
+
+        def tw(changes: list[tuple[str, str, int]], start: list[str]) -> None:
+            with lab.client() as c:
+                for cont, tier, w in changes:
+                    c.put(f"/v1/ssdcache/twolevel/vms/{vm}/containers/{cont}", {"type": tier, "weight": w})
+                for cont in start:
+                    c.post(f"/v1/cpu/vms/{vm}/containers",
+                           {"name": cont, "command": _producer_cmd(int(p["pages"]), int(p["local_pages"]),
+                                                                   float(p["rate"]), int(cont[1:]))})
+
+        phases = [
+            ("C1:C2 = 60:40 (Mem)", [("C1", "mem", 60), ("C2", "mem", 40)], ["C1", "C2"]),
+            ("C3 joins: 50:30:20 (Mem)", [("C3", "mem", 20), ("C1", "mem", 50), ("C2", "mem", 30)], ["C3"]),
+            ("C3 -> SSD, C1:C2 = 60:40", [("C3", "ssd", 100), ("C1", "mem", 60), ("C2", "mem", 40)], []),
+        ]
+        t0 = time.monotonic()
+        ctx.stage("three phases", total=len(phases))
+        last: dict[str, Any] = {}
+        starts: list[float] = []
+        for i, (label, changes, start) in enumerate(phases):
+            starts.append(round(time.monotonic() - t0, 2))
+            tw(changes, start)
+            ctx.note(f"{time.monotonic() - t0:5.1f} s: {label}")
+            end = time.monotonic() + float(p["phase_s"])
+            while time.monotonic() < end:
+                time.sleep(float(p["sample_s"]))
+                try:
+                    with lab.client() as c:
+                        last = c.get(f"/v1/ssdcache/twolevel/vms/{vm}/guest")
+                except ApiError as exc:  # a busy guest under TCG: this sample is lost, not the run
+                    ctx.note(f"  no sample: {exc}")
+                    continue
+                for name, occ in sorted(last["containers"].items()):
+                    rows.append({"t_s": round(time.monotonic() - t0, 2), "phase": i, "container": name,
+                                 "mem_quota": occ["quota"]["mem"], "mem_used": occ["used"]["mem"],
+                                 "ssd_quota": occ["quota"]["ssd"], "ssd_used": occ["used"]["ssd"],
+                                 "puts": occ["puts"], "gets": occ["gets"], "hits": occ["hits"],
+                                 "demoted": occ["demoted"]})
+            ctx.advance()
+        with lab.client() as c:
+            logs = {ct: c.get(f"/v1/cpu/vms/{vm}/containers/{ct}/logs") for ct in ("C1", "C2", "C3")}
+            for ct in ("C1", "C2", "C3"):
+                c.call("DELETE", f"/v1/cpu/vms/{vm}/containers/{ct}")
+            c.put("/v1/ssdcache/twolevel", {"mem_mib": 0, "ssd_mib": 0})
+            c.delete(f"/v1/ssdcache/caches/{vm}")
+            c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
+    ctx.write_csv("occupancy.csv", rows)
+    mismatches = 0
+    for out in logs.values():
+        text = str(out.get("tail", "")) if isinstance(out, dict) else ""
+        for line in text.splitlines():
+            if "mismatches" in line:
+                mismatches = max(mismatches, int(line.rsplit("mismatches", 1)[1].split()[0]))
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    mem_total = max(1, last.get("share", {}).get("mem", 0))
+    for name in sorted({r["container"] for r in rows}):
+        rs = [r for r in rows if r["container"] == name]
+        a1.plot([r["t_s"] for r in rs], [100 * r["mem_used"] / mem_total for r in rs], label=name)
+        a2.plot([r["t_s"] for r in rs], [r["ssd_used"] * 4096 / (1 << 20) for r in rs], label=name)
+    for t_change in starts[1:]:
+        for a in (a1, a2):
+            a.axvline(t_change, color="gray", ls=":")
+    a1.set_ylabel("VM's memory-tier share (%)")
+    a2.set_ylabel("SSD tier (MiB, on the elastic SSD)")
+    a2.set_xlabel("time (s)")
+    a1.legend(ncol=3)
+    a1.set_title("DoubleDecker inside a VM: containers' occupancy of the VM's cache share")
+    ctx.savefig(fig, "occupancy.png")
+    end = {}
+    for name in sorted({r["container"] for r in rows}):
+        r = [x for x in rows if x["container"] == name][-1]
+        end[name] = {"mem_pct": round(100 * r["mem_used"] / mem_total, 1), "ssd_mib": round(r["ssd_used"] / 256, 2),
+                     "hits": r["hits"], "puts": r["puts"]}
+    return {"end": end, "phase_starts_s": starts, "share_pages": last.get("share"), "ssd_capacity_pages": last.get("ssd_capacity"),
+            "mismatches": mismatches, "boot_s": {k: round(v, 1) for k, v in lab.boot_seconds.items()}}

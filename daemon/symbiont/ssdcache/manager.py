@@ -759,9 +759,18 @@ class CacheManager:
         tl = self._tl()
         shares = vm_shares(tl.capacity, tl.vms)
         changed = False
-        for vm, conts in tl.containers.items():
+        for vm in sorted(set(tl.containers) | set(self._dd_guest_splits)):
+            conts = tl.containers.get(vm, {})
             link = self.agent(vm)
-            if not conts or link is None or not getattr(link, "ready", False) or "doubledecker-split" not in link.caps:
+            if link is None or not getattr(link, "ready", False) or "doubledecker-split" not in link.caps:
+                continue
+            if not conts:
+                # No containers left (or the VM left the two-level cache): the guest's store
+                # must stop holding pages for them.
+                if self._dd_guest_splits.pop(vm, None) is not None:
+                    with contextlib.suppress(Exception):
+                        await link.request("doubledecker-split", {"share": shares.get(vm, {"mem": 0, "ssd": 0}),
+                                                                  "containers": {}}, timeout=self.release_timeout_s)
                 continue
             args = {"share": shares[vm], "containers": {c: {"type": t, "weight": w} for c, tw in conts.items()
                                                          for t, w in tw.items()}}
@@ -779,6 +788,18 @@ class CacheManager:
                 changed = True
         if changed:
             tl.refresh("the guests' VM-level split")
+
+    async def twolevel_guest(self, vm: str) -> dict[str, Any]:
+        """The VM level as the guest runs it: its in-guest store's per-container quotas and
+        occupancy (the containers' puts and gets), validated and bounded."""
+        link = self.agent(vm)
+        if link is None or not getattr(link, "ready", False) or "doubledecker-status" not in link.caps:
+            raise Unavailable(f"{vm}: no guest agent with doubledecker-status")
+        try:
+            res, _ = await link.request("doubledecker-status", {}, timeout=max(self.release_timeout_s, 10.0))
+        except Exception as exc:
+            raise Unavailable(f"{vm}: doubledecker-status failed: {exc}") from None
+        return _sanitize_dd_status(res)
 
     # -- views ----------------------------------------------------------------------------
     def view(self, vm: str) -> dict[str, Any]:
@@ -896,3 +917,30 @@ def _sanitize_status(res: dict[str, Any]) -> dict[str, Any]:
         elif tp is str and isinstance(v, str):
             out[k] = v[:200]
     return out
+
+
+_DD_COUNTERS = ("puts", "gets", "hits", "demoted", "evicted", "dropped")
+
+
+def _nonneg(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62 else 0
+
+
+def _sanitize_dd_status(res: Any) -> dict[str, Any]:
+    """The guest's DoubleDecker status, reduced to known keys and integers (at most 256 containers)."""
+    if not isinstance(res, dict):
+        raise Unavailable("doubledecker-status: not an object")
+    conts = res.get("containers") if isinstance(res.get("containers"), dict) else {}
+    out_c: dict[str, Any] = {}
+    for name, c in list(conts.items())[:256]:
+        if not isinstance(name, str) or not 0 < len(name) <= 128 or not isinstance(c, dict):
+            continue
+        q = c.get("quota") if isinstance(c.get("quota"), dict) else {}
+        u = c.get("used") if isinstance(c.get("used"), dict) else {}
+        out_c[name] = {"quota": {t: _nonneg(q.get(t)) for t in ("mem", "ssd")},
+                       "used": {t: _nonneg(u.get(t)) for t in ("mem", "ssd")},
+                       **{k: _nonneg(c.get(k)) for k in _DD_COUNTERS}}
+    share = res.get("share") if isinstance(res.get("share"), dict) else {}
+    return {"share": {t: _nonneg(share.get(t)) for t in ("mem", "ssd")}, "containers": out_c,
+            "ssd_capacity": _nonneg(res.get("ssd_capacity")), "ssd_errors": _nonneg(res.get("ssd_errors")),
+            "clients": _nonneg(res.get("clients")), "refused": _nonneg(res.get("refused"))}
