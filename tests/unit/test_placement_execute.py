@@ -21,11 +21,14 @@ from symbiont.placement import api as placement_api
 from symbiont.placement.execute import (
     Executor,
     HostEntry,
+    MemorySpec,
     MoveSpec,
     check_moves,
+    check_plan,
     migration_xml,
     parse_hosts,
     parse_moves,
+    parse_plan,
 )
 
 HOSTS = parse_hosts(
@@ -65,7 +68,8 @@ def test_parse_moves_from_sandpiper_and_idle_plans() -> None:
             {"kind": "move", "vm": "db", "src": "A", "dst": "B", "reason": "idle"},
         ]
     }
-    assert parse_moves(idle) == [MoveSpec("db", "A", "B", "idle")]
+    # The move carries the size the shrink before it set (the destination's daemon sets it again).
+    assert parse_moves(idle) == [MoveSpec("db", "A", "B", "idle", balloon_mib=100)]
     for bad, msg in [
         ({}, "nothing to execute"),
         ([], "expected a JSON object"),
@@ -280,7 +284,7 @@ def test_migrate_bookkeeping(monkeypatch, fail: str | None) -> None:
     )
     calls: list[tuple] = []
     monkeypatch.setattr(
-        execute, "_daemon_unregister", lambda h, vm: calls.append(("unreg", h.id)) or {"x": 1}
+        execute, "_daemon_unregister", lambda h, vm: calls.append(("unreg", h.id)) or {"policy": {"x": 1}}
     )
     monkeypatch.setattr(
         execute, "_daemon_register", lambda h, vm, pol, out: calls.append(("reg", h.id, pol)) or True
@@ -296,7 +300,9 @@ def test_migrate_bookkeeping(monkeypatch, fail: str | None) -> None:
     )
     monkeypatch.setattr(ex, "conn", lambda host: FakeConn(dom))
     res = ex.migrate(MoveSpec("vm1", "A", "B", "idle"))
-    assert calls == [("unreg", "A"), ("reg", "B" if fail is None else "A", {"x": 1})]
+    # A plain move (no carried balloon) parks nothing: the policy goes as it was.
+    registered = {"x": 1, "extra": {}} if fail is None else {"x": 1}
+    assert calls == [("unreg", "A"), ("reg", "B" if fail is None else "A", registered)]
     assert res["ok"] is (fail is None) and res["registered_on"] == ("B" if fail is None else "A")
     if fail:
         assert res["error"] == fail
@@ -317,3 +323,278 @@ def test_migrate_bookkeeping(monkeypatch, fail: str | None) -> None:
     )
     assert outcome["ok"] is (fail is None)
     assert progress and progress[-1] == ("vm1", 60.0, 100.0)
+
+
+# -- idle plans: balloon steps (shrink/grow) through the hosts' daemons, in plan order ----------
+
+DHOSTS = parse_hosts(
+    [
+        {"id": "A", "libvirt_uri": "qemu:///system", "daemon": "/run/a.sock"},
+        {"id": "B", "libvirt_uri": "test:///b", "daemon": "/run/b.sock", "migrate_uri": "tcp://127.0.0.1"},
+        {"id": "N", "libvirt_uri": "test:///n"},  # no daemon: no balloon steps there
+    ]
+)
+# What each daemon has registered: host id -> {vm: view}.
+VIEWS = {
+    "A": {"web": {"policy": {"memory": {"min_mib": 128}}, "max_memory_mib": 1024}},
+    "B": {"cache": {"policy": {}, "max_memory_mib": 512}},
+    "N": {},
+}
+DWORLD = {
+    "A": {"web": "running", "db": "running", "api": "running"},
+    "B": {"cache": "running"},
+    "N": {"n1": "running"},
+}
+
+
+def dlocate(host: HostEntry, vm: str) -> str | None:
+    return DWORLD[host.id].get(vm)
+
+
+def dview(host: HostEntry, vm: str) -> dict | None:
+    return VIEWS[host.id].get(vm)
+
+
+IDLE_PLAN = {  # what 'symbiont place plan --json' writes: the idle moves appear in both lists
+    "moves": [
+        {"vm": "db", "from": "A", "to": "N", "reason": "hot"},
+        {"vm": "web", "from": "A", "to": "B", "reason": "idle"},
+        {"vm": "cache", "from": "B", "to": "A", "reason": "awake"},
+    ],
+    "idle": {
+        "actions": [
+            {"kind": "move", "vm": "cache", "src": "B", "dst": "A", "reason": "awake"},
+            {"kind": "grow", "vm": "cache", "src": "A", "mem_from": 100, "mem_to": 512},
+            {"kind": "shrink", "vm": "web", "src": "A", "mem_from": 1024, "mem_to": 150.2},
+            {"kind": "move", "vm": "web", "src": "A", "dst": "B", "reason": "idle", "mem_to": 151},
+            {"kind": "stay", "vm": "other", "src": "A", "reason": "idle host full"},
+        ]
+    },
+}
+
+
+def test_parse_plan_keeps_the_idle_order_and_carries_the_shrunk_size() -> None:
+    steps = parse_plan(IDLE_PLAN)
+    assert steps == [
+        MoveSpec("db", "A", "N", "hot"),  # the Sandpiper move, not repeated by the actions
+        MoveSpec("cache", "B", "A", "awake"),
+        MemorySpec("grow", "cache", "A", 512),
+        MemorySpec("shrink", "web", "A", 151),  # rounded up to a whole MiB
+        MoveSpec("web", "A", "B", "idle", balloon_mib=151),
+    ]
+    assert parse_moves(IDLE_PLAN) == [s for s in steps if isinstance(s, MoveSpec)]
+    for bad, msg in [
+        ({"actions": [{"kind": "swap", "vm": "x"}]}, r"actions\[0\].kind: 'swap' is not one of"),
+        ({"actions": [{"kind": "grow", "vm": "x", "src": "A"}]}, r"mem_to: expected a number"),
+        ({"actions": [{"kind": "grow", "vm": "x", "src": "A", "mem_to": 10}]}, r"10 MiB outside 64\.\."),
+        ({"actions": [{"kind": "grow", "vm": "x", "mem_to": 100}]}, r"actions\[0\].src: required"),
+        ({"idle": {"actions": "x"}}, r"plan.idle.actions: expected a list"),
+        ({"moves": [{"vm": "w", "from": "A", "to": "B", "balloon_mib": True}]}, "balloon_mib: expected"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            parse_plan(bad)
+
+
+def test_check_plan_follows_the_vm_through_the_plan() -> None:
+    steps = check_plan(parse_plan(IDLE_PLAN), DHOSTS, dlocate, dview)
+    assert [(s["kind"], s["vm"]) for s in steps] == [
+        ("move", "db"), ("move", "cache"), ("grow", "cache"), ("shrink", "web"), ("move", "web"),
+    ]  # fmt: skip
+    grow = steps[2]
+    assert grow["daemon"] == "/run/a.sock" and grow["range_mib"] == [64, 512]  # cache's view, from B
+    assert steps[3]["range_mib"] == [128, 1024] and steps[4]["balloon_mib"] == 151
+    cases = [
+        ([MemorySpec("grow", "web", "Z", 200)], "grow of web: unknown host 'Z'"),
+        ([MemorySpec("grow", "n1", "N", 200)], "host N has no daemon configured"),
+        ([MemorySpec("shrink", "ghost", "A", 200)], "no domain 'ghost' on host A"),
+        ([MemorySpec("shrink", "api", "A", 200)], "shrink of api: not registered with host A's daemon"),
+        ([MemorySpec("shrink", "web", "A", 100)], r"100 MiB outside its range 128\.\.1024"),
+        ([MoveSpec("web", "A", "B"), MemorySpec("shrink", "web", "A", 200)], "has it on B by then, not on A"),
+        (
+            [MoveSpec("cache", "B", "A"), MemorySpec("grow", "cache", "A", 600)],
+            r"outside its range 64\.\.512",
+        ),
+    ]
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            check_plan([MoveSpec("db", "A", "N"), *bad], DHOSTS, dlocate, dview)
+    DWORLD["A"]["off"] = "shutoff"
+    try:
+        with pytest.raises(ValueError, match="it is shutoff on A; the balloon needs a running VM"):
+            check_plan([MemorySpec("grow", "off", "A", 200)], DHOSTS, dlocate, dview)
+    finally:
+        del DWORLD["A"]["off"]
+
+
+class FakeDaemons:
+    """The hosts' daemons as the executor's API client sees them: it records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str, object]] = []
+        self.fail: set[str] = set()
+
+    def client(self, spec: str):
+        outer = self
+
+        class C:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *a) -> None:
+                pass
+
+            def get(self, path: str):
+                from symbiont.client import ApiError
+
+                outer.calls.append((spec, "GET", path, None))
+                host = {"/run/a.sock": "A", "/run/b.sock": "B"}[spec]
+                v = VIEWS[host].get(path.rsplit("/", 1)[-1])
+                if v is None:
+                    raise ApiError(404, "not registered")
+                return v
+
+            def put(self, path: str, body):
+                from symbiont.client import ApiError
+
+                outer.calls.append((spec, "PUT", path, body))
+                if spec in outer.fail:
+                    raise ApiError(409, "the balloon needs a running VM")
+                return {"vm": path.split("/")[3], "before_mib": 1024, "target_mib": body["target_mib"]}
+
+        return C()
+
+
+def test_execute_runs_balloon_steps_in_plan_order_through_the_right_daemon(monkeypatch) -> None:
+    from symbiont.placement import execute
+
+    daemons = FakeDaemons()
+    monkeypatch.setattr(execute, "_client", daemons.client)
+    decisions: list[tuple] = []
+    ex = Executor(DHOSTS, log_decision=lambda *a: decisions.append(a))
+    monkeypatch.setattr(ex, "locate", dlocate)
+    order: list[str] = []
+    monkeypatch.setattr(
+        ex, "migrate", lambda m: order.append(f"move {m.vm} {m.src}->{m.dst}") or {"ok": True}
+    )
+    plan = [MemorySpec("shrink", "web", "A", 151, "idle"), MoveSpec("web", "A", "B", balloon_mib=151),
+            MoveSpec("cache", "B", "A"), MemorySpec("grow", "cache", "A", 512)]  # fmt: skip
+    # A bad step anywhere: nothing runs at all, no balloon moves.
+    with pytest.raises(ValueError, match="ghost"):
+        ex.execute([*plan, MemorySpec("grow", "ghost", "A", 512)])
+    assert order == [] and [c for c in daemons.calls if c[1] == "PUT"] == [] and decisions == []
+    res = ex.execute(plan)
+    assert [r["ok"] for r in res] == [True] * 4
+    puts = [(c[0], c[2], c[3]) for c in daemons.calls if c[1] == "PUT"]
+    assert puts == [
+        ("/run/a.sock", "/v1/vms/web/memory", {"target_mib": 151}),
+        ("/run/a.sock", "/v1/vms/cache/memory", {"target_mib": 512}),
+    ]
+    assert order == ["move web A->B", "move cache B->A"]
+    assert res[0] == {"kind": "shrink", "vm": "web", "host": "A", "mem_to": 151, "reason": "idle", "ok": True,
+                      "before_mib": 1024, "target_mib": 151, "seconds": res[0]["seconds"]}  # fmt: skip
+    # Each balloon step is a decision with its inputs (the migrations log their own in migrate()).
+    assert [(d[0], d[1], d[2]["mem_to"], d[2]["daemon"], d[3]["ok"]) for d in decisions] == [
+        ("shrink", "web", 151, "/run/a.sock", True),
+        ("grow", "cache", 512, "/run/a.sock", True),
+    ]
+    # A daemon refusing a step stops the plan there; the error is in the result and the decision.
+    daemons.fail.add("/run/a.sock")
+    order.clear()
+    res = ex.execute(plan)
+    assert len(res) == 1 and not res[0]["ok"] and "running VM" in res[0]["error"]
+    assert order == [] and decisions[-1][3]["ok"] is False
+
+
+def test_migrate_sets_the_carried_balloon_on_the_destination(monkeypatch) -> None:
+    """The source daemon restores its knobs when it lets the VM go; the destination's sets the
+    shrunk size again after the migration."""
+    from symbiont.placement import execute
+
+    knobs = [{"knob": "balloon_mib", "original": 1024, "current": 151}]
+    view = {
+        "policy": {"memory": {"min_mib": 128}, "extra": {"ssd": {"x": 1}}},
+        "knobs": knobs,
+        "balloon_mib": 151,
+    }
+    monkeypatch.setattr(execute, "_daemon_unregister", lambda h, vm: view)
+    regs: list[tuple] = []
+    monkeypatch.setattr(
+        execute, "_daemon_register", lambda h, vm, pol, out: regs.append((h.id, pol)) or h.id == "B"
+    )
+    sets: list[tuple] = []
+    monkeypatch.setattr(
+        execute,
+        "_daemon_set_memory",
+        lambda h, vm, mib: sets.append((h.id, vm, mib)) or {"ok": True, "target_mib": mib},
+    )
+    decisions: list[tuple] = []
+    ex = Executor(DHOSTS, log_decision=lambda *a: decisions.append(a))
+    monkeypatch.setattr(ex, "conn", lambda host: FakeConn(FakeDom(None)))
+    res = ex.migrate(MoveSpec("web", "A", "B", "idle", balloon_mib=151))
+    assert res["ok"] and res["balloon"] == {"ok": True, "target_mib": 151} and sets == [("B", "web", 151)]
+    assert decisions[-1][2]["balloon_mib"] == 151 and decisions[-1][3]["balloon"]["ok"]
+    # Parked: B's registration records its home and its full size (A's saved balloon original).
+    parked = {"home": "A", "full_mem_mib": 1024}
+    assert regs == [("B", {"memory": {"min_mib": 128}, "extra": {"ssd": {"x": 1}, "placement": parked}})]
+    # Moving it on keeps that record; a move without a shrunk balloon (the wake-up) drops it.
+    assert (
+        execute.parked_policy(regs[0][1], {"knobs": []}, MoveSpec("web", "B", "C", balloon_mib=100))["extra"][
+            "placement"
+        ]
+        == parked
+    )
+    assert execute.parked_policy(regs[0][1], {}, MoveSpec("web", "B", "A"))["extra"] == {"ssd": {"x": 1}}
+    regs.clear()
+    # A failed migration leaves the VM where it was: no balloon is set anywhere.
+    sets.clear()
+    monkeypatch.setattr(ex, "conn", lambda host: FakeConn(FakeDom("migration job: unexpectedly failed")))
+    res = ex.migrate(MoveSpec("web", "A", "B", "idle", balloon_mib=151))
+    assert not res["ok"] and "balloon" not in res and sets == []
+    assert regs == [("A", view["policy"])]  # back where it was, as it was
+    # Not registered at the destination (no daemon took it): the balloon step is reported failed.
+    monkeypatch.setattr(ex, "conn", lambda host: FakeConn(FakeDom(None)))
+    res = ex.migrate(MoveSpec("n1", "A", "N", balloon_mib=151))
+    assert res["ok"] and res["balloon"]["ok"] is False and sets == []
+
+
+def test_execute_api_and_cli_dry_run_show_balloon_steps(tmp_path, monkeypatch) -> None:
+    from symbiont.cli import _add_part_groups, cli
+
+    monkeypatch.setattr(Executor, "locate", lambda self, host, vm: dlocate(host, vm))
+    monkeypatch.setattr(Executor, "view", lambda self, host, vm: dview(host, vm))
+    d = FakeDaemon(tmp_path)
+    d.cfg.placement.hosts = [
+        {k: getattr(h, k) for k in ("id", "libvirt_uri", "daemon")} for h in DHOSTS.values()
+    ]
+    app = FastAPI()
+    app.state.daemon = d
+    app.include_router(placement_api.router, prefix="/v1/placement")
+    api = TestClient(app)
+    r = api.post("/v1/placement/execute", json={"plan": IDLE_PLAN})
+    assert r.status_code == 200, r.text
+    assert [(s["kind"], s["vm"]) for s in r.json()["steps"]][2:4] == [("grow", "cache"), ("shrink", "web")]
+    bad = {"actions": [{"kind": "shrink", "vm": "n1", "src": "N", "mem_to": 100}]}
+    r = api.post("/v1/placement/execute", json={"plan": bad, "dry_run": False})
+    assert r.status_code == 422 and "host N has no daemon configured" in r.json()["detail"]
+
+    class Client:  # the CLI's API client, pointed at the test app
+        def __init__(self, *a, **k) -> None:
+            self.socket_path = "test"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a) -> None:
+            pass
+
+        def post(self, path, body):
+            return api.post(path, json=body).json()
+
+    monkeypatch.setattr("symbiont.cli.Client", Client)
+    _add_part_groups()
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps(IDLE_PLAN))
+    res = CliRunner().invoke(cli, ["place", "execute", str(p)], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert "A: balloon to 151 MiB" in res.output and "then balloon 151 MiB" in res.output
+    assert res.output.index("grow") < res.output.index("shrink")

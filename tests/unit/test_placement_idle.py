@@ -45,6 +45,9 @@ def test_target_mem() -> None:
     assert target_mem(act("a", QUIET, wss=31.6), CFG) == 64
     assert target_mem(act("a", QUIET, wss=60), CFG) == 75
     assert target_mem(act("a", QUIET, wss=60, mem=50), CFG) == 50  # never grows a VM
+    # The VM's own floor (its registration's memory.min_mib) wins over a smaller working set.
+    assert target_mem(act("a", QUIET, wss=60, min_mib=128), CFG) == 128
+    assert target_mem(act("a", QUIET, wss=200, min_mib=128), CFG) == 250
 
 
 def test_consolidation_shrinks_and_parks_longest_idle_first() -> None:

@@ -164,6 +164,56 @@ def test_plan_live_idle_consolidation_from_activity() -> None:
         live.plan_live([a, b], idle={"idle_host": "C"})
 
 
+def test_plan_live_wakes_busy_vms_on_the_idle_host() -> None:
+    """A VM parked (shrunk) on the idle host that shows activity goes back to the regular host with
+    the tightest room for its full size (the balloon original its daemon saved) and grows to it;
+    an idle VM elsewhere is still consolidated in the same plan, into the room the woken one left."""
+    parked = {"mem_mib": 128.0, "cpu": [0.01, 0.02, 0.9], "wss_mib": 60.0, "full_mem_mib": 1024.0}
+    snoozing = {"mem_mib": 128.0, "cpu": [0.01] * 3, "wss_mib": 40.0, "full_mem_mib": 512.0}
+    b = inv("B", [VM("parked", 1.0, 0.125), VM("snoozing", 1.0, 0.125)], cap=(4.0, 0.3125),
+            activity={"parked": parked, "snoozing": snoozing})  # fmt: skip
+    a = inv("A", [VM("big", 1.0, 6.0)])  # 2 GiB free
+    c = inv("C", [VM("x", 1.0, 6.5)])  # 1.5 GiB free: the tighter fit for 1 GiB
+    sleepy = {"mem_mib": 256.0, "cpu": [0.0] * 3, "wss_mib": 30.0, "min_mib": 128.0}
+    a["activity"] = {"big": {"mem_mib": 6144.0, "cpu": [0.9] * 3, "wss_mib": 4000.0}, "sleepy": sleepy}
+    a["host"]["vms"].append(VM("sleepy", 1.0, 0.25))
+    idle = {"idle_host": "B", "window": 3, "wss_max_mib": 64}
+    out = live.plan_live([a, b, c], idle=idle)
+    acts = [(x["kind"], x["vm"], x.get("src"), x.get("dst"), x.get("mem_to")) for x in out["idle"]["actions"]]
+    assert acts == [
+        ("move", "parked", "B", "C", None),
+        ("grow", "parked", "C", None, 1024.0),
+        ("shrink", "snoozing", "B", None, 64.0),  # idle on the idle host: shrinks in place
+        ("shrink", "sleepy", "A", None, 128.0),  # its min_mib, not 30 * 1.25
+        ("move", "sleepy", "A", "B", 128.0),  # fits only because parked leaves B
+    ]
+    assert [(m["vm"], m["from"], m["to"]) for m in out["moves"]] == [
+        ("parked", "B", "C"),
+        ("sleepy", "A", "B"),
+    ]
+    assert out["idle"]["regular_free_mib"] == {"A": 1792.0, "C": 1536.0}
+    # Home first when it has room, whatever fits tighter; an unknown home falls back to best fit.
+    b_home = json.loads(json.dumps(b))
+    b_home["activity"]["parked"]["home"] = "A"
+    out = live.plan_live([a, b_home, c], idle=idle)
+    assert out["moves"][0] == {"vm": "parked", "from": "B", "to": "A", "reason": out["moves"][0]["reason"]}
+    b_home["activity"]["parked"]["home"] = "gone"
+    assert live.plan_live([a, b_home, c], idle=idle)["moves"][0]["to"] == "C"
+    # Below wake_cpu nothing wakes; a higher wake_cpu than the newest sample keeps it parked.
+    out = live.plan_live([a, b, c], idle={**idle, "wake_cpu": 0.95})
+    assert not any(x["vm"] == "parked" for x in out["idle"]["actions"])
+    # No regular host has room for its full size: it grows where it is.
+    a2, c2 = inv("A", [VM("big", 1.0, 7.5)]), inv("C", [VM("x", 1.0, 7.5)])
+    out = live.plan_live([a2, b, c2], idle=idle)
+    assert [(x["kind"], x["vm"], x["src"]) for x in out["idle"]["actions"]][0] == ("grow", "parked", "B")
+    assert out["moves"] == []  # no regular host has 1024 MiB free
+    # Never shrunk (no saved original): its current size is its full size, so it only moves back.
+    b3 = inv("B", [VM("parked", 1.0, 0.125)], activity={"parked": {**parked, "full_mem_mib": None}})
+    out = live.plan_live([a, b3], idle=idle)
+    assert [(x["kind"], x["vm"]) for x in out["idle"]["actions"]][0] == ("move", "parked")
+    assert "grow" not in [x["kind"] for x in out["idle"]["actions"]]
+
+
 class FakeDaemon:
     """The attributes live.collect reads, around a real StateStore; libvirt is down."""
 
@@ -179,6 +229,22 @@ class FakeDaemon:
         raise Unavailable("libvirtd is not running")
 
 
+def test_collect_reports_full_size_and_floor_from_sqlite(tmp_path) -> None:
+    """The full size to wake a VM to is the balloon original the daemon saved before shrinking it."""
+    d = FakeDaemon(tmp_path)
+    d.store.add_vm("vm1", "u", {"memory": {"min_mib": 128}})
+    d.store.add_samples([(float(t), "vm1", "agent", ag(10 * t, 90 * t, 100)) for t in range(3)])
+    d.store.save_knob("vm1", "balloon_mib", 2048, 512)
+    d.store.save_knob("vm1", "balloon_mib", 1536, 300)  # a later change keeps the first original
+    a = live.collect(d, n=3)["activity"]["vm1"]
+    assert (a["full_mem_mib"], a["min_mib"], a["mem_mib"], a["home"]) == (2048.0, 128.0, 1024.0, None)
+    # Parked here by a plan: its registration says where from and how big it was.
+    d.store.add_vm("vm2", "u", {"extra": {"placement": {"home": "A", "full_mem_mib": 4096}}})
+    d.latest["vm2"] = d.latest["vm1"]
+    a = live.collect(d, n=3)["activity"]["vm2"]
+    assert (a["full_mem_mib"], a["home"]) == (4096.0, "A")
+
+
 def test_collect_reads_stored_samples(tmp_path) -> None:
     d = FakeDaemon(tmp_path)
     d.store.add_vm("vm1", "u", {})
@@ -189,6 +255,8 @@ def test_collect_reads_stored_samples(tmp_path) -> None:
     assert out["host"]["capacity"]["cpu"] >= 1
     assert out["host"]["vms"] == [{"id": "vm1", "demand": {"cpu": 1.0, "mem": 1.0}}]
     assert out["usage"]["black-box"]["vm1"] == [[0.2, 0.25]] * 3
+    # Never ballooned: no full size on record; the registration sets no floor.
+    assert out["activity"]["vm1"]["full_mem_mib"] is None and out["activity"]["vm1"]["min_mib"] is None
     np.testing.assert_allclose(out["usage"]["gray-box"]["vm1"], [[0.1, 100 / 1024]] * 3)
     # The same through the API, as the daemon mounts it.
     app = FastAPI()

@@ -2,11 +2,17 @@
 migration from the host's libvirtd (host A) to a second libvirtd instance (host B, its own mount
 namespace and host UUID, same machine). The guest's boot id and uptime, read over the serial
 console independently of the agent, show that it kept running (a live migration, not a reboot).
+The idle plan also shrinks the VM to its working set (its balloon on B is read back), and once
+the guest gets busy a second plan wakes it: back to A, grown to its full size.
+
+``SYMB_PL_PREFIX`` and ``SYMB_PL_INSTANCE`` override the lab prefix and the second libvirtd's name,
+so that two runs of this test (e.g. a developer's and CI's) do not collide on one machine.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -23,7 +29,9 @@ from symbiont.lab.session import DaemonProcess, LabSession
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 
-PREFIX = "symb-pl-"
+PREFIX = os.environ.get("SYMB_PL_PREFIX", "symb-pl-")
+INSTANCE = os.environ.get("SYMB_PL_INSTANCE", "symb-pl-b")
+BURN = "setsid sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & echo burning"
 PROBE = "cat /proc/sys/kernel/random/boot_id; cut -d' ' -f1 /proc/uptime"
 
 
@@ -31,7 +39,7 @@ PROBE = "cat /proc/sys/kernel/random/boot_id; cut -d' ' -f1 /proc/uptime"
 def hosts(libvirtd, tmp_path_factory):
     """Host A (the main libvirtd + a daemon) with one lab VM, host B (a second libvirtd + a daemon)."""
     work = tmp_path_factory.mktemp("placement")
-    inst = LibvirtInstance(name="symb-pl-b")
+    inst = LibvirtInstance(name=INSTANCE)
     inst.start()
     sock_a, sock_b = work / "a" / "symbiontd.sock", work / "b" / "symbiontd.sock"
     placement = {
@@ -135,7 +143,9 @@ def test_plan_from_live_daemons_and_live_migrate_to_second_libvirtd(hosts) -> No
         pytest.fail(f"no move planned; last plan: {json.dumps(last.get('plan'))[:3000]}")
     assert plan["hosts"] == ["A", "B"]
     assert [(m["vm"], m["from"], m["to"]) for m in plan["moves"]] == [(name, "A", "B")]
-    assert ("shrink", name) in [(a["kind"], a["vm"]) for a in plan["idle"]["actions"]]
+    (shrink,) = [a for a in plan["idle"]["actions"] if a["kind"] == "shrink"]
+    assert shrink["vm"] == name and shrink["src"] == "A" and 128 <= shrink["mem_to"] < 256  # min_mib .. full
+    wss_mib = shrink["mem_to"]
     plan_path = work / "plan.json"
     plan_path.write_text(json.dumps(plan))
 
@@ -150,7 +160,10 @@ def test_plan_from_live_daemons_and_live_migrate_to_second_libvirtd(hosts) -> No
     # Dry run (the default) shows the move and does nothing.
     res = runner.invoke(cli, ["--socket", sock_a, "place", "execute", str(plan_path), "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["steps"][0]["to_uri"] == inst.uri
+    steps = json.loads(res.output)["steps"]
+    assert [st["kind"] for st in steps] == ["shrink", "move"]
+    assert steps[1]["to_uri"] == inst.uri and steps[1]["balloon_mib"] == wss_mib
+    assert lab.host.info(name).memory_kib // 1024 == 256  # the dry run moved no balloon
     host_b = LibvirtHost(inst.uri)
     try:
         assert lab.host.exists(name) and not host_b.exists(name)
@@ -161,8 +174,10 @@ def test_plan_from_live_daemons_and_live_migrate_to_second_libvirtd(hosts) -> No
         t0 = time.monotonic()
         res = runner.invoke(cli, ["--socket", sock_a, "place", "execute", str(plan_path), "--yes", "--json"])
         assert res.exit_code == 0, res.output
-        (r,) = json.loads(res.output)["results"]
+        rs, r = json.loads(res.output)["results"]
+        assert rs["kind"] == "shrink" and rs["ok"] and rs["target_mib"] == wss_mib, rs
         assert r["ok"] and r["registered_on"] == "B", r
+        assert r["balloon"]["ok"] and r["balloon"]["target_mib"] == wss_mib, r
         elapsed = time.monotonic() - t0
 
         # The domain runs on B, is persistent there, and is gone from A.
@@ -180,11 +195,68 @@ def test_plan_from_live_daemons_and_live_migrate_to_second_libvirtd(hosts) -> No
         assert vb["agent"]["hello"]["boot_id"] == boot_id
         assert vb["policy"]["memory"]["min_mib"] == 128
         assert name not in [v["name"] for v in _get(sock_a, "/v1/vms")]
-        # The migration is a decision with its inputs in A's log.
-        (d,) = [d for d in _get(sock_a, "/v1/decisions") if d["part"] == "placement" and d["vm"] == name]
+        # The shrink and the migration are decisions with their inputs in A's log.
+        ds = {
+            d["action"]: d
+            for d in _get(sock_a, "/v1/decisions")
+            if d["part"] == "placement" and d["vm"] == name
+        }
+        assert sorted(ds) == ["migrate", "shrink"]
+        assert ds["shrink"]["inputs"]["mem_to"] == wss_mib and ds["shrink"]["outcome"]["ok"]
+        d = ds["migrate"]
         assert d["action"] == "migrate" and d["outcome"]["ok"]
         assert d["inputs"]["from"] == "A" and d["inputs"]["to_uri"] == inst.uri
         assert d["inputs"]["paths_changed"]
         assert d["outcome"]["memory_total_bytes"] > 200 << 20
+
+        # On the idle host the VM keeps its working-set size (libvirt's balloon on B; B's daemon owns
+        # the knob), and B's registration (sqlite) records where it is parked from and its full size.
+        lab.wait_for(
+            lambda: host_b.info(name).memory_kib // 1024 == wss_mib, 30, f"balloon at {wss_mib} MiB on B"
+        )
+        (knob,) = [k for k in vb["knobs"] if k["knob"] == "balloon_mib"]
+        assert knob["current"] == wss_mib
+        assert vb["policy"]["extra"]["placement"] == {"home": "A", "full_mem_mib": 256}
+
+        # Activity wakes it: a CPU burner in the guest (over B's console), seen in B's samples.
+        assert "burning" in guest_exec(host_b, name, BURN, timeout=90).output
+        wake_args = args[:-1] + ["--wake-cpu", "0.6", "--json"]
+
+        def woken():
+            res = runner.invoke(cli, wake_args)
+            assert res.exit_code == 0, res.output
+            last["plan"] = json.loads(res.output)
+            return last["plan"] if last["plan"]["moves"] else None
+
+        try:
+            wake = lab.wait_for(woken, 90, "a wake plan moving the VM back", interval=2.0)
+        except TimeoutError:
+            pytest.fail(f"no wake-up planned; last plan: {json.dumps(last.get('plan'))[:3000]}")
+        assert [(m["vm"], m["from"], m["to"]) for m in wake["moves"]] == [(name, "B", "A")]
+        assert [(a["kind"], a.get("src"), a.get("mem_to")) for a in wake["idle"]["actions"]] == [
+            ("move", "B", None),
+            ("grow", "A", 256),
+        ]
+        plan_path.write_text(json.dumps(wake))
+        res = runner.invoke(cli, ["--socket", sock_b, "place", "execute", str(plan_path), "--yes", "--json"])
+        assert res.exit_code == 0, res.output
+        rm, rg = json.loads(res.output)["results"]
+        assert rm["ok"] and rm["registered_on"] == "A" and rg["kind"] == "grow" and rg["ok"], (rm, rg)
+        # It runs on A again, at its full size, and it is the same boot.
+        assert not host_b.exists(name)
+        assert lab.host.info(name).state == "running"
+        assert rg["target_mib"] == 256
+        # libvirt reports the balloon driver's actual size, which may lack a page or so of the target.
+        lab.wait_for(lambda: lab.host.info(name).memory_kib >= 255 << 10, 30, "balloon back at 256 MiB on A")
+        lab.wait_for(lambda: _get(sock_a, f"/v1/vms/{name}")["cooperative"], 90, f"{name} cooperative on A")
+        va = _get(sock_a, f"/v1/vms/{name}")
+        assert va["agent"]["hello"]["boot_id"] == boot_id
+        assert "placement" not in va["policy"]["extra"]  # no longer parked
+        ds = [
+            d["action"]
+            for d in _get(sock_b, f"/v1/decisions?vm={name}&limit=1000")
+            if d["part"] == "placement"
+        ]
+        assert ds == ["migrate", "grow"]  # oldest first: B's daemon executed the wake plan, in order
     finally:
         host_b.close()

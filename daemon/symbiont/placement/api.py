@@ -5,7 +5,7 @@ alone and is reproducible. With ``live: true`` (or ``hotspots``/``idle``) this d
 inventory (``GET /inventory``: host capacity from libvirt, registered VMs, their stored samples)
 is the first host, and the hotspot and idle detectors are fed from the stored samples.
 ``POST /execute`` checks (``dry_run``, the default) or carries out a plan's migrations between
-the hosts of ``placement.hosts``; ``GET /migrations`` shows the progress of running ones.
+the hosts of ``placement.hosts`` and its balloon steps (idle shrink/grow) through their daemons; ``GET /migrations`` shows the progress of running ones.
 Bad input gets 422 with the reason: shape and type errors from the pydantic models, semantic ones
 (unknown resource, contradictory constraint groups, unknown host or VM) from the planner.
 """
@@ -99,6 +99,9 @@ class IdleIn(BaseModel):
     wss_max_mib: float = 64.0
     margin: float = 0.25
     min_mem_mib: float = 64.0
+    wake_cpu: float | None = (
+        None  # wake VMs on the idle host at this CPU fraction (default max(0.2, cpu_threshold))
+    )
 
 
 class ExecuteIn(BaseModel):
@@ -242,25 +245,26 @@ def _executor(daemon: Any) -> Any:
 
 @router.post("/execute")
 async def post_execute(body: ExecuteIn, request: Request) -> dict[str, Any]:
-    """Check (``dry_run``) or carry out a plan's migrations between the configured hosts."""
-    from symbiont.placement.execute import parse_moves
+    """Check (``dry_run``) or carry out a plan: its migrations between the configured hosts and its
+    balloon steps (idle shrink/grow) through the hosts' daemons, in plan order."""
+    from symbiont.placement.execute import parse_plan
 
     daemon = request.app.state.daemon
     try:
-        moves = parse_moves(body.plan)
+        plan_steps = parse_plan(body.plan)
     except ValueError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
 
     def run() -> dict[str, Any]:
         with _executor(daemon) as ex:
-            steps = ex.check(moves)
+            steps = ex.check(plan_steps)
             if body.dry_run:
                 return {"dry_run": True, "steps": steps}
             try:
-                return {"dry_run": False, "results": ex.execute(moves)}
+                return {"dry_run": False, "results": ex.execute(plan_steps)}
             finally:
                 with _progress_lock:
-                    for m in moves:
+                    for m in plan_steps:
                         _progress.pop(m.vm, None)
 
     try:

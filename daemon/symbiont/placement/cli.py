@@ -98,6 +98,12 @@ def heuristics_cmd(as_json: bool) -> None:
 @click.option("--idle-window", type=int, default=12, show_default=True, help="idle: for this many samples")
 @click.option("--idle-wss-mib", type=float, default=64.0, show_default=True, help="idle: working set at most")
 @click.option(
+    "--wake-cpu",
+    type=float,
+    default=None,
+    help="idle: wake VMs on the idle host at this CPU fraction [max(0.2, --idle-cpu)]",
+)
+@click.option(
     "--heuristic", "-H", default="best-fit", show_default=True, help="see 'symbiont place heuristics'"
 )
 @click.option("--mode", type=click.Choice(MODES), default="batch", show_default=True)
@@ -124,6 +130,7 @@ def plan_cmd(
     idle_cpu: float,
     idle_window: int,
     idle_wss_mib: float,
+    wake_cpu: float | None,
     heuristic: str,
     mode: str,
     now: float | None,
@@ -142,8 +149,8 @@ def plan_cmd(
             daemons, inventory, requests_path, heuristic, mode, now, as_json,
             {"mode": hotspots, "thresholds": _guard(lambda: _kv_floats(thresholds, "--threshold")), "k": k, "n": n}
             if hotspots else None,
-            {"idle_host": idle_host, "cpu_threshold": idle_cpu, "window": idle_window, "wss_max_mib": idle_wss_mib}
-            if idle_host else None,
+            {"idle_host": idle_host, "cpu_threshold": idle_cpu, "window": idle_window, "wss_max_mib": idle_wss_mib,
+             "wake_cpu": wake_cpu} if idle_host else None,
         )  # fmt: skip
         return
     if hotspots or idle_host:
@@ -485,10 +492,12 @@ def inventory_cmd(obj: Any, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def execute_cmd(obj: Any, plan_path: str, yes: bool, as_json: bool) -> None:
-    """Live-migrate a plan's VMs between the daemon's configured hosts (placement.hosts).
+    """Carry out a plan: live-migrate its VMs between the daemon's configured hosts (placement.hosts)
+    and run its idle balloon steps (shrink/grow) through the hosts' daemons, in plan order.
 
     Dry run by default. The daemon checks the whole plan first (hosts known, each VM running on
-    its 'from' host); an error there changes nothing. With --yes the moves run one at a time.
+    its 'from' host, registered where its balloon moves); an error there changes nothing. With
+    --yes the steps run one at a time.
     """
     import threading
 
@@ -510,13 +519,20 @@ def execute_cmd(obj: Any, plan_path: str, yes: bool, as_json: bool) -> None:
             return
         from rich.table import Table
 
-        t = Table(title="dry run: these live migrations would run (add --yes)")
-        for col in ("vm", "from", "to", "via", "re-register", "reason"):
+        t = Table(title="dry run: these steps would run, in order (add --yes)")
+        for col in ("step", "vm", "where", "via", "reason"):
             t.add_column(col)
         for s in steps:
-            t.add_row(s["vm"], f"{s['from']} ({s['from_uri']})", f"{s['to']} ({s['to_uri']})",
-                      s["migrate_uri"], "yes" if s["reregister"] else "no", s["reason"])  # fmt: skip
-        _console().print(t if steps else "nothing to migrate")
+            if s["kind"] == "move":
+                bal = f", then balloon {s['balloon_mib']} MiB" if s.get("balloon_mib") else ""
+                t.add_row("move", s["vm"], f"{s['from']} ({s['from_uri']}) -> {s['to']} ({s['to_uri']})",
+                          f"{s['migrate_uri']}{', re-register' if s['reregister'] else ''}{bal}",
+                          s["reason"])  # fmt: skip
+            else:
+                t.add_row(
+                    s["kind"], s["vm"], f"{s['host']}: balloon to {s['mem_to']} MiB", s["daemon"], s["reason"]
+                )
+        _console().print(t if steps else "nothing to do")
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -527,13 +543,19 @@ def execute_cmd(obj: Any, plan_path: str, yes: bool, as_json: bool) -> None:
         console=_console(), disable=as_json,
     ) as prog:  # fmt: skip
         for s in steps:
-            task = prog.add_task(f"{s['vm']}: {s['from']} -> {s['to']}", total=None)
+            if s["kind"] == "move":
+                desc = f"{s['vm']}: {s['from']} -> {s['to']}"
+                one = {"moves": [{k: s[k] for k in ("vm", "from", "to", "reason", "balloon_mib") if k in s}]}
+            else:
+                desc = f"{s['vm']}: {s['kind']} to {s['mem_to']} MiB on {s['host']}"
+                one = {"actions": [{"kind": s["kind"], "vm": s["vm"], "src": s["host"], "mem_to": s["mem_to"],
+                                    "reason": s["reason"]}]}  # fmt: skip
+            task = prog.add_task(desc, total=None)
             box: dict[str, Any] = {}
 
-            def run(s: dict[str, Any] = s, box: dict[str, Any] = box) -> None:
+            def run(one: dict[str, Any] = one, box: dict[str, Any] = box) -> None:
                 try:
                     with Client(sock, timeout=3600) as c:
-                        one = {"moves": [{k: s[k] for k in ("vm", "from", "to", "reason")}]}
                         box["res"] = c.post("/v1/placement/execute", {"plan": one, "dry_run": False})
                 except ApiError as exc:
                     box["err"] = str(exc)
@@ -563,8 +585,18 @@ def execute_cmd(obj: Any, plan_path: str, yes: bool, as_json: bool) -> None:
         for r in results:
             state = "[green]ok[/green]" if r["ok"] else f"[red]failed[/red]: {r.get('error')}"
             extra = f", registered on {r['registered_on']}" if r.get("registered_on") else ""
-            _console().print(
-                f"{r['vm']}: {r['from']} -> {r['to']} {state} in {r.get('seconds', '?')} s{extra}"
+            bal = r.get("balloon")
+            if bal:
+                extra += (
+                    f", balloon {bal['target_mib']} MiB"
+                    if bal["ok"]
+                    else f", [red]balloon: {bal['error']}[/red]"
+                )
+            what = (
+                f"{r['from']} -> {r['to']}"
+                if r["kind"] == "move"
+                else f"{r['kind']} to {r['mem_to']} MiB on {r['host']}"
             )
+            _console().print(f"{r['vm']}: {what} {state} in {r.get('seconds', '?')} s{extra}")
     if any(not r["ok"] for r in results):
         sys.exit(1)

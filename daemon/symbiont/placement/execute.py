@@ -17,14 +17,24 @@ changes nothing. Then, per move:
    would otherwise open at once during the migration: the agent's virtio-serial socket and the
    serial console log (the disk is shared storage and stays the same file),
 3. the migration runs, with progress from the source's job statistics,
-4. the VM is registered with the destination's daemon (same policy), or re-registered with the
+4. the VM is registered with the destination's daemon (same policy; see :func:`parked_policy`), or re-registered with the
    source's if the migration failed.
 
-Every move is logged as a decision with its inputs and outcome.
+An idle plan (seeds/004) also has balloon steps: ``shrink`` (to the working set, before the move
+to the idle host) and ``grow`` (back to full size, after the move home). They run, in plan order,
+through the daemon of the host the VM is on at that point (``PUT /v1/vms/{vm}/memory``), which
+saves the balloon's original value in its sqlite before moving it. A source daemon restores its
+knobs when it lets go of a VM (step 1), so a move that follows a shrink of the same VM carries the
+shrunk size: the destination's daemon sets it again right after the migration. Such a move parks
+the VM: its registration at the destination records its home host and full size (the source's
+saved balloon original), which a later wake-up moves it back to and grows it to.
+
+Every step is logged as a decision with its inputs and outcome.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -48,13 +58,51 @@ class HostEntry:
 
 @dataclass(frozen=True)
 class MoveSpec:
+    """A live migration; ``balloon_mib``: the balloon target to set again on the destination (the
+    size an earlier shrink step of the plan gave the VM)."""
+
     vm: str
     src: str
     dst: str
     reason: str = ""
+    balloon_mib: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vm": self.vm, "from": self.src, "to": self.dst, "reason": self.reason}
+        d: dict[str, Any] = {
+            "kind": "move",
+            "vm": self.vm,
+            "from": self.src,
+            "to": self.dst,
+            "reason": self.reason,
+        }
+        if self.balloon_mib is not None:
+            d["balloon_mib"] = self.balloon_mib
+        return d
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """A balloon step of an idle plan: ``shrink``/``grow`` ``vm`` on ``host`` to ``mem_mib``."""
+
+    kind: str
+    vm: str
+    host: str
+    mem_mib: int
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "vm": self.vm,
+            "host": self.host,
+            "mem_to": self.mem_mib,
+            "reason": self.reason,
+        }
+
+
+Step = MoveSpec | MemorySpec
+MEM_KINDS = ("shrink", "grow")
+MEM_RANGE = (64, 1 << 22)  # what PUT /v1/vms/{vm}/memory accepts, MiB
 
 
 def parse_hosts(entries: Sequence[Any], where: str = "placement.hosts") -> dict[str, HostEntry]:
@@ -81,35 +129,65 @@ def parse_hosts(entries: Sequence[Any], where: str = "placement.hosts") -> dict[
     return out
 
 
-def parse_moves(data: Any, where: str = "plan") -> list[MoveSpec]:
-    """The migrations of a plan: ``{"moves": [{vm, from, to, reason}]}`` (``symbiont place plan
-    --json`` with hotspots or idle consolidation) or idle ``{"actions": [{kind: move, vm, src, dst}]}``;
-    other actions (shrink/grow/stay) are not migrations and are ignored here."""
+def parse_plan(data: Any, where: str = "plan") -> list[Step]:
+    """The steps of a plan, in order: ``{"moves": [{vm, from, to, reason}]}`` (``symbiont place plan
+    --json``, Sandpiper or idle) and idle ``actions`` (top level, or under ``idle`` as ``place plan``
+    writes them: ``{kind: shrink|move|grow|stay, vm, src, dst, mem_to}``). Moves that an action list
+    repeats come from the actions, so shrink/move/grow keep their order; ``stay`` is informational.
+    A move that follows a shrink of the same VM carries the shrunk size (``balloon_mib``)."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected a JSON object with a 'moves' list")
+    actions: Any = None
+    awhere = f"{where}.actions"
+    if "actions" in data:
+        actions = data["actions"]
+    elif isinstance(data.get("idle"), Mapping) and "actions" in data["idle"]:
+        actions, awhere = data["idle"]["actions"], f"{where}.idle.actions"
+    if "moves" not in data and actions is None:
+        raise ValueError(f"{where}: has no 'moves' (nor idle 'actions'): nothing to execute")
     raw: list[tuple[str, Any]] = []
     if "moves" in data:
         if not isinstance(data["moves"], list):
             raise ValueError(f"{where}.moves: expected a list")
         raw += [(f"{where}.moves[{i}]", m) for i, m in enumerate(data["moves"])]
-    if "actions" in data:
-        if not isinstance(data["actions"], list):
-            raise ValueError(f"{where}.actions: expected a list")
-        raw += [
-            (
-                f"{where}.actions[{i}]",
-                {"vm": a.get("vm"), "from": a.get("src"), "to": a.get("dst"), "reason": a.get("reason", "")},
-            )
-            for i, a in enumerate(data["actions"])
+    if actions is not None:
+        if not isinstance(actions, list):
+            raise ValueError(f"{awhere}: expected a list")
+        in_actions = {
+            (a.get("vm"), a.get("src"), a.get("dst"))
+            for a in actions
             if isinstance(a, Mapping) and a.get("kind") == "move"
+        }
+        raw = [
+            (w, m)
+            for w, m in raw
+            if not (isinstance(m, Mapping) and (m.get("vm"), m.get("from"), m.get("to")) in in_actions)
         ]
-    if "moves" not in data and "actions" not in data:
-        raise ValueError(f"{where}: has no 'moves' (nor idle 'actions'): nothing to execute")
-    out: list[MoveSpec] = []
+        for i, a in enumerate(actions):
+            w = f"{awhere}[{i}]"
+            if not isinstance(a, Mapping):
+                raise ValueError(f"{w}: expected an object with kind, vm")
+            kind = a.get("kind")
+            if kind == "move":
+                raw.append((w, {"vm": a.get("vm"), "from": a.get("src"), "to": a.get("dst"),
+                                "reason": a.get("reason", ""), "balloon_mib": a.get("balloon_mib")}))  # fmt: skip
+            elif kind in MEM_KINDS:
+                raw.append((w, a))
+            elif kind != "stay":
+                raise ValueError(f"{w}.kind: {kind!r} is not one of move, {', '.join(MEM_KINDS)}, stay")
+    out: list[Step] = []
     seen: set[str] = set()
+    shrunk: dict[str, int] = {}
     for w, m in raw:
         if not isinstance(m, Mapping):
             raise ValueError(f"{w}: expected an object with vm, from, to")
+        if m.get("kind") in MEM_KINDS:
+            out.append(_memory_step(w, m))
+            if m["kind"] == "shrink":
+                shrunk[m["vm"]] = out[-1].mem_mib  # type: ignore[union-attr]
+            else:
+                shrunk.pop(m["vm"], None)
+            continue
         for k in ("vm", "from", "to"):
             if not isinstance(m.get(k), str) or not m.get(k):
                 raise ValueError(f"{w}.{k}: required, a non-empty string")
@@ -118,47 +196,143 @@ def parse_moves(data: Any, where: str = "plan") -> list[MoveSpec]:
         if m["vm"] in seen:
             raise ValueError(f"{w}: VM {m['vm']!r} is moved twice in one plan")
         seen.add(m["vm"])
-        out.append(MoveSpec(m["vm"], m["from"], m["to"], str(m.get("reason") or "")))
+        carried = shrunk.pop(m["vm"], None)
+        bal = _mib(f"{w}.balloon_mib", m["balloon_mib"]) if m.get("balloon_mib") is not None else carried
+        out.append(MoveSpec(m["vm"], m["from"], m["to"], str(m.get("reason") or ""), bal))
     return out
+
+
+def _mib(where: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{where}: expected a number of MiB")
+    n = int(math.ceil(v))
+    if not MEM_RANGE[0] <= n <= MEM_RANGE[1]:
+        raise ValueError(f"{where}: {n} MiB outside {MEM_RANGE[0]}..{MEM_RANGE[1]}")
+    return n
+
+
+def _memory_step(w: str, a: Mapping[str, Any]) -> MemorySpec:
+    for k in ("vm", "src"):
+        if not isinstance(a.get(k), str) or not a.get(k):
+            raise ValueError(f"{w}.{k}: required, a non-empty string")
+    return MemorySpec(
+        a["kind"], a["vm"], a["src"], _mib(f"{w}.mem_to", a.get("mem_to")), str(a.get("reason") or "")
+    )
+
+
+def parse_moves(data: Any, where: str = "plan") -> list[MoveSpec]:
+    """Only the migrations of a plan (see :func:`parse_plan`)."""
+    return [s for s in parse_plan(data, where) if isinstance(s, MoveSpec)]
 
 
 def check_moves(
     moves: Sequence[MoveSpec], hosts: Mapping[str, HostEntry], locate: Callable[[HostEntry, str], str | None]
 ) -> list[dict[str, Any]]:
-    """Validate the whole plan before anything moves; return what each move would do.
+    """:func:`check_plan` for a plan of migrations only."""
+    return check_plan(moves, hosts, locate)
+
+
+ViewFn = Callable[[HostEntry, str], "dict[str, Any] | None"]  # host, vm -> that daemon's view, or None
+
+
+def check_plan(
+    steps: Sequence[Step],
+    hosts: Mapping[str, HostEntry],
+    locate: Callable[[HostEntry, str], str | None],
+    view: ViewFn | None = None,
+) -> list[dict[str, Any]]:
+    """Validate the whole plan before anything changes; return what each step would do.
 
     ``locate(host, vm)`` returns the VM's state on that host ("running", ...) or None when the
-    host has no such domain. Raises ValueError naming the first problem.
+    host has no such domain. ``view(host, vm)`` returns that host's daemon's view of the VM (its
+    policy and maximum memory) or None when it is not registered there; balloon steps need it.
+    Steps are followed in order, so a step sees where earlier moves put the VM. Raises
+    ValueError naming the first problem.
     """
-    if not moves:
+    if not steps:
         return []
     if not hosts:
         raise ValueError("no hosts configured (placement.hosts): cannot execute migrations")
-    for m in moves:
-        for role, h in (("from", m.src), ("to", m.dst)):
-            if h not in hosts:
-                raise ValueError(f"move of {m.vm}: unknown {role} host {h!r}; configured: {', '.join(hosts)}")
-    steps = []
-    for m in moves:
-        state = locate(hosts[m.src], m.vm)
-        if state is None:
-            raise ValueError(
-                f"move of {m.vm}: no domain {m.vm!r} on host {m.src} ({hosts[m.src].libvirt_uri})"
+    for s in steps:
+        if isinstance(s, MoveSpec):
+            for role, h in (("from", s.src), ("to", s.dst)):
+                if h not in hosts:
+                    raise ValueError(
+                        f"move of {s.vm}: unknown {role} host {h!r}; configured: {', '.join(hosts)}"
+                    )
+        else:
+            if s.host not in hosts:
+                raise ValueError(
+                    f"{s.kind} of {s.vm}: unknown host {s.host!r}; configured: {', '.join(hosts)}"
+                )
+            if not hosts[s.host].daemon:
+                raise ValueError(
+                    f"{s.kind} of {s.vm}: host {s.host} has no daemon configured (placement.hosts[].daemon) "
+                    "to move the balloon through"
+                )
+    where: dict[str, str] = {}  # vm -> host, after the moves so far
+    views: dict[str, dict[str, Any] | None] = {}  # vm -> a daemon's view (policy, max memory)
+    origin: dict[str, str] = {}  # vm -> the host it runs on before the plan
+    out = []
+    for s in steps:
+        if isinstance(s, MoveSpec):
+            if s.vm in where and where[s.vm] != s.src:
+                raise ValueError(f"move of {s.vm}: the plan has it on {where[s.vm]} by then, not on {s.src}")
+            if s.vm not in where:
+                _running(s.vm, s.src, hosts, locate, "move")
+                if locate(hosts[s.dst], s.vm) is not None:
+                    raise ValueError(f"move of {s.vm}: host {s.dst} already has a domain named {s.vm!r}")
+                origin[s.vm] = s.src
+            where[s.vm] = s.dst
+            out.append(
+                {
+                    **s.to_dict(),
+                    "from_uri": hosts[s.src].libvirt_uri,
+                    "to_uri": hosts[s.dst].libvirt_uri,
+                    "migrate_uri": hosts[s.dst].migrate_uri or "(libvirt default)",
+                    "reregister": bool(hosts[s.dst].daemon),
+                }
             )
-        if state != "running":
-            raise ValueError(f"move of {m.vm}: it is {state} on {m.src}; live migration needs a running VM")
-        if locate(hosts[m.dst], m.vm) is not None:
-            raise ValueError(f"move of {m.vm}: host {m.dst} already has a domain named {m.vm!r}")
-        steps.append(
-            {
-                **m.to_dict(),
-                "from_uri": hosts[m.src].libvirt_uri,
-                "to_uri": hosts[m.dst].libvirt_uri,
-                "migrate_uri": hosts[m.dst].migrate_uri or "(libvirt default)",
-                "reregister": bool(hosts[m.dst].daemon),
-            }
-        )
-    return steps
+            continue
+        if s.vm in where:
+            if where[s.vm] != s.host:
+                raise ValueError(
+                    f"{s.kind} of {s.vm}: the plan has it on {where[s.vm]} by then, not on {s.host}"
+                )
+        else:
+            _running(s.vm, s.host, hosts, locate, s.kind)
+            where[s.vm] = s.host
+            v = view(hosts[s.host], s.vm) if view is not None else None
+            if v is None:
+                raise ValueError(
+                    f"{s.kind} of {s.vm}: not registered with host {s.host}'s daemon ({hosts[s.host].daemon})"
+                )
+            views[s.vm] = v
+        if s.vm not in views:  # moved earlier in the plan: its policy comes from where it started
+            first = hosts[origin[s.vm]]
+            views[s.vm] = view(first, s.vm) if view is not None and first.daemon else None
+        v = views.get(s.vm)
+        rng: list[int] | None = None
+        if v is not None:
+            mem = (v.get("policy") or {}).get("memory") or {}
+            top = int(v.get("max_memory_mib") or MEM_RANGE[1])
+            rng = [int(mem.get("min_mib") or 64), min(int(mem.get("max_mib") or top), top)]
+            if not rng[0] <= s.mem_mib <= rng[1]:
+                raise ValueError(
+                    f"{s.kind} of {s.vm}: {s.mem_mib} MiB outside its range {rng[0]}..{rng[1]} MiB"
+                )
+        out.append({**s.to_dict(), "daemon": hosts[s.host].daemon, "range_mib": rng})
+    return out
+
+
+def _running(vm: str, host: str, hosts: Mapping[str, HostEntry], locate: Callable[[HostEntry, str], str | None],
+             what: str) -> None:  # fmt: skip
+    state = locate(hosts[host], vm)
+    if state is None:
+        raise ValueError(f"{what} of {vm}: no domain {vm!r} on host {host} ({hosts[host].libvirt_uri})")
+    if state != "running":
+        need = "live migration" if what == "move" else "the balloon"
+        raise ValueError(f"{what} of {vm}: it is {state} on {host}; {need} needs a running VM")
 
 
 def migration_xml(xml: str, vm: str, dst: str, channel_name: str) -> tuple[str, dict[str, str]]:
@@ -243,19 +417,43 @@ class Executor:
             return None
         return STATE_NAMES.get(dom.state()[0], "unknown")
 
-    def check(self, moves: Sequence[MoveSpec]) -> list[dict[str, Any]]:
-        return check_moves(moves, self.hosts, self.locate)
+    def view(self, host: HostEntry, vm: str) -> dict[str, Any] | None:
+        """``host``'s daemon's view of ``vm`` (policy, balloon, knobs), None if not registered there."""
+        if not host.daemon:
+            return None
+        from symbiont.client import ApiError
 
-    def execute(self, moves: Sequence[MoveSpec]) -> list[dict[str, Any]]:
-        """Check the whole plan, then migrate one VM after the other; stop at the first failure."""
-        self.check(moves)
+        try:
+            with _client(host.daemon) as c:
+                return dict(c.get(f"/v1/vms/{vm}"))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise ValueError(f"host {host.id}: daemon at {host.daemon}: {exc}") from None
+
+    def check(self, steps: Sequence[Step]) -> list[dict[str, Any]]:
+        return check_plan(steps, self.hosts, self.locate, self.view)
+
+    def execute(self, steps: Sequence[Step]) -> list[dict[str, Any]]:
+        """Check the whole plan, then run one step after the other; stop at the first failure."""
+        self.check(steps)
         results = []
-        for m in moves:
-            res = self.migrate(m)
+        for s in steps:
+            res = self.migrate(s) if isinstance(s, MoveSpec) else self.set_memory(s)
             results.append(res)
             if not res["ok"]:
                 break
         return results
+
+    def set_memory(self, s: MemorySpec) -> dict[str, Any]:
+        """A balloon step through the daemon of the host the VM is on (it saves the original first)."""
+        host = self.hosts[s.host]
+        inputs: dict[str, Any] = {**s.to_dict(), "daemon": host.daemon}
+        t0 = time.monotonic()
+        outcome = _daemon_set_memory(host, s.vm, s.mem_mib)
+        outcome["seconds"] = round(time.monotonic() - t0, 2)
+        self.log_decision(s.kind, s.vm, inputs, outcome)
+        return {**s.to_dict(), **outcome}
 
     def migrate(self, m: MoveSpec) -> dict[str, Any]:
         import libvirt
@@ -269,8 +467,10 @@ class Executor:
             "unsafe": self.unsafe,
         }
         t0 = time.monotonic()
-        policy = _daemon_unregister(src, m.vm)
+        view = _daemon_unregister(src, m.vm)
+        policy = dict(view.get("policy") or {}) if view is not None else None
         inputs["policy"] = policy
+        dst_policy = parked_policy(policy, view, m) if policy is not None else None
         dom = self.conn(src).lookupByName(m.vm)
         outcome: dict[str, Any] = {"ok": False}
         try:
@@ -297,8 +497,16 @@ class Executor:
             msg = (exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else None) or str(exc)
             outcome = {"ok": False, "error": msg, "seconds": round(time.monotonic() - t0, 2)}
         home = dst if outcome["ok"] else src
-        if policy is not None:
-            outcome["registered_on"] = home.id if _daemon_register(home, m.vm, policy, outcome) else None
+        if policy is not None and dst_policy is not None:
+            pol = dst_policy if outcome["ok"] else policy
+            outcome["registered_on"] = home.id if _daemon_register(home, m.vm, pol, outcome) else None
+        if m.balloon_mib is not None and outcome["ok"]:
+            # The source daemon restored the balloon when it let go; the destination's sets the
+            # plan's shrunk size again (and keeps the full size as the knob's original).
+            if outcome.get("registered_on") == dst.id:
+                outcome["balloon"] = _daemon_set_memory(dst, m.vm, m.balloon_mib)
+            else:
+                outcome["balloon"] = {"ok": False, "error": f"not registered with host {dst.id}'s daemon"}
         self.log_decision("migrate", m.vm, inputs, outcome)
         return {**m.to_dict(), **outcome}
 
@@ -362,8 +570,27 @@ def _client(spec: str) -> Any:
     return Client(spec)
 
 
+def parked_policy(policy: dict[str, Any], view: Mapping[str, Any], m: MoveSpec) -> dict[str, Any]:
+    """The policy to register ``m.vm`` with at the destination. A move that carries a shrunk
+    balloon parks the VM (idle consolidation): its registration records where it came from and its
+    full size (``extra.placement = {home, full_mem_mib}``, in the destination daemon's sqlite), which
+    a wake-up plan moves it back to and grows it to. Any other move ends the parking."""
+    extra = dict(policy.get("extra") or {})
+    old = extra.get("placement") if isinstance(extra.get("placement"), Mapping) else {}
+    if m.balloon_mib is not None:
+        full = old.get("full_mem_mib")
+        if full is None:
+            knob = [k for k in view.get("knobs") or [] if k.get("knob") == "balloon_mib"]
+            full = knob[0]["original"] if knob else view.get("balloon_mib") or view.get("max_memory_mib")
+        extra["placement"] = {"home": old.get("home") or m.src, "full_mem_mib": full}
+    else:
+        extra.pop("placement", None)
+    return {**policy, "extra": extra}
+
+
 def _daemon_unregister(host: HostEntry, vm: str) -> dict[str, Any] | None:
-    """Unregister ``vm`` from ``host``'s daemon (restoring its knobs); return its policy, or None."""
+    """Unregister ``vm`` from ``host``'s daemon (restoring its knobs); return its view (policy,
+    knobs, balloon) from just before, or None."""
     if not host.daemon:
         return None
     from symbiont.client import ApiError
@@ -376,7 +603,7 @@ def _daemon_unregister(host: HostEntry, vm: str) -> dict[str, Any] | None:
                 return None
             raise ValueError(f"host {host.id}: daemon at {host.daemon}: {exc}") from None
         c.delete(f"/v1/vms/{vm}")
-    return dict(view.get("policy") or {})
+    return dict(view)
 
 
 def _daemon_register(host: HostEntry, vm: str, policy: dict[str, Any], outcome: dict[str, Any]) -> bool:
@@ -391,3 +618,15 @@ def _daemon_register(host: HostEntry, vm: str, policy: dict[str, Any], outcome: 
     except ApiError as exc:
         outcome["register_error"] = f"host {host.id}: {exc}"
         return False
+
+
+def _daemon_set_memory(host: HostEntry, vm: str, mib: int) -> dict[str, Any]:
+    """``PUT /v1/vms/{vm}/memory`` on ``host``'s daemon: ``{ok, before_mib, target_mib}`` or ``{ok, error}``."""
+    from symbiont.client import ApiError
+
+    try:
+        with _client(host.daemon) as c:
+            r = c.put(f"/v1/vms/{vm}/memory", {"target_mib": int(mib)})
+        return {"ok": True, "before_mib": r.get("before_mib"), "target_mib": r.get("target_mib")}
+    except ApiError as exc:
+        return {"ok": False, "error": f"host {host.id}: {exc}"}

@@ -61,6 +61,7 @@ class VMActivity:
     home: str | None = None
     home_mem_mib: float | None = None
     events: int = 0
+    min_mib: float | None = None  # the VM's own floor (its registration's memory.min_mib)
 
     def __post_init__(self) -> None:
         if self.mem_mib <= 0 or self.wss_mib < 0:
@@ -108,9 +109,10 @@ def is_idle(vm: VMActivity, cfg: IdleConfig) -> tuple[bool, str]:
 
 
 def target_mem(vm: VMActivity, cfg: IdleConfig) -> float:
-    """Shrunk size: working set * (1 + margin), rounded up to a MiB, at least ``min_mem_mib``,
-    never more than the current allocation."""
-    return float(min(vm.mem_mib, max(cfg.min_mem_mib, math.ceil(vm.wss_mib * (1 + cfg.margin)))))
+    """Shrunk size: working set * (1 + margin), rounded up to a MiB, at least ``min_mem_mib`` and
+    the VM's own floor, never more than the current allocation."""
+    floor = max(cfg.min_mem_mib, vm.min_mib or 0.0)
+    return float(min(vm.mem_mib, max(floor, math.ceil(vm.wss_mib * (1 + cfg.margin)))))
 
 
 def consolidation_plan(

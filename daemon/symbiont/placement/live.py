@@ -98,7 +98,10 @@ def build_inventory(
     """The inventory document (what ``GET /v1/placement/inventory`` returns) from per-VM facts.
 
     Each VM mapping has ``name``, ``vcpus``, ``memory_mib`` (its allocation), ``libvirt`` and
-    ``agent`` (stored samples, oldest first). ``n``: how many samples per series to keep.
+    ``agent`` (stored samples, oldest first), and optionally ``full_mem_mib`` (its size before an
+    idle plan shrank it: recorded in its registration when it was parked here, else the saved
+    original balloon value), ``home`` (the host it was parked from) and ``min_mib`` (the
+    registration's memory floor). ``n``: how many samples per series to keep.
     """
     host_vms: list[dict[str, Any]] = []
     bb: dict[str, list[list[float]]] = {}
@@ -117,10 +120,16 @@ def build_inventory(
             bb[name] = b[-n:]
         if g:
             gb[name] = g[-n:]
+        full, floor, home = v.get("full_mem_mib"), v.get("min_mib"), v.get("home")
         activity[name] = {
             "mem_mib": mem_mib,
             "cpu": [min(1.0, max(0.0, f)) for f in frac[-n:]],
             "wss_mib": round(g[-1][1] * 1024.0, 1) if g else None,
+            # Full size to restore on wake-up: the balloon's original value that the daemon saved
+            # (sqlite knobs) before it first moved the balloon; None when it never did.
+            "full_mem_mib": float(full) if isinstance(full, (int, float)) and full > 0 else None,
+            "min_mib": float(floor) if isinstance(floor, (int, float)) and floor > 0 else None,
+            "home": str(home) if isinstance(home, str) and home else None,
         }
     return {
         "host": {"id": hid, "capacity": dict(capacity), "overcommit": dict(overcommit), "vms": host_vms},
@@ -148,8 +157,13 @@ def collect(daemon: Any, n: int = 60) -> dict[str, Any]:
     vms = []
     for rec in daemon.store.list_vms():
         lv = daemon.latest.get(rec.name, {}).get("libvirt", {})
+        balloon = [k for k in daemon.store.knobs(rec.name) if k["knob"] == "balloon_mib"]
+        parked = (rec.policy.get("extra") or {}).get("placement") or {}  # set when a plan parked it here
         vms.append(
             {
+                "full_mem_mib": parked.get("full_mem_mib") or (balloon[0]["original"] if balloon else None),
+                "home": parked.get("home"),
+                "min_mib": (rec.policy.get("memory") or {}).get("min_mib"),
                 "name": rec.name,
                 "vcpus": lv.get("vcpus") if lv.get("state") == "running" else 0,
                 "memory_mib": lv.get("memory_mib") if lv.get("state") == "running" else 0,
@@ -178,12 +192,18 @@ def plan_live(
     (Sandpiper, fed with the stored samples) and idle VMs (seeds/004) and plan their moves.
 
     ``hotspots``: ``{mode: black-box|gray-box, thresholds: {res: fraction}, k, n, heuristic}``.
-    ``idle``: ``{idle_host, cpu_threshold, window, wss_max_mib, margin, min_mem_mib}``.
-    The result's ``moves`` list is what ``symbiont place execute`` carries out.
+    ``idle``: ``{idle_host, cpu_threshold, window, wss_max_mib, margin, min_mem_mib, wake_cpu}``:
+    VMs on the idle host whose newest CPU sample reaches ``wake_cpu`` move back home if it has room,
+    else to the regular host with the tightest room (best fit on memory), and grow to their full
+    size (recorded when they were parked, else the balloon original their daemon saved); idle VMs elsewhere shrink to their working set and move to the idle host.
+    The result's ``moves`` (and the idle ``actions``, in order) are what ``symbiont place execute``
+    carries out.
     """
+    from dataclasses import replace
+
     import numpy as np
 
-    from symbiont.placement.idle import IdleConfig, VMActivity, consolidation_plan
+    from symbiont.placement.idle import IdleConfig, VMActivity, consolidation_plan, wake_plan
     from symbiont.placement.inventory import parse_inventory
     from symbiont.placement.overload import GuestStats, HotspotConfig, detect_hotspots, plan_migrations
     from symbiont.placement.planner import plan
@@ -232,31 +252,52 @@ def plan_live(
             raise ValueError(
                 f"idle.idle_host {idle_host!r} is not one of the hosts ({', '.join(out['hosts'])})"
             )
-        ic.setdefault("wake_cpu", max(IdleConfig.wake_cpu, float(ic.get("cpu_threshold", 0.0))))
+        if ic.get("wake_cpu") is None:
+            ic["wake_cpu"] = max(IdleConfig.wake_cpu, float(ic.get("cpu_threshold", 0.0)))
         icfg = IdleConfig(**ic)
+        free: dict[str, float] = {}
+        sleepers: list[VMActivity] = []  # on the idle host: candidates for waking
         acts: list[VMActivity] = []
-        free_mib = 0.0
         for i in inventories:
             h = i["host"]
-            if h["id"] == idle_host:
-                oc = float(h.get("overcommit", {}).get("mem", 1.0))
-                free_mib = h["capacity"].get("mem", 0.0) * oc * 1024 - sum(
-                    v["demand"].get("mem", 0.0) * 1024 for v in h.get("vms", [])
-                )
+            oc = float(h.get("overcommit", {}).get("mem", 1.0))
+            free[h["id"]] = h["capacity"].get("mem", 0.0) * oc * 1024 - sum(
+                v["demand"].get("mem", 0.0) * 1024 for v in h.get("vms", [])
+            )
             for v in h.get("vms", []):
                 a = i.get("activity", {}).get(v["id"])
-                if a is None or a.get("wss_mib") is None or v["id"] in moved:
+                if a is None or v["id"] in moved:
                     continue
-                acts.append(
-                    VMActivity(v["id"], h["id"], float(a["mem_mib"]), list(a["cpu"]), float(a["wss_mib"]))
-                )
-        actions = consolidation_plan(acts, idle_host, max(free_mib, 0.0), icfg)
+                full, floor = a.get("full_mem_mib"), a.get("min_mib")
+                vma = VMActivity(
+                    v["id"], h["id"], float(a["mem_mib"]), list(a["cpu"]), float(a.get("wss_mib") or 0.0),
+                    home_mem_mib=float(full) if full is not None else None,
+                    min_mib=float(floor) if floor is not None else None,
+                    home=a.get("home"),
+                )  # fmt: skip
+                if h["id"] == idle_host:
+                    sleepers.append(vma)
+                if a.get("wss_mib") is not None:
+                    acts.append(vma)
+        regular = {h: max(f, 0.0) for h, f in free.items() if h != idle_host}
+        sleepers = [replace(v, home=v.home if v.home in regular else None) for v in sleepers]
+        wake = wake_plan(sleepers, idle_host, regular, icfg)
+        woken = {a.vm for a in wake}
+        # VMs leaving the idle host make room there for the ones consolidated now.
+        idle_free = free[idle_host] + sum(v.mem_mib for v in sleepers if _leaves(v.id, wake))
+        actions = wake + consolidation_plan([v for v in acts if v.id not in woken], idle_host,
+                                            max(idle_free, 0.0), icfg)  # fmt: skip
         out["idle"] = {
             "idle_host": idle_host,
-            "free_mib": round(free_mib, 1),
+            "free_mib": round(free[idle_host], 1),
+            "regular_free_mib": {h: round(f, 1) for h, f in regular.items()},
             "actions": [a.to_dict() for a in actions],
         }
         for a in actions:
             if a.kind == "move":
                 out["moves"].append({"vm": a.vm, "from": a.src, "to": a.dst, "reason": a.reason})
     return out
+
+
+def _leaves(vm: str, actions: Sequence[Any]) -> bool:
+    return any(a.kind == "move" and a.vm == vm for a in actions)
