@@ -81,6 +81,8 @@ class AgentLink:
         self._ready = asyncio.Event()
         self._failed_requests = 0
         self._cooperative = False
+        # Event name -> handler(data, payload): binary streams from the guest (migration images).
+        self.stream_handlers: dict[str, Callable[[dict[str, Any], bytes], None]] = {}
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -234,8 +236,11 @@ class AgentLink:
             else:
                 fut.set_exception(AgentOpError(str(h.get("error", "unknown error"))[:2000]))
         elif h["type"] == "event":
-            if self.on_event:
-                data = h.get("data") if isinstance(h.get("data"), dict) else {}
+            data = h.get("data") if isinstance(h.get("data"), dict) else {}
+            stream = self.stream_handlers.get(h["event"])
+            if stream is not None:
+                stream(data, msg.payload)
+            elif self.on_event:
                 self.on_event(self.vm, h["event"], data)
         # A guest sending us requests is ignored: the host serves no guest requests (yet).
 

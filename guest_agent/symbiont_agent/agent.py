@@ -15,6 +15,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,19 +27,35 @@ log = logging.getLogger("symbiont-agent")
 
 Handler = Callable[[dict[str, Any], bytes], Any]
 OPS: dict[str, Handler] = {}
+THREADED: set[str] = set()
+_CURRENT: Channel | None = None  # the open channel, for emit() from worker threads
 
 
-def op(name: str) -> Callable[[Handler], Handler]:
+def op(name: str, threaded: bool = False) -> Callable[[Handler], Handler]:
     """Register a handler for request ``name``: ``fn(args, payload) -> result``.
 
-    A handler may return ``(result, payload_bytes)`` to send binary data back.
+    A handler may return ``(result, payload_bytes)`` to send binary data back. A ``threaded``
+    handler (a CRIU dump, a stream of image chunks) runs in a worker thread and answers when
+    it is done, so ``ping``/``stats`` and other requests keep being answered meanwhile.
     """
 
     def register(fn: Handler) -> Handler:
         OPS[name] = fn
+        if threaded:
+            THREADED.add(name)
+        else:
+            THREADED.discard(name)
         return fn
 
     return register
+
+
+def emit(header: dict[str, Any], payload: bytes = b"") -> bool:
+    """Send an unsolicited frame (an event, possibly with a binary payload) from any thread."""
+    ch = _CURRENT
+    if ch is None or ch.fd is None:
+        return False
+    return ch.send(header, payload)
 
 
 def load_op_modules() -> list[str]:
@@ -86,6 +103,7 @@ class Channel:
         self.write_timeout = write_timeout
         self.fd: int | None = None
         self.reader = proto.FrameReader()
+        self.lock = threading.Lock()  # worker threads send too (threaded ops, emit)
 
     def open(self) -> None:
         while True:
@@ -107,9 +125,14 @@ class Channel:
             self.fd = None
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> bool:
+        with self.lock:
+            return self._send(header, payload)
+
+    def _send(self, header: dict[str, Any], payload: bytes = b"") -> bool:
         data = memoryview(proto.encode(header, payload))
         deadline = time.monotonic() + self.write_timeout
-        assert self.fd is not None
+        if self.fd is None:
+            return False
         while data:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -172,8 +195,16 @@ def hello_frame() -> dict[str, Any]:
 _STARTED = time.time()
 
 
+def _answer_in_thread(channel: Channel, msg: proto.Message) -> None:
+    reply = handle(msg)
+    if reply is not None:
+        channel.send(*reply)
+
+
 def serve(channel: Channel, stop: Callable[[], bool] = lambda: False) -> None:
     """Serve until ``stop()``; reopen the port after protocol errors or hang-ups."""
+    global _CURRENT
+    _CURRENT = channel
     while not stop():
         channel.open()
         channel.send(hello_frame())
@@ -205,6 +236,9 @@ def serve(channel: Channel, stop: Callable[[], bool] = lambda: False) -> None:
                     time.sleep(0.5)
                     continue
                 for msg in channel.reader.feed(data):
+                    if msg.type == "req" and msg.header["op"] in THREADED:
+                        threading.Thread(target=_answer_in_thread, args=(channel, msg), daemon=True).start()
+                        continue
                     reply = handle(msg)
                     if reply is not None:
                         channel.send(*reply)

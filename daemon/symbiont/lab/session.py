@@ -95,6 +95,8 @@ class LabSession:
     step: Callable[[str], None] = lambda s: None
     register: bool = True
     register_extra: dict[str, Any] = field(default_factory=dict)  # the registrations' "extra" (by part)
+    # Two loopback UDP ports: VMs 1 and 2 get a point-to-point NIC between them (vms.domain_xml udp_link).
+    udp_ports: tuple[int, int] | None = None
     # Filled in by __enter__:
     image: Image | None = None
     host: LibvirtHost | None = None
@@ -141,11 +143,15 @@ class LabSession:
 
         libvirt.registerErrorHandler(lambda _c, _e: None, None)
         self.step(f"booting {self.count} VMs ({vms.resolve_domain_type(lab_cfg.lab.domain_type)})")
-        for name in vms.lab_names(lab_cfg, self.count):
+        for i, name in enumerate(vms.lab_names(lab_cfg, self.count)):
             if self.host.exists(name):
                 vms.remove_vm(self.host, lab_cfg, name)
             t0 = time.monotonic()
-            self.vms.append(vms.create_vm(self.host, lab_cfg, self.image, name))
+            link: dict[str, Any] = {}
+            if self.udp_ports and i < 2:
+                a, b = self.udp_ports
+                link["udp_link"] = (a, b) if i == 0 else (b, a)
+            self.vms.append(vms.create_vm(self.host, lab_cfg, self.image, name, **link))
             self.boot_seconds[name] = -t0  # completed below
         for vm in self.vms:
             self.step(f"waiting for {vm.name}'s agent")

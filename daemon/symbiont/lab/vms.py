@@ -19,6 +19,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 import libvirt
@@ -65,9 +66,14 @@ def domain_xml(
     vcpus: int | None = None,
     max_vcpus: int | None = None,
     nosharepages: bool = False,
+    udp_link: tuple[int, int] | None = None,
 ) -> str:
     """The libvirt domain for one lab VM (``nosharepages``: guest RAM not mergeable by KSM,
-    the only way the host can enforce a tenant's opt-out of page sharing)."""
+    the only way the host can enforce a tenant's opt-out of page sharing).
+
+    ``udp_link=(local_port, peer_port)`` adds a virtio NIC whose frames QEMU sends as UDP
+    datagrams over the host's loopback to the peer VM's QEMU: a point-to-point guest network
+    with no host interface, bridge or address (the migration part's network path)."""
     lab = cfg.lab
     dtype = resolve_domain_type(lab.domain_type)
     mem = memory_mib or lab.memory_mib
@@ -116,9 +122,22 @@ def domain_xml(
     </channel>
     <memballoon model='virtio'><stats period='{lab.balloon_period_s}'/></memballoon>
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    {_udp_nic(udp_link) if udp_link else ""}
   </devices>
 </domain>
 """
+
+
+def _udp_nic(ports: tuple[int, int]) -> str:
+    local, peer = (int(p) for p in ports)
+    if not all(1024 <= p <= 65535 for p in (local, peer)) or local == peer:
+        raise LabError(f"udp_link: ports {ports!r} must be two different ports in 1024..65535")
+    mac = f"52:54:00:5b:{local >> 8 & 0xFF:02x}:{local & 0xFF:02x}"
+    return f"""<interface type='udp'>
+      <mac address='{mac}'/>
+      <source address='127.0.0.1' port='{peer}'><local address='127.0.0.1' port='{local}'/></source>
+      <model type='virtio'/>
+    </interface>"""
 
 
 def _qemu_owner() -> tuple[int, int] | None:
@@ -148,7 +167,7 @@ def is_lab_domain(dom: libvirt.virDomain) -> bool:
 
 
 def create_vm(
-    host: LibvirtHost, cfg: Config, image: Image, name: str, start: bool = True, **sizes: int | bool
+    host: LibvirtHost, cfg: Config, image: Image, name: str, start: bool = True, **sizes: Any
 ) -> LabVm:
     """Make the overlay, define the domain and start it."""
     if host.exists(name):

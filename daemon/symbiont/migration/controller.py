@@ -1,0 +1,511 @@
+"""Orchestration of container migrations between VMs, and their crash recovery.
+
+One coroutine per migration walks the journal's phases (:mod:`symbiont.migration.journal`):
+``check`` (the source agent says the container can be dumped) → ``predump`` + ``transfer``
+(iterative pre-copy while the container runs) → ``dump`` (frozen, final delta and its open
+files) → ``transfer`` → ``restore`` (same cgroup limits and namespaces on the destination)
+→ ``confirm`` (the destination's copy runs: from here it is the container) → ``cleanup``
+(the frozen source copy goes) → ``done``. Any failure before ``confirm`` aborts: the
+destination's files and restored copy are removed and the source is thawed.
+
+Two transfer paths share everything else:
+
+* ``relay`` (Portkey): the source agent streams the images over its virtio-serial channel as
+  framed binary events, the daemon checks each chunk (manifest, bounds, SHA-256), queues it
+  in a bounded window and writes it to the destination agent; acknowledgements flow back
+  with the measured drain rate, from which the sender computes its delay (adaptive) — or it
+  sends at a fixed rate (the baseline);
+* ``network``: the guests stream the same files to each other over TCP on their private
+  point-to-point link (the lab's UDP-over-loopback NIC; no host address involved).
+
+On daemon start (and every period until settled) unfinished journal entries are resolved
+with :func:`symbiont.migration.journal.recovery_action`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import Any
+
+from symbiont.agentlink import AgentLink, AgentOpError, AgentUnavailable
+from symbiont.daemon import Conflict, Daemon, DaemonError, Invalid, NotFound, Unavailable
+from symbiont.migration import journal as jn
+from symbiont.migration.hostcpu import CpuMeter
+from symbiont_agent import migration_rate as rate
+
+log = logging.getLogger(__name__)
+
+LONG = 600.0  # CRIU under TCG: a dump of tens of MiB takes tens of seconds
+FAULTS = ("corrupt", "truncate")
+MAX_TOTAL = 2 << 30
+
+
+class MigrationFailed(Exception):
+    """A step failed; the migration is aborted (the source keeps running)."""
+
+
+def _agent_error(vm: str, exc: Exception) -> DaemonError:
+    text = str(exc)
+    if isinstance(exc, AgentUnavailable):
+        return Unavailable(f"{vm}: agent unavailable: {text}")
+    kind, _, rest = text.partition(": ")
+    if kind == "NoSuchContainer":
+        return NotFound(f"{vm}: {rest}")
+    if kind == "Conflict":
+        return Conflict(f"{vm}: {rest}")
+    if kind in ("InvalidSpec", "ValueError", "StreamError"):
+        return Invalid(f"{vm}: {rest}")
+    return Unavailable(f"{vm}: {text}")
+
+
+class Relay:
+    """The hypervisor side of one relayed transfer: validate, buffer (bounded), forward, acknowledge."""
+
+    def __init__(
+        self, ctl: MigrationController, m: dict[str, Any], files: dict[str, dict[str, Any]],
+        window: int, chunk: int, bw0: float, fault: str | None, workers: int = 2,
+    ) -> None:  # fmt: skip
+        self.ctl, self.m, self.files = ctl, m, files
+        self.window, self.chunk = window, chunk
+        self.queue: asyncio.Queue[tuple[dict[str, Any], bytes]] = asyncio.Queue()
+        self.inflight = 0  # received from the source, not yet written at the destination
+        self.received = self.acked = self.chunks = 0
+        self.error: str | None = None
+        self.bw = rate.BandwidthEstimator(bw0)
+        self.fault = fault
+        self.total = sum(int(e["size"]) for e in files.values())
+        self.last = max(files.values(), key=lambda e: e["size"]) if files else None
+        self.workers = [asyncio.get_running_loop().create_task(self._forward()) for _ in range(workers)]
+        self._credit_tasks: set[asyncio.Task[Any]] = set()
+        self.started = time.monotonic()
+
+    def on_chunk(self, data: dict[str, Any], payload: bytes) -> None:
+        """Called by the source's link for every ``mig-chunk`` event; never raises."""
+        if self.error:
+            return
+        try:
+            if data.get("mid") != self.m["id"]:
+                raise rate.StreamError(f"chunk of another migration {data.get('mid')!r}")
+            meta = rate.validate_chunk(data, payload, self.files, self.chunk)
+            if self.inflight + len(payload) > self.window:
+                raise rate.StreamError(
+                    f"the guest overran the relay window ({self.inflight} + {len(payload)} bytes)"
+                )
+        except rate.StreamError as exc:
+            self._fail(f"{self.m['vm']}: {exc}")
+            return
+        self.received += len(payload)
+        self.inflight += len(payload)
+        self.chunks += 1
+        if self.fault == "corrupt" and self.chunks == 2 and payload:
+            payload = bytes([payload[0] ^ 0xFF]) + payload[1:]  # a bit flip past the sender's checksum
+            self.fault = None
+        elif (
+            self.fault == "truncate"
+            and self.last is not None
+            and meta["path"] == self.last["path"]
+            and meta["off"] + meta["len"] == self.last["size"]
+            and meta["len"] > 0
+        ):
+            self.fault = None  # the stream's last chunk never reaches the destination
+            self._acked(len(payload), 0.0)
+            return
+        self.queue.put_nowait((meta, payload))
+
+    async def _forward(self) -> None:
+        dest = self.ctl.link(self.m["dest"])
+        while True:
+            meta, payload = await self.queue.get()
+            t0 = time.monotonic()
+            try:
+                if not self.error:
+                    await dest.request("mig-recv", {"mid": self.m["id"], **meta}, payload, timeout=60)
+            except (AgentOpError, AgentUnavailable) as exc:
+                self._fail(f"{self.m['dest']}: {exc}")
+            finally:
+                self._acked(len(payload), time.monotonic() - t0)
+                self.queue.task_done()
+
+    def _fail(self, why: str) -> None:
+        """Refuse the rest of the stream and tell the sender to stop at once."""
+        if self.error:
+            return
+        self.error = why
+        self._credit({"mid": self.m["id"], "acked": self.acked, "bw": max(1.0, self.bw.value), "stop": True})
+
+    def _credit(self, args: dict[str, Any]) -> None:
+        src = self.ctl.daemon.links.get(self.m["vm"])
+        if src is not None and src.ready:
+            t = asyncio.get_running_loop().create_task(src.request("mig-credit", args))
+            self._credit_tasks.add(t)
+            t.add_done_callback(self._credit_done)
+
+    def _acked(self, n: int, secs: float) -> None:
+        self.inflight -= n
+        self.acked += n
+        bw = self.bw.observe(n, secs) if secs > 0 else self.bw.value
+        self._credit({"mid": self.m["id"], "acked": self.acked, "bw": max(1.0, bw)})
+
+    def _credit_done(self, t: asyncio.Task[Any]) -> None:
+        self._credit_tasks.discard(t)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            t.result()
+
+    async def close(self) -> None:
+        for w in self.workers:
+            w.cancel()
+        for w in self.workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await w
+        for t in list(self._credit_tasks):
+            t.cancel()
+
+
+class MigrationController:
+    """All migrations of one daemon (see :func:`controller_for`)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.journal = jn.Journal(daemon.store)
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.recovering: set[str] = set()
+
+    # -- agents --------------------------------------------------------------------------------
+    def link(self, vm: str) -> AgentLink:
+        self.daemon._require(vm)
+        link = self.daemon.links.get(vm)
+        if link is None or not link.ready:
+            raise Unavailable(f"{vm}: the guest agent is not connected")
+        return link
+
+    async def agent(self, vm: str, op: str, args: dict[str, Any], timeout: float = 30.0,
+                    payload: bytes = b"") -> dict[str, Any]:  # fmt: skip
+        try:
+            result, _ = await self.link(vm).request(op, args, payload, timeout=timeout)
+        except (AgentOpError, AgentUnavailable) as exc:
+            raise _agent_error(vm, exc) from None
+        if not isinstance(result, dict):
+            raise Unavailable(f"{vm}: agent answered {op} with a {type(result).__name__}")
+        return result
+
+    # -- API ---------------------------------------------------------------------------------------
+    async def start(self, vm: str, ct: str, dest: str, path: str = "relay", mode: str = "adaptive",
+                    predumps: int = 1, rate_bps: float = 8e6, window: int = 4 << 20, chunk: int = 1 << 20,
+                    fault: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Validate, journal, and run the migration in the background; returns the journal entry."""
+        self.daemon._require(vm)
+        self.daemon._require(dest)
+        if vm == dest:
+            raise Invalid("to: the destination must be another VM")
+        if path not in ("relay", "network"):
+            raise Invalid(f"path: {path!r} (relay or network)")
+        if mode not in rate.MODES:
+            raise Invalid(f"rate: {mode!r} ({', '.join(rate.MODES)})")
+        if fault is not None and fault not in FAULTS:
+            raise Invalid(f"fault: {fault!r} ({', '.join(FAULTS)})")
+        self.link(vm)
+        self.link(dest)
+        mid = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        params = {
+            "predumps": predumps,
+            "rate_bps": rate_bps,
+            "window": window,
+            "chunk": chunk,
+            "fault": fault,
+        }
+        try:
+            self.journal.create(mid, vm, ct, dest, path, mode, params)
+        except jn.JournalError as exc:
+            raise Conflict(str(exc)) from None
+        self.daemon.store.log_decision(
+            "migration",
+            "start",
+            vm,
+            {"ct": ct, "dest": dest, "path": path, "rate": mode, **params},
+            {"id": mid},
+        )
+        self.tasks[mid] = asyncio.get_running_loop().create_task(self._run(mid), name=f"migrate-{mid}")
+        m = self.journal.get(mid)
+        assert m is not None
+        return m
+
+    def show(self, mid: str) -> dict[str, Any]:
+        m = self.journal.get(mid)
+        if m is None:
+            raise NotFound(f"no migration {mid!r}")
+        m["running"] = mid in self.tasks
+        return m
+
+    # -- the migration ------------------------------------------------------------------------------
+    async def _run(self, mid: str) -> None:
+        m = self.journal.get(mid)
+        assert m is not None
+        meter = CpuMeter.for_migration(m["vm"], m["dest"])
+        t0 = time.monotonic()
+        timings: dict[str, float] = {}
+        try:
+            await self._steps(m, timings, meter)
+        except asyncio.CancelledError:
+            await self._abort(m, "daemon stopping", timings)
+            raise
+        except (DaemonError, MigrationFailed, jn.JournalError, OSError) as exc:
+            log.warning("migration %s failed: %s", mid, exc)
+            await self._abort(m, str(exc), timings)
+        except Exception as exc:  # never leave a frozen source behind
+            log.exception("migration %s crashed", mid)
+            await self._abort(m, f"{type(exc).__name__}: {exc}", timings)
+        finally:
+            self.tasks.pop(mid, None)
+            timings["total_s"] = round(time.monotonic() - t0, 4)
+            with contextlib.suppress(Exception):
+                cur = self.journal.get(mid)
+                if cur is not None:
+                    self.journal.move(mid, cur["phase"], timings=timings, result={"host_cpu": meter.read()})
+
+    async def _steps(self, m: dict[str, Any], timings: dict[str, float], meter: CpuMeter) -> None:
+        mid, vm, dest, ct, p = m["id"], m["vm"], m["dest"], m["ct"], m["params"]
+        self.journal.move(mid, "check")
+        chk = await self.agent(vm, "mig-check", {"name": ct})
+        self.journal.move(
+            mid, "check", result={"check": {k: chk[k] for k in ("init_pid", "files", "memory_current")}}
+        )
+        moved = 0
+        last = 0
+        for n in range(1, int(p["predumps"]) + 1):
+            self.journal.move(mid, "predump")
+            t = time.monotonic()
+            r = await self.agent(vm, "mig-predump", {"mid": mid, "name": ct, "n": n}, timeout=LONG)
+            timings[f"predump{n}_s"] = round(time.monotonic() - t, 4)
+            self.journal.move(mid, "transfer", timings=timings, progress={f"predump{n}_bytes": r["bytes"]})
+            t = time.monotonic()
+            moved += await self._transfer(m, [f"img/{n}"])
+            timings[f"transfer{n}_s"] = round(time.monotonic() - t, 4)
+            last = n
+        self.journal.move(mid, "dump", timings=timings)
+        frozen = time.monotonic()
+        r = await self.agent(vm, "mig-dump", {"mid": mid, "name": ct, "parent": last}, timeout=LONG)
+        timings["dump_s"] = round(time.monotonic() - frozen, 4)
+        self.journal.move(
+            mid,
+            "transfer",
+            timings=timings,
+            progress={"dump_bytes": r["bytes"], "files": r["files"], "frozen_at": r.get("frozen_at")},
+        )
+        t = time.monotonic()
+        final = await self._transfer(m, ["img/final", "files.tar"])
+        moved += final
+        timings["transfer_final_s"] = round(time.monotonic() - t, 4)
+        self.journal.move(mid, "restore", timings=timings, progress={"bytes_total": moved})
+        t = time.monotonic()
+        res = await self.agent(dest, "mig-restore", {"mid": mid, "record": chk["record"]}, timeout=LONG)
+        timings["restore_s"] = round(time.monotonic() - t, 4)
+        st = await self.agent(dest, "mig-status", {"mid": mid, "name": ct})
+        cont = st.get("container") or {}
+        if not (st.get("restored") and cont.get("populated") and not cont.get("frozen")):
+            raise MigrationFailed(f"{dest}: the restored container is not running ({st})")
+        timings["downtime_s"] = round(time.monotonic() - frozen, 4)
+        self.journal.move(mid, "confirm", timings=timings, result={"restore": res, "bytes": moved})
+        self.daemon.store.log_decision(
+            "migration", "confirm", dest, {"id": mid, "ct": ct}, {"pid": res.get("pid")}
+        )
+        self.journal.move(mid, "cleanup")
+        await self._finish(m)
+        self.journal.move(mid, "done", timings=timings, result={"host_cpu": meter.read()})
+
+    async def _transfer(self, m: dict[str, Any], paths: list[str]) -> int:
+        """Move the files under ``paths`` to the destination; verify them there; return bytes."""
+        mid, vm, dest = m["id"], m["vm"], m["dest"]
+        man = await self.agent(vm, "mig-manifest", {"mid": mid, "paths": paths}, timeout=LONG)
+        try:
+            files = rate.validate_manifest(man.get("files"), MAX_TOTAL)
+        except rate.StreamError as exc:
+            raise MigrationFailed(f"{vm}: bad manifest: {exc}") from None
+        order = sorted(files)
+        if m["path"] == "network":
+            await self._network(m, files, order)
+        else:
+            await self._relay(m, files, order)
+        await self.agent(dest, "mig-verify", {"mid": mid, "files": list(files.values())}, timeout=LONG)
+        total = sum(int(e["size"]) for e in files.values())
+        self.journal.progress(mid, moved=(m.get("_moved", 0) + total))
+        m["_moved"] = m.get("_moved", 0) + total
+        return total
+
+    async def _relay(
+        self, m: dict[str, Any], files: dict[str, dict[str, Any]], order: list[str]
+    ) -> dict[str, Any]:
+        p = m["params"]
+        src = self.link(m["vm"])
+        relay = Relay(self, m, files, int(p["window"]), int(p["chunk"]), float(p["rate_bps"]), p.get("fault"))
+        src.stream_handlers["mig-chunk"] = relay.on_chunk
+        try:
+            try:
+                sent = await self.agent(m["vm"], "mig-send", {
+                    "mid": m["id"], "paths": order, "mode": m["rate"], "chunk": int(p["chunk"]),
+                    "window": int(p["window"]), "rate": float(p["rate_bps"]), "bw": float(p["rate_bps"]),
+                }, timeout=LONG)  # fmt: skip
+            except DaemonError as exc:
+                if relay.error:  # the sender stopped because the relay refused the stream
+                    raise MigrationFailed(f"relay: {relay.error}") from None
+                raise MigrationFailed(f"sender: {exc}") from None
+            finally:
+                src.stream_handlers.pop("mig-chunk", None)
+            await asyncio.wait_for(relay.queue.join(), 120)
+            if relay.error:
+                raise MigrationFailed(f"relay: {relay.error}")
+            stats = {"relay_bytes": relay.received, "relay_chunks": relay.chunks, "sender": sent,
+                     "relay_s": round(time.monotonic() - relay.started, 4)}  # fmt: skip
+            prev = (self.journal.get(m["id"]) or {}).get("result", {}).get("relay", [])
+            self.journal.move(m["id"], "transfer", result={"relay": [*prev, stats]})
+            return stats
+        finally:
+            await relay.close()
+
+    async def _network(self, m: dict[str, Any], files: dict[str, dict[str, Any]], order: list[str]) -> None:
+        vm, dest = m["vm"], m["dest"]
+        await self.agent(vm, "mig-net-setup", {})
+        peer = await self.agent(dest, "mig-net-setup", {})
+        recv = asyncio.get_running_loop().create_task(
+            self.agent(
+                dest, "mig-net-recv", {"mid": m["id"], "files": [files[k] for k in order]}, timeout=LONG
+            )
+        )
+        try:
+            await asyncio.sleep(0.3)
+            sent = await self.agent(vm, "mig-net-send", {"mid": m["id"], "paths": order, "host": peer["ip"]},
+                                    timeout=LONG)  # fmt: skip
+            got = await asyncio.wait_for(recv, LONG)
+        finally:
+            if not recv.done():
+                recv.cancel()
+        prev = (self.journal.get(m["id"]) or {}).get("result", {}).get("network", [])
+        self.journal.move(m["id"], "transfer", result={"network": [*prev, {"sender": sent, "receiver": got}]})
+
+    # -- failure, finish, recovery ----------------------------------------------------------------
+    async def _abort(self, m: dict[str, Any], why: str, timings: dict[str, float] | None = None) -> bool:
+        """Destination cleared, source thawed; journal ``aborted`` once both are done.
+
+        Never after ``confirm``: the destination's copy is the container then, and what is
+        left to do (remove the source's copy) is the recovery's ``finish``."""
+        ok = True
+        cur = self.journal.get(m["id"])
+        if cur is not None and jn.authoritative(cur["phase"]) == "destination":
+            log.warning("migration %s: %s after confirm; the recovery finishes it", m["id"], why)
+            return False
+        # Only once a restore was asked for can a copy run on the destination: then it must be
+        # removed before the source may run on; before that the destination holds only files.
+        dest_required = cur is not None and cur["phase"] == "restore"
+        for vm, op, args in ((m["dest"], "mig-abort", {"mid": m["id"], "name": m["ct"]}),
+                             (m["vm"], "mig-resume", {"name": m["ct"], "mid": m["id"]}),
+                             (m["vm"], "mig-cleanup", {"mid": m["id"]})):  # fmt: skip
+            try:
+                await self.agent(vm, op, args, timeout=60)
+            except NotFound:
+                pass  # the container or migration is not there: nothing to undo
+            except DaemonError as exc:
+                log.warning("migration %s: %s on %s failed: %s", m["id"], op, vm, exc)
+                if vm == m["vm"] or dest_required:
+                    ok = False
+                if vm == m["dest"] and dest_required:
+                    break  # a restored copy may run there: the source must stay frozen
+        if ok:
+            cur = self.journal.get(m["id"])
+            if cur is not None and cur["phase"] in jn.ACTIVE:
+                self.journal.move(m["id"], "aborted", error=why, timings=timings or {})
+            self.daemon.store.log_decision("migration", "abort", m["vm"], {"id": m["id"], "why": why}, {})
+        return ok
+
+    async def _finish(self, m: dict[str, Any]) -> None:
+        await self.agent(m["vm"], "mig-finish", {"mid": m["id"], "name": m["ct"]}, timeout=60)
+        with contextlib.suppress(DaemonError):
+            await self.agent(m["dest"], "mig-cleanup", {"mid": m["id"]}, timeout=60)
+
+    async def _view(self, vm: str, m: dict[str, Any]) -> jn.GuestView:
+        try:
+            st = await self.agent(vm, "mig-status", {"mid": m["id"], "name": m["ct"]}, timeout=15)
+        except DaemonError:
+            return jn.GuestView(reachable=False)
+        c = st.get("container") or {}
+        return jn.GuestView(True, bool(c.get("populated")), bool(st.get("restored")))
+
+    async def recover(self) -> list[dict[str, Any]]:
+        """Resolve unfinished journal entries (not those this daemon is running now)."""
+        out = []
+        for m in self.journal.unfinished():
+            if m["id"] in self.tasks or m["id"] in self.recovering:
+                continue
+            self.recovering.add(m["id"])
+            try:
+                src, dst = await self._view(m["vm"], m), await self._view(m["dest"], m)
+                action = jn.recovery_action(m["phase"], src, dst)
+                if action == "keep-destination" and m["phase"] != "restore":
+                    action = "abort"
+                if action == "abort":
+                    done = await self._abort(m, f"recovered after a crash in phase {m['phase']}")
+                elif action == "keep-destination":
+                    self.journal.move(m["id"], "confirm")
+                    self.journal.move(m["id"], "cleanup")
+                    action = "finish"
+                    done = True
+                if action == "finish":
+                    try:
+                        await self._finish(m)
+                        if self.journal.get(m["id"])["phase"] == "confirm":  # type: ignore[index]
+                            self.journal.move(m["id"], "cleanup")
+                        self.journal.move(m["id"], "done")
+                        done = True
+                    except DaemonError as exc:
+                        log.warning("migration %s: finishing failed: %s", m["id"], exc)
+                        done = False
+                if action == "wait":
+                    done = False
+                if action != "wait":
+                    self.daemon.store.log_decision(
+                    "migration", "recover", m["vm"],
+                    {"id": m["id"], "phase": m["phase"], "source": src.__dict__, "dest": dst.__dict__},
+                    {"action": action, "settled": done},
+                )  # fmt: skip
+                out.append({"id": m["id"], "phase": m["phase"], "action": action, "settled": done})
+            finally:
+                self.recovering.discard(m["id"])
+        return out
+
+    async def stop(self) -> None:
+        for t in list(self.tasks.values()):
+            t.cancel()
+        for t in list(self.tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+
+_CONTROLLERS: dict[int, MigrationController] = {}
+
+
+def controller_for(daemon: Daemon) -> MigrationController:
+    key = id(daemon)
+    if key not in _CONTROLLERS:
+        _CONTROLLERS[key] = MigrationController(daemon)
+    return _CONTROLLERS[key]
+
+
+async def _hook(daemon: Daemon) -> None:
+    ctl = controller_for(daemon)
+    if ctl.journal.unfinished() and not ctl.recovering:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(ctl.recover(), name="migration-recover")
+        ctl.tasks_recover = task  # type: ignore[attr-defined]
+
+
+async def start(daemon: Daemon) -> None:
+    controller_for(daemon)
+    daemon.hooks.append(_hook)
+
+
+async def stop(daemon: Daemon) -> None:
+    ctl = _CONTROLLERS.pop(id(daemon), None)
+    if ctl is not None:
+        await ctl.stop()

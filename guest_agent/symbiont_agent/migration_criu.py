@@ -1,0 +1,120 @@
+"""Checkpoint/restore of one container with CRIU's RPC (``criu swrk``) through pycriu.
+
+pycriu ships in Debian's ``criu`` package and imports only under the system python3, so it
+is imported lazily from ``/usr/lib/python3/dist-packages``. What a container needs to be
+dumped (found out on the real guest):
+
+* the tree is dumped from the container's init (PID 1 of its PID namespace), not from the
+  ``unshare`` parent that sits outside that namespace;
+* its session leader must be inside the namespace (CRIU refuses otherwise): the init must
+  have called ``setsid`` — see :func:`symbiont.migration.workload.migratable_command`;
+* the mount namespace is a private copy of the guest's: its mounts are declared external
+  automatically (``auto_ext_mnt``) and bound again from the destination guest, which boots
+  the same golden image;
+* the final dump freezes the cgroup (v2 ``cgroup.freeze``) first and leaves it frozen
+  (``leave_running`` restores the freezer's state, which is frozen): the source copy stays
+  in memory, stopped, until the destination has restored and confirmed; thawing it again is
+  the way back on any failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+CRIU_BIN = "/usr/sbin/criu"
+_DIST = "/usr/lib/python3/dist-packages"
+
+
+class CriuError(Exception):
+    """CRIU failed; the message carries the tail of its log."""
+
+
+def _pycriu() -> Any:
+    if _DIST not in sys.path:
+        sys.path.append(_DIST)
+    try:
+        import pycriu  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise CriuError(f"pycriu is not available in this guest ({exc}); install Debian's criu") from None
+    return pycriu
+
+
+def _log_tail(path: str, n: int = 12) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return ""
+    errs = [ln for ln in lines if "Error" in ln]
+    return " | ".join((errs or lines)[-n:])[-1500:]
+
+
+def run(kind: str, images_dir: str, log_name: str, **opts: Any) -> tuple[Any, float]:
+    """Run one CRIU request (``pre_dump``, ``dump``, ``restore``) with images in ``images_dir``."""
+    pycriu = _pycriu()
+    os.makedirs(images_dir, exist_ok=True)
+    c = pycriu.criu()
+    c.use_binary(CRIU_BIN)
+    fd = os.open(images_dir, os.O_DIRECTORY)
+    os.set_inheritable(fd, True)  # criu swrk is exec'd and must see it
+    try:
+        c.opts.images_dir_fd = fd
+        c.opts.log_file = log_name
+        c.opts.log_level = 2
+        for k, v in opts.items():
+            if k == "manage_cgroups_mode":
+                v = getattr(pycriu.rpc, v)
+            setattr(c.opts, k, v)
+        t0 = time.monotonic()
+        try:
+            resp = getattr(c, kind)()
+        except pycriu.CRIUException as exc:
+            raise CriuError(
+                f"criu {kind} failed: {exc}: {_log_tail(os.path.join(images_dir, log_name))}"
+            ) from None
+        return resp, time.monotonic() - t0
+    finally:
+        os.close(fd)
+
+
+def pre_dump(pid: int, images_dir: str, parent: str | None) -> float:
+    opts: dict[str, Any] = {"pid": pid, "track_mem": True, "shell_job": True}
+    if parent:
+        opts["parent_img"] = parent
+    return run("pre_dump", images_dir, "pre-dump.log", **opts)[1]
+
+
+def dump(pid: int, images_dir: str, parent: str | None, cgroup_path: str) -> float:
+    opts: dict[str, Any] = {
+        "pid": pid,
+        "track_mem": True,
+        "shell_job": True,
+        "leave_running": True,
+        "manage_cgroups": True,
+        "freeze_cgroup": cgroup_path,
+        "auto_ext_mnt": True,
+        "ext_sharing": True,
+        "ext_masters": True,
+    }
+    if parent:
+        opts["parent_img"] = parent
+    return run("dump", images_dir, "dump.log", **opts)[1]
+
+
+def restore(images_dir: str) -> tuple[int, float]:
+    resp, secs = run(
+        "restore",
+        images_dir,
+        "restore.log",
+        root="/",
+        shell_job=True,
+        auto_ext_mnt=True,
+        ext_sharing=True,
+        ext_masters=True,
+        manage_cgroups=True,
+        manage_cgroups_mode="SOFT",
+    )
+    return int(resp.pid), secs

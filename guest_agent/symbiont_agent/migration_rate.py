@@ -1,0 +1,134 @@
+"""Pure pacing and validation rules of the migration stream (standard library only).
+
+Shared by the guest agent (the sender paces itself) and the daemon (the relay checks what a
+guest sends): both sides import this one module, and the unit tests exercise it directly.
+
+Portkey's adaptive send rate: before a send of ``data`` bytes, with ``free`` bytes of room
+left in the send buffer (here: the hypervisor relay's window) and ``bw`` bytes/s of available
+bandwidth (the relay's measured drain rate), the sender waits
+
+    delay = (data - free) / bw        (0 when the data fits now)
+
+so that it wakes up when just enough has drained instead of polling the hypervisor. The
+fixed-rate baseline sends every ``data / rate`` seconds whatever the buffer holds, and must
+try again (a wasted VM-hypervisor interaction) whenever the buffer turns out to be full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+MODES = ("adaptive", "fixed")
+MAX_CHUNK = 4 << 20  # one CRIU pipe's worth, as in the seed
+MIN_CHUNK = 4096
+MAX_DELAY = 2.0  # never sleep longer than this on an estimate: re-check instead
+MID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
+PATH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}){0,3}$")
+
+
+class StreamError(ValueError):
+    """A chunk or manifest that must not be accepted (corrupt, out of bounds, unknown)."""
+
+
+def adaptive_delay(data: int, free: int, bw: float) -> float:
+    """Portkey's delay before sending ``data`` bytes: (data - free) / bw, at least 0."""
+    if data <= free:
+        return 0.0
+    if bw <= 0:
+        return MAX_DELAY
+    return min(MAX_DELAY, (data - free) / bw)
+
+
+def fixed_delay(data: int, rate: float) -> float:
+    """The fixed-rate baseline: one send every ``data / rate`` seconds."""
+    if rate <= 0:
+        raise ValueError("rate must be positive")
+    return data / rate
+
+
+def free_space(window: int, sent: int, acked: int) -> int:
+    """Room left in the relay window: what was sent and not yet acknowledged takes space."""
+    return max(0, window - max(0, sent - acked))
+
+
+class BandwidthEstimator:
+    """Exponentially weighted drain rate (bytes/s) from (bytes, seconds) observations."""
+
+    def __init__(self, initial: float, alpha: float = 0.3) -> None:
+        if initial <= 0 or not 0 < alpha <= 1:
+            raise ValueError("initial > 0 and 0 < alpha <= 1")
+        self.value = float(initial)
+        self.alpha = alpha
+
+    def observe(self, nbytes: int, seconds: float) -> float:
+        if nbytes > 0 and seconds > 0:
+            self.value = (1 - self.alpha) * self.value + self.alpha * (nbytes / seconds)
+        return self.value
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def validate_mid(mid: object) -> str:
+    if not isinstance(mid, str) or not MID_RE.match(mid):
+        raise StreamError(f"migration id {mid!r} must match {MID_RE.pattern}")
+    return mid
+
+
+def validate_relpath(path: object) -> str:
+    """A path inside a migration's folder: a few plain components, never ``..`` or absolute."""
+    if not isinstance(path, str) or not PATH_RE.match(path) or ".." in path.split("/"):
+        raise StreamError(f"path {path!r} is not a plain relative path inside the migration folder")
+    return path
+
+
+def validate_manifest(manifest: object, max_total: int) -> dict[str, dict[str, object]]:
+    """``[{path, size, sha256}]`` → ``{path: entry}``; bounded in count and total size."""
+    if not isinstance(manifest, list) or len(manifest) > 4096:
+        raise StreamError("manifest must be a list of at most 4096 files")
+    out: dict[str, dict[str, object]] = {}
+    total = 0
+    for e in manifest:
+        if not isinstance(e, dict):
+            raise StreamError("manifest entries must be objects")
+        path = validate_relpath(e.get("path"))
+        size, digest = e.get("size"), e.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise StreamError(f"{path}: size must be a non-negative integer")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise StreamError(f"{path}: sha256 must be 64 hex digits")
+        if path in out:
+            raise StreamError(f"{path}: listed twice")
+        total += size
+        out[path] = {"path": path, "size": size, "sha256": digest}
+    if total > max_total:
+        raise StreamError(f"manifest totals {total} bytes, more than the limit of {max_total}")
+    return out
+
+
+def validate_chunk(meta: object, payload: bytes, files: dict[str, dict[str, object]], max_chunk: int) -> dict:
+    """Check one chunk's header against its payload and the manifest; return the header."""
+    if not isinstance(meta, dict):
+        raise StreamError("chunk header must be an object")
+    path = validate_relpath(meta.get("path"))
+    entry = files.get(path)
+    if entry is None:
+        raise StreamError(f"chunk for {path!r}, which is not in the manifest")
+    off, length, digest = meta.get("off"), meta.get("len"), meta.get("sha")
+    for key, v in (("off", off), ("len", length)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise StreamError(f"chunk {key} must be a non-negative integer")
+    assert isinstance(off, int) and isinstance(length, int)
+    if length != len(payload):
+        raise StreamError(f"{path}@{off}: header says {length} bytes, payload has {len(payload)}")
+    if length > max_chunk:
+        raise StreamError(f"{path}@{off}: {length} bytes exceeds the chunk limit {max_chunk}")
+    size = entry["size"]
+    assert isinstance(size, int)
+    if off + length > size:
+        raise StreamError(f"{path}@{off}+{length}: beyond the file's {size} bytes")
+    if not isinstance(digest, str) or sha256(payload) != digest:
+        raise StreamError(f"{path}@{off}: checksum mismatch (corrupted chunk)")
+    return {"path": path, "off": off, "len": length, "sha": digest}

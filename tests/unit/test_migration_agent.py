@@ -1,0 +1,69 @@
+"""The destination agent's stream checks on a temporary folder: chunks, verification, CRIU's chain."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from symbiont_agent import migration_rate as rate
+from symbiont_agent import ops_migration as om
+from symbiont_agent.containers import InvalidSpec
+
+
+@pytest.fixture
+def base(tmp_path, monkeypatch):
+    monkeypatch.setattr(om, "BASE", str(tmp_path))
+    return tmp_path
+
+
+def test_chunks_written_verified_and_damage_refused(base) -> None:
+    data = os.urandom(300_000)
+    a, b = data[:200_000], data[200_000:]
+    man = [{"path": "img/final/pages-1.img", "size": len(data), "sha256": rate.sha256(data)}]
+    om._recv({"mid": "m1", "path": "img/final/pages-1.img", "off": 0, "sha": rate.sha256(a)}, a)
+    with pytest.raises(InvalidSpec, match="truncated"):  # the last chunk never came
+        om._verify({"mid": "m1", "files": man}, b"")
+    bad = bytes([b[0] ^ 1]) + b[1:]
+    with pytest.raises(InvalidSpec, match="checksum mismatch"):
+        om._recv({"mid": "m1", "path": "img/final/pages-1.img", "off": 200_000, "sha": rate.sha256(b)}, bad)
+    om._recv({"mid": "m1", "path": "img/final/pages-1.img", "off": 200_000, "sha": rate.sha256(b)}, b)
+    assert om._verify({"mid": "m1", "files": man}, b"") == {"verified": 1, "bytes": len(data)}
+    assert (base / "m1" / "img" / "final" / "pages-1.img").read_bytes() == data
+    with pytest.raises(InvalidSpec, match="missing"):
+        om._verify({"mid": "m1", "files": [*man, {"path": "files.tar", "size": 1, "sha256": "0" * 64}]}, b"")
+    # A hole (a chunk in the middle never written) keeps the size but not the checksum.
+    om._recv({"mid": "m4", "path": "f", "off": 200_000, "sha": rate.sha256(b)}, b)
+    with pytest.raises(InvalidSpec, match="checksum mismatch"):
+        om._verify({"mid": "m4", "files": [{**man[0], "path": "f"}]}, b"")
+    for bad_path in ("../../etc/passwd", "/etc/shadow"):
+        with pytest.raises(rate.StreamError):
+            om._recv({"mid": "m1", "path": bad_path, "off": 0, "sha": rate.sha256(b"x")}, b"x")
+    with pytest.raises(rate.StreamError):
+        om._recv({"mid": "../m1", "path": "x", "off": 0, "sha": rate.sha256(b"x")}, b"x")
+
+
+def test_parent_chain_and_abort_marker(base) -> None:
+    d = base / "m2"
+    for n in ("1", "2", "final"):
+        (d / "img" / n).mkdir(parents=True)
+    om._link_parents(str(d))
+    assert os.readlink(d / "img" / "2" / "parent") == "../1"
+    assert os.readlink(d / "img" / "final" / "parent") == "../2"
+    assert not (d / "img" / "1" / "parent").exists()
+    assert not om._is_aborted("m2")
+    om._cleanup({"mid": "m2"}, b"")
+    assert not d.exists()
+    om._set_aborted("m2")
+    assert om._is_aborted("m2")
+
+
+def test_manifest_lists_files_with_checksums(base) -> None:
+    d = base / "m3" / "img" / "1"
+    d.mkdir(parents=True)
+    (d / "a.img").write_bytes(b"hello")
+    (d / "parent").symlink_to("../0")
+    out = om._manifest({"mid": "m3", "paths": ["img/1"]}, b"")
+    assert out["files"] == [{"path": "img/1/a.img", "size": 5, "sha256": rate.sha256(b"hello")}]
+    with pytest.raises(InvalidSpec):
+        om._manifest({"mid": "m3", "paths": []}, b"")

@@ -1,0 +1,165 @@
+"""Container migration between two real VMs with CRIU: relay (Portkey) and guest network paths.
+
+Two VMs booted from the golden image with a point-to-point guest link, a real ``symbiontd``,
+the real agents. What the container does is checked over the serial consoles, independently
+of the agents: its counter file (written by a second process through a pipe), its cgroup.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from symbiont.lab.console import guest_exec
+from symbiont.lab.session import LabSession
+from symbiont.migration.workload import counter_command, parse_counter
+
+pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
+
+CT = "/sys/fs/cgroup/symbiont-ct"
+WORK = "/var/lib/symbiont-work"
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def lab(libvirtd, tmp_path_factory):
+    with LabSession(count=2, prefix="symb-mig-", period_s=1.0, memory_mib=512, max_vcpus=2,
+                    udp_ports=(47611, 47612), work_dir=tmp_path_factory.mktemp("miglab"),
+                    daemon_overrides={"control": {"agent_timeout_s": 15.0}}) as s:  # fmt: skip
+        for name in s.names:
+            s.wait_for(
+                lambda n=name: s.client().get(f"/v1/vms/{n}")["cooperative"], 120, f"{name} cooperative"
+            )
+        yield s
+
+
+def gx(lab: LabSession, vm: str, cmd: str) -> str:
+    r = guest_exec(lab.host, vm, cmd, timeout=90)
+    assert r.rc == 0, (vm, cmd, r.output)
+    return r.output.strip()
+
+
+def counter(lab: LabSession, vm: str, ct: str) -> list[int]:
+    out = gx(lab, vm, f"cat {WORK}/{ct}/out 2>/dev/null || true")
+    return [n for n, _ in parse_counter(out + "\n")]
+
+
+def create(lab: LabSession, vm: str, ct: str, mib: int = 16) -> None:
+    with lab.client() as c:
+        c.post(f"/v1/cpu/vms/{vm}/containers", {
+            "name": ct, "command": counter_command(ct, mib, f"{WORK}/{ct}/out"),
+            "limits": {"memory_max": "192M", "cpu_weight": 250, "pids_max": 64},
+        })  # fmt: skip
+    lab.wait_for(lambda: len(counter(lab, vm, ct)) >= 5, 90, f"{ct} counting on {vm}", interval=2)
+
+
+def migrate(lab: LabSession, vm: str, ct: str, dest: str, timeout: float = 400, **kw) -> dict:
+    with lab.client() as c:
+        m = c.post("/v1/migration", {"vm": vm, "ct": ct, "to": dest, **kw})
+
+    def ended():
+        with lab.client() as c:
+            cur = c.get(f"/v1/migration/{m['id']}")
+        return cur if cur["phase"] in ("done", "aborted") and not cur["running"] else None
+
+    return lab.wait_for(ended, timeout, f"migration {m['id']}", interval=1)
+
+
+def cgroup_state(lab: LabSession, vm: str, ct: str) -> dict[str, str]:
+    out = gx(
+        lab,
+        vm,
+        f"d={CT}/{ct}; if [ -d $d ]; then echo procs=$(cat $d/cgroup.procs | wc -l); "
+        f"echo frozen=$(grep frozen $d/cgroup.events | cut -d' ' -f2); "
+        f"echo mem=$(cat $d/memory.max); echo weight=$(cat $d/cpu.weight); else echo procs=0; fi",
+    )
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def assert_counts_on(lab: LabSession, vm: str, ct: str, other: str) -> list[int]:
+    """Running on ``vm`` (advancing, consecutive from 1: never restarted), not on ``other``."""
+    a = counter(lab, vm, ct)
+    time.sleep(3)
+    b = counter(lab, vm, ct)
+    assert b[-1] > a[-1], f"{ct} does not advance on {vm}"
+    assert b == list(range(1, len(b) + 1)), f"{ct} counter restarted or skipped on {vm}: {b}"
+    st = cgroup_state(lab, vm, ct)
+    assert int(st["procs"]) >= 2 and st["frozen"] == "0", st
+    assert int(cgroup_state(lab, other, ct)["procs"]) == 0, f"a second copy of {ct} runs on {other}"
+    return b
+
+
+def test_relay_migration_keeps_counting_with_limits_pipe_and_open_file(lab: LabSession) -> None:
+    vm1, vm2 = lab.names
+    create(lab, vm1, "ctr")
+    before = counter(lab, vm1, "ctr")[-1]
+    m = migrate(lab, vm1, "ctr", vm2, path="relay", rate="adaptive", predumps=1)
+    assert m["phase"] == "done", m
+    t = m["timings"]
+    for key in ("predump1_s", "dump_s", "transfer_final_s", "restore_s", "downtime_s"):
+        assert t[key] > 0, (key, t)
+    assert m["result"]["restore"]["pid"] > 0 and m["progress"]["moved"] > 8 * MiB  # 16 MiB of memory moved
+    relay = m["result"]["relay"]
+    assert sum(r["relay_bytes"] for r in relay) == m["progress"]["moved"]
+    cpu = m["result"]["host_cpu"]
+    assert cpu["source_qemu_cpu_s"] > 0 and cpu["dest_qemu_cpu_s"] > 0 and cpu["daemon_cpu_s"] > 0
+    after = assert_counts_on(lab, vm2, "ctr", vm1)
+    assert after[-1] > before  # continued from where it was (and the list is 1..n: no restart)
+    st = cgroup_state(lab, vm2, "ctr")
+    assert int(st["mem"]) == 192 * MiB and st["weight"] == "250"  # the same limits
+    # Own PID namespace on the destination: the restored init is PID 1 there.
+    ns = gx(lab, vm2, f"for p in $(cat {CT}/ctr/cgroup.procs); do grep NSpid /proc/$p/status; done")
+    assert any(line.split()[-1] == "1" for line in ns.splitlines()), ns
+    with lab.client() as c:
+        names = [x["name"] for x in c.get(f"/v1/cpu/vms/{vm2}/containers")["containers"]]
+        assert "ctr" in names
+        assert "ctr" not in [x["name"] for x in c.get(f"/v1/cpu/vms/{vm1}/containers")["containers"]]
+
+
+def test_network_path_migrates_back(lab: LabSession) -> None:
+    vm1, vm2 = lab.names
+    m = migrate(lab, vm2, "ctr", vm1, path="network", predumps=1)
+    assert m["phase"] == "done", m
+    assert m["result"]["network"] and m["progress"]["moved"] > 8 * MiB
+    assert_counts_on(lab, vm1, "ctr", vm2)
+
+
+@pytest.mark.parametrize("fault,words", [("corrupt", "checksum"), ("truncate", "truncated")])
+def test_damaged_stream_is_detected_and_source_keeps_running(lab: LabSession, fault: str, words: str) -> None:
+    vm1, vm2 = lab.names
+    m = migrate(lab, vm1, "ctr", vm2, path="relay", predumps=0, fault=fault)
+    assert m["phase"] == "aborted" and words in m["error"], m
+    assert_counts_on(lab, vm1, "ctr", vm2)
+    assert gx(lab, vm2, "ls /var/lib/symbiont-mig | grep -v aborted || true") == ""
+
+
+def test_daemon_killed_mid_transfer_leaves_exactly_one_copy(lab: LabSession) -> None:
+    vm1, vm2 = lab.names
+    with lab.client() as c:  # slow fixed rate: the final transfer takes several seconds
+        m = c.post("/v1/migration", {"vm": vm1, "ct": "ctr", "to": vm2, "path": "relay", "rate": "fixed",
+                                     "rate_mbps": 8, "predumps": 0})  # fmt: skip
+
+    def in_final_transfer():
+        with lab.client() as c:
+            cur = c.get(f"/v1/migration/{m['id']}")
+        assert cur["phase"] not in ("done", "aborted"), cur
+        return cur["phase"] == "transfer" and "dump_bytes" in cur["progress"]
+
+    lab.wait_for(in_final_transfer, 300, "the final transfer", interval=0.3)
+    assert cgroup_state(lab, vm1, "ctr")["frozen"] == "1"  # mid-downtime: the source copy is frozen
+    lab.daemon.stop(sig=signal.SIGKILL)
+    lab.daemon.start()
+
+    def settled():
+        with lab.client() as c:
+            return c.get(f"/v1/migration/{m['id']}")["phase"] == "aborted"
+
+    lab.wait_for(settled, 180, "recovery of the interrupted migration", interval=1)
+    with lab.client() as c:
+        decisions = [
+            d for d in c.get("/v1/decisions") if d["part"] == "migration" and d["action"] == "recover"
+        ]
+    assert decisions and decisions[-1]["outcome"]["action"] == "abort"
+    assert_counts_on(lab, vm1, "ctr", vm2)
