@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     rows: dict[str, list[dict]] = {"network": [], "relay": []}
     with LabSession(count=2, prefix="symb-mig-bench-", period_s=1.0, memory_mib=512, max_vcpus=2,
-                    udp_ports=(47631, 47632), step=lambda s: print("-", s, flush=True),
+                    peer_link=(47631, 47632), step=lambda s: print("-", s, flush=True),
                     daemon_overrides={"control": {"agent_timeout_s": 15.0}}) as s:  # fmt: skip
         for vm in s.names:
             s.wait_for(lambda vm=vm: s.client().get(f"/v1/vms/{vm}")["cooperative"], 180, f"{vm} cooperative")

@@ -588,7 +588,7 @@ def _link_iface() -> tuple[str, str]:
         if mac.startswith("52:54:00:5b:"):
             b = mac.split(":")
             return name, f"10.211.{int(b[4], 16)}.{int(b[5], 16)}"
-    raise Conflict("this guest has no migration network link (lab VMs need udp_link)")
+    raise Conflict("this guest has no migration network link (lab VMs need a peer link: LabSession(peer_link=...))")
 
 
 @op("mig-net-setup")

@@ -98,3 +98,25 @@ def test_nosharepages_opt_out(tmp_path: Path) -> None:
     assert ET.fromstring(domain_xml(cfg, vm, fake_image(tmp_path))).find("memoryBacking") is None
     root = ET.fromstring(domain_xml(cfg, vm, fake_image(tmp_path), nosharepages=True))
     assert root.find("memoryBacking/nosharepages") is not None
+
+
+def test_peer_link_nic_is_a_tap_the_lab_moves_into_its_namespace(tmp_path: Path) -> None:
+    from symbiont.lab.peerlink import PeerLink, PeerLinkError
+    from symbiont.lab.vms import LabError
+
+    link = PeerLink((47611, 47612))
+    assert link.netns == "symlink-47611" and (link.tap(0), link.tap(1)) == ("symt47611", "symt47612")
+    assert link.mac(1) == "52:54:00:5b:b9:fc"  # the guest reads 10.211.185.252 from it
+    cfg = load_config()
+    vm = lab_vm(cfg, "x")
+    assert ET.fromstring(domain_xml(cfg, vm, fake_image(tmp_path))).find("devices/interface") is None
+    nic = ET.fromstring(domain_xml(cfg, vm, fake_image(tmp_path), tap_link=(link.tap(0), link.mac(0))))
+    nic = nic.find("devices/interface")
+    assert nic.get("type") == "ethernet" and nic.find("model").get("type") == "virtio"
+    assert nic.find("target").get("dev") == "symt47611" and nic.find("target").get("managed") == "no"
+    with pytest.raises(PeerLinkError):
+        PeerLink((47611, 47611))
+    with pytest.raises(PeerLinkError):
+        PeerLink((80, 47612))
+    with pytest.raises(LabError):
+        domain_xml(cfg, vm, fake_image(tmp_path), tap_link=("bad name'/>", link.mac(0)))

@@ -26,7 +26,7 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def lab(libvirtd, tmp_path_factory):
     with LabSession(count=2, prefix="symb-mig-", period_s=1.0, memory_mib=512, max_vcpus=2,
-                    udp_ports=(47611, 47612), work_dir=tmp_path_factory.mktemp("miglab"),
+                    peer_link=(47611, 47612), work_dir=tmp_path_factory.mktemp("miglab"),
                     daemon_overrides={"control": {"agent_timeout_s": 15.0}}) as s:  # fmt: skip
         for name in s.names:
             s.wait_for(
@@ -120,6 +120,17 @@ def test_relay_migration_keeps_counting_with_limits_pipe_and_open_file(lab: LabS
 
 def test_network_path_migrates_back(lab: LabSession) -> None:
     vm1, vm2 = lab.names
+    # the guests' network exists only inside the lab's namespace: taps and bridge live there
+    from pyroute2 import IPRoute, NetNS
+
+    with IPRoute() as ipr:
+        assert not ipr.link_lookup(ifname="symt47611") and not ipr.link_lookup(ifname="symbr0")
+    with NetNS("symlink-47611") as ns:
+        br = ns.link_lookup(ifname="symbr0")
+        assert br and all(
+            ns.get_links(ns.link_lookup(ifname=t)[0])[0].get_attr("IFLA_MASTER") == br[0]
+            for t in ("symt47611", "symt47612")
+        )
     m = migrate(lab, vm2, "ctr", vm1, path="network", predumps=1)
     assert m["phase"] == "done", m
     assert m["result"]["network"] and m["progress"]["moved"] > 8 * MiB

@@ -27,6 +27,7 @@ from symbiont.config import Config, load_config, merge_dicts
 from symbiont.host.libvirt_host import LibvirtHost, ensure_libvirtd, stop_started_libvirtd
 from symbiont.lab import vms
 from symbiont.lab.image import Image, build_image, make_recipe
+from symbiont.lab.peerlink import PeerLink
 
 
 @dataclass
@@ -95,8 +96,9 @@ class LabSession:
     step: Callable[[str], None] = lambda s: None
     register: bool = True
     register_extra: dict[str, Any] = field(default_factory=dict)  # the registrations' "extra" (by part)
-    # Two loopback UDP ports: VMs 1 and 2 get a point-to-point NIC between them (vms.domain_xml udp_link).
-    udp_ports: tuple[int, int] | None = None
+    # Two ids (1024..65535): VMs 1 and 2 get a NIC on a bridge inside a network namespace of
+    # the lab's own (lab/peerlink.py), the migration part's guest network.
+    peer_link: tuple[int, int] | None = None
     # Filled in by __enter__:
     image: Image | None = None
     host: LibvirtHost | None = None
@@ -105,6 +107,7 @@ class LabSession:
     boot_seconds: dict[str, float] = field(default_factory=dict)
     started_daemons: list[str] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
+    _link: PeerLink | None = None
 
     @property
     def names(self) -> list[str]:
@@ -142,17 +145,21 @@ class LabSession:
         import libvirt
 
         libvirt.registerErrorHandler(lambda _c, _e: None, None)
+        if self.peer_link is not None:
+            self._link = PeerLink(self.peer_link)
+            self._link.prepare()
         self.step(f"booting {self.count} VMs ({vms.resolve_domain_type(lab_cfg.lab.domain_type)})")
         for i, name in enumerate(vms.lab_names(lab_cfg, self.count)):
             if self.host.exists(name):
                 vms.remove_vm(self.host, lab_cfg, name)
             t0 = time.monotonic()
             link: dict[str, Any] = {}
-            if self.udp_ports and i < 2:
-                a, b = self.udp_ports
-                link["udp_link"] = (a, b) if i == 0 else (b, a)
+            if self._link is not None and i < 2:
+                link["tap_link"] = (self._link.tap(i), self._link.mac(i))
             self.vms.append(vms.create_vm(self.host, lab_cfg, self.image, name, **link))
             self.boot_seconds[name] = -t0  # completed below
+        if self._link is not None:
+            self._link.attach()  # QEMU has opened both taps: now move them into the namespace
         for vm in self.vms:
             self.step(f"waiting for {vm.name}'s agent")
             vms.wait_for_agent(vm.channel, timeout=300)
@@ -199,6 +206,9 @@ class LabSession:
                 with contextlib.suppress(Exception):
                     vms.remove_vm(self.host, base, vm.name)
             self.host.close()
+        if self._link is not None:
+            with contextlib.suppress(Exception):
+                self._link.remove()
         if self.started_daemons and os.environ.get("SYMBIONT_KEEP_LIBVIRTD") != "1":
             stop_started_libvirtd()
         if self._tmp is not None:

@@ -11,6 +11,7 @@ import grp
 import logging
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -66,14 +67,14 @@ def domain_xml(
     vcpus: int | None = None,
     max_vcpus: int | None = None,
     nosharepages: bool = False,
-    udp_link: tuple[int, int] | None = None,
+    tap_link: tuple[str, str] | None = None,
 ) -> str:
     """The libvirt domain for one lab VM (``nosharepages``: guest RAM not mergeable by KSM,
     the only way the host can enforce a tenant's opt-out of page sharing).
 
-    ``udp_link=(local_port, peer_port)`` adds a virtio NIC whose frames QEMU sends as UDP
-    datagrams over the host's loopback to the peer VM's QEMU: a point-to-point guest network
-    with no host interface, bridge or address (the migration part's network path)."""
+    ``tap_link=(tap, mac)`` adds a virtio NIC on an existing tap device, which
+    :mod:`symbiont.lab.peerlink` moves into a network namespace of the lab's own once QEMU
+    has opened it (the migration part's network path between two guests)."""
     lab = cfg.lab
     dtype = resolve_domain_type(lab.domain_type)
     mem = memory_mib or lab.memory_mib
@@ -122,20 +123,18 @@ def domain_xml(
     </channel>
     <memballoon model='virtio'><stats period='{lab.balloon_period_s}'/></memballoon>
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
-    {_udp_nic(udp_link) if udp_link else ""}
+    {_tap_nic(*tap_link) if tap_link else ""}
   </devices>
 </domain>
 """
 
 
-def _udp_nic(ports: tuple[int, int]) -> str:
-    local, peer = (int(p) for p in ports)
-    if not all(1024 <= p <= 65535 for p in (local, peer)) or local == peer:
-        raise LabError(f"udp_link: ports {ports!r} must be two different ports in 1024..65535")
-    mac = f"52:54:00:5b:{local >> 8 & 0xFF:02x}:{local & 0xFF:02x}"
-    return f"""<interface type='udp'>
+def _tap_nic(tap: str, mac: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]{1,15}", tap) or not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", mac):
+        raise LabError(f"tap_link: bad tap name {tap!r} or MAC {mac!r}")
+    return f"""<interface type='ethernet'>
       <mac address='{mac}'/>
-      <source address='127.0.0.1' port='{peer}'><local address='127.0.0.1' port='{local}'/></source>
+      <target dev='{tap}' managed='no'/>
       <model type='virtio'/>
     </interface>"""
 
