@@ -154,6 +154,14 @@ def test_migration_xml_gives_the_destination_its_own_socket_and_log() -> None:
     # Moving on again (B -> C) derives the next name from the domain name, not the current path.
     xml2, _ = migration_xml(xml, "vm1", "C", "org.symbiont.agent.0")
     assert "vm1@C.agent.sock" in xml2 and "@B" not in xml2
+    # The VM's other lab channels (the GPU port) move too; foreign ones stay.
+    gpu = DOMAIN.replace("</devices>", "<channel type='unix'><source mode='bind' "
+                         "path='/var/lib/symbiont/channels/vm1.gpu.sock'/>"
+                         "<target type='virtio' name='org.symbiont.gpu.0'/></channel></devices>")
+    xml3, changed3 = migration_xml(gpu, "vm1", "B", "org.symbiont.agent.0")
+    assert changed3["/var/lib/symbiont/channels/vm1.gpu.sock"] == "/var/lib/symbiont/channels/vm1@B.gpu.sock"
+    xml4, _ = migration_xml(xml3, "vm1", "C", "org.symbiont.agent.0")
+    assert "vm1@C.gpu.sock" in xml4 and "@B" not in xml4 and "/var/lib/libvirt/qemu/other.sock" in xml4
     with pytest.raises(ValueError, match="too long"):
         migration_xml(DOMAIN, "vm1", "x" * 80, "org.symbiont.agent.0")
 

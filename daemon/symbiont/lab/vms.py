@@ -46,6 +46,7 @@ class LabVm:
     overlay: Path
     channel: Path
     console_log: Path
+    gpu_channel: Path  # org.symbiont.gpu.0: relayed by the daemon to its GPU endpoint (gpu part)
 
 
 def lab_vm(cfg: Config, name: str) -> LabVm:
@@ -56,6 +57,7 @@ def lab_vm(cfg: Config, name: str) -> LabVm:
         overlay=d / "overlay.qcow2",
         channel=Path(cfg.lab.channels_dir) / f"{name}.agent.sock",
         console_log=d / "console.log",
+        gpu_channel=Path(cfg.lab.channels_dir) / f"{name}.gpu.sock",
     )
 
 
@@ -120,6 +122,10 @@ def domain_xml(
     <channel type='unix'>
       <source mode='bind' path='{escape(str(vm.channel))}'/>
       <target type='virtio' name='{escape(cfg.agent.channel_name)}'/>
+    </channel>
+    <channel type='unix'>
+      <source mode='bind' path='{escape(str(vm.gpu_channel))}'/>
+      <target type='virtio' name='org.symbiont.gpu.0'/>
     </channel>
     <memballoon model='virtio'><stats period='{lab.balloon_period_s}'/></memballoon>
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>

@@ -35,6 +35,7 @@ Every step is logged as a decision with its inputs and outcome.
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -336,17 +337,21 @@ def _running(vm: str, host: str, hosts: Mapping[str, HostEntry], locate: Callabl
 
 
 def migration_xml(xml: str, vm: str, dst: str, channel_name: str) -> tuple[str, dict[str, str]]:
-    """The destination's domain XML: host-specific paths for the agent channel socket and the
-    console log (both QEMUs run at once during a migration and would bind/truncate the same
+    """The destination's domain XML: host-specific paths for the channel sockets (the agent's
+    and any other, such as the GPU port) and the console log (both QEMUs run at once during a migration and would bind/truncate the same
     files). Returns the XML and the paths changed (old -> new)."""
     root = ET.fromstring(xml)
     changed: dict[str, str] = {}
     for ch in root.iterfind("./devices/channel"):
         t, s = ch.find("target"), ch.find("source")
-        if ch.get("type") == "unix" and t is not None and t.get("name") == channel_name and s is not None:
+        if ch.get("type") == "unix" and t is not None and s is not None and s.get("path"):
             old = s.get("path") or ""
-            if old:
+            if t.get("name") == channel_name:
                 changed[old] = str(PurePosixPath(old).parent / f"{vm}@{dst}.agent.sock")
+            else:  # the VM's other lab channels (the GPU port): VM[@HOST].x.sock -> VM@DST.x.sock
+                m = re.fullmatch(rf"{re.escape(vm)}(?:@[^./]*)?\.(.+)", PurePosixPath(old).name)
+                if m:
+                    changed[old] = str(PurePosixPath(old).parent / f"{vm}@{dst}.{m.group(1)}")
     for serial in root.iterfind("./devices/serial"):
         lg = serial.find("log")
         if lg is not None and lg.get("file"):
