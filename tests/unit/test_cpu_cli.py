@@ -77,6 +77,17 @@ def test_create_passes_command_and_limits(calls) -> None:
     assert "running" in r.output
 
 
+def test_create_migratable_wraps_the_command_as_the_migration_tests_run_it(calls) -> None:
+    from symbiont.migration.workload import migratable_command
+
+    r = run("create", "vm1", "ctr", "--migratable", "--", "python3", "-c", "print(1)")
+    assert r.exit_code == 0, r.output
+    cmd = calls[-1][2]["command"]
+    assert cmd == migratable_command("ctr", ["python3", "-c", "print(1)"])
+    assert cmd[0] == "setsid" and cmd[-3:] == ["python3", "-c", "print(1)"]
+    assert "/var/log/symbiont-containers/ctr.log" in cmd
+
+
 def test_list_table_and_json(calls) -> None:
     r = run("list", "vm1")
     assert r.exit_code == 0 and "web" in r.output and "1.33" in r.output and "yes" in r.output

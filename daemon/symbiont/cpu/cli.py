@@ -130,12 +130,19 @@ def ct_show(ctx: Ctx, vm: str, name: str, as_json: bool) -> None:
 @click.option("--hostname", help="UTS host name inside (default: the container's name)")
 @click.option("--netns", is_flag=True, help="also a private network namespace")
 @click.option("--no-start", is_flag=True, help="create only; 'ct start' later")
+@click.option("--migratable", is_flag=True,
+              help="start COMMAND so that CRIU can dump it ('ct migrate'): own session, stdio in the container")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def ct_create(ctx: Ctx, vm: str, name: str, command: tuple[str, ...], hostname: str | None, netns: bool,
-              no_start: bool, as_json: bool, **lim: Any) -> None:
+              no_start: bool, migratable: bool, as_json: bool, **lim: Any) -> None:
     """Create (and start) container NAME in VM running COMMAND (use -- before the command)."""
-    body: dict[str, Any] = {"name": name, "command": list(command), "limits": _limits(**lim), "netns": netns,
+    argv = list(command)
+    if migratable:
+        from symbiont.migration.workload import migratable_command
+
+        argv = migratable_command(name, argv)
+    body: dict[str, Any] = {"name": name, "command": argv, "limits": _limits(**lim), "netns": netns,
                             "start": not no_start}
     if hostname:
         body["hostname"] = hostname
