@@ -68,12 +68,16 @@ class GpuClient:
             if reply.get("id") == self._id or reply.get("id") is None:
                 return reply, data
 
-    def call(self, name: str, payload: bytes = b"", /, **args: Any) -> dict[str, Any]:
-        reply, _ = self.request(name, args, payload)
+    def call_data(self, name: str, args: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
+        """``name``'s result and reply payload; an error reply raises :class:`GpuEndpointError`."""
+        reply, data = self.request(name, args, payload)
         if not reply.get("ok"):
             err = reply.get("error") or {}
             raise GpuEndpointError(str(err.get("code", "error")), str(err.get("message", "")))
-        return reply["result"]
+        return reply["result"], data
+
+    def call(self, name: str, payload: bytes = b"", /, **args: Any) -> dict[str, Any]:
+        return self.call_data(name, args, payload)[0]
 
     def hello(self, client: str) -> dict[str, Any]:
         return self.call("hello", client=client)
@@ -88,11 +92,7 @@ class GpuClient:
         args: dict[str, Any] = {"buf": buf}
         if nbytes is not None:
             args["nbytes"] = nbytes
-        reply, payload = self.request("d2h", args)
-        if not reply.get("ok"):
-            err = reply.get("error") or {}
-            raise GpuEndpointError(str(err.get("code")), str(err.get("message")))
-        return payload
+        return self.call_data("d2h", args)[1]
 
     def launch(self, blocks: int, flops_per_block: float) -> int:
         return int(self.call("launch", blocks=blocks, flops_per_block=flops_per_block)["op"])
