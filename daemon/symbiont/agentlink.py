@@ -125,7 +125,11 @@ class AgentLink:
 
     async def wait_ready(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a
+            # cancellation that races with the inner await completing (bpo-42130), which
+            # wedged AgentLink.stop() while the daemon's lock was held (issue 16, item 2).
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
             return True
         except TimeoutError:
             return False
@@ -188,7 +192,8 @@ class AgentLink:
         while True:
             timeout = self.frame_timeout if frames.mid_frame else 2.0
             try:
-                data = await asyncio.wait_for(reader.read(65536), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: see wait_ready
+                    data = await reader.read(65536)
             except TimeoutError:
                 if frames.mid_frame:
                     raise proto.ProtocolError(
@@ -264,7 +269,8 @@ class AgentLink:
         self._pending[mid] = fut
         try:
             await self._send(proto.request(mid, op, args), payload)
-            result = await asyncio.wait_for(fut, timeout or self.request_timeout)
+            async with asyncio.timeout(timeout or self.request_timeout):  # not wait_for: see wait_ready
+                result = await fut
         except TimeoutError:
             self.stats.timeouts += 1
             self._failed_requests += 1

@@ -349,7 +349,8 @@ class Daemon:
             m.control_loop_cpu_seconds.inc(dc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.05, self.cfg.control.period_s - dt))
+                async with asyncio.timeout(max(0.05, self.cfg.control.period_s - dt)):  # not wait_for: agentlink
+                    await self._wake.wait()
 
     async def collect_once(self) -> None:
         now = time.time()

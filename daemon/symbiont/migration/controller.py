@@ -354,7 +354,8 @@ class MigrationController:
                 raise MigrationFailed(f"sender: {exc}") from None
             finally:
                 src.stream_handlers.pop("mig-chunk", None)
-            await asyncio.wait_for(relay.queue.join(), 120)
+            async with asyncio.timeout(120):  # not wait_for: it can swallow a cancellation (3.11)
+                await relay.queue.join()
             if relay.error:
                 raise MigrationFailed(f"relay: {relay.error}")
             stats = {"relay_bytes": relay.received, "relay_chunks": relay.chunks, "sender": sent,
@@ -378,7 +379,8 @@ class MigrationController:
             await asyncio.sleep(0.3)
             sent = await self.agent(vm, "mig-net-send", {"mid": m["id"], "paths": order, "host": peer["ip"]},
                                     timeout=LONG)  # fmt: skip
-            got = await asyncio.wait_for(recv, LONG)
+            async with asyncio.timeout(LONG):  # not wait_for: it can swallow a cancellation (3.11)
+                got = await asyncio.shield(recv)
         finally:
             if not recv.done():
                 recv.cancel()
