@@ -8,52 +8,65 @@ under ``/v1/<part>`` (see :mod:`symbiont.plugins`).
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, model_validator
 
 from symbiont import __version__
+from symbiont.apimodel import JsonObject, StrictModel, json_safe
 from symbiont.daemon import Daemon, DaemonError
 from symbiont.plugins import part_modules
+
+log = logging.getLogger("symbiontd.api")
 
 VmName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$", description="libvirt domain name")]
 
 
-class MemoryPolicy(BaseModel):
+class MemoryPolicy(StrictModel):
     """ESX-style memory policy parameters (used by the memory part)."""
 
-    model_config = ConfigDict(extra="forbid")
     shares: int = Field(1000, ge=1, le=1_000_000, description="proportional-share weight")
     min_mib: int | None = Field(None, ge=64, le=1 << 22, description="never balloon below this")
     max_mib: int | None = Field(None, ge=64, le=1 << 22, description="never give more than this")
     tax_rate: float | None = Field(None, ge=0.0, lt=1.0, description="idle-memory tax τ (default: config)")
 
+    @model_validator(mode="after")
+    def _range(self) -> MemoryPolicy:
+        if self.min_mib is not None and self.max_mib is not None and self.min_mib > self.max_mib:
+            raise ValueError(f"min_mib {self.min_mib} exceeds max_mib {self.max_mib}")
+        return self
 
-class CpuPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+class CpuPolicy(StrictModel):
     min_vcpus: int | None = Field(None, ge=1, le=1024)
     max_vcpus: int | None = Field(None, ge=1, le=1024)
     weight: int = Field(100, ge=1, le=10_000, description="cgroup v2 cpu.weight-style share")
 
+    @model_validator(mode="after")
+    def _range(self) -> CpuPolicy:
+        if self.min_vcpus is not None and self.max_vcpus is not None and self.min_vcpus > self.max_vcpus:
+            raise ValueError(f"min_vcpus {self.min_vcpus} exceeds max_vcpus {self.max_vcpus}")
+        return self
 
-class Registration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+class Registration(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$", description="libvirt domain name")
     memory: MemoryPolicy = Field(default_factory=MemoryPolicy)
     cpu: CpuPolicy = Field(default_factory=CpuPolicy)
-    extra: dict[str, Any] = Field(default_factory=dict, description="parameters of later parts, by part name")
+    # Stored with the registration and served back: bounded in depth and size (apimodel).
+    extra: JsonObject = Field(default_factory=dict, description="parameters of later parts, by part name")
 
 
-class MemoryTarget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MemoryTarget(StrictModel):
     target_mib: int = Field(ge=64, le=1 << 22, description="balloon target: memory the guest keeps")
 
 
-class VcpuTarget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class VcpuTarget(StrictModel):
     count: int = Field(ge=1, le=1024, description="live vCPU count")
 
 
@@ -69,6 +82,24 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def _daemon_error(_req: Request, exc: DaemonError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes each bad input verbatim, and a NaN or a deeply nested
+        # input then fails to render: the 422 became a 500. Echo a bounded, JSON-safe copy.
+        detail = [
+            {"type": e.get("type"), "loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")),
+             "input": json_safe(e.get("input"), max_depth=4, max_str=256)}
+            for e in exc.errors()[:50]
+        ]
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: still a 500 (the fuzz test counts these), but with a reason.
+        log.error("%s %s failed", req.method, req.url.path, exc_info=exc)
+        return JSONResponse(status_code=500,
+                            content={"detail": f"internal error: {type(exc).__name__}: {str(exc)[:500]}"})
+
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         return {"ok": True, "version": __version__, "loop_iterations": daemon.loop_iterations}
@@ -79,16 +110,17 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/v1/vms")
     async def list_vms() -> list[dict[str, Any]]:
-        return [daemon.vm_view(r.name) for r in daemon.store.list_vms()]
+        # json_safe: a view holds what a guest sent (its hello); one bad VM must not break the list.
+        return [json_safe(daemon.vm_view(r.name)) for r in daemon.store.list_vms()]
 
     @app.post("/v1/vms", status_code=201)
     async def register(body: Registration) -> dict[str, Any]:
         policy = body.model_dump(exclude={"name"})
-        return await daemon.register(body.name, policy)
+        return json_safe(await daemon.register(body.name, policy))
 
     @app.get("/v1/vms/{name}")
     async def show(name: VmName) -> dict[str, Any]:
-        return daemon.vm_view(name)
+        return json_safe(daemon.vm_view(name))
 
     @app.delete("/v1/vms/{name}")
     async def unregister(name: VmName) -> dict[str, Any]:

@@ -171,9 +171,16 @@ class Daemon:
                 raise Invalid(f"memory.max_mib {mem['max_mib']} exceeds the VM's boot memory {max_mib} MiB")
             if mem.get("min_mib") is not None and mem.get("max_mib") is not None and mem["min_mib"] > mem["max_mib"]:
                 raise Invalid("memory.min_mib must not exceed memory.max_mib")
+            if mem.get("min_mib") is not None and mem["min_mib"] > max_mib:
+                raise Invalid(f"memory.min_mib {mem['min_mib']} exceeds the VM's boot memory {max_mib} MiB")
             cpu = policy.get("cpu", {})
             if cpu.get("max_vcpus") is not None and cpu["max_vcpus"] > info.max_vcpus:
                 raise Invalid(f"cpu.max_vcpus {cpu['max_vcpus']} exceeds the domain's maximum {info.max_vcpus}")
+            if cpu.get("min_vcpus") is not None and cpu["min_vcpus"] > info.max_vcpus:
+                raise Invalid(f"cpu.min_vcpus {cpu['min_vcpus']} exceeds the domain's maximum {info.max_vcpus}")
+            if (cpu.get("min_vcpus") is not None and cpu.get("max_vcpus") is not None
+                    and cpu["min_vcpus"] > cpu["max_vcpus"]):
+                raise Invalid("cpu.min_vcpus must not exceed cpu.max_vcpus")
             self.store.add_vm(name, info.uuid, policy)
             self.store.log_decision("core", "register", name, {"policy": policy}, {"uuid": info.uuid})
             self._start_link(name)

@@ -9,6 +9,7 @@ put it back (the tuned discipline). Parts add tables with :meth:`StateStore.ensu
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -17,6 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from symbiont.apimodel import SAFE_DEPTH, check_json, json_depth_exceeds, json_safe
+
+log = logging.getLogger("symbiontd.state")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -110,13 +115,13 @@ class StateStore:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO vms (name, uuid, policy, registered_at) VALUES (?, ?, ?, ?)",
-                (name, uuid, json.dumps(policy), now),
+                (name, uuid, _dumps(policy), now),
             )
         return VmRecord(name, uuid, policy, now)
 
     def update_vm_policy(self, name: str, policy: dict[str, Any]) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE vms SET policy = ? WHERE name = ?", (json.dumps(policy), name))
+            db.execute("UPDATE vms SET policy = ? WHERE name = ?", (_dumps(policy), name))
 
     def remove_vm(self, name: str) -> bool:
         with self.transaction() as db:
@@ -152,7 +157,7 @@ class StateStore:
                 "SELECT ts, data FROM samples WHERE vm = ? AND source = ? AND ts >= ? ORDER BY ts DESC LIMIT ?",
                 (vm, source, since, limit),
             )
-        return [(r["ts"], json.loads(r["data"])) for r in reversed(rows)]
+        return [(r["ts"], _loads(r["data"], f"sample of {vm or 'host'} at {r['ts']}")) for r in reversed(rows)]
 
     def latest(self, vm: str | None, source: str) -> tuple[float, dict[str, Any]] | None:
         h = self.history(vm, source, limit=1)
@@ -183,8 +188,8 @@ class StateStore:
         sql = "SELECT * FROM knobs" + (" WHERE vm = ?" if vm is not None else "") + " ORDER BY vm, knob"
         rows = self.query(sql, (vm,) if vm is not None else ())
         return [
-            {"vm": r["vm"], "knob": r["knob"], "original": json.loads(r["original"]),
-             "current": json.loads(r["current"]), "changed_at": r["changed_at"]}
+            {"vm": r["vm"], "knob": r["knob"], "original": _loads(r["original"], f"knob {r['knob']} of {r['vm']}"),
+             "current": _loads(r["current"], f"knob {r['knob']} of {r['vm']}"), "changed_at": r["changed_at"]}
             for r in rows
         ]
 
@@ -199,7 +204,7 @@ class StateStore:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO decisions (ts, vm, part, action, inputs, outcome) VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), vm, part, action, json.dumps(inputs, default=str), json.dumps(outcome, default=str)),
+                (time.time(), vm, part, action, _dumps(inputs), _dumps(outcome)),
             )
 
     def decisions(self, vm: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -207,10 +212,38 @@ class StateStore:
         rows = self.query(sql, ((vm, limit) if vm else (limit,)))
         return [
             {"ts": r["ts"], "vm": r["vm"], "part": r["part"], "action": r["action"],
-             "inputs": json.loads(r["inputs"]), "outcome": json.loads(r["outcome"])}
+             "inputs": _loads(r["inputs"], f"decision {r['id']}"), "outcome": _loads(r["outcome"], f"decision {r['id']}")}
             for r in reversed(rows)
         ]
 
 
 def _vm(row: sqlite3.Row) -> VmRecord:
-    return VmRecord(row["name"], row["uuid"], json.loads(row["policy"]), row["registered_at"])
+    policy = _loads(row["policy"], f"policy of VM {row['name']}")
+    return VmRecord(row["name"], row["uuid"], policy if isinstance(policy, dict) else {}, row["registered_at"])
+
+
+def _dumps(value: Any) -> str:
+    """JSON for a row; anything json cannot encode is stored as its str (as before), and too deep
+    a structure is stored cut (the API bounds what it accepts; this is the last line)."""
+    text = json.dumps(value, default=str)
+    if json_depth_exceeds(text):
+        text = json.dumps(json_safe(value), default=str)
+    return text
+
+
+def _loads(text: str, what: str) -> Any:
+    """A stored JSON value, always serialisable again: a row written before the API bounded its
+    input (or damaged) is cut to a safe depth or replaced by a marker, with a warning, so that
+    one row cannot break every list that contains it."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        log.warning("%s: stored JSON unreadable (%s); served as a marker", what, type(exc).__name__)
+        return {"unreadable": f"stored JSON could not be read: {type(exc).__name__}"}
+    if json_depth_exceeds(text):
+        try:
+            check_json(value, max_depth=SAFE_DEPTH, max_nodes=1 << 62, max_str=1 << 62)
+        except ValueError as exc:
+            log.warning("%s: stored JSON served cut: %s", what, exc)
+            return json_safe(value)
+    return value

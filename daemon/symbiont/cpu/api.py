@@ -19,8 +19,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from symbiont.apimodel import StrictModel
 from symbiont.cpu.controller import CpuController, controller_for
 from symbiont.daemon import Daemon
 
@@ -32,10 +33,8 @@ CtName = Annotated[str, Path(pattern=NAME_PATTERN, description="container name")
 Bytes = int | str | None  # bytes, or "256M", or "max"/None
 
 
-class Limits(BaseModel):
+class Limits(StrictModel):
     """Per-container limits; unset fields keep their value (on create: the kernel default)."""
-
-    model_config = ConfigDict(extra="forbid")
     cpu_weight: int | None = Field(None, ge=1, le=10_000, description="cgroup v2 cpu.weight")
     cpu_max: float | str | None = Field(None, description="CPUs (e.g. 1.5), 'QUOTA PERIOD' in us, or 'max'")
     cpuset: str | list[int] | None = Field(None, description="CPUs to pin to, e.g. '0-1,3'; must be online")
@@ -64,8 +63,7 @@ class Limits(BaseModel):
         return v
 
 
-class ContainerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ContainerSpec(StrictModel):
     name: str = Field(pattern=NAME_PATTERN, description="container name (also its cgroup's)")
     command: list[Annotated[str, Field(max_length=4096)]] = Field(min_length=1, max_length=64,
                                                                  description="argv, run from the guest's root fs")
@@ -75,21 +73,18 @@ class ContainerSpec(BaseModel):
     start: bool = True
 
 
-class ModeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ModeBody(StrictModel):
     nesting_aware: bool | None = None
     cpu_strategy: Literal["pin-share", "quota"] | None = None
 
 
-class ScaleBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ScaleBody(StrictModel):
     count: int = Field(ge=1, le=1024, description="vCPUs")
     libvirt_unplug: bool = Field(False, description="after offlining in the guest, also ask libvirt to unplug "
                                  "(under TCG it times out and leaves libvirt's count stale)")
 
 
-class BalloonBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BalloonBody(StrictModel):
     target_mib: int = Field(ge=64, le=1 << 22)
     nesting_aware: bool = Field(True, description="reclaim from containers by shares before inflating")
     use_free: bool = Field(True, description="count the guest's free memory before reclaiming")

@@ -17,8 +17,9 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from symbiont.apimodel import StrictModel
 from symbiont.dedup.backends import BackendError, available_backends
 from symbiont.dedup.controller import service
 from symbiont.dedup.engine import EngineError
@@ -38,8 +39,7 @@ def _svc(request: Request) -> DedupService:
     return svc
 
 
-class PolicyBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PolicyBody(StrictModel):
     policy: PolicyName
     pages_to_scan: int | None = Field(None, ge=1, le=1_000_000, description="policy fixed")
     sleep_millisecs: int | None = Field(None, ge=1, le=600_000, description="policy fixed")
@@ -53,8 +53,7 @@ class PolicyBody(BaseModel):
     unmerge_on_stop: bool = False
 
 
-class ScanBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ScanBody(StrictModel):
     vms: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")]] | None = Field(None, max_length=64)
     backend: BackendName | None = None
     regions: int = Field(32, ge=0, le=1000)

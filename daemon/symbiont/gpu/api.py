@@ -22,8 +22,9 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from symbiont.apimodel import StrictModel
 from symbiont.errors import Invalid
 from symbiont.gpu import backend as gb
 from symbiont.gpu import controller
@@ -50,8 +51,7 @@ def _mgr(request: Request) -> GpuManager:
 
 
 # -- models --------------------------------------------------------------------------------------------
-class GpuRegistration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GpuRegistration(StrictModel):
     kind: Literal["simulated", "cupy"] = "simulated"
     type: str | None = Field(None, description="simulated GPU type: " + ", ".join(GPU_TYPES))
     index: int | None = Field(None, ge=0, description="CUDA device index (kind=cupy)")
@@ -77,21 +77,18 @@ class GpuRegistration(BaseModel):
         return self
 
 
-class QuotaRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class QuotaRequest(StrictModel):
     gpu: str | None = Field(None, description="GPU id (required when the client is new)")
     sm_share: float | None = Field(None, gt=0.0, le=1.0)
     mem_bytes: int | None = Field(None, gt=0)
     critical: bool | None = None
 
 
-class MigrateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MigrateRequest(StrictModel):
     gpu: str
 
 
-class TaskIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TaskIn(StrictModel):
     task: str | None = Field(None, max_length=64)
     function: str = Field("fn", max_length=64)
     arrival_ms: float = Field(ge=0)
@@ -100,8 +97,7 @@ class TaskIn(BaseModel):
     blocks: int = Field(4096, ge=1, le=2**24)
 
 
-class WorkloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WorkloadRequest(StrictModel):
     gpu: str
     scheduler: SchedulerName = "edf-slice"
     drop: DropMode | None = None

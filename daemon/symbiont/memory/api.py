@@ -5,24 +5,23 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from symbiont.apimodel import StrictModel
 from symbiont.memory import controller
 
 router = APIRouter()
 VmName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")]
 
 
-class HostPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class HostPolicy(StrictModel):
     enabled: bool | None = None
     budget_mib: int | None = Field(None, ge=0, le=1 << 24)
     free_target_mib: int | None = Field(None, ge=0, le=1 << 24)
     tax_rate: float | None = Field(None, ge=0.0, lt=1.0)
 
 
-class VmPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class VmPolicy(StrictModel):
     shares: int | None = Field(None, ge=1, le=1_000_000)
     tax_rate: float | None = Field(None, ge=0.0, lt=1.0)
     min_mib: int | None = Field(None, ge=64, le=1 << 22)

@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from symbiont.apimodel import StrictModel
 from symbiont.daemon import Daemon
 from symbiont.migration.controller import MigrationController, controller_for
 
@@ -24,10 +25,8 @@ VM_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
 MigId = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9-]{0,47}$", description="migration id")]
 
 
-class MigrationSpec(BaseModel):
+class MigrationSpec(StrictModel):
     """One container migration."""
-
-    model_config = ConfigDict(extra="forbid")
     vm: str = Field(pattern=VM_PATTERN, description="source VM")
     ct: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$", description="container name")
     to: str = Field(pattern=VM_PATTERN, description="destination VM")

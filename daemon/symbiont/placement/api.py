@@ -16,12 +16,13 @@ import asyncio
 import math
 import threading
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
+from symbiont.apimodel import StrictModel, bounded_json
 from symbiont.placement import heuristics, live
 from symbiont.placement.bound import lower_bound, quality
 from symbiont.placement.inventory import parse_inventory, parse_requests
@@ -38,9 +39,7 @@ def _nonneg(v: dict[str, float], what: str) -> dict[str, float]:
     return v
 
 
-class VMIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class VMIn(StrictModel):
     id: str = Field(min_length=1, max_length=256)
     demand: dict[str, float]
     user: str = ""
@@ -58,9 +57,7 @@ class VMIn(BaseModel):
         return _nonneg(v, "demand")
 
 
-class HostIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class HostIn(StrictModel):
     id: str = Field(min_length=1, max_length=256)
     capacity: dict[str, float]
     overcommit: dict[str, float] = Field(default_factory=dict)
@@ -80,9 +77,7 @@ class HostIn(BaseModel):
         return v
 
 
-class HotspotIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class HotspotIn(StrictModel):
     mode: str = Field("gray-box", pattern="^(black-box|gray-box)$")
     thresholds: dict[str, float] = Field(default_factory=lambda: {"cpu": 0.75, "mem": 0.75})
     k: int = Field(3, ge=1, le=10_000)
@@ -90,9 +85,7 @@ class HotspotIn(BaseModel):
     heuristic: str = "worst-fit"
 
 
-class IdleIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class IdleIn(StrictModel):
     idle_host: str = Field(min_length=1, max_length=256)
     cpu_threshold: float = 0.05
     window: int = Field(12, ge=1, le=10_000)
@@ -104,16 +97,12 @@ class IdleIn(BaseModel):
     )
 
 
-class ExecuteIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    plan: dict[str, Any]
+class ExecuteIn(StrictModel):
+    plan: Annotated[dict[str, Any], AfterValidator(bounded_json(max_nodes=1_000_000))]  # free-form: bounded
     dry_run: bool = True
 
 
-class PlanIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PlanIn(StrictModel):
     hosts: list[HostIn] = Field(default_factory=list, max_length=100_000)
     requests: list[VMIn] = Field(default_factory=list, max_length=100_000)
     heuristic: str = "best-fit"

@@ -15,8 +15,9 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from symbiont.apimodel import StrictModel
 from symbiont.ssdcache import controller, qmp
 from symbiont.ssdcache.manager import MAX_CACHE_MIB, CacheError, CacheManager
 from symbiont.ssdcache.pool import MAX_POOL_MIB
@@ -27,8 +28,7 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
 VmName = Annotated[str, Path(pattern=NAME, description="VM (libvirt domain) name")]
 
 
-class PoolBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PoolBody(StrictModel):
     file: str | None = Field(None, max_length=4096, description="backing file for a loop device (absolute path)")
     device: str | None = Field(None, max_length=4096, description="a real block device instead")
     size_mib: int | None = Field(None, ge=1, le=MAX_POOL_MIB, description="size of a new backing file")
@@ -42,10 +42,8 @@ class PoolBody(BaseModel):
         return self
 
 
-class CacheBody(BaseModel):
+class CacheBody(StrictModel):
     """SymFlex registration: ``<vm-id, size, current-size, persist>`` (+ policy parameters)."""
-
-    model_config = ConfigDict(extra="forbid")
     vm: str = Field(pattern=NAME)
     size_mib: int = Field(ge=1, le=MAX_CACHE_MIB, description="the virtual SSD the VM sees")
     current_mib: int = Field(0, ge=0, le=MAX_CACHE_MIB, description="how much of it is backed now")
@@ -55,29 +53,25 @@ class CacheBody(BaseModel):
     max_mib: int | None = Field(None, ge=0, le=MAX_CACHE_MIB)
 
 
-class CachePatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CachePatch(StrictModel):
     weight: int | None = Field(None, ge=1, le=1_000_000)
     persist: bool | None = None
     min_mib: int | None = Field(None, ge=0, le=MAX_CACHE_MIB)
     max_mib: int | None = Field(None, ge=0, le=MAX_CACHE_MIB)
 
 
-class SizeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SizeBody(StrictModel):
     current_mib: int = Field(ge=0, le=MAX_CACHE_MIB)
 
 
-class AttachBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AttachBody(StrictModel):
     target_dev: str = Field("vdb", pattern=r"^vd[b-z]$")
     serial: str = Field("symbiont-cache", pattern=r"^[A-Za-z0-9_.-]{1,20}$", description="the guest finds it by this")
     reconnect_delay_s: int = Field(0, ge=0, le=3600, description="QEMU NBD reconnect-delay: requests wait this "
                                    "long for a restarted daemon (attached over QMP: libvirt 9.0 has no such XML)")
 
 
-class WorkloadBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WorkloadBody(StrictModel):
     action: Literal["start", "stop"]
     working_set_mib: int = Field(32, ge=1, le=65536)
     seconds: float = Field(3600, gt=0, le=86400)
@@ -86,8 +80,7 @@ class WorkloadBody(BaseModel):
     verify: bool = False
 
 
-class PolicyBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PolicyBody(StrictModel):
     mode: Literal["manual", "shares", "throughput"] | None = None
     capacity_mib: int | None = Field(None, ge=0, le=MAX_POOL_MIB)
     target_ratio: dict[str, float] | None = Field(None, description="throughput mode: VM -> target ratio")
@@ -103,8 +96,7 @@ class PolicyBody(BaseModel):
         return self
 
 
-class ApplyBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ApplyBody(StrictModel):
     mode: Literal["shares", "throughput"] | None = None
 
 
@@ -292,16 +284,13 @@ async def apply(request: Request, body: ApplyBody) -> dict[str, Any]:
 
 
 # -- DoubleDecker: two-level Mem/SSD partitions ---------------------------------------------
-class TwoLevelBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TwoLevelBody(StrictModel):
     mem_mib: int = Field(ge=0, le=1 << 20, description="host memory tier")
     ssd_mib: int = Field(0, ge=0, le=MAX_POOL_MIB, description="SSD tier, carved from the pool")
 
 
-class TWBody(BaseModel):
+class TWBody(StrictModel):
     """``<T, W>``: ``{"type": "mem", "weight": 60}``, or ``{"mem": 50, "ssd": 10}`` for both tiers."""
-
-    model_config = ConfigDict(extra="forbid")
     type: Literal["mem", "ssd"] | None = None
     weight: int | None = Field(None, ge=0, le=1_000_000)
     mem: int | None = Field(None, ge=0, le=1_000_000)
