@@ -255,40 +255,73 @@ def lab() -> None:
 @click.argument("count", type=click.IntRange(1, 64))
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait for each agent's hello")
 @click.option("--timeout", type=float, default=300, show_default=True)
+@click.option("--prefix", help="VM name prefix (default: lab.vm_prefix of the config)")
+@click.option("--peer-link", is_flag=True,
+              help="give VMs 1 and 2 a private L2 link inside a network namespace (migration network path)")
+@click.option("--reclaim", is_flag=True, help="take over same-named domains whose owner run is provably dead")
 @click.pass_obj
-def lab_up(ctx: Ctx, count: int, wait: bool, timeout: float) -> None:
-    """Boot COUNT lab VMs (builds the image first if needed)."""
+def lab_up(ctx: Ctx, count: int, wait: bool, timeout: float, prefix: str | None, peer_link: bool,
+           reclaim: bool) -> None:
+    """Boot COUNT lab VMs (builds the image first if needed).
+
+    The VMs belong to the lab of their prefix: 'lab up'/'lab down' with the same prefix reuse
+    and remove them; domains of another run (an experiment, another prefix) are refused."""
     from symbiont.host.libvirt_host import ensure_libvirtd
     from symbiont.lab import vms
+    from symbiont.lab.peerlink import PeerLinkError
 
+    cfg = _lab_cfg(ctx, prefix)
     started = ensure_libvirtd()
     if started:
         console.print(f"started {', '.join(started)}")
-    img = build_image_with_progress(ctx.cfg)
+    img = build_image_with_progress(cfg)
     host = _host(ctx)
     try:
-        made = vms.lab_up(host, ctx.cfg, img, count, on_vm=lambda n: console.print(f"{n}: started"))
+        made = vms.lab_up(host, cfg, img, count, on_vm=lambda n: console.print(f"{n}: started"),
+                          peer_link=peer_link, reclaim=reclaim)
+        if peer_link:
+            from symbiont.lab.peerlink import PeerLink
+
+            link = PeerLink(vms.lab_peer_ids(cfg.lab.vm_prefix))
+            console.print(f"peer link: {made[0].name} <-> {made[1].name} on a bridge in netns {link.netns}")
         if wait:
             for vm in made:
                 t0 = time.monotonic()
                 with console.status(f"{vm.name}: waiting for the agent's hello"):
                     hello = vms.wait_for_agent(vm.channel, timeout)
                 console.print(f"{vm.name}: agent {hello.get('version')} up ({time.monotonic() - t0:.1f}s), caps {hello.get('caps')}")
-    except vms.LabError as exc:
+    except (vms.LabError, PeerLinkError) as exc:
         fail(str(exc))
 
 
 @lab.command("down")
+@click.option("--prefix", help="VM name prefix (default: lab.vm_prefix of the config)")
+@click.option("--reclaim", is_flag=True,
+              help="also remove domains under the prefix whose owner run is provably dead (crashed experiments)")
 @click.pass_obj
-def lab_down(ctx: Ctx) -> None:
-    """Remove every VM 'lab up' made (domains, overlays, sockets) and nothing else."""
+def lab_down(ctx: Ctx, prefix: str | None, reclaim: bool) -> None:
+    """Remove every VM 'lab up' made (domains, overlays, sockets, peer link) and nothing else.
+
+    Domains of other runs under the same prefix (a running experiment's) are left alone and named."""
     from symbiont.lab import vms
 
     try:
-        removed = vms.lab_down(_host(ctx), ctx.cfg)
+        removed, kept = vms.lab_down(_host(ctx), _lab_cfg(ctx, prefix), reclaim=reclaim)
     except vms.LabError as exc:
         fail(str(exc))
     console.print(f"removed {len(removed)} lab VMs: {', '.join(removed) or '-'}")
+    for line in kept:
+        err.print(f"kept {line}", highlight=False)
+
+
+def _lab_cfg(ctx: Ctx, prefix: str | None) -> Config:
+    import dataclasses
+
+    if prefix is None:
+        return ctx.cfg
+    if not prefix or "/" in prefix:
+        fail(f"--prefix {prefix!r}: must be a plain name", 2)
+    return dataclasses.replace(ctx.cfg, lab=dataclasses.replace(ctx.cfg.lab, vm_prefix=prefix))
 
 
 @lab.command("list")
@@ -300,11 +333,11 @@ def lab_list(ctx: Ctx, as_json: bool) -> None:
 
     rows = vms.list_lab(_host(ctx), ctx.cfg)
     t = Table(title="lab VMs")
-    for col in ("name", "state", "type", "memory MiB", "vCPUs", "channel"):
+    for col in ("name", "state", "type", "memory MiB", "vCPUs", "owner", "channel"):
         t.add_column(col)
     for r in rows:
         t.add_row(r["name"], r["state"], r["type"], f"{r['memory_mib']}/{r['max_memory_mib']}",
-                  f"{r['vcpus']}/{r['max_vcpus']}", str(r["channel"]))
+                  f"{r['vcpus']}/{r['max_vcpus']}", f"{r['owner']} [{r['owner_state']}]", str(r["channel"]))
     emit(rows, as_json, t)
 
 

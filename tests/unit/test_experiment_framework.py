@@ -73,3 +73,25 @@ def test_failed_run_still_records(tmp_path: Path) -> None:
 def test_registry_has_the_demo() -> None:
     reg = fw.registry()
     assert "demo" in reg and {"vm", "libvirt"} <= reg["demo"].needs
+
+
+def test_run_has_an_id_and_is_current_only_while_it_runs(tmp_path: Path) -> None:
+    """LabSession names VMs after the current run (issue 16 item 19): the run must be visible
+    to code it calls, and not leak into the next one."""
+    seen: list[tuple[str, str]] = []
+
+    @fw.experiment("unit-test-current-run", "current run")
+    def _cur(ctx: fw.RunContext) -> dict:
+        cur = fw.current_run()
+        assert cur is ctx
+        seen.append((cur.experiment.name, cur.run_id))
+        ctx.lab_prefixes.append("p-")
+        return {}
+
+    assert fw.current_run() is None
+    out, _ = fw.run_experiment("unit-test-current-run", [], tmp_path, show_progress=False)
+    fw.run_experiment("unit-test-current-run", [], tmp_path / "again", show_progress=False)
+    assert fw.current_run() is None
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["run_id"] == seen[0][1] and rec["lab_prefixes"] == ["p-"]
+    assert seen[0][0] == "unit-test-current-run" and seen[0][1] != seen[1][1]

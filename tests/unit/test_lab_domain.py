@@ -120,3 +120,259 @@ def test_peer_link_nic_is_a_tap_the_lab_moves_into_its_namespace(tmp_path: Path)
         PeerLink((80, 47612))
     with pytest.raises(LabError):
         domain_xml(cfg, vm, fake_image(tmp_path), tap_link=("bad name'/>", link.mac(0)))
+
+
+# -- ownership (issue 16 item 19): a run deletes or reuses only the domains it made ----------
+def _dead_owner(run: str = "deadbeef"):
+    """The owner record of a process that has exited (its pid is gone or reused)."""
+    import socket
+    import subprocess
+
+    import psutil
+
+    from symbiont.lab.vms import LabOwner
+
+    p = subprocess.Popen(["sleep", "0"])
+    started = psutil.Process(p.pid).create_time()
+    p.wait()
+    return LabOwner(run, p.pid, socket.gethostname(), round(started, 2))
+
+
+def test_domain_xml_carries_its_owner_and_peer_link(tmp_path: Path) -> None:
+    from symbiont.lab.vms import LabOwner, parse_mark
+
+    cfg = load_config()
+    owner = LabOwner("r1'\"<&", 4242, "host'x", 1700000000.25)  # hostile values stay attributes
+    xml = domain_xml(cfg, lab_vm(cfg, "x"), fake_image(tmp_path), owner=owner, peer_link=(4000, 4001))
+    el = ET.fromstring(xml).find(f"metadata/{{{LAB_NS}}}lab")
+    assert el.get("run") == "r1'\"<&" and el.get("pid") == "4242" and el.get("host") == "host'x"
+    mark = parse_mark(xml)
+    assert mark is not None and mark.owner == owner and mark.peer_link == (4000, 4001) and mark.image == "abc123"
+    # The bare element, as libvirt's virDomain.metadata() returns it, parses the same.
+    assert parse_mark(ET.tostring(el).decode()) == mark
+    # Without an explicit owner the domain belongs to this process.
+    default = parse_mark(domain_xml(cfg, lab_vm(cfg, "x"), fake_image(tmp_path)))
+    assert default is not None and default.owner == LabOwner.this_process() and default.owner.state() == "alive"
+    assert parse_mark("<domain><name>x</name><metadata/></domain>") is None
+
+
+def test_owner_state_tells_a_dead_run_from_a_live_or_foreign_one() -> None:
+    import dataclasses
+
+    from symbiont.lab.vms import LabOwner
+
+    me = LabOwner.new_run()
+    assert me.state() == "alive" and me.run != LabOwner.new_run().run
+    assert _dead_owner().state() == "dead"
+    assert dataclasses.replace(me, started=me.started - 3600).state() == "dead"  # pid reused by another process
+    assert dataclasses.replace(_dead_owner(), host="elsewhere.invalid").state() == "unknown"  # cannot prove it
+    assert LabOwner.persistent_lab("symbiont-lab-").state() == "unknown"
+
+
+def test_check_owner_refuses_other_runs_and_names_the_owner() -> None:
+    from symbiont.lab.vms import LabMark, LabOwner, NotOwnedError, check_owner
+
+    me, other, dead = LabOwner.new_run(), LabOwner.new_run("cafe01"), _dead_owner()
+    check_owner("d1", LabMark("i", me), me)
+    with pytest.raises(NotOwnedError, match=r"d1: belongs to run 'cafe01' \(pid \d+ on .*refusing to delete"):
+        check_owner("d1", LabMark("i", other), me)
+    with pytest.raises(NotOwnedError, match="refusing to delete"):
+        check_owner("d1", LabMark("i", other), me, reclaim=True)  # alive: reclaim does not apply
+    with pytest.raises(NotOwnedError, match="owner is gone: add --reclaim"):
+        check_owner("d1", LabMark("i", dead), me)
+    check_owner("d1", LabMark("i", dead), me, reclaim=True)
+    with pytest.raises(NotOwnedError, match="not created by 'symbiont lab'"):
+        check_owner("d1", None, me, reclaim=True)
+
+
+# Against a real libvirtd: domains defined, never booted.
+@pytest.fixture
+def lv(libvirtd, tmp_path: Path):
+    import uuid
+
+    import libvirt
+
+    from symbiont.host.libvirt_host import LibvirtHost
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    cfg = load_config(None, {"lab": {"vm_prefix": f"symbiont-utest-{uuid.uuid4().hex[:6]}-",
+                                     "vms_dir": str(tmp_path / "vms"), "channels_dir": str(tmp_path / "ch")}})
+    host = LibvirtHost(cfg.libvirt_uri)
+    yield host, cfg
+    for dom in host.conn.listAllDomains():
+        if dom.name().startswith(cfg.lab.vm_prefix):
+            dom.undefine()
+    host.close()
+
+
+def _define(host, cfg, name: str, owner, tmp_path: Path, **kw) -> None:
+    host.conn.defineXML(domain_xml(cfg, lab_vm(cfg, name), fake_image(tmp_path), owner=owner, **kw))
+
+
+@pytest.mark.root
+@pytest.mark.libvirt
+def test_remove_vm_refuses_another_runs_domain(lv, tmp_path: Path) -> None:
+    from symbiont.lab import vms as labvms
+
+    host, cfg = lv
+    first, second, dead = labvms.LabOwner.new_run(), labvms.LabOwner.new_run(), _dead_owner()
+    _define(host, cfg, cfg.lab.vm_prefix + "1", first, tmp_path)
+    _define(host, cfg, cfg.lab.vm_prefix + "2", dead, tmp_path)
+    mark = labvms.domain_mark(host.domain(cfg.lab.vm_prefix + "1"))
+    assert mark is not None and mark.owner == first
+    with pytest.raises(labvms.NotOwnedError, match=f"{cfg.lab.vm_prefix}1: belongs to run '{first.run}'"):
+        labvms.remove_vm(host, cfg, cfg.lab.vm_prefix + "1", second)
+    with pytest.raises(labvms.NotOwnedError):
+        labvms.remove_vm(host, cfg, cfg.lab.vm_prefix + "1", second, reclaim=True)
+    assert host.exists(cfg.lab.vm_prefix + "1")
+    with pytest.raises(labvms.NotOwnedError, match="owner is gone"):
+        labvms.remove_vm(host, cfg, cfg.lab.vm_prefix + "2", second)
+    assert labvms.remove_vm(host, cfg, cfg.lab.vm_prefix + "2", second, reclaim=True)
+    assert not host.exists(cfg.lab.vm_prefix + "2")
+    assert labvms.remove_vm(host, cfg, cfg.lab.vm_prefix + "1", first) and not host.exists(cfg.lab.vm_prefix + "1")
+
+
+@pytest.mark.root
+@pytest.mark.libvirt
+def test_second_session_with_the_same_prefix_leaves_the_first_ones_domains(
+    lv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from symbiont.lab import session as session_mod
+    from symbiont.lab import vms as labvms
+
+    host, cfg = lv
+    first = labvms.LabOwner.new_run()
+    name = cfg.lab.vm_prefix + "1"
+    _define(host, cfg, name, first, tmp_path)
+    uuid_before = host.domain(name).UUIDString()
+    monkeypatch.setattr(session_mod, "build_image", lambda *a, **k: fake_image(tmp_path))
+    booted: list[str] = []
+    monkeypatch.setattr(labvms, "create_vm", lambda *a, **k: booted.append(a[3]))
+    base = tmp_path / "base.yaml"
+    base.write_text(f"lab: {{vms_dir: '{cfg.lab.vms_dir}', channels_dir: '{cfg.lab.channels_dir}'}}\n")
+    s = session_mod.LabSession(count=1, prefix=cfg.lab.vm_prefix, base_config=str(base), work_dir=tmp_path / "w")
+    with pytest.raises(labvms.NotOwnedError, match=f"{name}: belongs to run '{first.run}'.*refusing to reuse"):
+        s.__enter__()
+    assert host.domain(name).UUIDString() == uuid_before and booted == []
+
+
+def test_session_prefix_comes_from_the_config_the_experiment_and_a_run_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No experiment hard-codes a prefix: two runs of one experiment get different VM names."""
+    from symbiont.experiments import framework as fw
+    from symbiont.lab import session as session_mod
+
+    seen: list[str] = []
+
+    def stop_after_prefix(*a, **k):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(session_mod, "ensure_libvirtd", stop_after_prefix)
+    base = tmp_path / "base.yaml"
+    base.write_text("lab: {vm_prefix: 'alice-'}\n")
+
+    @fw.experiment("unit-test-lab-prefix", "lab prefix")
+    def _exp(ctx: fw.RunContext) -> dict:
+        s = session_mod.LabSession(count=1, base_config=str(base), work_dir=tmp_path / ctx.run_id)
+        with pytest.raises(RuntimeError, match="stop here"):
+            s.__enter__()
+        seen.append(s.prefix or "")
+        return {}
+
+    out1, _ = fw.run_experiment("unit-test-lab-prefix", [], tmp_path / "r", show_progress=False)
+    out2, _ = fw.run_experiment("unit-test-lab-prefix", [], tmp_path / "r2", show_progress=False)
+    assert all(p.startswith("alice-unit-test-lab-prefix-") for p in seen) and seen[0] != seen[1]
+    import json
+
+    assert json.loads((out1 / "run.json").read_text())["lab_prefixes"] == [seen[0]]
+    s = session_mod.LabSession(count=1, base_config=str(base), tag="fig2b")
+    with pytest.raises(RuntimeError):
+        s.__enter__()
+    assert s.prefix == f"alice-fig2b-{s.owner.run}-"
+
+
+def test_no_experiment_hard_codes_a_vm_prefix() -> None:
+    import re
+
+    root = Path(__file__).resolve().parents[2] / "daemon" / "symbiont"
+    offenders = [f"{p.relative_to(root)}: {m.group(0)}" for p in root.glob("*/*.py")
+                 for m in re.finditer(r"LabSession\([^)]*prefix=", p.read_text())]
+    assert offenders == []
+
+
+# -- the guest-to-guest link from the command line ----------------------------------------------
+@pytest.mark.root
+def test_peer_link_refuses_to_remove_a_link_in_use() -> None:
+    """A tap has carrier while a process holds it open: that is a running lab's link."""
+    import fcntl
+    import os
+    import struct
+
+    from symbiont.lab.peerlink import PeerLink, PeerLinkError
+
+    link = PeerLink.allocate()
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", link.tap(0).encode(), 0x0002 | 0x1000))  # TUNSETIFF tap
+        assert link.in_use() == [link.tap(0)]
+        with pytest.raises(PeerLinkError, match=f"{link.tap(0)} held open by a running VM"):
+            link.prepare()
+    finally:
+        os.close(fd)
+    assert link.in_use() == []
+    link.prepare()  # a leftover nobody holds: replaced
+    assert link.taps_present()
+    link.remove()
+    assert not link.taps_present() and not link.exists()
+
+
+@pytest.mark.root
+@pytest.mark.libvirt
+def test_cli_lab_up_peer_link_and_lab_down(lv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``symbiont lab up 2 --peer-link`` defines the VMs with their taps and builds the link in a
+    real network namespace; ``lab down`` removes both. (VMs defined, not booted: the fake is
+    only create_vm's start=False and the image.)"""
+    from click.testing import CliRunner
+    from pyroute2 import NetNS
+
+    from symbiont import cli as cli_mod
+    from symbiont.lab import vms as labvms
+    from symbiont.lab.peerlink import PeerLink
+
+    host, cfg = lv
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"lab: {{vm_prefix: '{cfg.lab.vm_prefix}', vms_dir: '{cfg.lab.vms_dir}', "
+                    f"channels_dir: '{cfg.lab.channels_dir}'}}\n")
+    monkeypatch.setattr(cli_mod, "build_image_with_progress", lambda c, force=False: fake_image(tmp_path))
+    monkeypatch.setattr(labvms.subprocess, "run", lambda *a, **k: labvms.subprocess.CompletedProcess(a, 0, "", ""))
+    real_create = labvms.create_vm
+    monkeypatch.setattr(labvms, "create_vm", lambda *a, **k: real_create(*a, start=False, **k))
+    link = PeerLink(labvms.lab_peer_ids(cfg.lab.vm_prefix))
+    runner = CliRunner()
+    try:
+        r = runner.invoke(cli_mod.cli, ["-c", str(conf), "lab", "up", "2", "--peer-link", "--no-wait"])
+        assert r.exit_code == 0, r.output
+        assert f"netns {link.netns}" in r.output
+        names = labvms.lab_names(cfg, 2)
+        for i, name in enumerate(names):
+            root = ET.fromstring(host.domain(name).XMLDesc())
+            assert root.find("devices/interface/target").get("dev") == link.tap(i)
+            mark = labvms.domain_mark(host.domain(name))
+            assert mark.peer_link == link.ids and mark.owner.run == f"lab:{cfg.lab.vm_prefix}"
+        with NetNS(link.netns) as ns:
+            br = ns.link_lookup(ifname="symbr0")[0]
+            for i in (0, 1):
+                tap = ns.get_links(ns.link_lookup(ifname=link.tap(i))[0])[0]
+                assert tap.get_attr("IFLA_MASTER") == br
+        # A running experiment's VM under the same prefix is not 'lab down''s to remove.
+        other = labvms.LabOwner.new_run()
+        _define(host, cfg, cfg.lab.vm_prefix + "exp-1", other, tmp_path)
+        r = runner.invoke(cli_mod.cli, ["-c", str(conf), "lab", "down"])
+        assert r.exit_code == 0, r.output
+        assert f"removed 2 lab VMs: {names[0]}, {names[1]}" in r.output
+        assert f"belongs to run '{other.run}'" in r.output
+        assert not host.exists(names[0]) and host.exists(cfg.lab.vm_prefix + "exp-1")
+        assert not link.exists() and not link.taps_present()
+    finally:
+        link.remove()

@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 @pytest.fixture(scope="module")
 def lab(libvirtd, tmp_path_factory):
     # The work dir (daemon log, config, sqlite) is kept by pytest for post-mortems.
-    with LabSession(count=2, prefix="symbiont-test-", period_s=1.0, memory_mib=512, max_vcpus=4,
+    # No fixed prefix: <lab.vm_prefix>test-<run id>-N, so two runs on one host never collide.
+    with LabSession(count=2, tag="test", period_s=1.0, memory_mib=512, max_vcpus=4,
                     work_dir=tmp_path_factory.mktemp("lab"),
                     daemon_overrides={"control": {"agent_timeout_s": 3.0},
                                       "gpu": {"enabled": True, "backend": "simulated"}}) as s:
@@ -259,18 +260,23 @@ def test_lab_down_removes_only_lab_domains(lab: LabSession, tmp_path) -> None:
     # A lab VM of another lab (another prefix) is not ours to remove either.
     other_cfg = load_config(None, {"lab": {"vm_prefix": "symbiont-otherlab-"}})
     other = lab_vms.create_vm(lab.host, other_cfg, lab.image, "symbiont-otherlab-1", start=False)
+    # Nor is a domain of another run that uses the same prefix (issue 16 item 19).
+    stranger = lab_vms.LabOwner.new_run()
+    same_prefix = lab_vms.create_vm(lab.host, cfg, lab.image, lab.prefix + "9", start=False, owner=stranger)
     try:
         with pytest.raises(lab_vms.LabError, match="not created by"):
-            lab_vms.remove_vm(lab.host, cfg, bystander)
-        removed = lab_vms.lab_down(lab.host, cfg)
-        assert set(lab.names) <= set(removed)
+            lab_vms.remove_vm(lab.host, cfg, bystander, lab.owner)
+        removed, kept = lab_vms.lab_down(lab.host, cfg, owner=lab.owner)
+        assert set(lab.names) == set(removed)
         assert bystander not in removed and lab.host.exists(bystander)
         assert other.name not in removed and lab.host.exists(other.name)
+        assert lab.host.exists(same_prefix.name) and any(f"belongs to run '{stranger.run}'" in k for k in kept)
         for name in lab.names:
             assert not lab.host.exists(name)
             assert not lab_vms.lab_vm(cfg, name).dir.exists()
     finally:
         lab_vms.remove_vm(lab.host, other_cfg, other.name)
+        lab_vms.remove_vm(lab.host, cfg, same_prefix.name, stranger)
         try:
             dom.undefine()
         except libvirt.libvirtError:

@@ -52,7 +52,7 @@ def _lab(ctx: RunContext, memory_mib: int = 512):
     from symbiont.lab.session import LabSession
 
     ctx.stage("lab: image, one VM, symbiontd")
-    with LabSession(count=1, prefix="symbiont-ct-exp-", period_s=1.0, memory_mib=memory_mib, max_vcpus=4,
+    with LabSession(count=1, period_s=1.0, memory_mib=memory_mib, max_vcpus=4,
                     step=ctx.note, daemon_overrides={"control": {"agent_timeout_s": 15.0}}) as lab:
         vm = lab.names[0]
         lab.wait_for(lambda: lab.client().get(f"/v1/vms/{vm}")["cooperative"], 120, "agent cooperative")

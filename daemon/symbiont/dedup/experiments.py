@@ -352,11 +352,10 @@ def identical_vms_experiment(ctx: RunContext) -> dict[str, Any]:
     n = int(p["max_vms"])
     if not 1 <= n <= 3:
         raise ExperimentError("max_vms: 1..3 on this shared test host")
-    prefix = "symbiont-dedup-"
     mem = int(p["memory_mib"])
     timeline: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    with LabSession(count=n, prefix=prefix, memory_mib=mem, register=False, period_s=1.0,
+    with LabSession(count=n, memory_mib=mem, register=False, period_s=1.0,
                     step=lambda s: ctx.stage(s)) as lab:  # fmt: skip
         ctx.note(f"boot to agent hello: {', '.join(f'{k} {v:.0f} s' for k, v in lab.boot_seconds.items())}")
         with lab.client() as c:
@@ -406,7 +405,7 @@ def identical_vms_experiment(ctx: RunContext) -> dict[str, Any]:
                      f"{scan['remaining_pages']}, {scan['timings']['total_s']:.2f} s")  # fmt: skip
             prefixes = {len(x["sources"]): x for x in scan["prefixes"]}
             ctx.stage("removing VMs one by one (real KSM counters)")
-            cfg = load_config(None, {"lab": {"vm_prefix": prefix}})
+            cfg = load_config(None, {"lab": {"vm_prefix": lab.prefix}})
             for k in range(n, 0, -1):
                 names = lab.names[:k]
                 vv = {v["name"]: v for v in c.get("/v1/dedup/vms")}
@@ -435,7 +434,7 @@ def identical_vms_experiment(ctx: RunContext) -> dict[str, Any]:
                 if k > 1:
                     victim = lab.names[k - 1]
                     c.delete(f"/v1/vms/{victim}")
-                    labvms.remove_vm(lab.host, cfg, victim)  # type: ignore[arg-type]
+                    labvms.remove_vm(lab.host, cfg, victim, lab.owner)  # type: ignore[arg-type]
                     lab.vms.pop()
                     time.sleep(float(p["after_remove_s"]))
             decisions = [{"ts": round(x["ts"], 2), "action": x["action"],

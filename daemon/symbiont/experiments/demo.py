@@ -60,7 +60,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     ctx.stage("setting up the lab", total=None)
     with LabSession(count=p["vms"], memory_mib=p["memory_mib"], period_s=p["period_s"],
-                    prefix="symbiont-demo-", step=ctx.note) as lab:
+                    step=ctx.note) as lab:
         summary["boot_to_agent_s"] = {k: round(v, 1) for k, v in lab.boot_seconds.items()}
         first, last = lab.names[0], lab.names[-1]
         with lab.client() as c:

@@ -10,12 +10,14 @@ traced back to how it was made.
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import datetime as dt
 import json
 import logging
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
@@ -140,6 +142,10 @@ class RunContext:
         self.files: list[str] = []
         self.notes: list[str] = []
         self.echo = progress is None and os.environ.get("SYMBIONT_QUIET") != "1"
+        self.run_id = secrets.token_hex(3)
+        # VM prefixes of the lab sessions this run started (LabSession names its VMs after
+        # the experiment and a run id of its own, so two runs never share a domain name).
+        self.lab_prefixes: list[str] = []
 
     # -- progress -------------------------------------------------------------------------
     def stage(self, description: str, total: float | None = None) -> None:
@@ -193,6 +199,14 @@ class RunContext:
 
         plt.close(fig)
         return p
+
+
+_CURRENT: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar("symbiont_run", default=None)
+
+
+def current_run() -> RunContext | None:
+    """The experiment run in progress in this context (LabSession tags its VMs with it)."""
+    return _CURRENT.get()
 
 
 def host_facts() -> dict[str, Any]:
@@ -265,8 +279,10 @@ def run_experiment(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()
         )
     ctx = RunContext(exp, params, out_dir, progress)
+    record["run_id"] = ctx.run_id
     status = "failed"
     summary: dict[str, Any] = {}
+    token = _CURRENT.set(ctx)
     try:
         if progress is not None:
             with progress:
@@ -275,7 +291,9 @@ def run_experiment(
             summary = dict(exp.run(ctx) or {})
         status = "ok"
     finally:
+        _CURRENT.reset(token)
         record["status"] = status
+        record["lab_prefixes"] = ctx.lab_prefixes
         record["duration_s"] = round(time.monotonic() - t0, 3)
         record["summary"] = summary
         record["notes"] = ctx.notes

@@ -8,12 +8,17 @@ moved into the namespace ``symlink-<id>`` and enslaved to a bridge there. QEMU k
 descriptor, so frames flow through that namespace's bridge; the root namespace never holds
 the bridge, the taps or an address of this network. The guests address it as 10.211.x.y,
 derived from the NIC's MAC (``ops_migration`` in the agent).
+
+Two labs must not tear down each other's link: :meth:`PeerLink.prepare` removes leftovers
+only when no tap of the link is held open (a tap has carrier exactly while a process — QEMU —
+holds its file descriptor), and :meth:`PeerLink.allocate` picks ids no link on the host uses.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetNS, netns
@@ -47,9 +52,50 @@ class PeerLink:
         x = self.ids[i]
         return f"52:54:00:5b:{x >> 8 & 0xFF:02x}:{x & 0xFF:02x}"
 
+    @classmethod
+    def allocate(cls) -> PeerLink:
+        """A link whose namespace and taps exist nowhere on this host yet."""
+        for _ in range(64):
+            a = 1024 + secrets.randbelow(65534 - 1024)  # a + 1 < 65535: 10.211.255.255 is the broadcast
+            link = cls((a, a + 1))
+            if not link.exists() and not link.taps_present():
+                return link
+        raise PeerLinkError("no free peer link ids after 64 tries")
+
+    def exists(self) -> bool:
+        return self.netns in netns.listnetns()
+
+    def _taps(self) -> list[tuple[str, bool]]:
+        """(tap, carrier) of this link's taps, in the root namespace and in the link's."""
+        names = {self.tap(0), self.tap(1)}
+        found: list[tuple[str, bool]] = []
+        with IPRoute() as ipr:
+            found += [(m.get_attr("IFLA_IFNAME"), bool(m.get_attr("IFLA_CARRIER"))) for m in ipr.get_links()
+                      if m.get_attr("IFLA_IFNAME") in names]
+        if self.exists():
+            with NetNS(self.netns) as ns:
+                found += [(m.get_attr("IFLA_IFNAME"), bool(m.get_attr("IFLA_CARRIER"))) for m in ns.get_links()
+                          if m.get_attr("IFLA_IFNAME") in names]
+        return found
+
+    def taps_present(self) -> bool:
+        return bool(self._taps())
+
+    def in_use(self) -> list[str]:
+        """Taps of this link held open by a process (IFLA_CARRIER: a tap has carrier exactly
+        while a file descriptor is attached to it, up or down)."""
+        return sorted(name for name, carrier in self._taps() if carrier)
+
     def prepare(self) -> None:
         """Remove leftovers of an earlier run, then create both taps in the root namespace for
-        QEMU to open (it can only open a tap by name in its own namespace)."""
+        QEMU to open (it can only open a tap by name in its own namespace). Refuse when a tap
+        of this link is in use: then it is a running lab's link, not a leftover."""
+        busy = self.in_use()
+        if busy:
+            raise PeerLinkError(
+                f"peer link {self.netns}: {', '.join(busy)} held open by a running VM (another lab's link); "
+                "refusing to remove it: pick other ids"
+            )
         self.remove()
         with IPRoute() as ipr:
             for i in (0, 1):

@@ -4,6 +4,12 @@ The demo, the VM tests and the benchmarks all need the same thing — boot N VMs
 golden image, run ``symbiontd`` on its own state folder and socket, register the VMs — and
 the same clean-up: stop the daemon (which restores every knob), remove the VMs it made,
 stop libvirtd/virtlogd only if it started them.
+
+Each session is a run of its own: its VMs are named ``<lab.vm_prefix><tag>-<run id>-N`` (the
+tag defaults to the experiment being run) unless the caller names an explicit ``prefix``, and
+every domain it defines carries its owner mark (:class:`symbiont.lab.vms.LabOwner`). It
+removes at start or at exit only domains it made; a domain of another run with the same name
+is refused with a message naming its owner (``reclaim=True`` takes over a provably dead one).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from symbiont.host.libvirt_host import LibvirtHost, ensure_libvirtd, stop_starte
 from symbiont.lab import vms
 from symbiont.lab.image import Image, build_image, make_recipe
 from symbiont.lab.peerlink import PeerLink
+from symbiont.lab.vms import LabOwner
 
 
 @dataclass
@@ -86,7 +93,9 @@ class LabSession:
     """Boot ``count`` VMs and a daemon; everything is removed on exit."""
 
     count: int = 2
-    prefix: str = "symbiont-lab-"
+    prefix: str | None = None  # None: <lab.vm_prefix of base_config><tag>-<run id>-
+    tag: str = ""  # "": the experiment being run (symbiont.experiments.framework), else "session"
+    reclaim: bool = False  # take over same-named domains whose owner is provably dead
     period_s: float = 2.0
     memory_mib: int = 512
     max_vcpus: int = 4
@@ -96,9 +105,11 @@ class LabSession:
     step: Callable[[str], None] = lambda s: None
     register: bool = True
     register_extra: dict[str, Any] = field(default_factory=dict)  # the registrations' "extra" (by part)
-    # Two ids (1024..65535): VMs 1 and 2 get a NIC on a bridge inside a network namespace of
-    # the lab's own (lab/peerlink.py), the migration part's guest network.
-    peer_link: tuple[int, int] | None = None
+    # Two ids (1024..65535), or True for ids no other link uses: VMs 1 and 2 get a NIC on a
+    # bridge inside a network namespace of the lab's own (lab/peerlink.py), the migration
+    # part's guest network.
+    peer_link: tuple[int, int] | bool | None = None
+    owner: LabOwner = field(default_factory=LabOwner.new_run)
     # Filled in by __enter__:
     image: Image | None = None
     host: LibvirtHost | None = None
@@ -130,6 +141,12 @@ class LabSession:
             self.work_dir = Path(self._tmp.name)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         base = load_config(self.base_config)
+        if self.prefix is None:
+            self.prefix = f"{base.lab.vm_prefix}{self._tag()}-{self.owner.run}-"
+        from symbiont.experiments.framework import current_run
+
+        if (run := current_run()) is not None:
+            run.lab_prefixes.append(self.prefix)  # run.json says which VMs were this run's
         lab_cfg = load_config(
             self.base_config,
             {"lab": {"vm_prefix": self.prefix, "memory_mib": self.memory_mib, "max_vcpus": self.max_vcpus}},
@@ -145,17 +162,21 @@ class LabSession:
         import libvirt
 
         libvirt.registerErrorHandler(lambda _c, _e: None, None)
-        if self.peer_link is not None:
-            self._link = PeerLink(self.peer_link)
-            self._link.prepare()
-        self.step(f"booting {self.count} VMs ({vms.resolve_domain_type(lab_cfg.lab.domain_type)})")
-        for i, name in enumerate(vms.lab_names(lab_cfg, self.count)):
-            if self.host.exists(name):
-                vms.remove_vm(self.host, lab_cfg, name)
+        names = vms.lab_names(lab_cfg, self.count)
+        for name in names:
+            if self.host.exists(name):  # someone else's (our run id is new): refuse, or reclaim a dead one
+                vms.check_owner(name, vms.domain_mark(self.host.domain(name)), self.owner, self.reclaim, "reuse")
+                vms.remove_vm(self.host, lab_cfg, name, self.owner, reclaim=True)
+        if self.peer_link:
+            link = PeerLink.allocate() if self.peer_link is True else PeerLink(self.peer_link)  # type: ignore[arg-type]
+            link.prepare()  # refuses a link in use: then it is not ours to remove at close
+            self._link = link
+        self.step(f"booting {self.count} VMs ({vms.resolve_domain_type(lab_cfg.lab.domain_type)}) as {self.prefix}*")
+        for i, name in enumerate(names):
             t0 = time.monotonic()
-            link: dict[str, Any] = {}
+            link: dict[str, Any] = {"owner": self.owner}
             if self._link is not None and i < 2:
-                link["tap_link"] = (self._link.tap(i), self._link.mac(i))
+                link.update(tap_link=(self._link.tap(i), self._link.mac(i)), peer_link=self._link.ids)
             self.vms.append(vms.create_vm(self.host, lab_cfg, self.image, name, **link))
             self.boot_seconds[name] = -t0  # completed below
         if self._link is not None:
@@ -182,6 +203,14 @@ class LabSession:
                 for name in self.names:
                     c.post("/v1/vms", {"name": name, "memory": {"min_mib": 128}, "extra": self.register_extra})
 
+    def _tag(self) -> str:
+        if self.tag:
+            return self.tag
+        from symbiont.experiments.framework import current_run
+
+        run = current_run()
+        return run.experiment.name if run is not None else "session"
+
     def client(self) -> Client:
         assert self.daemon is not None
         return self.daemon.client()
@@ -203,8 +232,10 @@ class LabSession:
         if self.host is not None:
             base = load_config(self.base_config, {"lab": {"vm_prefix": self.prefix}})
             for vm in self.vms:
-                with contextlib.suppress(Exception):
-                    vms.remove_vm(self.host, base, vm.name)
+                try:
+                    vms.remove_vm(self.host, base, vm.name, self.owner)
+                except Exception as exc:  # noqa: BLE001 - the others still go
+                    self.step(f"could not remove {vm.name}: {exc}")
             self.host.close()
         if self._link is not None:
             with contextlib.suppress(Exception):

@@ -102,7 +102,7 @@ def idle_tax(ctx: RunContext) -> dict[str, Any]:
     p = ctx.params
     rows: list[dict[str, Any]] = []
     ctx.stage("booting 2 VMs and the daemon (memory policy on, τ = 0)")
-    with LabSession(count=2, prefix="symbiont-exp-mem-", period_s=p["period_s"], memory_mib=p["memory_mib"],
+    with LabSession(count=2, period_s=p["period_s"], memory_mib=p["memory_mib"],
                     step=ctx.note,
                     daemon_overrides={"memory": {"enabled": True, "budget_mib": p["budget_mib"],
                                                  "tax_rate": 0.0, "max_step_mib": 64}}) as lab:
@@ -185,7 +185,7 @@ def balloon_vs_configured(ctx: RunContext) -> dict[str, Any]:
         raise RuntimeError(f"file-server workload printed no result: {out[-300:]}")
 
     ctx.stage("ballooned VM: boot with max memory", total=None)
-    with LabSession(count=1, prefix="symbiont-exp-fig2b-", memory_mib=p["max_mib"], step=ctx.note) as lab:
+    with LabSession(count=1, tag="fig2b", memory_mib=p["max_mib"], step=ctx.note) as lab:
         vm = lab.names[0]
         with lab.client() as c:
             for m in sorted(sizes, reverse=True):
@@ -198,7 +198,7 @@ def balloon_vs_configured(ctx: RunContext) -> dict[str, Any]:
                 ctx.note(f"ballooned {p['max_mib']}→{m} MiB: {ops:.1f} ops/s")
     for m in sizes:
         ctx.stage(f"configured VM with {m} MiB", total=None)
-        with LabSession(count=1, prefix="symbiont-exp-fig2c-", memory_mib=m, step=ctx.note, register=False) as lab:
+        with LabSession(count=1, tag="fig2c", memory_mib=m, step=ctx.note, register=False) as lab:
             ops = measure(lab, lab.names[0])
             rows.append({"memory_mib": m, "kind": "configured", "ops_per_s": round(ops, 2)})
             ctx.note(f"configured {m} MiB: {ops:.1f} ops/s")
@@ -288,7 +288,7 @@ def synergy(ctx: RunContext) -> dict[str, Any]:
             ctx.stage(f"KSM {mode}: booting two identical VMs")
             ksm.write("run", 2)  # unmerge everything from before
             ksm.write("run", 0)
-            with LabSession(count=2, prefix=f"symbiont-exp-syn{mode}-", memory_mib=p["memory_mib"],
+            with LabSession(count=2, tag=f"syn{mode}", memory_mib=p["memory_mib"],
                             step=ctx.note) as lab:
                 vm = lab.names[0]
                 ctx.stage(f"KSM {mode}: filling the guests' free memory (same content in both VMs)")

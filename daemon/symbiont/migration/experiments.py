@@ -28,8 +28,8 @@ def lab(ctx: RunContext, memory_mib: int = 512) -> Iterator[Any]:
     from symbiont.lab.session import LabSession
 
     ctx.stage("lab: image, two VMs with a guest link, symbiontd")
-    with LabSession(count=2, prefix=PREFIX, period_s=1.0, memory_mib=memory_mib, max_vcpus=2, step=ctx.note,
-                    peer_link=(47621, 47622), daemon_overrides={"control": {"agent_timeout_s": 15.0}}) as s:  # fmt: skip
+    with LabSession(count=2, period_s=1.0, memory_mib=memory_mib, max_vcpus=2, step=ctx.note,
+                    peer_link=True, daemon_overrides={"control": {"agent_timeout_s": 15.0}}) as s:  # fmt: skip
         for vm in s.names:
             s.wait_for(lambda vm=vm: s.client().get(f"/v1/vms/{vm}")["cooperative"], 180, f"{vm} cooperative")
         yield s

@@ -79,7 +79,7 @@ def run_elastic(ctx: RunContext) -> dict[str, Any]:
     max_ws = max(ws for ws, _ in phases)
     rows: list[dict[str, Any]] = []
     ctx.stage("booting one lab VM (golden image, libvirt)")
-    with LabSession(count=1, prefix="symbiont-cache-exp-", period_s=1.0, memory_mib=int(p["memory_mib"]),
+    with LabSession(count=1, period_s=1.0, memory_mib=int(p["memory_mib"]),
                     max_vcpus=2, step=ctx.note) as lab:
         name = lab.names[0]
         assert lab.work_dir is not None
@@ -201,7 +201,7 @@ def run_allocation(ctx: RunContext) -> dict[str, Any]:
         raise ExperimentError("capacity_mib must be within 1..256")
     rows: list[dict[str, Any]] = []
     ctx.stage(f"booting {len(ws)} lab VMs (golden image, libvirt)")
-    with LabSession(count=len(ws), prefix="symbiont-cache-alloc-", period_s=float(p["period_s"]),
+    with LabSession(count=len(ws), period_s=float(p["period_s"]),
                     memory_mib=int(p["memory_mib"]), max_vcpus=1, step=ctx.note,
                     daemon_overrides={"control": {"agent_timeout_s": 5.0}}) as lab:
         assert lab.work_dir is not None
@@ -419,7 +419,7 @@ def run_doubledecker_guest(ctx: RunContext) -> dict[str, Any]:
         raise ExperimentError("mem_mib and ssd_mib must be within 1..64")
     rows: list[dict[str, Any]] = []
     ctx.stage("booting one lab VM (golden image, libvirt)")
-    with LabSession(count=1, prefix="symbiont-cache-dd-", period_s=2.0, memory_mib=int(p["memory_mib"]),
+    with LabSession(count=1, period_s=2.0, memory_mib=int(p["memory_mib"]),
                     max_vcpus=1, step=ctx.note) as lab:
         assert lab.work_dir is not None
         vm = lab.names[0]
