@@ -8,6 +8,7 @@ extending :class:`Config`.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 import types
 import typing
@@ -211,6 +212,11 @@ class Config:
         _check(0 <= self.socket_mode <= 0o777, "socket_mode", "must be an octal file mode such as 0660")
         _check(os.path.isabs(self.socket), "socket", "must be an absolute path")
         _check(os.path.isabs(self.state_dir), "state_dir", "must be an absolute path")
+        if self.socket_group:
+            try:
+                grp.getgrnam(self.socket_group)
+            except KeyError:
+                raise ConfigError(f"socket_group: no group {self.socket_group!r} on this host") from None
         self.control.validate("control")
         self.agent.validate("agent")
         self.lab.validate("lab")
@@ -271,16 +277,60 @@ def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice: YAML would silently keep the last one."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys, naming the key path and the line."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _no_duplicates(node, "")
+        return super().construct_document(node)
+
+
+def _no_duplicates(node: yaml.Node, where: str) -> None:
+    stack: list[tuple[yaml.Node, str]] = [(node, where)]
+    seen_nodes: set[int] = set()
+    while stack:
+        n, at = stack.pop()
+        if id(n) in seen_nodes:  # an alias: checked once
+            continue
+        seen_nodes.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    ident = (k.tag, k.value)
+                    key = f"{at}.{k.value}" if at else k.value
+                    if ident in first:
+                        raise DuplicateKeyError(f"{key}: duplicate key (line {k.start_mark.line + 1}; first on line "
+                                                f"{first[ident]})")
+                    first[ident] = k.start_mark.line + 1
+                    stack.append((v, key))
+                else:
+                    stack.append((v, at))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(n.value))
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load and validate a config file (``None``: all defaults)."""
     data: Any = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            raw = Path(path).read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(f"{path}: not UTF-8: byte {exc.start} (line {line}) is {raw[exc.start]:#04x}") from None
+        try:
+            data = yaml.load(text, Loader=_StrictLoader) or {}
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{exc} in {path}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):

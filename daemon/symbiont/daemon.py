@@ -506,21 +506,28 @@ async def serve(cfg: Config, ready: Callable[[Daemon], None] | None = None) -> N
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     await daemon.start()
     api_task = loop.create_task(server.serve(), name="api")
-    while not server.started and not api_task.done():
-        await asyncio.sleep(0.02)
-    if api_task.done():
-        await daemon.stop()
-        api_task.result()
-        raise SystemExit("API server failed to start")
-    os.chmod(sock, cfg.socket_mode)
-    if cfg.socket_group:
-        os.chown(sock, -1, grp.getgrnam(cfg.socket_group).gr_gid)
-    log.info("API listening on %s (mode %04o)", sock, cfg.socket_mode)
-    if ready:
-        ready(daemon)
-    try:
+    try:  # whatever fails from here on, the socket goes with the daemon: no stale socket is left
+        while not server.started and not api_task.done():
+            await asyncio.sleep(0.02)
+        if api_task.done():
+            api_task.result()
+            raise SystemExit("API server failed to start")
+        os.chmod(sock, cfg.socket_mode)
+        if cfg.socket_group:
+            try:
+                gid = grp.getgrnam(cfg.socket_group).gr_gid
+            except KeyError:
+                raise SystemExit(f"socket_group: no group {cfg.socket_group!r} on this host") from None
+            os.chown(sock, -1, gid)
+        log.info("API listening on %s (mode %04o)", sock, cfg.socket_mode)
+        if ready:
+            ready(daemon)
         await api_task
     finally:
+        if not api_task.done():  # failed while starting: stop serving first
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await api_task
         await daemon.stop()
         with contextlib.suppress(OSError):
             sock.unlink()

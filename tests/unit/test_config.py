@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,65 @@ def test_default_dump_loads_back(tmp_path: Path) -> None:
 def test_shipped_example_config_is_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     assert load_config(root / "etc" / "symbiontd.yaml").control.period_s == 5
+
+
+def test_non_utf8_names_the_file_and_the_byte(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"control:\n  period_s: 2\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert str(p) in str(ei.value) and "not UTF-8" in str(ei.value) and "byte 28 (line 3)" in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("control:\n  period_s: 2\n  period_s: 3\n", "control.period_s: duplicate key (line 3; first on line 2)"),
+        ("log_level: INFO\nsocket_mode: '0600'\nlog_level: DEBUG\n", "log_level: duplicate key (line 3;"),
+        ("gpu:\n  devices:\n    - type: A100\n      type: T4\n", "gpu.devices[0].type: duplicate key (line 4;"),
+        ("control: {period_s: 2, period_s: 3}\n", "control.period_s: duplicate key"),
+    ],
+)
+def test_duplicate_keys_are_errors(tmp_path: Path, text: str, where: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, text))
+    assert str(ei.value).startswith(where), str(ei.value)
+    assert str(tmp_path / "c.yaml") in str(ei.value)
+
+
+def test_aliases_and_equal_keys_in_different_mappings_are_fine(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "control: &c\n  period_s: 2\nagent:\n  reconnect_max_s: 2\n"))
+    assert cfg.control.period_s == 2.0 and cfg.agent.reconnect_max_s == 2.0
+
+
+def test_socket_group_must_exist(tmp_path: Path) -> None:
+    import grp
+
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, "socket_group: no-such-group-zz\n"))
+    assert str(ei.value).startswith("socket_group: no group 'no-such-group-zz'"), str(ei.value)
+    existing = grp.getgrgid(os.getgid()).gr_name
+    assert load_config(write(tmp_path, f"socket_group: {existing}\n")).socket_group == existing
+
+
+def test_check_config_refuses_a_missing_group(tmp_path: Path, capsys) -> None:
+    from symbiont.daemon import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--config", str(write(tmp_path, "socket_group: no-such-group-zz\n")), "--check-config"])
+    assert ei.value.code == 2
+    assert "socket_group" in capsys.readouterr().err
+
+
+def test_a_daemon_that_fails_at_start_removes_its_socket(tmp_path: Path) -> None:
+    """The group vanished after the config was checked: the daemon exits and takes its socket along."""
+    import asyncio
+
+    from symbiont.daemon import serve
+
+    cfg = load_config(None, {"state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "api.sock"),
+                             "libvirt_uri": "test:///default"})
+    cfg.socket_group = "no-such-group-zz"
+    with pytest.raises(SystemExit, match="socket_group"):
+        asyncio.run(serve(cfg))
+    assert not (tmp_path / "api.sock").exists()
