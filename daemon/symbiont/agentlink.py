@@ -3,7 +3,9 @@
 The guest is untrusted. Every frame is size-checked before it is buffered; a malformed,
 oversized or truncated frame (one that does not complete within ``frame_timeout_s``) drops
 this connection only, and the link reconnects with back-off, hunting for the next frame
-boundary. A VM whose agent does not answer is marked *uncooperative*: the daemon goes on
+boundary. A frame must complete within ``frame_timeout_s`` of its first byte, however slowly
+its bytes trickle in. Whatever a guest triggers in the host's log is rate-limited per VM and
+truncated. A VM whose agent does not answer is marked *uncooperative*: the daemon goes on
 serving the others, and the link recovers by itself when the agent greets again (after a
 guest reboot, or the agent's restart).
 """
@@ -11,7 +13,6 @@ guest reboot, or the agent's restart).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -22,6 +23,11 @@ from typing import Any
 from symbiont_agent import protocol as proto
 
 log = logging.getLogger(__name__)
+
+LOG_TRUNCATE = 200  # characters of guest data in one log line
+LOG_BURST = 20  # log lines a guest may trigger at once ...
+LOG_RATE = 1.0  # ... and per second after that
+STOP_TIMEOUT = 5.0  # AgentLink.stop() waits this long for its task, then gives up on it
 
 
 class AgentUnavailable(Exception):
@@ -44,6 +50,42 @@ class LinkStats:
     last_error: str = ""
     last_error_at: float = 0.0
     history: list[str] = field(default_factory=list)
+
+
+def _trunc(value: Any, limit: int = LOG_TRUNCATE) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+class LogLimiter:
+    """A token bucket for the log lines one guest can trigger: ``burst`` at once, then
+    ``rate`` per second; the lines it suppresses are counted and the count is logged with
+    the next line that passes. Arguments are truncated: a guest's data can be 1 MiB."""
+
+    def __init__(self, rate: float = LOG_RATE, burst: int = LOG_BURST) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+        self.suppressed = 0  # since the last line that passed
+        self.suppressed_total = 0
+
+    def log(self, level: int, fmt: str, *args: Any) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1:
+            self.suppressed += 1
+            self.suppressed_total += 1
+            return False
+        self._tokens -= 1
+        args = tuple(a if isinstance(a, (int, float)) else _trunc(a) for a in args)
+        if self.suppressed:
+            fmt += " (%d similar lines suppressed)"
+            args += (self.suppressed,)
+            self.suppressed = 0
+        log.log(level, fmt, *args)
+        return True
 
 
 class AgentLink:
@@ -81,6 +123,7 @@ class AgentLink:
         self._ready = asyncio.Event()
         self._failed_requests = 0
         self._cooperative = False
+        self.guest_log = LogLimiter()
         # Event name -> handler(data, payload): binary streams from the guest (migration images).
         self.stream_handlers: dict[str, Callable[[dict[str, Any], bytes], None]] = {}
 
@@ -101,11 +144,13 @@ class AgentLink:
     def _set_cooperative(self, value: bool, reason: str) -> None:
         if value != self._cooperative:
             self._cooperative = value
-            log.info("vm %s: agent %s (%s)", self.vm, "cooperative" if value else "uncooperative", reason)
+            self.guest_log.log(logging.INFO, "vm %s: agent %s (%s)", self.vm,
+                               "cooperative" if value else "uncooperative", reason)
             if self.on_state:
                 self.on_state(self.vm, value, reason)
 
     def _error(self, text: str) -> None:
+        text = _trunc(text, 300)
         self.stats.last_error = text
         self.stats.last_error_at = time.time()
         self.stats.history = (self.stats.history + [f"{time.strftime('%H:%M:%S')} {text}"])[-20:]
@@ -115,12 +160,17 @@ class AgentLink:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"agent-{self.vm}")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Cancel the link's task and wait for it, at most ``timeout`` seconds: callers may
+        hold the daemon's lock, so this must never wait unboundedly."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                log.error("vm %s: agent link did not stop within %.1f s; abandoned", self.vm, timeout)
+            elif not task.cancelled() and task.exception() is not None:
+                log.warning("vm %s: agent link ended with %r", self.vm, task.exception())
         self._drop("link stopped")
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -148,50 +198,70 @@ class AgentLink:
         self._set_cooperative(False, reason)
 
     async def _run(self) -> None:
+        """Connect, serve a session, reconnect: forever, whatever a session throws."""
         backoff = 0.2
         while True:
-            path = None
             try:
-                path = self._channel_path()
-            except Exception as exc:  # the VM may be gone or shut off
-                self._error(f"no channel: {exc}")
-            if not path:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.reconnect_max)
-                continue
-            try:
-                reader, writer = await asyncio.open_unix_connection(path)
-            except OSError as exc:
-                self._error(f"connect {path}: {exc.strerror or exc}")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.reconnect_max)
-                continue
-            self._writer = writer
-            self.connected = True
-            self.stats.connects += 1
-            try:
-                await self._session(reader)
-                reason = "channel closed"
-            except proto.ProtocolError as exc:
+                backoff = await self._connect_and_serve(backoff)
+            except Exception as exc:  # never die silently while the API says "connected"
+                reason = f"internal error: {type(exc).__name__}: {exc}"
                 self.stats.protocol_errors += 1
-                reason = f"protocol error: {exc}"
-                log.warning("vm %s: dropping connection: %s", self.vm, exc)
-            except (ConnectionError, OSError) as exc:
-                reason = f"connection error: {exc}"
-            self._error(reason)
-            self._drop(reason)
-            # Reconnect promptly after a clean close; back off after errors.
+                self.guest_log.log(logging.ERROR, "vm %s: agent link: %s", self.vm, reason)
+                log.debug("vm %s: agent link traceback", self.vm, exc_info=True)
+                self._error(reason)
+                self._drop(reason)
+                backoff = min(backoff * 2, self.reconnect_max)
+                await asyncio.sleep(backoff)
+
+    async def _connect_and_serve(self, backoff: float) -> float:
+        """One connection attempt and its session; returns the next back-off."""
+        path = None
+        try:
+            path = self._channel_path()
+        except Exception as exc:  # the VM may be gone or shut off
+            self._error(f"no channel: {exc}")
+        if not path:
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.reconnect_max) if "error" in reason else 0.2
+            return min(backoff * 2, self.reconnect_max)
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+        except OSError as exc:
+            self._error(f"connect {path}: {exc.strerror or exc}")
+            await asyncio.sleep(backoff)
+            return min(backoff * 2, self.reconnect_max)
+        self._writer = writer
+        self.connected = True
+        self.stats.connects += 1
+        try:
+            await self._session(reader)
+            reason = "channel closed"
+        except proto.ProtocolError as exc:
+            self.stats.protocol_errors += 1
+            reason = f"protocol error: {exc}"
+            self.guest_log.log(logging.WARNING, "vm %s: dropping connection: %s", self.vm, exc)
+        except (ConnectionError, OSError) as exc:
+            reason = f"connection error: {exc}"
+        self._error(reason)
+        self._drop(reason)
+        # Reconnect promptly after a clean close; back off after errors.
+        await asyncio.sleep(backoff)
+        return min(backoff * 2, self.reconnect_max) if "error" in reason else 0.2
 
     async def _session(self, reader: asyncio.StreamReader) -> None:
         frames = proto.FrameReader(self.max_json, self.max_binary)
         frames.hunt()  # QEMU may hold bytes of an earlier session
         await self._send(proto.hello("host", _version(), [], time=time.time()))
         greet_at = time.monotonic()
+        frame_started: float | None = None  # when the pending frame's first byte arrived
         while True:
-            timeout = self.frame_timeout if frames.mid_frame else 2.0
+            if frames.mid_frame:
+                # The deadline is per frame, not per read: a trickle of bytes does not renew it.
+                timeout = (frame_started or time.monotonic()) + self.frame_timeout - time.monotonic()
+            else:
+                timeout = 2.0
             try:
+                if timeout <= 0:
+                    raise TimeoutError
                 async with asyncio.timeout(timeout):  # not wait_for: see wait_ready
                     data = await reader.read(65536)
             except TimeoutError:
@@ -209,9 +279,16 @@ class AgentLink:
             before = frames.discarded
             msgs = frames.feed(data)
             self.stats.bytes_discarded += frames.discarded - before
+            if not frames.mid_frame:
+                frame_started = None
+            elif frame_started is None or msgs:
+                frame_started = time.monotonic()  # a new frame began in this chunk
             for msg in msgs:
                 self.stats.frames_in += 1
                 self._dispatch(msg)
+            # Let the other VMs' links, the API and the control loop run between chunks:
+            # one busy guest must not monopolise the loop.
+            await asyncio.sleep(0)
 
     def _dispatch(self, msg: proto.Message) -> None:
         h = msg.header
@@ -224,11 +301,13 @@ class AgentLink:
                 self.hello.get("pid"),
                 self.hello.get("boot_id"),
             )
+            # Typed and bounded by proto.validate_hello: safe to store and serve.
             self.hello = {k: h[k] for k in ("proto", "version", "caps", "boot_id", "pid", "started") if k in h}
             self.hello_at = time.time()
             if new_session:
                 self.stats.handshakes += 1
-                log.info("vm %s: agent hello (version %s, caps %s)", self.vm, h.get("version"), h.get("caps"))
+                self.guest_log.log(logging.INFO, "vm %s: agent hello (version %s, caps %s)", self.vm,
+                                   h.get("version"), h.get("caps"))
             self._failed_requests = 0
             self._ready.set()
             self._set_cooperative(True, "agent hello")
@@ -245,7 +324,9 @@ class AgentLink:
             stream = self.stream_handlers.get(h["event"])
             if stream is not None:
                 stream(data, msg.payload)
-            elif self.on_event:
+                return
+            self.guest_log.log(logging.INFO, "vm %s: event %s %s", self.vm, h["event"], data)
+            if self.on_event:
                 self.on_event(self.vm, h["event"], data)
         # A guest sending us requests is ignored: the host serves no guest requests (yet).
 

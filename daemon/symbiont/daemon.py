@@ -40,6 +40,9 @@ log = logging.getLogger("symbiontd")
 # A controller hook of a part: called once per period with the daemon, after collection.
 PeriodicHook = Callable[["Daemon"], Awaitable[None]]
 
+LIBVIRT_TIMEOUT = 30.0  # a libvirt call made while holding Daemon._lock gives up after this long
+RESTORE_TIMEOUT = 60.0  # restoring one VM's knobs (libvirt + agent requests) gives up after this
+
 
 class Daemon:
     """The daemon's state and operations; the API is a thin layer over these methods."""
@@ -62,6 +65,8 @@ class Daemon:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        # Per-VM collection tasks: a VM that does not answer holds only its own task (issue 16).
+        self._collecting: dict[str, asyncio.Task[dict[str, dict[str, Any]]]] = {}
 
     # -- libvirt --------------------------------------------------------------------------
     @property
@@ -110,6 +115,8 @@ class Daemon:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        for task in self._collecting.values():
+            task.cancel()
         for part, mod in reversed(list(self.controllers.items())):
             if hasattr(mod, "stop"):
                 try:
@@ -118,7 +125,7 @@ class Daemon:
                     log.exception("controller %s failed to stop cleanly", part)
         if self.cfg.restore_on_exit:
             for name in list(self.links):
-                await self._restore_knobs(name, reason="daemon stopping")
+                await self._restore_bounded(name, reason="daemon stopping")
         for link in list(self.links.values()):
             await link.stop()
         if self._libvirt is not None:
@@ -144,7 +151,8 @@ class Daemon:
         return link
 
     def _on_event(self, vm: str, name: str, data: dict[str, Any]) -> None:
-        log.info("vm %s: event %s %s", vm, name, data)
+        # The link has logged it (rate-limited and truncated: a guest must not fill the log).
+        m.agent_events.labels(vm).inc()
 
     def _on_agent_state(self, vm: str, cooperative: bool, reason: str) -> None:
         m.vm_cooperative.labels(vm).set(1 if cooperative else 0)
@@ -162,7 +170,7 @@ class Daemon:
             if self.store.get_vm(name) is not None:
                 raise Conflict(f"VM {name!r} is already registered")
             try:
-                info = await asyncio.to_thread(self.libvirt.info, name)
+                info = await self._libvirt_bounded(self.libvirt.info, name)
             except LibvirtError as exc:
                 raise NotFound(f"no libvirt domain {name!r}: register a VM that exists") from exc
             mem = policy.get("memory", {})
@@ -189,19 +197,39 @@ class Daemon:
         return self.vm_view(name)
 
     async def unregister(self, name: str) -> None:
+        # Everything awaited under the lock is bounded (issue 16, item 2: an unbounded wait
+        # here once wedged every later register/unregister and the daemon's shutdown).
         async with self._lock:
             if self.store.get_vm(name) is None:
                 raise NotFound(f"VM {name!r} is not registered")
             if self.cfg.restore_on_exit:
-                await self._restore_knobs(name, reason="unregistered")
+                await self._restore_bounded(name, reason="unregistered")
             link = self.links.pop(name, None)
-            if link is not None:
-                await link.stop()
+            task = self._collecting.pop(name, None)
+            if task is not None:
+                task.cancel()
             self.store.remove_vm(name)
             self.latest.pop(name, None)
             self.store.log_decision("core", "unregister", name, {}, {})
             m.forget_vm(name)
             m.vms_registered.set(len(self.links))
+        if link is not None:
+            await link.stop()  # bounded too, and outside the lock: it only closes a channel
+
+    async def _libvirt_bounded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A blocking libvirt call in a thread, waited for at most LIBVIRT_TIMEOUT."""
+        try:
+            async with asyncio.timeout(LIBVIRT_TIMEOUT):
+                return await asyncio.to_thread(fn, *args)
+        except TimeoutError:
+            raise Unavailable(f"libvirt did not answer within {LIBVIRT_TIMEOUT:.0f} s") from None
+
+    async def _restore_bounded(self, name: str, reason: str) -> None:
+        try:
+            async with asyncio.timeout(RESTORE_TIMEOUT):
+                await self._restore_knobs(name, reason)
+        except TimeoutError:
+            log.error("vm %s: restoring its knobs took over %.0f s; gave up (%s)", name, RESTORE_TIMEOUT, reason)
 
     def _require(self, name: str) -> dict[str, Any]:
         rec = self.store.get_vm(name)
@@ -370,18 +398,47 @@ class Daemon:
             if "some_avg10" in psi:
                 m.host_psi_some_avg10.labels(res).set(psi["some_avg10"])
         rows: list[tuple[float, str | None, str, dict[str, Any]]] = [(now, None, "host", host)]
-        names = list(self.links)
-        results = await asyncio.gather(*(self._collect_vm(n) for n in names), return_exceptions=True)
-        for name, res in zip(names, results, strict=True):
-            if isinstance(res, BaseException):
-                log.warning("vm %s: collection failed: %s", name, res)
+        # One task per VM, waited for at most 80 % of a period: a VM whose agent or libvirt
+        # is slow delays only its own sample (marked stale), never the others' (issue 16).
+        started: dict[str, asyncio.Task[dict[str, dict[str, Any]]]] = {}
+        loop = asyncio.get_running_loop()
+        for name in list(self.links):
+            prev = self._collecting.get(name)
+            if prev is not None and not prev.done():
+                self.latest.setdefault(name, {})["stale"] = True  # still waiting on its last answer
                 continue
-            rows.extend((now, name, src, data) for src, data in res.items() if data)
+            started[name] = self._collecting[name] = loop.create_task(self._collect_vm(name), name=f"collect-{name}")
+        if started:
+            await asyncio.wait(started.values(), timeout=max(0.05, 0.8 * self.cfg.control.period_s))
+        for name, task in started.items():
+            if task.done():
+                rows.extend((now, name, src, data) for src, data in self._collected(name, task).items() if data)
+            else:
+                self.latest.setdefault(name, {})["stale"] = True
+                task.add_done_callback(lambda t, name=name: self._store_late(name, t))
         self.store.add_samples(rows)
+
+    def _collected(self, name: str, task: asyncio.Task[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        if task.cancelled():
+            return {}
+        exc = task.exception()
+        if exc is not None:
+            log.warning("vm %s: collection failed: %s", name, exc)
+            return {}
+        return task.result()
+
+    def _store_late(self, name: str, task: asyncio.Task[dict[str, dict[str, Any]]]) -> None:
+        """Store a sample that arrived after its period's deadline (if the VM is still ours)."""
+        if name not in self.links or self._stop.is_set():
+            return
+        now = time.time()
+        with contextlib.suppress(Exception):
+            self.store.add_samples([(now, name, src, data) for src, data in self._collected(name, task).items() if data])
 
     async def _collect_vm(self, name: str) -> dict[str, dict[str, Any]]:
         snap: dict[str, Any] = {"ts": time.time()}
         out: dict[str, dict[str, Any]] = {}
+        info = None
         try:
             info = await asyncio.to_thread(self.libvirt.info, name)
             lv: dict[str, Any] = {
@@ -404,10 +461,15 @@ class Daemon:
         except (LibvirtError, DaemonError) as exc:
             snap["libvirt"] = {"state": "missing", "error": str(exc)}
         link = self.links.get(name)
-        if link is not None and link.ready:
+        # A paused guest (parked by the paging part) cannot answer: asking would only time out.
+        if link is not None and link.ready and snap["libvirt"].get("state") != "paused":
             try:
                 raw, _ = await link.request("stats")
-                gs = guest_stats.sanitize(raw)
+                gs = guest_stats.sanitize(
+                    raw,
+                    max_mem_bytes=info.max_memory_kib * 1024 if info is not None else None,
+                    max_vcpus=info.max_vcpus if info is not None else None,
+                )
                 out["agent"] = gs
                 snap["agent"] = gs
                 mi = gs["meminfo"]
@@ -420,6 +482,8 @@ class Daemon:
                     m.vm_guest_psi_mem_some_avg10.labels(name).set(gs["psi"]["memory"]["some_avg10"])
             except (AgentUnavailable, AgentOpError, ValueError) as exc:
                 snap["agent_error"] = str(exc)
+        if name not in self.links:
+            return {}  # unregistered while we waited
         m.vm_cooperative.labels(name).set(1 if link is not None and link.cooperative else 0)
         self.latest[name] = snap
         return out
@@ -447,8 +511,10 @@ class Daemon:
                 "protocol_errors": link.stats.protocol_errors if link else 0,
                 "timeouts": link.stats.timeouts if link else 0,
                 "last_error": link.stats.last_error if link else "",
+                "log_lines_suppressed": link.guest_log.suppressed_total if link else 0,
             },
             "stats_at": snap.get("ts"),
+            "stats_stale": bool(snap.get("stale")),
             "state": lv.get("state"),
             "balloon_mib": lv.get("memory_mib"),
             "balloon_actual_mib": (lv.get("memstats_kib", {}).get("actual", 0) // 1024) or None,

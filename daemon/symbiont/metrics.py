@@ -29,6 +29,7 @@ vm_qemu_cpu_percent = Gauge("symbiont_vm_qemu_cpu_percent", "QEMU process CPU %"
 
 agent_protocol_errors = Counter("symbiont_agent_protocol_errors_total", "Dropped agent connections", VM_LABEL)
 agent_handshakes = Counter("symbiont_agent_handshakes_total", "Agent handshakes", VM_LABEL)
+agent_events = Counter("symbiont_agent_events_total", "Events sent by the VM's agent", VM_LABEL)
 control_loop_seconds = Histogram(
     "symbiont_control_loop_seconds",
     "Wall time of one control-loop iteration",
@@ -46,6 +47,7 @@ PER_VM = (
     vm_guest_online_cpus,
     vm_guest_psi_mem_some_avg10,
     vm_qemu_cpu_percent,
+    agent_events,
 )
 
 

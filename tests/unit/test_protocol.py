@@ -89,14 +89,26 @@ def test_hunting_skips_garbage_and_partial_frames() -> None:
     partial = proto.encode(proto.response_ok(1, {"x": "y" * 50}))[:30]
     reader = proto.FrameReader()
     reader.hunt()
+    # The partial frame claims more bytes than follow it, but its JSON region runs into the
+    # next frame's header (version and flags bytes cannot be JSON): it is skipped at once,
+    # without waiting for bytes that would never parse, and neither good frame is lost.
     msgs = reader.feed(b"\x00garbage SYMB\x01" + partial + good)
-    # The partial frame claims more bytes than have arrived: the reader must wait ...
-    assert msgs == [] and reader.hunting
-    # ... and once they arrive, the bogus frame fails to parse and the reader resyncs on the
-    # next magic, losing neither of the good frames.
+    assert [m.type for m in msgs] == ["hello"] and not reader.hunting
     msgs = reader.feed(good)
-    assert [m.type for m in msgs] == ["hello", "hello"]
+    assert [m.type for m in msgs] == ["hello"]
     assert reader.discarded > 0 and not reader.hunting and reader.buffered == 0
+
+
+def test_hunting_waits_for_a_clean_candidate_then_resyncs() -> None:
+    good = proto.encode(proto.hello("agent", "1", []))
+    # A candidate whose (clean, so far) JSON region is incomplete: the reader waits ...
+    bogus = struct.pack("!4sBBII", proto.MAGIC, proto.PROTOCOL_VERSION, 0, 40, 0) + b'{"type": "hel'
+    reader = proto.FrameReader()
+    reader.hunt()
+    assert reader.feed(bogus) == [] and reader.hunting and reader.mid_frame
+    # ... and once its region is complete and does not parse, resyncs on the next magic.
+    msgs = reader.feed(b"x" * 27 + good)
+    assert [m.type for m in msgs] == ["hello"] and not reader.hunting and reader.buffered == 0
 
 
 def test_hunting_keeps_buffer_bounded() -> None:
@@ -134,3 +146,129 @@ def test_any_split_of_a_stream_decodes_identically(items, chunk: int) -> None:
     for k in range(0, len(stream), chunk):
         got.extend(reader.feed(stream[k : k + chunk]))
     assert [(m.header["id"], m.header["op"], m.payload) for m in got] == list(items)
+
+
+# -- hostile peers (issue 16) -------------------------------------------------------------
+
+
+def _json_bytes_parsed(monkeypatch) -> list[int]:
+    """Count the bytes the decoder hands to json.loads: parsing is where hunting used to burn."""
+    parsed = [0]
+    real = json.loads
+
+    def counting(s, *args, **kwargs):
+        parsed[0] += len(s)
+        return real(s, *args, **kwargs)
+
+    monkeypatch.setattr(proto.json, "loads", counting)
+    return parsed
+
+
+@pytest.mark.parametrize("jlen, blen", [(0x7F7F, 8 << 10), (4096, 8 << 10), (64, 0)])
+def test_hunting_cost_is_linear_in_the_input(monkeypatch, jlen: int, blen: int) -> None:
+    """Issue 16 item 1: fake headers with plausible sizes, 14 bytes apart, used to cost one
+    wait + copy + parse of a whole frame each: O(input x frame size)."""
+    parsed = _json_bytes_parsed(monkeypatch)
+    attack = (b"SYMB\x01\x00" + struct.pack("!II", jlen, blen)) * ((256 << 10) // 14)
+    good = proto.encode(proto.hello("agent", "1", []))
+    reader = proto.FrameReader(max_binary=64 << 10)
+    reader.hunt()
+    got = []
+    for k in range(0, len(attack), 65536):
+        got.extend(reader.feed(attack[k : k + 65536]))
+    assert parsed[0] <= len(attack), f"parsed {parsed[0]} bytes of JSON for {len(attack)} bytes of input"
+    assert getattr(reader, "work", 0) <= 4 * len(attack)
+    assert reader.buffered <= proto.HEADER_SIZE + jlen
+    # The last fake header's region is still open; a real frame right after it resyncs.
+    got.extend(reader.feed(b"\0" + good))
+    assert [m.type for m in got] == ["hello"]
+
+
+def test_the_issues_17_mib_payload_is_cheap(monkeypatch) -> None:
+    """The exact payload of issue 16 item 1 (default limits): bounded work, nothing parsed."""
+    parsed = _json_bytes_parsed(monkeypatch)
+    chunk = (b"SYMB\x01\x00" + struct.pack("!II", 0x7F7F, 16 << 20)) * (65536 // 14)
+    reader = proto.FrameReader()
+    reader.hunt()
+    total = 0
+    while total < (17 << 20) + 300_000:
+        assert reader.feed(chunk) == []
+        total += len(chunk)
+    assert parsed[0] == 0 and reader.work <= 4 * total and reader.buffered < 1024
+
+
+def test_hunting_does_not_wait_for_a_large_candidate() -> None:
+    """While hunting, a candidate may not make the reader wait for more than a small JSON."""
+    good = proto.encode(proto.hello("agent", "1", []))
+    big = struct.pack("!4sBBII", proto.MAGIC, proto.PROTOCOL_VERSION, 0, proto.HUNT_MAX_JSON + 1, 0)
+    reader = proto.FrameReader()
+    reader.hunt()
+    assert [m.type for m in reader.feed(big + b"{" + good)] == ["hello"]
+
+
+def test_hunting_parses_each_clean_region_once(monkeypatch) -> None:
+    """Candidates whose JSON regions hold no control bytes are parsed, but they cannot overlap:
+    parse cost stays within the input."""
+    parsed = _json_bytes_parsed(monkeypatch)
+    body = b'{"type": "nope", "pad": "' + b"y" * 1000 + b'"}'
+    cand = struct.pack("!4sBBII", proto.MAGIC, proto.PROTOCOL_VERSION, 0, len(body), 0) + body
+    reader = proto.FrameReader()
+    reader.hunt()
+    assert reader.feed(cand * 200) == []
+    assert parsed[0] <= 200 * len(cand)
+
+
+def _frame(body: bytes) -> bytes:
+    return struct.pack("!4sBBII", proto.MAGIC, proto.PROTOCOL_VERSION, 0, len(body), 0) + body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"type": "event", "event": "x", "data": {"n": ' + b"9" * 5000 + b"}}", id="5000-digits"),
+        pytest.param(b'{"type": "event", "event": "x", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                     id="recursion"),
+        pytest.param(b'{"type": "event", "event": "x", "data": ' + b"[" * 260 + b"]" * 260 + b"}", id="260-deep"),
+        pytest.param(b'{"type": "event", "event": "x", "data": "\xff\xfe"}', id="not-utf8"),
+    ],
+)
+def test_any_json_failure_is_a_protocol_error(body: bytes) -> None:
+    """Issue 16 items 6/7: json.loads raises plain ValueError (int digits) and RecursionError."""
+    with pytest.raises(proto.ProtocolError):
+        proto.FrameReader().feed(_frame(body))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("version", [[[["x"]]]]),
+        ("version", "v" * 10_000),
+        ("boot_id", {"a": 1}),
+        ("role", "r" * 1000),
+        ("pid", "1"),
+        ("pid", True),
+        ("pid", 2**70),
+        ("started", "yesterday"),
+        ("started", 1e300),
+        ("caps", ["ok"] * 257),
+        ("caps", ["c" * 1000]),
+        ("caps", [1, 2]),
+    ],
+)
+def test_hello_fields_are_typed_and_bounded(field: str, value) -> None:
+    """Issue 16 item 7: a hello is stored and served; every field must be sane."""
+    h = proto.hello("agent", "1.0", ["stats"], boot_id="b", pid=3, started=1.5)
+    h[field] = value
+    with pytest.raises(proto.ProtocolError, match=field if field != "version" else "version|deeper"):
+        proto.FrameReader().feed(_frame(json.dumps(h).encode()))
+
+
+def test_a_valid_hello_passes() -> None:
+    h = proto.hello("agent", "1.0", ["stats"] * 256, boot_id="b" * 36, pid=3, started=1.5)
+    assert proto.FrameReader().feed(proto.encode(h))[0].header == h
+
+
+def test_error_messages_do_not_echo_unbounded_peer_data() -> None:
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.FrameReader().feed(_frame(json.dumps({"type": "x" * 100_000}).encode()))
+    assert len(str(info.value)) < 300
