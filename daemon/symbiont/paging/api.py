@@ -1,0 +1,48 @@
+"""API of the paging part (mounted at /v1/paging): the swap tier, page-out, park and wake.
+
+* ``GET /v1/paging``: the tier (size, used, compressed) and per VM its RSS, swap, guest RAM
+  and TCG code cache apart, parked or not;
+* ``POST /v1/paging/vms/{vm}/pageout`` ``{"mib": N}`` (optional: the host's own target
+  otherwise): page out cold guest memory, the guest choosing which pages;
+* ``POST /v1/paging/vms/{vm}/park``, ``POST /v1/paging/vms/{vm}/wake?prefetch=true|false``.
+
+Bad input is a 4xx with the reason (422 body/range, 404 unknown VM, 409 no tier / wrong
+state); nothing changes before the input is validated.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import Field
+
+from symbiont.apimodel import StrictModel
+from symbiont.paging import controller
+
+router = APIRouter(tags=["paging"])
+VmName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$", description="libvirt domain name")]
+
+
+class PageoutBody(StrictModel):
+    mib: int | None = Field(None, ge=1, le=1 << 22, description="MiB to page out; default: resident − (WSS + margin)")
+
+
+@router.get("")
+async def show(request: Request) -> dict[str, Any]:
+    return controller.view(request.app.state.daemon)
+
+
+@router.post("/vms/{vm}/pageout")
+async def pageout(vm: VmName, request: Request, body: PageoutBody | None = None) -> dict[str, Any]:
+    return await controller.pageout_vm(request.app.state.daemon, vm, None if body is None else body.mib)
+
+
+@router.post("/vms/{vm}/park")
+async def park(vm: VmName, request: Request) -> dict[str, Any]:
+    return await controller.park(request.app.state.daemon, vm)
+
+
+@router.post("/vms/{vm}/wake")
+async def wake(vm: VmName, request: Request, prefetch: Annotated[bool, Query()] = True) -> dict[str, Any]:
+    return await controller.wake(request.app.state.daemon, vm, prefetch=prefetch)

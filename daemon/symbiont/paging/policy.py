@@ -1,0 +1,114 @@
+"""Host paging policy (pure): the guest says *what* is cold, the host decides *how much*.
+
+How much: a VM keeps its working set plus a margin resident; the rest of its resident guest
+RAM may go to the swap tier: ``resident − (working set + margin)`` (never below a floor). The
+working set is the guest's own sample (referenced mapped memory, ESX's f × memory), so a
+busy guest keeps what it touches and an idle one shrinks towards the seed's few MiB.
+
+What: the guest's list of guest-physical frames, in its order of preference (free frames,
+then cold inactive-LRU pages), restricted to the pages that are resident on the host now —
+a frame that is not resident costs nothing and paging it out frees nothing. Only when the
+guest's lists do not cover the amount (or there is no cooperative agent) does the host pick
+the rest blindly, from the top of guest RAM down; the decision log says which was used.
+
+The guest is untrusted: :func:`sanitize_runs` bounds and clips what it sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_RUNS = 4096  # per class, as the agent sends at most
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Page ranges (first page, count) within guest RAM to page out, and where they came from."""
+
+    ranges: list[tuple[int, int]]
+    pages_by_source: dict[str, int]
+
+    @property
+    def pages(self) -> int:
+        return sum(self.pages_by_source.values())
+
+
+def pageout_target_mib(resident_mib: float, wss_mib: float | None, margin_mib: float, floor_mib: float = 0.0) -> float:
+    """How much of a VM's resident guest RAM to page out (MiB, ≥ 0).
+
+    Without a working-set sample nothing is paged out: the host does not guess what a guest
+    needs.
+    """
+    if wss_mib is None or wss_mib < 0:
+        return 0.0
+    keep = max(wss_mib + margin_mib, floor_mib)
+    return max(0.0, resident_mib - keep)
+
+
+def sanitize_runs(raw: object, npages: int, max_runs: int = MAX_RUNS) -> list[tuple[int, int]]:
+    """A guest's ``[[first_pfn, count], ...]`` → sorted, non-overlapping runs inside ``npages``.
+
+    Anything malformed raises ValueError (the whole answer is then ignored); runs are clipped
+    to guest RAM, and more than ``max_runs`` is an error (the agent bounds its own answer).
+    """
+    if not isinstance(raw, list):
+        raise ValueError("runs must be a list of [first_pfn, count]")
+    if len(raw) > max_runs:
+        raise ValueError(f"{len(raw)} runs, at most {max_runs} allowed")
+    out: list[tuple[int, int]] = []
+    for r in raw:
+        if (not isinstance(r, (list, tuple)) or len(r) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
+            raise ValueError(f"run {r!r} is not [first_pfn, count]")
+        a, n = r
+        if a < 0 or n <= 0:
+            raise ValueError(f"run {r!r} has a negative start or an empty count")
+        a, b = min(a, npages), min(a + n, npages)
+        if b > a:
+            out.append((a, b - a))
+    out.sort()
+    merged: list[tuple[int, int]] = []
+    for a, n in out:
+        if merged and a <= merged[-1][0] + merged[-1][1]:
+            pa, pn = merged[-1]
+            merged[-1] = (pa, max(pa + pn, a + n) - pa)
+        else:
+            merged.append((a, n))
+    return merged
+
+
+def _mask_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    m = np.concatenate(([False], mask, [False]))
+    d = np.flatnonzero(m[1:] != m[:-1])
+    return [(int(a), int(b - a)) for a, b in zip(d[0::2], d[1::2], strict=True)]
+
+
+def select(present: np.ndarray, want_pages: int, classes: Sequence[tuple[str, list[tuple[int, int]]]],
+           blind: bool = True) -> Selection:
+    """Pick ``want_pages`` resident pages: from the guest's classes in order, then (``blind``)
+    the remaining resident pages from the top of guest RAM down."""
+    avail = present.astype(bool).copy()
+    chosen = np.zeros_like(avail)
+    by: dict[str, int] = {}
+    left = max(0, int(want_pages))
+    for name, runs in classes:
+        if left <= 0:
+            break
+        cls = np.zeros_like(avail)
+        for a, n in runs:
+            cls[a:a + n] = True
+        idx = np.flatnonzero(cls & avail)[:left]
+        if idx.size:
+            chosen[idx] = True
+            avail[idx] = False
+            by[name] = by.get(name, 0) + int(idx.size)
+            left -= int(idx.size)
+    if left > 0 and blind:
+        idx = np.flatnonzero(avail)[::-1][:left]
+        if idx.size:
+            chosen[idx] = True
+            by["host-blind"] = int(idx.size)
+    return Selection(_mask_runs(chosen), by)
