@@ -59,6 +59,43 @@ def test_property_a_one_bit_change_changes_the_hash(seed: int, word: int, bit: i
     assert int(ha) == B.xsm64_scalar(page)
 
 
+def test_native_kernel_is_built_here_and_agrees_with_numpy_bit_for_bit() -> None:
+    """The compiled loop (issue 18 item 4: >= 0.5x memcpy per core) must give numpy's bits: on
+    structured pages, random ones, an unaligned buffer and odd batch sizes."""
+    from symbiont.dedup import native
+
+    assert native.load() is not None, native.why()  # the test host has a C compiler (bootstrap)
+    assert B.cpu_kernel() == "native" and B.CpuBackend().describe()["cpu_kernel"] == "native"
+    p = np.concatenate([_structured_pages(1), np.random.default_rng(5).integers(0, 256, (333, B.PAGE_SIZE),
+                                                                                 dtype=np.uint8)])  # fmt: skip
+    ref = B.xsm64_numpy(p)
+    assert np.array_equal(B.xsm64_cpu(p), ref)
+    for i in (0, 20, 25, 40, 300, 632):
+        assert int(B.xsm64_cpu(p[i : i + 1])[0]) == B.xsm64_scalar(p[i].tobytes()) == int(ref[i])
+    raw = bytearray(p.nbytes + 1)
+    raw[1:] = p.tobytes()
+    unaligned = np.frombuffer(raw, dtype=np.uint8, offset=1).reshape(-1, B.PAGE_SIZE)
+    assert unaligned.ctypes.data % 8 != 0 and np.array_equal(B.xsm64_cpu(unaligned), ref)
+    assert np.array_equal(np.concatenate([B.xsm64_cpu(p[i : i + 7]) for i in range(0, len(p), 7)]), ref)
+    assert B.xsm64_cpu(p[:0]).shape == (0,)
+
+
+def test_without_the_native_kernel_the_numpy_one_gives_the_same_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from symbiont.dedup import native
+
+    p = _structured_pages(2)
+    want = B.xsm64_cpu(p)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert native.load() is None and "no C compiler" in native.why()
+    assert B.cpu_kernel() == "numpy" and np.array_equal(B.xsm64_cpu(p), want)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("SYMBIONT_NATIVE_HASH", "0")
+    assert native.load() is None and "SYMBIONT_NATIVE_HASH=0" in native.why()
+
+
 def test_high_bit_differences_do_not_collide() -> None:
     # pure multilinear hashing mod 2**64 maps a 2**63 difference in two words to 0; xsm64 does not
     p = np.zeros((64, B.PAGE_SIZE), dtype=np.uint8)
