@@ -258,7 +258,9 @@ def memory_view(pid: int, ram_bytes: int) -> dict[str, Any]:
     }
 
 
-def _require_tier(daemon: Daemon) -> int:
+def _require_tier(daemon: Daemon, vm: str) -> int:
+    if daemon.store.get_vm(vm) is None:
+        raise NotFound(f"VM {vm!r} is not registered")
     dev = _state(daemon).device
     if dev is None:
         raise Conflict("no swap tier: set paging.enabled in the config (pages would have nowhere to go)")
@@ -320,7 +322,7 @@ def _guest_classes(cold: Any, npages: int) -> tuple[list[tuple[str, list[tuple[i
 
 async def pageout_vm(daemon: Daemon, vm: str, mib: int | None = None, reason: str = "api") -> dict[str, Any]:
     """Page out a VM's cold guest memory (see the module docstring); a decision in the log."""
-    _require_tier(daemon)
+    _require_tier(daemon, vm)
     pid, ram_bytes, state = _qemu(daemon, vm)
     if mib is not None and not 1 <= mib <= ram_bytes // MIB:
         raise Invalid(f"mib {mib} outside 1..{ram_bytes // MIB} (the VM's guest RAM)")
@@ -402,7 +404,7 @@ def _dom(daemon: Daemon, vm: str) -> libvirt.virDomain:
 
 async def park(daemon: Daemon, vm: str, reason: str = "api") -> dict[str, Any]:
     """Record the idle working set, pause the VM and page all of it out (see module docstring)."""
-    _require_tier(daemon)
+    _require_tier(daemon, vm)
     pid, ram_bytes, state = _qemu(daemon, vm)
     if _parked(daemon, vm) is not None:
         raise Conflict(f"VM {vm!r} is already parked")
