@@ -87,7 +87,7 @@ async def resize_timing(reps: int) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory(prefix="symbiont-bench-") as tmpd:
         tmp = Path(tmpd)
         store = StateStore(tmp / "s.sqlite3")
-        mgr = CacheManager(store, tmp / "run")
+        mgr = CacheManager(store, tmp / "run", pool_dir=tmp)
         await mgr.start()
         try:
             await mgr.create_pool(str(tmp / "pool.img"), None, 256)

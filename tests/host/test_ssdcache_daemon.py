@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.root]
 @pytest.fixture(scope="module")
 def env(as_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ssdd")
-    cfg = {"state_dir": str(tmp / "state"), "socket": str(tmp / "api.sock"), "control": {"period_s": 0.5}}
+    cfg = {"state_dir": str(tmp / "state"), "socket": str(tmp / "api.sock"), "control": {"period_s": 0.5},
+           "ssdcache": {"pool_dir": str(tmp), "reserve_free_mib": 64}}
     (tmp / "d.yaml").write_text(yaml.safe_dump(cfg))
     d = DaemonProcess(tmp / "d.yaml", load_config(tmp / "d.yaml"), tmp / "d.log")
     d.start()

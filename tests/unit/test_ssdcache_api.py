@@ -27,7 +27,7 @@ class Daemon:
 @pytest.fixture
 def client(tmp_path):
     daemon = Daemon()
-    mgr = CacheManager(StateStore(":memory:"), tmp_path / "run")
+    mgr = CacheManager(StateStore(":memory:"), tmp_path / "run", pool_dir=tmp_path / "pools")
     controller._MANAGERS[daemon] = mgr
     app = FastAPI()
     app.state.daemon = daemon
@@ -46,11 +46,27 @@ def test_no_pool_is_a_clear_503_and_bad_bodies_are_422(client: TestClient) -> No
         assert client.post("/v1/ssdcache/caches", json=body).status_code == 422, body
     for body in ({}, {"file": "/x"}, {"file": "/x", "device": "/dev/sda", "size_mib": 1}, {"size_mib": 4}):
         assert client.post("/v1/ssdcache/pool", json=body).status_code == 422, body
-    r = client.post("/v1/ssdcache/pool", json={"file": "relative.img", "size_mib": 4})
-    assert r.status_code == 422 and "absolute" in r.json()["detail"]
     assert client.get("/v1/ssdcache/caches/nope").status_code == 404
     assert client.put("/v1/ssdcache/caches/nope/size", json={"current_mib": -1}).status_code == 422
     assert client.put("/v1/ssdcache/caches/nope/size", json={"current_mib": 1}).status_code == 503
+
+
+def test_pool_paths_and_devices_are_only_what_the_config_allows(client: TestClient, tmp_path) -> None:
+    """The API is not root-equivalent (issue 16, item 17): files only inside pool_dir, no
+    symlink escape, no block device unless ssdcache.allowed_devices lists it."""
+    (tmp_path / "pools").mkdir()
+    (tmp_path / "pools" / "escape.img").symlink_to("/etc/passwd")
+    (tmp_path / "pools" / "sub").symlink_to("/etc")
+    for body in ({"file": "/etc/x.img", "size_mib": 4}, {"file": "../x.img", "size_mib": 4},
+                 {"file": str(tmp_path / "pools" / ".." / "x.img"), "size_mib": 4},
+                 {"file": "escape.img", "size_mib": 4}, {"file": "sub/x.img", "size_mib": 4},
+                 {"device": "/dev/vda"}, {"device": "/dev/loop0"}):
+        r = client.post("/v1/ssdcache/pool", json=body)
+        assert r.status_code == 403, (body, r.text)
+        assert "pool_dir" in r.json()["detail"] or "allowed_devices" in r.json()["detail"] \
+            or "symbolic link" in r.json()["detail"], r.text
+    assert not (tmp_path / "x.img").exists() and not (tmp_path / "pools" / "sub" / "x.img").exists()
+    assert client.get("/v1/ssdcache/pool").json() == {"exists": False}
 
 
 def test_policy_settings(client: TestClient) -> None:

@@ -169,3 +169,25 @@ class BlockMapMachine(RuleBasedStateMachine):
 
 TestBlockMapMachine = BlockMapMachine.TestCase
 TestBlockMapMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_a_resize_across_300000_blocks_is_one_batch_not_one_sql_variable_per_block() -> None:
+    """Issue 16, item 5: sqlite refuses more than 250,000 variables in one statement; inflate,
+    deflate and zero-on-free of 300,000 blocks must work, all or nothing."""
+    n = 300_000
+    bm = fresh(n + 8)
+    bm.add_cache("big", size_blocks=n, persist=True)
+    got = bm.allocate("big", list(range(n)))
+    assert len(got) == n and bm.counts()["owned"] == n
+    with pytest.raises(BlockMapError, match="already backed"):
+        bm.allocate("big", [n - 1])
+    with pytest.raises(BlockMapError, match="not backed"):  # all or nothing: nothing was released
+        bm.release("big", [*range(n), n])
+    assert bm.counts()["owned"] == n
+    freed = bm.release("big", list(range(n)))
+    assert len(freed) == n and bm.counts()["dirty"] == n
+    with pytest.raises(BlockMapError, match="not dirty"):
+        bm.mark_free([*freed.values(), n + 1])
+    assert bm.counts()["dirty"] == n
+    bm.mark_free(list(freed.values()))
+    assert bm.check() == {"free": n + 8, "owned": 0, "dirty": 0, "total": n + 8}

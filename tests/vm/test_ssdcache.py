@@ -15,6 +15,7 @@ import base64
 import signal
 import sqlite3
 import time
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -45,10 +46,10 @@ def lab(libvirtd, tmp_path_factory):
         daemon_overrides={"control": {"agent_timeout_s": 3.0}},
     ) as s:
         name, other = s.names
-        pool_file = work / "pool.img"
+        pool_file = work / "state" / "ssdcache-pools" / "pool.img"  # the default ssdcache.pool_dir
         try:
             with s.client() as c:
-                c.post("/v1/ssdcache/pool", {"file": str(pool_file), "size_mib": 48})
+                pool_file = Path(c.post("/v1/ssdcache/pool", {"file": "pool.img", "size_mib": 48})["path"])
                 c.post("/v1/ssdcache/caches", {"vm": name, "size_mib": 32, "current_mib": 8, "persist": True})
                 c.post(f"/v1/ssdcache/caches/{name}/attach", {"target_dev": "vdb"})
                 # VM B: an elastic disk with nothing backed yet (it receives blocks A gives up).
@@ -75,6 +76,11 @@ def lab(libvirtd, tmp_path_factory):
                         c.delete(f"/v1/ssdcache/caches/{v['vm']}")
                     c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
     assert not pool_file.exists() or loop_devices_of(pool_file) == []
+
+
+def pool_path(lab: LabSession) -> Path:
+    with lab.client() as c:
+        return Path(c.get("/v1/ssdcache/pool")["path"])
 
 
 def cache(lab: LabSession, vm: str | None = None) -> dict:
@@ -118,7 +124,7 @@ def test_guest_reads_back_what_it_wrote(lab: LabSession) -> None:
     assert rc == 0 and "SAME" in out, out
     # On the host: lbn 4 is where the map says, on the loop device.
     pbn = mapping(lab, lab.names[0])[4]
-    dev = loop_devices_of(lab.work_dir / "pool.img")[0]
+    dev = loop_devices_of(pool_path(lab))[0]
     with open(dev, "rb") as fh:
         fh.seek(pbn * BLOCK_SIZE)
         assert fh.read(4096) == (b"SYMBIONT\n" * 500)[:4096]
@@ -133,7 +139,7 @@ def test_unbacked_block_is_an_io_error_in_the_guest(lab: LabSession) -> None:
 
 def pool_block(lab: LabSession, pbn: int) -> bytes:
     """Physical block ``pbn`` as it is on the loop device (the host's view)."""
-    dev = loop_devices_of(lab.work_dir / "pool.img")[0]
+    dev = loop_devices_of(pool_path(lab))[0]
     with open(dev, "rb") as fh:
         fh.seek(pbn * BLOCK_SIZE)
         return fh.read(BLOCK_SIZE)

@@ -29,8 +29,10 @@ VmName = Annotated[str, Path(pattern=NAME, description="VM (libvirt domain) name
 
 
 class PoolBody(StrictModel):
-    file: str | None = Field(None, max_length=4096, description="backing file for a loop device (absolute path)")
-    device: str | None = Field(None, max_length=4096, description="a real block device instead")
+    file: str | None = Field(None, max_length=4096, description="backing file for a loop device, inside "
+                             "ssdcache.pool_dir (a relative name is taken there)")
+    device: str | None = Field(None, max_length=4096, description="a real block device instead (one of "
+                               "ssdcache.allowed_devices, not mounted, held or swap)")
     size_mib: int | None = Field(None, ge=1, le=MAX_POOL_MIB, description="size of a new backing file")
 
     @model_validator(mode="after")
@@ -203,8 +205,8 @@ async def attach(request: Request, vm: VmName, body: AttachBody) -> dict[str, An
     dom = _libvirt_domain(request, vm)
     if body.reconnect_delay_s:
         try:
-            node = await asyncio.to_thread(qmp.attach, dom, str(mgr.socket_path(vm)), vm, body.target_dev,
-                                           body.serial, body.reconnect_delay_s)
+            node = await asyncio.to_thread(qmp.attach, dom, str(mgr.socket_path(vm)), mgr.export_name(vm),
+                                           body.target_dev, body.serial, body.reconnect_delay_s)
         except qmp.QmpError as exc:
             raise HTTPException(409, f"QEMU refused the disk: {exc}") from None
         mgr.store.log_decision("ssdcache", "attach", vm, {"target_dev": body.target_dev, "via": "qmp",
@@ -342,6 +344,8 @@ async def twolevel_container(request: Request, vm: VmName, container: Container,
 @router.get("/twolevel/vms/{vm}/guest")
 async def twolevel_guest(request: Request, vm: VmName) -> dict[str, Any]:
     """The VM level as run in the guest: per-container quotas and occupancy of its store."""
+    if request.app.state.daemon.store.get_vm(vm) is None:  # no agent link without a registration: 404, not 503
+        raise HTTPException(404, f"VM {vm!r} is not registered")
     return await _run(_mgr(request).twolevel_guest(vm))
 
 

@@ -52,8 +52,17 @@ CREATE TABLE IF NOT EXISTS ssd_blocks (
     UNIQUE (vm, lbn)
 );
 CREATE INDEX IF NOT EXISTS ssd_blocks_state ON ssd_blocks (state, pbn);
-CREATE INDEX IF NOT EXISTS ssd_blocks_vm ON ssd_blocks (vm, lbn)
+DROP INDEX IF EXISTS ssd_blocks_vm  -- the same as UNIQUE (vm, lbn)'s index: one more to keep per change
 """
+
+
+def _pairs(db: Any, rows: Any) -> None:
+    """Load ``(a, b)`` rows into a per-connection temporary table, so that a change of any
+    number of blocks is one set-based statement (sqlite allows at most 250,000 variables in a
+    statement; one variable per block does not scale)."""
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS ssd_pairs (a INTEGER PRIMARY KEY, b INTEGER)")
+    db.execute("DELETE FROM temp.ssd_pairs")
+    db.executemany("INSERT INTO temp.ssd_pairs (a, b) VALUES (?, ?)", rows)
 
 
 class Store(Protocol):
@@ -134,12 +143,16 @@ class BlockMap:
             db.executemany("INSERT INTO ssd_blocks (pbn, state, changed_at) VALUES (?, ?, ?)",
                            ((p, state, now) for p in range(nblocks)))
 
-    def delete_pool(self) -> None:
+    def delete_pool(self, with_caches: bool = False) -> list[str]:
+        """Forget the pool; ``with_caches`` (the pool is gone) forgets its caches too."""
         with self.store.transaction() as db:
-            if db.execute("SELECT 1 FROM ssd_caches LIMIT 1").fetchone():
+            vms = [r[0] for r in db.execute("SELECT vm FROM ssd_caches ORDER BY vm")]
+            if vms and not with_caches:
                 raise BlockMapError("caches are registered on this pool; unregister them first")
             db.execute("DELETE FROM ssd_blocks")
+            db.execute("DELETE FROM ssd_caches")
             db.execute("DELETE FROM ssd_pool")
+        return vms
 
     def counts(self) -> dict[str, int]:
         out = {"free": 0, "owned": 0, "dirty": 0}
@@ -224,19 +237,22 @@ class BlockMap:
                 raise BlockMapError(f"no cache registered for {vm!r}")
             if want[0] < 0 or want[-1] >= row[0]:
                 raise BlockMapError(f"logical blocks must be within 0..{row[0] - 1}")
-            marks = ",".join("?" * len(want))
-            taken = db.execute(f"SELECT lbn FROM ssd_blocks WHERE vm = ? AND lbn IN ({marks})", (vm, *want)).fetchall()
+            # One variable per statement, never one per block (sqlite caps those at 250,000).
+            owned = {r[0] for r in db.execute("SELECT lbn FROM ssd_blocks WHERE vm = ?", (vm,))}
+            taken = sorted(owned.intersection(want))
             if taken:
-                raise BlockMapError(f"logical blocks already backed: {sorted(r[0] for r in taken)[:10]}")
+                raise BlockMapError(f"logical blocks already backed: {taken[:10]}")
             free = [r[0] for r in db.execute(
                 "SELECT pbn FROM ssd_blocks WHERE state = 'free' ORDER BY pbn LIMIT ?", (len(want),))]
             if len(free) < len(want):
                 nfree = db.execute("SELECT COUNT(*) FROM ssd_blocks WHERE state = 'free'").fetchone()[0]
                 raise PoolExhausted(len(want), nfree)
-            db.executemany(
-                "UPDATE ssd_blocks SET state = 'owned', vm = ?, lbn = ?, changed_at = ? WHERE pbn = ? AND state = 'free'",
-                [(vm, lbn, now, pbn) for lbn, pbn in zip(want, free, strict=True)],
-            )
+            _pairs(db, zip(free, want, strict=True))
+            cur = db.execute(
+                "UPDATE ssd_blocks SET state = 'owned', vm = ?, lbn = p.b, changed_at = ? FROM temp.ssd_pairs p "
+                "WHERE ssd_blocks.pbn = p.a AND ssd_blocks.state = 'free'", (vm, now))
+            if cur.rowcount != len(want):
+                raise BlockMapError("the free blocks changed under the allocation")
         return dict(zip(want, free, strict=True))
 
     def release(self, vm: str, lbns: list[int]) -> dict[int, int]:
@@ -246,17 +262,14 @@ class BlockMap:
             return {}
         now = time.time()
         with self.store.transaction() as db:
-            marks = ",".join("?" * len(want))
-            rows = db.execute(
-                f"SELECT lbn, pbn FROM ssd_blocks WHERE vm = ? AND lbn IN ({marks})", (vm, *want)).fetchall()
-            got = {r[0]: r[1] for r in rows}
-            missing = [lbn for lbn in want if lbn not in got]
+            mine = dict(db.execute("SELECT lbn, pbn FROM ssd_blocks WHERE vm = ?", (vm,)).fetchall())
+            missing = [lbn for lbn in want if lbn not in mine]
             if missing:
                 raise BlockMapError(f"{vm!r}: logical blocks not backed: {missing[:10]}")
-            db.executemany(
-                "UPDATE ssd_blocks SET state = 'dirty', vm = NULL, lbn = NULL, changed_at = ? WHERE pbn = ?",
-                [(now, pbn) for pbn in got.values()],
-            )
+            got = {lbn: mine[lbn] for lbn in want}
+            _pairs(db, ((pbn, 0) for pbn in got.values()))
+            db.execute("UPDATE ssd_blocks SET state = 'dirty', vm = NULL, lbn = NULL, changed_at = ? "
+                       "WHERE pbn IN (SELECT a FROM temp.ssd_pairs)", (now,))
         return got
 
     def dirty(self) -> list[int]:
@@ -267,13 +280,15 @@ class BlockMap:
         if not pbns:
             return
         now = time.time()
+        want = sorted(set(pbns))
         with self.store.transaction() as db:
-            for pbn in pbns:
-                cur = db.execute(
-                    "UPDATE ssd_blocks SET state = 'free', changed_at = ? WHERE pbn = ? AND state = 'dirty'",
-                    (now, pbn))
-                if cur.rowcount != 1:
-                    raise BlockMapError(f"block {pbn} is not dirty")
+            dirty = {r[0] for r in db.execute("SELECT pbn FROM ssd_blocks WHERE state = 'dirty'")}
+            bad = [p for p in want if p not in dirty]
+            if bad:
+                raise BlockMapError(f"block {bad[0]} is not dirty")
+            _pairs(db, ((pbn, 0) for pbn in want))
+            db.execute("UPDATE ssd_blocks SET state = 'free', changed_at = ? "
+                       "WHERE pbn IN (SELECT a FROM temp.ssd_pairs)", (now,))
 
     # -- invariants -----------------------------------------------------------------------
     def check(self) -> dict[str, int]:

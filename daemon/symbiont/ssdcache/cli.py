@@ -30,9 +30,9 @@ def pool() -> None:
 
 
 @pool.command("create")
-@click.option("--file", "file_", help="backing file (absolute path) for a loop device")
+@click.option("--file", "file_", help="backing file for a loop device, in ssdcache.pool_dir (a name, or a path in it)")
 @click.option("--size-mib", type=click.IntRange(1), help="size of a new backing file")
-@click.option("--device", help="use a real block device instead")
+@click.option("--device", help="use a real block device instead (listed in ssdcache.allowed_devices)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def pool_create(ctx: Ctx, file_: str | None, size_mib: int | None, device: str | None, as_json: bool) -> None:
@@ -54,7 +54,7 @@ def pool_show(ctx: Ctx, as_json: bool) -> None:
 @click.option("--remove-file", is_flag=True, help="also delete the backing file")
 @click.pass_obj
 def pool_delete(ctx: Ctx, remove_file: bool) -> None:
-    """Delete the pool (only when no cache is registered)."""
+    """Delete the pool (only when no cache is registered, unless the pool file or device is gone)."""
     r = api(ctx, "DELETE", "/v1/ssdcache/pool", remove_file=str(remove_file).lower())
     console.print(f"deleted pool {r['deleted']}")
 

@@ -34,7 +34,9 @@ def manager(daemon: Any) -> CacheManager:
 def _settings(daemon: Any) -> dict[str, Any]:
     """``ssdcache:`` config section when the daemon's Config has one, else defaults."""
     sect = getattr(daemon.cfg, "ssdcache", None)
-    out: dict[str, Any] = {"runtime_dir": None, "release_timeout_s": None}
+    out: dict[str, Any] = {"runtime_dir": None, "release_timeout_s": None, "pool_dir": None,
+                           "allowed_devices": None, "max_caches": None, "size_overcommit": None,
+                           "reserve_free_mib": None}
     if sect is not None:
         for k in out:
             out[k] = getattr(sect, k, None)
@@ -61,11 +63,15 @@ async def start(daemon: Any) -> None:
     s = _settings(daemon)
     runtime = Path(s["runtime_dir"]) if s["runtime_dir"] else default_runtime_dir(daemon.cfg.state_dir)
     timeout = s["release_timeout_s"] or min(3.0, daemon.cfg.control.agent_timeout_s)
+    bounds = {k: s[k] for k in ("max_caches", "size_overcommit", "reserve_free_mib") if s[k] is not None}
     mgr = CacheManager(
         daemon.store, runtime,
         agent=lambda vm: daemon.links.get(vm),
         domain_state=_domain_state(daemon),
         release_timeout_s=float(timeout),
+        pool_dir=s["pool_dir"] or Path(daemon.cfg.state_dir) / "ssdcache-pools",
+        allowed_devices=list(s["allowed_devices"] or []),
+        **bounds,
     )
     await mgr.start()
     _MANAGERS[daemon] = mgr

@@ -84,7 +84,7 @@ def run_elastic(ctx: RunContext) -> dict[str, Any]:
         name = lab.names[0]
         assert lab.work_dir is not None
         with lab.client() as c:
-            c.post("/v1/ssdcache/pool", {"file": str(lab.work_dir / "pool.img"), "size_mib": 80})
+            c.post("/v1/ssdcache/pool", {"file": "pool.img", "size_mib": 80})
             c.post("/v1/ssdcache/caches", {"vm": name, "size_mib": 64, "current_mib": phases[0][1], "persist": False})
             c.post(f"/v1/ssdcache/caches/{name}/attach", {"target_dev": "vdb"})
         _attach_slow_disk(lab, name, max_ws, int(p["slow_mib_s"]) << 20)
@@ -207,7 +207,7 @@ def run_allocation(ctx: RunContext) -> dict[str, Any]:
         assert lab.work_dir is not None
         names = lab.names
         with lab.client() as c:
-            c.post("/v1/ssdcache/pool", {"file": str(lab.work_dir / "pool.img"), "size_mib": capacity + 8})
+            c.post("/v1/ssdcache/pool", {"file": "pool.img", "size_mib": capacity + 8})
             for name, w, wt in zip(names, ws, weights, strict=True):
                 c.post("/v1/ssdcache/caches", {"vm": name, "size_mib": w, "current_mib": 0, "persist": False,
                                                "weight": wt})
@@ -424,7 +424,7 @@ def run_doubledecker_guest(ctx: RunContext) -> dict[str, Any]:
         assert lab.work_dir is not None
         vm = lab.names[0]
         with lab.client() as c:
-            c.post("/v1/ssdcache/pool", {"file": str(lab.work_dir / "pool.img"), "size_mib": 2 * ssd_mib + 8})
+            c.post("/v1/ssdcache/pool", {"file": "pool.img", "size_mib": 2 * ssd_mib + 8})
             c.post("/v1/ssdcache/caches", {"vm": vm, "size_mib": ssd_mib, "current_mib": ssd_mib, "persist": False})
             c.post(f"/v1/ssdcache/caches/{vm}/attach", {"target_dev": "vdb"})
 

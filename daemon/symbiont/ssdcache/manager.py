@@ -27,6 +27,9 @@ import contextlib
 import grp
 import hashlib
 import logging
+import secrets
+import sqlite3
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +41,13 @@ from symbiont.ssdcache import policy as pol
 from symbiont.ssdcache.blockmap import BlockMap, BlockMapError, CacheRecord, PoolExhausted
 from symbiont.ssdcache.layout import BLOCK_SIZE, expand, ranges
 from symbiont.ssdcache.nbdserver import Export, IoThread, NbdServer
-from symbiont.ssdcache.pool import Pool, PoolError
+from symbiont.ssdcache.pool import (
+    Pool,
+    PoolError,
+    PoolForbidden,
+    device_allowed,
+    resolve_pool_file,
+)
 from symbiont.ssdcache.twolevel import (
     PAGE,
     SsdTier,
@@ -75,6 +84,18 @@ DEFAULT_POLICY: dict[str, Any] = {
 CacheError = DaemonError
 
 
+class Forbidden(DaemonError):
+    """The config does not allow it (a path outside ``pool_dir``, a device not allowed)."""
+
+    status = 403
+
+
+def _pool_error(exc: PoolError) -> DaemonError:
+    """A pool failure as the daemon's error with the pool's status (403, 409 or 422)."""
+    err = {403: Forbidden, 409: Conflict}.get(exc.status, Invalid)(str(exc))
+    return err
+
+
 @dataclass
 class GuestView:
     """What we know of a guest's side of its cache."""
@@ -98,8 +119,19 @@ def default_runtime_dir(state_dir: str | Path) -> Path:
 class CacheManager:
     def __init__(self, store: Any, runtime_dir: str | Path, *, agent: AgentLookup | None = None,
                  domain_state: DomainState | None = None, release_timeout_s: float = 3.0,
-                 inline_io: bool = False) -> None:
+                 inline_io: bool = False, pool_dir: str | Path | None = None,
+                 allowed_devices: list[str] | None = None, max_caches: int = 64,
+                 size_overcommit: float = 4.0, reserve_free_mib: int = 1024) -> None:
+        """``pool_dir``: where pool files may be (None: no file pools); ``allowed_devices``:
+        block devices (globs) that may be a pool; ``max_caches`` and ``size_overcommit``
+        (sum of the caches' sizes ≤ factor × pool) bound what the API can make the daemon hold;
+        ``reserve_free_mib``: free space a new pool file must leave on its file system."""
         self.store = store
+        self.pool_dir = Path(pool_dir) if pool_dir is not None else None
+        self.allowed_devices = list(allowed_devices or [])
+        self.max_caches = max_caches
+        self.size_overcommit = size_overcommit
+        self.reserve_free_mib = reserve_free_mib
         self.bmap = BlockMap(store)
         store.ensure_schema(SETTINGS_SCHEMA)
         self.runtime_dir = Path(runtime_dir)
@@ -132,11 +164,14 @@ class CacheManager:
             return
         try:
             self.pool = await asyncio.to_thread(self._open_pool, rec)
-        except PoolError as exc:
+            await self._recover()
+        except (PoolError, OSError) as exc:
             self.pool_error = str(exc)
             log.error("ssdcache: pool unavailable: %s", exc)
+            if self.pool is not None:
+                await asyncio.to_thread(self.pool.close, True)
+                self.pool = None
             return
-        await self._recover()
         if self.bmap.cache(DD_OWNER) is not None:
             # The two-level cache lives in memory: its SSD slots from before are meaningless.
             await self._release_commit(DD_OWNER, list(self.bmap.mapping(DD_OWNER)))
@@ -163,6 +198,8 @@ class CacheManager:
             self.runtime_dir.rmdir()  # only when empty
 
     def _open_pool(self, rec: dict[str, Any]) -> Pool:
+        if rec["kind"] == "device" and not device_allowed(rec["path"], self.allowed_devices):
+            raise PoolForbidden(f"pool device {rec['path']} is no longer in ssdcache.allowed_devices")
         pool = Pool.open_file(rec["path"]) if rec["kind"] == "file" else Pool.open_device(rec["path"])
         if pool.nblocks != rec["nblocks"]:
             pool.close(detach=True)
@@ -175,8 +212,7 @@ class CacheManager:
         if dirty:
             assert self.pool is not None
             log.info("ssdcache: zeroing %d blocks left dirty", len(dirty))
-            await asyncio.to_thread(self.pool.zero, dirty)
-            self.bmap.mark_free(dirty)
+            await asyncio.to_thread(self._zero_and_free, dirty)
 
     def socket_path(self, vm: str) -> Path:
         return self.runtime_dir / f"{vm}.nbd.sock"
@@ -190,6 +226,16 @@ class CacheManager:
             with contextlib.suppress(OSError):
                 p.chmod(0o755)
 
+    def export_name(self, vm: str) -> str:
+        """The NBD export name QEMU must send for ``vm``: its name and a random secret kept in
+        sqlite, so that another VM's QEMU (same user, same socket group) cannot open it."""
+        c = self._cache(vm)
+        secret = c.params.get("export_secret")
+        if not isinstance(secret, str) or len(secret) < 32:
+            secret = secrets.token_hex(16)
+            self.bmap.update_cache(vm, params=dict(c.params, export_secret=secret))
+        return f"{vm}-{secret}"
+
     async def _serve(self, c: CacheRecord) -> None:
         assert self.pool is not None
         self._runtime_dir()
@@ -197,7 +243,7 @@ class CacheManager:
         gid = None
         with contextlib.suppress(KeyError):
             gid = grp.getgrnam("kvm").gr_gid
-        srv = NbdServer(exp, self.socket_path(c.vm), socket_gid=gid,
+        srv = NbdServer(exp, self.socket_path(c.vm), socket_gid=gid, export_name=self.export_name(c.vm),
                         executor=None if self.inline_io else self.io.executor)
         await self.io.run(srv.start())
         self.exports[c.vm] = exp
@@ -213,6 +259,9 @@ class CacheManager:
 
     # -- pool -----------------------------------------------------------------------------
     async def create_pool(self, file: str | None, device: str | None, size_mib: int | None) -> dict[str, Any]:
+        """A pool file inside ``pool_dir`` (relative names are taken there), or a block device
+        listed in ``allowed_devices`` that nobody uses. Its blocks are handed out only once
+        proven zero: a fresh sparse file is; an adopted file or a device is zeroed first."""
         async with self._lock:
             if self.bmap.pool() is not None:
                 raise Conflict("a pool already exists; delete it first")
@@ -222,40 +271,66 @@ class CacheManager:
                 if file is not None:
                     if size_mib is None:
                         raise Invalid("a pool file needs size_mib")
-                    pool = await asyncio.to_thread(Pool.create_file, file, size_mib)
+                    if self.pool_dir is None:
+                        raise PoolForbidden("no ssdcache.pool_dir configured: pool files are not allowed")
+                    await asyncio.to_thread(self.pool_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
+                    path = resolve_pool_file(file, self.pool_dir)
+                    pool = await asyncio.to_thread(Pool.create_file, path, size_mib, self.reserve_free_mib)
                 else:
+                    assert device is not None
+                    if not device_allowed(device, self.allowed_devices):
+                        raise PoolForbidden(f"pool device {device}: not in ssdcache.allowed_devices")
                     pool = await asyncio.to_thread(Pool.open_device, device)
             except PoolError as exc:
-                raise Invalid(str(exc)) from None
+                raise _pool_error(exc) from None
             try:
-                # A fresh sparse file reads as zeros; a device's old content must be zeroed.
-                self.bmap.create_pool(pool.path, pool.kind, pool.nblocks, dirty=pool.kind == "device")
+                # A fresh sparse file reads as zeros; an adopted file's or a device's old
+                # content is zeroed (holes punched) before any block is handed out.
+                self.bmap.create_pool(pool.path, pool.kind, pool.nblocks, dirty=pool.kind == "device" or pool.adopted)
             except BlockMapError as exc:
                 pool.close(detach=True)
                 raise Conflict(str(exc)) from None
             self.pool, self.pool_error = pool, ""
-            await self._recover()
+            try:
+                await self._recover()
+            except (PoolError, OSError) as exc:
+                self.pool = None
+                await asyncio.to_thread(pool.close, True)
+                self.bmap.delete_pool()
+                raise Conflict(f"pool {pool.path}: could not be zeroed: {exc}") from None
             self.store.log_decision("ssdcache", "pool-create", None, {"file": file, "device": device,
                                                                       "size_mib": size_mib}, pool.describe())
             return self.pool_view()
 
     async def delete_pool(self, remove_file: bool = False) -> dict[str, Any]:
+        """Forget the pool. When its file or device is gone, its caches go with it (their data
+        is gone too): there is always a way out."""
         async with self._lock:
             rec = self.bmap.pool()
             if rec is None:
                 raise NotFound("no pool")
+            gone = self.pool is None
             try:
-                self.bmap.delete_pool()
+                vms = self.bmap.delete_pool(with_caches=gone)
             except BlockMapError as exc:
                 raise Conflict(str(exc)) from None
+            for vm in vms:
+                await self._unserve(vm)
+                self.guests.pop(vm, None)
+                self.epochs.pop(vm, None)
+            self.twolevel = None if gone else self.twolevel
             if self.pool is not None:
                 await asyncio.to_thread(self.pool.close, True)
                 self.pool = None
+            self.pool_error = ""
+            if rec["kind"] == "file":
+                await asyncio.to_thread(_detach_orphans, rec["path"])
             if remove_file and rec["kind"] == "file":
                 with contextlib.suppress(FileNotFoundError):
                     Path(rec["path"]).unlink()
-            self.store.log_decision("ssdcache", "pool-delete", None, {"remove_file": remove_file}, rec)
-            return {"deleted": rec["path"]}
+            self.store.log_decision("ssdcache", "pool-delete", None, {"remove_file": remove_file},
+                                    {**rec, "caches_dropped": vms})
+            return {"deleted": rec["path"], "caches_dropped": vms}
 
     def pool_view(self) -> dict[str, Any]:
         rec = self.bmap.pool()
@@ -287,12 +362,13 @@ class CacheManager:
                 raise Invalid("max_mib must be between min_mib and size_mib")
             if not 0 <= min_mib <= size_mib:
                 raise Invalid("min_mib must be between 0 and size_mib")
+            self._check_bounds(size_mib, new_cache=True)
             free = self.bmap.counts()["free"]
             if current_mib > free:
                 raise Conflict(f"pool exhausted: {current_mib} blocks requested, {free} free")
             try:
                 self.bmap.add_cache(vm, size_mib, persist, weight, min_mib, max_mib,
-                                    {"target_blocks": current_mib})
+                                    {"target_blocks": current_mib, "export_secret": secrets.token_hex(16)})
             except BlockMapError as exc:
                 raise Conflict(str(exc)) from None
             try:
@@ -313,7 +389,22 @@ class CacheManager:
         await self.sync_guest(vm)
         return self.view(vm)
 
+    def _check_bounds(self, size_mib: int, new_cache: bool, ignore: str | None = None) -> None:
+        """What the API may make the daemon hold: at most ``max_caches`` caches, and the sum of
+        their sizes within ``size_overcommit`` × the pool."""
+        pool = self._need_pool()
+        caches = [c for c in self.bmap.caches() if c.vm != ignore]
+        if new_cache and sum(1 for c in caches if c.vm != DD_OWNER) >= self.max_caches:
+            raise Conflict(f"too many caches: ssdcache.max_caches is {self.max_caches}")
+        limit = int(self.size_overcommit * pool.nblocks)
+        total = sum(c.size_blocks for c in caches) + size_mib
+        if total > limit:
+            raise Conflict(f"cache sizes would total {total} MiB, over {limit} MiB "
+                           f"(pool {pool.nblocks} MiB x ssdcache.size_overcommit {self.size_overcommit:g})")
+
     async def unregister(self, vm: str) -> dict[str, Any]:
+        """Always possible, even when the pool is gone: its blocks are then left dirty (zeroed
+        if the pool ever comes back) instead of zeroed now."""
         async with self._lock:
             self._cache(vm)
             await self._unserve(vm)
@@ -453,25 +544,31 @@ class CacheManager:
                 "timings_ms": {"guest": round(guest_ms, 3), "commit": round(commit_ms, 3)}}
 
     async def _release_commit(self, vm: str, lbns: list[int]) -> int:
-        """Unmap (waiting for in-flight I/O), mark dirty, zero, mark free."""
+        """Mark the blocks dirty in sqlite (nothing in memory changes if that fails), unmap them
+        (waiting for in-flight I/O), zero them, mark them free. A crash in between leaves them
+        dirty, and dirty blocks are zeroed at start before anything is served."""
         if not lbns:
             return 0
-        exp = self.exports.get(vm)
-        unmapped = exp.unmap_blocks(lbns) if exp is not None else {}
         try:
             got = await asyncio.to_thread(self.bmap.release, vm, lbns)
-        except BlockMapError:
-            if exp is not None:
-                exp.map_blocks(unmapped)
-            raise
+        except BlockMapError as exc:
+            raise Conflict(str(exc)) from None
+        except sqlite3.Error as exc:
+            raise Unavailable(f"{vm}: the block map could not be changed: {exc}") from None
+        exp = self.exports.get(vm)
+        if exp is not None:
+            exp.unmap_blocks(list(got))
         pbns = list(got.values())
-        assert self.pool is not None
+        if self.pool is None:  # the pool is gone: the blocks stay dirty until it comes back
+            return len(pbns)
         await asyncio.to_thread(self._zero_and_free, pbns)
         return len(pbns)
 
     def _zero_and_free(self, pbns: list[int]) -> None:
-        assert self.pool is not None
-        self.pool.zero(pbns)
+        pool = self.pool
+        if pool is None:
+            return
+        pool.zero(pbns)
         self.bmap.mark_free(pbns)
 
     # -- the guest ------------------------------------------------------------------------
@@ -695,8 +792,15 @@ class CacheManager:
     async def twolevel_setup(self, mem_mib: int, ssd_mib: int) -> dict[str, Any]:
         """Create (or re-size) the hypervisor cache: a memory tier and an SSD tier on the pool."""
         async with self._lock:
-            if ssd_mib and self.pool is None:
-                self._need_pool()
+            if ssd_mib:
+                # Checked against the pool before anything is built or released.
+                pool = self._need_pool()
+                have = self.bmap.counts()["free"] + (self.bmap.owned_count(DD_OWNER)
+                                                     if self.bmap.cache(DD_OWNER) else 0)
+                if ssd_mib > have:
+                    raise Conflict(f"SSD tier: pool exhausted: {ssd_mib} blocks requested, {have} available "
+                                   f"(pool {pool.nblocks})")
+                self._check_bounds(ssd_mib, new_cache=False, ignore=DD_OWNER)
             old = self.twolevel
             if self.bmap.cache(DD_OWNER) is not None:
                 await self._release_commit(DD_OWNER, list(self.bmap.mapping(DD_OWNER)))
@@ -819,8 +923,8 @@ class CacheManager:
             "backed": ranges(backed),
             "revoked": ranges(c.revoked),
             "socket": str(self.socket_path(vm)),
-            "export": vm,
-            "nbd_uri": f"nbd+unix:///{vm}?socket={self.socket_path(vm)}",
+            "export": self.export_name(vm),
+            "nbd_uri": f"nbd+unix:///{self.export_name(vm)}?socket={self.socket_path(vm)}",
             "serving": exp is not None,
             "io": exp.stats.as_dict() if exp is not None else None,
             "epoch": self.epochs.get(vm, 0),
@@ -840,17 +944,27 @@ class CacheManager:
         is down fail with EIO (the guest cache treats that as a miss)."""
         from xml.sax.saxutils import escape, quoteattr
 
-        self._cache(vm)
+        name = self.export_name(vm)
         return (
             "<disk type='network' device='disk'>"
             "<driver name='qemu' type='raw' error_policy='report' rerror_policy='report'/>"
-            f"<source protocol='nbd' name={quoteattr(vm)}>"
+            f"<source protocol='nbd' name={quoteattr(name)}>"
             f"<host transport='unix' socket={quoteattr(str(self.socket_path(vm)))}/>"
             "</source>"
             f"<target dev={quoteattr(target_dev)} bus='virtio'/>"
             f"<serial>{escape(serial)}</serial>"
             "</disk>"
         )
+
+
+def _detach_orphans(path: str) -> None:
+    """Detach loop devices still bound to ``path`` after it was deleted (``(deleted)`` in sysfs)."""
+    for bf in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if bf.read_text().strip() == f"{path} (deleted)":
+                dev = f"/dev/{bf.parent.parent.name}"
+                subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+                log.info("ssdcache: detached %s, left on the deleted %s", dev, path)
 
 
 def _valid_release(res: Any, backed: set[int], n: int) -> list[int]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hmac
 import logging
 import os
 import socket
@@ -298,8 +299,11 @@ class NbdServer:
                  socket_gid: int | None = None, max_clients: int = MAX_CLIENTS,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
                  on_disconnect: Callable[[str], None] | None = None,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+                 executor: ThreadPoolExecutor | None = None, export_name: str | None = None) -> None:
+        """``export_name``: the only name a client may open (the VM's credential: no default
+        export, no listing); None serves ``export.name`` and the default name (tests, tools)."""
         self.export = export
+        self.export_name = export_name
         self.executor = executor
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
@@ -389,6 +393,8 @@ class NbdServer:
         return f
 
     def _name_ok(self, name: bytes) -> bool:
+        if self.export_name is not None:
+            return hmac.compare_digest(name, self.export_name.encode())
         return name in (b"", self.export.name.encode())
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool | None:
@@ -422,8 +428,9 @@ class NbdServer:
                 if data:
                     self._opt_reply(writer, opt, REP_ERR_INVALID, b"LIST takes no data")
                 else:
-                    name = self.export.name.encode()
-                    self._opt_reply(writer, opt, REP_SERVER, struct.pack(">I", len(name)) + name)
+                    if self.export_name is None:  # a named export is a secret: never listed
+                        name = self.export.name.encode()
+                        self._opt_reply(writer, opt, REP_SERVER, struct.pack(">I", len(name)) + name)
                     self._opt_reply(writer, opt, REP_ACK)
             elif opt in (OPT_INFO, OPT_GO):
                 go = self._info(writer, opt, data)
@@ -459,7 +466,7 @@ class NbdServer:
         if INFO_BLOCK_SIZE in reqs:
             self._opt_reply(writer, opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 512, 4096, MAX_REQUEST))
         if INFO_NAME in reqs:
-            n = self.export.name.encode()
+            n = name or self.export.name.encode()
             self._opt_reply(writer, opt, REP_INFO, struct.pack(">H", INFO_NAME) + n)
         self._opt_reply(writer, opt, REP_ACK)
         return True

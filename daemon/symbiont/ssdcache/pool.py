@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
+BLKDISCARD = 0x1277
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 BLKFLSBUF = 0x1261
 MAX_POOL_MIB = 1 << 24  # 16 TiB: a bound on what the API accepts
 ZEROS = bytes(BLOCK_SIZE)
@@ -40,6 +44,91 @@ DIRECT_ALIGN = 4096  # safe for any logical block size up to 4 KiB
 
 class PoolError(Exception):
     """The pool could not be created, attached or used; the message says why."""
+
+    status = 422
+
+
+class PoolForbidden(PoolError):
+    """The config does not allow this path or device (``ssdcache.pool_dir``, ``allowed_devices``)."""
+
+    status = 403
+
+
+class PoolBusy(PoolError):
+    """The device is in use by someone else (mounted, held, swap), or the disk is too full."""
+
+    status = 409
+
+
+def _libc_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def resolve_pool_file(file: str, pool_dir: str | Path) -> Path:
+    """``file`` inside ``pool_dir`` (relative names are taken in it), symlinks resolved: a path
+    that leaves the folder, directly or through a link, is refused."""
+    base = Path(os.path.realpath(pool_dir))
+    raw = Path(file)
+    cand = raw if raw.is_absolute() else base / raw
+    real = Path(os.path.realpath(cand))
+    if real == base or not real.is_relative_to(base):
+        raise PoolForbidden(f"pool file {file}: outside ssdcache.pool_dir ({base})")
+    if cand.is_symlink():
+        raise PoolForbidden(f"pool file {file}: is a symbolic link")
+    return real
+
+
+def device_allowed(device: str, patterns: list[str]) -> bool:
+    """Is ``device`` (as given or resolved) matched by one of ``ssdcache.allowed_devices``?"""
+    import fnmatch
+
+    names = {device, os.path.realpath(device)}
+    return any(fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n, os.path.realpath(pat))
+               for n in names for pat in patterns)
+
+
+def _sys_block(rdev: int) -> Path | None:
+    p = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    return p.resolve() if p.exists() else None
+
+
+def device_in_use(device: str) -> str:
+    """Why ``device`` (or one of its partitions) must not be touched: mounted, held by another
+    device (device-mapper, md, loop), or swap; empty when none of these."""
+    rdev = os.stat(device).st_rdev
+    devs = {rdev: os.path.basename(os.path.realpath(device))}
+    sysd = _sys_block(rdev)
+    if sysd is not None:
+        for part in sysd.iterdir():
+            if (part / "partition").exists() and (part / "dev").exists():
+                maj, mnr = (part / "dev").read_text().strip().split(":")
+                devs[os.makedev(int(maj), int(mnr))] = part.name
+        for dnum, name in devs.items():
+            sd = _sys_block(dnum)
+            holders = sorted(h.name for h in (sd / "holders").iterdir()) if sd and (sd / "holders").exists() else []
+            if holders:
+                return f"{name} is held by {', '.join(holders)}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            f = line.split()
+            if len(f) > 4:
+                maj, _, mnr = f[2].partition(":")
+                if maj.isdigit() and mnr.isdigit() and os.makedev(int(maj), int(mnr)) in devs:
+                    return f"{devs[os.makedev(int(maj), int(mnr))]} is mounted on {f[4]}"
+    for table, col, what in (("/proc/mounts", 0, "mounted"), ("/proc/swaps", 0, "in use as swap")):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines():
+                f = line.split()
+                if len(f) > col and f[col].startswith("/"):
+                    with contextlib.suppress(OSError):
+                        st = os.stat(f[col])
+                        if stat.S_ISBLK(st.st_mode) and st.st_rdev in devs:
+                            return f"{devs[st.st_rdev]} is {what} ({f[col]})"
+    return ""
 
 
 def _run(args: list[str]) -> str:
@@ -80,32 +169,51 @@ class Pool:
     attached_by_us: bool = False
     fd: int = -1  # buffered descriptor: unaligned I/O, zeroing
     dfd: int = -1  # O_DIRECT descriptor: aligned I/O (the data path), no second copy in the page cache
+    bfd: int = -1  # the backing file (kind "file"): proof of zeros by SEEK_DATA, hole punching
     zeroout_ok: bool = True
     zeroed_blocks: int = 0
+    adopted: bool = False  # an existing file: its old content must be zeroed before use
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- creation / attach ----------------------------------------------------------------
     @classmethod
-    def create_file(cls, path: str | Path, size_mib: int) -> Pool:
-        """Create a sparse backing file of ``size_mib`` MiB (or reuse one of exactly that size) and attach it."""
+    def create_file(cls, path: str | Path, size_mib: int, reserve_mib: int = 0) -> Pool:
+        """Create a sparse backing file of ``size_mib`` MiB (or adopt one of exactly that size:
+        ``adopted``, to be zeroed before use) and attach it.
+
+        The file system must be able to hold the whole pool plus ``reserve_mib``: a sparse pool
+        larger than the free space would let the guests' writes fill the host disk."""
         p = Path(path)
         if not p.is_absolute():
             raise PoolError(f"pool file {path}: must be an absolute path")
         if not 1 <= size_mib <= MAX_POOL_MIB:
             raise PoolError(f"pool size {size_mib} MiB outside 1..{MAX_POOL_MIB}")
-        if p.exists():
-            if not p.is_file():
+        exists = p.exists() or p.is_symlink()
+        if exists:
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode):
                 raise PoolError(f"pool file {p}: exists and is not a regular file")
-            if p.stat().st_size != size_mib << 20:
-                raise PoolError(f"pool file {p}: exists with {p.stat().st_size} bytes, not {size_mib} MiB")
+            if st.st_size != size_mib << 20:
+                raise PoolError(f"pool file {p}: exists with {st.st_size} bytes, not {size_mib} MiB")
+            allocated = st.st_blocks * 512
         else:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            allocated = 0
+        vfs = os.statvfs(p.parent)
+        avail = vfs.f_bavail * vfs.f_frsize
+        need = (size_mib << 20) - allocated + (reserve_mib << 20)
+        if need > avail:
+            raise PoolBusy(f"pool of {size_mib} MiB does not fit: {avail >> 20} MiB free on {p.parent} "
+                           f"(keeping ssdcache.reserve_free_mib = {reserve_mib} MiB free for the host)")
+        if not exists:
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
                 os.ftruncate(fd, size_mib << 20)
             finally:
                 os.close(fd)
-        return cls.open_file(p)
+        pool = cls.open_file(p)
+        pool.adopted = exists
+        return pool
 
     @classmethod
     def open_file(cls, path: str | Path) -> Pool:
@@ -118,6 +226,9 @@ class Pool:
             raise PoolError(f"pool file {p}: {size} bytes is less than one block")
         existing = loop_devices_of(p)
         if existing:
+            why = device_in_use(existing[0])
+            if why:
+                raise PoolBusy(f"pool file {p}: its loop device {why}")
             dev, ours = existing[0], True  # left behind by a daemon that was killed: adopt it
             log.info("pool %s: reusing loop device %s", p, dev)
         else:
@@ -140,14 +251,28 @@ class Pool:
             raise PoolError(f"pool device {d}: {exc.strerror}") from None
         if not stat.S_ISBLK(st.st_mode):
             raise PoolError(f"pool device {d}: not a block device")
+        why = device_in_use(d)
+        if why:
+            raise PoolBusy(f"pool device {d}: {why}")
         return cls._open(d, "device", d, False)
 
     @classmethod
     def _open(cls, path: str, kind: str, dev: str, ours: bool) -> Pool:
+        """Open ``dev`` with ``O_EXCL``: the kernel's own refusal of a mounted or held device,
+        kept for the pool's life (nobody can mount it meanwhile)."""
         try:
-            fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC | os.O_EXCL)
         except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise PoolBusy(f"{dev} is busy (mounted, swap, or held by another user)") from None
             raise PoolError(f"cannot open {dev}: {exc.strerror}") from None
+        bfd = -1
+        if kind == "file":
+            try:
+                bfd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError as exc:
+                os.close(fd)
+                raise PoolError(f"cannot open {path}: {exc.strerror}") from None
         try:
             buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
             size = struct.unpack("Q", buf)[0]
@@ -156,17 +281,19 @@ class Pool:
         nblocks = size >> BLOCK_SHIFT
         if nblocks < 1:
             os.close(fd)
+            if bfd >= 0:
+                os.close(bfd)
             raise PoolError(f"{dev}: {size} bytes is less than one 1 MiB block")
         try:
             dfd = os.open(dev, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
         except OSError as exc:
             log.info("%s: no O_DIRECT (%s); buffered I/O only", dev, exc.strerror)
             dfd = -1
-        return cls(path=path, kind=kind, device=dev, nblocks=nblocks, attached_by_us=ours, fd=fd, dfd=dfd)
+        return cls(path=path, kind=kind, device=dev, nblocks=nblocks, attached_by_us=ours, fd=fd, dfd=dfd, bfd=bfd)
 
     def close(self, detach: bool = True) -> None:
         """Close the descriptor; detach the loop device when this pool attached (or adopted) it."""
-        for name in ("dfd", "fd"):
+        for name in ("dfd", "fd", "bfd"):
             fd = getattr(self, name)
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -237,18 +364,53 @@ class Pool:
         """Zero whole blocks, durably, before they can be handed to anyone else."""
         for start, count in _runs(pbns):
             self._check(start << BLOCK_SHIFT, count << BLOCK_SHIFT)
-            if self.zeroout_ok:
-                try:
-                    fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", start << BLOCK_SHIFT, count << BLOCK_SHIFT))
-                    self.zeroed_blocks += count
-                    continue
-                except OSError as exc:
-                    log.info("BLKZEROOUT on %s failed (%s); writing zeros instead", self.device, exc)
-                    self.zeroout_ok = False
-            for pbn in range(start, start + count):
-                self.pwrite(pbn << BLOCK_SHIFT, ZEROS)
+            if self.kind == "file":
+                self._punch(start << BLOCK_SHIFT, count << BLOCK_SHIFT)
+            else:
+                self._zeroout(start << BLOCK_SHIFT, count << BLOCK_SHIFT)
             self.zeroed_blocks += count
         os.fsync(self.fd)
+        if self.bfd >= 0:
+            os.fsync(self.bfd)
+
+    def _punch(self, off: int, length: int) -> None:
+        """A file-backed range becomes a hole (no disk space), proven by ``SEEK_DATA``."""
+        rng = struct.pack("QQ", off, length)
+        try:
+            fcntl.ioctl(self.fd, BLKDISCARD, rng)  # loop: punches the file, drops cached pages
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise PoolError(f"{self.device}: busy, not zeroing ({exc.strerror})") from None
+            log.info("BLKDISCARD on %s failed (%s); punching %s", self.device, exc, self.path)
+            _libc_fallocate(self.bfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
+            fcntl.ioctl(self.fd, BLKFLSBUF, 0)  # the loop device's page cache may hold the old data
+        if not self._is_hole(off, length):
+            log.warning("%s: %d+%d is still allocated after punching; writing zeros", self.path, off, length)
+            self._write_zeros(off, length)
+        elif os.pread(self.fd, 4096, off) != ZEROS[:4096]:  # what a reader of the device sees
+            raise PoolError(f"{self.device}: zeroed range {off}+{length} does not read back as zeros")
+
+    def _is_hole(self, off: int, length: int) -> bool:
+        try:
+            return os.lseek(self.bfd, off, SEEK_DATA) >= off + length
+        except OSError as exc:
+            return exc.errno == errno.ENXIO  # no data after off at all
+
+    def _zeroout(self, off: int, length: int) -> None:
+        if self.zeroout_ok:
+            try:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", off, length))
+                return
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:  # someone else has it: never write over it
+                    raise PoolError(f"{self.device}: busy, not zeroing ({exc.strerror})") from None
+                log.info("BLKZEROOUT on %s failed (%s); writing zeros instead", self.device, exc)
+                self.zeroout_ok = False
+        self._write_zeros(off, length)
+
+    def _write_zeros(self, off: int, length: int) -> None:
+        for pos in range(off, off + length, BLOCK_SIZE):
+            self.pwrite(pos, ZEROS[: min(BLOCK_SIZE, off + length - pos)])
 
     def drop_cache(self) -> None:
         """Drop the block device's page cache (benchmarks: cold reads)."""
