@@ -20,8 +20,17 @@ from symbiont.ssdcache.manager import CacheManager
 from symbiont.state import StateStore
 
 
+class Store:
+    """Every VM is registered (the routes that need a registered VM answer 404 otherwise)."""
+
+    def get_vm(self, name: str) -> dict:
+        return {"name": name}
+
+
 class Daemon:
     """Just enough of symbiont.daemon.Daemon for the router: the manager is looked up by it."""
+
+    store = Store()
 
 
 @pytest.fixture
