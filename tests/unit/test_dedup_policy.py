@@ -157,3 +157,20 @@ def test_tenant_verdicts() -> None:
     assert unmerge
     v, blocked, _ = tenancy.check([S("e", False, True, None)])
     assert v[0].status == "unknown" and "cannot tell" in blocked
+
+
+def test_advisor_policy_params_are_checked_and_become_sysfs_knobs() -> None:
+    import pytest
+
+    from symbiont.dedup.policy import AdvisorParams, advisor, params_from
+
+    d = advisor(AdvisorParams(target_scan_time=60, max_cpu=20))
+    assert d.settings.advisor is not None and d.settings.run == 1
+    assert d.settings.advisor.knobs() == {"advisor_target_scan_time": 60, "advisor_max_cpu": 20,
+                                          "advisor_max_pages_to_scan": 30000, "advisor_min_pages_to_scan": 500}  # fmt: skip
+    assert d.settings.as_dict()["advisor"]["max_cpu"] == 20 and "advisor" not in advisor().settings.__class__().as_dict()
+    assert params_from({"target_scan_time": 30.0}, AdvisorParams).knobs()["advisor_target_scan_time"] == 30
+    for bad in ({"max_cpu": 0}, {"max_cpu": 101}, {"target_scan_time": 1.5}, {"min_pages_to_scan": 40000},
+                {"max_cpu": True}):  # fmt: skip
+        with pytest.raises(ValueError):
+            params_from(bad, AdvisorParams)

@@ -315,7 +315,7 @@ def test_vm_settings_parsing() -> None:
     assert (s.cross_vm, s.scan, s.policy, s.errors) == (False, True, "hint", ())
     assert vm_settings({"extra": {"dedup": "on"}}).errors
     assert vm_settings({"extra": {"dedup": {"policy": "x", "foo": 1}}}).errors == (
-        "extra.dedup.policy must be one of off, stock, ksmtuned, hint, fixed", "extra.dedup.foo: unknown option")
+        "extra.dedup.policy must be one of off, stock, ksmtuned, hint, fixed, advisor", "extra.dedup.foo: unknown option")
 
 
 def test_api_without_a_running_controller_is_503(tmp_path: Path) -> None:
@@ -358,3 +358,38 @@ def test_hint_inputs_come_from_the_scan_and_the_vms_own_merging(app: Any) -> Non
     hi = svc.hint_inputs(sample)
     # 80 of the 200 duplicate pages merged since the scan: 40 frames saved of 100
     assert (hi.potential, hi.remaining, hi.mergeable) == (100, 60, 500)
+
+
+def test_advisor_policy_writes_its_knobs_and_never_pages_to_scan(sysfs: Path) -> None:
+    from symbiont.dedup.policy import AdvisorParams, advisor, stock
+
+    files = {"advisor_target_scan_time": "200", "advisor_max_cpu": "70", "advisor_min_pages_to_scan": "500",
+             "advisor_max_pages_to_scan": "30000"}  # fmt: skip
+    for k, v in files.items():
+        (sysfs / k).write_text(v + "\n")
+    ctl = KsmController(Ksm(sysfs), MemoryKnobStore())
+    changed = ctl.apply(advisor(AdvisorParams(target_scan_time=60)).settings)
+    assert list(changed) == ["advisor_target_scan_time", "advisor_mode", "run"]
+    assert (sysfs / "advisor_mode").read_text() == "scan-time\n" and (sysfs / "pages_to_scan").read_text() == "100\n"
+    assert ctl.originals["advisor_mode"] == "none"
+    ctl.apply(stock().settings)  # back to a plain policy: the advisor goes off
+    assert (sysfs / "advisor_mode").read_text() == "none\n"
+    ctl.restore()
+    assert Ksm(sysfs).read("advisor_mode") == "none" and (sysfs / "advisor_target_scan_time").read_text() == "200\n"
+    assert {k: v for k, v in _files(sysfs).items() if k != "advisor_mode"} == {
+        k: v for k, v in SYSFS.items() if k != "advisor_mode"}
+    # a kernel without the advisor: a clear refusal, nothing written
+    (sysfs / "advisor_mode").unlink()
+    ctl = KsmController(Ksm(sysfs), MemoryKnobStore())
+    with pytest.raises(KsmError, match="no KSM advisor"):
+        ctl.apply(advisor().settings)
+    assert ctl.originals == {}
+
+
+def test_mode_advisor_is_validated_and_decided() -> None:
+    m = Mode(policy="advisor", advisor={"target_scan_time": 60}).validate()
+    assert m.advisor == {"target_scan_time": 60}
+    with pytest.raises(ModeError, match="advisor: unknown"):
+        Mode(policy="advisor", advisor={"pages": 1}).validate()
+    with pytest.raises(ModeError, match="advisor: max_cpu"):
+        Mode(policy="advisor", advisor={"max_cpu": 500}).validate()

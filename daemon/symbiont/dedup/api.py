@@ -1,7 +1,7 @@
 """HTTP API of the dedup part, mounted by the daemon under ``/v1/dedup``.
 
 * ``GET  /status``          KSM counters and settings, ksmd CPU, the policy, tenant verdicts, last scan
-* ``PUT  /policy``          opt in to a KSM policy (``stock``, ``ksmtuned``, ``hint``, ``fixed``, ``off``)
+* ``PUT  /policy``          opt in to a KSM policy (``stock``, ``ksmtuned``, ``hint``, ``fixed``, ``advisor``, ``off``)
 * ``DELETE /policy``        forget the API's policy and restore every KSM value changed
 * ``GET  /vms``, ``/vms/{name}``  per-VM shared / unshared memory, mergeability, estimate
 * ``POST /scan``            run the hashing engine now over some or all VMs
@@ -28,7 +28,7 @@ from symbiont.host.ksm import KsmError
 
 router = APIRouter()
 
-PolicyName = Literal["off", "stock", "ksmtuned", "hint", "fixed"]
+PolicyName = Literal["off", "stock", "ksmtuned", "hint", "fixed", "advisor"]
 BackendName = Literal["auto", "cpu", "cupy", "simulated-gpu"]
 
 
@@ -47,6 +47,7 @@ class PolicyBody(StrictModel):
     use_zero_pages: Literal[0, 1] | None = None
     hint: dict[str, float | int] = Field(default_factory=dict, description="HintParams overrides")
     ksmtuned: dict[str, float | int] = Field(default_factory=dict, description="KsmtunedParams overrides")
+    advisor: dict[str, int] = Field(default_factory=dict, description="AdvisorParams overrides (policy advisor)")
     backend: BackendName = "auto"
     gpu_type: str = Field("A100", max_length=16)
     scan_interval_s: float = Field(30.0, ge=1.0, le=86400.0)

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from symbiont.dedup.backends import BACKENDS, PAGE_SIZE, BackendError, available_backends, select_backend
 
-POLICY_NAMES = ["off", "stock", "ksmtuned", "hint", "fixed"]
+POLICY_NAMES = ["off", "stock", "ksmtuned", "hint", "fixed", "advisor"]
 
 
 def _console() -> Console:
@@ -117,11 +117,14 @@ def vms_cmd(ctx: Any, as_json: bool) -> None:
 @click.option("--scan-interval", "scan_interval_s", type=click.FloatRange(1, 86400), default=30.0, show_default=True)
 @click.option("--hint", "hint", multiple=True, metavar="KEY=VALUE", help="hint policy parameter (repeatable)")
 @click.option("--ksmtuned", "ksmtuned", multiple=True, metavar="KEY=VALUE", help="ksmtuned parameter (repeatable)")
+@click.option("--advisor", "advisor", multiple=True, metavar="KEY=VALUE",
+              help="KSM advisor parameter: target_scan_time, max_cpu, min_pages_to_scan, max_pages_to_scan")
 @click.option("--unmerge-on-stop", is_flag=True, help="unmerge everything when restoring (if KSM was off)")
 @click.pass_obj
 def policy_cmd(ctx: Any, policy: str, pages_to_scan: int | None, sleep_millisecs: int | None,
                max_page_sharing: int | None, use_zero_pages: int | None, backend: str, scan_interval_s: float,
-               hint: tuple[str, ...], ksmtuned: tuple[str, ...], unmerge_on_stop: bool) -> None:  # fmt: skip
+               hint: tuple[str, ...], ksmtuned: tuple[str, ...], advisor: tuple[str, ...],
+               unmerge_on_stop: bool) -> None:  # fmt: skip
     """Opt in to a KSM policy (host-wide); 'off' restores the host's settings."""
     if policy == "off":
         _api(ctx, "DELETE", "/v1/dedup/policy")
@@ -130,7 +133,8 @@ def policy_cmd(ctx: Any, policy: str, pages_to_scan: int | None, sleep_millisecs
     body = {"policy": policy, "pages_to_scan": pages_to_scan, "sleep_millisecs": sleep_millisecs,
             "max_page_sharing": max_page_sharing, "use_zero_pages": use_zero_pages, "backend": backend,
             "scan_interval_s": scan_interval_s, "hint": _params(hint, "--hint"),
-            "ksmtuned": _params(ksmtuned, "--ksmtuned"), "unmerge_on_stop": unmerge_on_stop}  # fmt: skip
+            "ksmtuned": _params(ksmtuned, "--ksmtuned"), "advisor": _params(advisor, "--advisor"),
+            "unmerge_on_stop": unmerge_on_stop}  # fmt: skip
     st = _api(ctx, "PUT", "/v1/dedup/policy", body)
     d = st.get("decision") or {}
     click.echo(f"policy {st['policy']['policy']}: {d.get('reason', 'applied')}")

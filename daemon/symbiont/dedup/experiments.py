@@ -5,10 +5,13 @@
     duplicates, zero pages): every backend must find exactly the planted duplicates, also under a
     deliberately colliding hash; reports each backend's throughput and modelled device time.
 
-``dedup-ksm-policies`` (root, about 2 minutes)
+``dedup-ksm-policies`` (root, about 4 minutes)
     Catalyst's question: time to reach the sharing potential and ksmd CPU spent, for the
-    hint-driven policy vs a ksmtuned-equivalent vs stock KSM defaults, on workloads with high and
-    low sharing potential (processes with MADV_MERGEABLE buffers, :mod:`.workload`).
+    hint-driven policy vs a ksmtuned-equivalent vs stock KSM defaults vs the kernel's own KSM
+    advisor (``advisor_mode=scan-time``, Linux 6.8+), on workloads with high and low sharing
+    potential (processes with MADV_MERGEABLE buffers, :mod:`.workload`). KSM's original values
+    (the advisor's included) are saved in sqlite before any change and restored at the end; a run
+    killed with -9 leaves them saved, and the next run restores them first.
 
 ``dedup-identical-vms`` (root, libvirt, boots VMs; about 3 minutes)
     ESX's Figure 4 (seeds/002): 1..N identical VMs from the same golden image; memory shared and
@@ -23,6 +26,7 @@ import contextlib
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,10 +166,12 @@ def _policy_run(ctx: RunContext, ctl: Any, policy: str, workload: str, fraction:
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     from symbiont.dedup.memsource import host_mergeable_pages
     from symbiont.dedup.policy import (
+        AdvisorParams,
         HintInputs,
         HintParams,
         KsmtunedInputs,
         KsmtunedParams,
+        advisor,
         hint_step,
         ksmtuned_step,
         remaining_now,
@@ -178,6 +184,7 @@ def _policy_run(ctx: RunContext, ctl: Any, policy: str, workload: str, fraction:
     pages = int(p["mib_per_proc"]) * MiB // PAGE_SIZE
     hp = HintParams(target_pass_s=float(p["hint_target_pass_s"]))
     kp = KsmtunedParams(monitor_interval_s=float(p["ksmtuned_interval_s"]))
+    ap = AdvisorParams(target_scan_time=int(p["advisor_target_scan_time_s"]), max_cpu=int(p["advisor_max_cpu"]))
     rows: list[dict[str, Any]] = []
     with MergeableWorkload(procs=int(p["procs"]), pages=pages, shared_fraction=fraction, seed=seed) as w:
         be = select_backend(str(p["backend"]))
@@ -225,6 +232,8 @@ def _policy_run(ctx: RunContext, ctl: Any, policy: str, workload: str, fraction:
                     decision = ksmtuned_step(KsmtunedInputs(mi["MemTotal"], free, qemu_committed_kib(), npages_state), kp)
                     npages_state = int(decision.detail["npages"])
                     next_tuned = now + kp.monitor_interval_s
+            elif policy == "advisor":
+                decision = advisor(ap)  # the kernel rescales pages_to_scan after each full scan
             else:
                 decision = stock()
             assert decision is not None
@@ -235,7 +244,8 @@ def _policy_run(ctx: RunContext, ctl: Any, policy: str, workload: str, fraction:
             s = decision.settings
             rows.append({"workload": workload, "policy": policy, "t_s": round(t, 3), "saved_pages": saved,
                          "potential_pages": potential, "fraction_of_potential": round(saved / potential, 4) if potential else 1.0,
-                         "ksmd_cpu_s": round(cpu, 3), "run": s.run, "pages_to_scan": s.pages_to_scan,
+                         "ksmd_cpu_s": round(cpu, 3), "run": s.run,
+                         "pages_to_scan": ctl.ksm.read_int("pages_to_scan") if s.advisor else s.pages_to_scan,
                          "sleep_ms": s.sleep_millisecs, "reason": decision.reason})  # fmt: skip
             time.sleep(max(0.0, tick - (time.monotonic() - now)))
         final_saved = w.saved_pages()
@@ -258,23 +268,28 @@ def _policy_run(ctx: RunContext, ctl: Any, policy: str, workload: str, fraction:
 
 @experiment(
     "dedup-ksm-policies",
-    "Time to reach the sharing potential and ksmd CPU: hint-driven vs ksmtuned-equivalent vs stock KSM, "
-    "high and low sharing workloads (MADV_MERGEABLE processes)",
-    params={"workloads": ["high", "low"], "policies": ["hint", "ksmtuned", "stock"], "procs": 2, "mib_per_proc": 64,
+    "Time to reach the sharing potential and ksmd CPU: hint-driven vs ksmtuned-equivalent vs stock KSM vs the "
+    "kernel's KSM advisor, high and low sharing workloads (MADV_MERGEABLE processes)",
+    params={"workloads": ["high", "low"], "policies": ["hint", "ksmtuned", "stock", "advisor"], "procs": 2, "mib_per_proc": 64,
             "high_fraction": 0.9, "low_fraction": 0.05, "duration_s": 30.0, "tick_s": 0.5,
             "ksmtuned_interval_s": 2.0, "ksmtuned_pressure": True, "hint_target_pass_s": 1.0,
-            "scan_interval_s": 5.0, "backend": "cpu", "reach": 0.95},  # fmt: skip
+            "scan_interval_s": 5.0, "backend": "cpu", "reach": 0.95,
+            "advisor_target_scan_time_s": 200, "advisor_max_cpu": 70},  # fmt: skip
     param_help={
         "ksmtuned_interval_s": "ksmtuned's KSM_MONITOR_INTERVAL (60 s in ksmtuned.conf), compressed for the run",
         "ksmtuned_pressure": "feed ksmtuned free memory below its threshold (its boost path); false: real free",
         "reach": "fraction of the potential that counts as reached",
         "backend": "hashing backend of the hint policy (cpu, simulated-gpu, cupy)",
+        "advisor_target_scan_time_s": "the advisor's advisor_target_scan_time (kernel default 200 s)",
+        "advisor_max_cpu": "the advisor's advisor_max_cpu, percent of a CPU (kernel default 70)",
     },
     needs=("root",),
 )
 def policies_experiment(ctx: RunContext) -> dict[str, Any]:
-    from symbiont.dedup.ksm_controller import KsmController, MemoryKnobStore
+    from symbiont.config import load_config
+    from symbiont.dedup.ksm_controller import KsmController, SqliteKnobStore
     from symbiont.host.ksm import Ksm, mergeable_processes
+    from symbiont.state import StateStore
 
     _require_root()
     p = ctx.params
@@ -285,12 +300,18 @@ def policies_experiment(ctx: RunContext) -> dict[str, Any]:
         if wl not in fractions:
             raise ExperimentError(f"workloads: unknown {wl!r} (high, low)")
     for pol in p["policies"]:
-        if pol not in ("hint", "ksmtuned", "stock"):
-            raise ExperimentError(f"policies: unknown {pol!r} (hint, ksmtuned, stock)")
+        if pol not in ("hint", "ksmtuned", "stock", "advisor"):
+            raise ExperimentError(f"policies: unknown {pol!r} (hint, ksmtuned, stock, advisor)")
+        if pol == "advisor" and not ksm.has("advisor_mode"):
+            raise ExperimentError("policy advisor: this kernel has no KSM advisor (advisor_mode, Linux 6.8+)")
     others = mergeable_processes()
     if others:
         ctx.note(f"other mergeable processes on the host (ksmd scans them too): {sorted(others)}")
-    ctl = KsmController(ksm, MemoryKnobStore(), unmerge_on_restore=True)  # leave nothing merged
+    # Originals in sqlite before any change: a run killed with -9 is put right by the next one.
+    store = StateStore(Path(load_config().state_dir) / "experiments" / "dedup-ksm-policies.sqlite3")
+    ctl = KsmController(ksm, SqliteKnobStore(store), unmerge_on_restore=True)  # leave nothing merged
+    if ctl.changed:
+        ctx.note(f"KSM values left by an interrupted run restored first: {ctl.restore()}")
     rows: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     runs = [(wl, pol) for wl in p["workloads"] for pol in p["policies"]]
@@ -306,6 +327,7 @@ def policies_experiment(ctx: RunContext) -> dict[str, Any]:
             ctx.advance()
     finally:
         restored = ctl.restore()
+        store.close()
         ctx.note(f"KSM settings restored: {restored}")
     ctx.write_csv("timeline.csv", rows)
     ctx.write_csv("summary.csv", summaries)

@@ -12,6 +12,10 @@ Two tunables can only change while nothing is merged (the kernel answers ``EBUSY
 running before we touched it (then unmerged is the state the host had) or ``unmerge_on_restore``
 is set; otherwise the row stays saved and the failure is reported, to be retried.
 
+The advisor (``advisor_mode`` and its ``advisor_*`` knobs, Linux 6.8+) is saved and restored the
+same way; ``advisor_mode`` is restored first, since the kernel refuses ``pages_to_scan`` while the
+advisor is on and resets it when the advisor goes off.
+
 ``run`` restored to 0 stops ksmd but keeps pages merged (kernel semantics); with
 ``unmerge_on_restore`` the controller writes ``run=2`` first so the host is left with nothing
 merged, as before.
@@ -158,11 +162,24 @@ class KsmController:
             self.on_change(knob, cur, value)
 
     def apply(self, s: KsmSettings) -> dict[str, tuple[Any, Any]]:
-        """Write the settings that differ (scan parameters first, then ``run``)."""
+        """Write the settings that differ (scan parameters first, then ``run``).
+
+        With ``s.advisor`` the advisor's knobs are written and ``advisor_mode`` set to
+        ``scan-time``; ``pages_to_scan`` is then the kernel's. Without it an advisor left on is
+        turned off first (the kernel refuses ``pages_to_scan`` while it is on)."""
         changed: dict[str, tuple[Any, Any]] = {}
         with self._lock:
-            for knob, value in (("pages_to_scan", s.pages_to_scan), ("sleep_millisecs", s.sleep_millisecs),
-                                ("run", s.run)):  # fmt: skip
+            steps: list[tuple[str, int | str]] = []
+            if s.advisor is not None:
+                if not self.ksm.has("advisor_mode"):
+                    raise KsmError("this kernel has no KSM advisor (advisor_mode: Linux 6.8+)")
+                steps += [*s.advisor.knobs().items(), ("advisor_mode", "scan-time")]
+            else:
+                if self.ksm.has("advisor_mode"):
+                    steps.append(("advisor_mode", "none"))
+                steps.append(("pages_to_scan", s.pages_to_scan))
+            steps += [("sleep_millisecs", s.sleep_millisecs), ("run", s.run)]
+            for knob, value in steps:
                 before = self.ksm.read(knob)
                 if self.set(knob, value):
                     changed[knob] = (before, value)
@@ -190,6 +207,12 @@ class KsmController:
                 self._raw_write_ok("run", RUN_UNMERGE)
             for knob in TUNABLES:
                 if knob not in pending or knob == "run":
+                    continue
+                if knob == "pages_to_scan" and str(self._safe_read("advisor_mode")) not in ("none", "None"):
+                    # The advisor was on before we touched KSM and is back on: it owns the value.
+                    self.store.forget(knob)
+                    self.originals.pop(knob, None)
+                    out[knob] = {"skipped": "the kernel's advisor sets it", "original": pending[knob]}
                     continue
                 out[knob] = self._restore_one(knob, pending[knob], allow_unmerge=ksm_was_off or self.unmerge_on_restore)
             if "run" in pending:

@@ -14,6 +14,14 @@ Three policies drive the same knobs (``run``, ``pages_to_scan``, ``sleep_millise
     ``KSM_NPAGES_DECAY`` (-50), within [64, 1250]; ``sleep_millisecs`` is 10 ms scaled by
     16 GiB / RAM. It is *blind*: it never looks at how much there is to merge.
 
+``advisor``
+    The kernel's own KSM advisor (Linux 6.8+, ``advisor_mode=scan-time``): ksmd rescales
+    ``pages_to_scan`` itself after every full scan so that a scan takes
+    ``advisor_target_scan_time`` seconds, within [``advisor_min_pages_to_scan``,
+    ``advisor_max_pages_to_scan``] and under ``advisor_max_cpu`` percent of a CPU. It is the
+    baseline every user now has for free; like ksmtuned it does not know how much there is to
+    merge, only how long a scan takes. Parameters default to the kernel's defaults.
+
 ``hint``
     Catalyst's idea (seeds/000): the hashing engine estimates the sharing potential, so the
     scanner runs fast while much is left to merge and backs off to a trickle once the merged
@@ -31,22 +39,53 @@ Three policies drive the same knobs (``run``, ``pages_to_scan``, ``sleep_millise
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-POLICIES = ("off", "stock", "ksmtuned", "hint", "fixed")
+POLICIES = ("off", "stock", "ksmtuned", "hint", "fixed", "advisor")
 
 STOCK_PAGES_TO_SCAN = 100
 STOCK_SLEEP_MS = 20
 
 
 @dataclass(frozen=True)
+class AdvisorParams:
+    """The KSM advisor's knobs (sysfs names without ``advisor_``); defaults are the kernel's."""
+
+    target_scan_time: int = 200  # seconds a full scan should take
+    max_cpu: int = 70  # percent of one CPU ksmd may use
+    min_pages_to_scan: int = 500
+    max_pages_to_scan: int = 30000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+                raise ValueError(f"{f.name}: must be a whole number, got {v!r}")
+        if not 1 <= self.target_scan_time <= 86400:
+            raise ValueError("target_scan_time: must be between 1 and 86400 s")
+        if not 1 <= self.max_cpu <= 100:
+            raise ValueError("max_cpu: must be between 1 and 100 (percent)")
+        if not 1 <= self.min_pages_to_scan <= self.max_pages_to_scan <= 1_000_000:
+            raise ValueError("min_pages_to_scan <= max_pages_to_scan, both between 1 and 1000000")
+
+    def knobs(self) -> dict[str, int]:
+        """sysfs name -> value, in the order they are written (advisor_mode after them)."""
+        # max before min: the kernel refuses a min above the current max and vice versa
+        return {"advisor_target_scan_time": int(self.target_scan_time), "advisor_max_cpu": int(self.max_cpu),
+                "advisor_max_pages_to_scan": int(self.max_pages_to_scan),
+                "advisor_min_pages_to_scan": int(self.min_pages_to_scan)}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class KsmSettings:
-    """The knobs a policy sets."""
+    """The knobs a policy sets. With ``advisor`` set, the kernel's advisor owns ``pages_to_scan``
+    (the value here is then not written)."""
 
     run: int = 1
     pages_to_scan: int = STOCK_PAGES_TO_SCAN
     sleep_millisecs: int = STOCK_SLEEP_MS
+    advisor: AdvisorParams | None = None
 
     @property
     def pages_per_second(self) -> float:
@@ -55,8 +94,11 @@ class KsmSettings:
             return 0.0
         return self.pages_to_scan * 1000.0 / max(self.sleep_millisecs, 1)
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.advisor is None:
+            del d["advisor"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -75,6 +117,13 @@ class Decision:
 
 def stock() -> Decision:
     return Decision(KsmSettings(1, STOCK_PAGES_TO_SCAN, STOCK_SLEEP_MS), "stock kernel defaults")
+
+
+def advisor(p: AdvisorParams | None = None) -> Decision:
+    """The kernel's scan-time advisor with ``p`` (default: the kernel's defaults)."""
+    p = p or AdvisorParams()
+    return Decision(KsmSettings(1, STOCK_PAGES_TO_SCAN, STOCK_SLEEP_MS, advisor=p),
+                    "the kernel's KSM advisor (scan-time) sizes pages_to_scan", detail={"advisor": asdict(p)})
 
 
 def fixed(pages_to_scan: int, sleep_millisecs: int, run: int = 1) -> Decision:
@@ -205,12 +254,14 @@ def params_from(d: dict[str, Any] | None, cls: type) -> Any:
 
 __all__ = [
     "POLICIES",
+    "AdvisorParams",
     "Decision",
     "HintInputs",
     "HintParams",
     "KsmSettings",
     "KsmtunedInputs",
     "KsmtunedParams",
+    "advisor",
     "fixed",
     "hint_step",
     "ksmtuned_step",

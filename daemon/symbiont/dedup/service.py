@@ -16,7 +16,7 @@ its RAM is mergeable. Per-VM options, in the registration's ``extra.dedup``:
 ``scan`` (default true)
     whether the hashing engine reads this VM's RAM for the sharing estimate;
 ``policy`` (optional)
-    one of ``stock``, ``ksmtuned``, ``hint``, ``fixed``, ``off``: requests a host-wide policy.
+    one of ``stock``, ``ksmtuned``, ``hint``, ``fixed``, ``advisor``, ``off``: requests a host-wide policy.
 
 Every knob change is saved first (:class:`~.ksm_controller.KsmController`) and restored when the
 policy goes back to ``off``, when the daemon stops, and at the next start after a crash.
@@ -56,11 +56,13 @@ from symbiont.dedup.memsource import (
 )
 from symbiont.dedup.policy import (
     POLICIES,
+    AdvisorParams,
     Decision,
     HintInputs,
     HintParams,
     KsmtunedInputs,
     KsmtunedParams,
+    advisor,
     fixed,
     hint_step,
     ksmtuned_step,
@@ -93,6 +95,7 @@ class Mode:
     use_zero_pages: int | None = None
     hint: dict[str, Any] = field(default_factory=dict)
     ksmtuned: dict[str, Any] = field(default_factory=dict)
+    advisor: dict[str, Any] = field(default_factory=dict)  # AdvisorParams overrides (policy advisor)
     backend: str = "auto"
     gpu_type: str = "A100"
     scan_interval_s: float = 30.0
@@ -115,7 +118,8 @@ class Mode:
             raise ModeError(f"backend: must be one of {', '.join(BACKENDS)}")
         if not 1.0 <= self.scan_interval_s <= 86400:
             raise ModeError("scan_interval_s: must be between 1 and 86400")
-        for name, cls, d in (("hint", HintParams, self.hint), ("ksmtuned", KsmtunedParams, self.ksmtuned)):
+        for name, cls, d in (("hint", HintParams, self.hint), ("ksmtuned", KsmtunedParams, self.ksmtuned),
+                             ("advisor", AdvisorParams, self.advisor)):  # fmt: skip
             unknown = set(d) - {f.name for f in fields(cls)} - {"unknown"}
             if unknown:
                 raise ModeError(f"{name}: unknown parameter(s) {', '.join(sorted(unknown))}")
@@ -580,6 +584,8 @@ class DedupService:
             return stock()
         if mode.policy == "fixed":
             return fixed(int(mode.pages_to_scan or 100), int(mode.sleep_millisecs or 20))
+        if mode.policy == "advisor":
+            return advisor(params_from(mode.advisor, AdvisorParams))
         if mode.policy == "ksmtuned":
             p: KsmtunedParams = params_from(mode.ksmtuned, KsmtunedParams)
             now = time.monotonic()

@@ -30,13 +30,19 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Tunables the controller may turn, in the order they are restored (``run`` last, so that the
-# scanner only restarts once its other parameters are back).
+# scanner only restarts once its other parameters are back). ``advisor_mode`` (Linux 6.8+) comes
+# before ``pages_to_scan``: while the advisor is on the kernel refuses pages_to_scan (EINVAL), and
+# turning it off resets pages_to_scan to 100, so the original must be written after it.
 TUNABLES = (
+    "advisor_mode",
+    "advisor_target_scan_time",
+    "advisor_max_cpu",
+    "advisor_min_pages_to_scan",
+    "advisor_max_pages_to_scan",
     "pages_to_scan",
     "sleep_millisecs",
     "use_zero_pages",
     "smart_scan",
-    "advisor_mode",
     "max_page_sharing",
     "merge_across_nodes",
     "stable_node_chains_prune_millisecs",
