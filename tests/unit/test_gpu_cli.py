@@ -54,7 +54,7 @@ def test_run_trace(runner, tmp_path):
     assert len(out.read_text().splitlines()) == 16
     r = runner.invoke(group, ["run-trace", str(p), "--compare", "--json", "--background-vms", "1"])
     res = json.loads(r.output)
-    assert [x["scheduler"] for x in res] == ["fcfs", "rr", "edf", "edf-slice", "edf-slice-offline"]
+    assert [x["scheduler"] for x in res] == ["fcfs", "rr", "edf", "edf-slice", "edf-slice-offline", "edf-slice-v1"]
     assert all(x["tasks"] == 15 for x in res)
 
 

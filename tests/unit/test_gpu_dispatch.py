@@ -17,17 +17,19 @@ from symbiont.gpu.dispatch import (
 )
 from symbiont.gpu.simulated import SimulatedBackend
 
+IDEAL = "spec-assumed"  # the model's mechanics with the original, idealised costs (gpu/calibration.py)
+
 FNS = {f.name: f for f in DEFAULT_FUNCTIONS}
 GPUS = ["A100", "V100", "T4", "T4"]
 
 
 @pytest.fixture(scope="module")
 def profiles():
-    return profile_functions(SimulatedBackend(GPUS, jitter=0.0), DEFAULT_FUNCTIONS, sizes=(1, 8, 64, 256), reps=1)
+    return profile_functions(SimulatedBackend(GPUS, jitter=0.0, calibration=IDEAL), DEFAULT_FUNCTIONS, sizes=(1, 8, 64, 256), reps=1)
 
 
 def test_profiles_fit_and_predict_unseen_sizes(profiles):
-    b = SimulatedBackend(GPUS, jitter=0.0)
+    b = SimulatedBackend(GPUS, jitter=0.0, calibration=IDEAL)
     for fn in DEFAULT_FUNCTIONS:
         for tname, dev in (("A100", 0), ("T4", 2)):
             p = profiles.get(fn.name, tname)
@@ -46,7 +48,7 @@ def test_profiles_fit_and_predict_unseen_sizes(profiles):
 
 
 def test_dispatch_follows_expected_completion(profiles):
-    b = SimulatedBackend(GPUS, jitter=0.0)
+    b = SimulatedBackend(GPUS, jitter=0.0, calibration=IDEAL)
     d = Dispatcher(b, DEFAULT_FUNCTIONS, profiles, policy="faaster-nosplit")
     inv = Invocation("i1", "matmul", 64, 0.0)
     assert d.plan(inv, 0.0) == [(0, 64)]  # idle: the fastest GPU
@@ -56,7 +58,7 @@ def test_dispatch_follows_expected_completion(profiles):
 
 
 def test_split_is_water_filled_and_only_for_sliceable_functions(profiles):
-    b = SimulatedBackend(GPUS, jitter=0.0)
+    b = SimulatedBackend(GPUS, jitter=0.0, calibration=IDEAL)
     d = Dispatcher(b, DEFAULT_FUNCTIONS, profiles, policy="faaster", split_gain=0.0)
     parts = d.plan(Invocation("i1", "matmul", 4000, 0.0), 0.0)
     assert len(parts) > 1 and sum(n for _, n in parts) == 4000
@@ -72,7 +74,7 @@ def test_faaster_beats_blind_policies(profiles):
     invs = synthetic_invocations(DEFAULT_FUNCTIONS, 600.0, 0.2, seed=4)
     res = {}
     for pol in ("faaster", "round-robin", "random", "fastest"):
-        res[pol] = run_dispatch(SimulatedBackend(GPUS, seed=1), invs, DEFAULT_FUNCTIONS, profiles, pol)
+        res[pol] = run_dispatch(SimulatedBackend(GPUS, seed=1, calibration=IDEAL), invs, DEFAULT_FUNCTIONS, profiles, pol)
     assert res["faaster"].invocations == len(invs)
     for pol in ("round-robin", "random", "fastest"):
         assert res["faaster"].mean_turnaround_s < res[pol].mean_turnaround_s
@@ -81,7 +83,7 @@ def test_faaster_beats_blind_policies(profiles):
 
 
 def test_unknown_policy_and_function(profiles):
-    b = SimulatedBackend(GPUS)
+    b = SimulatedBackend(GPUS, calibration=IDEAL)
     with pytest.raises(ValueError, match="policy"):
         Dispatcher(b, DEFAULT_FUNCTIONS, profiles, policy="magic")
     d = Dispatcher(b, DEFAULT_FUNCTIONS, profiles)

@@ -20,11 +20,13 @@ from symbiont.gpu.endpoint import (
 )
 from symbiont.gpu.simulated import GPU_TYPES, NET_BW, NET_LATENCY, DeviceConfig, SimulatedBackend
 
+IDEAL = "spec-assumed"  # the model's mechanics with the original, idealised costs (gpu/calibration.py)
+
 A100 = GPU_TYPES["A100"]
 
 
 def service(*devices: DeviceConfig, jitter: float = 0.0) -> GpuEndpointService:
-    return GpuEndpointService(SimulatedBackend(list(devices) or [DeviceConfig("A100")], jitter=jitter))
+    return GpuEndpointService(SimulatedBackend(list(devices) or [DeviceConfig("A100")], jitter=jitter, calibration=IDEAL))
 
 
 def test_alloc_copy_roundtrip_and_quota():

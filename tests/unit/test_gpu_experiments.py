@@ -9,6 +9,7 @@ import pytest
 
 # isort: split
 from symbiont.experiments.framework import ExperimentError, registry, run_experiment
+from symbiont.gpu.calibration import H100_2026_11
 
 
 def _run(name, overrides, tmp_path):
@@ -36,9 +37,12 @@ def test_elastic(tmp_path):
     out, s = _run("gpu-elastic", ["shares=0.25,1.0,0.5", "phase_s=0.015", "kernel_ms=0.25", "bin_ms=2"], tmp_path)
     assert (out / "elastic.png").exists()
     phases = rows(out / "phases.csv")
-    # the critical client's throughput follows its share (after the transition)
+    # the critical client's throughput follows its share (after the transition), at the
+    # fraction of the spec peak the H100's work kernel reached (0.77-0.80 there); at share 1.0
+    # the neighbour keeps one SM, so 9 waves instead of 8 (the tail effect) cost 11 % more
+    eff = H100_2026_11.flops_efficiency
     for p in phases:
-        assert 0.85 < float(p["ratio"]) < 1.15, p
+        assert 0.8 < float(p["ratio"]) / eff < 1.15, p
     assert s["scale_effect_ms_max"] is not None and s["scale_effect_ms_max"] < 250
 
 

@@ -28,6 +28,8 @@ from symbiont.gpu.faas import (
 )
 from symbiont.gpu.simulated import GPU_TYPES, DeviceConfig, SimulatedBackend
 
+IDEAL = "spec-assumed"  # the model's mechanics with the original, idealised costs (gpu/calibration.py)
+
 A100 = GPU_TYPES["A100"]
 
 
@@ -38,7 +40,7 @@ def task(tid: str, arrival_ms: float, work_ms: float, deadline_ms: float, waves_
 
 
 def backend(sched: str = "spatial") -> SimulatedBackend:
-    return SimulatedBackend([DeviceConfig("A100", sched=sched)], jitter=0.0, seed=0)
+    return SimulatedBackend([DeviceConfig("A100", sched=sched)], jitter=0.0, seed=0, calibration=IDEAL)
 
 
 def run(tasks, name, drop=None, **kw):
@@ -202,7 +204,7 @@ def test_capacity_estimator_tracks_other_vms_load():
 
     # on a time-sliced vGPU shared with an always-busy VM the estimate lands near half the GPU
     tasks = [task(f"t{i}", i * 2.0, 1.0, 100) for i in range(30)]
-    b = SimulatedBackend([DeviceConfig("A100", sched="timeslice-best-effort")], jitter=0.0)
+    b = SimulatedBackend([DeviceConfig("A100", sched="timeslice-best-effort")], jitter=0.0, calibration=IDEAL)
     s = make_scheduler("edf", wave_blocks_for(b, 0, 1.0), peak_for(b, 0, 1.0), tasks)
     est = CapacityEstimator(peak=s.peak)
     run_faas(b, tasks, s, background=BackgroundLoad(vms=1, duty=1.0, period_s=10.0), estimator=est)
@@ -214,7 +216,7 @@ def test_edf_slice_wins_on_a_loaded_time_sliced_gpu():
     bg = BackgroundLoad(vms=1, duty=0.5, seed=2)
     got = {}
     for name in ("fcfs", "edf", "edf-slice"):
-        b = SimulatedBackend([DeviceConfig("A100", sched="timeslice-best-effort")], seed=0)
+        b = SimulatedBackend([DeviceConfig("A100", sched="timeslice-best-effort")], seed=0, calibration=IDEAL)
         got[name] = run_trace(b, tasks, name, background=bg)
     assert got["edf-slice"].goodput > got["fcfs"].goodput
     assert got["edf-slice"].goodput > got["edf"].goodput

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from symbiont.gpu.backend import GpuBusy, GpuError, GpuOutOfMemory, KernelSpec, UnknownHandle
 from symbiont.gpu.simulated import GPU_TYPES, NET_BW, NET_LATENCY, DeviceConfig, SimulatedBackend
 
+IDEAL = "spec-assumed"  # the model's mechanics with the original, idealised costs (gpu/calibration.py)
+
 A100 = GPU_TYPES["A100"]
 T4 = GPU_TYPES["T4"]
 
@@ -29,7 +31,7 @@ def test_presets_match_spec_sheet_peaks():
 
 
 def test_single_kernel_time_is_waves_times_block_time_plus_launch():
-    b = SimulatedBackend(["A100"], jitter=0.0)
+    b = SimulatedBackend(["A100"], jitter=0.0, calibration=IDEAL)
     c = b.create_context(0)
     # 109 blocks on 108 SMs: two waves (the tail effect)
     op = b.launch(c, kern(109, 100e-6))
@@ -55,7 +57,7 @@ def test_memory_bound_blocks_follow_the_roofline():
     sched=st.sampled_from(["spatial", "spatial-strict", "timeslice-best-effort", "timeslice-fixed"]),
 )
 def test_work_is_conserved(kernels, shares, sched):
-    b = SimulatedBackend([DeviceConfig("A100", sched=sched)], jitter=0.0)
+    b = SimulatedBackend([DeviceConfig("A100", sched=sched)], jitter=0.0, calibration=IDEAL)
     ctxs = [b.create_context(0, s) for s in shares]
     ops = [(b.launch(ctxs[i], kern(n, t)), i, n, t) for i, n, t in kernels]
     b.synchronize()
@@ -78,7 +80,7 @@ def test_work_is_conserved(kernels, shares, sched):
 
 
 def test_strict_partition_never_exceeds_shares_and_sets_kernel_speed():
-    b = SimulatedBackend([DeviceConfig("A100", sched="spatial-strict")], jitter=0.0, record_timeline=True)
+    b = SimulatedBackend([DeviceConfig("A100", sched="spatial-strict")], jitter=0.0, record_timeline=True, calibration=IDEAL)
     small, big = b.create_context(0, 0.25), b.create_context(0, 0.75)
     k = kern(2000, 50e-6)
     o1, o2 = b.launch(small, k), b.launch(big, k)
@@ -91,7 +93,7 @@ def test_strict_partition_never_exceeds_shares_and_sets_kernel_speed():
 
 
 def test_work_conserving_lends_idle_sms_and_returns_them_within_a_block():
-    b = SimulatedBackend([DeviceConfig("A100", sched="spatial")], jitter=0.0, record_timeline=True)
+    b = SimulatedBackend([DeviceConfig("A100", sched="spatial")], jitter=0.0, record_timeline=True, calibration=IDEAL)
     lender = b.create_context(0, 0.25)
     critical = b.create_context(0, 0.75)
     block = 80e-6
@@ -109,7 +111,7 @@ def test_work_conserving_lends_idle_sms_and_returns_them_within_a_block():
 
 
 def test_share_change_takes_effect_within_one_block():
-    b = SimulatedBackend([DeviceConfig("A100", sched="spatial-strict")], jitter=0.0)
+    b = SimulatedBackend([DeviceConfig("A100", sched="spatial-strict")], jitter=0.0, calibration=IDEAL)
     c = b.create_context(0, 1.0)
     b.launch(c, kern(108 * 100, 200e-6))
     b.advance_to(1.03e-3)
@@ -127,7 +129,7 @@ def test_share_change_takes_effect_within_one_block():
 
 def test_determinism_and_seed_sensitivity():
     def run(seed: int) -> list[tuple[float, float]]:
-        b = SimulatedBackend([DeviceConfig("A100"), DeviceConfig("T4", sched="timeslice-best-effort")], seed=seed)
+        b = SimulatedBackend([DeviceConfig("A100"), DeviceConfig("T4", sched="timeslice-best-effort")], seed=seed, calibration=IDEAL)
         ops = []
         for dev in (0, 1):
             cs = [b.create_context(dev, s) for s in (0.3, 0.7)]
@@ -141,7 +143,7 @@ def test_determinism_and_seed_sensitivity():
 
 
 def test_transfers_cost_latency_plus_bytes_over_bandwidth():
-    b = SimulatedBackend(["A100"], jitter=0.0)
+    b = SimulatedBackend(["A100"], jitter=0.0, calibration=IDEAL)
     c = b.create_context(0)
     n = 64 * 2**20
     x, y = b.alloc(c, n), b.alloc(c, n)
@@ -167,7 +169,7 @@ def test_transfers_cost_latency_plus_bytes_over_bandwidth():
 def test_device_to_device_paths():
     b = SimulatedBackend(
         [DeviceConfig("A100", server="s0"), DeviceConfig("A100", server="s0"), DeviceConfig("T4", server="s1")],
-        jitter=0.0,
+        jitter=0.0, calibration=IDEAL,
     )
     cs = [b.create_context(d) for d in range(3)]
     n = 32 * 2**20
@@ -191,7 +193,7 @@ def test_time_slicing_modes():
     k = kern(108 * 10, 100e-6)  # 1 ms alone on the whole device
 
     def finish(sched: str, shares: tuple[float, float], busy_b: bool = True) -> tuple[float, float]:
-        b = SimulatedBackend([DeviceConfig("A100", sched=sched, switch_s=0.0)], jitter=0.0)
+        b = SimulatedBackend([DeviceConfig("A100", sched=sched, switch_s=0.0)], jitter=0.0, calibration=IDEAL)
         ca, cb = (b.create_context(0, s) for s in shares)
         oa = [b.launch(ca, k) for _ in range(20)]
         ob = [b.launch(cb, k) for _ in range(20)] if busy_b else []
@@ -212,7 +214,7 @@ def test_time_slicing_modes():
 
 
 def test_heterogeneous_devices_run_the_same_kernel_at_their_own_speed():
-    b = SimulatedBackend(["A100", "T4"], jitter=0.0)
+    b = SimulatedBackend(["A100", "T4"], jitter=0.0, calibration=IDEAL)
     k = KernelSpec(blocks=40 * 108, flops_per_block=1e7)
     ops = [b.launch(b.create_context(d), k) for d in (0, 1)]
     b.synchronize()
@@ -223,7 +225,7 @@ def test_heterogeneous_devices_run_the_same_kernel_at_their_own_speed():
 
 
 def test_memory_accounting_and_bad_handles():
-    b = SimulatedBackend(["T4"])
+    b = SimulatedBackend(["T4"], calibration=IDEAL)
     c = b.create_context(0)
     buf = b.alloc(c, 10 * 2**30)
     with pytest.raises(GpuOutOfMemory):
@@ -252,7 +254,7 @@ def test_memory_accounting_and_bad_handles():
 
 
 def test_buffers_keep_data_and_ndarrays_roundtrip():
-    b = SimulatedBackend(["A100"])
+    b = SimulatedBackend(["A100"], calibration=IDEAL)
     c = b.create_context(0)
     arr = np.arange(100, dtype=np.float32)
     x = b.alloc(c, arr.nbytes)
@@ -267,7 +269,7 @@ def test_buffers_keep_data_and_ndarrays_roundtrip():
 
 
 def test_wait_until_returns_empty_when_time_runs_out():
-    b = SimulatedBackend(["A100"], jitter=0.0)
+    b = SimulatedBackend(["A100"], jitter=0.0, calibration=IDEAL)
     c = b.create_context(0)
     op = b.launch(c, kern(108 * 10, 1e-3))
     assert b.wait([op], until=1e-3) == []

@@ -35,7 +35,7 @@ from symbiont.gpu.simulated import GPU_TYPES, SCHED_MODES
 
 router = APIRouter(tags=["gpu"])
 
-SchedulerName = Literal["fcfs", "rr", "edf", "edf-slice", "edf-slice-offline"]
+SchedulerName = Literal["fcfs", "rr", "edf", "edf-slice", "edf-slice-offline", "edf-slice-v1"]
 DropMode = Literal["off", "certain", "estimated"]
 SharingMode = Literal["spatial", "spatial-strict", "timeslice-best-effort", "timeslice-equal", "timeslice-fixed"]
 assert set(SchedulerName.__args__) == set(SCHEDULERS)  # type: ignore[attr-defined]

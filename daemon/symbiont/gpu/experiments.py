@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from symbiont.experiments.framework import ExperimentError, RunContext, experiment  # noqa: E402
 from symbiont.gpu.backend import GpuBackend, GpuError, KernelSpec, select_backend  # noqa: E402
+from symbiont.gpu.calibration import CALIBRATIONS, DEFAULT_CALIBRATION, get_calibration  # noqa: E402
 from symbiont.gpu.dispatch import (  # noqa: E402
     DEFAULT_FUNCTIONS,
     POLICIES,
@@ -30,9 +31,12 @@ from symbiont.gpu.simulated import DeviceConfig  # noqa: E402
 BACKEND_HELP = "auto (CuPy if a GPU is present, else simulated), cupy or simulated"
 
 
-def _backend(name: str, devices: list[DeviceConfig], seed: int) -> GpuBackend:
+CALIBRATION_HELP = f"simulator cost set ({', '.join(CALIBRATIONS)}; see gpu/calibration.py); ignored on CuPy"
+
+
+def _backend(name: str, devices: list[DeviceConfig], seed: int, calibration: str | None = None) -> GpuBackend:
     try:
-        return select_backend(name, devices=devices, seed=seed)
+        return select_backend(name, devices=devices, seed=seed, calibration=get_calibration(calibration))
     except (GpuError, ValueError) as exc:
         raise ExperimentError(str(exc)) from exc
 
@@ -47,7 +51,7 @@ def _client_ops(svc: GpuEndpointService, name: str, handles: list[int]) -> list[
     "gpu-elastic",
     "Flyt 'elastic GPU in action': a critical client's throughput follows its SM share as it is scaled",
     params={"backend": "auto", "shares": [0.25, 0.5, 1.0, 0.5, 0.25], "phase_s": 0.04, "kernel_ms": 0.5,
-            "bin_ms": 4.0, "neighbour": True, "seed": 0},  # fmt: skip
+            "bin_ms": 4.0, "neighbour": True, "seed": 0, "calibration": DEFAULT_CALIBRATION},  # fmt: skip
     param_help={
         "backend": BACKEND_HELP,
         "shares": "SM share of the client in each phase (vertical scaling at each boundary)",
@@ -55,12 +59,13 @@ def _client_ops(svc: GpuEndpointService, name: str, handles: list[int]) -> list[
         "kernel_ms": "one kernel's time on the whole GPU",
         "bin_ms": "throughput is averaged over bins of this length",
         "neighbour": "run a busy non-critical neighbour that soaks up the rest of the GPU",
+        "calibration": CALIBRATION_HELP,
     },
 )
 def elastic(ctx: RunContext) -> dict[str, Any]:
     p = ctx.params
     shares = [float(s) for s in p["shares"]]
-    b = _backend(p["backend"], [DeviceConfig("A100", sched="spatial")], p["seed"])
+    b = _backend(p["backend"], [DeviceConfig("A100", sched="spatial")], p["seed"], p["calibration"])
     gpu = b.devices()[0].gpu_type
     svc = GpuEndpointService(b)
     svc.register_client("app", 0, shares[0], mem_bytes=2**30, critical=True)
@@ -150,12 +155,14 @@ def elastic(ctx: RunContext) -> dict[str, Any]:
 @experiment(
     "gpu-scaling-overhead",
     "Flyt: vertical scaling overhead (flat, < 250 ms) vs horizontal scaling downtime (linear in footprint)",
-    params={"backend": "auto", "sizes_mb": [16, 64, 256, 1024], "reps": 3, "cross_server": True, "seed": 0},
+    params={"backend": "auto", "sizes_mb": [16, 64, 256, 1024], "reps": 3, "cross_server": True, "seed": 0,
+            "calibration": DEFAULT_CALIBRATION},  # fmt: skip
     param_help={
         "backend": BACKEND_HELP,
         "sizes_mb": "client device-memory footprints to migrate",
         "reps": "repetitions per size",
         "cross_server": "simulated: the destination GPU is in another server (network hop)",
+        "calibration": CALIBRATION_HELP,
     },
 )
 def scaling_overhead(ctx: RunContext) -> dict[str, Any]:
@@ -167,7 +174,7 @@ def scaling_overhead(ctx: RunContext) -> dict[str, Any]:
     backend_name = "?"
     for size_mb in p["sizes_mb"]:
         for rep in range(p["reps"]):
-            b = _backend(p["backend"], devices, p["seed"] + rep)
+            b = _backend(p["backend"], devices, p["seed"] + rep, p["calibration"])
             backend_name = b.name
             gpu = b.devices()[0].gpu_type
             svc = GpuEndpointService(b)
@@ -239,7 +246,8 @@ def scaling_overhead(ctx: RunContext) -> dict[str, Any]:
     "IC2E'21: tasks meeting their deadline and wasted GPU work, EDF with adaptive slicing vs baselines",
     params={"backend": "auto", "loads": [0.5, 0.8, 1.1, 1.4], "duration_s": 0.25,
             "schedulers": ["fcfs", "rr", "edf", "edf+drop", "edf-slice", "edf-slice-offline"],
-            "background_vms": 1, "duty": 0.5, "seed": 0, "gpu": "A100"},  # fmt: skip
+            "background_vms": 1, "duty": 0.5, "seed": 0, "gpu": "H100", "calibration": DEFAULT_CALIBRATION,
+            "sharing": "auto"},  # fmt: skip
     param_help={
         "backend": BACKEND_HELP,
         "loads": "offered load as a fraction of the capacity the VM expects",
@@ -249,6 +257,9 @@ def scaling_overhead(ctx: RunContext) -> dict[str, Any]:
         "background_vms": "other VMs time-sharing the GPU (busy/idle, seeded)",
         "duty": "fraction of time each background VM is busy",
         "gpu": "simulated GPU type",
+        "calibration": CALIBRATION_HELP,
+        "sharing": "simulated: how the background VMs share the GPU (a sched mode such as spatial or "
+        "timeslice-best-effort); auto: the calibration's (spatial for the H100 fit: concurrent CUDA streams)",
     },
 )
 def faas_goodput(ctx: RunContext) -> dict[str, Any]:
@@ -258,12 +269,18 @@ def faas_goodput(ctx: RunContext) -> dict[str, Any]:
             raise ExperimentError(f"unknown scheduler {s!r}; known: {', '.join(SCHEDULERS)} (optionally +drop)")
     bg = BackgroundLoad(vms=p["background_vms"], duty=p["duty"], seed=p["seed"] + 1) if p["background_vms"] else None
     expected = 1.0 / (1.0 + p["background_vms"] * p["duty"])
+    try:
+        cal = get_calibration(p["calibration"])
+        sharing = cal.sharing if p["sharing"] == "auto" else str(p["sharing"])
+        DeviceConfig(p["gpu"], sched=sharing)
+    except GpuError as exc:
+        raise ExperimentError(str(exc)) from exc
     rows = []
     ctx.stage("workloads x schedulers", total=len(p["loads"]) * len(p["schedulers"]))
     backend_name = "?"
     for load in p["loads"]:
         for s in p["schedulers"]:
-            b = _backend(p["backend"], [DeviceConfig(p["gpu"], sched="timeslice-best-effort")], p["seed"])
+            b = _backend(p["backend"], [DeviceConfig(p["gpu"], sched=sharing)], p["seed"], cal.name)
             backend_name = b.name
             tasks = synthetic_workload(b.devices()[0].gpu_type, float(load), p["duration_s"], seed=p["seed"],
                                        capacity_fraction=expected)  # fmt: skip
@@ -282,7 +299,7 @@ def faas_goodput(ctx: RunContext) -> dict[str, Any]:
     ax2.set_xlabel("offered load")
     ax2.set_ylabel("wasted GPU work (fraction of executed)")
     ax1.legend(fontsize=8)
-    fig.suptitle(f"Deadline-aware FaaS on a time-sliced vGPU ({backend_name}, {p['background_vms']} background VM)")
+    fig.suptitle(f"Deadline-aware FaaS on a shared GPU ({backend_name}, {sharing}, {p['background_vms']} background VM)")
     ctx.savefig(fig, "goodput.png")
     best = {}
     for load in p["loads"]:
@@ -290,7 +307,7 @@ def faas_goodput(ctx: RunContext) -> dict[str, Any]:
         top = max(pts, key=lambda r: r["goodput"])
         best[str(load)] = top["scheduler"]
         ctx.note(f"load {load}: " + ", ".join(f"{r['scheduler']} {r['goodput']:.2f}" for r in pts))
-    return {"backend": backend_name, "best_by_load": best,
+    return {"backend": backend_name, "calibration": cal.name, "sharing": sharing, "best_by_load": best,
             "goodput": {f"{r['scheduler']}@{r['load']}": r["goodput"] for r in rows}}  # fmt: skip
 
 

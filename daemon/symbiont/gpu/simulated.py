@@ -17,8 +17,13 @@ MODEL
   tail effect that makes slice sizes in whole waves efficient).
 * **No preemption inside a block.** SMs change hands only at wave ends. This is what makes a
   share change take effect "within one block time", and what kernel slicing works around.
-* **Streams.** Each context is one in-order stream; a kernel becomes dispatchable
-  ``launch_overhead_s`` after it was submitted (or when its predecessor ends, if later).
+* **Streams.** Each context is one in-order stream; a kernel becomes dispatchable the
+  calibration's ``launch_s`` after it was submitted (or when its predecessor ends, if later),
+  and ``wait`` returns ``poll_s`` after the awaited completion (the host polls). A block runs
+  at the calibration's ``flops_efficiency`` of the spec-sheet SM throughput.
+* **Share changes** apply at the next wave end (``share_change="wave"``) or, as on the CuPy
+  backend, only to kernels submitted after the change (``"kernel"``: queued work drains at
+  the old share).
 * **Contention between contexts** on a device, by the device's ``sched`` mode:
 
   - ``spatial`` (MPS-like, work conserving): context *i* is guaranteed ``cap_i = max(1,
@@ -65,8 +70,11 @@ Architecture" whitepaper (2022, H100-SXM5-80GB). Raw PCIe bandwidth per directio
 PCIe 3.0/4.0/5.0 signalling rates (8/16/32 GT/s per lane, 128b/130b coding); the *effective*
 figure (about 80 % of raw, typical of pinned ``cudaMemcpy`` measurements) is an assumption.
 
-Assumed, not from a spec sheet (change them per device if you measure better ones):
-memcpy latency 10 us, kernel launch overhead 5 us, time-slice quantum 2 ms, context switch
+Host and per-operation costs (launch, polling, achieved FLOP fraction, share-change rule,
+device-local copies) come from a :class:`~.calibration.Calibration`; the default is the fit
+to the H100 run recorded in BENCHMARKS.md, with each constant's source in
+:mod:`.calibration`; ``calibration="spec-assumed"`` restores the original assumptions.
+Still assumed, not measured: memcpy latency 10 us, time-slice quantum 2 ms, context switch
 25 us, inter-server network 3 GB/s (25 GbE) with 50 us latency, jitter 2 % per wave.
 """
 
@@ -94,6 +102,7 @@ from symbiont.gpu.backend import (
     UnknownHandle,
     check_share,
 )
+from symbiont.gpu.calibration import Calibration, get_calibration
 
 GiB = 2**30
 
@@ -155,7 +164,6 @@ SCHED_MODES = ("spatial", "spatial-strict", "timeslice-best-effort", "timeslice-
 
 NET_BW = 3.0e9  # inter-server link, bytes/s (assumed 25 GbE)
 NET_LATENCY = 50e-6
-D2D_LOCAL_LATENCY = 5e-6
 
 
 def gpu_type(name: str | GpuType) -> GpuType:
@@ -204,7 +212,7 @@ class _Buf:
 class _Op:
     __slots__ = (
         "id", "kind", "ctx", "submit", "start", "end", "done", "kernel", "block_time", "unstarted",
-        "finished", "running", "ready", "share_cap", "nbytes", "payload", "src", "dst", "result",
+        "finished", "running", "ready", "share_cap", "share_fixed", "nbytes", "payload", "src", "dst", "result",
     )  # fmt: skip
 
     def __init__(self, oid: int, kind: str, ctx: _Ctx, submit: float) -> None:
@@ -222,6 +230,7 @@ class _Op:
         self.running = 0
         self.ready = False
         self.share_cap = 1.0
+        self.share_fixed: float | None = None  # the share at submit, kept under "kernel" share changes
         self.nbytes = 0
         self.payload: bytes | None = None
         self.src: _Buf | None = None
@@ -306,9 +315,12 @@ class SimulatedBackend(GpuBackend):
         seed: int = 0,
         jitter: float = 0.02,
         record_timeline: bool = False,
+        calibration: str | Calibration | None = None,
     ) -> None:
         if not (0.0 <= jitter < 0.5):
             raise GpuError("jitter must be in [0, 0.5)")
+        #: host/device costs beyond the roofline (:mod:`.calibration`; default: the H100 fit)
+        self.calibration = get_calibration(calibration)
         self._rng = random.Random(seed)
         self.seed = seed
         self.jitter = jitter
@@ -384,6 +396,11 @@ class SimulatedBackend(GpuBackend):
 
     def set_share(self, ctx: int, share: float) -> None:
         c = self._ctx(ctx)
+        if self.calibration.share_change == "kernel":
+            # as on the CuPy backend: kernels already submitted keep the SM range they had
+            for op in ([c.current] if c.current is not None else []) + list(c.queue):
+                if op.kind == _KERNEL and op.share_fixed is None:
+                    op.share_fixed = c.share
         c.share = check_share(share)
         c.changed_at = self._now
         c.effective_at = None
@@ -489,7 +506,7 @@ class SimulatedBackend(GpuBackend):
         d.mem_used += kernel.mem_bytes
         op = _Op(self._new_id(), _KERNEL, c, self._now)
         op.kernel = kernel
-        op.block_time = kernel.block_time(d.t)
+        op.block_time = kernel.block_time(d.t) / self.calibration.flops_efficiency
         op.unstarted = kernel.blocks
         op.share_cap = 1.0 if share is None else check_share(share)
         return self._submit(op)
@@ -557,6 +574,9 @@ class SimulatedBackend(GpuBackend):
                 return []
             self._step()
             if self._completed and any(o.id in wanted for o in self._completed):
+                # the host notices a completion only at its next poll
+                if self.calibration.poll_s > 0:
+                    self.advance_to(self._now + self.calibration.poll_s)
                 return [o for o in want if self._ops[o].done]
 
     def synchronize(self, ctx: int | None = None) -> None:
@@ -639,7 +659,7 @@ class SimulatedBackend(GpuBackend):
         op = c.queue.popleft()
         c.current = op
         if op.kind == _KERNEL:
-            self._push(max(op.submit + c.dev.t.launch_overhead_s, self._now), _READY, op)
+            self._push(max(op.submit + self.calibration.launch_s, self._now), _READY, op)
         else:
             self._start_transfer(op)
 
@@ -660,7 +680,8 @@ class SimulatedBackend(GpuBackend):
             s, t = op.src.dev, op.dst.dev  # type: ignore[union-attr]
             if s is t:
                 start = now
-                end = start + D2D_LOCAL_LATENCY + 2.0 * n / s.t.mem_bw
+                cal = self.calibration
+                end = start + cal.d2d_latency_s + 2.0 * n / (cal.d2d_bw_factor * s.t.mem_bw)
             else:
                 start = max(now, s.d2h_free, t.h2d_free)
                 if s.info.server == t.info.server:
@@ -720,7 +741,8 @@ class SimulatedBackend(GpuBackend):
         return max(1, int(share * c.dev.t.sm_count + 1e-9))
 
     def _op_cap(self, c: _Ctx, op: _Op) -> int:
-        return self._cap(c, min(c.share, op.share_cap))
+        share = c.share if op.share_fixed is None else op.share_fixed
+        return self._cap(c, min(share, op.share_cap))
 
     @staticmethod
     def _runnable(c: _Ctx) -> _Op | None:
@@ -748,6 +770,8 @@ class SimulatedBackend(GpuBackend):
         if c.effective_at is not None or c.changed_at is None:
             return
         d = c.dev
+        if any(op.share_fixed is not None for op in ([c.current] if c.current is not None else []) + list(c.queue)):
+            return  # "kernel" share changes: work submitted before the change still runs at the old share
         if d.sched.startswith("timeslice"):
             # best-effort/equal ignore shares; fixed-share applies at the context's next slice
             if d.sched != "timeslice-fixed":
