@@ -13,7 +13,10 @@ from symbiont.memory.policy import (
     HostMemory,
     VmMemory,
     decide,
+    floor_mib,
+    guest_floor_mib,
     idle_tax_k,
+    rho,
     shares_per_page,
     under_pressure,
 )
@@ -155,10 +158,12 @@ def test_properties(vms, budget, free_target, step) -> None:
             if t < v.allocated_mib:
                 assert t >= v.allocated_mib - step - 1
                 assert t >= min(v.allocated_mib, v.used_mib + host.safety_margin_mib) - 1
+                # never below the guest's floor (kernel reserve + used + margin; issue 16 item 12)
+                assert t >= min(v.allocated_mib, guest_floor_mib(v, host))
                 if v.pressure:  # shrunk only when no other VM had anything left to give
                     others = [o for o in vms if o.cooperative and not o.pressure and o is not v]
                     for o in others:
-                        floor = max(o.min_mib, o.used_mib + host.safety_margin_mib, o.allocated_mib - step)
+                        floor = min(floor_mib(o, host), o.max_mib)
                         assert out[o.name].target_mib <= max(floor, o.min_mib) + 1
     # the host is never pushed further past its budget than it already was
     if all(v.min_mib <= v.allocated_mib <= v.max_mib for v in vms):
@@ -170,3 +175,127 @@ def test_properties(vms, budget, free_target, step) -> None:
 def test_deterministic(vms, budget) -> None:
     host = HostMemory(budget, 64)
     assert decide(vms, host) == decide(list(reversed(vms)), host)[::-1]
+
+
+# -- issue 15 item 6: the policy does what its docs say ------------------------------------------
+
+
+def test_6a_a_step_capped_lowest_rho_vm_is_not_topped_up_from_a_higher_rho_one() -> None:
+    """From 512/512 with τ = 0.75 the lowest-ρ VM alone should give 180 MiB; max_step_mib lets
+    it give 128 this period. The rest waits for the next period — it is not taken from the VM
+    with the higher ρ (ESX takes only from the lowest ρ)."""
+    host = HostMemory(budget_mib=1024 - 180, free_target_mib=0, max_step_mib=128)
+    idle, busy = vm("idle", f=0.0, used=20), vm("busy", f=0.5, used=20)  # ρ 0.49 < 0.78
+    out = {d.name: d for d in decide([idle, busy], host)}
+    assert out["idle"].target_mib == 512 - 128 and out["busy"].target_mib == 512
+    assert "52 MiB more in later periods" in out["idle"].reason
+    # Next period: the rest, from the same VM.
+    out = {d.name: d for d in decide([vm("idle", alloc=384, f=0.0, used=20), busy], host)}
+    assert out["idle"].target_mib == 512 - 180 and out["busy"].target_mib == 512
+
+
+def test_6a_a_grant_waits_for_what_the_capped_victim_frees() -> None:
+    """The lowest-ρ VM gave 16 MiB for the free target and has 48 MiB of its 64 MiB step left; a
+    VM under pressure then gets those 48 MiB this period, not 16 more from the VM with a higher ρ."""
+    host = HostMemory(budget_mib=1536 - 16, free_target_mib=0, max_step_mib=64, pressure_grant_mib=64)
+    hungry = vm("hungry", f=1.0, used=480, pressure=True)
+    low, mid = vm("low", f=0.0, used=20), vm("mid", f=0.3, used=20)  # ρ 0.49, 0.68
+    out = {d.name: d for d in decide([hungry, low, mid], host)}
+    assert out["low"].target_mib == 512 - 64 and out["mid"].target_mib == 512
+    assert out["hungry"].target_mib == 512 + 48
+
+
+def test_6b_victims_are_ranked_by_memory_actually_reclaimable() -> None:
+    """Two VMs with equal ρ, one 90 % KSM-shared: ballooning it frees a tenth of each MiB, so the
+    100 MiB the host needs come from the unshared one (not 91 MiB from each)."""
+    host = HostMemory(budget_mib=512 * 0.1 + 512 - 100, free_target_mib=0, max_step_mib=512)
+    out = {d.name: d for d in decide([vm("shared", f=0.2, u=0.1), vm("plain", f=0.2)], host)}
+    assert out["shared"].target_mib == 512 and out["plain"].target_mib == 412
+    # When the unshared VM has reached its floor, the shared one is next (and pays 1/u).
+    host = HostMemory(budget_mib=512 * 0.1 + 512 - 400, free_target_mib=0, max_step_mib=512)
+    out = {d.name: d for d in decide([vm("shared", f=0.2, u=0.1), vm("plain", f=0.2)], host)}
+    assert out["plain"].target_mib == guest_floor_mib(vm("plain", f=0.2), host) and out["shared"].target_mib < 512
+
+
+def test_6c_a_stale_ksm_counter_does_not_make_a_vm_look_all_shared(monkeypatch) -> None:
+    """After KSM was switched off, ksm_merging_pages said 130.6 MiB merged of 112.2 MiB resident
+    and u was clamped to 0.05, so reclaim did nothing. Such a reading is unknown sharing: u = 1."""
+    from symbiont.memory import controller
+
+    mib = 1 << 20
+    merged = {"pages": int(130.6 * mib) // 4096}
+    monkeypatch.setattr(controller, "process_merging_pages", lambda pid: merged["pages"])
+    monkeypatch.setattr(controller.psutil, "Process",
+                        lambda pid: type("P", (), {"memory_info": lambda self: type("M", (), {"rss": int(112.2 * mib)})()})())
+    monkeypatch.setattr(controller, "ksm_running", lambda: True, raising=False)
+    assert controller.unshared_fraction(1234) == 1.0
+    merged["pages"] = int(56.1 * mib) // 4096  # a consistent reading: half of it merged
+    assert controller.unshared_fraction(1234) == pytest.approx(0.5, abs=0.01)
+    monkeypatch.setattr(controller, "ksm_running", lambda: False)  # counter no longer maintained
+    assert controller.unshared_fraction(1234) == 1.0
+
+
+def test_6d_f_is_the_working_set_over_the_allocation_not_over_memtotal() -> None:
+    """The same 40 MiB working set: P·f (the active MiB ρ charges at the active rate) must not grow
+    as the balloon inflates. With f = referenced / MemTotal it was 40·512/469 = 43.7 MiB at full
+    size and 40·128/85 = 60.2 MiB at a 128 MiB target (MemTotal shrinks with the balloon)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from symbiont.memory import controller
+
+    mib = 1 << 20
+
+    class Link:
+        cooperative, caps = True, ("wss-sample",)
+
+        def __init__(self, memtotal: float) -> None:
+            self.memtotal = memtotal
+
+        async def request(self, op, args):
+            return {"active_fraction": 40 / self.memtotal, "referenced_bytes": 40 * mib,
+                    "resident_bytes": 80 * mib, "interval_s": 2.0}, b""
+
+    def active_mib(target: int, memtotal: float) -> float:
+        rec = SimpleNamespace(policy={"memory": {}})
+        d = SimpleNamespace(
+            links={"v": Link(memtotal)}, cfg=SimpleNamespace(memory=SimpleNamespace(
+                tax_rate=0.75, psi_threshold=10.0, min_available_fraction=0.1)),
+            store=SimpleNamespace(get_vm=lambda n: rec, knobs=lambda n: [{"knob": "balloon_mib", "current": target}]),
+            latest={"v": {"libvirt": {"state": "running", "max_memory_mib": 512, "memory_mib": target,
+                                      "memstats_kib": {"actual": target * 1024}},
+                          "agent": {"meminfo": {"MemTotal": int(memtotal * mib), "MemAvailable": int(memtotal * mib / 2)}}}},
+        )  # fmt: skip
+        state = controller.MemoryState(enabled=True)
+        for _ in range(3):
+            asyncio.run(controller.sample_working_sets(d, state))
+        v = controller.observe(d, "v", state.vm("v"))
+        return v.allocated_mib * v.active_fraction
+
+    assert active_mib(512, 469) == pytest.approx(40, abs=0.01)
+    assert active_mib(128, 85) == pytest.approx(40, abs=0.01)
+
+
+def test_6e_memory_moves_on_demand_only_as_in_esx() -> None:
+    """Decision (docs/memory.md): like ESX, memory moves to a VM only while it demands it (here:
+    is under pressure), at most pressure_grant_mib per period, from the lowest ρ; ρ values are
+    not equalised for their own sake. A calm VM with a high ρ receives nothing; a VM that stays
+    under pressure keeps receiving, period after period, until its ρ falls to the donor's."""
+    host = HostMemory(budget_mib=1024, free_target_mib=0, max_step_mib=128, pressure_grant_mib=64)
+    # Calm, very different ρ: nothing moves.
+    out = {d.name: d.target_mib for d in decide([vm("rich", shares=4000, f=1.0), vm("poor", f=0.0)], host)}
+    assert out == {"rich": 512, "poor": 512}
+    # Under pressure for as long as it is short of memory (it needs 700 MiB).
+    sizes = {"hungry": 512.0, "idle": 512.0}
+    grants = []
+    for _ in range(12):
+        hungry = vm("hungry", alloc=sizes["hungry"], f=1.0, used=480, pressure=sizes["hungry"] < 700)
+        idle = vm("idle", alloc=sizes["idle"], f=0.1, used=60)
+        out = {d.name: d.target_mib for d in decide([hungry, idle], host)}
+        grants.append(out["hungry"] - sizes["hungry"])
+        sizes = out
+    assert max(grants) <= 64 and grants[0] == 64  # one grant per period, capped
+    assert sizes["hungry"] >= 700 or rho(vm("hungry", alloc=sizes["hungry"], f=1.0)) <= \
+        rho(vm("idle", alloc=sizes["idle"], f=0.1)) * 1.05
+    assert sizes["hungry"] + sizes["idle"] <= 1024 + 1
+    assert grants[-1] == 0  # once it has what it needs, nothing more moves

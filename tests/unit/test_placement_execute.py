@@ -513,6 +513,49 @@ def test_execute_runs_balloon_steps_in_plan_order_through_the_right_daemon(monke
     assert order == [] and decisions[-1][3]["ok"] is False
 
 
+def test_execute_refuses_a_shrink_below_the_guest_floor(monkeypatch) -> None:
+    """Issue 16 item 12: a plan that shrinks a 512 MiB guest to 75 MiB is refused before any step
+    runs, with the floor the VM's daemon reports (GET /v1/memory/vms/{vm}/floor) as the reason;
+    a shrink to the floor itself runs."""
+    from symbiont.client import ApiError
+    from symbiont.memory.floor import guest_floor
+    from symbiont.placement import execute
+
+    floor = guest_floor(512, 43, 60).to_dict()  # 141 MiB: 43 + 60 + 37.4
+    daemons = FakeDaemons()
+    base = daemons.client
+
+    def client(spec: str):
+        c = base(spec)
+        get = c.get
+
+        def get_with_floor(path: str):
+            if path.startswith("/v1/memory/vms/"):
+                daemons.calls.append((spec, "GET", path, None))
+                if path.split("/")[4] != "web":
+                    raise ApiError(404, "not registered")
+                return {"name": "web", **floor}
+            return get(path)
+
+        c.get = get_with_floor
+        return c
+
+    monkeypatch.setattr(execute, "_client", client)
+    ex = Executor(DHOSTS, log_decision=lambda *a: None)
+    monkeypatch.setattr(ex, "locate", dlocate)
+    old = VIEWS["A"]["web"]
+    VIEWS["A"]["web"] = {**old, "policy": {"memory": {"min_mib": 64}}}
+    try:
+        with pytest.raises(ValueError, match=r"shrink of web: 75 MiB below the guest's safe floor \(guest floor "
+                                             rf"{floor['floor_mib']} MiB = max\(absolute 128, kernel reserve 43"):
+            ex.execute([MemorySpec("shrink", "web", "A", 75, "idle")])
+        assert [c for c in daemons.calls if c[1] == "PUT"] == []
+        res = ex.execute([MemorySpec("shrink", "web", "A", floor["floor_mib"], "idle")])
+        assert res[0]["ok"] and res[0]["target_mib"] == floor["floor_mib"]
+    finally:
+        VIEWS["A"]["web"] = old
+
+
 def test_migrate_sets_the_carried_balloon_on_the_destination(monkeypatch) -> None:
     """The source daemon restores its knobs when it lets the VM go; the destination's sets the
     shrunk size again after the migration."""

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import math
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from symbiont.memory.floor import guest_floor
 from symbiont.placement.idle import (
     IdleConfig,
     VMActivity,
@@ -41,31 +46,58 @@ def test_idleness_rule() -> None:
 
 
 def test_target_mem() -> None:
-    # 31.6 * 1.25 = 39.5 -> 40 MiB, raised to the 64 MiB floor; 60 * 1.25 = 75 stays 75.
-    assert target_mem(act("a", QUIET, wss=31.6), CFG) == 64
-    assert target_mem(act("a", QUIET, wss=60), CFG) == 75
+    # The balloon target counts the guest kernel's reserve (48 MiB when unmeasured) on top of the
+    # working set, and never goes below the guest floor (reserve + used + margin, 128 absolute).
+    # 2048 MiB guests: margin = 2 × min_free_kbytes (5724 KiB) + 32 = 43.2 MiB.
+    assert target_mem(act("a", QUIET, wss=31.6), CFG) == 128  # absolute floor, not 40 or 64
+    assert target_mem(act("a", QUIET, wss=60), CFG) == 152  # 48 + 60 + 43.2, not 75
     assert target_mem(act("a", QUIET, wss=60, mem=50), CFG) == 50  # never grows a VM
     # The VM's own floor (its registration's memory.min_mib) wins over a smaller working set.
-    assert target_mem(act("a", QUIET, wss=60, min_mib=128), CFG) == 128
-    assert target_mem(act("a", QUIET, wss=200, min_mib=128), CFG) == 250
+    assert target_mem(act("a", QUIET, wss=60, min_mib=200), CFG) == 200
+    assert target_mem(act("a", QUIET, wss=200, min_mib=128), CFG) == 298  # 48 + 200 × 1.25
+    # Its daemon's floor (measured reserve, used) wins too.
+    assert target_mem(act("a", QUIET, wss=60, floor_mib=170), CFG) == 170
+
+
+def test_idle_shrink_of_the_item_12_guest_stays_above_its_floor() -> None:
+    """Issue 16 item 12: a 512 MiB guest with 60 MiB used (MemTotal − MemAvailable) and a 43 MiB
+    kernel reserve was shrunk to 60 × 1.25 = 75 MiB and panicked. Its target now leaves the
+    reserve, the used memory and the watermark margin: at least 43 + 60 + 37 MiB."""
+    vm = act("lab", QUIET, wss=60, mem=512, reserve_mib=43)
+    t = target_mem(vm, CFG)
+    assert t >= 43 + 60 + 37 and t > 75
+    assert t == max(128, math.ceil(43 + 60 * 1.25), guest_floor(512, 43, 60).floor_mib)
+    plan = consolidation_plan([vm], "idle", 4096, CFG)
+    assert [(a.kind, a.mem_to) for a in plan] == [("shrink", t), ("move", t)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(1, 1 << 16), st.floats(0, 1 << 16), st.one_of(st.none(), st.floats(0, 4096)),
+       st.one_of(st.none(), st.floats(1, 1 << 16)), st.floats(0, 2))
+def test_idle_target_never_below_the_guest_floor(mem, wss, reserve, home, margin) -> None:
+    vm = VMActivity("v", "n1", mem, QUIET, wss, reserve_mib=reserve, home_mem_mib=home)
+    cfg = IdleConfig(cpu_threshold=0.05, window=4, margin=margin, min_mem_mib=64)
+    boot = home if home is not None else mem
+    t = target_mem(vm, cfg)
+    assert t == mem or t >= guest_floor(boot, reserve, wss).floor_mib  # never below, unless not shrunk
 
 
 def test_consolidation_shrinks_and_parks_longest_idle_first() -> None:
     vms = [
-        act("short", [0.5] * 2 + [0.01] * 4, wss=10),  # idle for 4 samples, target 64
-        act("long", [0.01] * 8, wss=60),  # idle for 8 samples, target 75
+        act("short", [0.5] * 2 + [0.01] * 4, wss=10),  # idle for 4 samples, target 128 (absolute floor)
+        act("long", [0.01] * 8, wss=60),  # idle for 8 samples, target 152
         act("busy", [0.5] * 6),
-        act("parked", [0.0] * 6, wss=2, mem=64, host="idle"),  # already parked and shrunk
+        act("parked", [0.0] * 6, wss=2, mem=128, host="idle"),  # already parked and shrunk
     ]
-    actions = consolidation_plan(vms, "idle", idle_host_free_mib=100, cfg=CFG)
+    actions = consolidation_plan(vms, "idle", idle_host_free_mib=200, cfg=CFG)
     got = [(a.kind, a.vm, a.dst, a.mem_to) for a in actions]
     assert got == [
-        ("shrink", "long", None, 75),
-        ("move", "long", "idle", 75),  # 100 - 75 = 25 MiB left
-        ("shrink", "short", None, 64),
-        ("stay", "short", None, None),  # needs 64, only 25 left
+        ("shrink", "long", None, 152),
+        ("move", "long", "idle", 152),  # 200 - 152 = 48 MiB left
+        ("shrink", "short", None, 128),
+        ("stay", "short", None, None),  # needs 128, only 48 left
     ]
-    assert actions[3].reason == "idle host idle full: needs 64 MiB, 25 free"
+    assert actions[3].reason == "idle host idle full: needs 128 MiB, 48 free"
 
 
 def test_wake_plan_goes_home_or_to_best_fit() -> None:

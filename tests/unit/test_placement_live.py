@@ -183,8 +183,8 @@ def test_plan_live_wakes_busy_vms_on_the_idle_host() -> None:
     assert acts == [
         ("move", "parked", "B", "C", None),
         ("grow", "parked", "C", None, 1024.0),
-        ("shrink", "snoozing", "B", None, 64.0),  # idle on the idle host: shrinks in place
-        ("shrink", "sleepy", "A", None, 128.0),  # its min_mib, not 30 * 1.25
+        # snoozing (128 MiB, 40 used) is idle on the idle host but already at its guest floor
+        ("shrink", "sleepy", "A", None, 128.0),  # its guest floor and min_mib, not 30 * 1.25
         ("move", "sleepy", "A", "B", 128.0),  # fits only because parked leaves B
     ]
     assert [(m["vm"], m["from"], m["to"]) for m in out["moves"]] == [

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from symbiont.apimodel import StrictModel
 from symbiont.memory import controller
+from symbiont.memory.floor import vm_floor
 
 router = APIRouter()
 VmName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")]
@@ -31,6 +32,17 @@ class VmPolicy(StrictModel):
 @router.get("")
 async def show(request: Request) -> dict[str, Any]:
     return controller.view(request.app.state.daemon)
+
+
+@router.get("/vms/{name}/floor")
+async def show_floor(name: VmName, request: Request) -> dict[str, Any]:
+    """The lowest balloon target the VM's guest survives, and what it is made of (the floor
+    ``PUT /v1/vms/{name}/memory``, the policy and placement plans all respect)."""
+    daemon = request.app.state.daemon
+    rec = daemon.store.get_vm(name)
+    if rec is None:
+        raise HTTPException(404, f"VM {name!r} is not registered")
+    return {"name": name, **vm_floor(daemon, name, (rec.policy or {}).get("memory")).to_dict()}
 
 
 @router.put("/policy")

@@ -21,17 +21,18 @@ def group() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def show(ctx, as_json: bool) -> None:
-    """Per VM: shares, τ, f (active fraction), ρ, target, actual, used, pressure."""
+    """Per VM: shares, τ, f (active fraction), ρ, target, actual, used, floor, pressure."""
     m = _cli()
     data = m.api(ctx, "GET", "/v1/memory")
     t = Table(title=f"memory policy ({'enabled' if data['enabled'] else 'disabled'}; "
                     f"budget {data['budget_mib']:.0f} MiB, {data['periods']} periods)")
-    for col in ("vm", "shares", "τ", "f", "ρ", "target", "actual", "used", "pressure", "u", "last decision"):
+    for col in ("vm", "shares", "τ", "f", "ρ", "target", "actual", "used", "floor", "pressure", "u",
+                "last decision"):
         t.add_column(col, overflow="fold")
     for v in data["vms"]:
         t.add_row(v["name"], m._s(v["shares"]), m._s(v["tax_rate"]), f"{v['f']:.2f}",
                   "-" if v["rho"] is None else f"{v['rho']:.3g}", m._s(v["target_mib"]), m._s(v["actual_mib"]),
-                  m._s(v["used_mib"]), "yes" if v["pressure"] else "no", f"{v['unshared_fraction']:.2f}",
+                  m._s(v["used_mib"]), m._s((v.get("floor") or {}).get("floor_mib")), "yes" if v["pressure"] else "no", f"{v['unshared_fraction']:.2f}",
                   (v.get("last_decision") or {}).get("reason", "-"))
     m.emit(data, as_json, t)
 

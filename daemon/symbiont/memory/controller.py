@@ -23,8 +23,18 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from symbiont.agentlink import AgentOpError, AgentUnavailable
-from symbiont.host.ksm import PAGE_SIZE, process_merging_pages
-from symbiont.memory.policy import ActiveEstimate, Decision, HostMemory, VmMemory, decide, rho, under_pressure
+from symbiont.host.ksm import KSM_DIR, PAGE_SIZE, RUN_MERGE, process_merging_pages
+from symbiont.memory.floor import observed_reserve_mib, vm_floor
+from symbiont.memory.policy import (
+    ActiveEstimate,
+    Decision,
+    HostMemory,
+    VmMemory,
+    active_fraction,
+    decide,
+    rho,
+    under_pressure,
+)
 
 if TYPE_CHECKING:
     from symbiont.daemon import Daemon
@@ -35,7 +45,10 @@ MIB = 1 << 20
 
 @dataclass
 class VmMemoryState:
-    estimate: ActiveEstimate = field(default_factory=ActiveEstimate)
+    # Averages of the working set in MiB (not of a fraction of MemTotal, which shrinks with the
+    # balloon): f is taken against the allocation at decision time (:func:`active_fraction`).
+    estimate: ActiveEstimate = field(default_factory=lambda: ActiveEstimate(upper=math.inf))
+    kernel_reserve_mib: float | None = None  # boot − MemTotal at rest, from the first sample
     last_wss: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)  # last decision and its inputs
     unshared_fraction: float = 1.0
@@ -61,6 +74,26 @@ def host_budget_mib(daemon: Daemon) -> float:
     return psutil.virtual_memory().total / MIB - m.reserve_mib
 
 
+def unshared_from(merged_pages: int | None, rss_bytes: int | None, ksm_running: bool) -> float:
+    """u = 1 − merged / resident, or 1.0 (all of it reclaimable) when the reading cannot be
+    trusted: KSM not merging (``run`` ≠ 1: the per-process counter is no longer maintained, and
+    pages the guest freed or rewrote since stay counted) or more merged than resident (a stale
+    counter: 130.6 MiB "merged" of 112.2 MiB resident was seen after KSM was switched off)."""
+    if not ksm_running or merged_pages is None or rss_bytes is None or rss_bytes <= 0:
+        return 1.0
+    merged = merged_pages * PAGE_SIZE
+    if merged > rss_bytes:
+        return 1.0
+    return min(1.0, max(0.05, 1.0 - merged / rss_bytes))
+
+
+def ksm_running() -> bool:
+    try:
+        return int((KSM_DIR / "run").read_text().strip()) == RUN_MERGE
+    except (OSError, ValueError):
+        return False
+
+
 def unshared_fraction(pid: int | None) -> float:
     """1 − (KSM-merged pages of the QEMU process / its resident pages); 1.0 when unknown."""
     if pid is None:
@@ -70,10 +103,7 @@ def unshared_fraction(pid: int | None) -> float:
         rss = psutil.Process(pid).memory_info().rss
     except psutil.Error:
         return 1.0
-    if pages is None or rss <= 0:
-        return 1.0
-    merged = pages * PAGE_SIZE
-    return min(1.0, max(0.05, 1.0 - merged / rss))
+    return unshared_from(pages, rss, ksm_running())
 
 
 async def start(daemon: Daemon) -> None:
@@ -102,13 +132,15 @@ def observe(daemon: Daemon, name: str, st: VmMemoryState) -> VmMemory | None:
         return None
     allocated = float(_current_target(daemon, name, lv))
     used = (mi.get("MemTotal", 0) - mi.get("MemAvailable", 0)) / MIB if mi else allocated
+    if st.kernel_reserve_mib is None:
+        st.kernel_reserve_mib = observed_reserve_mib(snap)
     st.pressure = under_pressure(mi, psi, cfg.psi_threshold, cfg.min_available_fraction) if mi else False
     st.unshared_fraction = _unshared(daemon, name, lv.get("qemu_pid"))
     return VmMemory(
         name=name,
         shares=float(pol.get("shares") or 1000),
         allocated_mib=allocated,
-        active_fraction=st.estimate.value,
+        active_fraction=active_fraction(st.estimate.known, allocated),
         min_mib=float(pol.get("min_mib") or 64),
         max_mib=float(min(pol.get("max_mib") or max_boot, max_boot)),
         tax_rate=float(pol["tax_rate"]) if pol.get("tax_rate") is not None else cfg.tax_rate,
@@ -116,6 +148,8 @@ def observe(daemon: Daemon, name: str, st: VmMemoryState) -> VmMemory | None:
         pressure=st.pressure,
         unshared_fraction=st.unshared_fraction,
         cooperative=bool(link and link.cooperative),
+        reserve_mib=st.kernel_reserve_mib,
+        boot_mib=max_boot,
     )
 
 
@@ -141,6 +175,18 @@ def _current_target(daemon: Daemon, name: str, lv: dict[str, Any]) -> int:
     return int(lv.get("memory_mib") or 0)
 
 
+def record_reserves(daemon: Daemon, state: MemoryState) -> None:
+    """Each VM's kernel reserve (boot − MemTotal), from the first sample after registration at
+    which the balloon is at rest; forget VMs no longer registered (a new registration of the
+    same name may be another guest)."""
+    for name in [n for n in state.vms if n not in daemon.links]:
+        del state.vms[name]
+    for name in list(daemon.links):
+        st = state.vm(name)
+        if st.kernel_reserve_mib is None:
+            st.kernel_reserve_mib = observed_reserve_mib(daemon.latest.get(name, {}))
+
+
 async def sample_working_sets(daemon: Daemon, state: MemoryState) -> None:
     async def one(name: str) -> None:
         link = daemon.links.get(name)
@@ -152,9 +198,12 @@ async def sample_working_sets(daemon: Daemon, state: MemoryState) -> None:
             log.debug("vm %s: wss-sample failed: %s", name, exc)
             return
         st = state.vm(name)
-        f = res.get("active_fraction") if isinstance(res, dict) else None
-        if isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1 and res.get("interval_s"):
-            st.estimate.update(float(f))
+        ref = res.get("referenced_bytes") if isinstance(res, dict) else None
+        if isinstance(ref, (int, float)) and not isinstance(ref, bool) and math.isfinite(ref) and ref >= 0 \
+                and res.get("interval_s"):
+            boot = (daemon.latest.get(name, {}).get("libvirt") or {}).get("max_memory_mib")
+            top = float(boot) if isinstance(boot, (int, float)) and boot > 0 else math.inf
+            st.estimate.update(min(float(ref) / MIB, top))  # the guest is untrusted: bounded
             st.last_wss = {k: res.get(k) for k in ("referenced_bytes", "resident_bytes", "interval_s")}
 
     await asyncio.gather(*(one(n) for n in list(daemon.links)))
@@ -162,6 +211,7 @@ async def sample_working_sets(daemon: Daemon, state: MemoryState) -> None:
 
 async def period(daemon: Daemon) -> None:
     state: MemoryState = daemon.memory  # type: ignore[attr-defined]
+    record_reserves(daemon, state)
     await sample_working_sets(daemon, state)
     if not state.enabled:
         return
@@ -234,7 +284,9 @@ def view(daemon: Daemon) -> dict[str, Any]:
             "tax_rate": v.tax_rate if v else None,
             "min_mib": v.min_mib if v else None,
             "max_mib": v.max_mib if v else None,
-            "f": round(st.estimate.value, 4),
+            "f": round(v.active_fraction if v else st.estimate.value, 4),
+            "wss_mib": None if st.estimate.known is None else round(st.estimate.known, 1),
+            "floor": vm_floor(daemon, rec.name, (rec.policy or {}).get("memory")).to_dict(),
             "rho": r if v and math.isfinite(r := rho(v)) else None,
             "target_mib": v.allocated_mib if v else None,
             "actual_mib": (snap.get("memstats_kib", {}).get("actual", 0) // 1024) or None,

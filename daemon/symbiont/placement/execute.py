@@ -322,6 +322,11 @@ def check_plan(
                 raise ValueError(
                     f"{s.kind} of {s.vm}: {s.mem_mib} MiB outside its range {rng[0]}..{rng[1]} MiB"
                 )
+            fl = v.get("memory_floor") or {}
+            if s.kind == "shrink" and isinstance(fl.get("floor_mib"), int) and s.mem_mib < fl["floor_mib"]:
+                # The daemon would refuse it too; refused here before any step of the plan runs.
+                raise ValueError(f"{s.kind} of {s.vm}: {s.mem_mib} MiB below the guest's safe floor "
+                                 f"({fl.get('reason') or fl['floor_mib']})")
         out.append({**s.to_dict(), "daemon": hosts[s.host].daemon, "range_mib": rng})
     return out
 
@@ -430,7 +435,13 @@ class Executor:
 
         try:
             with _client(host.daemon) as c:
-                return dict(c.get(f"/v1/vms/{vm}"))
+                view = dict(c.get(f"/v1/vms/{vm}"))
+                try:  # the guest floor (issue 16 item 12); a daemon without the memory part has none
+                    view["memory_floor"] = dict(c.get(f"/v1/memory/vms/{vm}/floor"))
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+                return view
         except ApiError as exc:
             if exc.status == 404:
                 return None

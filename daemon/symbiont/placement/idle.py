@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from symbiont.memory.floor import DEFAULT_RESERVE_MIB, guest_floor
 from symbiont.placement.model import fmt
 
 
@@ -62,6 +63,8 @@ class VMActivity:
     home_mem_mib: float | None = None
     events: int = 0
     min_mib: float | None = None  # the VM's own floor (its registration's memory.min_mib)
+    reserve_mib: float | None = None  # its guest kernel's reserve (boot − MemTotal), if measured
+    floor_mib: float | None = None  # its daemon's guest floor (symbiont.memory.floor), if known
 
     def __post_init__(self) -> None:
         if self.mem_mib <= 0 or self.wss_mib < 0:
@@ -109,10 +112,16 @@ def is_idle(vm: VMActivity, cfg: IdleConfig) -> tuple[bool, str]:
 
 
 def target_mem(vm: VMActivity, cfg: IdleConfig) -> float:
-    """Shrunk size: working set * (1 + margin), rounded up to a MiB, at least ``min_mem_mib`` and
-    the VM's own floor, never more than the current allocation."""
-    floor = max(cfg.min_mem_mib, vm.min_mib or 0.0)
-    return float(min(vm.mem_mib, max(floor, math.ceil(vm.wss_mib * (1 + cfg.margin)))))
+    """Shrunk balloon target: the guest kernel's reserve + working set × (1 + margin), rounded
+    up to a MiB — the working set is guest memory in use, counted against MemTotal, which is
+    already net of the reserve the balloon target includes — and never below ``min_mem_mib``,
+    the VM's own floor or its guest floor (:func:`symbiont.memory.floor.guest_floor`: reserve
+    + used + watermark margin, the measured absolute floor), nor above the current allocation."""
+    reserve = vm.reserve_mib if vm.reserve_mib is not None else DEFAULT_RESERVE_MIB
+    boot = vm.home_mem_mib if vm.home_mem_mib is not None else vm.mem_mib
+    safe = guest_floor(boot, reserve, vm.wss_mib, vm.min_mib).floor_mib
+    floor = max(cfg.min_mem_mib, vm.min_mib or 0.0, vm.floor_mib or 0.0, safe)
+    return float(min(vm.mem_mib, max(floor, math.ceil(reserve + vm.wss_mib * (1 + cfg.margin)))))
 
 
 def consolidation_plan(

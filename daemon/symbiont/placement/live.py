@@ -121,6 +121,7 @@ def build_inventory(
         if g:
             gb[name] = g[-n:]
         full, floor, home = v.get("full_mem_mib"), v.get("min_mib"), v.get("home")
+        reserve, gfloor = v.get("reserve_mib"), v.get("floor_mib")
         activity[name] = {
             "mem_mib": mem_mib,
             "cpu": [min(1.0, max(0.0, f)) for f in frac[-n:]],
@@ -130,6 +131,9 @@ def build_inventory(
             "full_mem_mib": float(full) if isinstance(full, (int, float)) and full > 0 else None,
             "min_mib": float(floor) if isinstance(floor, (int, float)) and floor > 0 else None,
             "home": str(home) if isinstance(home, str) and home else None,
+            # The guest's floor (symbiont.memory.floor): no idle shrink goes below it.
+            "reserve_mib": float(reserve) if _num(reserve) and reserve >= 0 else None,
+            "floor_mib": float(gfloor) if _num(gfloor) and gfloor > 0 else None,
         }
     return {
         "host": {"id": hid, "capacity": dict(capacity), "overcommit": dict(overcommit), "vms": host_vms},
@@ -139,12 +143,19 @@ def build_inventory(
     }
 
 
+def _num(x: Any) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def collect(daemon: Any, n: int = 60) -> dict[str, Any]:
     """The daemon's live inventory: libvirt host facts, registered VMs and their last ``n`` samples."""
     import psutil
 
     from symbiont.errors import DaemonError
     from symbiont.host.libvirt_host import LibvirtError
+    from symbiont.memory.floor import vm_floor
 
     cfg = daemon.cfg
     try:
@@ -159,8 +170,11 @@ def collect(daemon: Any, n: int = 60) -> dict[str, Any]:
         lv = daemon.latest.get(rec.name, {}).get("libvirt", {})
         balloon = [k for k in daemon.store.knobs(rec.name) if k["knob"] == "balloon_mib"]
         parked = (rec.policy.get("extra") or {}).get("placement") or {}  # set when a plan parked it here
+        fl = vm_floor(daemon, rec.name, rec.policy.get("memory"))
         vms.append(
             {
+                "reserve_mib": fl.reserve_mib,
+                "floor_mib": fl.floor_mib,
                 "full_mem_mib": parked.get("full_mem_mib") or (balloon[0]["original"] if balloon else None),
                 "home": parked.get("home"),
                 "min_mib": (rec.policy.get("memory") or {}).get("min_mib"),
@@ -269,11 +283,14 @@ def plan_live(
                 if a is None or v["id"] in moved:
                     continue
                 full, floor = a.get("full_mem_mib"), a.get("min_mib")
+                reserve, gfloor = a.get("reserve_mib"), a.get("floor_mib")
                 vma = VMActivity(
                     v["id"], h["id"], float(a["mem_mib"]), list(a["cpu"]), float(a.get("wss_mib") or 0.0),
                     home_mem_mib=float(full) if full is not None else None,
                     min_mib=float(floor) if floor is not None else None,
                     home=a.get("home"),
+                    reserve_mib=float(reserve) if reserve is not None else None,
+                    floor_mib=float(gfloor) if gfloor is not None else None,
                 )  # fmt: skip
                 if h["id"] == idle_host:
                     sleepers.append(vma)
