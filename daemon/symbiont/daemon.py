@@ -243,7 +243,9 @@ class Daemon:
         policy = self._require(name)
         info = await self._info(name)
         mem = policy.get("memory", {})
-        lo = int(mem.get("min_mib") or 64)
+        from symbiont.memory.floor import enforce  # the guest floor every balloon path uses (issue 16/12)
+
+        lo = enforce(self, name, mem, target_mib)  # raises Invalid with the floor's make-up
         hi = min(int(mem.get("max_mib") or info.max_memory_kib // 1024), info.max_memory_kib // 1024)
         if not lo <= target_mib <= hi:
             raise Invalid(f"target_mib {target_mib} outside this VM's range {lo}..{hi} MiB")
