@@ -77,3 +77,61 @@ def test_empty_and_errors() -> None:
 def test_quality_ratio() -> None:
     assert quality(11, LowerBound(10, "lp")) == pytest.approx(1.1)
     assert quality(0, 0) == 1.0
+
+
+def test_martello_toth_l2_beats_volume_and_matches_its_definition() -> None:
+    from symbiont.placement.bound import l2_bound, quick_bound
+
+    # C = 10: three 7s each need a host; the 4s cannot join them (7 + 4 > 10), and three 4s need
+    # two more hosts. Volume: ceil(33/10) = 4 (and 3 VMs over half a host); L2 (K = 4): 3 + ceil(12/10) = 5.
+    w = np.array([7.0, 7.0, 7.0, 4.0, 4.0, 4.0])
+    assert volume_bound(w[:, None], np.full((6, 1), 10.0)) == 4
+    assert l2_bound(w, 10.0) == 5
+    lb = quick_bound(w[:, None], np.full((6, 1), 10.0))
+    assert (lb.value, lb.method) == (5, "l2")
+
+    def l2_by_definition(w: list[float], c: float) -> int:
+        best = 0
+        for k in [0.0] + [x for x in w if x <= c / 2]:
+            j1 = [x for x in w if x > c - k]
+            j2 = [x for x in w if c / 2 < x <= c - k]
+            j3 = [x for x in w if k <= x <= c / 2]
+            best = max(best, len(j1) + len(j2) + max(0, -(-int(sum(j3) - (len(j2) * c - sum(j2))) // int(c))))
+        return best
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ws = rng.integers(1, 100, rng.integers(1, 12)).astype(float)
+        assert l2_bound(ws, 100.0) == l2_by_definition(list(ws), 100.0)
+
+
+def test_conflict_clique_bound_for_vectors() -> None:
+    from symbiont.placement.bound import clique_bound, quick_bound
+
+    # Hosts (10, 10). No two of these fit together ((6,4.5)+(4.5,6) = 10.5 in each), so 3 hosts are
+    # needed; volume sees 16/10 -> 2, and only two VMs exceed half a host in a single dimension.
+    dem = np.array([[6.0, 4.5], [4.5, 6.0], [5.5, 5.5]])
+    eff = np.full((3, 2), 10.0)
+    assert volume_bound(dem, eff) == 2
+    assert clique_bound(dem, eff) == 3
+    assert quick_bound(dem, eff).value == 3
+
+
+def test_lower_bound_honours_its_time_limit_as_a_whole() -> None:
+    import time
+
+    # 500 VMs x ~300 hosts: building the LP alone took longer than the limit (1.4 s for 0.5 s).
+    rng = np.random.default_rng(3)
+    dem = rng.uniform(1, 6, (500, 2))
+    t = time.perf_counter()
+    lb = lower_bound(dem, np.full((500, 2), 10.0), time_limit=0.5)
+    assert time.perf_counter() - t < 0.9
+    assert lb.value >= volume_bound(dem, np.full((500, 2), 10.0)) and "time limit" in lb.detail
+    # time_limit 0: the cheap bounds only, immediately
+    assert lower_bound(dem, np.full((500, 2), 10.0), time_limit=0).value == lb.value
+
+
+def test_relative_tolerance_with_tiny_units() -> None:
+    # Capacities of 1e-10: a VM of 5e-10 is five times the host. A fixed 1e-9 slack let it fit.
+    with pytest.raises(ValueError, match="fits no host even when alone"):
+        volume_bound(np.array([[5e-10]]), np.array([[1e-10]]))

@@ -254,3 +254,44 @@ def test_every_heuristic_has_a_formula_and_is_listed() -> None:
         assert h.formula and h.doc
     with pytest.raises(ValueError, match="unknown heuristic 'best'.*best-fit"):
         heuristics.get("best")
+
+
+def test_ties_go_to_the_lowest_host_index_despite_float_noise() -> None:
+    from symbiont.placement.model import Host, Request
+    from symbiont.placement.planner import plan
+
+    # h0 holds 0.2 + 0.1 and h1 holds 0.3: the same free 0.7, but 1 - 0.2 - 0.1 and 1 - 0.3 differ in
+    # the last bit, and best fit, l2-norm-diff and l2-norm-ratio picked h1.
+    hosts = [Host("h0", {"cpu": 1.0}), Host("h1", {"cpu": 1.0})]
+    ex = [
+        (Request("x", {"cpu": 0.2}), "h0"),
+        (Request("y", {"cpu": 0.1}), "h0"),
+        (Request("z", {"cpu": 0.3}), "h1"),
+    ]
+    for name in heuristics.HEURISTICS:
+        p = plan(hosts, [Request("n", {"cpu": 0.01})], name, "online", ex)
+        assert p.placements == {"n": "h0"}, name
+    # worst fit: 0.3 + 0.15 against 0.45
+    ex = [
+        (Request("x", {"cpu": 0.3}), "h0"),
+        (Request("y", {"cpu": 0.15}), "h0"),
+        (Request("z", {"cpu": 0.45}), "h1"),
+    ]
+    assert plan(hosts, [Request("n", {"cpu": 0.01})], "worst-fit", "online", ex).placements == {"n": "h0"}
+
+
+def test_capacity_tolerance_is_relative() -> None:
+    from symbiont.placement.model import Host, Request
+    from symbiont.placement.planner import plan
+
+    # Tiny units: a VM five times its host was placed under the fixed 1e-9 slack.
+    p = plan([Host("h0", {"mem": 1e-10})], [Request("v", {"mem": 5e-10})], "first-fit")
+    assert p.rejected and p.rejected[0].reason.startswith("mem: needs 5e-10, largest free 1e-10")
+    # Huge units: sums that should be exact still fit (0.1 + 0.2 of 3e12 onto 0.3 of it).
+    c = 3e12
+    p = plan(
+        [Host("h0", {"mem": 0.3 * c})],
+        [Request("a", {"mem": 0.1 * c}), Request("b", {"mem": 0.2 * c})],
+        "first-fit",
+    )
+    assert not p.rejected

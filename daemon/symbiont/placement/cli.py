@@ -8,6 +8,7 @@ not an error — the plan lists it with the reason.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -107,9 +108,23 @@ def heuristics_cmd(as_json: bool) -> None:
     "--heuristic", "-H", default="best-fit", show_default=True, help="see 'symbiont place heuristics'"
 )
 @click.option("--mode", type=click.Choice(MODES), default="batch", show_default=True)
-@click.option("--now", type=float, default=None, help="current time, for deadlines")
-@click.option("--bound", is_flag=True, help="also compute a lower bound on hosts (MILP/LP/volume)")
-@click.option("--improve", is_flag=True, help="after the heuristic, empty hosts by relocating new VMs")
+@click.option("--now", type=float, default=None, help="current time, for deadlines (a finite number)")
+@click.option("--bound", is_flag=True, help="also compute a lower bound on hosts (volume/L2/clique, MILP/LP)")
+@click.option(
+    "--bound-time",
+    type=click.FloatRange(0, 600),
+    default=2.0,
+    show_default=True,
+    help="--bound: seconds at most",
+)
+@click.option("--improve", is_flag=True, help="after the heuristic, a local search that empties hosts")
+@click.option(
+    "--improve-time",
+    type=click.FloatRange(0, 600),
+    default=1.0,
+    show_default=True,
+    help="--improve: seconds at most",
+)
 @click.option(
     "--plot",
     "plot_path",
@@ -135,7 +150,9 @@ def plan_cmd(
     mode: str,
     now: float | None,
     bound: bool,
+    bound_time: float,
     improve: bool,
+    improve_time: float,
     plot_path: str | None,
     as_json: bool,
 ) -> None:
@@ -144,6 +161,8 @@ def plan_cmd(
     From files (-i hosts.yaml -r vms.yaml) or from live daemons (--from-daemon, one per host),
     where --hotspots and --idle-host also plan migrations; 'symbiont place execute' runs them.
     """
+    if now is not None and not math.isfinite(now):
+        _fail(f"--now {now}: not a finite time (NaN or infinity would disable deadlines)")
     if daemons:
         _live_plan(
             daemons, inventory, requests_path, heuristic, mode, now, as_json,
@@ -160,11 +179,21 @@ def plan_cmd(
     inv = _guard(lambda: load_inventory(inventory))
     reqs = _guard(lambda: load_requests(requests_path))
     p: Plan = _guard(
-        lambda: plan(inv.hosts, reqs, heuristic, mode, inv.existing, inv.quotas, now, improve=improve)
+        lambda: plan(
+            inv.hosts,
+            reqs,
+            heuristic,
+            mode,
+            inv.existing,
+            inv.quotas,
+            now,
+            improve=improve,
+            improve_time=improve_time,
+        )
     )
     out = p.to_dict()
     if bound:
-        out["lower_bound"] = _guard(lambda: _bound(inv, p, reqs))
+        out["lower_bound"] = _guard(lambda: _bound(inv, p, reqs, bound_time))
     if plot_path:
         _guard(lambda: _plot_util(p, plot_path))
     if as_json:
@@ -175,22 +204,29 @@ def plan_cmd(
         click.echo(f"wrote {plot_path}")
 
 
-def _bound(inv: Any, p: Plan, reqs: list[Any]) -> dict[str, Any]:
-    from symbiont.placement.bound import lower_bound, quality
+def _bound(inv: Any, p: Plan, reqs: list[Any], bound_time: float) -> dict[str, Any]:
+    from symbiont.placement.bound import fits_alone, lower_bound, quality
     from symbiont.placement.state import ClusterState
 
     st = ClusterState(inv.hosts, inv.quotas)
     placed = set(p.placements)
-    dem = [st.demand_of(r) for r in reqs if r.id in placed] + [st.demand_of(r) for r, _ in inv.existing]
-    arr = np.array(dem).reshape(len(dem), len(st.dims))
-    lb = lower_bound(arr, st.effective, time_limit=10.0)
-    return {
+    vms = [r for r in reqs if r.id in placed] + [r for r, _ in inv.existing]
+    arr = np.array([st.demand_of(r) for r in vms]).reshape(len(vms), len(st.dims))
+    # A VM already running that no host could take alone (e.g. an overcommitted one) has no bound;
+    # the bound of the others is still a valid bound on hosts used, so keep the plan and name it.
+    ok = fits_alone(arr, st.effective)
+    lb = lower_bound(arr[ok], st.effective, time_limit=bound_time)
+    out = {
         "value": lb.value,
         "method": lb.method,
-        "optimal": lb.optimal,
+        "optimal": lb.optimal and bool(ok.all()),
         "detail": lb.detail,
         "ratio": round(quality(p.hosts_used, lb), 4),
     }
+    if not ok.all():
+        out["left_out"] = [vms[i].id for i in np.flatnonzero(~ok)]
+        out["detail"] += "; left out (fit no host alone): " + ", ".join(out["left_out"])
+    return out
 
 
 def _print_plan(p: Plan, lb: dict[str, Any] | None) -> None:

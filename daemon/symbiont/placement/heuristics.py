@@ -30,7 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from symbiont.placement.model import TOL
+from symbiont.placement.model import RTOL, TOL
+
+# Scores within this relative distance of the best count as a tie (and go to the lowest host index):
+# two hosts with the same free capacity reached through different sums differ in the last bits.
+TIE_RTOL = 1e-9
 
 
 class HostView:
@@ -45,9 +49,12 @@ class HostView:
     """
 
     def __init__(self, avail: np.ndarray, effective: np.ndarray) -> None:
-        self.avail_t = np.ascontiguousarray(np.asarray(avail, dtype=float).T)
+        # Always a copy: for one dimension the transpose is already contiguous, and a view would make
+        # every placement write through into the caller's array (the state's effective capacity).
+        self.avail_t = np.array(np.asarray(avail, dtype=float).T, order="C", copy=True)
         self.avail = self.avail_t.T
         eff = np.asarray(effective, dtype=float)
+        self.slack_t = np.ascontiguousarray(RTOL * np.abs(eff).T)  # relative capacity tolerance
         self.inv_e = np.divide(1.0, eff, out=np.zeros_like(eff), where=eff > 0)
         self.inv_e2 = self.inv_e * self.inv_e
         self.a_inv2 = self.avail * self.inv_e2
@@ -56,8 +63,8 @@ class HostView:
         self.an_sq = (an * an).sum(axis=1)
 
     def fits(self, demand: np.ndarray) -> np.ndarray:
-        """Boolean mask of hosts with ``demand <= a`` in every dimension."""
-        return (self.avail_t >= (demand - TOL)[:, None]).all(axis=0)
+        """Boolean mask of hosts with ``demand <= a`` in every dimension, up to RTOL x capacity."""
+        return (self.avail_t + self.slack_t >= demand[:, None]).all(axis=0)
 
 
 ScoreFn = Callable[[np.ndarray, HostView], np.ndarray]
@@ -195,9 +202,12 @@ def choose(
         return -1, None
     s = h.score(r, view)
     if h.maximise:
-        k = int(np.argmax(np.where(cand, s, -np.inf)))
+        best = float(np.max(np.where(cand, s, -np.inf)))
+        tie = cand & (s >= best - TIE_RTOL * max(1.0, abs(best)))
     else:
-        k = int(np.argmin(np.where(cand, s, np.inf)))
+        best = float(np.min(np.where(cand, s, np.inf)))
+        tie = cand & (s <= best + TIE_RTOL * max(1.0, abs(best)))
+    k = int(np.argmax(tie))  # ties (up to float noise) go to the lowest host index, as documented
     return k, float(s[k])
 
 

@@ -1,25 +1,41 @@
-"""An improvement step after any heuristic: empty whole hosts by moving their VMs elsewhere.
+"""An improvement search after any heuristic: empty the least-filled hosts, refill the others by swaps.
 
 Why: greedy heuristics decide once and never revisit, so a plan often ends with a few lightly
-filled hosts whose VMs would fit in the gaps the others left (most visibly on two-dimensional
-mixes, where CPU-heavy and memory-heavy VMs strand each other's resource). Host elimination is
-the classic local search for bin packing: take the least-loaded open host, try to re-place all
-of its VMs on the *other open* hosts (largest VM first, each to the tightest fit, as best fit
-does), and keep the result only if the host ends up empty; repeat until no host can be emptied.
-It never opens a host, so it never uses more hosts than the plan it starts from.
+filled hosts. The former step here (try to move every VM of the least-loaded host to the gaps
+elsewhere) never saved a host on a one-dimensional first-fit-decreasing plan, where the gaps are
+too small by construction, and it cost O(hosts^2). This is the dominance-based local search of
+Levine & Ducatelle (2004, after Martello & Toth's dominance criterion), generalised to vectors and
+heterogeneous hosts:
 
-Every move passes the same checks as a placement: the VM's allocation fits the destination
-after overcommit, and the destination satisfies its constraints (anti-affinity, co-location
-exclusion). VMs in an affinity group with other members are never moved, and quotas are
-unaffected (a move changes no user's total). Pure: works on a copy of the state.
+1. take the VMs of the ``k`` least-filled hosts (k = 1, 2, 3 in turn) out into a pool; those hosts
+   are now empty;
+2. for every other open host, exchange up to two of its VMs for up to two pool VMs whenever that
+   makes the host fuller (normalised sum of its allocation) and still fits: the pool keeps the
+   smaller VMs, which are easier to place;
+3. put the pool back, largest first, each on the open host where it fits tightest, opening an empty
+   host (first fit) only when none fits;
+4. keep the result if it uses no more hosts than before (an equal count is kept too: the hosts
+   are fuller, which is what lets a later round empty one), else undo it.
+
+It stops at the time limit, after ``patience`` rounds without saving a host, or when the plan meets
+``target`` (a lower bound). Each round costs O(open hosts x m^2 x p^2) for m VMs per host and a
+pool of p, so the time limit, not the instance size, bounds the cost.
+
+Only *free* VMs move: those in ``movable`` (None: all) with no affinity group of several members,
+no anti-affinity group, no co-location exclusion in either direction. Constraints therefore cannot
+be broken, and a host that holds a VM that may not move is never emptied (it can still take or give
+free VMs). Quotas are unaffected: a move changes no user's total. Pure: works on a copy.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
+from symbiont.placement.model import RTOL
 from symbiont.placement.state import ClusterState
 
 
@@ -33,55 +49,184 @@ class Relocation:
         return {"vm": self.vm, "from": self.src, "to": self.dst}
 
 
+def _free_vms(st: ClusterState, movable: set[str] | None) -> list[str]:
+    excluded_apps = set(st.excluders)
+    out = []
+    for vid, p in st.vms.items():
+        r = p.request
+        if movable is not None and vid not in movable:
+            continue
+        if r.affinity is not None and st.affinity_count[r.affinity] > 1:
+            continue
+        if r.anti_affinity is not None or r.exclude_apps or (r.app and r.app in excluded_apps):
+            continue
+        out.append(vid)
+    return sorted(out, key=lambda v: (st.vms[v].host, v))
+
+
+class _Search:
+    """Free VMs as rows of a matrix, hosts as load vectors; the moves of one search."""
+
+    def __init__(self, st: ClusterState, free: list[str]) -> None:
+        self.eff = st.effective
+        self.cap = st.effective + RTOL * np.abs(st.effective)  # what fits, with the relative slack
+        self.inv_e = np.divide(1.0, self.eff, out=np.zeros_like(self.eff), where=self.eff > 0)
+        self.dem = np.array([st.vms[v].demand for v in free]).reshape(len(free), self.eff.shape[1])
+        self.host = np.array([st.vms[v].host for v in free], dtype=np.int64)
+        self.load = st.used.copy()
+        self.fixed = np.zeros(len(st.host_ids), dtype=np.int64)  # VMs that may not move, per host
+        np.add.at(self.fixed, [p.host for v, p in st.vms.items()], 1)
+        np.add.at(self.fixed, self.host, -1)
+        self.members: list[list[int]] = [[] for _ in st.host_ids]
+        for i, h in enumerate(self.host):
+            self.members[int(h)].append(i)
+        self.scale = np.where(self.eff.max(axis=0) > 0, self.eff.max(axis=0), 1.0)
+        self.size = (self.dem / self.scale).sum(axis=1)
+
+    def count(self) -> int:
+        return sum(1 for h in range(len(self.members)) if self.members[h] or self.fixed[h])
+
+    def fullness(self, h: int) -> float:
+        return float(self.load[h] @ self.inv_e[h])
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.host.copy(), self.load.copy()
+
+    def restore(self, snap: tuple[np.ndarray, np.ndarray]) -> None:
+        self.host, self.load = snap[0].copy(), snap[1].copy()
+        self.members = [[] for _ in self.members]
+        for i, h in enumerate(self.host):
+            self.members[int(h)].append(i)
+
+    def take(self, i: int) -> None:
+        h = int(self.host[i])
+        self.members[h].remove(i)
+        self.load[h] -= self.dem[i]
+        if not self.members[h] and not self.fixed[h]:
+            self.load[h] = 0.0  # drop float residue on an emptied host
+        self.host[i] = -1
+
+    def put(self, i: int, h: int) -> None:
+        self.members[h].append(i)
+        self.load[h] += self.dem[i]
+        self.host[i] = h
+
+    def exchange(self, h: int, pool: list[int]) -> None:
+        """Swap up to two of host h's free VMs for up to two pool VMs while that fills h more."""
+        while pool:
+            mine = self.members[h]
+            if len(mine) > 24:  # pairs would cost m^2; singles only on crowded hosts
+                s_sets = [()] + [(i,) for i in mine]
+            else:
+                s_sets = [()] + [(i,) for i in mine] + list(combinations(mine, 2))
+            t_sets = [(i,) for i in pool] + (list(combinations(pool, 2)) if len(pool) <= 40 else [])
+            s_sum = np.array(
+                [self.dem[list(s)].sum(axis=0) if s else np.zeros(self.dem.shape[1]) for s in s_sets]
+            )
+            t_sum = np.array([self.dem[list(t)].sum(axis=0) for t in t_sets])
+            room = self.cap[h] - self.load[h]
+            ok = np.all(t_sum[None, :, :] - s_sum[:, None, :] <= room, axis=2)
+            gain = (t_sum @ self.inv_e[h])[None, :] - (s_sum @ self.inv_e[h])[:, None]
+            gain = np.where(ok, gain, -np.inf)
+            k = int(np.argmax(gain))
+            a, b = divmod(k, len(t_sets))
+            if not gain[a, b] > 1e-9:
+                return
+            for i in s_sets[a]:
+                self.take(i)
+                pool.append(i)
+            for i in t_sets[b]:
+                pool.remove(i)
+                self.put(i, h)
+
+    def reinsert(self, pool: list[int]) -> bool:
+        """Largest first, each to the tightest open host, else the lowest-index empty one that fits.
+
+        False if some VM fits nowhere (possible with hosts of different sizes): the caller undoes."""
+        for i in sorted(pool, key=lambda i: (-self.size[i], i)):
+            d = self.dem[i]
+            fits = np.all(self.load + d <= self.cap, axis=1)
+            used = np.array([bool(m) or bool(f) for m, f in zip(self.members, self.fixed, strict=True)])
+            cand = fits & used
+            if cand.any():
+                slack = ((self.cap - self.load - d) * self.inv_e).sum(axis=1)
+                h = int(np.argmin(np.where(cand, slack, np.inf)))
+            elif fits.any():
+                h = int(np.argmax(fits))  # the lowest-index empty host that fits
+            else:
+                return False
+            self.put(i, h)
+        pool.clear()
+        return True
+
+
 def eliminate_hosts(
-    state: ClusterState, movable: set[str] | None = None, max_passes: int = 1_000
+    state: ClusterState,
+    movable: set[str] | None = None,
+    *,
+    time_limit: float = 1.0,
+    patience: int = 30,
+    target: int = 0,
 ) -> tuple[ClusterState, list[Relocation]]:
     """Return an improved copy of ``state`` and the relocations that got there (see module doc).
 
     ``movable``: the VMs that may be relocated (e.g. the requests of a plan, not the VMs already
-    running); None: all. A host with any VM that may not move is never emptied.
+    running); None: all. ``time_limit`` (s) bounds the search; ``target``: stop once the plan uses
+    this many hosts (a lower bound). Never uses more hosts than ``state``.
     """
+    t_end = time.perf_counter() + max(0.0, time_limit)
+    free = _free_vms(state, movable)
+    if not free:
+        return state.copy(), []
+    s = _Search(state, free)
+    best = s.count()
+    best_snap = s.snapshot()
+    stale = 0
+    k = 1
+    seen = {s.host.tobytes()}
+    while best > target and stale < patience and time.perf_counter() < t_end:
+        emptiable = [h for h in range(len(s.members)) if s.members[h] and not s.fixed[h]]
+        if not emptiable or best <= 1:
+            break
+        emptiable.sort(key=lambda h: (s.fullness(h), h))
+        pool: list[int] = []
+        for h in emptiable[:k]:
+            for i in list(s.members[h]):
+                s.take(i)
+                pool.append(i)
+        opened = [h for h in range(len(s.members)) if s.members[h] or s.fixed[h]]
+        opened.sort(key=lambda h: (s.fullness(h), h))
+        for h in opened:
+            if not pool or time.perf_counter() >= t_end:
+                break
+            s.exchange(h, pool)
+        n = s.count() if s.reinsert(pool) else best + 1  # a VM that fits nowhere: undo the round
+        key = s.host.tobytes()
+        if n == best and key in seen:  # an assignment already visited: count it as a stale round
+            stale += 1
+            k = k % 3 + 1
+            continue
+        seen.add(key)
+        if n < best:
+            best, best_snap, stale = n, s.snapshot(), 0
+        elif n == best:
+            best_snap = s.snapshot()
+            stale += 1
+        else:
+            s.restore(best_snap)
+            stale += 1
+        k = k % 3 + 1
+    s.restore(best_snap)
     st = state.copy()
     moves: list[Relocation] = []
-    inv_e = np.divide(1.0, st.effective, out=np.zeros_like(st.effective), where=st.effective > 0)
-    tried_fail: set[tuple[int, int]] = set()  # (host, its VM count) known not to empty: skip retries
-    for _ in range(max_passes):
-        open_h = np.flatnonzero(st.count > 0)
-        if open_h.size <= 1:
-            break
-        load = (st.used[open_h] * inv_e[open_h]).sum(axis=1)
-        done = False
-        for h in open_h[np.argsort(load, kind="stable")]:
-            h = int(h)
-            if (h, int(st.count[h])) in tried_fail:
-                continue
-            vms = [p for p in st.vms.values() if p.host == h]
-            if any(p.request.affinity is not None and st.affinity_count[p.request.affinity] > 1 for p in vms):
-                continue
-            if movable is not None and any(p.request.id not in movable for p in vms):
-                continue
-            trial = st.copy()
-            for p in vms:
-                trial.remove(p.request.id)
-            vms.sort(key=lambda p: (-float((p.demand * inv_e[h]).sum()), p.request.id))
-            planned: list[Relocation] = []
-            for p in vms:
-                feasible = trial.fits(p.demand) & (trial.count > 0)
-                feasible[h] = False
-                for _, m in trial.constraints([p.request]):
-                    feasible &= m
-                if not feasible.any():
-                    break
-                slack = ((trial.avail - p.demand) * inv_e).sum(axis=1)
-                g = int(np.argmin(np.where(feasible, slack, np.inf)))
-                trial.add(p.request, g, p.demand)
-                planned.append(Relocation(p.request.id, st.host_ids[h], st.host_ids[g]))
-            if len(planned) == len(vms):
-                st = trial
-                moves.extend(planned)
-                done = True
-                break
-            tried_fail.add((h, int(st.count[h])))
-        if not done:
-            break
+    for i, vid in enumerate(free):
+        src = state.vms[vid].host
+        dst = int(s.host[i])
+        if dst != src:
+            st.remove(vid)
+            moves.append(Relocation(vid, state.host_ids[src], state.host_ids[dst]))
+    for i, vid in enumerate(free):
+        p = state.vms[vid]
+        if int(s.host[i]) != p.host:
+            st.add(p.request, int(s.host[i]), p.demand)
     return st, moves

@@ -26,6 +26,8 @@ Requests (a list, or a mapping with a ``requests`` list)::
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,29 +71,43 @@ def _check_fields(d: Mapping[str, Any], known: tuple[str, ...], where: str) -> N
         raise ValueError(f"{where}: unknown field {unknown[0]!r}; known: {', '.join(known)}")
 
 
+def _num(x: Any, where: str) -> float:
+    """A finite real number: ints and floats, not bools, not NaN or infinity."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"{where}: expected a number, got {x!r}")
+    try:
+        f = float(x)
+    except OverflowError:  # an integer too large for a float
+        raise ValueError(f"{where}: {x} is too large") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{where}: {x!r} is not a finite number")
+    return f
+
+
 def _num_map(v: Any, where: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, x in _mapping(v, where).items():
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
-            raise ValueError(f"{where}.{k}: expected a number, got {x!r}")
-        out[str(k)] = float(x)
-    return out
+    return {str(k): _num(x, f"{where}.{k}") for k, x in _mapping(v, where).items()}
+
+
+def _id(v: Any, where: str) -> str:
+    """An identifier: a non-empty string (an integer is taken as its decimal form); never null."""
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise ValueError(f"{where}: expected a non-empty string, got {v!r}")
+    s = str(v)
+    if not s.strip():
+        raise ValueError(f"{where}: expected a non-empty string, got {v!r}")
+    return s
 
 
 def _opt_str(v: Any, where: str) -> str | None:
     if v is None:
         return None
-    if not isinstance(v, (str, int)):
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
         raise ValueError(f"{where}: expected a string, got {v!r}")
     return str(v)
 
 
 def _opt_num(v: Any, where: str) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{where}: expected a number, got {v!r}")
-    return float(v)
+    return None if v is None else _num(v, where)
 
 
 def parse_request(d: Any, where: str) -> Request:
@@ -105,15 +121,16 @@ def parse_request(d: Any, where: str) -> Request:
         ex = [ex]
     if not isinstance(ex, list):
         raise ValueError(f"{where}.exclude_apps: expected a list of app names")
+    apps = [_id(x, f"{where}.exclude_apps[{i}]") for i, x in enumerate(ex)]
     start = _opt_num(d.get("start"), f"{where}.start")
     return Request(
-        id=str(d["id"]),
+        id=_id(d["id"], f"{where}.id"),
         demand=_num_map(d["demand"], f"{where}.demand"),
         user=_opt_str(d.get("user"), f"{where}.user") or "",
         app=_opt_str(d.get("app"), f"{where}.app") or "",
         affinity=_opt_str(d.get("affinity"), f"{where}.affinity"),
         anti_affinity=_opt_str(d.get("anti_affinity"), f"{where}.anti_affinity"),
-        exclude_apps=frozenset(str(x) for x in ex),
+        exclude_apps=frozenset(apps),
         start=0.0 if start is None else start,
         end=_opt_num(d.get("end"), f"{where}.end"),
         deadline=_opt_num(d.get("deadline"), f"{where}.deadline"),
@@ -143,7 +160,7 @@ def parse_inventory(data: Any, where: str = "inventory") -> Inventory:
         _check_fields(h, HOST_FIELDS, w)
         if "id" not in h or "capacity" not in h:
             raise ValueError(f"{w}: needs 'id' and 'capacity'")
-        hid = str(h["id"])
+        hid = _id(h["id"], f"{w}.id")
         hosts.append(
             Host(
                 hid,
@@ -162,15 +179,31 @@ def parse_inventory(data: Any, where: str = "inventory") -> Inventory:
     return Inventory(hosts, existing, quotas)
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 / JSON floats such as ``1e3`` and ``4e0`` as numbers.
+
+    Why: YAML 1.1 (PyYAML) wants a dot and a signed exponent (``1.0e+3``) and reads ``1e3`` as a
+    string, so valid JSON numbers in a .json inventory were refused as "expected a number".
+    """
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
 def load_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; errors name the file."""
+    """Parse a YAML (or JSON) file, reading YAML 1.2 floats as numbers; errors name the file."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ValueError(f"{p}: cannot read ({exc.strerror or exc})") from exc
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ValueError(f"{p}: not valid YAML: {exc}") from exc
 

@@ -21,8 +21,19 @@ import numpy as np
 
 DEFAULT_DIMS: tuple[str, ...] = ("cpu", "mem", "disk_bw", "disk_size", "net", "gpu")
 
-# Absolute slack in capacity comparisons, so that sums of floats that should be exact are.
+# Absolute slack for comparisons of times (deadlines, ends) and of counts.
 TOL = 1e-9
+# Relative slack in capacity comparisons, so that sums of floats that should be exact are: a demand
+# fits when it exceeds the free capacity by at most RTOL x the host's capacity in that dimension. It is
+# relative so that tiny units (bytes in TiB, cores in millions) neither admit a VM five times larger
+# than its host (as a fixed 1e-9 did with capacities below 1e-9) nor refuse one that fits.
+RTOL = 1e-9
+
+
+def cap_tol(capacity: np.ndarray | float) -> np.ndarray | float:
+    """The capacity slack for ``capacity`` (elementwise): RTOL x |capacity|."""
+    return RTOL * np.abs(capacity)
+
 
 Vector = Mapping[str, float] | Sequence[float]
 
@@ -148,7 +159,7 @@ def _dim_index(dims: Sequence[str]) -> dict[str, int]:
 
 
 def _number(v: object, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise ValueError(f"{what}: expected a number, got {v!r}")
     f = float(v)
     if not math.isfinite(f):

@@ -12,6 +12,7 @@ lands together or is rejected together with one reason.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -142,6 +143,43 @@ def units_of(requests: Sequence[Request]) -> list[list[Request]]:
     return units
 
 
+def _improve(
+    state: ClusterState,
+    placer: Placer,
+    decisions: list[Decision],
+    rejected_units: list[list[Request]],
+    requests: list[Request],
+    demands: dict[str, np.ndarray],
+    now: float | None,
+    improve_time: float,
+) -> list[Decision]:
+    """Run the improvement search on ``state``, then retry the rejected units on the result."""
+    from symbiont.placement.bound import fits_alone, quick_bound
+    from symbiont.placement.improve import eliminate_hosts
+
+    d = np.array([p.demand for p in state.vms.values()]).reshape(len(state.vms), len(state.dims))
+    target = quick_bound(d[fits_alone(d, state.effective)], state.effective).value  # valid for a subset too
+    new, moved = eliminate_hosts(
+        state, movable={r.id for r in requests}, time_limit=improve_time, target=target
+    )
+    placer.state = new
+    dst = {m.vm: m for m in moved}
+    out = [
+        Decision(
+            x.request_id, dst[x.request_id].dst, f"{x.reason}; improvement search moved it from {x.host}"
+        )
+        if x.request_id in dst
+        else x
+        for x in decisions
+    ]
+    # A unit rejected before the search may fit now (an emptied host); its old reason may be stale.
+    retried: dict[str, Decision] = {}
+    for u in rejected_units:
+        for x in placer.place_unit(u, now, [demands[r.id] for r in u]):
+            retried[x.request_id] = x
+    return [retried.get(x.request_id, x) for x in out]
+
+
 def plan(
     hosts: Sequence[Host],
     requests: Sequence[Request],
@@ -152,11 +190,14 @@ def plan(
     now: float | None = None,
     prefer_open: bool = True,
     improve: bool = False,
+    improve_time: float = 1.0,
 ) -> Plan:
     """Plan ``requests`` onto ``hosts`` that already run ``existing`` (request, host id) VMs.
 
-    ``improve``: after the heuristic, empty what hosts it can by relocating the new requests
-    (:func:`symbiont.placement.improve.eliminate_hosts`; VMs already running never move).
+    ``improve``: after the heuristic, a local search of at most ``improve_time`` seconds empties
+    what hosts it can by relocating the new requests (:func:`symbiont.placement.improve.eliminate_hosts`;
+    VMs already running never move); requests rejected before it are then tried again, so a
+    rejection's reason always describes the final state.
 
     Pure: builds its own state from the inputs. Raises ValueError for malformed input (unknown
     heuristic or mode, negative or mis-dimensioned demand, unknown host, contradictory groups);
@@ -164,6 +205,10 @@ def plan(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    if now is not None and (isinstance(now, bool) or not math.isfinite(now)):
+        raise ValueError(f"now: {now!r} is not a finite time")  # NaN would silently disable deadlines
+    if not math.isfinite(improve_time) or improve_time < 0:
+        raise ValueError(f"improve_time: {improve_time!r} is not a non-negative number of seconds")
     h = heuristics.get(heuristic)
     existing = list(existing)
     requests = list(requests)
@@ -186,19 +231,15 @@ def plan(
         units = [units[i] for i in order]
     decisions: list[Decision] = []
     t0 = time.perf_counter()
+    rejected_units: list[list[Request]] = []
     for u in units:
-        decisions.extend(placer.place_unit(u, now, [demands[r.id] for r in u]))
-    if improve:
-        from symbiont.placement.improve import eliminate_hosts
-
-        state, moved = eliminate_hosts(state, movable={r.id for r in requests})
-        dst = {m.vm: m.dst for m in moved}
-        decisions = [
-            Decision(d.request_id, dst[d.request_id], f"{d.reason}; host elimination moved it from {d.host}")
-            if d.request_id in dst
-            else d
-            for d in decisions
-        ]
+        ds = placer.place_unit(u, now, [demands[r.id] for r in u])
+        decisions.extend(ds)
+        if not ds[0].placed:
+            rejected_units.append(u)
+    if improve and state.vms:
+        decisions = _improve(state, placer, decisions, rejected_units, requests, demands, now, improve_time)
+        state = placer.state
     seconds = time.perf_counter() - t0
     return Plan(
         heuristic=heuristic,

@@ -21,6 +21,7 @@ from symbiont.placement.model import (
     Host,
     Request,
     Vector,
+    cap_tol,
     fmt,
     host_matrices,
     quota_matrix,
@@ -223,7 +224,7 @@ class ClusterState(HostView):
                 by_user[r.user] = by_user.get(r.user, np.zeros(len(self.dims))) + d
         for user, d in by_user.items():
             would = self.user_used.get(user, np.zeros(len(self.dims))) + d
-            over = np.flatnonzero(would > self.quota[user] + TOL)
+            over = np.flatnonzero(would > self.quota[user] + cap_tol(self.quota[user]))
             if over.size:
                 i = int(over[0])
                 return (
@@ -245,7 +246,7 @@ class ClusterState(HostView):
         a = self.avail[idx]
         parts: list[str] = []
         for d, name in enumerate(self.dims):
-            if demand[d] > a[:, d].max() + TOL:
+            if demand[d] > (a[:, d] + self.slack_t[d, idx]).max():
                 best = idx[int(np.argmax(a[:, d]))]
                 parts.append(
                     f"{name}: needs {fmt(demand[d])}, largest free {fmt(max(a[:, d].max(), 0.0))} "
@@ -258,7 +259,7 @@ class ClusterState(HostView):
             return prefix + "; ".join(parts) + scope
         # Every dimension fits somewhere, but never all on one host: fragmentation.
         counts = ", ".join(
-            f"{name} fits on {int(np.sum(a[:, d] >= demand[d] - TOL))}"
+            f"{name} fits on {int(np.sum(a[:, d] + self.slack_t[d, idx] >= demand[d]))}"
             for d, name in enumerate(self.dims)
             if demand[d] > 0
         )

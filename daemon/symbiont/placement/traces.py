@@ -375,3 +375,146 @@ def _usage_events(
         frac[:, j] = np.clip(f, 0.0, 1.0)
     used = frac * alloc
     return [Event(float(t), "usage", vm, used[i]) for i, t in enumerate(ts)]
+
+
+# -- standard bin-packing instances ------------------------------------------------------------
+# Why: "hosts used / lower bound" on our own traces cannot tell a heuristic near the optimum from
+# a loose bound. The classic benchmark families have known optima (by construction) or are the
+# ones the literature reports against. These are *generated* from the published recipes with fixed
+# seeds (the original files were not available offline); the recipes are in each docstring.
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One packing instance: item sizes (n, dims), identical hosts of ``capacity`` (dims), and the
+    optimum when it is known by construction (else None)."""
+
+    name: str
+    family: str
+    sizes: np.ndarray
+    capacity: np.ndarray
+    optimum: int | None = None
+
+
+def triplet_instance(n: int, seed: int, capacity: int = 1000) -> tuple[np.ndarray, int, int]:
+    """Falkenauer's triplets (Falkenauer 1996, class t): every host is exactly full with three VMs.
+
+    Per host: a ~ U[380, 490], b ~ U[250, (C - a) / 2], c = C - a - b (so 250 <= b <= c < C/2),
+    integers, shuffled. The optimum is n / 3 by construction (the volume bound is met exactly).
+    Returns (sizes, capacity, optimum).
+    """
+    if n % 3:
+        raise ValueError("a triplet instance needs a multiple of 3 items")
+    rng = np.random.default_rng(seed)
+    m = n // 3
+    a = rng.integers(380, 491, m)
+    b = np.array([rng.integers(250, (capacity - x) // 2 + 1) for x in a])
+    c = capacity - a - b
+    w = np.concatenate([a, b, c]).astype(float)
+    rng.shuffle(w)
+    return w, capacity, m
+
+
+def _vector_triplets(n: int, seed: int, capacity: int = 1000) -> np.ndarray:
+    """2-D triplets: each dimension split like :func:`triplet_instance`, paired at random within a
+    host, so every host of the optimum is exactly full in both dimensions (optimum n / 3)."""
+    rng = np.random.default_rng(seed)
+    m = n // 3
+    rows = []
+    for _ in range(m):
+        parts = []
+        for _d in range(2):
+            a = rng.integers(380, 491)
+            b = rng.integers(250, (capacity - a) // 2 + 1)
+            p = np.array([a, b, capacity - a - b], dtype=float)
+            parts.append(rng.permutation(p))
+        rows.append(np.stack(parts, axis=1))
+    w = np.concatenate(rows)
+    return w[rng.permutation(len(w))]
+
+
+def standard_instances(per_class: int = 3, seed: int = 0) -> list[Instance]:
+    """Seeded instances after the published generators, ``per_class`` of each class:
+
+    * ``scholl1`` (Scholl, Klein & Juergens 1997, bin1data): n in {50, 100, 200, 500},
+      C in {100, 120, 150}, w ~ U[1, 100], U[20, 100] or U[30, 100];
+    * ``scholl2`` (bin2data): n in {50, 100, 200, 500}, C = 1000, mean C/3, C/5, C/7 or C/9,
+      spread 20 %, 50 % or 90 % around it;
+    * ``scholl3`` (bin3data, the hard class): n = 200, C = 100,000, w ~ U[20,000, 35,000];
+    * ``falkenauer-u``: n in {120, 250, 500}, C = 150, w ~ U[20, 100];
+    * ``falkenauer-t``: triplets, n in {60, 120, 249}, optimum n / 3;
+    * ``vector-uniform``: 2-D, C = (100, 100), w ~ U[10, 40]^2, n in {60, 120};
+    * ``vector-anticorrelated``: 2-D, w1 ~ U[5, 60], w2 = 65 - w1 +- 5, n in {60, 120};
+    * ``vector-triplets``: 2-D triplets, n in {60, 120, 249}, optimum n / 3.
+
+    Classes are sampled so each draws its parameters in turn; names carry them.
+    """
+    rng = np.random.default_rng(seed)
+    out: list[Instance] = []
+
+    def one(x: float) -> np.ndarray:
+        return np.array([x], dtype=float)
+
+    for k in range(per_class):
+        n = (50, 100, 200, 500)[k % 4]
+        c = (100, 120, 150)[(k // 4 + k) % 3]
+        lo = (1, 20, 30)[(k + 1) % 3]
+        w = rng.integers(lo, 101, n).astype(float)
+        out.append(Instance(f"scholl1-n{n}-c{c}-w{lo}-{k}", "scholl1", w[:, None], one(c)))
+    for k in range(per_class):
+        n = (50, 100, 200, 500)[k % 4]
+        div = (3, 5, 7, 9)[(k // 2) % 4]
+        spread = (0.2, 0.5, 0.9)[k % 3]
+        mean = 1000 / div
+        w = np.round(rng.uniform(mean * (1 - spread), mean * (1 + spread), n))
+        out.append(
+            Instance(f"scholl2-n{n}-w{div}-s{int(spread * 100)}-{k}", "scholl2", w[:, None], one(1000))
+        )
+    for k in range(per_class):
+        w = rng.integers(20_000, 35_001, 200).astype(float)
+        out.append(Instance(f"scholl3-hard-{k}", "scholl3", w[:, None], one(100_000)))
+    for k in range(per_class):
+        n = (120, 250, 500)[k % 3]
+        w = rng.integers(20, 101, n).astype(float)
+        out.append(Instance(f"falkenauer-u{n}-{k}", "falkenauer-u", w[:, None], one(150)))
+    for k in range(per_class):
+        n = (60, 120, 249)[k % 3]
+        w, c, opt = triplet_instance(n, seed=int(rng.integers(1 << 31)))
+        out.append(Instance(f"falkenauer-t{n}-{k}", "falkenauer-t", w[:, None], one(c), opt))
+    cap2 = np.array([100.0, 100.0])
+    for k in range(per_class):
+        n = (60, 120)[k % 2]
+        out.append(
+            Instance(
+                f"vector-uniform-n{n}-{k}", "vector-uniform", rng.integers(10, 41, (n, 2)).astype(float), cap2
+            )
+        )
+    for k in range(per_class):
+        n = (60, 120)[k % 2]
+        w1 = rng.integers(5, 61, n)
+        w2 = np.clip(65 - w1 + rng.integers(-5, 6, n), 1, 100)
+        out.append(Instance(f"vector-anticorrelated-n{n}-{k}", "vector-anticorrelated",
+                            np.stack([w1, w2], axis=1).astype(float), cap2))  # fmt: skip
+    for k in range(per_class):
+        n = (60, 120, 249)[k % 3]
+        w = _vector_triplets(n, seed=int(rng.integers(1 << 31)))
+        out.append(
+            Instance(f"vector-triplets-n{n}-{k}", "vector-triplets", w, np.array([1000.0, 1000.0]), n // 3)
+        )
+    return out
+
+
+def instance_hosts(inst: Instance, count: int | None = None) -> tuple[list[Host], list[Request]]:
+    """The instance as placement inputs: ``count`` identical hosts (default: one per item) and requests."""
+    dims = (
+        ("cpu", "mem")[: inst.sizes.shape[1]]
+        if inst.sizes.shape[1] <= 2
+        else tuple(f"r{j}" for j in range(inst.sizes.shape[1]))
+    )
+    n = inst.sizes.shape[0] if count is None else count
+    cap = dict(zip(dims, map(float, inst.capacity), strict=True))
+    hosts = [Host(f"h{i}", cap) for i in range(n)]
+    reqs = [
+        Request(f"v{i}", dict(zip(dims, map(float, row), strict=True))) for i, row in enumerate(inst.sizes)
+    ]
+    return hosts, reqs
