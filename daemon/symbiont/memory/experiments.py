@@ -5,6 +5,10 @@
   (pure proportional share) equal shares mean equal memory whatever the VMs do; with
   τ = 0.75 the idle VM's pages are taxed, its ρ falls below the busy VM's, and memory flows
   to the busy VM until their ρ meet (Waldspurger, OSDI'02, section 5.2).
+* ``memory-floor``: the smallest balloon target at which an idle lab guest stays alive with its
+  agent answering (issue 16 item 12), which :mod:`symbiont.memory.floor`'s absolute floor is
+  taken from; also the guest kernel's reserve below MemTotal and whether MemTotal shrinks with
+  the balloon.
 * ``memory-balloon-vs-configured``: ESX Figure 2's shape. Throughput of a file-server-like
   workload in a VM *configured* with M MiB, and in a VM configured with the maximum and
   *ballooned down* to M, for several M. The seed's claim: ballooning costs little against
@@ -210,6 +214,61 @@ def balloon_vs_configured(ctx: RunContext) -> dict[str, Any]:
         cfg = next(r["ops_per_s"] for r in rows if r["memory_mib"] == m and r["kind"] == "configured")
         ratio[m] = round(b / cfg, 3) if cfg else None
     return {"ballooned_over_configured": ratio}
+
+
+@experiment(
+    "memory-floor",
+    "Smallest balloon target an idle 512 MiB lab guest survives (agent answering), step by step",
+    params={"memory_mib": 512, "steps_mib": [384, 256, 200, 160, 140, 128, 120, 116, 112, 108, 104, 100, 96],
+            "hold_s": 15.0, "period_s": 1.0},
+    param_help={"steps_mib": "balloon targets, largest first; the run stops at the first the guest fails",
+                "hold_s": "seconds at each target before the liveness check"},
+    needs=("root", "libvirt", "vm"),
+)
+def guest_floor(ctx: RunContext) -> dict[str, Any]:
+    """Sets the balloon through libvirt directly (the daemon's floor would refuse the low
+    targets); alive = the daemon's agent stats request answered within the last 5 s, the guest
+    MemTotal reported and the domain running. The guest dies at the end: the lab VM is removed."""
+    from symbiont.lab.session import LabSession
+
+    p = ctx.params
+    rows: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"smallest_alive_mib": None, "first_dead_mib": None}
+    with LabSession(count=1, period_s=p["period_s"], memory_mib=p["memory_mib"], step=ctx.note) as lab:
+        vm = lab.names[0]
+        with lab.client() as c:
+            def row(target: int) -> dict[str, Any]:
+                v = c.get(f"/v1/vms/{vm}")
+                g = v["guest"]
+                fresh = v["stats_at"] is not None and time.time() - v["stats_at"] < 5
+                r = {"target_mib": target, "actual_mib": v["balloon_actual_mib"], "memtotal_mib": g["mem_total_mib"],
+                     "memavailable_mib": g["mem_available_mib"], "state": v["state"],
+                     "alive": int(bool(fresh and g["mem_total_mib"] and v["state"] == "running"))}
+                rows.append(r)
+                return r
+
+            def at_full() -> dict[str, Any] | None:
+                r = row(p["memory_mib"])
+                return r if r["alive"] and r["actual_mib"] == p["memory_mib"] else None
+
+            full = lab.wait_for(at_full, 60, "a guest sample at full size")
+            out["reserve_mib"] = full["actual_mib"] - full["memtotal_mib"]
+            out["used_mib"] = full["memtotal_mib"] - full["memavailable_mib"]
+            for t in p["steps_mib"]:
+                ctx.stage(f"balloon {t} MiB", total=None)
+                lab.host.set_balloon(vm, int(t) * 1024)
+                time.sleep(p["hold_s"])
+                r = row(int(t))
+                ctx.note(f"{t} MiB: MemTotal {r['memtotal_mib']}, MemAvailable {r['memavailable_mib']}, "
+                         f"{'alive' if r['alive'] else 'NOT ANSWERING'}")
+                if r["memtotal_mib"] and r["actual_mib"] and t == 384:
+                    out["memtotal_at_384_mib"] = r["memtotal_mib"]
+                if not r["alive"]:
+                    out["first_dead_mib"] = t
+                    break
+                out["smallest_alive_mib"] = t
+    ctx.write_csv("floor.csv", rows)
+    return out
 
 
 def _plot_fig2(ctx: RunContext, rows: list[dict[str, Any]], p: dict[str, Any]) -> None:

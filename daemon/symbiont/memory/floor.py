@@ -31,6 +31,7 @@ The functions are pure; :func:`vm_floor` reads the daemon's latest snapshot.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,22 @@ def guest_floor(boot_mib: float | None, reserve_mib: float | None, used_mib: flo
     never above the boot memory (a VM whose needs exceed it is simply not shrunk). Unknown or
     absurd inputs (NaN, negative, above the boot memory) are bounded, never trusted: the guest
     reports ``used``. Pure."""
+    return GuestFloor(*_floor(boot_mib, reserve_mib, used_mib, min_mib, absolute_mib))
+
+
+def floor_mib(boot_mib: float | None, reserve_mib: float | None, used_mib: float | None,
+              min_mib: float | None = None) -> int:
+    """:func:`guest_floor`'s number alone (the policy calls it for every VM every period)."""
+    return _floor(boot_mib, reserve_mib, used_mib, min_mib, ABSOLUTE_FLOOR_MIB)[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _margin_cached(full_mib: float) -> float:
+    return margin_mib(full_mib)
+
+
+def _floor(boot_mib: float | None, reserve_mib: float | None, used_mib: float | None, min_mib: float | None,
+           absolute_mib: float) -> tuple[int, float, float | None, float, float, float | None]:
     boot = _finite(boot_mib)
     boot = boot if boot is not None and boot > 0 else None
     reserve = _finite(reserve_mib)
@@ -111,13 +128,12 @@ def guest_floor(boot_mib: float | None, reserve_mib: float | None, used_mib: flo
         reserve = min(reserve, boot)
         used = None if used is None else min(used, boot)
     full = (boot if boot is not None else 512.0) - reserve
-    margin = margin_mib(max(full, 0.0))
+    margin = _margin_cached(max(full, 0.0))
     need = reserve + (used or 0.0) + margin
-    lo = max(absolute_mib, _finite(min_mib) or 0.0, need)
-    floor = math.ceil(lo)
+    floor = math.ceil(max(absolute_mib, _finite(min_mib) or 0.0, need))
     if boot is not None:
         floor = min(floor, math.floor(boot))
-    return GuestFloor(int(floor), reserve, used, margin, absolute_mib, boot)
+    return int(floor), reserve, used, margin, absolute_mib, boot
 
 
 def clamp_target(target_mib: float, floor: GuestFloor) -> float:

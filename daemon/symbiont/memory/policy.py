@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from symbiont.memory.floor import guest_floor
+from symbiont.memory.floor import floor_mib as _guest_floor
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def rho(vm: VmMemory, allocated: float | None = None) -> float:
 def guest_floor_mib(vm: VmMemory, host: HostMemory) -> float:
     """The lowest target a guest may ever get: its min, what it uses + the host's safety margin,
     and the guest floor (kernel reserve + used + watermark margin, the absolute floor)."""
-    g = guest_floor(vm.boot_mib, vm.reserve_mib, vm.used_mib, vm.min_mib).floor_mib
+    g = _guest_floor(vm.boot_mib, vm.reserve_mib, vm.used_mib, vm.min_mib)
     return float(max(vm.min_mib, vm.used_mib + host.safety_margin_mib, g))
 
 
