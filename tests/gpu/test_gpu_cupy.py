@@ -15,6 +15,7 @@ import pytest
 
 # isort: split
 from symbiont.gpu.backend import KernelSpec, cupy_status
+from symbiont.gpu.calibration import measure_slice_costs
 from symbiont.gpu.endpoint import GpuEndpointService
 from symbiont.gpu.faas import parse_trace, run_trace
 
@@ -153,3 +154,13 @@ def test_faas_trace_runs_on_the_gpu(cb):
     r = run_trace(cb, tasks, "edf-slice")
     assert r.met + r.missed + r.dropped == 20
     assert r.met >= 10
+
+
+def test_slice_costs_are_measured_for_the_calibration(cb):
+    """What one FaaS slice costs here (launch, poll, gap): the figures that replace the fitted
+    ``launch_s``/``poll_s`` of ``h100-2026-11`` (print them with ``-s``)."""
+    m = measure_slice_costs(cb, n=100)
+    print("slice costs:", m.as_dict())
+    assert m.launch_wall_s > 0 and -1e-3 < m.poll_s < 5e-3
+    assert 0 < m.gap_s < 20e-3  # (host and CUDA-event clocks may disagree by microseconds)
+    assert m.h2d_gbs > 2.0

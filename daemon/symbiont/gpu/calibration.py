@@ -20,25 +20,34 @@ backend=cupy``):
   kernel (dependent FMA chains) does not reach the spec-sheet FP32 peak.
 * ``share_change`` "kernel": the CuPy backend applies a new share to kernels launched after the
   change; the bench line "vertical scaling in-process, p50 ... control 0.06 ms + device effect
-  12.3 ms: the 2 ms kernels queued before the change drain at the old share". With this rule
-  and ``flops_efficiency`` the simulator gives 11-14 ms for the same bench (tested), the old
-  rule (share applies at the next wave end) gave 0.1 us.
+  12.3 ms: the 2 ms kernels queued before the change drain at the old share". With this rule,
+  ``flops_efficiency`` and ``spatial-strict`` sharing (SM masking lends no SMs) the simulator
+  gives 13.3 ms for the same scenario (tested: 10-15 ms); the old rule (the share applies at
+  the next wave end) gave 0.05 ms.
 * ``d2d_bw_factor`` 0.97 and ``d2d_latency_s`` 77 us: ``gpu-scaling-overhead`` downtime 0.58 /
   0.72 / 1.23 ms at 16 MiB / 256 MiB / 1 GiB in 4 buffers, and the bench's 0.49 ms for one
   256 MiB buffer. The slope, 0.645 us per MiB, is a copy at 1.63 TB/s = 2 x bytes / (0.97 x
   3350 GB/s); the intercepts (0.56 ms for 4 copies, 0.33 ms for 1) give 77 us per copy.
-* ``launch_s`` 150 us and ``poll_s`` 100 us: no microbenchmark of them was recorded; they are
+* ``launch_s`` 300 us and ``poll_s`` 100 us: no microbenchmark of them was recorded; they are
   *fitted* to the ``gpu-faas-goodput`` line ("edf+drop 0.84-0.88 / 0.77-0.80 / 0.67 /
-  0.56-0.58 ... The online edf-slice ... (0.09-0.21)"): with them and ``sharing``, the old
-  online scheduler meets 0.06-0.30 of the deadlines on the simulator and EDF+drop 0.70-0.93
-  (``bench_gpu_faas.py``), the recorded ordering. They are plausible for the CuPy path: a
-  launch allocates a counter, records two events, runs a memset and the kernel (five CuPy
-  calls, each some 10-30 us of Python); ``wait`` polls with ``time.sleep(50 us)``, which Linux
-  stretches by its default 50 us timer slack. ``bench_gpu_faas.py --backend cupy`` measures
-  both directly: record them on the next GPU run and replace the fit.
-* ``sharing`` "spatial": on the GPU the background VM is a second CUDA stream that runs
-  concurrently (the CuPy backend has no hypervisor time slicer); the simulator's ``spatial``
-  mode is the closest model. The original ``timeslice-best-effort`` is kept in the old set.
+  0.56-0.58, edf-slice-offline 0.91 / 0.73-0.86 / 0.61-0.67 / 0.46-0.49, fcfs 0.78 / 0.38 /
+  0.09 / 0.06 ... The online edf-slice ... (0.09-0.21)"), by least squares over a grid (launch
+  25-300 us x poll 25-250 us) of the same workload (seed 0, loads 0.5-1.4). The simulator
+  then gives edf-slice-v1 0.19 / 0.11 / 0.22 / 0.15, edf+drop 0.81 / 0.71 / 0.62 / 0.54,
+  offline 0.91 / 0.80 / 0.68 / 0.65, fcfs 0.72 / 0.23 / 0.06 / 0.04. The fit is shallow: any
+  per-slice total of 0.2-0.55 ms fits about as well, and the best eight all had launch
+  200-300 us. Plausible for the CuPy path: one slice is a scheduler decision in Python, a
+  launch (a counter allocation, two events, a memset and the kernel: five CuPy calls), a
+  timing read (two ``cudaEventElapsedTime``) and a ``wait`` that polls with
+  ``time.sleep(50 us)``, which Linux stretches by its default 50 us timer slack.
+  ``bench_gpu_faas.py --backend cupy`` measures launch, poll and gap directly: record them on
+  the next GPU run and replace the fit.
+* ``sharing`` "spatial": on the GPU the background VM was a second CUDA stream running
+  concurrently (the CuPy backend has no hypervisor time slicer), and both contexts had share
+  1.0, so before the ``sm_ranges`` fix their SM ranges overlapped; the simulator's work
+  conserving ``spatial`` mode is the closest model. The original ``timeslice-best-effort``
+  stays in the old set. The two causes are separable: the H100 costs alone, on time slicing,
+  also make edf-slice-v1 lose (``bench_gpu_faas.py`` prints both).
 
 What is *not* recalibrated: the spec-sheet constants of :data:`.simulated.GPU_TYPES` (SMs,
 clock, memory bandwidth), PCIe bandwidth (the only H100 copy figure, 0.038 s per 256 MiB,

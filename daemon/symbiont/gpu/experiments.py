@@ -245,7 +245,7 @@ def scaling_overhead(ctx: RunContext) -> dict[str, Any]:
     "gpu-faas-goodput",
     "IC2E'21: tasks meeting their deadline and wasted GPU work, EDF with adaptive slicing vs baselines",
     params={"backend": "auto", "loads": [0.5, 0.8, 1.1, 1.4], "duration_s": 0.25,
-            "schedulers": ["fcfs", "rr", "edf", "edf+drop", "edf-slice", "edf-slice-offline"],
+            "schedulers": ["fcfs", "rr", "edf", "edf+drop", "edf-slice-v1", "edf-slice", "edf-slice-offline"],
             "background_vms": 1, "duty": 0.5, "seed": 0, "gpu": "H100", "calibration": DEFAULT_CALIBRATION,
             "sharing": "auto"},  # fmt: skip
     param_help={

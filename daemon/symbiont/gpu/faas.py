@@ -477,16 +477,18 @@ class EDFSlice(Scheduler):
         floor = max(self.min_slice_s, self.overhead_floor_s())
         return min(max(self.max_slice_s, floor), max(floor, self.beta * slack))
 
-    def _slices_needed(self, st: TaskState, capacity: float) -> int:
-        return max(1, math.ceil(st.remaining_flops / capacity / self.slice_seconds() - 1e-9))
+    @staticmethod
+    def _slices_needed(st: TaskState, capacity: float, slice_s: float) -> int:
+        return max(1, math.ceil(st.remaining_flops / capacity / slice_s - 1e-9))
 
     def _drop_infeasible(self, now: float, capacity: float) -> None:
         if self.drop != "estimated" or not self.overhead_aware:
             super()._drop_infeasible(now, capacity)
             return
         rate = min(self.peak, capacity)
+        slice_s = self.slice_seconds()
         for tid, st in list(self.pending.items()):
-            need = st.remaining_flops / rate + self._slices_needed(st, rate) * self.overhead_s
+            need = st.remaining_flops / rate + self._slices_needed(st, rate, slice_s) * self.overhead_s
             if now + need > st.task.deadline + EPS:
                 st.dropped = now
                 st.drop_reason = f"estimated: needs {need * 1e3:.3f} ms with slice gaps, has " \
@@ -495,11 +497,13 @@ class EDFSlice(Scheduler):
 
     def choose(self, now: float, capacity: float) -> tuple[TaskState, int, Sequence[str]]:
         self._capacity_seen = capacity
-        overhead = (lambda st: self._slices_needed(st, capacity) * self.overhead_s) if self.overhead_aware else None
+        slice_s = self.slice_seconds()
+        gap = self.overhead_s
+        overhead = (lambda st: self._slices_needed(st, capacity, slice_s) * gap) if self.overhead_aware else None
         admitted, _ = moore_hodgson(list(self.pending.values()), now, capacity, overhead=overhead)
         pool = admitted or list(self.pending.values())
         st = min(pool, key=lambda s: (s.task.deadline, s.task.arrival, s.task.id))
-        blocks = self.blocks_for(self.slice_seconds(), capacity, st)
+        blocks = self.blocks_for(slice_s, capacity, st)
         if self.overhead_aware and st.remaining - blocks < self.blocks_for(self.overhead_floor_s(), capacity, st) // 2:
             blocks = st.remaining  # no tail slice that would cost more in gaps than it saves
         return st, blocks, tuple(s.task.id for s in pool)
