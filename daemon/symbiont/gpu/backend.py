@@ -62,7 +62,7 @@ class GpuType:
     mem_bw: float  # device-memory bandwidth, bytes/s
     pcie_bw: float  # effective host<->device bandwidth per direction, bytes/s
     pcie_latency_s: float  # fixed cost of one memcpy (driver + DMA setup)
-    launch_overhead_s: float  # host-side kernel launch latency
+    launch_overhead_s: float  # driver launch latency (dedup model); the simulator charges calibration.launch_s
     source: str = ""
 
     @property

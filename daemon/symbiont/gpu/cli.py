@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from symbiont.gpu.backend import GpuBackend, GpuError, cupy_status, select_backend
+from symbiont.gpu.calibration import CALIBRATIONS, DEFAULT_CALIBRATION
 from symbiont.gpu.faas import DROP_MODES, SCHEDULERS, BackgroundLoad, TraceError, load_trace, run_trace
 from symbiont.gpu.simulated import GPU_TYPES, SCHED_MODES, DeviceConfig
 
@@ -98,6 +99,12 @@ def types_cmd(as_json: bool) -> None:
     con.print(t)
     for r in rows:
         con.print(f"[bold]{r['name']}[/bold]: {r['source']}")
+    # the simulator charges these host costs, not launch_overhead_us (gpu/calibration.py)
+    for cal in CALIBRATIONS.values():
+        d = cal.as_dict()
+        default = " (default)" if cal.name == DEFAULT_CALIBRATION else ""
+        con.print(f"calibration [bold]{cal.name}[/bold]{default}: launch {d['launch_us']} us, poll {d['poll_us']} us, "
+                  f"FLOP efficiency {cal.flops_efficiency}, share change at {cal.share_change} boundary; {cal.source}")
 
 
 @group.command("run-trace")
