@@ -77,7 +77,7 @@ def hosts(libvirtd, tmp_path_factory):
                 host_b = LibvirtHost(inst.uri)
                 cfg = load_config(None, {"lab": {"vm_prefix": PREFIX}})
                 for name in host_b.list_names(PREFIX):
-                    lab_vms.remove_vm(host_b, cfg, name)  # before LabSession deletes the overlay
+                    lab_vms.remove_vm(host_b, cfg, name, lab.owner)  # before LabSession deletes the overlay
                 host_b.close()
     finally:
         inst.stop()
