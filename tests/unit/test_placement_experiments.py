@@ -100,3 +100,25 @@ def test_bad_parameter_is_an_experiment_error(tmp_path: Path) -> None:
         run_experiment(
             "placement-heuristics", ["heuristics=nope"], results_root=tmp_path, show_progress=False
         )
+
+
+def test_standard_instances_experiment(tmp_path: Path) -> None:
+    assert "placement-standard-instances" in registry()
+    out, summary = run_experiment(
+        "placement-standard-instances",
+        ["per_class=1", "families=falkenauer-t,scholl1", "heuristics=first-fit,ffd-sum", "improve_time=0.3"],
+        results_root=tmp_path,
+        show_progress=False,
+    )
+    check_record(out, ["instances.csv", "standard_instances.png"])
+    r = rows(out / "instances.csv")
+    assert len(r) == 2 * 2 * 2  # instances x heuristics x (with, without improvement)
+    t = {(x["heuristic"], x["improve"]): x for x in r if x["family"] == "falkenauer-t"}
+    assert t[("ffd-sum", "False")]["reference_kind"] == "optimum"
+    assert int(t[("ffd-sum", "True")]["hosts_used"]) <= int(t[("ffd-sum", "False")]["hosts_used"])
+    assert all(float(x["ratio"]) >= 1.0 for x in r)  # never below the optimum or a valid bound
+    assert summary["falkenauer-t/ffd-sum+improve"] <= summary["falkenauer-t/ffd-sum"]
+    with pytest.raises(ExperimentError, match="unknown family"):
+        run_experiment(
+            "placement-standard-instances", ["families=nope"], results_root=tmp_path, show_progress=False
+        )

@@ -353,3 +353,97 @@ def run_hotspots(ctx: RunContext) -> dict[str, Any]:
             f"{r['detection']}: overload {r['overload_minutes']:g} host-min, {r['migrations']} migrations"
         )
     return {r["detection"]: {k: v for k, v in r.items() if k != "detection"} for r in rows}
+
+
+@experiment(
+    "placement-standard-instances",
+    "Every heuristic, with and without the improvement search, on standard bin-packing instances "
+    "(Scholl-, Falkenauer- and 2-D-style, generated from the published recipes with fixed seeds): "
+    "hosts used / optimum (or best lower bound) per class, against a textbook first-fit decreasing.",
+    params={
+        "per_class": 2,
+        "families": ["all"],
+        "heuristics": ["all"],
+        "improve_time": 0.5,
+        "seed": 0,
+    },
+    param_help={
+        "per_class": "instances per class (classes: scholl1..3, falkenauer-u/t, vector-uniform/anticorrelated/triplets)",
+        "families": "classes to run, or 'all'",
+        "heuristics": "heuristic names, or 'all' (batch mode; ffd-sum alone is the textbook reference)",
+        "improve_time": "seconds each improvement search may take",
+        "seed": "instance generator seed",
+    },
+)
+def run_standard_instances(ctx: RunContext) -> dict[str, Any]:
+    from symbiont.placement.bound import quick_bound
+    from symbiont.placement.traces import instance_hosts, standard_instances
+
+    p = ctx.params
+    names = _heuristic_list(list(p["heuristics"]))
+    insts = standard_instances(per_class=int(p["per_class"]), seed=int(p["seed"]))
+    known = sorted({i.family for i in insts})
+    fams = known if list(p["families"]) in (["all"], []) else list(p["families"])
+    for f in fams:
+        if f not in known:
+            raise ExperimentError(f"unknown family {f!r}; known: {', '.join(known)}")
+    insts = [i for i in insts if i.family in fams]
+    rows: list[dict[str, Any]] = []
+    ctx.stage("instances", total=len(insts))
+    for inst in insts:
+        hosts, reqs = instance_hosts(inst)
+        lb = quick_bound(inst.sizes, np.tile(inst.capacity, (len(hosts), 1))).value
+        ref = inst.optimum if inst.optimum is not None else lb
+        for name in names:
+            for imp in (False, True):
+                t0 = time.perf_counter()
+                pl = plan(hosts, reqs, name, "batch", improve=imp, improve_time=float(p["improve_time"]))
+                rows.append(
+                    {
+                        "instance": inst.name,
+                        "family": inst.family,
+                        "items": len(reqs),
+                        "heuristic": name,
+                        "improve": imp,
+                        "hosts_used": pl.hosts_used,
+                        "reference": ref,
+                        "reference_kind": "optimum" if inst.optimum is not None else "lower bound",
+                        "ratio": round(pl.hosts_used / ref, 4),
+                        "seconds": round(time.perf_counter() - t0, 4),
+                    }
+                )
+        ctx.advance()
+    ctx.write_csv("instances.csv", rows)
+    summary: dict[str, Any] = {}
+    for f in fams:
+        for imp in (False, True):
+            for name in names:
+                r = [
+                    x["ratio"]
+                    for x in rows
+                    if x["family"] == f and x["heuristic"] == name and x["improve"] == imp
+                ]
+                summary[f"{f}/{name}{'+improve' if imp else ''}"] = round(float(np.mean(r)), 4)
+    best_plain = {f: min(summary[f"{f}/{n}"] for n in names) for f in fams}
+    best_imp = {f: min(summary[f"{f}/{n}+improve"] for n in names) for f in fams}
+    for f in fams:
+        ctx.note(f"{f}: best heuristic alone {best_plain[f]}, with improvement {best_imp[f]}")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(fams) + 3), 4.5))
+    x = np.arange(len(fams))
+    ref_name = "ffd-sum" if "ffd-sum" in names else names[0]
+    bars = [
+        (f"{ref_name} (textbook)", [summary[f"{f}/{ref_name}"] for f in fams]),
+        ("best heuristic alone", [best_plain[f] for f in fams]),
+        ("best with improvement", [best_imp[f] for f in fams]),
+    ]
+    for k, (label, vals) in enumerate(bars):
+        ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylim(0.98, max(1.05, max(max(v) for _, v in bars) + 0.02))
+    ax.set_ylabel("hosts used / optimum (or lower bound)")
+    ax.set_xticks(x, fams, rotation=30, ha="right")
+    ax.legend()
+    fig.suptitle(f"standard instances, {int(p['per_class'])} per class, improvement {p['improve_time']} s")
+    ctx.savefig(fig, "standard_instances.png")
+    return summary

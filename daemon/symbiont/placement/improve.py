@@ -124,9 +124,10 @@ class _Search:
                 [self.dem[list(s)].sum(axis=0) if s else np.zeros(self.dem.shape[1]) for s in s_sets]
             )
             t_sum = np.array([self.dem[list(t)].sum(axis=0) for t in t_sets])
-            room = self.cap[h] - self.load[h]
-            ok = np.all(t_sum[None, :, :] - s_sum[:, None, :] <= room, axis=2)
-            gain = (t_sum @ self.inv_e[h])[None, :] - (s_sum @ self.inv_e[h])[:, None]
+            delta = t_sum[None, :, :] - s_sum[:, None, :]  # (K, L, dims)
+            ok = np.all(delta <= self.cap[h] - self.load[h], axis=2)
+            after = (self.load[h] + delta) * self.inv_e[h]
+            gain = (after * after).sum(axis=2) - float(((self.load[h] * self.inv_e[h]) ** 2).sum())
             gain = np.where(ok, gain, -np.inf)
             k = int(np.argmax(gain))
             a, b = divmod(k, len(t_sets))
@@ -165,7 +166,7 @@ def eliminate_hosts(
     movable: set[str] | None = None,
     *,
     time_limit: float = 1.0,
-    patience: int = 30,
+    patience: int = 100,
     target: int = 0,
 ) -> tuple[ClusterState, list[Relocation]]:
     """Return an improved copy of ``state`` and the relocations that got there (see module doc).
@@ -184,13 +185,17 @@ def eliminate_hosts(
     stale = 0
     k = 1
     seen = {s.host.tobytes()}
+    rng = np.random.default_rng(0)  # deterministic: the same input gives the same plan
     while best > target and stale < patience and time.perf_counter() < t_end:
         emptiable = [h for h in range(len(s.members)) if s.members[h] and not s.fixed[h]]
         if not emptiable or best <= 1:
             break
         emptiable.sort(key=lambda h: (s.fullness(h), h))
+        chosen = emptiable[:k]
+        if stale and len(emptiable) > k:  # stuck: a seeded random host joins, to leave the plateau
+            chosen = emptiable[: k - 1] + [emptiable[int(rng.integers(k - 1, len(emptiable)))]]
         pool: list[int] = []
-        for h in emptiable[:k]:
+        for h in chosen:
             for i in list(s.members[h]):
                 s.take(i)
                 pool.append(i)
