@@ -20,8 +20,10 @@ Mechanisms, as in the paper's three components:
 
    - *online* (``edf-slice``): the future is unknown, so the slice length is
      ``beta x`` the smallest slack (relative deadline minus standalone time) seen in recent
-     arrivals, clamped to ``[min_slice_s, max_slice_s]``: tight-deadline traffic gets
-     frequent scheduling points, loose traffic few launches;
+     arrivals, but at least what keeps the measured gap between slices under 20 % of a slice,
+     and the next slice is queued behind the running one (see :class:`EDFSlice`; the first
+     version, ``edf-slice-v1``, clamped to ``[min_slice_s, max_slice_s]`` and ran one slice
+     at a time);
    - *offline* (``edf-slice-offline``): the trace is known, so the plan is a preemptive EDF
      simulation of all known tasks (with the same rejection rule), and the current slice ends
      exactly when the next admitted task with an earlier deadline arrives (no slicing at all
@@ -214,8 +216,9 @@ class CapacityEstimator:
 @dataclass
 class TaskState:
     task: Task
-    remaining: int
+    remaining: int  # blocks not completed yet
     executed_flops: float = 0.0
+    inflight: int = 0  # of those, blocks in launched slices that have not completed
     slices: int = 0
     first_start: float | None = None
     finished: float | None = None
@@ -253,6 +256,9 @@ class Scheduler(ABC):
 
     name = "abstract"
     slices = True
+    #: slices :func:`run_faas` keeps launched at once: with 2 the next slice is queued behind
+    #: the running one, so the host's decision, launch and poll overlap GPU work
+    lookahead = 1
     #: the capacity estimator's window: submit-to-end (default: waiting and launch count as lost
     #: capacity) or start-to-end (for schedulers that model the per-slice gap themselves)
     rate_from_start = False
@@ -299,24 +305,33 @@ class Scheduler(ABC):
     def next_slice(self, now: float, capacity: float) -> SliceDecision | None:
         """Drop what is known infeasible, then pick the next slice (None: nothing to run)."""
         self._drop_infeasible(now, capacity)
-        if not self.pending:
+        if not self.pending or all(s.inflight >= s.remaining for s in self.pending.values()):
             return None
         st, blocks, eligible = self.choose(now, capacity)
-        blocks = max(1, min(blocks, st.remaining))
+        blocks = max(1, min(blocks, st.remaining - st.inflight))
         self.decisions.append(
             DecisionRecord(now, st.task.id, blocks, st.remaining_flops, st.task.deadline, capacity,
                            tuple(self.pending), tuple(eligible))  # fmt: skip
         )
         if st.first_start is None:
             st.first_start = now
-        return SliceDecision(st.task.id, blocks, st.task.blocks - st.remaining)
+        return SliceDecision(st.task.id, blocks, st.task.blocks - st.remaining + st.inflight)
 
     @abstractmethod
     def choose(self, now: float, capacity: float) -> tuple[TaskState, int, Sequence[str]]:
         """(task, blocks, ids it chose among) for the next slice; pending is non-empty."""
 
+    def slice_launched(self, task_id: str, blocks: int) -> None:
+        """The slice :meth:`next_slice` chose is on the GPU (matters with ``lookahead`` > 1)."""
+        self.states[task_id].inflight += blocks
+
+    def launchable(self) -> list[TaskState]:
+        """Pending tasks with blocks not yet launched."""
+        return [s for s in self.pending.values() if s.remaining > s.inflight]
+
     def slice_done(self, task_id: str, blocks: int, now: float) -> None:
         st = self.states[task_id]
+        st.inflight = max(0, st.inflight - blocks)
         st.remaining -= blocks
         st.executed_flops += blocks * st.task.flops_per_block
         st.slices += 1
@@ -404,9 +419,12 @@ class EDFSlice(Scheduler):
     Why it is built this way: on a real GPU every slice costs a launch and a poll during which
     the GPU does nothing for this VM (0.4 ms per slice on the H100 with CuPy, see
     :mod:`.calibration`); the first version cut slices as short as 0.2 ms and met 0.09-0.21 of
-    the deadlines there. So the slice length has an overhead floor: the per-slice gap ``o`` is
-    measured online (:meth:`observe_gap`, an EWMA) and a slice lasts at least
-    ``o x (1 - f) / f`` so that overhead stays below the fraction ``f`` (``overhead_fraction``).
+    the deadlines there. Two remedies. The next slice is queued behind the running one
+    (``lookahead`` 2: the decision, launch and poll overlap GPU work, as a CUDA stream allows;
+    an urgent arrival then waits for at most two slices). And the slice length has an overhead
+    floor: the gap ``o`` that remains between slices is measured online (:meth:`observe_gap`,
+    an EWMA) and a slice lasts at least ``o x (1 - f) / f`` so that it stays below the
+    fraction ``f`` (``overhead_fraction``) whenever the queue cannot hide it.
     Slices are shortened below the whole task only when a deadline may need the GPU sooner:
     ``beta x`` the smallest slack among recent arrivals (the latest a newly arrived task can
     afford to wait). Admission (Moore-Hodgson) and dropping count one gap per slice a task
@@ -437,6 +455,7 @@ class EDFSlice(Scheduler):
         # the gap is modelled by observe_gap; counting it in the rate too would count it twice
         # (and shorter slices would then see less capacity, cut slices shorter, and so on)
         self.rate_from_start = overhead_aware
+        self.lookahead = 2 if overhead_aware else 1
         if not overhead_aware:
             self.name = "edf-slice-v1"
         if not (0 < overhead_fraction < 1):
@@ -501,11 +520,12 @@ class EDFSlice(Scheduler):
         gap = self.overhead_s
         overhead = (lambda st: self._slices_needed(st, capacity, slice_s) * gap) if self.overhead_aware else None
         admitted, _ = moore_hodgson(list(self.pending.values()), now, capacity, overhead=overhead)
-        pool = admitted or list(self.pending.values())
+        pool = [s for s in admitted if s.remaining > s.inflight] or self.launchable()
         st = min(pool, key=lambda s: (s.task.deadline, s.task.arrival, s.task.id))
         blocks = self.blocks_for(slice_s, capacity, st)
-        if self.overhead_aware and st.remaining - blocks < self.blocks_for(self.overhead_floor_s(), capacity, st) // 2:
-            blocks = st.remaining  # no tail slice that would cost more in gaps than it saves
+        left = st.remaining - st.inflight
+        if self.overhead_aware and left - blocks < self.blocks_for(self.overhead_floor_s(), capacity, st) // 2:
+            blocks = left  # no tail slice that would cost more in gaps than it saves
         return st, blocks, tuple(s.task.id for s in pool)
 
 
@@ -729,8 +749,9 @@ def run_faas(
 ) -> FaasResult:
     """Replay ``tasks`` (arrival times relative to now) on ``device`` with ``scheduler``.
 
-    One slice is in flight at a time on the FaaS context, so every slice end is a scheduling
-    point; background VMs (if any) load the same device through their own contexts.
+    Up to ``scheduler.lookahead`` slices are in flight on the FaaS context (one for most
+    schedulers, so every slice end is a scheduling point); background VMs (if any) load the
+    same device through their own contexts.
     """
     info = backend.devices()[device]
     gpu = info.gpu_type
@@ -741,27 +762,31 @@ def run_faas(
     arrivals = sorted(tasks, key=lambda t: (t.arrival, t.id))
     by_id = {t.id: t for t in arrivals}
     i = 0
-    running: tuple[int, SliceDecision] | None = None
+    # launched slices in stream order: (op, decision, launched at the first opportunity?)
+    inflight: deque[tuple[int, SliceDecision, bool]] = deque()
     slices = 0
-    last_end: float | None = None  # end of our previous slice when work was still waiting
-    gap_from: float | None = None
+    last_end: float | None = None  # end of our latest slice, if work was waiting then
+    completed = False  # a slice of ours completed in the previous round
     try:
         while True:
             now = backend.now() - t0
             while i < len(arrivals) and arrivals[i].arrival <= now + EPS:
                 scheduler.add(arrivals[i], now)
                 i += 1
-            if running is None:
+            while len(inflight) < scheduler.lookahead:
                 d = scheduler.next_slice(now, est.capacity)
-                if d is not None:
-                    t = by_id[d.task]
-                    spec = KernelSpec(blocks=d.blocks, flops_per_block=t.flops_per_block, name=t.fn,
-                                      block_offset=d.offset)  # fmt: skip
-                    running = (backend.launch(ctx, spec), d)
-                    slices += 1
-                    gap_from = last_end
-                last_end = None
-            if running is None and i >= len(arrivals) and not scheduler.has_pending():
+                if d is None:
+                    break
+                t = by_id[d.task]
+                spec = KernelSpec(blocks=d.blocks, flops_per_block=t.flops_per_block, name=t.fn,
+                                  block_offset=d.offset)  # fmt: skip
+                # eager: queued behind our running slice, or launched as soon as one ended;
+                # only then is the idle time before it the cost of a slice
+                inflight.append((backend.launch(ctx, spec), d, bool(inflight) or completed))
+                scheduler.slice_launched(d.task, d.blocks)
+                slices += 1
+            completed = False
+            if not inflight and i >= len(arrivals) and not scheduler.has_pending():
                 break
             for bg in bgs:
                 bg.pump(now)
@@ -769,7 +794,7 @@ def run_faas(
             for bg in bgs:
                 nxt = min(nxt, bg.switch_at)
             until = None if math.isinf(nxt) else t0 + nxt
-            waiting = ([running[0]] if running else []) + [o for bg in bgs for o in bg.ops]
+            waiting = [op for op, _, _ in inflight] + [o for bg in bgs for o in bg.ops]
             if waiting:
                 done = backend.wait(waiting, until=until)
             elif until is not None:
@@ -777,15 +802,15 @@ def run_faas(
                 done = []
             else:  # nothing running, nothing queued, nothing to come
                 break
-            if running is not None and running[0] in done:
-                op, d = running
+            while inflight and inflight[0][0] in done:  # one stream: slices end in order
+                op, d, eager = inflight.popleft()
                 tm = backend.timing(op)
                 est.observe(tm.flops, tm.end - (tm.start if scheduler.rate_from_start else tm.submit))
-                if gap_from is not None:
-                    scheduler.observe_gap(tm.start - gap_from)
+                if eager and last_end is not None:
+                    scheduler.observe_gap(max(0.0, tm.start - last_end))
                 scheduler.slice_done(d.task, d.blocks, tm.end - t0)
                 last_end = tm.end if scheduler.has_pending() else None
-                running = None
+                completed = True
         end = backend.now() - t0
     finally:
         for bg in bgs:
