@@ -24,19 +24,22 @@ import statistics
 import time
 
 import numpy as np
+from _common import ROOT
 
 from symbiont.placement import heuristics
 from symbiont.placement.bound import lower_bound, quick_bound
 from symbiont.placement.model import Request
 from symbiont.placement.planner import plan
-from symbiont.placement.traces import instance_hosts, sizes, standard_hosts, standard_instances
+from symbiont.placement.traces import instance_hosts, load_bpplib, sizes, standard_hosts, standard_instances
 
 DIMS = ("cpu", "mem", "net")
 
 
-def run_instances(per_class: int, improve_time: float, milp_s: float) -> list[dict[str, object]]:
+def run_instances(
+    insts: list, improve_time: float, milp_s: float, names: list[str]
+) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
-    for inst in standard_instances(per_class=per_class):
+    for inst in insts:
         hosts, reqs = instance_hosts(inst)
         eff = np.tile(inst.capacity, (len(hosts), 1))
         qb = quick_bound(inst.sizes, eff).value
@@ -44,7 +47,7 @@ def run_instances(per_class: int, improve_time: float, milp_s: float) -> list[di
         ref = inst.optimum if inst.optimum is not None else lb
         res: dict[str, int] = {}
         secs: dict[str, float] = {}
-        for name in heuristics.HEURISTICS:
+        for name in names:
             for imp in (False, True):
                 key = f"{name}{'+improve' if imp else ''}"
                 t = time.perf_counter()
@@ -114,12 +117,27 @@ def main() -> None:
     ap.add_argument("--improve-time", type=float, default=1.0, help="seconds per improvement search")
     ap.add_argument("--milp", type=float, default=0.0, help="seconds of MILP for the bound (0: cheap bounds)")
     ap.add_argument("--scale-only", action="store_true")
+    ap.add_argument("--bpplib", default=str(ROOT / "benchmarks" / "instances" / "bpplib"),
+                    help="folder of BPPLIB instances with optima.tsv ('' to skip)")  # fmt: skip
+    ap.add_argument("--no-generated", action="store_true", help="skip the generated (2-D and 1-D) instances")
+    ap.add_argument("--heuristics", default="all", help="comma-separated names, or all")
     ap.add_argument("--no-scale", action="store_true")
     args = ap.parse_args()
     print(f"python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}")
+    names = list(heuristics.HEURISTICS) if args.heuristics == "all" else args.heuristics.split(",")
+    if "ffd-sum" not in names:
+        names.insert(0, "ffd-sum")
     if not args.scale_only:
-        rows = run_instances(1 if args.quick else args.per_class, args.improve_time, args.milp)
-        report_instances(rows)
+        if args.bpplib:
+            insts = load_bpplib(args.bpplib)
+            if args.quick:
+                insts = insts[::10]
+            print(f"\nBPPLIB instances from {args.bpplib} ({len(insts)}; ref = published optimum)")
+            report_instances(run_instances(insts, args.improve_time, args.milp, names))
+        if not args.no_generated:
+            gen = standard_instances(per_class=1 if args.quick else args.per_class)
+            print(f"\ngenerated instances ({len(gen)})")
+            report_instances(run_instances(gen, args.improve_time, args.milp, names))
     if not args.no_scale:
         pts = (
             [(10_000, 1_000), (30_000, 3_000)]

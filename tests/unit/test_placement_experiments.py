@@ -106,7 +106,13 @@ def test_standard_instances_experiment(tmp_path: Path) -> None:
     assert "placement-standard-instances" in registry()
     out, summary = run_experiment(
         "placement-standard-instances",
-        ["per_class=1", "families=falkenauer-t,scholl1", "heuristics=first-fit,ffd-sum", "improve_time=0.3"],
+        [
+            "source=generated",
+            "per_class=1",
+            "families=falkenauer-t,scholl1",
+            "heuristics=first-fit,ffd-sum",
+            "improve_time=0.3",
+        ],  # fmt: skip
         results_root=tmp_path,
         show_progress=False,
     )
@@ -118,6 +124,15 @@ def test_standard_instances_experiment(tmp_path: Path) -> None:
     assert int(t[("ffd-sum", "True")]["hosts_used"]) <= int(t[("ffd-sum", "False")]["hosts_used"])
     assert all(float(x["ratio"]) >= 1.0 for x in r)  # never below the optimum or a valid bound
     assert summary["falkenauer-t/ffd-sum+improve"] <= summary["falkenauer-t/ffd-sum"]
+    out, summary = run_experiment(
+        "placement-standard-instances",
+        ["source=bpplib", "families=scholl3", "heuristics=ffd-sum", "improve_time=0.3"],
+        results_root=tmp_path,
+        show_progress=False,
+    )
+    r = rows(out / "instances.csv")
+    assert len(r) == 10 * 2 and {x["reference_kind"] for x in r} == {"optimum"}  # Scholl's 10 hard ones
+    assert summary["scholl3/ffd-sum+improve"] < summary["scholl3/ffd-sum"]
     with pytest.raises(ExperimentError, match="unknown family"):
         run_experiment(
             "placement-standard-instances", ["families=nope"], results_root=tmp_path, show_progress=False

@@ -124,3 +124,34 @@ def test_generator_rejects_bad_arguments() -> None:
         generate(5, mix="aws")
     with pytest.raises(ValueError, match="knows no resource 'tpu'"):
         generate(5, dims=("cpu", "tpu"))
+
+
+def test_standard_instances_are_seeded_and_triplets_have_their_optimum() -> None:
+    from symbiont.placement.traces import standard_instances, triplet_instance
+
+    a = standard_instances(per_class=1)
+    b = standard_instances(per_class=1)
+    assert [i.name for i in a] == [i.name for i in b]
+    assert all(np.array_equal(x.sizes, y.sizes) for x, y in zip(a, b, strict=True))
+    w, cap, opt = triplet_instance(60, seed=4)
+    assert len(w) == 60 and opt == 20 and w.sum() == cap * opt  # every host exactly full
+    assert w.min() >= 250 and w.max() < cap / 2
+    for inst in a:
+        if inst.optimum is not None:  # by construction: the volume meets the optimum in each dimension
+            assert np.allclose(inst.sizes.sum(axis=0), inst.capacity * inst.optimum)
+
+
+def test_load_bpplib(tmp_path: Path) -> None:
+    from symbiont.placement.traces import load_bpplib
+
+    (tmp_path / "fam").mkdir()
+    (tmp_path / "fam" / "x.txt").write_text("3\n10\n6\n5\n4\n")
+    (tmp_path / "optima.tsv").write_text("fam/x.txt\t2\t2\n")
+    (inst,) = load_bpplib(tmp_path)
+    assert (inst.name, inst.family, inst.optimum, inst.capacity.tolist()) == ("x", "fam", 2, [10.0])
+    (tmp_path / "fam" / "y.txt").write_text("3\n10\n6\n5\n")
+    with pytest.raises(ValueError, match="y.txt: expected the item count"):
+        load_bpplib(tmp_path)
+    stored = load_bpplib(Path(__file__).resolve().parents[2] / "benchmarks" / "instances" / "bpplib")
+    assert len(stored) == 110 and all(i.optimum for i in stored)
+    assert {i.family for i in stored} == {"scholl1", "scholl2", "scholl3", "falkenauer_t", "falkenauer_u"}

@@ -8,6 +8,7 @@ small enough to finish in well under a minute on two cores.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,9 @@ from symbiont.placement.overload import HotspotConfig
 from symbiont.placement.planner import plan
 from symbiont.placement.simulator import SimConfig, simulate
 from symbiont.placement.traces import MIXES, generate, sizes, standard_hosts
+
+# The stored BPPLIB subset (benchmarks/instances/README.md): in the source tree, not the package.
+BPPLIB = Path(__file__).resolve().parents[3] / "benchmarks" / "instances" / "bpplib"
 
 
 def _plt() -> Any:
@@ -361,6 +365,7 @@ def run_hotspots(ctx: RunContext) -> dict[str, Any]:
     "(Scholl-, Falkenauer- and 2-D-style, generated from the published recipes with fixed seeds): "
     "hosts used / optimum (or best lower bound) per class, against a textbook first-fit decreasing.",
     params={
+        "source": "both",
         "per_class": 2,
         "families": ["all"],
         "heuristics": ["all"],
@@ -368,7 +373,9 @@ def run_hotspots(ctx: RunContext) -> dict[str, Any]:
         "seed": 0,
     },
     param_help={
-        "per_class": "instances per class (classes: scholl1..3, falkenauer-u/t, vector-uniform/anticorrelated/triplets)",
+        "source": "generated (seeded, incl. 2-D), bpplib (the stored Scholl/Falkenauer subset with published "
+        "optima, benchmarks/instances/bpplib in a checkout), or both",
+        "per_class": "generated instances per class (scholl1..3, falkenauer-u/t, vector-uniform/anticorrelated/triplets)",
         "families": "classes to run, or 'all'",
         "heuristics": "heuristic names, or 'all' (batch mode; ffd-sum alone is the textbook reference)",
         "improve_time": "seconds each improvement search may take",
@@ -377,11 +384,21 @@ def run_hotspots(ctx: RunContext) -> dict[str, Any]:
 )
 def run_standard_instances(ctx: RunContext) -> dict[str, Any]:
     from symbiont.placement.bound import quick_bound
-    from symbiont.placement.traces import instance_hosts, standard_instances
+    from symbiont.placement.traces import instance_hosts, load_bpplib, standard_instances
 
     p = ctx.params
     names = _heuristic_list(list(p["heuristics"]))
-    insts = standard_instances(per_class=int(p["per_class"]), seed=int(p["seed"]))
+    if p["source"] not in ("generated", "bpplib", "both"):
+        raise ExperimentError(f"source {p['source']!r}: expected generated, bpplib or both")
+    insts = []
+    if p["source"] in ("generated", "both"):
+        insts += standard_instances(per_class=int(p["per_class"]), seed=int(p["seed"]))
+    if p["source"] in ("bpplib", "both"):
+        if not BPPLIB.is_dir():
+            raise ExperimentError(
+                f"{BPPLIB}: the stored instances are only in a source checkout; use source=generated"
+            )
+        insts += [i for i in load_bpplib(BPPLIB)]
     known = sorted({i.family for i in insts})
     fams = known if list(p["families"]) in (["all"], []) else list(p["families"])
     for f in fams:
@@ -393,7 +410,7 @@ def run_standard_instances(ctx: RunContext) -> dict[str, Any]:
     for inst in insts:
         hosts, reqs = instance_hosts(inst)
         lb = quick_bound(inst.sizes, np.tile(inst.capacity, (len(hosts), 1))).value
-        ref = inst.optimum if inst.optimum is not None else lb
+        ref = inst.optimum if inst.optimum is not None else lb  # BPPLIB: published optimum
         for name in names:
             for imp in (False, True):
                 t0 = time.perf_counter()

@@ -518,3 +518,34 @@ def instance_hosts(inst: Instance, count: int | None = None) -> tuple[list[Host]
         Request(f"v{i}", dict(zip(dims, map(float, row), strict=True))) for i, row in enumerate(inst.sizes)
     ]
     return hosts, reqs
+
+
+def load_bpplib(root: str | Path) -> list[Instance]:
+    """Instances in BPPLIB's text format under ``root`` (``family/NAME.txt``: item count, capacity,
+    one weight per line), with the optima listed in ``root/optima.tsv`` (file, lower, upper bound;
+    the optimum is set where they agree). Errors name the file and line."""
+    base = Path(root)
+    opt: dict[str, int] = {}
+    tsv = base / "optima.tsv"
+    if tsv.exists():
+        for i, line in enumerate(tsv.read_text().splitlines(), 1):
+            parts = line.split("\t")
+            if len(parts) != 3:
+                raise ValueError(f"{tsv}:{i}: expected file, lower bound, upper bound")
+            if parts[1] == parts[2]:
+                opt[parts[0]] = int(parts[1])
+    out: list[Instance] = []
+    for f in sorted(base.glob("*/*.txt")):
+        try:
+            nums = [float(x) for x in f.read_text().split()]
+        except ValueError as exc:
+            raise ValueError(f"{f}: not a BPPLIB instance ({exc})") from None
+        if len(nums) < 2 or len(nums) != 2 + int(nums[0]):
+            raise ValueError(f"{f}: expected the item count, the capacity and that many weights")
+        rel = f"{f.parent.name}/{f.name}"
+        out.append(
+            Instance(f.stem, f.parent.name, np.array(nums[2:])[:, None], np.array([nums[1]]), opt.get(rel))
+        )
+    if not out:
+        raise ValueError(f"{base}: no instances (expected FAMILY/NAME.txt files)")
+    return out
