@@ -34,10 +34,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from symbiont.placement.model import RTOL
 
@@ -174,10 +173,11 @@ def quick_bound(demands: np.ndarray, effective: np.ndarray) -> LowerBound:
     return LowerBound(value, method, detail=f"volume {vol}, L2 {l2}" + (f", clique {cl}" if cl else ""))
 
 
-def _model(
-    d: np.ndarray, e: np.ndarray, vol: int
-) -> tuple[np.ndarray, list[LinearConstraint], Bounds, int, int]:
+def _model(d: np.ndarray, e: np.ndarray, vol: int) -> tuple[np.ndarray, list[Any], Any, int, int]:
     """Objective, constraints and bounds of the MILP above (x first, VM-major; then y)."""
+    from scipy import sparse  # imported here: SciPy costs ~1 s to import, the cheap bounds need none of it
+    from scipy.optimize import Bounds, LinearConstraint
+
     nv, nh = d.shape[0], e.shape[0]
     nx = nv * nh
     c = np.concatenate([np.zeros(nx), np.ones(nh)])
@@ -276,6 +276,8 @@ def milp_bound(
     est = d.shape[0] * len(keep) * _BUILD_S_PER_VAR
     if deadline - time.perf_counter() < est + _MIN_SOLVE_S:
         return _stopped(base, f"time limit {time_limit:.3g}s: no time for the {'LP' if relax else 'MILP'}")
+    from scipy.optimize import milp
+
     c, cons, bounds, nx, nh = _model(d, e[keep], vol)
     left = deadline - time.perf_counter()
     if left < _MIN_SOLVE_S:

@@ -201,13 +201,12 @@ def choose(
     if not cand.any():
         return -1, None
     s = h.score(r, view)
-    if h.maximise:
-        best = float(np.max(np.where(cand, s, -np.inf)))
-        tie = cand & (s >= best - TIE_RTOL * max(1.0, abs(best)))
-    else:
-        best = float(np.min(np.where(cand, s, np.inf)))
-        tie = cand & (s <= best + TIE_RTOL * max(1.0, abs(best)))
-    k = int(np.argmax(tie))  # ties (up to float noise) go to the lowest host index, as documented
+    masked = np.where(cand, -s if h.maximise else s, np.inf)  # minimise
+    k = int(np.argmin(masked))
+    # Ties, up to float noise, go to the lowest host index as documented: look only below k.
+    lim = masked[k] + TIE_RTOL * max(1.0, abs(float(masked[k])))
+    if k and (masked[:k] <= lim).any():
+        k = int(np.argmax(masked[:k] <= lim))
     return k, float(s[k])
 
 
