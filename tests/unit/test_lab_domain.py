@@ -290,6 +290,11 @@ def test_session_prefix_comes_from_the_config_the_experiment_and_a_run_id(
     with pytest.raises(RuntimeError):
         s.__enter__()
     assert s.prefix == f"alice-fig2b-{s.owner.run}-"
+    monkeypatch.setenv("SYMBIONT_CONFIG", str(base))  # as 'SYMBIONT_CONFIG=... symbiont experiment run'
+    s = session_mod.LabSession(count=1)
+    with pytest.raises(RuntimeError):
+        s.__enter__()
+    assert s.prefix == f"alice-session-{s.owner.run}-"
 
 
 def test_no_experiment_hard_codes_a_vm_prefix() -> None:

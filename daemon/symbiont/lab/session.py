@@ -140,6 +140,8 @@ class LabSession:
             self._tmp = tempfile.TemporaryDirectory(prefix="symbiont-lab-")
             self.work_dir = Path(self._tmp.name)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.base_config is None:  # as the CLI: SYMBIONT_CONFIG names the config (lab.vm_prefix, paths)
+            self.base_config = os.environ.get("SYMBIONT_CONFIG") or None
         base = load_config(self.base_config)
         if self.prefix is None:
             self.prefix = f"{base.lab.vm_prefix}{self._tag()}-{self.owner.run}-"
