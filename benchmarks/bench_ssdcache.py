@@ -10,7 +10,7 @@
    off, data cached). The export maps its 128 logical blocks onto physical blocks in reverse
    order, so every 1 MiB crosses the translation. Target: ≥ 50 % for 1 MiB sequential.
 2. Commit time of an inflate and a deflate of 64 blocks (sqlite transactions, map update,
-   BLKZEROOUT of the freed blocks), host side, no guest: target < 20 ms.
+   zeroing of the freed blocks by punching holes), host side, no guest: target < 20 ms.
 """
 
 from __future__ import annotations

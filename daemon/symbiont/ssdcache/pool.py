@@ -91,43 +91,43 @@ def device_allowed(device: str, patterns: list[str]) -> bool:
                for n in names for pat in patterns)
 
 
-def _sys_block(rdev: int) -> Path | None:
-    p = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
-    return p.resolve() if p.exists() else None
-
-
-def device_in_use(device: str) -> str:
+def device_in_use(device: str, sys_root: str = "/sys", proc_root: str = "/proc") -> str:
     """Why ``device`` (or one of its partitions) must not be touched: mounted, held by another
-    device (device-mapper, md, loop), or swap; empty when none of these."""
-    rdev = os.stat(device).st_rdev
-    devs = {rdev: os.path.basename(os.path.realpath(device))}
-    sysd = _sys_block(rdev)
-    if sysd is not None:
-        for part in sysd.iterdir():
+    device (device-mapper, md, bcache), or swap; empty when none of these."""
+    return _in_use(os.stat(device).st_rdev, os.path.basename(os.path.realpath(device)),
+                   Path(sys_root), Path(proc_root))
+
+
+def _in_use(rdev: int, name: str, sys_root: Path, proc_root: Path) -> str:
+    top = sys_root / "dev" / "block" / f"{os.major(rdev)}:{os.minor(rdev)}"
+    devs = {rdev: name}
+    dirs = {rdev: top.resolve()} if top.exists() else {}
+    if dirs:
+        for part in sorted(dirs[rdev].iterdir()):
             if (part / "partition").exists() and (part / "dev").exists():
                 maj, mnr = (part / "dev").read_text().strip().split(":")
                 devs[os.makedev(int(maj), int(mnr))] = part.name
-        for dnum, name in devs.items():
-            sd = _sys_block(dnum)
-            holders = sorted(h.name for h in (sd / "holders").iterdir()) if sd and (sd / "holders").exists() else []
-            if holders:
-                return f"{name} is held by {', '.join(holders)}"
+                dirs[os.makedev(int(maj), int(mnr))] = part
+    for dnum, d in dirs.items():
+        holders = sorted(h.name for h in (d / "holders").iterdir()) if (d / "holders").is_dir() else []
+        if holders:
+            return f"{devs[dnum]} is held by {', '.join(holders)}"
     with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        for line in (proc_root / "self" / "mountinfo").read_text().splitlines():
             f = line.split()
             if len(f) > 4:
                 maj, _, mnr = f[2].partition(":")
                 if maj.isdigit() and mnr.isdigit() and os.makedev(int(maj), int(mnr)) in devs:
                     return f"{devs[os.makedev(int(maj), int(mnr))]} is mounted on {f[4]}"
-    for table, col, what in (("/proc/mounts", 0, "mounted"), ("/proc/swaps", 0, "in use as swap")):
+    for table, what in (("mounts", "mounted"), ("swaps", "in use as swap")):
         with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines():
+            for line in (proc_root / table).read_text().splitlines():
                 f = line.split()
-                if len(f) > col and f[col].startswith("/"):
+                if f and f[0].startswith("/"):
                     with contextlib.suppress(OSError):
-                        st = os.stat(f[col])
+                        st = os.stat(f[0])
                         if stat.S_ISBLK(st.st_mode) and st.st_rdev in devs:
-                            return f"{devs[st.st_rdev]} is {what} ({f[col]})"
+                            return f"{devs[st.st_rdev]} is {what} ({f[0]})"
     return ""
 
 
