@@ -110,8 +110,15 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/v1/vms")
     async def list_vms() -> list[dict[str, Any]]:
-        # json_safe: a view holds what a guest sent (its hello); one bad VM must not break the list.
-        return [json_safe(daemon.vm_view(r.name)) for r in daemon.store.list_vms()]
+        # A view holds what a guest sent (its hello): one bad VM must not break the list.
+        out = []
+        for rec in daemon.store.list_vms():
+            try:
+                out.append(json_safe(daemon.vm_view(rec.name)))
+            except Exception as exc:
+                log.warning("vm %s: view failed, listed with the error: %s", rec.name, exc, exc_info=True)
+                out.append({"name": rec.name, "uuid": rec.uuid, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        return out
 
     @app.post("/v1/vms", status_code=201)
     async def register(body: Registration) -> dict[str, Any]:

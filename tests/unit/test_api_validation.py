@@ -179,3 +179,21 @@ def test_an_unexpected_error_is_500_with_a_reason(env, monkeypatch) -> None:
     r = client.get("/v1/status")
     assert r.status_code == 500
     assert "RuntimeError: status exploded" in r.json()["detail"]
+
+
+def test_one_broken_view_does_not_break_the_list(env, monkeypatch) -> None:
+    client, d = env
+    for name in ("vm1", "vm2"):
+        assert client.post("/v1/vms", json={"name": name}).status_code == 201
+    real = d.vm_view
+
+    def view(name: str) -> dict[str, Any]:
+        if name == "vm1":
+            raise TypeError("unsupported operand type(s) for //: 'str' and 'int'")
+        return real(name)
+
+    monkeypatch.setattr(d, "vm_view", view)
+    r = client.get("/v1/vms")
+    assert r.status_code == 200, r.text
+    got = {v["name"]: v for v in r.json()}
+    assert "TypeError" in got["vm1"]["error"] and got["vm2"]["uuid"] == "uuid-vm2" and "error" not in got["vm2"]
