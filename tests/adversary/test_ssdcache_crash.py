@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -117,16 +118,18 @@ def bench(as_root, tmp_path):
     try:
         yield d, pool_file
     finally:
-        if d.proc is None or d.proc.poll() is not None:
-            d.start()
-        with d.client() as c:
-            for v in c.get("/v1/ssdcache/caches"):
-                c.delete(f"/v1/ssdcache/caches/{v['vm']}")
-            if c.get("/v1/ssdcache/pool")["exists"]:
-                c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
-        d.stop()
-        for dev in loop_devices_of(pool_file) if pool_file.exists() else []:
-            os.system(f"losetup -d {dev}")
+        try:
+            if d.proc is None or d.proc.poll() is not None:
+                d.start()
+            with d.client() as c:
+                for v in c.get("/v1/ssdcache/caches"):
+                    c.delete(f"/v1/ssdcache/caches/{v['vm']}")
+                if c.get("/v1/ssdcache/pool")["exists"]:
+                    c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
+        finally:
+            d.stop()
+            for dev in loop_devices_of(pool_file) if pool_file.exists() else []:
+                subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def check_invariants(d: DaemonProcess, pool_file: Path) -> dict[str, int]:

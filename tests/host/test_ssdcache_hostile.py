@@ -90,14 +90,16 @@ def env(as_root, tmp_path_factory):
             yield {"d": d, "tmp": tmp, "pools": pools, "mnt": mnt, "mounted": mounted,
                    "swap": swap, "good": good, "unlisted": unlisted}
         finally:
-            if d.proc is None:
-                d.start()
-            with d.client() as c:
-                for v in c.get("/v1/ssdcache/caches"):
-                    c.delete(f"/v1/ssdcache/caches/{v['vm']}")
-                if c.get("/v1/ssdcache/pool")["exists"]:
-                    c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
-            d.stop()
+            try:
+                if d.proc is None or d.proc.poll() is not None:
+                    d.start()
+                with d.client() as c:
+                    for v in c.get("/v1/ssdcache/caches"):
+                        c.delete(f"/v1/ssdcache/caches/{v['vm']}")
+                    if c.get("/v1/ssdcache/pool")["exists"]:
+                        c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
+            finally:
+                d.stop()
     finally:
         for s in swaps:
             subprocess.run(["swapoff", s], check=False)
