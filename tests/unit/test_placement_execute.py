@@ -513,10 +513,10 @@ def test_execute_runs_balloon_steps_in_plan_order_through_the_right_daemon(monke
     assert order == [] and decisions[-1][3]["ok"] is False
 
 
-def test_execute_refuses_a_shrink_below_the_guest_floor(monkeypatch) -> None:
-    """Issue 16 item 12: a plan that shrinks a 512 MiB guest to 75 MiB is refused before any step
-    runs, with the floor the VM's daemon reports (GET /v1/memory/vms/{vm}/floor) as the reason;
-    a shrink to the floor itself runs."""
+def test_execute_clamps_a_shrink_below_the_guest_floor(monkeypatch) -> None:
+    """Issue 16 item 12: a plan that shrinks a 512 MiB guest to 75 MiB shrinks it to the floor its
+    daemon reports (GET /v1/memory/vms/{vm}/floor) instead, says so in the dry run and the
+    result, and a later move of the VM carries the clamped size to its destination."""
     from symbiont.client import ApiError
     from symbiont.memory.floor import guest_floor
     from symbiont.placement import execute
@@ -541,17 +541,27 @@ def test_execute_refuses_a_shrink_below_the_guest_floor(monkeypatch) -> None:
         return c
 
     monkeypatch.setattr(execute, "_client", client)
-    ex = Executor(DHOSTS, log_decision=lambda *a: None)
+    decisions: list[tuple] = []
+    ex = Executor(DHOSTS, log_decision=lambda *a: decisions.append(a))
     monkeypatch.setattr(ex, "locate", dlocate)
+    moved: list[MoveSpec] = []
+    monkeypatch.setattr(ex, "migrate", lambda m: moved.append(m) or {"ok": True})
     old = VIEWS["A"]["web"]
     VIEWS["A"]["web"] = {**old, "policy": {"memory": {"min_mib": 64}}}
     try:
-        with pytest.raises(ValueError, match=r"shrink of web: 75 MiB below the guest's safe floor \(guest floor "
-                                             rf"{floor['floor_mib']} MiB = max\(absolute 128, kernel reserve 43"):
-            ex.execute([MemorySpec("shrink", "web", "A", 75, "idle")])
-        assert [c for c in daemons.calls if c[1] == "PUT"] == []
-        res = ex.execute([MemorySpec("shrink", "web", "A", floor["floor_mib"], "idle")])
-        assert res[0]["ok"] and res[0]["target_mib"] == floor["floor_mib"]
+        plan = [MemorySpec("shrink", "web", "A", 75, "idle"), MoveSpec("web", "A", "B", balloon_mib=75)]
+        (dry, _) = ex.check(plan)
+        assert dry["mem_to"] == 75 and dry["clamped_to"] == 141
+        assert dry["clamp_reason"].startswith("75 MiB is below the guest's safe floor (guest floor 141 MiB = "
+                                              "max(absolute 128, kernel reserve 43 + used 60 + margin 37))")
+        res = ex.execute(plan)
+        puts = [(c[2], c[3]) for c in daemons.calls if c[1] == "PUT"]
+        assert puts == [("/v1/vms/web/memory", {"target_mib": 141})]  # never 75
+        assert res[0]["ok"] and res[0]["target_mib"] == 141 and res[0]["clamped_from"] == 75
+        assert "safe floor" in res[0]["clamp_reason"] and decisions[0][2]["mem_to"] == 141
+        assert moved == [MoveSpec("web", "A", "B", balloon_mib=141)]
+        # At or above the floor: untouched.
+        assert "clamped_to" not in ex.check([MemorySpec("shrink", "web", "A", 141)])[0]
     finally:
         VIEWS["A"]["web"] = old
 

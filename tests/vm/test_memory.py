@@ -155,3 +155,56 @@ def test_minimum_is_respected_and_bad_parameters_rejected(lab: LabSession) -> No
     for _ in range(3):
         time.sleep(PERIOD)
         assert mem(lab)[name]["target_mib"] >= 450
+
+
+def test_no_path_shrinks_a_guest_below_its_floor(lab: LabSession) -> None:
+    """Issue 16 item 12: a shrink of a 512 MiB guest to 75 MiB (what an idle plan once asked
+    for: the guest panicked) is refused with the floor's make-up through the API and
+    clamped to the floor with the reason through plan execution; an idle plan built from the
+    live inventory stays above the floor; the guest stays alive and its agent answers."""
+    from symbiont.placement.execute import Executor, MemorySpec, parse_hosts
+    from symbiont.placement.idle import IdleConfig, VMActivity, target_mem
+
+    name = lab.names[0]
+    with lab.client() as c:
+        fl = lab.wait_for(lambda: (f := c.get(f"/v1/memory/vms/{name}/floor"))["used_mib"] is not None and f,
+                          30, "a guest sample")
+        # The guest kernel's reserve below MemTotal, recorded from the first sample (lab guest: ~43 MiB).
+        assert 30 <= fl["reserve_mib"] <= 60, fl
+        assert fl["floor_mib"] >= max(128, fl["reserve_mib"] + fl["used_mib"]) > 75
+        before = c.get(f"/v1/vms/{name}")["balloon_mib"]
+        with pytest.raises(ApiError) as ei:
+            c.put(f"/v1/vms/{name}/memory", {"target_mib": 75})
+        assert ei.value.status == 422 and "below the safe floor" in ei.value.detail
+        assert "kernel reserve" in ei.value.detail and "used" in ei.value.detail
+        inv = c.get("/v1/placement/inventory")
+        # Its own minimum (128 from the lab's registration) would refuse 75 MiB first: down to the
+        # lowest the API allows, so that only the guest floor stands in the way.
+        c.put(f"/v1/memory/vms/{name}", {"min_mib": 64})
+    hosts = parse_hosts([{"id": "here", "libvirt_uri": lab.daemon.cfg.libvirt_uri, "daemon": lab.daemon.cfg.socket}])
+    ex = Executor(hosts, log_decision=lambda *a: None)
+    (res,) = ex.execute([MemorySpec("shrink", name, "here", 75, "idle")])
+    assert res["ok"] and res["clamped_from"] == 75 and "below the guest's safe floor" in res["clamp_reason"], res
+    assert res["target_mib"] >= 128 and res["target_mib"] >= fl["reserve_mib"] + fl["used_mib"]
+    # The idle plan's shrink target from the live inventory: at or above the daemon's floor.
+    a = inv["activity"][name]
+    assert a["floor_mib"] >= 128 and a["reserve_mib"] is not None
+    vm = VMActivity(name, "here", 512, [0.0] * 4, 60.0, reserve_mib=a["reserve_mib"], floor_mib=a["floor_mib"])
+    assert target_mem(vm, IdleConfig(window=4)) >= max(a["floor_mib"], a["reserve_mib"] + 60 + 37)
+    # Alive at its floor: the balloon got there and the agent keeps answering for a while.
+    lab.wait_for(lambda: 0 < (_view(lab, name)["balloon_actual_mib"] or 0) <= res["target_mib"] + 2, 60,
+                 "the balloon down at the floor")
+    for _ in range(3):
+        time.sleep(3 * PERIOD)
+        v = _view(lab, name)
+        assert v["cooperative"] and v["state"] == "running" and time.time() - v["stats_at"] < 3 * PERIOD, v
+        assert v["guest"]["mem_total_mib"], v
+    assert guest_exec(lab.host, name, "echo alive").output.strip().endswith("alive")
+    with lab.client() as c:
+        c.put(f"/v1/memory/vms/{name}", {"min_mib": 128})
+        c.put(f"/v1/vms/{name}/memory", {"target_mib": before})
+
+
+def _view(lab: LabSession, name: str) -> dict:
+    with lab.client() as c:
+        return c.get(f"/v1/vms/{name}")

@@ -324,10 +324,41 @@ def check_plan(
                 )
             fl = v.get("memory_floor") or {}
             if s.kind == "shrink" and isinstance(fl.get("floor_mib"), int) and s.mem_mib < fl["floor_mib"]:
-                # The daemon would refuse it too; refused here before any step of the plan runs.
-                raise ValueError(f"{s.kind} of {s.vm}: {s.mem_mib} MiB below the guest's safe floor "
-                                 f"({fl.get('reason') or fl['floor_mib']})")
+                # Below what the guest needs now (its daemon would refuse it): the shrink goes to
+                # the floor instead. A plan made a little earlier is a little stale (the guest's
+                # used memory moves); a 75 MiB shrink of a 512 MiB guest is never carried out.
+                if fl["floor_mib"] > rng[1]:
+                    raise ValueError(f"{s.kind} of {s.vm}: its guest floor {fl['floor_mib']} MiB is above "
+                                     f"its range {rng[0]}..{rng[1]} MiB")
+                out.append({**s.to_dict(), "daemon": hosts[s.host].daemon, "range_mib": rng,
+                            "clamped_to": fl["floor_mib"],
+                            "clamp_reason": f"{s.mem_mib} MiB is below the guest's safe floor "
+                                            f"({fl.get('reason') or fl['floor_mib']})"})
+                continue
         out.append({**s.to_dict(), "daemon": hosts[s.host].daemon, "range_mib": rng})
+    return out
+
+
+def clamped_steps(steps: Sequence[Step], checked: Sequence[Mapping[str, Any]]) -> list[tuple[Step, dict | None]]:
+    """The steps as they run: a shrink that :func:`check_plan` found below the guest's floor goes
+    to the floor (with ``{"clamped_from", "clamp_reason"}`` for its result), and a later move of
+    the same VM carries the clamped size to its destination."""
+    from dataclasses import replace
+
+    out: list[tuple[Step, dict | None]] = []
+    size: dict[str, int] = {}
+    for s, c in zip(steps, checked, strict=True):
+        if isinstance(s, MemorySpec):
+            size.pop(s.vm, None)
+            if c.get("clamped_to") is not None:
+                size[s.vm] = int(c["clamped_to"])
+                out.append((replace(s, mem_mib=int(c["clamped_to"])),
+                            {"clamped_from": s.mem_mib, "clamp_reason": c["clamp_reason"]}))
+                continue
+        elif s.vm in size and s.balloon_mib is not None and s.balloon_mib < size[s.vm]:
+            out.append((replace(s, balloon_mib=size[s.vm]), None))
+            continue
+        out.append((s, None))
     return out
 
 
@@ -452,10 +483,12 @@ class Executor:
 
     def execute(self, steps: Sequence[Step]) -> list[dict[str, Any]]:
         """Check the whole plan, then run one step after the other; stop at the first failure."""
-        self.check(steps)
+        checked = self.check(steps)
         results = []
-        for s in steps:
+        for s, clamp in clamped_steps(steps, checked):
             res = self.migrate(s) if isinstance(s, MoveSpec) else self.set_memory(s)
+            if clamp is not None:
+                res = {**res, **clamp}
             results.append(res)
             if not res["ok"]:
                 break
