@@ -252,11 +252,13 @@ class AgentLink:
         frames.hunt()  # QEMU may hold bytes of an earlier session
         await self._send(proto.hello("host", _version(), [], time=time.time()))
         greet_at = time.monotonic()
-        frame_started: float | None = None  # when the pending frame's first byte arrived
+        # The deadline is per frame, not per read: a trickle of bytes does not renew it. It runs
+        # from the arrival of the pending frame's first byte (while hunting: of the candidate's).
+        pending: int | None = None
+        frame_started = 0.0
         while True:
-            if frames.mid_frame:
-                # The deadline is per frame, not per read: a trickle of bytes does not renew it.
-                timeout = (frame_started or time.monotonic()) + self.frame_timeout - time.monotonic()
+            if pending is not None:
+                timeout = frame_started + self.frame_timeout - time.monotonic()
             else:
                 timeout = 2.0
             try:
@@ -265,7 +267,7 @@ class AgentLink:
                 async with asyncio.timeout(timeout):  # not wait_for: see wait_ready
                     data = await reader.read(65536)
             except TimeoutError:
-                if frames.mid_frame:
+                if pending is not None:
                     raise proto.ProtocolError(
                         f"truncated frame: {frames.buffered} bytes pending for {self.frame_timeout:.1f} s"
                     ) from None
@@ -279,9 +281,8 @@ class AgentLink:
             before = frames.discarded
             msgs = frames.feed(data)
             self.stats.bytes_discarded += frames.discarded - before
-            if not frames.mid_frame:
-                frame_started = None
-            elif frame_started is None or msgs:
+            if frames.pending_offset != pending:
+                pending = frames.pending_offset
                 frame_started = time.monotonic()  # a new frame began in this chunk
             for msg in msgs:
                 self.stats.frames_in += 1

@@ -195,6 +195,7 @@ class FrameReader:
         self._buf = bytearray()
         self.hunting = False
         self.discarded = 0
+        self.consumed = 0  # stream offset of _buf[0]
         self.work = 0  # bytes scanned, parsed or copied: a cost meter for tests
         self._header: tuple[int, int] | None = None  # (jlen, blen) of a frame whose JSON parsed
         self._parsed: dict[str, Any] | None = None
@@ -222,6 +223,12 @@ class FrameReader:
         if self.hunting:
             return len(self._buf) >= len(MAGIC)
         return bool(self._buf)
+
+    @property
+    def pending_offset(self) -> int | None:
+        """Stream offset of the first byte of the pending frame (or hunting candidate), None
+        when nothing is pending: a frame's deadline runs from when this offset first appeared."""
+        return self.consumed if self.mid_frame else None
 
     def _check_lengths(self, version: int, flags: int, jlen: int, blen: int, magic: bytes) -> None:
         if magic != MAGIC:
@@ -263,6 +270,7 @@ class FrameReader:
             header = self._parsed
             assert header is not None
             del self._buf[:total]
+            self.consumed += total
             self._header = self._parsed = None
             self.hunting = False
             self._clean_upto, self._bad_at = 0, -1
@@ -336,6 +344,7 @@ class FrameReader:
         if pos:
             del buf[:pos]
             self.discarded += pos
+            self.consumed += pos
         self._clean_upto, self._bad_at = max(0, clean - pos), max(-1, bad_at - pos)
         return found
 

@@ -41,6 +41,8 @@ class FakeGuest:
         self.conn: socket.socket | None = None
         self.accepted = 0
         self.stats_answered = 0
+        self.stats_times: list[float] = []  # monotonic time of each stats answer
+        self.stats: dict = VALID_STATS  # what behave() answers to "stats"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -87,9 +89,20 @@ class FakeGuest:
         return False
 
     # -- a well-behaved agent, in a thread --------------------------------------------------
-    def behave(self) -> None:
+    def behave(self, stats: dict | None = None) -> None:
+        """Answer like a good agent, in a thread (``stats``: the answer to "stats")."""
+        self.stats = stats if stats is not None else VALID_STATS
+        self._stop.clear()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+
+    def stop_behaving(self) -> None:
+        """End behave()'s thread and its connection (the daemon reconnects)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        self._stop.clear()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -113,9 +126,10 @@ class FakeGuest:
                         if m.type == "hello":
                             conn.sendall(proto.encode(proto.hello("agent", "fake", ["ping", "stats"], boot_id="good", pid=2)))
                         elif m.type == "req":
-                            result = VALID_STATS if m.header["op"] == "stats" else {"pong": True}
+                            result = self.stats if m.header["op"] == "stats" else {"pong": True}
                             if m.header["op"] == "stats":
                                 self.stats_answered += 1
+                                self.stats_times.append(time.monotonic())
                             conn.sendall(proto.encode(proto.response_ok(m.header["id"], result)))
             conn.close()
 
@@ -129,6 +143,28 @@ class FakeGuest:
             self._thread.join(5)
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+def trickle_until_closed(conn: socket.socket, data: bytes, interval: float, timeout: float) -> float | None:
+    """Send ``data`` one byte per ``interval`` (slow-loris), draining what the daemon sends;
+    return the seconds until the daemon closed the connection, or None if it never did."""
+    t0 = time.monotonic()
+    conn.settimeout(interval)
+    i = 0
+    while time.monotonic() - t0 < timeout:
+        try:
+            if i < len(data):
+                conn.sendall(data[i : i + 1])
+                i += 1
+            while True:
+                got = conn.recv(65536)
+                if not got:
+                    return time.monotonic() - t0
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - t0
+    return None
 
 
 def raw_frame(jlen: int, blen: int, body: bytes = b"") -> bytes:

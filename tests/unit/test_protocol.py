@@ -272,3 +272,18 @@ def test_error_messages_do_not_echo_unbounded_peer_data() -> None:
     with pytest.raises(proto.ProtocolError) as info:
         proto.FrameReader().feed(_frame(json.dumps({"type": "x" * 100_000}).encode()))
     assert len(str(info.value)) < 300
+
+
+def test_pending_offset_marks_one_frame_however_slowly_it_arrives() -> None:
+    """Item 10: the link's frame deadline runs from the pending frame's first byte; a trickle
+    of bytes of the same frame must not look like a new frame."""
+    a, b = proto.encode(proto.response_ok(1, {"x": 1})), proto.encode(proto.response_ok(2, {"y": 2}))
+    reader = proto.FrameReader()
+    assert reader.pending_offset is None
+    reader.feed(a[:3])
+    assert reader.pending_offset == 0
+    for i in range(3, len(a) - 1):
+        reader.feed(a[i : i + 1])
+        assert reader.pending_offset == 0
+    assert len(reader.feed(a[-1:] + b[:5])) == 1
+    assert reader.pending_offset == len(a)
