@@ -17,6 +17,13 @@ is kept between runs under ``state_dir`` (probing QEMU takes seconds under TCG).
 
 Only what :meth:`LibvirtInstance.start` started is stopped, by PID, after destroying the
 domains this instance runs (it is ours alone).
+
+A multi-host lab (:mod:`symbiont.cluster.lab`) also gives an instance a network namespace
+(``netns``: a name under ``/run/netns``), so that it and the QEMUs it starts see only that
+namespace's network, and a TCP listener on the namespace's address (``listen_addr``: libvirtd
+``--listen`` with ``auth_tcp = "none"``, reachable only from inside the lab's namespaces), so
+that migrations use ``qemu+tcp://<addr>/system`` as between real hosts. Without them it is
+the instance described above (tcp 127.0.0.1 in the root namespace, unix socket only).
 """
 
 from __future__ import annotations
@@ -73,6 +80,8 @@ class LibvirtInstance:
     runtime_dir: Path | None = None  # default /run/symbiont-<name>
     state_dir: Path | None = None  # default /var/lib/symbiont/libvirt-<name>
     host_uuid: str = ""  # default: derived from the name (stable across runs)
+    netns: str = ""  # run inside this network namespace (/run/netns/<netns>); "": the root one
+    listen_addr: str = ""  # also listen on qemu+tcp at this address (auth none); needs netns
     started: bool = False
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -82,6 +91,18 @@ class LibvirtInstance:
         self.runtime_dir = Path(self.runtime_dir or f"/run/symbiont-{self.name}")
         self.state_dir = Path(self.state_dir or f"/var/lib/symbiont/libvirt-{self.name}")
         self.host_uuid = self.host_uuid or str(uuid.uuid5(UUID_NS, self.name))
+        if self.listen_addr and not self.netns:
+            # auth none on an address of the root namespace would open libvirt to the machine's network
+            raise InstanceError(f"instance {self.name}: listen_addr needs a network namespace (netns)")
+        if self.listen_addr:
+            import ipaddress
+
+            try:
+                ipaddress.ip_address(self.listen_addr)
+            except ValueError:
+                raise InstanceError(f"instance {self.name}: listen_addr {self.listen_addr!r} is not an IP address") from None
+        if self.netns and not self.netns.replace("-", "").isalnum():
+            raise InstanceError(f"instance {self.name}: netns {self.netns!r} must be letters, digits and '-'")
 
     @property
     def socket(self) -> Path:
@@ -91,6 +112,11 @@ class LibvirtInstance:
     @property
     def uri(self) -> str:
         return f"qemu+unix:///system?socket={self.socket}"
+
+    @property
+    def tcp_uri(self) -> str:
+        """The URI peers in the lab's namespaces use (empty without ``listen_addr``)."""
+        return f"qemu+tcp://{self.listen_addr}/system" if self.listen_addr else ""
 
     def _pidfile(self, daemon: str) -> Path:
         assert self.runtime_dir is not None
@@ -112,6 +138,11 @@ class LibvirtInstance:
             f'unix_sock_dir = "{self.runtime_dir}"\n'
             'unix_sock_group = "root"\nunix_sock_rw_perms = "0770"\n'
             'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+            + (
+                f'listen_tls = 0\nlisten_tcp = 1\nlisten_addr = "{self.listen_addr}"\nauth_tcp = "none"\n'
+                if self.listen_addr
+                else ""
+            )
         )
         # No cgroups: see the module docstring. No AppArmor/SELinux profiles either (they would
         # be written to folders shared with the main libvirtd, under the same domain UUID).
@@ -144,13 +175,17 @@ class LibvirtInstance:
             + [
                 f"hostname symbiont-{self.name}",
                 f"/usr/sbin/virtlogd -d -p {shlex.quote(str(self._pidfile('virtlogd')))}",
-                f"/usr/sbin/libvirtd -d --pid-file {shlex.quote(str(self._pidfile('libvirtd')))}",
+                f"/usr/sbin/libvirtd -d {'--listen ' if self.listen_addr else ''}"
+                f"--pid-file {shlex.quote(str(self._pidfile('libvirtd')))}",
             ]
         )
+        enter = [] if not self.netns else ["nsenter", f"--net=/run/netns/{self.netns}"]
+        if self.netns and not Path(f"/run/netns/{self.netns}").exists():
+            raise InstanceError(f"instance {self.name}: network namespace {self.netns} does not exist")
         logf = (self.state_dir / "log" / "libvirtd-start.log").open("ab")
         try:
             res = subprocess.run(
-                ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", script],
+                [*enter, "unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", script],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 timeout=timeout,
