@@ -14,6 +14,7 @@ from symbiont.errors import Invalid
 from symbiont.memory.controller import MemoryState, record_reserves
 from symbiont.memory.floor import (
     ABSOLUTE_FLOOR_MIB,
+    MAX_MIB,
     GuestFloor,
     enforce,
     guest_floor,
@@ -86,7 +87,7 @@ def test_no_target_below_the_floor_for_any_input(boot, reserve, used, min_mib, t
     reserve + used + margin (capped at a known boot memory), and clamping gives a target ≥ it."""
     fl = guest_floor(boot, reserve, used, min_mib)
     assert isinstance(fl.floor_mib, int)
-    b = boot if isinstance(boot, float) and math.isfinite(boot) and boot > 0 else None
+    b = min(boot, MAX_MIB) if isinstance(boot, float) and math.isfinite(boot) and boot > 0 else None
     want = max(ABSOLUTE_FLOOR_MIB, fl.reserve_mib + (fl.used_mib or 0.0) + fl.margin_mib)
     if b is None:
         assert fl.floor_mib >= want
@@ -154,3 +155,53 @@ def test_daemon_set_memory_uses_the_floor(monkeypatch) -> None:
 def test_guest_floor_to_dict() -> None:
     d = GuestFloor(141, 42.75, 60.0, 37.4, 128.0, 512.0).to_dict()
     assert d["floor_mib"] == 141 and d["reason"].startswith("guest floor 141 MiB")
+
+
+def test_api_refuses_the_item_12_shrink_and_shows_the_floor(tmp_path) -> None:
+    """Through the real app and Daemon (libvirt faked, no control loop): PUT 75 MiB is a 422 with
+    the floor's make-up and the balloon does not move; GET /v1/memory/vms/{n}/floor shows it."""
+    from fastapi.testclient import TestClient
+
+    from symbiont.api import create_app
+    from symbiont.config import load_config
+    from symbiont.daemon import Daemon
+    from symbiont.host.libvirt_host import DomainInfo, LibvirtError
+
+    moved: list[int] = []
+
+    class Libvirt:
+        conn = property(lambda self: self)
+
+        def isAlive(self) -> bool:  # noqa: N802 (libvirt's name)
+            return True
+
+        def close(self) -> None:
+            pass
+
+        def info(self, name: str) -> DomainInfo:
+            if name != "vm1":
+                raise LibvirtError(f"no domain {name}")
+            return DomainInfo(name, "uuid-vm1", "running", 512 * 1024, 512 * 1024, 1, 4, "qemu")
+
+        def set_balloon(self, name: str, kib: int) -> None:
+            moved.append(kib)
+
+    cfg = load_config(None, {"state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "api.sock")})
+    d = Daemon(cfg)
+    d._libvirt = Libvirt()  # type: ignore[assignment]
+    d.store.add_vm("vm1", "uuid-vm1", {"memory": {"min_mib": 64}})
+    d.memory = MemoryState(enabled=False)  # what the memory part's start() sets
+    d.latest["vm1"] = snap(avail_mib=409.25)  # the lab guest with 60 MiB in use
+    client = TestClient(create_app(d), raise_server_exceptions=False)
+    try:
+        r = client.put("/v1/vms/vm1/memory", json={"target_mib": 75})
+        assert r.status_code == 422, r.text
+        assert "below the safe floor of VM 'vm1': guest floor 141 MiB" in r.text and moved == []
+        f = client.get("/v1/memory/vms/vm1/floor").json()
+        assert f["floor_mib"] == 141 and f["reserve_mib"] == pytest.approx(42.8, abs=0.1) and f["used_mib"] == 60
+        assert client.get("/v1/memory/vms/nope/floor").status_code == 404
+        assert client.get("/v1/memory").json()["vms"][0]["floor"]["floor_mib"] == 141
+        r = client.put("/v1/vms/vm1/memory", json={"target_mib": 141})
+        assert r.status_code == 200 and moved == [141 * 1024]
+    finally:
+        d.store.close()

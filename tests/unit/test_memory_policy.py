@@ -120,8 +120,9 @@ def test_pressure_signal() -> None:
 
 
 vm_strategy = st.builds(
-    lambda i, shares, alloc, f, lo, span, tau, used, pressure, u, coop: VmMemory(
-        f"vm{i}", shares, alloc, f, lo, lo + span, tau, used, pressure, u, coop
+    lambda i, shares, alloc, f, lo, span, tau, used, pressure, u, coop, reserve, boot: VmMemory(
+        f"vm{i}", shares, alloc, f, lo, lo + span, tau, used, pressure, u, coop, reserve,
+        None if boot is None else max(alloc, lo + span) + boot,
     ),
     st.integers(0, 10**6),
     st.integers(1, 10000),
@@ -134,6 +135,8 @@ vm_strategy = st.builds(
     st.booleans(),
     st.sampled_from([0.25, 0.5, 1.0]),
     st.booleans(),
+    st.one_of(st.none(), st.floats(0, 200)),  # the guest kernel's reserve (None: not sampled yet)
+    st.one_of(st.none(), st.integers(0, 1024)),  # boot memory above max_mib by this much
 )
 
 

@@ -70,10 +70,13 @@ class GuestFloor:
                 "reason": self.reason()}
 
 
+MAX_MIB = float(1 << 32)  # 4 PiB: larger (or non-finite) sizes are nonsense, not arithmetic
+
+
 def _finite(x: Any) -> float | None:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         return None
-    return float(x)
+    return min(float(x), MAX_MIB)
 
 
 def min_free_kbytes(managed_kib: float) -> int:
