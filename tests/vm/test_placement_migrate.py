@@ -175,9 +175,12 @@ def test_plan_from_live_daemons_and_live_migrate_to_second_libvirtd(hosts) -> No
         res = runner.invoke(cli, ["--socket", sock_a, "place", "execute", str(plan_path), "--yes", "--json"])
         assert res.exit_code == 0, res.output
         rs, r = json.loads(res.output)["results"]
-        assert rs["kind"] == "shrink" and rs["ok"] and rs["target_mib"] == wss_mib, rs
+        # The plan's size, or the guest floor if the guest uses more by now (issue 16 item 12).
+        want = rs["target_mib"]
+        assert rs["kind"] == "shrink" and rs["ok"], rs
+        assert want == wss_mib or (want > wss_mib and "safe floor" in rs["clamp_reason"]), rs
         assert r["ok"] and r["registered_on"] == "B", r
-        assert r["balloon"]["ok"] and r["balloon"]["target_mib"] == wss_mib, r
+        assert r["balloon"]["ok"] and r["balloon"]["target_mib"] == want, r
         elapsed = time.monotonic() - t0
 
         # The domain runs on B, is persistent there, and is gone from A.
@@ -202,7 +205,7 @@ def test_plan_from_live_daemons_and_live_migrate_to_second_libvirtd(hosts) -> No
             if d["part"] == "placement" and d["vm"] == name
         }
         assert sorted(ds) == ["migrate", "shrink"]
-        assert ds["shrink"]["inputs"]["mem_to"] == wss_mib and ds["shrink"]["outcome"]["ok"]
+        assert ds["shrink"]["inputs"]["mem_to"] == want and ds["shrink"]["outcome"]["ok"]
         d = ds["migrate"]
         assert d["action"] == "migrate" and d["outcome"]["ok"]
         assert d["inputs"]["from"] == "A" and d["inputs"]["to_uri"] == inst.uri
@@ -211,11 +214,9 @@ def test_plan_from_live_daemons_and_live_migrate_to_second_libvirtd(hosts) -> No
 
         # On the idle host the VM keeps its working-set size (libvirt's balloon on B; B's daemon owns
         # the knob), and B's registration (sqlite) records where it is parked from and its full size.
-        lab.wait_for(
-            lambda: host_b.info(name).memory_kib // 1024 == wss_mib, 30, f"balloon at {wss_mib} MiB on B"
-        )
+        lab.wait_for(lambda: host_b.info(name).memory_kib // 1024 == want, 30, f"balloon at {want} MiB on B")
         (knob,) = [k for k in vb["knobs"] if k["knob"] == "balloon_mib"]
-        assert knob["current"] == wss_mib
+        assert knob["current"] == want
         assert vb["policy"]["extra"]["placement"] == {"home": "A", "full_mem_mib": 256}
 
         # Activity wakes it: a CPU burner in the guest (over B's console), seen in B's samples.
