@@ -1,0 +1,1 @@
+"""symbiont's placement (host elimination, Sandpiper hotspots, idle VMs) as OpenStack Watcher strategies."""
