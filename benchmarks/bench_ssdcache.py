@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from symbiont.ssdcache import nbdfast
 from symbiont.ssdcache.manager import CacheManager
 from symbiont.ssdcache.nbdserver import Export, IoThread, NbdServer
 from symbiont.ssdcache.pool import Pool
@@ -42,7 +43,9 @@ def qemu_bench(target: str, cache: str, args: list[str]) -> float:
     return float(m.group(1))
 
 
-def data_path(reps: int, seq_count: int, rand_count: int) -> list[dict[str, object]]:
+def data_path(reps: int, seq_count: int, rand_count: int, depths: tuple[int, ...]) -> list[dict[str, object]]:
+    """Raw loop device vs the elastic disk served by the Python data path and by the native
+    one (``nbdfast``), same run, same client, same data."""
     out = []
     with tempfile.TemporaryDirectory(prefix="symbiont-bench-") as tmpd:
         tmp = Path(tmpd)
@@ -50,33 +53,48 @@ def data_path(reps: int, seq_count: int, rand_count: int) -> list[dict[str, obje
         io = IoThread()
         io.start()
         try:
-            exp = Export("bench", 128, pool, {i: 255 - i for i in range(128)})
-            srv = NbdServer(exp, tmp / "bench.sock", executor=io.executor)
-            io.submit(srv.start())
-            uri = f"nbd+unix:///bench?socket={tmp / 'bench.sock'}"
+            mapping = {i: 255 - i for i in range(128)}
+            servers = {}
+            for kind, native in (("python", False), ("native", True)):
+                exp = Export(f"bench-{kind}", 128, pool, mapping, native=native)
+                srv = NbdServer(exp, tmp / f"{kind}.sock", executor=io.executor)
+                io.submit(srv.start())
+                servers[kind] = (exp, srv, f"nbd+unix:///bench-{kind}?socket={tmp / f'{kind}.sock'}")
             subprocess.run(["qemu-io", "-f", "raw", "-t", "none", pool.device, "-c", "write -P 0x5a 0 256M"],
                            check=True, capture_output=True)
             dfd = pool.dfd
-            cases = [
-                ("seq 1 MiB", ["-c", str(seq_count), "-s", "1M", "-d", "4"]),
-                ("rand 4 KiB", ["-c", str(rand_count), "-s", "4k", "-S", "1044480", "-d", "4"]),
-            ]
-            for mode, raw_cache, server_direct in (("direct", "none", True), ("warm", "writeback", False)):
-                for name, args in cases:
-                    raw_t, nbd_t = [], []
-                    for _ in range(reps):
-                        # raw loop device, blocks 128..255 (where the export's data lives)
-                        raw_t.append(qemu_bench(pool.device, raw_cache, [*args, "-o", str(128 << 20)]))
-                        pool.dfd = dfd if server_direct else -1
-                        nbd_t.append(qemu_bench(uri, "writeback", args))
-                        pool.dfd = dfd
-                    n = int(args[1])
-                    size = (1 << 20) if "1M" in args else 4096
-                    raw_s, nbd_s = statistics.median(raw_t), statistics.median(nbd_t)
-                    out.append({"mode": mode, "case": name, "raw_mib_s": n * size / raw_s / (1 << 20),
-                                "nbd_mib_s": n * size / nbd_s / (1 << 20), "raw_iops": n / raw_s,
-                                "nbd_iops": n / nbd_s, "ratio": raw_s / nbd_s})
-            io.submit(srv.close())
+            for depth in depths:
+                cases = [
+                    ("seq 1 MiB", ["-c", str(seq_count), "-s", "1M", "-d", str(depth)]),
+                    ("rand 4 KiB", ["-c", str(rand_count), "-s", "4k", "-S", "1044480", "-d", str(depth)]),
+                    ("rand 4 KiB w", ["-w", "-c", str(rand_count), "-s", "4k", "-S", "1044480", "-d", str(depth)]),
+                ]
+                for mode, raw_cache, server_direct in (("direct", "none", True), ("warm", "writeback", False)):
+                    for name, args in cases:
+                        if mode == "warm" and name.endswith(" w"):
+                            continue  # buffered writes: the page cache, not the data path
+                        t: dict[str, list[float]] = {"raw": [], "python": [], "native": []}
+                        for _ in range(reps):
+                            # raw loop device, blocks 128..255 (where the exports' data lives)
+                            t["raw"].append(qemu_bench(pool.device, raw_cache, [*args, "-o", str(128 << 20)]))
+                            for kind, (exp, _srv, uri) in servers.items():
+                                pool.dfd = dfd if server_direct else -1
+                                exp.set_direct(server_direct)
+                                t[kind].append(qemu_bench(uri, "writeback", args))
+                                pool.dfd = dfd
+                                exp.set_direct(True)
+                        n = int(args[args.index("-c") + 1])
+                        size = (1 << 20) if "1M" in args else 4096
+                        med = {k: statistics.median(v) for k, v in t.items()}
+                        row: dict[str, object] = {"depth": depth, "mode": mode, "case": name}
+                        for k, v in med.items():
+                            row[f"{k}_mib_s"] = n * size / v / (1 << 20)
+                            row[f"{k}_iops"] = n / v
+                        row["ratio_python"] = med["raw"] / med["python"]
+                        row["ratio_native"] = med["raw"] / med["native"]
+                        out.append(row)
+            for _exp, srv, _uri in servers.values():
+                io.submit(srv.close())
         finally:
             io.stop()
             pool.close(detach=True)
@@ -112,14 +130,15 @@ def main() -> None:
         sys.exit("needs root (loop devices)")
     reps = 1 if args.quick else 3
     t0 = time.monotonic()
-    rows = data_path(reps, 128 if args.quick else 512, 2000 if args.quick else 10000)
-    print(f"# elastic SSD data path vs raw loop device (qemu-img bench, depth 4, median of {reps})")
-    print(f"{'mode':7} {'case':11} {'raw':>14} {'elastic (NBD)':>16} {'ratio':>6}")
+    rows = data_path(reps, 128 if args.quick else 512, 2000 if args.quick else 10000, (1, 16) if args.quick else (1, 4, 16))
+    print(f"# elastic SSD data path vs raw loop device (qemu-img bench, median of {reps}); native: {nbdfast.why()}")
+    print(f"{'QD':>2} {'mode':7} {'case':13} {'raw':>14} {'python NBD':>16} {'native NBD':>16} {'py':>5} {'nat':>5}")
     for r in rows:
-        unit = "MiB/s" if r["case"].startswith("seq") else "IOPS"
-        raw = r["raw_mib_s"] if unit == "MiB/s" else r["raw_iops"]
-        nbd = r["nbd_mib_s"] if unit == "MiB/s" else r["nbd_iops"]
-        print(f"{r['mode']:7} {r['case']:11} {raw:9.0f} {unit:5} {nbd:10.0f} {unit:5} {r['ratio']:6.2f}")
+        unit = "MiB/s" if str(r["case"]).startswith("seq") else "IOPS"
+        key = "mib_s" if unit == "MiB/s" else "iops"
+        print(f"{r['depth']:>2} {r['mode']:7} {r['case']:13} {r[f'raw_{key}']:8.0f} {unit:5} "
+              f"{r[f'python_{key}']:10.0f} {unit:5} {r[f'native_{key}']:10.0f} {unit:5} "
+              f"{r['ratio_python']:5.2f} {r['ratio_native']:5.2f}")
     t = asyncio.run(resize_timing(5 if args.quick else 20))
     print("# commit time of a 64-block resize (host side, no guest)")
     for k, v in t.items():

@@ -8,9 +8,12 @@ frames, garbage) is dropped alone while another client keeps working.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,17 +27,19 @@ from symbiont.ssdcache.pool import Pool, loop_devices_of
 pytestmark = [pytest.mark.root]
 
 
-@pytest.fixture(scope="module")
-def env(as_root, tmp_path_factory):
+@pytest.fixture(scope="module", params=["native", "python"])
+def env(request, as_root, tmp_path_factory):
+    """Every test runs against both data paths: the C one (nbdfast) and the Python one."""
     tmp = tmp_path_factory.mktemp("nbd")
     pool = Pool.create_file(tmp / "pool.img", 32)
     io = IoThread()
     io.start()
     # vm1: 8 logical blocks, lbn i → pbn 20 - 2i for the even ones; odd ones unbacked.
-    exp = Export("vm1", 8, pool, {0: 20, 2: 18, 4: 16, 6: 14})
+    exp = Export("vm1", 8, pool, {0: 20, 2: 18, 4: 16, 6: 14}, native=request.param == "native")
+    assert (exp.native is not None) == (request.param == "native")
     srv = NbdServer(exp, tmp / "vm1.sock", executor=io.executor)
     io.submit(srv.start())
-    yield {"pool": pool, "exp": exp, "srv": srv, "io": io, "sock": tmp / "vm1.sock", "tmp": tmp}
+    yield {"pool": pool, "exp": exp, "srv": srv, "io": io, "sock": tmp / "vm1.sock", "tmp": tmp, "path": request.param}
     io.submit(srv.close())
     io.stop()
     dev = pool.device
@@ -252,3 +257,78 @@ def test_too_many_clients_are_turned_away(env) -> None:
     assert env["exp"].stats.rejected_clients >= 1
     for c in conns:
         c.close()
+
+
+# -- the native data path -----------------------------------------------------------------------
+def test_a_connection_is_served_by_the_path_under_test(env) -> None:
+    st = env["exp"].stats
+    deadline = time.monotonic() + 5
+    while st.active_clients and time.monotonic() < deadline:  # the last test's clients are leaving
+        time.sleep(0.05)
+    s = raw_session(env["sock"])
+    assert request(s, nbd.CMD_READ, 0, 4096)[0] == 0  # answered: the transmission phase is running
+    assert st.native_clients == (1 if env["path"] == "native" else 0)
+    s.sendall(struct.pack(">IHH8sQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_DISC, b"h" * 8, 0, 0))
+    assert closed_by_server(s)
+    deadline = time.monotonic() + 5
+    while st.native_clients and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert st.native_clients == 0
+
+
+def test_requests_in_flight_at_once_land_where_the_translation_says(env) -> None:
+    """16 requests in flight (qemu-img bench -d 16): every 4 KiB of lbn 6 lands on pbn 14."""
+    uri = f"nbd+unix:///vm1?socket={env['sock']}"
+    r = subprocess.run(["qemu-img", "bench", "-f", "raw", "-w", "-d", "16", "-c", "256", "-s", "4096",
+                        "--pattern", "0x3c", "-o", str(6 * BLOCK_SIZE), uri], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert env["pool"].pread(14 * BLOCK_SIZE, BLOCK_SIZE) == b"\x3c" * BLOCK_SIZE
+    r = subprocess.run(["qemu-img", "bench", "-f", "raw", "-d", "16", "-c", "16", "-s", "65536",
+                        "-o", str(6 * BLOCK_SIZE), uri], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = qemu_io(env["sock"], "read -P 0x3c 6M 1M")
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+
+
+def test_a_remap_under_load_waits_for_requests_in_flight(env) -> None:
+    """While a client keeps 16 reads of lbn 0 in flight, lbn 1 is mapped and unmapped again and
+    again: no read of the backed block fails, each commit is short, and once an unmap returned
+    the block is refused."""
+    exp: Export = env["exp"]
+    uri = f"nbd+unix:///vm1?socket={env['sock']}"
+    times: list[float] = []
+    stop = threading.Event()
+
+    def remap() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            exp.map_blocks({1: 3})
+            exp.unmap_blocks([1])
+            times.append(time.perf_counter() - t0)
+
+    th = threading.Thread(target=remap)
+    th.start()
+    try:
+        for _ in range(8):  # 256 x 4 KiB = all of lbn 0, 16 at a time
+            r = subprocess.run(["qemu-img", "bench", "-f", "raw", "-d", "16", "-c", "256", "-s", "4096", uri],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        stop.set()
+        th.join()
+    assert len(times) > 10 and sorted(times)[len(times) // 2] < 0.020, times[:20]
+    assert "Input/output error" in qemu_io(env["sock"], "read 1M 4k").stdout
+
+
+def test_without_a_compiler_the_python_path_serves() -> None:
+    """A failed build (here: CC=false, no gcc on PATH) leaves the Python data path, with the reason."""
+    code = ("from symbiont.ssdcache import nbdfast; lib = nbdfast.load(); "
+            "print(lib is None, nbdfast.why())")
+    for env, why in ((dict(os.environ, CC="/bin/false"), "compiling nbdfast.c failed"),
+                     (dict(os.environ, CC="cc", PATH="/nonexistent"), "no C compiler")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert out.stdout.startswith("True") and why in out.stdout, out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, SYMBIONT_NATIVE_NBD="0"))  # fmt: skip
+    assert out.stdout.startswith("True") and "SYMBIONT_NATIVE_NBD=0" in out.stdout, out.stdout + out.stderr

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from symbiont.ssdcache import nbdfast
 from symbiont.ssdcache.layout import BLOCK_SHIFT, BLOCK_SIZE, UNBACKED, Unbacked, translate_range
 from symbiont.ssdcache.pool import BUFFERS, Pool
 
@@ -112,39 +113,73 @@ HANDSHAKE_TIMEOUT_S = 10.0
 MAX_CLIENTS = 4  # per export: QEMU uses one
 SOCKET_BUFFER = 4 << 20
 MAX_INFLIGHT = 16  # requests of one client served at once
+NATIVE_THREADS = 16  # native workers per connection: QEMU's NBD client keeps at most 16 requests in flight
 
 
 class ClientError(Exception):
     """The client broke the protocol: drop its connection."""
 
 
+# Counters that the native data path (``nbdfast``) keeps too: reading one sums both paths.
+IO_COUNTERS = ("reads", "writes", "flushes", "trims", "zeroes", "read_bytes", "write_bytes",
+               "unbacked_errors", "io_errors", "invalid_requests")  # fmt: skip
+
+
 @dataclass
 class ExportStats:
     connections: int = 0
     active_clients: int = 0
+    native_clients: int = 0  # connections whose transmission phase runs in C
     rejected_clients: int = 0
     protocol_errors: int = 0
-    reads: int = 0
-    writes: int = 0
-    flushes: int = 0
-    trims: int = 0
-    zeroes: int = 0
-    read_bytes: int = 0
-    write_bytes: int = 0
-    unbacked_errors: int = 0  # requests refused because they touched an unbacked block
-    io_errors: int = 0
-    invalid_requests: int = 0
-    last_error: str = ""
+    py_last_error: str = ""
+    py: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IO_COUNTERS, 0))  # Python path
+    native: Any = None  # the export's NativeExport, if any
     window: list[tuple[float, int, int, int]] = field(default_factory=list)  # (t, ops, rbytes, wbytes)
 
+    def count(self, name: str, n: int = 1) -> None:
+        self.py[name] += n
+
+    def counters(self) -> dict[str, int]:
+        out = dict(self.py)
+        if self.native is not None:
+            for k, v in self.native.stats().items():
+                out[k] += v
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # st.reads, st.unbacked_errors, ...: both paths
+        if name in IO_COUNTERS:
+            return self.counters()[name]
+        raise AttributeError(name)
+
+    py_error_seq: int = 0  # the native path's error count when py_last_error was set
+
+    @property
+    def last_error(self) -> str:
+        """The most recent error of either path."""
+        if self.native is not None:
+            seq, msg = self.native.last_error()
+            if seq > self.py_error_seq or not self.py_last_error:
+                return msg
+        return self.py_last_error
+
+    @last_error.setter
+    def last_error(self, value: str) -> None:
+        self.py_last_error = value
+        self.py_error_seq = self.native.last_error()[0] if self.native is not None else 0
+
     def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "window"}
+        d: dict[str, Any] = {k: getattr(self, k) for k in ("connections", "active_clients", "native_clients",
+                                                           "rejected_clients", "protocol_errors")}
+        d.update(self.counters())
+        d["last_error"] = self.last_error
         d["throughput"] = self.rate()
         return d
 
     def sample(self) -> None:
         """Remember the counters now (for :meth:`rate`); called once per control period."""
-        self.window.append((time.monotonic(), self.reads + self.writes, self.read_bytes, self.write_bytes))
+        c = self.counters()
+        self.window.append((time.monotonic(), c["reads"] + c["writes"], c["read_bytes"], c["write_bytes"]))
         del self.window[:-16]
 
     def rate(self) -> dict[str, float]:
@@ -199,7 +234,8 @@ class Export:
     """One VM's virtual SSD: ``size_blocks`` logical blocks, some backed by pool blocks."""
 
     def __init__(self, name: str, size_blocks: int, pool: Pool, mapping: dict[int, int] | None = None,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, native: bool | None = None) -> None:
+        """``native``: serve the transmission phase in C (:mod:`nbdfast`); None: when it builds."""
         if size_blocks < 1:
             raise ValueError("an export needs at least one block")
         self.name = name
@@ -213,6 +249,26 @@ class Export:
         self.stats = ExportStats()
         for lbn, pbn in (mapping or {}).items():
             self.map[lbn] = pbn
+        self.native: nbdfast.NativeExport | None = None
+        lib = nbdfast.load() if native is not False else None
+        if native and lib is None:
+            raise RuntimeError(f"native NBD data path unavailable: {nbdfast.why()}")
+        if lib is not None:
+            self.native = nbdfast.NativeExport(lib, self.map, self.last_access, size_blocks, pool.fd, pool.dfd,
+                                               read_only, pool.nblocks << BLOCK_SHIFT, MAX_REQUEST)
+            self.stats.native = self.native
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Both data paths stopped: the Python one (RWLock) and the native one (its rwlock)."""
+        with self.lock.exclusive(), (self.native.exclusive() if self.native is not None else contextlib.nullcontext()):
+            yield
+
+    def set_direct(self, direct: bool) -> None:
+        """Use the pool's O_DIRECT descriptor for aligned I/O (default) or go through the page
+        cache (benchmarks: the warm pairing)."""
+        if self.native is not None:
+            self.native.set_fds(self.pool.fd, self.pool.dfd if direct else -1)
 
     # -- map (controller side; caller holds no lock) -------------------------------------
     def pbn_of(self, lbn: int) -> int:
@@ -222,7 +278,7 @@ class Export:
         return [lbn for lbn in range(self.size_blocks) if self.map[lbn] >= 0]
 
     def map_blocks(self, pairs: dict[int, int]) -> None:
-        with self.lock.exclusive():
+        with self._exclusive():
             for lbn, pbn in pairs.items():
                 self.map[lbn] = pbn
                 self.last_access[lbn] = 0.0
@@ -230,7 +286,7 @@ class Export:
     def unmap_blocks(self, lbns: list[int]) -> dict[int, int]:
         """Unmap under the exclusive lock: when this returns, no request is using these blocks."""
         out = {}
-        with self.lock.exclusive():
+        with self._exclusive():
             for lbn in lbns:
                 if self.map[lbn] >= 0:
                     out[lbn] = self.map[lbn]
@@ -299,9 +355,13 @@ class NbdServer:
                  socket_gid: int | None = None, max_clients: int = MAX_CLIENTS,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
                  on_disconnect: Callable[[str], None] | None = None,
-                 executor: ThreadPoolExecutor | None = None, export_name: str | None = None) -> None:
+                 executor: ThreadPoolExecutor | None = None, export_name: str | None = None,
+                 native_threads: int = NATIVE_THREADS) -> None:
         """``export_name``: the only name a client may open (the VM's credential: no default
-        export, no listing); None serves ``export.name`` and the default name (tests, tools)."""
+        export, no listing); None serves ``export.name`` and the default name (tests, tools).
+        ``native_threads``: workers per connection when the export has the native data path."""
+        self.native_threads = native_threads
+        self._native_fds: set[int] = set()
         self.export = export
         self.export_name = export_name
         self.executor = executor
@@ -334,6 +394,8 @@ class NbdServer:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
+        for fd in list(self._native_fds):  # native connections: their threads see EOF and return
+            _shutdown(fd)
         for t in list(self._clients):
             t.cancel()
         for t in list(self._clients):
@@ -362,8 +424,8 @@ class NbdServer:
             await self._serve(reader, writer)
         except (ClientError, asyncio.IncompleteReadError, TimeoutError) as exc:
             st.protocol_errors += 1
-            st.last_error = f"{type(exc).__name__}: {exc}"[:300]
-            log.warning("export %s: dropping client: %s", self.export.name, st.last_error)
+            st.last_error = msg = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("export %s: dropping client: %s", self.export.name, msg)
         except (ConnectionError, BrokenPipeError):
             pass
         except asyncio.CancelledError:
@@ -384,7 +446,54 @@ class NbdServer:
             no_zeroes = await self._handshake(reader, writer)
         if no_zeroes is None:
             return
-        await self._transmission(reader, writer)
+        if self.export.native is not None:
+            await self._native_transmission(reader, writer)
+        else:
+            await self._transmission(reader, writer)
+
+    async def _native_transmission(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Hand the connected socket to the C data path (its own thread, the GIL released) and
+        wait for the connection to end. A protocol error there drops this client, as here."""
+        native = self.export.native
+        assert native is not None
+        await writer.drain()
+        writer.transport.pause_reading()
+        prefix = bytes(reader._buffer)  # noqa: SLF001 -- requests the client pipelined behind the handshake
+        reader._buffer.clear()  # noqa: SLF001
+        sock = writer.get_extra_info("socket")
+        fd = os.dup(sock.fileno())
+        os.set_blocking(fd, True)  # the asyncio transport is paused: the C workers block on it
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str] = loop.create_future()
+
+        def run() -> None:
+            why: str | None = None
+            err: BaseException | None = None
+            try:
+                why = native.serve(fd, prefix, self.native_threads)
+            except BaseException as exc:  # noqa: BLE001 -- reported to the awaiting task
+                err = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(_settle, done, why, err)
+
+        self._native_fds.add(fd)
+        self.stats.native_clients += 1
+        try:
+            threading.Thread(target=run, name=f"nbd-{self.export.name}", daemon=True).start()
+            try:
+                why = await asyncio.shield(done)
+            except asyncio.CancelledError:
+                _shutdown(fd)
+                with contextlib.suppress(Exception):
+                    await done  # the workers return once the socket is shut down
+                raise
+            if why:
+                raise ClientError(why)
+        finally:
+            self.stats.native_clients -= 1
+            self._native_fds.discard(fd)
+            if done.done():
+                os.close(fd)
 
     def _tflags(self) -> int:
         f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
@@ -481,7 +590,12 @@ class NbdServer:
         running: set[asyncio.Task[None]] = set()
         try:
             while True:
-                hdr = await reader.readexactly(REQUEST.size)
+                try:
+                    hdr = await reader.readexactly(REQUEST.size)
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial:
+                        raise
+                    return  # closed between two requests (no DISC): it just left
                 magic, flags, cmd, handle, offset, length = REQUEST.unpack(hdr)
                 if magic != REQUEST_MAGIC:
                     raise ClientError(f"bad request magic {magic:#x}")
@@ -525,26 +639,26 @@ class NbdServer:
                         self.executor, self._do, cmd, flags, offset, length, payload)
             except Unbacked as exc:
                 err = errno.EIO
-                st.unbacked_errors += 1
+                st.count("unbacked_errors", 1)
                 st.last_error = f"{CMD_NAMES.get(cmd, cmd)} {offset}+{length}: {exc}"
             except OSError as exc:
                 err = errno.EIO
-                st.io_errors += 1
+                st.count("io_errors", 1)
                 st.last_error = f"{CMD_NAMES.get(cmd, cmd)} {offset}+{length}: {exc}"
                 log.warning("export %s: %s", exp.name, st.last_error)
             if not err:
                 if cmd == CMD_READ:
-                    st.reads += 1
-                    st.read_bytes += length
+                    st.count("reads", 1)
+                    st.count("read_bytes", length)
                 elif cmd == CMD_WRITE:
-                    st.writes += 1
-                    st.write_bytes += length
+                    st.count("writes", 1)
+                    st.count("write_bytes", length)
                 elif cmd == CMD_FLUSH:
-                    st.flushes += 1
+                    st.count("flushes", 1)
                 elif cmd == CMD_TRIM:
-                    st.trims += 1
+                    st.count("trims", 1)
                 elif cmd == CMD_WRITE_ZEROES:
-                    st.zeroes += 1
+                    st.count("zeroes", 1)
             if reply is not None and not err:
                 SIMPLE_REPLY.pack_into(reply, 0, SIMPLE_REPLY_MAGIC, 0, handle)
                 writer.write(reply)
@@ -578,23 +692,43 @@ class NbdServer:
     def _validate(self, cmd: int, flags: int, offset: int, length: int) -> int:
         st = self.stats
         if cmd not in CMD_NAMES:
-            st.invalid_requests += 1
+            st.count("invalid_requests", 1)
             return errno.EINVAL
         if flags & ~CMDFLAGS_KNOWN:
-            st.invalid_requests += 1
+            st.count("invalid_requests", 1)
             return errno.EINVAL
         if cmd == CMD_FLUSH:
             return 0
         if self.export.read_only and cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
-            st.invalid_requests += 1
+            st.count("invalid_requests", 1)
             return errno.EPERM
         if cmd == CMD_READ and length > MAX_REQUEST:
-            st.invalid_requests += 1
+            st.count("invalid_requests", 1)
             return errno.EINVAL
         if length == 0 or offset + length > self.export.size:
-            st.invalid_requests += 1
+            st.count("invalid_requests", 1)
             return errno.EINVAL if length == 0 else errno.ENOSPC if cmd == CMD_WRITE else errno.EINVAL
         return 0
+
+
+def _settle(fut: asyncio.Future[str], result: str | None, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result or "")
+
+
+def _shutdown(fd: int) -> None:
+    """Shut a socket down by descriptor: blocked readers and writers on it return."""
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        s.close()
 
 
 class IoThread:

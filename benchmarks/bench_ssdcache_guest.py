@@ -1,0 +1,212 @@
+"""The elastic SSD from inside a guest, against a plain virtio disk on the same loop-device region.
+
+    sudo .venv/bin/python benchmarks/bench_ssdcache_guest.py              # ~6 min (boot + 8 cases x 3 disks x 2)
+    sudo .venv/bin/python benchmarks/bench_ssdcache_guest.py --seconds 3 --reps 1
+
+One lab VM (TCG), three disks over the same 64 MiB of one pool file, measured from inside the
+guest in the same run, interleaved case by case:
+
+* ``plain``: a virtio disk on a loop device (``--direct-io=on``) over that region of the pool
+  file, QEMU ``cache='none'`` — what a VM gets without the elastic SSD;
+* ``python``: the elastic disk, NBD over a unix socket, served by the Python data path
+  (``Export(native=False)``: asyncio + thread pool);
+* ``native``: the same elastic disk served by the C data path (``nbdfast``: 16 workers per
+  connection, outside the GIL).
+
+Both elastic exports map logical block i to physical block 63 - i of the pool (every 1 MiB is
+translated) and read and write through the pool's O_DIRECT descriptor on its own loop device;
+they are ``Export`` + ``NbdServer`` exactly as the daemon runs them, served from this process.
+The guest tool is ``guest_iobench.c`` (fio's libaio engine in miniature: O_DIRECT, native AIO,
+IODEPTH in flight), built static here and handed to the guest on a read-only disk: the golden
+image has no fio. The ratio elastic / plain is the figure (target: random 4 KiB ≥ 0.8, sequential
+1 MiB ≥ 0.95). While the native disk runs random writes at QD 16, a host thread remaps spare
+blocks of its export (unmap + map under the exclusive lock): the resize commit under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import libvirt
+
+from symbiont.lab.console import SerialConsole, console_pty
+from symbiont.lab.session import LabSession
+from symbiont.ssdcache import nbdfast
+from symbiont.ssdcache.nbdserver import Export, IoThread, NbdServer
+from symbiont.ssdcache.pool import Pool
+
+REGION_MIB = 64  # the data region every disk covers
+SPARE = 8  # extra logical blocks of the elastic exports, remapped during the run (not in the span)
+CASES = [  # (mode, block size, depth)
+    ("randread", 4096, 1), ("randread", 4096, 16), ("randwrite", 4096, 1), ("randwrite", 4096, 16),
+    ("read", 1 << 20, 1), ("read", 1 << 20, 16), ("write", 1 << 20, 1), ("write", 1 << 20, 16),
+]
+DISKS = ("plain", "python", "native")
+DEV = 'dev() { for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && echo /dev/${d##*/}; done; }; '
+HERE = Path(__file__).resolve().parent
+
+
+def build_tool(out: Path) -> int:
+    """Static ``iobench`` into ``out`` padded to 1 MiB multiples; returns its size in bytes."""
+    with tempfile.TemporaryDirectory() as d:
+        exe = Path(d) / "iobench"
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(exe), str(HERE / "guest_iobench.c")], check=True)
+        data = exe.read_bytes()
+    out.write_bytes(data + bytes(-len(data) % (1 << 20)))
+    return len(data)
+
+
+def disk_xml(kind: str, target: str, src: str) -> str:
+    if kind == "plain":
+        return (f"<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+                f"<source dev='{src}'/><target dev='{target}' bus='virtio'/><serial>bench-plain</serial></disk>")
+    if kind == "tools":
+        return (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{src}'/>"
+                f"<target dev='{target}' bus='virtio'/><serial>bench-tools</serial><readonly/></disk>")
+    return (f"<disk type='network' device='disk'><driver name='qemu' type='raw' error_policy='report' "
+            f"rerror_policy='report'/><source protocol='nbd' name='bench-{kind}'><host transport='unix' "
+            f"socket='{src}'/></source><target dev='{target}' bus='virtio'/><serial>bench-{kind}</serial></disk>")
+
+
+def remap_loop(exp: Export, stop: threading.Event, out: list[float]) -> None:
+    """Unmap and map the spare blocks back, again and again: each commit's time under load."""
+    spare = {REGION_MIB + i: REGION_MIB + i for i in range(SPARE)}
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        exp.unmap_blocks(list(spare))
+        exp.map_blocks(spare)
+        out.append((time.perf_counter() - t0) * 1000)
+        time.sleep(0.05)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per case and disk")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="write the raw results here")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root (loop devices, libvirt)")
+    if nbdfast.load() is None:
+        sys.exit(f"native data path unavailable: {nbdfast.why()}")
+    t_start = time.monotonic()
+    run_dir = Path(f"/run/symbiont/bench-ssd-{os.getpid()}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for p in (run_dir, run_dir.parent):
+        p.chmod(0o755)
+    gid = None
+    with contextlib.suppress(KeyError):
+        gid = grp.getgrnam("kvm").gr_gid
+    io = IoThread()
+    io.start()
+    plain_dev = ""
+    pool: Pool | None = None
+    servers: list[NbdServer] = []
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    remaps: list[float] = []
+    try:
+        with LabSession(count=1, prefix="symbiont-ssdbench-", register=False, memory_mib=512, max_vcpus=2,
+                        step=lambda s: print(f"# {s}", flush=True)) as lab:
+            assert lab.host is not None
+            vm = lab.vms[0]
+            print(f"# booted in {lab.boot_seconds[vm.name]:.0f} s", flush=True)
+            pool = Pool.create_file(vm.dir / "pool.img", REGION_MIB + SPARE)
+            subprocess.run(["qemu-io", "-f", "raw", "-t", "none", pool.device, "-c",
+                            f"write -P 0x5a 0 {REGION_MIB + SPARE}M"], check=True, capture_output=True)
+            plain_dev = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", "--sizelimit",
+                                        str(REGION_MIB << 20), pool.path], check=True, capture_output=True,
+                                       text=True).stdout.strip()  # fmt: skip
+            mapping = {i: REGION_MIB - 1 - i for i in range(REGION_MIB)} | {REGION_MIB + i: REGION_MIB + i
+                                                                             for i in range(SPARE)}
+            exports = {}
+            for kind in ("python", "native"):
+                exp = Export(f"bench-{kind}", REGION_MIB + SPARE, pool, mapping, native=kind == "native")
+                srv = NbdServer(exp, run_dir / f"{kind}.sock", socket_gid=gid, executor=io.executor)
+                io.submit(srv.start())
+                servers.append(srv)
+                exports[kind] = exp
+            tool_size = build_tool(vm.dir / "tools.img")
+            dom = lab.host.domain(vm.name)
+            for kind, target, src in (("plain", "vdb", plain_dev), ("python", "vdc", str(run_dir / "python.sock")),
+                                      ("native", "vdd", str(run_dir / "native.sock")),
+                                      ("tools", "vde", str(vm.dir / "tools.img"))):
+                dom.attachDeviceFlags(disk_xml(kind, target, src), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            with SerialConsole(console_pty(lab.host, vm.name)) as con:
+                con.login()
+                r = con.run(DEV + f"sleep 2; head -c {tool_size} $(dev bench-tools) > /tmp/iobench && "
+                            "chmod +x /tmp/iobench && for s in bench-plain bench-python bench-native; do "
+                            "echo $s $(dev $s); done", 60)
+                print(f"# guest disks: {r.output.strip()!r}", flush=True)
+                if r.status != 0:
+                    raise RuntimeError(f"guest setup failed: {r.output}")
+                for rep in range(args.reps):
+                    for mode, bs, depth in CASES:
+                        key = f"{mode} {bs >> 10 if bs < (1 << 20) else bs >> 20}{'K' if bs < (1 << 20) else 'M'} QD{depth}"
+                        order = DISKS if rep % 2 == 0 else tuple(reversed(DISKS))
+                        for disk in order:
+                            stop = threading.Event()
+                            th = None
+                            if disk == "native" and mode == "randwrite" and depth == 16:
+                                th = threading.Thread(target=remap_loop, args=(exports["native"], stop, remaps))
+                                th.start()
+                            try:
+                                cmd = (DEV + f"/tmp/iobench $(dev bench-{disk}) {mode} {bs} {depth} {args.seconds} "
+                                       f"{REGION_MIB << 20}")
+                                r = con.run(cmd, args.seconds * 4 + 60)
+                            finally:
+                                stop.set()
+                                if th is not None:
+                                    th.join()
+                            line = [ln for ln in r.output.splitlines() if ln.startswith("{")]
+                            if r.status != 0 or not line:
+                                raise RuntimeError(f"{disk} {key}: {r.output}")
+                            res = json.loads(line[-1])
+                            results.setdefault(key, {}).setdefault(disk, []).append(res)
+                            print(f"# rep {rep} {key:18} {disk:7} {res['iops']:9.0f} IOPS {res['mib_s']:8.1f} MiB/s "
+                                  f"lat {res['lat_us']:8.0f} us", flush=True)
+                stats = {k: exports[k].stats.as_dict() for k in exports}
+            for srv in servers:
+                io.submit(srv.close())
+            servers.clear()
+    finally:
+        for srv in servers:
+            with contextlib.suppress(Exception):
+                io.submit(srv.close())
+        io.stop()
+        if plain_dev:
+            subprocess.run(["losetup", "-d", plain_dev], check=False)
+        if pool is not None:
+            pool.close(detach=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+    print(f"# elastic SSD in a TCG guest vs a plain virtio disk on the same loop-device region "
+          f"(guest_iobench, O_DIRECT, libaio; {args.seconds:g} s per case, median of {args.reps})")
+    print(f"{'case':18} {'plain':>12} {'python NBD':>12} {'native NBD':>12} {'py/plain':>9} {'nat/plain':>9}")
+    for key, by in results.items():
+        unit = "mib_s" if "M QD" in key else "iops"
+        med = {d: statistics.median(x[unit] for x in by[d]) for d in DISKS}
+        print(f"{key:18} {med['plain']:12.1f} {med['python']:12.1f} {med['native']:12.1f} "
+              f"{med['python'] / med['plain']:9.2f} {med['native'] / med['plain']:9.2f}   ({'MiB/s' if unit == 'mib_s' else 'IOPS'})")
+    if remaps:
+        print(f"# remap commit (unmap + map of {SPARE} blocks) during native randwrite QD16: p50 "
+              f"{statistics.median(remaps):.2f} ms, max {max(remaps):.2f} ms (n={len(remaps)})")
+    print(f"# native export: {stats['native']['native_clients']} native clients at the end; "
+          f"python export reads {stats['python']['reads']}, native reads {stats['native']['reads']}")
+    print(f"# {time.monotonic() - t_start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "remap_ms": remaps}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

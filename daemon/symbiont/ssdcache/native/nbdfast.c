@@ -1,0 +1,520 @@
+/* The NBD transmission phase of one elastic-SSD export, outside Python's GIL.
+ *
+ * Python (nbdserver.py) does the handshake (export name + secret check) and then hands the
+ * connected socket to nbdx_serve(), called through ctypes (which releases the GIL). Here
+ * NTHREADS workers serve the connection leader/follower style: the worker holding recv_mu
+ * reads one request (header, and the payload of a WRITE), lets go of recv_mu, translates and
+ * does the I/O, and sends its reply under send_mu. Replies carry the client's handle, so
+ * their order does not matter (simple replies only).
+ *
+ * Translation is SymFlex's, exactly as layout.translate_range: byte b of the virtual disk is
+ * byte (map[b >> 20] << 20) | (b & (1 MiB - 1)) of the pool. The map is the Python Export's own
+ * array('q') (its buffer, never reallocated): Python writes its entries only while holding
+ * this export's rwlock exclusively (nbdx_wrlock); a request translates and does its I/O under
+ * the shared lock. So when an unmap returns, no request still uses the unmapped block, and a
+ * request sees either the old or the new map as a whole, never half of a resize. A request
+ * touching an unbacked block (-1) is refused whole with EIO: nothing is read or written.
+ *
+ * The client is untrusted: a bad magic, a write larger than MAX_REQUEST or a truncated frame
+ * ends the connection (return -1 with the reason in last_error); a bad command, flags or range
+ * is answered with an error and the connection goes on, exactly as the Python path.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BLOCK_SHIFT 20
+#define BLOCK_SIZE (1ULL << BLOCK_SHIFT)
+#define ALIGN 4096
+#define REQUEST_MAGIC 0x25609513u
+#define SIMPLE_REPLY_MAGIC 0x67446698u
+#define CMD_READ 0
+#define CMD_WRITE 1
+#define CMD_DISC 2
+#define CMD_FLUSH 3
+#define CMD_TRIM 4
+#define CMD_WRITE_ZEROES 6
+#define CMDFLAG_FUA 1
+#define CMDFLAGS_KNOWN 3
+#define KEEP_BUFFER (4u << 20) /* a worker keeps a buffer up to this size between requests */
+#define MAX_PIECES 64          /* 32 MiB / 1 MiB + 2 */
+
+enum { ST_READS, ST_WRITES, ST_FLUSHES, ST_TRIMS, ST_ZEROES, ST_READ_BYTES, ST_WRITE_BYTES,
+       ST_UNBACKED, ST_IO_ERRORS, ST_INVALID, ST_N };
+
+struct export {
+    pthread_rwlock_t lock;
+    int64_t *map;
+    double *last_access;
+    int64_t size_blocks;
+    uint64_t size;
+    uint64_t pool_bytes;
+    int fd, dfd; /* buffered, O_DIRECT (-1: none) */
+    int read_only;
+    uint32_t max_request;
+    uint64_t stats[ST_N];
+    pthread_mutex_t err_mu;
+    char last_error[256];
+    uint64_t error_seq; /* errors recorded so far (under err_mu) */
+};
+
+struct conn {
+    struct export *ex;
+    int sock;
+    pthread_mutex_t recv_mu, send_mu;
+    const unsigned char *prefix; /* bytes Python read past the handshake */
+    size_t prefix_len, prefix_pos;
+    volatile int done;
+    int failed;
+    char why[200];
+};
+
+static void set_error(struct export *ex, const char *msg)
+{
+    pthread_mutex_lock(&ex->err_mu);
+    snprintf(ex->last_error, sizeof ex->last_error, "%s", msg);
+    ex->error_seq++;
+    pthread_mutex_unlock(&ex->err_mu);
+}
+
+struct export *nbdx_export_new(int64_t *map, double *last_access, int64_t size_blocks, int fd, int dfd,
+                               int read_only, uint64_t pool_bytes, uint32_t max_request)
+{
+    struct export *ex = calloc(1, sizeof *ex);
+    if (!ex)
+        return NULL;
+    pthread_rwlockattr_t a;
+    pthread_rwlockattr_init(&a);
+    /* a waiting remap goes before new requests: a resize commit is not starved by guest I/O */
+    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&ex->lock, &a);
+    pthread_rwlockattr_destroy(&a);
+    pthread_mutex_init(&ex->err_mu, NULL);
+    ex->map = map;
+    ex->last_access = last_access;
+    ex->size_blocks = size_blocks;
+    ex->size = (uint64_t)size_blocks << BLOCK_SHIFT;
+    ex->fd = fd;
+    ex->dfd = dfd;
+    ex->read_only = read_only;
+    ex->pool_bytes = pool_bytes;
+    ex->max_request = max_request;
+    return ex;
+}
+
+void nbdx_export_free(struct export *ex)
+{
+    if (!ex)
+        return;
+    pthread_rwlock_destroy(&ex->lock);
+    pthread_mutex_destroy(&ex->err_mu);
+    free(ex);
+}
+
+void nbdx_set_fds(struct export *ex, int fd, int dfd)
+{
+    pthread_rwlock_wrlock(&ex->lock);
+    ex->fd = fd;
+    ex->dfd = dfd;
+    pthread_rwlock_unlock(&ex->lock);
+}
+
+void nbdx_wrlock(struct export *ex) { pthread_rwlock_wrlock(&ex->lock); }
+void nbdx_unlock(struct export *ex) { pthread_rwlock_unlock(&ex->lock); }
+
+void nbdx_stats(struct export *ex, uint64_t *out)
+{
+    for (int i = 0; i < ST_N; i++)
+        out[i] = __atomic_load_n(&ex->stats[i], __ATOMIC_RELAXED);
+}
+
+uint64_t nbdx_last_error(struct export *ex, char *out, size_t n)
+{
+    pthread_mutex_lock(&ex->err_mu);
+    snprintf(out, n, "%s", ex->last_error);
+    uint64_t seq = ex->error_seq;
+    pthread_mutex_unlock(&ex->err_mu);
+    return seq;
+}
+
+static inline void bump(struct export *ex, int k, uint64_t v) { __atomic_fetch_add(&ex->stats[k], v, __ATOMIC_RELAXED); }
+
+static inline uint64_t be64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+static inline uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
+static inline uint16_t be16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+
+/* Read exactly n bytes (the prefix first). 1: done, 0: EOF before the first byte, -1: error/short. */
+static int readn(struct conn *c, unsigned char *buf, size_t n)
+{
+    size_t got = 0;
+    while (got < n && c->prefix_pos < c->prefix_len)
+        buf[got++] = c->prefix[c->prefix_pos++];
+    while (got < n) {
+        ssize_t r = recv(c->sock, buf + got, n - got, 0);
+        if (r > 0) {
+            got += (size_t)r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        return got == 0 ? 0 : -1;
+    }
+    return 1;
+}
+
+static int sendv(struct conn *c, struct iovec *iov, int n)
+{
+    struct msghdr m = {0};
+    m.msg_iov = iov;
+    m.msg_iovlen = (size_t)n;
+    while (m.msg_iovlen) {
+        ssize_t r = sendmsg(c->sock, &m, MSG_NOSIGNAL);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        while (m.msg_iovlen && (size_t)r >= m.msg_iov->iov_len) {
+            r -= (ssize_t)m.msg_iov->iov_len;
+            m.msg_iov++;
+            m.msg_iovlen--;
+        }
+        if (m.msg_iovlen) {
+            m.msg_iov->iov_base = (char *)m.msg_iov->iov_base + r;
+            m.msg_iov->iov_len -= (size_t)r;
+        }
+    }
+    return 0;
+}
+
+static void reply(struct conn *c, uint32_t err, const unsigned char *handle, void *data, size_t len)
+{
+    unsigned char h[16];
+    uint32_t m = SIMPLE_REPLY_MAGIC;
+    for (int i = 0; i < 4; i++) {
+        h[i] = (unsigned char)(m >> (24 - 8 * i));
+        h[4 + i] = (unsigned char)(err >> (24 - 8 * i));
+    }
+    memcpy(h + 8, handle, 8);
+    struct iovec iov[2] = {{h, 16}, {data, len}};
+    pthread_mutex_lock(&c->send_mu);
+    int r = sendv(c, iov, data && len ? 2 : 1);
+    pthread_mutex_unlock(&c->send_mu);
+    if (r < 0)
+        c->done = 1; /* the client went away; the reader sees EOF too */
+}
+
+struct piece { uint64_t phys, boff, len; };
+
+/* Translate [off, off+len) under the shared lock; -1 (and *bad = lbn) when a block is unbacked. */
+static int translate(struct export *ex, uint64_t off, uint64_t len, struct piece *p, int *np, int64_t *bad)
+{
+    int n = 0;
+    uint64_t done = 0;
+    while (len) {
+        int64_t lbn = (int64_t)(off >> BLOCK_SHIFT);
+        uint64_t o = off & (BLOCK_SIZE - 1), k = BLOCK_SIZE - o < len ? BLOCK_SIZE - o : len;
+        int64_t pbn = __atomic_load_n(&ex->map[lbn], __ATOMIC_ACQUIRE);
+        if (pbn < 0) {
+            *bad = lbn;
+            return -1;
+        }
+        uint64_t phys = (uint64_t)pbn << BLOCK_SHIFT | o;
+        if (phys + k > ex->pool_bytes) {
+            *bad = -2 - lbn;
+            return -1;
+        }
+        if (n && p[n - 1].phys + p[n - 1].len == phys)
+            p[n - 1].len += k;
+        else {
+            if (n == MAX_PIECES)
+                return -1;
+            p[n++] = (struct piece){phys, done, k};
+        }
+        done += k;
+        off += k;
+        len -= k;
+    }
+    *np = n;
+    return 0;
+}
+
+static void touch(struct export *ex, uint64_t off, uint64_t len)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double now = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+    for (uint64_t l = off >> BLOCK_SHIFT; l <= (off + len - 1) >> BLOCK_SHIFT; l++)
+        ex->last_access[l] = now;
+}
+
+static unsigned char *zero_block;
+static pthread_once_t zero_once = PTHREAD_ONCE_INIT;
+static void zero_init(void)
+{
+    if (posix_memalign((void **)&zero_block, ALIGN, BLOCK_SIZE) == 0)
+        memset(zero_block, 0, BLOCK_SIZE);
+}
+static const unsigned char *zeros(void)
+{
+    pthread_once(&zero_once, zero_init);
+    return zero_block;
+}
+
+static int do_io(struct export *ex, int cmd, uint64_t off, uint64_t len, unsigned char *buf, char *msg, size_t msgn)
+{
+    struct piece p[MAX_PIECES];
+    int n = 0;
+    int64_t bad = 0;
+    int rc = 0;
+    pthread_rwlock_rdlock(&ex->lock);
+    if (translate(ex, off, len, p, &n, &bad) < 0) {
+        pthread_rwlock_unlock(&ex->lock);
+        bump(ex, ST_UNBACKED, 1);
+        if (bad >= 0)
+            snprintf(msg, msgn, "logical block %lld is not backed", (long long)bad);
+        else
+            snprintf(msg, msgn, "logical block %lld maps outside the pool", (long long)(-2 - bad));
+        return EIO;
+    }
+    for (int i = 0; i < n && !rc; i++) {
+        uint64_t left = p[i].len, pos = p[i].phys, bo = p[i].boff;
+        while (left) {
+            ssize_t r;
+            if (cmd == CMD_WRITE_ZEROES) {
+                size_t k = left < BLOCK_SIZE ? left : BLOCK_SIZE;
+                int fd = ex->dfd >= 0 && pos % ALIGN == 0 && k % ALIGN == 0 ? ex->dfd : ex->fd;
+                r = pwrite(fd, zeros(), k, (off_t)pos);
+            } else {
+                int fd = ex->dfd >= 0 && pos % ALIGN == 0 && left % ALIGN == 0 && bo % ALIGN == 0 ? ex->dfd : ex->fd;
+                r = cmd == CMD_READ ? pread(fd, buf + bo, left, (off_t)pos) : pwrite(fd, buf + bo, left, (off_t)pos);
+            }
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0) {
+                snprintf(msg, msgn, "%s at %llu: %s", cmd == CMD_READ ? "read" : "write", (unsigned long long)pos,
+                         r < 0 ? strerror(errno) : "short");
+                rc = EIO;
+                break;
+            }
+            left -= (uint64_t)r;
+            pos += (uint64_t)r;
+            bo += (uint64_t)r;
+        }
+    }
+    if (!rc)
+        touch(ex, off, len);
+    pthread_rwlock_unlock(&ex->lock);
+    if (rc)
+        bump(ex, ST_IO_ERRORS, 1);
+    return rc;
+}
+
+static int flush_all(struct export *ex)
+{
+    int rc = fsync(ex->fd);
+    if (!rc && ex->dfd >= 0)
+        rc = fsync(ex->dfd);
+    return rc;
+}
+
+static uint32_t validate(struct export *ex, int cmd, int flags, uint64_t off, uint64_t len)
+{
+    if (!(cmd == CMD_READ || cmd == CMD_WRITE || cmd == CMD_FLUSH || cmd == CMD_TRIM || cmd == CMD_WRITE_ZEROES))
+        return EINVAL;
+    if (flags & ~CMDFLAGS_KNOWN)
+        return EINVAL;
+    if (cmd == CMD_FLUSH)
+        return 0;
+    if (ex->read_only && (cmd == CMD_WRITE || cmd == CMD_TRIM || cmd == CMD_WRITE_ZEROES))
+        return EPERM;
+    if (cmd == CMD_READ && len > ex->max_request)
+        return EINVAL;
+    if (len == 0)
+        return EINVAL;
+    if (len > ex->size || off > ex->size - len)
+        return cmd == CMD_WRITE ? ENOSPC : EINVAL;
+    return 0;
+}
+
+static void fail(struct conn *c, const char *why)
+{
+    if (!c->failed) {
+        c->failed = 1;
+        snprintf(c->why, sizeof c->why, "%s", why);
+    }
+    c->done = 1;
+}
+
+static void *worker(void *arg)
+{
+    struct conn *c = arg;
+    struct export *ex = c->ex;
+    unsigned char *buf = NULL;
+    size_t cap = 0;
+    unsigned char hdr[28];
+    char msg[200];
+    for (;;) {
+        pthread_mutex_lock(&c->recv_mu);
+        if (c->done) {
+            pthread_mutex_unlock(&c->recv_mu);
+            break;
+        }
+        int r = readn(c, hdr, sizeof hdr);
+        if (r == 0) { /* closed between two requests (no DISC): it just left */
+            c->done = 1;
+            pthread_mutex_unlock(&c->recv_mu);
+            break;
+        }
+        if (r < 0) {
+            fail(c, "truncated request header");
+            pthread_mutex_unlock(&c->recv_mu);
+            break;
+        }
+        uint32_t magic = be32(hdr);
+        int flags = be16(hdr + 4), cmd = be16(hdr + 6);
+        unsigned char handle[8];
+        memcpy(handle, hdr + 8, 8);
+        uint64_t off = be64(hdr + 16);
+        uint32_t len = be32(hdr + 24);
+        if (magic != REQUEST_MAGIC) {
+            snprintf(msg, sizeof msg, "bad request magic %#x", magic);
+            fail(c, msg);
+            pthread_mutex_unlock(&c->recv_mu);
+            break;
+        }
+        if (cmd == CMD_DISC) {
+            c->done = 1;
+            pthread_mutex_unlock(&c->recv_mu);
+            break;
+        }
+        size_t need = cmd == CMD_READ || cmd == CMD_WRITE ? len : 0;
+        if (cmd == CMD_WRITE && len > ex->max_request) {
+            snprintf(msg, sizeof msg, "write of %u bytes exceeds %u", len, ex->max_request);
+            fail(c, msg);
+            pthread_mutex_unlock(&c->recv_mu);
+            break;
+        }
+        if (cmd == CMD_READ && len > ex->max_request)
+            need = 0; /* refused below */
+        if (need > cap) {
+            free(buf);
+            cap = (need + ALIGN - 1) & ~(size_t)(ALIGN - 1);
+            if (posix_memalign((void **)&buf, ALIGN, cap)) {
+                buf = NULL;
+                cap = 0;
+                fail(c, "out of memory");
+                pthread_mutex_unlock(&c->recv_mu);
+                break;
+            }
+        }
+        if (cmd == CMD_WRITE && readn(c, buf, len) != 1) {
+            fail(c, "truncated write payload");
+            pthread_mutex_unlock(&c->recv_mu);
+            break;
+        }
+        pthread_mutex_unlock(&c->recv_mu);
+
+        uint32_t err = validate(ex, cmd, flags, off, len);
+        if (err) {
+            bump(ex, ST_INVALID, 1);
+            reply(c, err, handle, NULL, 0);
+            continue;
+        }
+        msg[0] = 0;
+        switch (cmd) {
+        case CMD_READ:
+        case CMD_WRITE:
+        case CMD_WRITE_ZEROES:
+            err = (uint32_t)do_io(ex, cmd, off, len, buf, msg, sizeof msg);
+            if (!err && cmd != CMD_READ && (flags & CMDFLAG_FUA) && flush_all(ex)) {
+                snprintf(msg, sizeof msg, "flush: %s", strerror(errno));
+                bump(ex, ST_IO_ERRORS, 1);
+                err = EIO;
+            }
+            break;
+        case CMD_FLUSH:
+            if (flush_all(ex)) {
+                snprintf(msg, sizeof msg, "flush: %s", strerror(errno));
+                bump(ex, ST_IO_ERRORS, 1);
+                err = EIO;
+            }
+            break;
+        case CMD_TRIM: /* advisory: the block stays allocated to the VM */
+            break;
+        }
+        if (err) {
+            char full[256];
+            static const char *names[] = {"read", "write", "disc", "flush", "trim", "?", "write_zeroes"};
+            snprintf(full, sizeof full, "%s %llu+%u: %s", names[cmd], (unsigned long long)off, len, msg);
+            set_error(ex, full);
+            reply(c, err, handle, NULL, 0);
+        } else {
+            static const int counter[] = {ST_READS, ST_WRITES, -1, ST_FLUSHES, ST_TRIMS, -1, ST_ZEROES};
+            bump(ex, counter[cmd], 1);
+            if (cmd == CMD_READ)
+                bump(ex, ST_READ_BYTES, len);
+            else if (cmd == CMD_WRITE)
+                bump(ex, ST_WRITE_BYTES, len);
+            reply(c, 0, handle, cmd == CMD_READ ? buf : NULL, cmd == CMD_READ ? len : 0);
+        }
+        if (cap > KEEP_BUFFER) {
+            free(buf);
+            buf = NULL;
+            cap = 0;
+        }
+    }
+    free(buf);
+    return NULL;
+}
+
+/* Serve the transmission phase of one connection until DISC, EOF or a protocol error.
+ * Returns 0 after DISC, -1 otherwise with the reason in why. The socket is not closed. */
+int nbdx_serve(struct export *ex, int sock, const unsigned char *prefix, size_t prefix_len, int nthreads,
+               char *why, size_t why_len)
+{
+    struct conn c = {0};
+    c.ex = ex;
+    c.sock = sock;
+    c.prefix = prefix;
+    c.prefix_len = prefix_len;
+    pthread_mutex_init(&c.recv_mu, NULL);
+    pthread_mutex_init(&c.send_mu, NULL);
+    if (nthreads < 1)
+        nthreads = 1;
+    if (nthreads > 64)
+        nthreads = 64;
+    pthread_t t[64];
+    int started = 0;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, 256 << 10);
+    for (int i = 1; i < nthreads; i++)
+        if (pthread_create(&t[started], &a, worker, &c) == 0)
+            started++;
+    pthread_attr_destroy(&a);
+    worker(&c);
+    /* whoever ended the connection set done; wake the workers blocked in recv */
+    shutdown(sock, SHUT_RD);
+    for (int i = 0; i < started; i++)
+        pthread_join(t[i], NULL);
+    pthread_mutex_destroy(&c.recv_mu);
+    pthread_mutex_destroy(&c.send_mu);
+    if (why && why_len)
+        snprintf(why, why_len, "%s", c.why);
+    return c.failed ? -1 : 0;
+}
