@@ -316,9 +316,11 @@ class ClusterLab:
             for h in specs:
                 self.step(f"{h.id}: namespace {h.netns}, eth0 {h.address}")
                 self.net.add_host(h)
-            self.step("golden image (built once, then reused by recipe hash)")
-            image = build_image(Path(base.lab.images_dir), Path(base.lab.cache_dir), make_recipe(base.lab.mirror),
-                                step=lambda s: self.step(f"image: {s}"))  # fmt: skip
+            image = None
+            if sum(self.vms_per_host):
+                self.step("golden image (built once, then reused by recipe hash)")
+                image = build_image(Path(base.lab.images_dir), Path(base.lab.cache_dir),
+                                    make_recipe(base.lab.mirror), step=lambda s: self.step(f"image: {s}"))  # fmt: skip
             owner = vms.LabOwner.persistent_lab(self.prefix)
             for h, count in zip(specs, self.vms_per_host, strict=True):
                 self.step(f"{h.id}: libvirtd in {h.netns} listening on {h.tcp_uri}")
@@ -336,6 +338,7 @@ class ClusterLab:
                         self.step(f"{h.id}: booting {vm_name}")
                         if host.exists(vm_name):
                             raise ClusterError(f"{vm_name} exists on {h.id} already")
+                        assert image is not None
                         vms.create_vm(host, cfg, image, vm_name, owner=owner, memory_mib=self.memory_mib,
                                       max_vcpus=1)  # fmt: skip
                         entry["vms"].append(vm_name)

@@ -1,0 +1,200 @@
+"""The cluster controller's decisions with the real planner (plan_live: Sandpiper, idle), the real
+plan checks (execute.check_plan) and the real sqlite journal; only the hosts are fakes here: their
+inventories are generated from a fake cluster that the fake executor's migrations change."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from symbiont.cluster.controller import Controller, ControllerConfig
+from symbiont.cluster.journal import Journal
+from symbiont.placement.execute import HostEntry, MemorySpec, MoveSpec, check_plan
+
+CAP = {"cpu": 4.0, "mem": 8.0}
+
+
+class FakeCluster:
+    """Where each VM runs, its allocation and its CPU usage (cores) per sample."""
+
+    def __init__(self, vms: dict[str, tuple[str, float]], hosts=("h1", "h2", "h3")) -> None:
+        self.where = {vm: h for vm, (h, _u) in vms.items()}
+        self.use = {vm: u for vm, (_h, u) in vms.items()}
+        self.hosts = list(hosts)
+        self.dead: set[str] = set()
+        self.moves: list[tuple[str, str, str]] = []
+
+    def inventory(self, hid: str) -> dict[str, Any]:
+        if hid in self.dead:
+            raise ConnectionError(f"daemon /run/{hid}.sock: connection refused")
+        vms = [vm for vm, h in self.where.items() if h == hid]
+        return {
+            "host": {"id": hid, "capacity": CAP, "overcommit": {},
+                     "vms": [{"id": vm, "demand": {"cpu": 1.0, "mem": 1.0}} for vm in vms]},
+            "usage": {"black-box": {vm: [[self.use[vm], 0.5]] * 6 for vm in vms}, "gray-box": {}},
+            "activity": {},
+            "libvirt_uri": f"qemu+tcp://{hid}/system",
+        }  # fmt: skip
+
+
+class FakeExecutor:
+    def __init__(self, fc: FakeCluster, hosts) -> None:
+        self.fc, self.hosts = fc, dict(hosts)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        pass
+
+    def locate(self, host: HostEntry, vm: str) -> str | None:
+        return "running" if self.fc.where.get(vm) == host.id else None
+
+    def view(self, host: HostEntry, vm: str) -> dict[str, Any] | None:
+        return {"policy": {"memory": {"min_mib": 128}}, "max_memory_mib": 1024} if self.locate(host, vm) else None
+
+    def check(self, steps):
+        return check_plan(steps, self.hosts, self.locate, self.view)
+
+    def migrate(self, m: MoveSpec) -> dict[str, Any]:
+        self.fc.where[m.vm] = m.dst
+        self.fc.moves.append((m.vm, m.src, m.dst))
+        return {**m.to_dict(), "ok": True}
+
+    def set_memory(self, s: MemorySpec) -> dict[str, Any]:
+        return {**s.to_dict(), "ok": True}
+
+
+def controller(tmp_path, fc: FakeCluster, **kw) -> Controller:
+    hosts = {h: HostEntry(h, f"qemu+tcp://{h}/system", f"/run/{h}.sock") for h in fc.hosts}
+    cfg = ControllerConfig(hosts=hosts, journal=tmp_path / "j.sqlite", period_s=0.01, **kw)
+    return Controller(cfg, fetch=lambda spec: fc.inventory(spec.split("/")[-1].removesuffix(".sock")),
+                      make_executor=lambda hs: FakeExecutor(fc, hs))  # fmt: skip
+
+
+def test_planted_hotspot_is_relieved_and_logged_with_inputs(tmp_path) -> None:
+    # h1: 4 busy VMs (3.6 of 4 cores = 90% > 75%); h2, h3 idle.
+    fc = FakeCluster({f"v{i}": ("h1", 0.9) for i in range(4)} | {"w": ("h2", 0.1)})
+    ctl = controller(tmp_path, fc)
+    t0 = time.monotonic()
+    r = ctl.round()
+    assert r["hotspots"] == ["h1"]
+    assert r["execution"]["state"] == "done"
+    assert len(fc.moves) == 1 and fc.moves[0][1] == "h1" and fc.moves[0][2] in ("h2", "h3")
+    # Relieved: the next round sees no hotspot and moves nothing.
+    r2 = ctl.round()
+    assert r2["hotspots"] == [] and "execution" not in r2 and len(fc.moves) == 1
+    assert time.monotonic() - t0 < 5
+    j = Journal(tmp_path / "j.sqlite")
+    rounds = j.decisions(kind="round")
+    assert len(rounds) == 2
+    assert rounds[0]["inputs"]["hosts"]["h1"]["vms"] == ["v0", "v1", "v2", "v3"]
+    assert rounds[0]["inputs"]["hosts"]["h1"]["samples"]["v0"] == 6
+    assert rounds[0]["inputs"]["config"]["thresholds"]["cpu"] == 0.75
+    assert rounds[0]["outcome"]["hotspots"] == ["h1"]
+    (p,) = j.plans()
+    assert p["state"] == "done" and [s["state"] for s in p["steps"]] == ["done"]
+    assert p["steps"][0]["context"]["policy"] == {"memory": {"min_mib": 128}}  # what resume re-registers
+
+
+def test_rate_limit_and_cooldown(tmp_path) -> None:
+    # h1 and h2 both hot (each needs a move), h3 empty: one migration per round.
+    fc = FakeCluster({"a1": ("h1", 1.05), "a2": ("h1", 1.05), "a3": ("h1", 1.05),
+                      "b1": ("h2", 1.05), "b2": ("h2", 1.05), "b3": ("h2", 1.05)})  # fmt: skip
+    ctl = controller(tmp_path, fc, max_migrations=1, cooldown_s=3600)
+    r = ctl.round()
+    assert len(fc.moves) == 1
+    held = r["execution"]["held"]
+    assert len(held) >= 1 and all("rate limit: 1 migrations per round" in h["reason"] for h in held)
+    moved = fc.moves[0][0]
+    # A plan that moves the same VM again within the cooldown is held back, with the reason.
+    back = {"moves": [{"vm": moved, "from": fc.where[moved], "to": fc.moves[0][1]}]}
+    res = ctl.execute_plan(back, "test", limit=True)
+    assert res["state"] == "empty" and "cooldown" in res["held"][0]["reason"]
+    assert len(fc.moves) == 1
+
+
+def test_dry_run_changes_nothing(tmp_path) -> None:
+    fc = FakeCluster({f"v{i}": ("h1", 0.9) for i in range(4)})
+    ctl = controller(tmp_path, fc, dry_run=True)
+    r = ctl.round()
+    assert r["hotspots"] == ["h1"] and r["execution"]["state"] == "dry-run"
+    assert r["execution"]["steps"][0]["kind"] == "move"
+    assert fc.moves == [] and set(fc.where.values()) == {"h1"}
+
+
+def test_unreachable_host_marked_and_planned_around(tmp_path) -> None:
+    fc = FakeCluster({f"v{i}": ("h1", 0.9) for i in range(4)})
+    fc.dead.add("h2")
+    ctl = controller(tmp_path, fc)
+    r = ctl.round()
+    assert "h2" in r["down"] and "connection refused" in r["down"]["h2"]
+    assert [m[2] for m in fc.moves] == ["h3"]  # relieved onto the host that answers
+    j = Journal(tmp_path / "j.sqlite")
+    assert j.hosts()["h2"]["state"] == "down" and j.hosts()["h1"]["state"] == "up"
+    assert [d["inputs"]["host"] for d in j.decisions(kind="host-down")] == ["h2"]
+    # A plan that needs the dead host is refused, naming it; nothing moves.
+    before = dict(fc.where)
+    stay = next(vm for vm, h in before.items() if h == "h1")
+    res = ctl.execute_plan({"moves": [{"vm": stay, "from": "h1", "to": "h2"}]}, "test")
+    assert res["state"] == "refused" and "host h2 is not answering" in res["reason"]
+    assert fc.where == before
+    # It comes back: marked up again (a decision), usable again.
+    fc.dead.clear()
+    ctl.round()
+    assert j.hosts()["h2"]["state"] == "up"
+    assert [d["inputs"]["host"] for d in j.decisions(kind="host-up")][-1] == "h2"
+
+
+@pytest.mark.parametrize(
+    ("plan", "reason"),
+    [
+        ({"moves": [{"vm": "ghost", "from": "h1", "to": "h2"}]}, "ghost: no host daemon manages a running VM"),
+        ({"moves": [{"vm": "v0", "from": "h1", "to": "h9"}]}, "unknown host 'h9'"),
+        ({"moves": [{"vm": "v0", "from": "h2", "to": "h3"}]}, "no domain 'v0' on host h2"),
+        ({"moves": [{"vm": f"v{i}", "from": "h1", "to": "h2"} for i in range(5)]},
+         "host h2 would be over capacity after the plan: cpu 5 > 4"),
+        ({"moves": [{"vm": "v0", "from": "h1", "to": "h1"}]}, "goes from h1 to itself"),
+        ({"nothing": 1}, "has no 'moves'"),
+    ],
+)
+def test_bad_plans_refused_with_reason_and_change_nothing(tmp_path, plan, reason) -> None:
+    fc = FakeCluster({f"v{i}": ("h1", 0.1) for i in range(5)})
+    ctl = controller(tmp_path, fc)
+    before = dict(fc.where)
+    res = ctl.execute_plan(plan, "test")
+    assert res["state"] == "refused" and reason in res["reason"], res
+    assert fc.where == before and fc.moves == []
+    j = Journal(tmp_path / "j.sqlite")
+    assert j.plans()[-1]["state"] == "refused" and reason in j.plans()[-1]["reason"]
+    assert j.decisions(kind="refused")[-1]["outcome"]["reason"] == res["reason"]
+
+
+def test_journal_unfinished_and_cooldown_clock(tmp_path) -> None:
+    with Journal(tmp_path / "j.sqlite") as j:
+        pid = j.new_plan("round", {"moves": []}, {}, [{"kind": "move", "vm": "a"}, {"kind": "move", "vm": "b"}],
+                         "running")  # fmt: skip
+        j.start_step(pid, 0, {"policy": {"x": 1}})
+        (u,) = j.unfinished()
+        assert [s["state"] for s in u["steps"]] == ["started", "pending"]
+        assert u["steps"][0]["context"] == {"policy": {"x": 1}}
+        assert j.last_move("a") is not None and j.last_move("b") is None
+        j.end_step(pid, 0, "rolled-back", {})
+        j.skip_rest(pid, "restart")
+        j.set_plan(pid, "resumed")
+        assert j.unfinished() == []
+    # Survives a reopen (sqlite, committed per change).
+    with Journal(tmp_path / "j.sqlite") as j:
+        assert [s["state"] for s in j.steps(pid)] == ["rolled-back", "skipped"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [({"period_s": 0}, "period"), ({"period_s": float("nan")}, "period"), ({"max_migrations": -1}, "max_migrations"),
+     ({"mode": "x"}, "mode"), ({"thresholds": {"cpu": 0}}, "thresholds.cpu")],
+)
+def test_config_errors_name_the_key(tmp_path, kw, msg) -> None:
+    with pytest.raises(ValueError, match=msg):
+        ControllerConfig(hosts={"h1": HostEntry("h1", "qemu:///system")}, journal=tmp_path / "j", **kw)
