@@ -22,7 +22,10 @@ The JSON object has a ``type``:
 
 virtio-serial is a byte stream that survives the peer restarting, so a reader that joins
 mid-stream *hunts* for the magic before its first frame (:meth:`FrameReader.hunt`); after
-that, any malformed frame is a protocol error and the connection is dropped.
+that, any malformed frame is a protocol error and the connection is dropped. The peer is
+untrusted: hunting costs O(input) whatever the bytes (a candidate's JSON header, at most
+``HUNT_MAX_JSON``, is checked before its payload is waited for), any JSON failure is a
+ProtocolError, headers nest at most ``MAX_DEPTH`` deep and hello fields are typed and bounded.
 """
 
 from __future__ import annotations
