@@ -148,7 +148,7 @@ def main() -> None:
                             "chmod +x /tmp/iobench && for s in bench-plain bench-python bench-native; do "
                             "echo $s $(dev $s); done", 60)
                 print(f"# guest disks: {r.output.strip()!r}", flush=True)
-                if r.status != 0:
+                if r.rc != 0:
                     raise RuntimeError(f"guest setup failed: {r.output}")
                 for rep in range(args.reps):
                     for mode, bs, depth in CASES:
@@ -169,7 +169,7 @@ def main() -> None:
                                 if th is not None:
                                     th.join()
                             line = [ln for ln in r.output.splitlines() if ln.startswith("{")]
-                            if r.status != 0 or not line:
+                            if r.rc != 0 or not line:
                                 raise RuntimeError(f"{disk} {key}: {r.output}")
                             res = json.loads(line[-1])
                             results.setdefault(key, {}).setdefault(disk, []).append(res)

@@ -70,10 +70,13 @@ struct conn {
     struct export *ex;
     int sock;
     pthread_mutex_t recv_mu, send_mu;
-    const unsigned char *prefix; /* bytes Python read past the handshake */
-    size_t prefix_len, prefix_pos;
+    unsigned char *rbuf; /* what came off the socket and is not parsed yet (under recv_mu) */
+    size_t rcap, rpos, rlen;
     volatile int done;
     int failed;
+    int max_threads, nthreads; /* workers allowed, started (under recv_mu) */
+    int waiting;               /* workers waiting to become the reader (atomic) */
+    pthread_t threads[64];
     char why[200];
 };
 
@@ -157,17 +160,34 @@ static inline uint64_t be64(const unsigned char *p)
 static inline uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
 static inline uint16_t be16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 
-/* Read exactly n bytes (the prefix first). 1: done, 0: EOF before the first byte, -1: error/short. */
+/* Read exactly n bytes through the connection's buffer: one recv brings in as many pipelined
+ * requests as the client has sent; a large payload goes straight into buf.
+ * 1: done, 0: EOF before the first byte, -1: error or EOF in the middle. */
 static int readn(struct conn *c, unsigned char *buf, size_t n)
 {
     size_t got = 0;
-    while (got < n && c->prefix_pos < c->prefix_len)
-        buf[got++] = c->prefix[c->prefix_pos++];
     while (got < n) {
-        ssize_t r = recv(c->sock, buf + got, n - got, 0);
-        if (r > 0) {
-            got += (size_t)r;
+        if (c->rpos < c->rlen) {
+            size_t k = c->rlen - c->rpos < n - got ? c->rlen - c->rpos : n - got;
+            memcpy(buf + got, c->rbuf + c->rpos, k);
+            c->rpos += k;
+            got += k;
             continue;
+        }
+        ssize_t r;
+        if (n - got >= c->rcap / 2) {
+            r = recv(c->sock, buf + got, n - got, 0);
+            if (r > 0) {
+                got += (size_t)r;
+                continue;
+            }
+        } else {
+            r = recv(c->sock, c->rbuf, c->rcap, 0);
+            if (r > 0) {
+                c->rpos = 0;
+                c->rlen = (size_t)r;
+                continue;
+            }
         }
         if (r < 0 && errno == EINTR)
             continue;
@@ -360,6 +380,23 @@ static void fail(struct conn *c, const char *why)
     c->done = 1;
 }
 
+static void *worker(void *arg);
+
+/* Called by the reader, holding recv_mu, once it has a request: if no other worker is waiting
+ * to read the next one, start one (up to max_threads). Workers are only as many as the
+ * client's queue depth needs: at QD 1 two threads take turns, their buffers stay warm. */
+static void maybe_spawn(struct conn *c)
+{
+    if (__atomic_load_n(&c->waiting, __ATOMIC_ACQUIRE) > 0 || c->nthreads >= c->max_threads)
+        return;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, 256 << 10);
+    if (pthread_create(&c->threads[c->nthreads - 1], &a, worker, c) == 0)
+        c->nthreads++;
+    pthread_attr_destroy(&a);
+}
+
 static void *worker(void *arg)
 {
     struct conn *c = arg;
@@ -369,7 +406,9 @@ static void *worker(void *arg)
     unsigned char hdr[28];
     char msg[200];
     for (;;) {
+        __atomic_fetch_add(&c->waiting, 1, __ATOMIC_ACQ_REL);
         pthread_mutex_lock(&c->recv_mu);
+        __atomic_fetch_sub(&c->waiting, 1, __ATOMIC_ACQ_REL);
         if (c->done) {
             pthread_mutex_unlock(&c->recv_mu);
             break;
@@ -427,6 +466,7 @@ static void *worker(void *arg)
             pthread_mutex_unlock(&c->recv_mu);
             break;
         }
+        maybe_spawn(c);
         pthread_mutex_unlock(&c->recv_mu);
 
         uint32_t err = validate(ex, cmd, flags, off, len);
@@ -490,30 +530,30 @@ int nbdx_serve(struct export *ex, int sock, const unsigned char *prefix, size_t 
     struct conn c = {0};
     c.ex = ex;
     c.sock = sock;
-    c.prefix = prefix;
-    c.prefix_len = prefix_len;
+    c.rcap = prefix_len > (64u << 10) ? prefix_len : (64u << 10);
+    c.rbuf = malloc(c.rcap);
+    if (!c.rbuf) {
+        if (why && why_len)
+            snprintf(why, why_len, "out of memory");
+        return -1;
+    }
+    memcpy(c.rbuf, prefix, prefix_len); /* requests Python read past the handshake */
+    c.rlen = prefix_len;
     pthread_mutex_init(&c.recv_mu, NULL);
     pthread_mutex_init(&c.send_mu, NULL);
-    if (nthreads < 1)
-        nthreads = 1;
-    if (nthreads > 64)
-        nthreads = 64;
-    pthread_t t[64];
-    int started = 0;
-    pthread_attr_t a;
-    pthread_attr_init(&a);
-    pthread_attr_setstacksize(&a, 256 << 10);
-    for (int i = 1; i < nthreads; i++)
-        if (pthread_create(&t[started], &a, worker, &c) == 0)
-            started++;
-    pthread_attr_destroy(&a);
+    c.max_threads = nthreads < 1 ? 1 : nthreads > 65 ? 65 : nthreads;
+    c.nthreads = 1; /* this thread */
     worker(&c);
     /* whoever ended the connection set done; wake the workers blocked in recv */
     shutdown(sock, SHUT_RD);
+    pthread_mutex_lock(&c.recv_mu); /* no more spawning */
+    int started = c.nthreads - 1;
+    pthread_mutex_unlock(&c.recv_mu);
     for (int i = 0; i < started; i++)
-        pthread_join(t[i], NULL);
+        pthread_join(c.threads[i], NULL);
     pthread_mutex_destroy(&c.recv_mu);
     pthread_mutex_destroy(&c.send_mu);
+    free(c.rbuf);
     if (why && why_len)
         snprintf(why, why_len, "%s", c.why);
     return c.failed ? -1 : 0;
