@@ -431,11 +431,12 @@ class Daemon:
 
     def _store_late(self, name: str, task: asyncio.Task[dict[str, dict[str, Any]]]) -> None:
         """Store a sample that arrived after its period's deadline (if the VM is still ours)."""
+        got = self._collected(name, task)  # retrieved in any case: no "exception never retrieved"
         if name not in self.links or self._stop.is_set():
             return
         now = time.time()
         with contextlib.suppress(Exception):
-            self.store.add_samples([(now, name, src, data) for src, data in self._collected(name, task).items() if data])
+            self.store.add_samples([(now, name, src, data) for src, data in got.items() if data])
 
     async def _collect_vm(self, name: str) -> dict[str, dict[str, Any]]:
         snap: dict[str, Any] = {"ts": time.time()}
