@@ -91,7 +91,7 @@ def test_planted_hotspot_is_relieved_and_logged_with_inputs(tmp_path) -> None:
     rounds = j.decisions(kind="round")
     assert len(rounds) == 2
     assert rounds[0]["inputs"]["hosts"]["h1"]["vms"] == ["v0", "v1", "v2", "v3"]
-    assert rounds[0]["inputs"]["hosts"]["h1"]["samples"]["v0"] == 6
+    assert rounds[0]["inputs"]["hosts"]["h1"]["samples"]["black-box"]["v0"] == 6
     assert rounds[0]["inputs"]["config"]["thresholds"]["cpu"] == 0.75
     assert rounds[0]["outcome"]["hotspots"] == ["h1"]
     (p,) = j.plans()

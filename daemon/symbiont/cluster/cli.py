@@ -109,7 +109,8 @@ def _opts(f: Any) -> Any:
 @click.option("--idle-host", default="", help="the host idle VMs are consolidated on (empty: no idle plans)")
 @click.option("--cpu-threshold", type=float, default=0.75, show_default=True, help="hotspot CPU fraction")
 @click.option("--mem-threshold", type=float, default=0.75, show_default=True, help="hotspot memory fraction")
-@click.option("--mode", type=click.Choice(["black-box", "gray-box"]), default="black-box", show_default=True)
+@click.option("--mode", type=click.Choice(["black-box", "gray-box"]), default="gray-box", show_default=True,
+              help="gray-box: the hypervisor's series where present, else the guest agent's")
 def controller_cmd(cluster: str | None, daemons: tuple[str, ...], journal: str | None, dry_run: bool,
                    period: float, rounds: int, max_migrations: int, cooldown: float, idle_host: str,
                    cpu_threshold: float, mem_threshold: float, mode: str) -> None:  # fmt: skip

@@ -105,7 +105,7 @@ class ControllerConfig:
     max_migrations: int = 2  # per round
     cooldown_s: float = 120.0  # per VM, from the start of its last move
     unsafe: bool = False  # VIR_MIGRATE_UNSAFE (shared storage libvirt does not recognise)
-    mode: str = "black-box"
+    mode: str = "gray-box"  # plan_live: black-box series where the daemon has them, else the agent's
     thresholds: dict[str, float] = field(default_factory=lambda: {"cpu": 0.75, "mem": 0.75})
     k: int = 3
     n: int = 5
@@ -314,7 +314,8 @@ class Controller:
         inputs = {
             "hosts": {hid: {"vms": [v["id"] for v in inv["host"].get("vms", [])],
                             "capacity": inv["host"].get("capacity"),
-                            "samples": {vm: len(s) for vm, s in inv.get("usage", {}).get(self.cfg.mode, {}).items()}}
+                            "samples": {m: {vm: len(s) for vm, s in series.items()}
+                                        for m, series in (inv.get("usage") or {}).items()}}
                       for hid, inv in invs.items()},
             "down": dict(self.down),
             "config": {"mode": self.cfg.mode, "thresholds": self.cfg.thresholds, "k": self.cfg.k, "n": self.cfg.n,

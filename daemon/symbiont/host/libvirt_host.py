@@ -230,7 +230,10 @@ class LibvirtHost:
         return None
 
     def qemu_pid(self, name: str) -> int | None:
-        pidfile = Path(f"/run/libvirt/qemu/{name}.pid")
+        # A second libvirtd (host/libvirt_instance.py) has its /run/libvirt at <socket dir>/run.
+        sock = re.search(r"[?&]socket=([^&]+)", self.uri)
+        run = Path(sock.group(1)).parent / "run" if sock else Path("/run/libvirt")
+        pidfile = run / "qemu" / f"{name}.pid"
         try:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):

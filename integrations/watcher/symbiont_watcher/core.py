@@ -151,7 +151,9 @@ def snapshot_from_inventories(invs: Sequence[Mapping[str, Any]], mode: str = "bl
         for v in h.get("vms", []):
             vms.append(Vm(v["id"], v["id"], str(h["id"]), {"cpu": float(v["demand"]["cpu"]),
                                                            "mem": float(v["demand"]["mem"]) * 1024.0}))  # fmt: skip
-            s = (inv.get("usage") or {}).get(mode, {}).get(v["id"])
+            u = inv.get("usage") or {}
+            # the hypervisor's view where the daemon has it, else the guest agent's
+            s = u.get(mode, {}).get(v["id"]) or u.get("gray-box", {}).get(v["id"])
             if s:
                 usage[v["id"]] = [[float(r[0]), float(r[1]) * 1024.0] for r in s]
             if v["id"] in (inv.get("activity") or {}):
