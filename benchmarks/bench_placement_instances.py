@@ -28,7 +28,7 @@ from _common import ROOT
 
 from symbiont.placement import heuristics
 from symbiont.placement.bound import lower_bound, quick_bound
-from symbiont.placement.model import Request
+from symbiont.placement.model import Host, Request
 from symbiont.placement.planner import plan
 from symbiont.placement.traces import instance_hosts, load_bpplib, sizes, standard_hosts, standard_instances
 
@@ -110,6 +110,28 @@ def scaling(points: list[tuple[int, int]], improve_time: float) -> None:
                   f"{q.hosts_used:9d} {qb:6d}", flush=True)  # fmt: skip
 
 
+def scaling_search(points: list[int], improve_time: float) -> None:
+    """Where the search has work to do: 1-D, w ~ U[20, 100] on hosts of 150 (Falkenauer's u recipe)."""
+    print(f"\nsearch scaling, 1-D u-class (w ~ U[20,100], C = 150), improve time limit {improve_time:g} s")
+    print(
+        f"{'VMs x hosts':>18s} {'ffd s':>7s} {'+improve s':>11s} {'ffd hosts':>10s} {'improved':>9s} {'L2 bound':>9s}"
+    )
+    for n in points:
+        w = np.random.default_rng(1).integers(20, 101, n).astype(float)
+        n_hosts = n // 2
+        hosts = [Host(f"h{i}", {"cpu": 150.0}) for i in range(n_hosts)]
+        reqs = [Request(f"v{i}", {"cpu": float(x)}) for i, x in enumerate(w)]
+        lb = quick_bound(w[:, None], np.full((1, 1), 150.0)).value
+        t = time.perf_counter()
+        p = plan(hosts, reqs, "ffd-sum", "batch")
+        t_plain = time.perf_counter() - t
+        t = time.perf_counter()
+        q = plan(hosts, reqs, "ffd-sum", "batch", improve=True, improve_time=improve_time)
+        t_imp = time.perf_counter() - t
+        print(f"{n:>8,d} x {n_hosts:<7,d} {t_plain:7.2f} {t_imp:11.2f} {p.hosts_used:10d} {q.hosts_used:9d} {lb:9d}",
+              flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -145,6 +167,7 @@ def main() -> None:
             else [(10_000, 1_000), (30_000, 3_000), (100_000, 10_000)]
         )
         scaling(pts, args.improve_time)
+        scaling_search([10_000, 30_000] if args.quick else [10_000, 30_000, 100_000], args.improve_time)
 
 
 if __name__ == "__main__":

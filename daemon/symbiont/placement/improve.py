@@ -69,7 +69,11 @@ def _free_vms(st: ClusterState, movable: set[str] | None) -> list[str]:
 
 
 class _Search:
-    """Free VMs as rows of a matrix, hosts as load vectors; the moves of one search."""
+    """Free VMs as rows of a matrix, hosts as load vectors; the moves of one search.
+
+    Per-host bookkeeping is in numpy arrays (free-VM counts, loads), so that a round costs Python
+    work only for the hosts it touches; ``log`` records the moves of the current round for undo.
+    """
 
     def __init__(self, st: ClusterState, free: list[str]) -> None:
         self.eff = st.effective
@@ -81,39 +85,52 @@ class _Search:
         self.fixed = np.zeros(len(st.host_ids), dtype=np.int64)  # VMs that may not move, per host
         np.add.at(self.fixed, [p.host for v, p in st.vms.items()], 1)
         np.add.at(self.fixed, self.host, -1)
+        self.nfree = np.bincount(self.host, minlength=len(st.host_ids)).astype(np.int64)
         self.members: list[list[int]] = [[] for _ in st.host_ids]
         for i, h in enumerate(self.host):
             self.members[int(h)].append(i)
         self.scale = np.where(self.eff.max(axis=0) > 0, self.eff.max(axis=0), 1.0)
         self.size = (self.dem / self.scale).sum(axis=1)
+        self.log: list[tuple[int, int]] = []  # (VM, host it was on) for each move of this round
+
+    def used(self) -> np.ndarray:
+        return (self.nfree > 0) | (self.fixed > 0)
 
     def count(self) -> int:
-        return sum(1 for h in range(len(self.members)) if self.members[h] or self.fixed[h])
+        return int(np.count_nonzero(self.used()))
 
-    def fullness(self, h: int) -> float:
-        return float(self.load[h] @ self.inv_e[h])
-
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.host.copy(), self.load.copy()
-
-    def restore(self, snap: tuple[np.ndarray, np.ndarray]) -> None:
-        self.host, self.load = snap[0].copy(), snap[1].copy()
-        self.members = [[] for _ in self.members]
-        for i, h in enumerate(self.host):
-            self.members[int(h)].append(i)
+    def fullness(self) -> np.ndarray:
+        return (self.load * self.inv_e).sum(axis=1)
 
     def take(self, i: int) -> None:
         h = int(self.host[i])
+        self.log.append((i, h))
         self.members[h].remove(i)
+        self.nfree[h] -= 1
         self.load[h] -= self.dem[i]
-        if not self.members[h] and not self.fixed[h]:
+        if not self.nfree[h] and not self.fixed[h]:
             self.load[h] = 0.0  # drop float residue on an emptied host
         self.host[i] = -1
 
     def put(self, i: int, h: int) -> None:
         self.members[h].append(i)
+        self.nfree[h] += 1
         self.load[h] += self.dem[i]
         self.host[i] = h
+
+    def undo(self) -> None:
+        """Put every VM moved in this round back where it was."""
+        for i, h in reversed(self.log):
+            if self.host[i] >= 0:
+                g = int(self.host[i])
+                self.members[g].remove(i)
+                self.nfree[g] -= 1
+                self.load[g] -= self.dem[i]
+            self.put(i, h)
+        for h in {h for _, h in self.log} | {int(self.host[i]) for i, _ in self.log}:
+            if not self.nfree[h] and not self.fixed[h]:
+                self.load[h] = 0.0
+        self.log.clear()
 
     def exchange(self, h: int, pool: list[int]) -> None:
         """Swap up to two of host h's free VMs for up to two pool VMs while that fills h more."""
@@ -148,10 +165,10 @@ class _Search:
         """Largest first, each to the tightest open host, else the lowest-index empty one that fits.
 
         False if some VM fits nowhere (possible with hosts of different sizes): the caller undoes."""
+        used = self.used()
         for i in sorted(pool, key=lambda i: (-self.size[i], i)):
             d = self.dem[i]
             fits = np.all(self.load + d <= self.cap, axis=1)
-            used = np.array([bool(m) or bool(f) for m, f in zip(self.members, self.fixed, strict=True)])
             cand = fits & used
             if cand.any():
                 slack = ((self.cap - self.load - d) * self.inv_e).sum(axis=1)
@@ -161,6 +178,7 @@ class _Search:
             else:
                 return False
             self.put(i, h)
+            used[h] = True
         pool.clear()
         return True
 
@@ -170,14 +188,17 @@ def eliminate_hosts(
     movable: set[str] | None = None,
     *,
     time_limit: float = 1.0,
-    patience: int = 100,
+    patience: int = 300,
     target: int = 0,
+    window: int = 200,
 ) -> tuple[ClusterState, list[Relocation]]:
     """Return an improved copy of ``state`` and the relocations that got there (see module doc).
 
     ``movable``: the VMs that may be relocated (e.g. the requests of a plan, not the VMs already
     running); None: all. ``time_limit`` (s) bounds the search; ``target``: stop once the plan uses
-    this many hosts (a lower bound). Never uses more hosts than ``state``.
+    this many hosts (a lower bound); ``window``: how many of the least-filled open hosts a round
+    offers exchanges to (plus a quarter as many others, sampled), so that a round costs O(window)
+    and not O(hosts) on large plans. Never uses more hosts than ``state``.
     """
     t_end = time.perf_counter() + max(0.0, time_limit)
     free = _free_vms(state, movable)
@@ -185,16 +206,16 @@ def eliminate_hosts(
         return state.copy(), []
     s = _Search(state, free)
     best = s.count()
-    best_snap = s.snapshot()
     stale = 0
     k = 1
-    seen = {s.host.tobytes()}
     rng = np.random.default_rng(0)  # deterministic: the same input gives the same plan
+    idx = np.arange(len(state.host_ids))
     while best > target and stale < patience and time.perf_counter() < t_end:
-        emptiable = [h for h in range(len(s.members)) if s.members[h] and not s.fixed[h]]
-        if not emptiable or best <= 1:
+        full = s.fullness()
+        em = np.flatnonzero((s.nfree > 0) & (s.fixed == 0))
+        if em.size == 0 or best <= 1:
             break
-        emptiable.sort(key=lambda h: (s.fullness(h), h))
+        emptiable = em[np.lexsort((em, full[em]))].tolist()
         chosen = emptiable[:k]
         if stale and len(emptiable) > k:  # stuck: a seeded random host joins, to leave the plateau
             chosen = emptiable[: k - 1] + [emptiable[int(rng.integers(k - 1, len(emptiable)))]]
@@ -203,29 +224,26 @@ def eliminate_hosts(
             for i in list(s.members[h]):
                 s.take(i)
                 pool.append(i)
-        opened = [h for h in range(len(s.members)) if s.members[h] or s.fixed[h]]
-        opened.sort(key=lambda h: (s.fullness(h), h))
+        op = idx[s.used()]
+        full = s.fullness()
+        opened = op[np.lexsort((op, full[op]))].tolist()
+        if len(opened) > window:  # large plans: the least-filled hosts, plus a seeded sample of others
+            rest = opened[window:]
+            extra = rng.choice(len(rest), size=min(len(rest), window // 4), replace=False)
+            opened = opened[:window] + [rest[int(i)] for i in sorted(extra)]
         for h in opened:
             if not pool or time.perf_counter() >= t_end:
                 break
             s.exchange(h, pool)
         n = s.count() if s.reinsert(pool) else best + 1  # a VM that fits nowhere: undo the round
-        key = s.host.tobytes()
-        if n == best and key in seen:  # an assignment already visited: count it as a stale round
-            stale += 1
-            k = k % 3 + 1
-            continue
-        seen.add(key)
-        if n < best:
-            best, best_snap, stale = n, s.snapshot(), 0
-        elif n == best:
-            best_snap = s.snapshot()
+        if n > best:
+            s.undo()
             stale += 1
         else:
-            s.restore(best_snap)
-            stale += 1
+            stale = 0 if n < best else stale + 1  # an equal count is kept: its hosts are fuller
+            best = n
+            s.log.clear()
         k = k % 3 + 1
-    s.restore(best_snap)
     st = state.copy()
     moves: list[Relocation] = []
     for i, vid in enumerate(free):
