@@ -198,3 +198,134 @@ def test_journal_unfinished_and_cooldown_clock(tmp_path) -> None:
 def test_config_errors_name_the_key(tmp_path, kw, msg) -> None:
     with pytest.raises(ValueError, match=msg):
         ControllerConfig(hosts={"h1": HostEntry("h1", "qemu:///system")}, journal=tmp_path / "j", **kw)
+
+
+# -- resume after a crash: every VM ends on exactly one host, registered with exactly its daemon --
+
+
+class FakeDom:
+    def __init__(self, state: int, persistent: bool = True) -> None:
+        self.st, self.persistent, self.gone, self.aborted = state, persistent, False, False
+
+    def state(self):
+        return [self.st, 0]
+
+    def isActive(self):  # noqa: N802 - libvirt's name
+        return self.st in (1, 3)
+
+    def isPersistent(self):  # noqa: N802
+        return self.persistent
+
+    def destroy(self):
+        self.st = 5
+
+    def undefine(self):
+        self.gone = True
+
+    def resume(self):
+        self.st = 1
+
+    def abortJob(self):  # noqa: N802
+        self.aborted = True
+
+    def XMLDesc(self, _flags=0):  # noqa: N802
+        return "<domain/>"
+
+
+class FakeConn:
+    def __init__(self, doms: dict[str, FakeDom]) -> None:
+        self.doms = doms
+
+    def lookupByName(self, name):  # noqa: N802
+        import libvirt
+
+        d = self.doms.get(name)
+        if d is None or d.gone or (d.st == 5 and not d.persistent):
+            raise libvirt.libvirtError("no domain")
+        return d
+
+    def defineXML(self, _xml):  # noqa: N802
+        return next(iter(self.doms.values()))
+
+
+class ResumeExecutor:
+    def __init__(self, conns: dict[str, FakeConn], reg: dict[str, set[str]]) -> None:
+        self.conns, self.reg = conns, reg
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        pass
+
+    def conn(self, host):
+        return self.conns[host.id]
+
+    def locate(self, host, vm):
+        try:
+            d = self.conns[host.id].lookupByName(vm)
+        except Exception:  # noqa: BLE001
+            return None
+        return {1: "running", 3: "paused", 5: "shut off"}[d.st]
+
+    def view(self, host, vm):
+        return {"policy": {}} if vm in self.reg[host.id] else None
+
+
+class FakeClient:
+    def __init__(self, reg: set[str]) -> None:
+        self.reg = reg
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        pass
+
+    def delete(self, path):
+        self.reg.discard(path.rsplit("/", 1)[-1])
+
+    def post(self, _path, body):
+        self.reg.add(body["name"])
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "reg_src", "expect"),
+    [
+        # killed after the destination took over: the source copy is paused, the destination runs
+        (FakeDom(3), FakeDom(1, persistent=False), False, ("completed", "h2")),
+        # killed while streaming: the destination holds a paused incoming copy; the source runs
+        (FakeDom(1), FakeDom(3, persistent=False), False, ("rolled-back", "h1")),
+        # libvirt cleaned up already, but left the source paused (perform done, no finish)
+        (FakeDom(3), None, False, ("rolled-back", "h1")),
+        # killed before the source daemon let go: still registered there
+        (FakeDom(1), None, True, ("rolled-back", "h1")),
+    ],
+)
+def test_resume_leaves_each_vm_on_exactly_one_host(tmp_path, monkeypatch, src, dst, reg_src, expect) -> None:
+    import symbiont.placement.execute as ex_mod
+
+    conns = {"h1": FakeConn({"vm": src}), "h2": FakeConn({"vm": dst} if dst else {})}
+    reg = {"h1": {"vm"} if reg_src else set(), "h2": set()}
+    monkeypatch.setattr(ex_mod, "_client", lambda spec: FakeClient(reg[spec.split("/")[-1].removesuffix(".sock")]))
+    fc = FakeCluster({}, hosts=("h1", "h2"))
+    hosts = {h: HostEntry(h, f"qemu+tcp://{h}/system", f"/run/{h}.sock") for h in ("h1", "h2")}
+    cfg = ControllerConfig(hosts=hosts, journal=tmp_path / "j.sqlite", resume_wait_s=0.0)
+    ctl = Controller(cfg, fetch=lambda spec: fc.inventory(spec.split("/")[-1].removesuffix(".sock")),
+                     make_executor=lambda hs: ResumeExecutor(conns, reg))  # fmt: skip
+    pid = ctl.journal.new_plan("round", {}, {}, [{"kind": "move", "vm": "vm", "from": "h1", "to": "h2"},
+                                                 {"kind": "move", "vm": "other", "from": "h1", "to": "h2"}],
+                               "running")  # fmt: skip
+    ctl.journal.start_step(pid, 0, {"policy": {"memory": {"min_mib": 128}}, "registered": True})
+    (res,) = ctl.resume()
+    (f,) = res["fixed"]
+    assert (f["state"], f["on"]) == expect
+    ex = ResumeExecutor(conns, reg)
+    present = [h for h in ("h1", "h2") if ex.locate(hosts[h], "vm") is not None]
+    assert present == [expect[1]]
+    assert ex.locate(hosts[expect[1]], "vm") == "running"
+    assert [h for h in ("h1", "h2") if "vm" in reg[h]] == [expect[1]]
+    steps = ctl.journal.steps(pid)
+    assert [s["state"] for s in steps] == [expect[0], "skipped"]
+    assert ctl.journal.plans()[-1]["state"] == "resumed" and ctl.journal.unfinished() == []
+    assert ctl.resume() == []  # nothing left to do

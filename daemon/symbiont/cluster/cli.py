@@ -143,7 +143,8 @@ def execute_cmd(cluster: str | None, daemons: tuple[str, ...], journal: str | No
     """Check a plan (moves, idle actions) against the live cluster and execute it, journaled."""
     try:
         ctl = _controller(cluster, daemons, journal, dry_run=not yes)
-        ctl.resume()
+        if yes:  # a dry run changes nothing, not even what a dead controller left
+            ctl.resume()
         res = ctl.execute_plan(json.loads(Path(plan_path).read_text()), source=f"file {plan_path}")
     except (ValueError, json.JSONDecodeError) as exc:
         _fail(str(exc))

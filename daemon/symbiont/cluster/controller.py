@@ -339,7 +339,7 @@ class Controller:
 
     def run(self, stop: threading.Event, rounds: int | None = None) -> Iterator[dict[str, Any]]:
         """Resume what a dead controller left, then a round every ``period_s`` until ``stop``."""
-        yield {"resume": self.resume()}
+        yield {"resume": self.resume() if not self.cfg.dry_run else "skipped (dry run)"}
         n = 0
         while not stop.is_set():
             t0 = time.monotonic()
