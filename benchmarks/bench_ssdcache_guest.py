@@ -10,8 +10,11 @@ guest in the same run, interleaved case by case:
   file, QEMU ``cache='none'`` — what a VM gets without the elastic SSD;
 * ``python``: the elastic disk, NBD over a unix socket, served by the Python data path
   (``Export(native=False)``: asyncio + thread pool);
-* ``native``: the same elastic disk served by the C data path (``nbdfast``: 16 workers per
-  connection, outside the GIL).
+* ``nsync``: the same elastic disk served by the C data path (``nbdfast``: up to 16 workers per
+  connection, outside the GIL), each request one synchronous pread/pwrite per piece;
+* ``native``: the C data path as the daemon runs it: requests of 512 KiB and more also go to
+  the pool as parallel 256 KiB chunks (Linux AIO), and a read alone in flight is streamed
+  (reply header and chunks sent as they come in).
 
 Both elastic exports map logical block i to physical block 63 - i of the pool (every 1 MiB is
 translated) and read and write through the pool's O_DIRECT descriptor on its own loop device;
@@ -52,7 +55,7 @@ CASES = [  # (mode, block size, depth)
     ("randread", 4096, 1), ("randread", 4096, 16), ("randwrite", 4096, 1), ("randwrite", 4096, 16),
     ("read", 1 << 20, 1), ("read", 1 << 20, 16), ("write", 1 << 20, 1), ("write", 1 << 20, 16),
 ]
-DISKS = ("plain", "python", "native")
+DISKS = ("plain", "python", "nsync", "native")
 DEV = 'dev() { for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && echo /dev/${d##*/}; done; }; '
 HERE = Path(__file__).resolve().parent
 
@@ -67,15 +70,16 @@ def build_tool(out: Path) -> int:
     return len(data)
 
 
-def disk_xml(kind: str, target: str, src: str) -> str:
+def disk_xml(kind: str, target: str, src: str, iothread: int = 0) -> str:
+    io = f" iothread='{iothread}'" if iothread else ""
     if kind == "plain":
-        return (f"<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+        return (f"<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'{io}/>"
                 f"<source dev='{src}'/><target dev='{target}' bus='virtio'/><serial>bench-plain</serial></disk>")
     if kind == "tools":
         return (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{src}'/>"
                 f"<target dev='{target}' bus='virtio'/><serial>bench-tools</serial><readonly/></disk>")
     return (f"<disk type='network' device='disk'><driver name='qemu' type='raw' error_policy='report' "
-            f"rerror_policy='report'/><source protocol='nbd' name='bench-{kind}'><host transport='unix' "
+            f"rerror_policy='report'{io}/><source protocol='nbd' name='bench-{kind}'><host transport='unix' "
             f"socket='{src}'/></source><target dev='{target}' bus='virtio'/><serial>bench-{kind}</serial></disk>")
 
 
@@ -95,6 +99,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="per case and disk")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the raw results here")
+    ap.add_argument("--iothreads", action="store_true",
+                    help="give each measured disk an I/O thread of its own (QEMU off the main loop)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (loop devices, libvirt)")
@@ -130,22 +136,31 @@ def main() -> None:
             mapping = {i: REGION_MIB - 1 - i for i in range(REGION_MIB)} | {REGION_MIB + i: REGION_MIB + i
                                                                              for i in range(SPARE)}
             exports = {}
-            for kind in ("python", "native"):
-                exp = Export(f"bench-{kind}", REGION_MIB + SPARE, pool, mapping, native=kind == "native")
+            for kind in ("python", "nsync", "native"):
+                exp = Export(f"bench-{kind}", REGION_MIB + SPARE, pool, mapping, native=kind != "python")
+                if kind == "nsync":
+                    assert exp.native is not None
+                    exp.native.set_chunk(0)
                 srv = NbdServer(exp, run_dir / f"{kind}.sock", socket_gid=gid, executor=io.executor)
                 io.submit(srv.start())
                 servers.append(srv)
                 exports[kind] = exp
             tool_size = build_tool(vm.dir / "tools.img")
             dom = lab.host.domain(vm.name)
-            for kind, target, src in (("plain", "vdb", plain_dev), ("python", "vdc", str(run_dir / "python.sock")),
-                                      ("native", "vdd", str(run_dir / "native.sock")),
-                                      ("tools", "vde", str(vm.dir / "tools.img"))):
-                dom.attachDeviceFlags(disk_xml(kind, target, src), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            for i, (kind, target, src) in enumerate((("plain", "vdb", plain_dev),
+                                                     ("python", "vdc", str(run_dir / "python.sock")),
+                                                     ("nsync", "vdd", str(run_dir / "nsync.sock")),
+                                                     ("native", "vde", str(run_dir / "native.sock")),
+                                                     ("tools", "vdf", str(vm.dir / "tools.img")))):
+                iothread = 0
+                if args.iothreads and kind != "tools":
+                    iothread = 10 + i
+                    dom.addIOThread(iothread, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                dom.attachDeviceFlags(disk_xml(kind, target, src, iothread), libvirt.VIR_DOMAIN_AFFECT_LIVE)
             with SerialConsole(console_pty(lab.host, vm.name)) as con:
                 con.login()
                 r = con.run(DEV + f"sleep 2; head -c {tool_size} $(dev bench-tools) > /tmp/iobench && "
-                            "chmod +x /tmp/iobench && for s in bench-plain bench-python bench-native; do "
+                            "chmod +x /tmp/iobench && for s in bench-plain bench-python bench-nsync bench-native; do "
                             "echo $s $(dev $s); done", 60)
                 print(f"# guest disks: {r.output.strip()!r}", flush=True)
                 if r.rc != 0:
@@ -191,13 +206,15 @@ def main() -> None:
         with contextlib.suppress(OSError):
             run_dir.rmdir()
     print(f"# elastic SSD in a TCG guest vs a plain virtio disk on the same loop-device region "
-          f"(guest_iobench, O_DIRECT, libaio; {args.seconds:g} s per case, median of {args.reps})")
-    print(f"{'case':18} {'plain':>12} {'python NBD':>12} {'native NBD':>12} {'py/plain':>9} {'nat/plain':>9}")
+          f"(guest_iobench, O_DIRECT, libaio; {args.seconds:g} s per case, median of {args.reps}; "
+          f"{'an I/O thread per disk' if args.iothreads else 'QEMU main loop'})")
+    print(f"{'case':18} {'plain':>9} {'python':>9} {'nsync':>9} {'native':>9}   ratio to plain: python nsync native")
     for key, by in results.items():
         unit = "mib_s" if "M QD" in key else "iops"
         med = {d: statistics.median(x[unit] for x in by[d]) for d in DISKS}
-        print(f"{key:18} {med['plain']:12.1f} {med['python']:12.1f} {med['native']:12.1f} "
-              f"{med['python'] / med['plain']:9.2f} {med['native'] / med['plain']:9.2f}   ({'MiB/s' if unit == 'mib_s' else 'IOPS'})")
+        print(f"{key:18} " + " ".join(f"{med[d]:9.1f}" for d in DISKS) + "   "
+              + " ".join(f"{med[d] / med['plain']:6.2f}" for d in DISKS[1:])
+              + f"   ({'MiB/s' if unit == 'mib_s' else 'IOPS'})")
     if remaps:
         print(f"# remap commit (unmap + map of {SPARE} blocks) during native randwrite QD16: p50 "
               f"{statistics.median(remaps):.2f} ms, max {max(remaps):.2f} ms (n={len(remaps)})")

@@ -74,6 +74,8 @@ def _build() -> ctypes.CDLL | None:
     so.nbdx_export_free.argtypes = [vp]
     so.nbdx_set_fds.restype = None
     so.nbdx_set_fds.argtypes = [vp, ci, ci]
+    so.nbdx_set_chunk.restype = None
+    so.nbdx_set_chunk.argtypes = [vp, u32]
     so.nbdx_wrlock.restype = None
     so.nbdx_wrlock.argtypes = [vp]
     so.nbdx_unlock.restype = None
@@ -139,6 +141,11 @@ class NativeExport:
 
     def set_fds(self, fd: int, dfd: int) -> None:
         self.lib.nbdx_set_fds(self.handle, fd, dfd)
+
+    def set_chunk(self, nbytes: int) -> None:
+        """Large aligned requests go to the pool as parallel chunks of ``nbytes`` (0: one
+        synchronous pread/pwrite per piece; benchmarks compare both)."""
+        self.lib.nbdx_set_chunk(self.handle, nbytes)
 
     def stats(self) -> dict[str, int]:
         out = (ctypes.c_uint64 * len(STAT_NAMES))()
