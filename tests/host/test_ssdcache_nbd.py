@@ -335,6 +335,33 @@ def test_a_remap_under_load_waits_for_requests_in_flight(env) -> None:
     assert "Input/output error" in qemu_io(env["sock"], "read 1M 4k").stdout
 
 
+def test_a_client_that_stops_reading_does_not_hold_up_a_remap(env) -> None:
+    """An 8 MiB read whose reply the client does not read (more than the socket buffer holds:
+    wmem_max 4 MiB, doubled): the reply waits, a resize does not."""
+    exp: Export = env["exp"]
+    extra = {1: 3, 3: 5, 5: 7, 7: 9}  # now all 8 logical blocks are backed
+    exp.map_blocks(extra)
+    s = raw_session(env["sock"])
+    try:
+        s.sendall(struct.pack(">IHH8sQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, b"stalled!", 0, 8 * BLOCK_SIZE))
+        time.sleep(0.5)  # the server has read the chunks and is stuck sending
+        t0 = time.perf_counter()
+        done = threading.Event()
+        th = threading.Thread(target=lambda: (exp.unmap_blocks([7]), exp.map_blocks({7: 9}), done.set()))
+        th.start()
+        assert done.wait(5), "the remap waited for a client that does not read"
+        assert time.perf_counter() - t0 < 1.0
+        magic, err, handle = struct.unpack(">II8s", recv_exact(s, 16))
+        assert (magic, err, handle) == (nbd.SIMPLE_REPLY_MAGIC, 0, b"stalled!")
+        data = recv_exact(s, 8 * BLOCK_SIZE)
+        assert data == b"".join(env["pool"].pread(exp.map[lbn] * BLOCK_SIZE, BLOCK_SIZE) for lbn in range(8))
+        assert request(s, nbd.CMD_READ, 0, 4096)[0] == 0  # and the connection goes on
+        th.join()
+    finally:
+        s.close()
+        exp.unmap_blocks(list(extra))
+
+
 def test_without_a_compiler_the_python_path_serves() -> None:
     """A failed build (here: CC=false, no gcc on PATH) leaves the Python data path, with the reason."""
     code = ("from symbiont.ssdcache import nbdfast; lib = nbdfast.load(); "

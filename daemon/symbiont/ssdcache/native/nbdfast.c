@@ -306,7 +306,8 @@ static const unsigned char *zeros(void)
 }
 
 static int chunked_io(struct conn *c, aio_context_t aio, int cmd, const struct piece *p, int n, unsigned char *buf,
-                      uint64_t len, const unsigned char *handle, int stream, char *msg, size_t msgn);
+                      uint64_t len, const unsigned char *handle, int stream, char *msg, size_t msgn,
+                      size_t *rest, size_t *hsent);
 
 /* Returns 0, an errno for the reply, -2 when the reply was streamed already, or -3 when the
  * connection had to end in the middle of a streamed reply. */
@@ -330,11 +331,26 @@ static int do_io(struct conn *c, aio_context_t aio, int cmd, uint64_t off, uint6
     }
     if (cmd != CMD_WRITE_ZEROES) {
         int stream = cmd == CMD_READ && __atomic_load_n(&c->inflight, __ATOMIC_ACQUIRE) == 1;
-        int r = chunked_io(c, aio, cmd, p, n, buf, len, handle, stream, msg, msgn);
+        size_t rest = 0, hsent = 0;
+        int r = chunked_io(c, aio, cmd, p, n, buf, len, handle, stream, msg, msgn, &rest, &hsent);
         if (r != 1) {
-            if (r == 0)
+            if (r == 0 || r == 2)
                 touch(ex, off, len);
             pthread_rwlock_unlock(&ex->lock);
+            if (r == 2) { /* the rest of a streamed reply, outside the export's lock */
+                unsigned char h[16];
+                header(h, 0, handle);
+                struct iovec iov[2];
+                int ni = 0;
+                if (hsent < 16)
+                    iov[ni++] = (struct iovec){h + hsent, 16 - hsent};
+                if (rest)
+                    iov[ni++] = (struct iovec){buf + len - rest, rest};
+                if (ni && sendv(c, iov, ni) < 0)
+                    c->done = 1;
+                pthread_mutex_unlock(&c->send_mu);
+                return -2;
+            }
             if (r == -1 || r == EIO)
                 bump(ex, ST_IO_ERRORS, 1);
             if (r == -1) {
@@ -344,7 +360,7 @@ static int do_io(struct conn *c, aio_context_t aio, int cmd, uint64_t off, uint6
                 set_error(ex, full);
                 return -3;
             }
-            return r == 0 && stream ? -2 : r;
+            return r;
         }
     }
     for (int i = 0; i < n && !rc; i++) {
@@ -395,10 +411,13 @@ static void header(unsigned char *h, uint32_t err, const unsigned char *handle)
  * With stream (a READ and nothing else in flight: QD 1), the reply header and each chunk go
  * out as soon as it and those before it are in, so the client copies chunk k while chunk k+1
  * is read. Called under the export's shared lock with translated pieces.
- * Returns 0 (done; a streamed reply is sent), EIO (nothing sent), 1 (not applicable: use the
- * synchronous path) or -1 (a chunk failed after the reply began: the connection must end). */
+ * Returns 0 (done, nothing sent), EIO (nothing sent), 1 (not applicable: use the synchronous
+ * path), 2 (streamed: the send lock is held, *hsent header bytes and all but the last *rest data
+ * bytes are out; the caller sends the rest once it let go of the export's lock) or -1 (a chunk
+ * failed after the reply began, or the client is gone: the connection ends). */
 static int chunked_io(struct conn *c, aio_context_t aio, int cmd, const struct piece *p, int n, unsigned char *buf,
-                      uint64_t len, const unsigned char *handle, int stream, char *msg, size_t msgn)
+                      uint64_t len, const unsigned char *handle, int stream, char *msg, size_t msgn,
+                      size_t *rest, size_t *hsent)
 {
     struct export *ex = c->ex;
     uint64_t chunk = __atomic_load_n(&ex->chunk, __ATOMIC_ACQUIRE);
@@ -438,16 +457,15 @@ static int chunked_io(struct conn *c, aio_context_t aio, int cmd, const struct p
     if (rc)
         snprintf(msg, msgn, "io_submit: %s", strerror(errno));
     unsigned char ok[MAX_CHUNKS] = {0};
-    int reaped = 0, sent = 0, started = 0;
+    int reaped = 0, next = 0, started = 0, stalled = 0, broken = 0;
+    size_t avail = 0, hs = 0, ds = 0;
+    unsigned char h[16];
+    header(h, 0, handle);
     struct io_event ev[MAX_CHUNKS];
     while (reaped < sub) {
         long r = syscall(SYS_io_getevents, aio, 1L, (long)MAX_CHUNKS, ev, NULL);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            /* cannot happen with a valid context; the buffers may still be in use: keep trying */
-            continue;
-        }
+        if (r < 0)
+            continue; /* EINTR; the buffers are in use until every chunk is reaped */
         for (long j = 0; j < r; j++) {
             int i = (int)ev[j].data;
             if (ev[j].res == (int64_t)cb[i].aio_nbytes)
@@ -460,38 +478,55 @@ static int chunked_io(struct conn *c, aio_context_t aio, int cmd, const struct p
             }
         }
         reaped += (int)r;
-        if (stream && !rc && !c->done) {
-            int upto = sent;
-            while (upto < k && ok[upto])
-                upto++;
-            if (upto > sent) {
-                unsigned char h[16];
-                struct iovec iov[2];
-                int ni = 0;
-                if (!started) {
-                    header(h, 0, handle);
-                    iov[ni++] = (struct iovec){h, 16};
-                    pthread_mutex_lock(&c->send_mu);
-                    started = 1;
-                }
-                unsigned char *from = (unsigned char *)(uintptr_t)cb[sent].aio_buf;
-                unsigned char *to = (unsigned char *)(uintptr_t)cb[upto - 1].aio_buf + cb[upto - 1].aio_nbytes;
-                iov[ni++] = (struct iovec){from, (size_t)(to - from)};
-                if (sendv(c, iov, ni) < 0)
-                    c->done = 1;
-                sent = upto;
+        if (!stream || rc || stalled || broken || c->done)
+            continue;
+        while (next < k && ok[next])
+            next++;
+        if (!next)
+            continue;
+        avail = (size_t)((unsigned char *)(uintptr_t)cb[next - 1].aio_buf + cb[next - 1].aio_nbytes - buf);
+        if (!started) {
+            pthread_mutex_lock(&c->send_mu);
+            started = 1;
+        }
+        /* Never block on the client while holding the export's lock: a client that stops
+         * reading would hold up every resize. What does not fit now is sent after the lock. */
+        while (hs < 16 || ds < avail) {
+            struct iovec iov[2];
+            int ni = 0;
+            if (hs < 16)
+                iov[ni++] = (struct iovec){h + hs, 16 - hs};
+            if (ds < avail)
+                iov[ni++] = (struct iovec){buf + ds, avail - ds};
+            struct msghdr m = {0};
+            m.msg_iov = iov;
+            m.msg_iovlen = (size_t)ni;
+            ssize_t w = sendmsg(c->sock, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    stalled = 1;
+                else
+                    broken = 1;
+                break;
             }
+            size_t hw = (size_t)w < 16 - hs ? (size_t)w : 16 - hs;
+            hs += hw;
+            ds += (size_t)w - hw;
         }
     }
-    if (started) {
-        if (rc || sent < k) { /* the header said success: the only honest way out is to hang up */
-            c->done = 1;
-            shutdown(c->sock, SHUT_RDWR);
-        }
+    if (!started)
+        return rc;
+    if (rc || broken) { /* the header said success (or the client is gone): hang up */
+        c->done = 1;
+        shutdown(c->sock, SHUT_RDWR);
         pthread_mutex_unlock(&c->send_mu);
-        return rc ? -1 : 0;
+        return -1;
     }
-    return rc;
+    *rest = (size_t)len - ds; /* the send lock stays held: the caller sends the rest */
+    *hsent = hs;
+    return 2;
 }
 
 static int flush_all(struct export *ex)
