@@ -329,3 +329,19 @@ def test_resume_leaves_each_vm_on_exactly_one_host(tmp_path, monkeypatch, src, d
     assert [s["state"] for s in steps] == [expect[0], "skipped"]
     assert ctl.journal.plans()[-1]["state"] == "resumed" and ctl.journal.unfinished() == []
     assert ctl.resume() == []  # nothing left to do
+
+
+def test_real_hosts_from_a_yaml_file(tmp_path) -> None:
+    from symbiont.cluster.controller import hosts_from_cluster
+
+    f = tmp_path / "hosts.yaml"
+    f.write_text("hosts:\n  - {id: a, libvirt_uri: 'qemu+tls://a/system', daemon: 'https://a:8080', migrate_uri: 'tcp://a'}\n"
+                 "  - {id: b, libvirt_uri: 'qemu+tls://b/system'}\nmigrate_unsafe: false\n")  # fmt: skip
+    hosts, ns, unsafe = hosts_from_cluster(f)
+    assert sorted(hosts) == ["a", "b"] and hosts["a"].daemon == "https://a:8080" and ns == "" and not unsafe
+    f.write_text("hosts:\n  - {id: a, libvirt: 'x'}\n")
+    with pytest.raises(ValueError, match=r"hosts\[0\]\.libvirt: unknown key"):
+        hosts_from_cluster(f)
+    f.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="expected a mapping with a 'hosts' list"):
+        hosts_from_cluster(f)

@@ -82,12 +82,18 @@ def _controller(cluster: str | None, daemons: tuple[str, ...], journal: str | No
     else:
         _fail("give --cluster DIR (a lab from 'cluster up') or --hosts SOCK...")
     cfg = ControllerConfig(hosts=hosts, daemons=list(daemons), netns=netns,
-                           journal=Path(journal or (Path(cluster or ".") / "controller.sqlite")), **kw)  # fmt: skip
+                           journal=Path(journal or _default_journal(cluster)), **kw)  # fmt: skip
     return Controller(cfg)
 
 
+def _default_journal(cluster: str | None) -> Path:
+    base = Path(cluster or ".")
+    return (base.parent if base.is_file() else base) / "controller.sqlite"
+
+
 _common = [
-    click.option("--cluster", "cluster", default=None, help="a lab's folder (its cluster.yaml)"),
+    click.option("--cluster", "cluster", default=None,
+                 help="a lab's folder (its cluster.yaml), or a YAML file with real hosts: hosts: [{id, libvirt_uri, daemon, migrate_uri}]"),
     click.option("--hosts", "daemons", multiple=True, help="a host daemon's socket (or URL); repeat"),
     click.option("--journal", default=None, help="sqlite journal (default: <cluster>/controller.sqlite)"),
 ]
@@ -173,7 +179,7 @@ def journal_cmd(cluster: str | None, daemons: tuple[str, ...], journal: str | No
     """The controller's decisions (newest last) with their inputs."""
     from symbiont.cluster.journal import Journal
 
-    path = Path(journal or (Path(cluster or ".") / "controller.sqlite"))
+    path = Path(journal or _default_journal(cluster))
     if not path.exists():
         _fail(f"{path}: no journal")
     with Journal(path) as j:

@@ -68,11 +68,23 @@ def hosts_from_cluster(work_dir: str | Path) -> tuple[dict[str, HostEntry], str,
     from symbiont.cluster.lab import load_state
     from symbiont.placement.execute import parse_hosts
 
-    st = load_state(work_dir)
+    if Path(work_dir).is_file():  # real hosts: a YAML file with placement.hosts-style entries
+        import yaml
+
+        try:
+            st = yaml.safe_load(Path(work_dir).read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{work_dir}: not YAML: {exc}") from None
+        if not isinstance(st, dict) or not isinstance(st.get("hosts"), list):
+            raise ValueError(f"{work_dir}: expected a mapping with a 'hosts' list (id, libvirt_uri, daemon, migrate_uri)")
+    else:
+        st = load_state(work_dir)
     if st is None:
         raise ValueError(f"{work_dir}: no cluster.yaml (is a cluster up? 'symbiont cluster up')")
-    hosts = parse_hosts([{k: e[k] for k in ("id", "libvirt_uri", "daemon", "migrate_uri")} for e in st["hosts"]],
-                        f"{work_dir}/cluster.yaml hosts")  # fmt: skip
+    entries = st["hosts"]
+    if not Path(work_dir).is_file():  # a lab's state also records namespaces, PIDs, VMs
+        entries = [{k: e[k] for k in ("id", "libvirt_uri", "daemon", "migrate_uri") if k in e} for e in entries]
+    hosts = parse_hosts(entries, f"{work_dir} hosts")
     return hosts, str(st.get("netns") or ""), bool(st.get("migrate_unsafe"))
 
 
