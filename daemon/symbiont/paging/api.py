@@ -4,7 +4,7 @@
   and TCG code cache apart, parked or not;
 * ``POST /v1/paging/vms/{vm}/pageout`` ``{"mib": N}`` (optional: the host's own target
   otherwise): page out cold guest memory, the guest choosing which pages;
-* ``POST /v1/paging/vms/{vm}/park``, ``POST /v1/paging/vms/{vm}/wake?prefetch=true|false``.
+* ``POST /v1/paging/vms/{vm}/park``, ``POST /v1/paging/vms/{vm}/wake?prefetch=true|false&mode=touch|willneed``.
 
 Bad input is a 4xx with the reason (422 body/range, 404 unknown VM, 409 no tier / wrong
 state); nothing changes before the input is validated.
@@ -12,7 +12,7 @@ state); nothing changes before the input is validated.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import Field
@@ -44,5 +44,8 @@ async def park(vm: VmName, request: Request) -> dict[str, Any]:
 
 
 @router.post("/vms/{vm}/wake")
-async def wake(vm: VmName, request: Request, prefetch: Annotated[bool, Query()] = True) -> dict[str, Any]:
-    return await controller.wake(request.app.state.daemon, vm, prefetch=prefetch)
+async def wake(vm: VmName, request: Request, prefetch: Annotated[bool, Query()] = True,
+               mode: Annotated[Literal["touch", "willneed"] | None, Query()] = None) -> dict[str, Any]:
+    """``mode``: how to prefetch (default: ``paging.prefetch``): touch faults the pages in and
+    maps them; willneed reads them into the swap cache only."""
+    return await controller.wake(request.app.state.daemon, vm, prefetch=prefetch, mode=mode)

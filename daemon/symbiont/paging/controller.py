@@ -16,9 +16,10 @@ caller asks), restricted to pages resident now; ``process_madvise(MADV_PAGEOUT)`
 QEMU process's guest-RAM mapping. Every page-out is a decision with its inputs.
 
 Park / wake (seeds/004: keep idle VMs forever, available on demand). Park pages the running
-VM's RAM out, lets it run ``park_observe_s`` (and answer a ping: the "event" whose working
-set must come back fast), records which pages came back (its idle working set, from
-``pagemap``), pauses it (no CPU) and pages everything out again. Wake swaps the recorded
+VM's RAM out and lets it run ``park_observe_s`` (what comes back is its background working
+set), pages it out again and delivers one request (an agent ping): the pages that come back
+now (``pagemap``) are the request's working set, which is recorded. Then it pauses the VM
+(no CPU) and pages everything out again. Wake swaps the recorded
 working set in (``prefetch``) while libvirt resumes the VM, then delivers the request (an
 agent ping) and measures how long it took. Parked VMs are a knob: the daemon resumes them
 when it stops.
@@ -403,7 +404,7 @@ def _dom(daemon: Daemon, vm: str) -> libvirt.virDomain:
 
 
 async def park(daemon: Daemon, vm: str, reason: str = "api") -> dict[str, Any]:
-    """Record the idle working set, pause the VM and page all of it out (see module docstring)."""
+    """Record the request's working set, pause the VM and page all of it out (module docstring)."""
     _require_tier(daemon, vm)
     pid, ram_bytes, state = _qemu(daemon, vm)
     if _parked(daemon, vm) is not None:
@@ -417,16 +418,21 @@ async def park(daemon: Daemon, vm: str, reason: str = "api") -> dict[str, Any]:
         everything = _all_pages(ram, code, cfg.include_code_cache)
         t0 = time.perf_counter()
         await asyncio.to_thread(po.pageout, pid, everything)
-        # The idle working set: what the running guest brings back while idle and answering a
-        # request (its timer ticks, the agent's path), seeds/004's "working set of frequent events".
-        await asyncio.sleep(cfg.park_observe_s / 2)
+        # Let the guest run idle: what it brings back is its background working set (timer
+        # ticks, daemons). Then page out again and deliver one request (an agent ping): the
+        # pages that come back now are the *event's* working set (seeds/004: "build a minimal
+        # working set for each event"), the one wake prefetches before delivering a request.
+        await asyncio.sleep(cfg.park_observe_s)
+        regs = [ram] + (code if cfg.include_code_cache else [])
+        background = await asyncio.to_thread(_resident_ranges, pid, regs)
+        await asyncio.to_thread(po.pageout, pid, everything)
         ping_s = None
         try:
             ping_s = await _ping(daemon, vm, timeout=10.0)
         except (AgentUnavailable, AgentOpError) as exc:
             log.info("vm %s: no ping while observing its working set: %s", vm, exc)
-        await asyncio.sleep(cfg.park_observe_s / 2)
-        wset = await asyncio.to_thread(_resident_ranges, pid, [ram] + (code if cfg.include_code_cache else []))
+        wset = await asyncio.to_thread(_resident_ranges, pid, regs)
+        background_mib = sum(n for _, n in background) / MIB
         wset_mib = sum(n for _, n in wset) / MIB
         dom = _dom(daemon, vm)
         try:
@@ -441,6 +447,7 @@ async def park(daemon: Daemon, vm: str, reason: str = "api") -> dict[str, Any]:
         dt = time.perf_counter() - t0
         after = memory_view(pid, ram_bytes)
         outcome = {"wset_mib": round(wset_mib, 1), "wset_ranges": len(wset), "observe_ping_s": ping_s,
+                   "background_wset_mib": round(background_mib, 1),
                    "seconds": round(dt, 3), "before": before, "after": after, "tier_used_mib": _swap_used_mib(daemon)}
         daemon.store.log_decision("paging", "park", vm,
                                   {"reason": reason, "observe_s": cfg.park_observe_s,
@@ -451,11 +458,18 @@ async def park(daemon: Daemon, vm: str, reason: str = "api") -> dict[str, Any]:
         return {"vm": vm, **outcome}
 
 
-def _prefetch(pid: int, ranges: list[tuple[int, int]], mode: str) -> int:
-    """Swap the ranges in, split over the host's CPUs (the syscalls release the GIL)."""
+PREFETCH_GAP = 2 * PAGE  # join working-set ranges this close: fewer syscalls, hardly more data
+
+
+def _prefetch(pid: int, ranges: list[tuple[int, int]], mode: str) -> tuple[int, float]:
+    """Swap the ranges in, split over the host's CPUs (the syscalls release the GIL);
+    (bytes, seconds)."""
+    t0 = time.perf_counter()
+    ranges = po.coalesce(ranges, PREFETCH_GAP)
     if not ranges:
-        return 0
-    fn = po.touch if mode == "touch" else po.willneed
+        return 0, 0.0
+    if mode == "willneed":  # one syscall per 1024 ranges: the kernel reads them into the swap cache
+        return po.willneed(pid, ranges), time.perf_counter() - t0
     workers = max(1, min(4, os.cpu_count() or 1))
     total = sum(n for _, n in ranges)
     parts: list[list[tuple[int, int]]] = [[] for _ in range(workers)]
@@ -466,10 +480,18 @@ def _prefetch(pid: int, ranges: list[tuple[int, int]], mode: str) -> int:
         if acc >= share * (i + 1):
             i += 1
     with ThreadPoolExecutor(workers) as ex:
-        return sum(ex.map(lambda p: fn(pid, p), [p for p in parts if p]))
+        done = sum(ex.map(lambda p: po.touch(pid, p), [p for p in parts if p]))
+    return done, time.perf_counter() - t0
 
 
-async def wake(daemon: Daemon, vm: str, prefetch: bool = True, reason: str = "api") -> dict[str, Any]:
+def _resume(dom: libvirt.virDomain) -> float:
+    t0 = time.perf_counter()
+    dom.resume()
+    return time.perf_counter() - t0
+
+
+async def wake(daemon: Daemon, vm: str, prefetch: bool = True, reason: str = "api",
+               mode: str | None = None) -> dict[str, Any]:
     """Swap the recorded working set in (``prefetch``) while the VM resumes, then deliver a
     request (agent ping); the wake latency is until its answer."""
     rec = _parked(daemon, vm)
@@ -477,25 +499,26 @@ async def wake(daemon: Daemon, vm: str, prefetch: bool = True, reason: str = "ap
         if daemon.store.get_vm(vm) is None:
             raise NotFound(f"VM {vm!r} is not registered")
         raise Conflict(f"VM {vm!r} is not parked")
-    mode = daemon.cfg.paging.prefetch
+    mode = mode or daemon.cfg.paging.prefetch
+    if mode not in ("touch", "willneed"):
+        raise Invalid(f"prefetch mode {mode!r}: must be touch or willneed")
     pid = daemon.libvirt.qemu_pid(vm)
     async with _state(daemon).lock:
         t0 = time.perf_counter()
         ranges = [(int(a), int(n)) for a, n in rec["ranges"]]
         fetched = 0
-        prefetch_s = None
+        prefetch_s = resume_s = None
         dom = _dom(daemon, vm)
         try:
             if prefetch and pid == rec["pid"]:
-                job = asyncio.to_thread(_prefetch, pid, ranges, mode)
-                resumed = asyncio.to_thread(dom.resume)
-                fetched, _ = await asyncio.gather(job, resumed)
-                prefetch_s = time.perf_counter() - t0
+                # Swap-in and libvirt's resume overlap; the request is only sent once both are done.
+                (fetched, prefetch_s), resume_s = await asyncio.gather(
+                    asyncio.to_thread(_prefetch, pid, ranges, mode), asyncio.to_thread(_resume, dom))
             elif dom.info()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                await asyncio.to_thread(dom.resume)
+                resume_s = await asyncio.to_thread(_resume, dom)
         except libvirt.libvirtError as exc:
             raise Unavailable(f"{vm}: resume failed: {exc.get_error_message()}") from None
-        resume_s = time.perf_counter() - t0
+        ready_s = time.perf_counter() - t0
         ping_s = None
         error = None
         try:
@@ -506,7 +529,8 @@ async def wake(daemon: Daemon, vm: str, prefetch: bool = True, reason: str = "ap
         with daemon.store.transaction() as db:
             db.execute("DELETE FROM paging_parked WHERE vm = ?", (vm,))
         daemon.store.forget_knob(vm, "paging_parked")
-        outcome = {"latency_s": round(latency, 4), "resume_s": round(resume_s, 4),
+        outcome = {"latency_s": round(latency, 4), "ready_s": round(ready_s, 4),
+                   "resume_s": None if resume_s is None else round(resume_s, 4),
                    "prefetch_s": None if prefetch_s is None else round(prefetch_s, 4),
                    "ping_s": None if ping_s is None else round(ping_s, 4), "prefetched_mib": round(fetched / MIB, 1),
                    "answered": ping_s is not None, "error": error}
