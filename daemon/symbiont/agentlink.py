@@ -34,8 +34,29 @@ class AgentUnavailable(Exception):
     """No agent session on this VM's channel right now."""
 
 
+class AgentRequestTimeout(AgentUnavailable):
+    """The agent did not answer a request in time (a type, so callers never parse the text)."""
+
+
 class AgentOpError(Exception):
-    """The agent answered a request with an error."""
+    """The agent answered a request with an error: ``code`` is one of
+    ``ops_schema.ERROR_CODES``, or None for an old agent's ``"TypeName: message"`` string."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _op_error(err: Any) -> AgentOpError:
+    """The guest's ``error`` field (untrusted) as an AgentOpError, bounded."""
+    from symbiont_agent import ops_schema
+
+    if isinstance(err, dict):
+        code, message = err.get("code"), err.get("message")
+        if code in ops_schema.ERROR_CODES and isinstance(message, str):
+            return AgentOpError(message[:2000], code)
+        return AgentOpError(f"malformed error from the agent: {_trunc(err)}", ops_schema.BAD_REPLY)
+    return AgentOpError(str(err if err is not None else "unknown error")[:2000])
 
 
 @dataclass
@@ -319,7 +340,7 @@ class AgentLink:
             if h["ok"]:
                 fut.set_result((h.get("result"), msg.payload))
             else:
-                fut.set_exception(AgentOpError(str(h.get("error", "unknown error"))[:2000]))
+                fut.set_exception(_op_error(h.get("error")))
         elif h["type"] == "event":
             data = h.get("data") if isinstance(h.get("data"), dict) else {}
             stream = self.stream_handlers.get(h["event"])
@@ -358,7 +379,7 @@ class AgentLink:
             self._failed_requests += 1
             if self._failed_requests >= 2:
                 self._set_cooperative(False, f"{self._failed_requests} requests timed out")
-            raise AgentUnavailable(f"{self.vm}: agent did not answer {op!r} in time") from None
+            raise AgentRequestTimeout(f"{self.vm}: agent did not answer {op!r} in time") from None
         finally:
             self._pending.pop(mid, None)
         self._failed_requests = 0

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from symbiont_agent import __version__, cpus, stats
+from symbiont_agent import ops_schema as schema
 from symbiont_agent import protocol as proto
 
 log = logging.getLogger("symbiont-agent")
@@ -34,17 +35,27 @@ _CURRENT: Channel | None = None  # the open channel, for emit() from worker thre
 def op(name: str, threaded: bool = False) -> Callable[[Handler], Handler]:
     """Register a handler for request ``name``: ``fn(args, payload) -> result``.
 
+    ``name`` must be declared in :mod:`symbiont_agent.ops_schema` (canonical or an old alias);
+    the handler is served under the canonical name and every alias. Its ``args`` have passed
+    the op's request schema before it runs, and its result must fit the reply schema.
+
     A handler may return ``(result, payload_bytes)`` to send binary data back. A ``threaded``
     handler (a CRIU dump, a stream of image chunks) runs in a worker thread and answers when
     it is done, so ``ping``/``stats`` and other requests keep being answered meanwhile.
     """
 
+    sp = schema.OPS.get(schema.ALIASES.get(name, ""))
+    if sp is None:  # tests/unit/test_ops_schema.py fails on any undeclared op in the tree
+        log.warning("op %r is not declared in ops_schema: served without validation", name)
+    names = (sp.name, *sp.aliases) if sp is not None else (name,)
+
     def register(fn: Handler) -> Handler:
-        OPS[name] = fn
-        if threaded:
-            THREADED.add(name)
-        else:
-            THREADED.discard(name)
+        for n in names:
+            OPS[n] = fn
+            if threaded:
+                THREADED.add(n)
+            else:
+                THREADED.discard(n)
         return fn
 
     return register
@@ -77,22 +88,19 @@ def load_op_modules() -> list[str]:
     return sorted(loaded)
 
 
-@op("ping")
+@op("core.ping")
 def _ping(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return {"pong": True, "echo": args.get("echo"), "payload_len": len(payload), "time": time.time()}
 
 
-@op("stats")
+@op("core.stats")
 def _stats(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return stats.collect()
 
 
-@op("online-cpus")
+@op("cpu.online")
 def _online_cpus(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
-    target = args.get("target")
-    if target is not None and (not isinstance(target, int) or isinstance(target, bool)):
-        raise ValueError("target must be an integer")
-    return cpus.online_cpus(target)
+    return cpus.online_cpus(args.get("target"))  # typed and bounded by the schema
 
 
 class Channel:
@@ -169,16 +177,52 @@ def handle(msg: proto.Message) -> tuple[dict[str, Any], bytes] | None:
     name = msg.header["op"]
     fn = OPS.get(name)
     if fn is None:
-        return proto.response_error(mid, f"unknown op {name!r}"), b""
+        return proto.response_error(mid, f"unknown op {name!r}", schema.UNSUPPORTED), b""
+    args = msg.header.get("args") or {}
+    declared = name in schema.ALIASES
     try:
-        result = fn(msg.header.get("args") or {}, msg.payload)
+        if declared:
+            schema.decode_request(name, args)
+            schema.check_payload(name, msg.payload, "request")
+    except schema.SchemaError as exc:
+        return proto.response_error(mid, f"{name}: {exc}", schema.INVALID), b""
+    try:
+        result = fn(args, msg.payload)
     except Exception as exc:  # a failing op answers with an error; the agent lives on
         log.exception("op %s failed", name)
-        return proto.response_error(mid, f"{type(exc).__name__}: {exc}"), b""
+        return proto.response_error(mid, f"{type(exc).__name__}: {exc}", error_code(exc)), b""
     payload = b""
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], (bytes, bytearray)):
         result, payload = result[0], bytes(result[1])
+    try:
+        if declared:
+            schema.encode_reply(name, result)
+            schema.check_payload(name, payload, "reply")
+    except schema.SchemaError as exc:  # our own bug: say so rather than send what the host refuses
+        log.error("op %s: reply does not fit its schema: %s", name, exc)
+        return proto.response_error(mid, f"{name}: reply does not fit its schema: {exc}", schema.INTERNAL), b""
     return proto.response_ok(mid, result), payload
+
+
+# Exception classes (by name, through the MRO: the agent's parts define their own) -> error code.
+_CODES = {
+    "InvalidSpec": schema.INVALID, "StreamError": schema.INVALID, "SchemaError": schema.INVALID,
+    "ValueError": schema.INVALID, "TypeError": schema.INVALID,
+    "NoSuchContainer": schema.NOT_FOUND, "FileNotFoundError": schema.NOT_FOUND,
+    "Conflict": schema.CONFLICT, "FileExistsError": schema.CONFLICT,
+    "NotImplementedError": schema.UNSUPPORTED, "BlockingIOError": schema.BUSY, "TimeoutError": schema.TIMEOUT,
+}  # fmt: skip
+
+
+def error_code(exc: BaseException) -> str:
+    """The code of a handler's exception: its ``code`` attribute, else its nearest known class."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code in schema.ERROR_CODES:
+        return code
+    for cls in type(exc).__mro__:
+        if cls.__name__ in _CODES:
+            return _CODES[cls.__name__]
+    return schema.INTERNAL
 
 
 def hello_frame() -> dict[str, Any]:

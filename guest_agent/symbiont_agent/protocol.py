@@ -17,7 +17,8 @@ The JSON object has a ``type``:
 * ``hello`` — either side, first frame after the channel opens: ``proto``, ``role``
   (``agent``/``host``), ``version``, ``caps`` (list of operation names), ``boot_id``.
 * ``req`` — ``id`` (int), ``op`` (str), ``args`` (object).
-* ``resp`` — ``id``, ``ok`` (bool), ``result`` or ``error`` (str).
+* ``resp`` — ``id``, ``ok`` (bool), ``result`` or ``error``: ``{"code", "message"}`` with a code
+  from ``ops_schema.ERROR_CODES`` (agents up to 0.1.0 sent a ``"TypeName: message"`` string).
 * ``event`` — ``event`` (str), ``data`` (object); unsolicited, e.g. after a vCPU came online.
 
 virtio-serial is a byte stream that survives the peer restarting, so a reader that joins
@@ -364,8 +365,9 @@ def response_ok(mid: int, result: Any) -> dict[str, Any]:
     return {"type": "resp", "id": mid, "ok": True, "result": result}
 
 
-def response_error(mid: int, error: str) -> dict[str, Any]:
-    return {"type": "resp", "id": mid, "ok": False, "error": error[:2000]}
+def response_error(mid: int, error: str, code: str = "internal") -> dict[str, Any]:
+    """A failed response: the error as a code the host acts on and a message for people."""
+    return {"type": "resp", "id": mid, "ok": False, "error": {"code": code, "message": error[:2000]}}
 
 
 def event(name: str, data: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -358,10 +358,12 @@ def test_ops_are_registered_and_errors_are_typed(mgr, monkeypatch) -> None:
     reply, _ = agent.handle(msg(proto.hello("host", "0", [])))
     assert {"ct-create", "ct-list", "ct-reclaim", "ct-mode", "online-cpus"} <= set(reply["caps"])
     reply, _ = agent.handle(msg(proto.request(1, "ct-show", {"name": "ghost"})))
-    assert not reply["ok"] and reply["error"].startswith("NoSuchContainer: ")
+    assert not reply["ok"] and reply["error"]["code"] == "not_found"
+    assert reply["error"]["message"].startswith("NoSuchContainer: ")
     reply, _ = agent.handle(msg(proto.request(2, "ct-create", {"name": "x", "command": ["true"],
                                                                "limits": {"cpu_weight": -3}})))
-    assert not reply["ok"] and reply["error"].startswith("InvalidSpec: cpu_weight")
+    assert not reply["ok"] and reply["error"]["code"] == "invalid"
+    assert reply["error"]["message"].startswith("InvalidSpec: cpu_weight")
     reply, _ = agent.handle(msg(proto.request(3, "ct-create", {"name": "x", "command": ["true"], "start": False,
                                                                "limits": {"cpu_ratio": 2}})))
     assert reply["ok"] and reply["result"]["state"] == "created"

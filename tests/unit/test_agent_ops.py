@@ -22,9 +22,11 @@ def test_ping_echoes_and_counts_payload() -> None:
 
 def test_unknown_op_and_failing_op_answer_with_errors() -> None:
     reply, _ = agent.handle(msg(proto.request(1, "format-disk")))
-    assert reply == {"type": "resp", "id": 1, "ok": False, "error": "unknown op 'format-disk'"}
+    assert reply == {"type": "resp", "id": 1, "ok": False,
+                     "error": {"code": "unsupported", "message": "unknown op 'format-disk'"}}
     reply, _ = agent.handle(msg(proto.request(2, "online-cpus", {"target": "all"})))
-    assert not reply["ok"] and "target must be an integer" in reply["error"]
+    assert not reply["ok"] and reply["error"]["code"] == "invalid"
+    assert "target: expected an integer" in reply["error"]["message"]
 
 
 def test_host_hello_is_answered_with_agent_hello() -> None:
