@@ -113,3 +113,70 @@ def test_op_modules_are_discovered(tmp_path, monkeypatch: pytest.MonkeyPatch) ->
     finally:
         mod.unlink()
         agent.OPS.pop("unittest-probe", None)
+
+
+# -- the dispatcher validates with the shared op schema (issue 14 item 4) -----------------------
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Replace balloon-prepare's handler by one that records its calls."""
+    calls: list[dict] = []
+
+    def fn(args: dict, payload: bytes) -> dict:
+        calls.append(args)
+        return {"requested_bytes": args["release_mib"] << 20, "freed_bytes": 0, "mem_available_bytes": 1, "steps": []}
+
+    for n in ("memory.balloon-prepare", "balloon-prepare"):
+        monkeypatch.setitem(agent.OPS, n, fn)
+    return calls
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    ({"release_mib": True}, "release_mib"),        # bool is not an int
+    ({"release_mib": "8"}, "release_mib"),
+    ({"release_mib": -1}, "release_mib"),
+    ({"release_mib": 1 << 40}, "release_mib"),
+    ({}, "release_mib"),
+    ({"release_mib": 8, "and_then": "rm -rf /"}, "and_then"),
+])  # fmt: skip
+def test_dispatcher_refuses_malformed_args_with_code_invalid_before_the_handler_runs(
+    probe: list[dict], args: dict, field: str
+) -> None:
+    for i, name in enumerate(("memory.balloon-prepare", "balloon-prepare")):
+        reply, _ = agent.handle(msg(proto.request(i, name, args)))
+        assert not reply["ok"] and reply["error"]["code"] == "invalid"
+        assert f"{field}:" in reply["error"]["message"]
+    assert probe == []
+
+
+def test_dispatcher_serves_canonical_names_and_aliases_alike(probe: list[dict]) -> None:
+    for i, name in enumerate(("memory.balloon-prepare", "balloon-prepare")):
+        reply, _ = agent.handle(msg(proto.request(i, name, {"release_mib": 2})))
+        assert reply["ok"] and reply["result"]["requested_bytes"] == 2 << 20
+    assert probe == [{"release_mib": 2}, {"release_mib": 2}]
+
+
+def test_dispatcher_refuses_a_payload_the_op_does_not_take() -> None:
+    reply, _ = agent.handle(msg(proto.request(1, "core.stats"), b"junk"))
+    assert reply["error"]["code"] == "invalid" and "payload" in reply["error"]["message"]
+
+
+def test_handler_exceptions_become_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from symbiont_agent.containers import Conflict, InvalidSpec, NoSuchContainer
+    from symbiont_agent.migration_rate import StreamError
+
+    cases = [(NoSuchContainer("x"), "not_found"), (InvalidSpec("x"), "invalid"), (Conflict("x"), "conflict"),
+             (StreamError("x"), "invalid"), (FileNotFoundError("x"), "not_found"), (TimeoutError("x"), "timeout"),
+             (RuntimeError("x"), "internal"), (OSError("x"), "internal")]
+    for i, (exc, code) in enumerate(cases):
+        def fn(args: dict, payload: bytes, exc: Exception = exc) -> dict:
+            raise exc
+
+        monkeypatch.setitem(agent.OPS, "cpu.container-show", fn)
+        reply, _ = agent.handle(msg(proto.request(i, "cpu.container-show", {"name": "web"})))
+        assert reply["error"] == {"code": code, "message": f"{type(exc).__name__}: x"}
+
+
+def test_a_reply_that_does_not_fit_its_schema_is_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(agent.OPS, "ssdcache.coldest", lambda args, payload: {"lbns": [-1]})
+    reply, _ = agent.handle(msg(proto.request(1, "ssdcache.coldest", {"count": 1})))
+    assert reply["error"]["code"] == "internal" and "lbns[0]" in reply["error"]["message"]

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from symbiont.errors import Conflict, DaemonError, Invalid, NotFound, Unavailable
+from symbiont.agentlink import AgentRequestTimeout
+from symbiont.errors import AgentTimeout, Conflict, DaemonError, Invalid, NotFound, Unavailable
 from symbiont.ssdcache import policy as pol
 from symbiont.ssdcache.blockmap import BlockMap, BlockMapError, CacheRecord, PoolExhausted
 from symbiont.ssdcache.layout import BLOCK_SIZE, expand, ranges
@@ -515,7 +516,7 @@ class CacheManager:
                 guest_note = f"guest released {len(chosen)}"
             except Exception as exc:  # the guest is untrusted: any failure means the host chooses
                 guest_note = f"guest did not release: {type(exc).__name__}: {exc}"[:300]
-                silent = "in time" in str(exc)
+                silent = isinstance(exc, (AgentRequestTimeout, AgentTimeout))
         else:
             guest_note = "no cooperative agent"
         guest_ms = (time.perf_counter() - t0) * 1000
