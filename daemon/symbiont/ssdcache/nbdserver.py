@@ -20,9 +20,13 @@ malformed — a bad magic, an oversized write, a truncated frame — drops *that
 server and every other connection go on.
 
 Concurrency: servers run on one event loop in a thread of their own (:class:`IoThread`), so
-the daemon's control loop never waits behind guest I/O. Translation and the positioned
-read/write of a request happen under the export's lock, which the controller also takes to
-remap blocks: once a block is unmapped under the lock, no request can still be using it.
+the daemon's control loop never waits behind guest I/O. The handshake (and the export-name
+check) is Python's; the transmission phase runs in C (:mod:`symbiont.ssdcache.nbdfast`, a thread
+per connection with the GIL released, workers per request) whenever that builds, else in Python
+(asyncio + a thread pool). Either way, translation and the positioned read/write of a request
+happen under the export's shared lock (the Python :class:`RWLock` or the native rwlock), which
+:meth:`Export.map_blocks`/:meth:`Export.unmap_blocks` take exclusively: once a block is unmapped,
+no request can still be using it.
 """
 
 from __future__ import annotations
