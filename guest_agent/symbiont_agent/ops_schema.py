@@ -698,3 +698,52 @@ for _verb, _req, _doc, _pin in (
 ):
     _d(f"migration.{_verb}", _req, Open, f"mig-{_verb}", payload_in=_pin, doc=_doc)
 _d("paging.cold", Empty, ColdReply, "paging-cold", doc="runs of free and cold guest frames")
+
+
+# -- documentation -----------------------------------------------------------------------------
+def _type_name(tp: Any, meta: dict[str, Any]) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _type_name(inner, meta) + "?"
+    if tp is Json:
+        return f"json≤{meta.get('max', MAX_JSON_CHARS)}"
+    if tp in (int, float) and "min" in meta:
+        return f"{tp.__name__} {meta['min']}..{meta['max']}"
+    if tp is str:
+        ch = meta.get("choices")
+        return " or ".join(ch) if ch else f"str≤{meta.get('max_len') or MAX_STR}"
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return f"[{_type_name(item, meta.get('item') or {})}]≤{meta.get('max_len') or MAX_LIST}"
+    if origin is dict:
+        _, val = typing.get_args(tp)
+        return f"{{str: {_type_name(val, meta.get('item') or {})}}}≤{meta.get('max_len') or MAX_LIST}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe(cls: type) -> str:
+    """One line: ``name: type`` for each field (``=`` default when optional; ``…`` when open)."""
+    parts = []
+    for f, tp in _fields_of(cls):
+        opt = f.default is not MISSING or f.default_factory is not MISSING
+        parts.append(f"{f.name}{'?' if opt else ''}: {_type_name(tp, dict(f.metadata))}")
+    if getattr(cls, "EXTRA", False):
+        parts.append("…")
+    return ", ".join(parts) or "—"
+
+
+def markdown_table() -> str:
+    """The op table of docs/protocol.md (tests/unit/test_ops_schema.py checks the doc has it)."""
+    rows = ["| op | old name (alias) | request | reply | payload in | what |", "|---|---|---|---|---|---|"]
+    for name in sorted(OPS):
+        sp = OPS[name]
+        rows.append(
+            f"| `{name}` | {', '.join(f'`{a}`' for a in sp.aliases)} | {describe(sp.request)} | "
+            f"{describe(sp.reply)} | {sp.payload_in or '—'} | {sp.doc} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -246,3 +246,14 @@ def test_error_objects_carry_a_known_code() -> None:
     assert schema.error("not_found", "x") == {"code": "not_found", "message": "x"}
     assert schema.error("made-up", "x")["code"] == "internal"
     assert len(schema.error("invalid", "m" * 10_000)["message"]) == schema.MAX_MESSAGE
+
+
+def test_docs_protocol_lists_every_op_as_the_schema_declares_it() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    start = doc.index("-->\n", doc.index("<!-- ops-table")) + 4
+    table = doc[start:doc.index("<!-- /ops-table -->")]
+    assert table == schema.markdown_table(), "docs/protocol.md is stale: python3 -m symbiont_agent.ops_schema"
+    for name, sp in schema.OPS.items():
+        assert f"| `{name}` |" in table and all(f"`{a}`" in table for a in sp.aliases)
+    for code in schema.ERROR_CODES:
+        assert f"| `{code}` |" in doc
