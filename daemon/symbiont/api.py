@@ -9,7 +9,7 @@ under ``/v1/<part>`` (see :mod:`symbiont.plugins`).
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,8 +19,11 @@ from pydantic import Field, model_validator
 
 from symbiont import __version__
 from symbiont.apimodel import JsonObject, StrictModel, json_safe
-from symbiont.daemon import Daemon, DaemonError
+from symbiont.errors import DaemonError
 from symbiont.plugins import part_modules
+
+if TYPE_CHECKING:  # the daemon imports this module (serve); no import back at run time
+    from symbiont.daemon import Daemon
 
 log = logging.getLogger("symbiontd.api")
 
@@ -76,7 +79,8 @@ def create_app(daemon: Daemon) -> FastAPI:
         version=__version__,
         description="Symbiotic resource management: the host decides how much, the guest decides what.",
     )
-    app.state.daemon = daemon
+    app.state.daemon = daemon  # TEMPORARY: old-style parts' handlers; migrated ones use parts
+    app.state.parts = daemon.parts  # a part's handlers reach it as request.app.state.parts[name]
 
     @app.exception_handler(DaemonError)
     async def _daemon_error(_req: Request, exc: DaemonError) -> JSONResponse:

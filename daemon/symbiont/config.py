@@ -1,8 +1,9 @@
 """YAML configuration of the daemon and the lab, validated before anything starts.
 
 Every error names the key (``control.period_s``) and the reason. Unknown keys are errors
-too: a typo must not silently fall back to a default. Parts add their own sections by
-extending :class:`Config`.
+too: a typo must not silently fall back to a default. Each part brings its own section
+(``symbiont/<part>/config.py`` defines ``CONFIG``, a dataclass with ``validate(key)``), found by
+discovery: this module imports no part.
 """
 
 from __future__ import annotations
@@ -26,6 +27,23 @@ class ConfigError(ValueError):
 def _check(cond: bool, key: str, reason: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {reason}")
+
+
+check = _check  # for the parts' config sections
+
+
+def section_classes() -> dict[str, type]:
+    """The parts' config sections: ``CONFIG`` of every ``symbiont.<part>.config`` module.
+    Discovered (:mod:`symbiont.plugins`), so this module imports no part."""
+    from symbiont.plugins import part_modules
+
+    out = {}
+    for part, mod in part_modules("config").items():
+        cls = getattr(mod, "CONFIG", None)
+        if cls is None or not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{mod.__name__}: CONFIG must name the part's config dataclass")
+        out[part] = cls
+    return out
 
 
 @dataclass
@@ -80,166 +98,6 @@ class LabConfig:
 
 
 @dataclass
-class MemoryConfig:
-    """The ESX-style memory policy (part 'memory'); off unless enabled."""
-
-    enabled: bool = False  # run the policy every control period (else balloons move on API calls only)
-    budget_mib: int = 0  # memory all VMs may use together; 0: host MemTotal - reserve_mib
-    reserve_mib: int = 2048  # kept for the host when budget_mib is 0
-    free_target_mib: int = 0  # keep this much of the budget free
-    max_step_mib: int = 128  # largest balloon change per VM per period
-    chunk_mib: int = 16  # balloon changes smaller than this are not applied (no churn)
-    tax_rate: float = 0.75  # default idle-memory tax τ (per VM: policy memory.tax_rate)
-    safety_margin_mib: int = 64  # never balloon a guest below its used memory + this
-    pressure_grant_mib: int = 64  # what a VM under pressure asks for per period
-    psi_threshold: float = 10.0  # guest PSI memory some avg10 above this is pressure
-    min_available_fraction: float = 0.10  # guest MemAvailable/MemTotal below this is pressure
-    prepare_timeout_s: float = 10.0  # how long the guest may take to free memory before inflation
-
-    def validate(self, key: str) -> None:
-        _check(self.budget_mib >= 0, f"{key}.budget_mib", "must be >= 0 (0: derive from host memory)")
-        _check(self.reserve_mib >= 0, f"{key}.reserve_mib", "must be >= 0")
-        _check(self.free_target_mib >= 0, f"{key}.free_target_mib", "must be >= 0")
-        _check(1 <= self.max_step_mib <= 1 << 20, f"{key}.max_step_mib", "must be between 1 and 1048576")
-        _check(1 <= self.chunk_mib <= self.max_step_mib, f"{key}.chunk_mib", "must be between 1 and max_step_mib")
-        _check(0.0 <= self.tax_rate < 1.0, f"{key}.tax_rate", "must be in [0, 1)")
-        _check(0 <= self.safety_margin_mib <= 1 << 20, f"{key}.safety_margin_mib", "must be >= 0")
-        _check(0 <= self.pressure_grant_mib <= 1 << 20, f"{key}.pressure_grant_mib", "must be >= 0")
-        _check(0.0 <= self.psi_threshold <= 100.0, f"{key}.psi_threshold", "must be between 0 and 100")
-        _check(0.0 <= self.min_available_fraction < 1.0, f"{key}.min_available_fraction", "must be in [0, 1)")
-        _check(0.1 <= self.prepare_timeout_s <= 600, f"{key}.prepare_timeout_s", "must be between 0.1 and 600")
-
-
-@dataclass
-class SsdCacheConfig:
-    """Elastic SSD caches (part 'ssdcache'); the pool itself is created through the API."""
-
-    runtime_dir: str = ""  # NBD sockets; empty: /run/symbiont/ssdcache/<hash of state_dir>
-    release_timeout_s: float = 3.0  # how long a guest may take to choose blocks to give back
-    pool_dir: str = ""  # the only folder pool files may be in; empty: <state_dir>/ssdcache-pools
-    # Block devices the API may turn into a pool (paths or globs, e.g. /dev/nvme1n1); empty: none.
-    # A device is refused anyway while it or a partition is mounted, held or swap.
-    allowed_devices: list[str] = field(default_factory=list)
-    max_caches: int = 64  # registered caches at most
-    size_overcommit: float = 4.0  # the caches' sizes may total at most this × the pool
-    reserve_free_mib: int = 1024  # a new pool file must fit in the free space and leave this much
-
-    def validate(self, key: str) -> None:
-        _check(not self.runtime_dir or os.path.isabs(self.runtime_dir), f"{key}.runtime_dir",
-               "must be an absolute path (or empty for the default)")
-        _check(0.1 <= self.release_timeout_s <= 600, f"{key}.release_timeout_s", "must be between 0.1 and 600")
-        _check(not self.pool_dir or os.path.isabs(self.pool_dir), f"{key}.pool_dir",
-               "must be an absolute path (or empty for the default)")
-        _check(not self.pool_dir or self.pool_dir.rstrip("/") != "", f"{key}.pool_dir", "must not be /")
-        _check(isinstance(self.allowed_devices, list)
-               and all(isinstance(d, str) and d.startswith("/dev/") for d in self.allowed_devices),
-               f"{key}.allowed_devices", "must be a list of /dev/ paths or globs")
-        _check(1 <= self.max_caches <= 4096, f"{key}.max_caches", "must be between 1 and 4096")
-        _check(1.0 <= self.size_overcommit <= 64.0, f"{key}.size_overcommit", "must be between 1 and 64")
-        _check(0 <= self.reserve_free_mib <= 1 << 24, f"{key}.reserve_free_mib", "must be between 0 and 16777216")
-
-
-@dataclass
-class GpuConfig:
-    """The GPU part (Flyt endpoints, FaaS, dispatch); the endpoint server runs only when enabled."""
-
-    enabled: bool = False  # start the GPU endpoint server with the daemon (else /v1/gpu answers 503)
-    backend: str = "auto"  # auto: CuPy when a CUDA device is present, else the simulator; cupy|simulated force one
-    # Simulated devices declared at start when the backend is the simulator (ids sim0, sim1, ...):
-    # each {type: A100|V100|T4|H100, server: NAME, sharing: spatial|spatial-strict|timeslice-...}.
-    # With CuPy every CUDA device is declared instead (ids cuda0, ...). More can be added through the API.
-    devices: list[dict[str, Any]] = field(default_factory=lambda: [{"type": "A100"}])
-    endpoint_socket: str = ""  # empty: gpu-endpoint.sock next to the API socket
-    socket_mode: int = 0o660
-    default_sm_share: float = 1.0  # quotas of a client created without them
-    default_mem_mib: int = 1024
-    seed: int = 0  # the simulator's jitter seed
-
-    def validate(self, key: str) -> None:
-        _check(self.backend in ("auto", "simulated", "cupy"), f"{key}.backend", "must be auto, simulated or cupy")
-        _check(isinstance(self.devices, list), f"{key}.devices", "must be a list of {type, server, sharing}")
-        for i, d in enumerate(self.devices):
-            _check(isinstance(d, dict), f"{key}.devices[{i}]", "must be a mapping {type, server, sharing}")
-            extra = set(d) - {"type", "server", "sharing"}
-            _check(not extra, f"{key}.devices[{i}].{min(extra) if extra else ''}",
-                   "unknown key (known: sharing, server, type)")
-            _check("type" in d, f"{key}.devices[{i}].type", "is required")
-            for k in d:
-                _check(isinstance(d[k], str) and bool(d[k]), f"{key}.devices[{i}].{k}", "must be a non-empty string")
-        if self.enabled and self.devices:
-            from symbiont.gpu.simulated import GPU_TYPES, SCHED_MODES  # imports numpy: only when enabled
-
-            for i, d in enumerate(self.devices):
-                _check(d["type"].strip().upper() in GPU_TYPES, f"{key}.devices[{i}].type",
-                       f"unknown GPU type {d['type']!r} (known: {', '.join(GPU_TYPES)})")
-                _check(d.get("sharing", "spatial") in SCHED_MODES, f"{key}.devices[{i}].sharing",
-                       f"must be one of {', '.join(SCHED_MODES)}")
-                _check(len(d.get("server", "")) <= 64, f"{key}.devices[{i}].server", "must be at most 64 characters")
-        _check(not self.endpoint_socket or os.path.isabs(self.endpoint_socket), f"{key}.endpoint_socket",
-               "must be an absolute path (or empty for the default)")
-        _check(0 <= self.socket_mode <= 0o777, f"{key}.socket_mode", "must be an octal file mode such as 0660")
-        _check(0.0 < self.default_sm_share <= 1.0, f"{key}.default_sm_share", "must be in (0, 1]")
-        _check(1 <= self.default_mem_mib <= 1 << 24, f"{key}.default_mem_mib", "must be between 1 and 16777216")
-
-
-@dataclass
-class PlacementConfig:
-    """Cluster placement (part 'placement'): this host's id, the hosts plans may move VMs between."""
-
-    host_id: str = ""  # this daemon's host in plans; empty: the hosts entry with our libvirt_uri, else hostname
-    hosts: list[dict[str, Any]] = field(default_factory=list)  # [{id, libvirt_uri, daemon, migrate_uri}]
-    overcommit: dict[str, float] = field(default_factory=dict)  # per resource (cpu, mem) for live inventories
-    migrate_unsafe: bool = False  # VIR_MIGRATE_UNSAFE: disks are shared, but not on a file system libvirt knows
-    history_samples: int = 60  # samples per VM fed to the hotspot and idle detectors
-
-    def validate(self, key: str) -> None:
-        from symbiont.placement.execute import parse_hosts
-
-        try:
-            parse_hosts(self.hosts, f"{key}.hosts")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        _check(isinstance(self.overcommit, dict), f"{key}.overcommit", "must be a mapping resource: ratio")
-        for r, v in self.overcommit.items():
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 100
-            _check(ok, f"{key}.overcommit.{r}", f"must be a ratio in (0, 100], got {v!r}")
-        _check(1 <= self.history_samples <= 10_000, f"{key}.history_samples", "must be between 1 and 10000")
-
-
-@dataclass
-class PagingConfig:
-    """Host paging (part 'paging'): the daemon's zram swap tier, page-out, park and wake."""
-
-    enabled: bool = False  # create the swap tier at start (else page-out/park answer 409)
-    zram_size_mib: int = 4096  # the tier's (uncompressed) size; at most half the host's memory
-    compressor: str = "lzo-rle"  # zram comp_algorithm (this kernel's list: /sys/block/zram*/comp_algorithm)
-    swap_priority: int = 100  # swapon priority: above any other swap, so page-outs land in RAM
-    margin_mib: int = 64  # a page-out leaves the guest's working set + this resident
-    park_observe_s: float = 3.0  # while parking: how long the paged-out VM runs to show its idle working set
-    include_code_cache: bool = True  # park also pages out TCG's translation cache (reported apart)
-    prefetch: str = "touch"  # wake's prefetch: touch (fault in and map) or willneed (into the swap cache)
-
-    def validate(self, key: str) -> None:
-        from symbiont.host import zram
-
-        _check(self.compressor in zram.compressors(), f"{key}.compressor",
-               f"{self.compressor!r} is not offered by this kernel's zram (offered: {', '.join(zram.compressors())})")
-        _check(self.zram_size_mib >= 16, f"{key}.zram_size_mib", "must be at least 16 MiB")
-        if self.enabled:
-            import psutil
-
-            half = psutil.virtual_memory().total // (2 << 20)
-            _check(self.zram_size_mib <= half, f"{key}.zram_size_mib",
-                   f"{self.zram_size_mib} MiB exceeds half of this host's memory ({half} MiB): zram keeps the "
-                   "swapped pages in RAM, and pages that do not compress would take their full size, leaving "
-                   "too little for the VMs the tier is meant to make room for")
-        _check(-1 <= self.swap_priority <= 32767, f"{key}.swap_priority", "must be between -1 and 32767")
-        _check(0 <= self.margin_mib <= 1 << 20, f"{key}.margin_mib", "must be between 0 and 1048576")
-        _check(0.0 <= self.park_observe_s <= 60.0, f"{key}.park_observe_s", "must be between 0 and 60 seconds")
-        _check(self.prefetch in ("touch", "willneed"), f"{key}.prefetch", "must be touch or willneed")
-
-
-@dataclass
 class Config:
     state_dir: str = "/var/lib/symbiont"
     socket: str = "/run/symbiont/symbiontd.sock"
@@ -251,11 +109,16 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     lab: LabConfig = field(default_factory=LabConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    ssdcache: SsdCacheConfig = field(default_factory=SsdCacheConfig)
-    placement: PlacementConfig = field(default_factory=PlacementConfig)
-    gpu: GpuConfig = field(default_factory=GpuConfig)
-    paging: PagingConfig = field(default_factory=PagingConfig)
+    # One section per part that has a config (``symbiont/<part>/config.py``, ``CONFIG``), by
+    # part name: discovered, not listed here. ``cfg.memory.enabled`` reads ``sections["memory"]``.
+    sections: dict[str, Any] = field(default_factory=lambda: {n: c() for n, c in section_classes().items()})
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not attributes: a part's section.
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"Config has no section or key {name!r}")
 
     def validate(self, key: str = "") -> None:
         _check(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
@@ -270,11 +133,8 @@ class Config:
         self.control.validate("control")
         self.agent.validate("agent")
         self.lab.validate("lab")
-        self.memory.validate("memory")
-        self.ssdcache.validate("ssdcache")
-        self.placement.validate("placement")
-        self.gpu.validate("gpu")
-        self.paging.validate("paging")
+        for name, section in self.sections.items():
+            section.validate(name)
 
     @property
     def db_path(self) -> Path:
@@ -326,6 +186,25 @@ def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
             where = f"{prefix}.{f.name}" if prefix else f.name
             kwargs[f.name] = _convert(data[f.name], hints[f.name], where)
     return cls(**kwargs)
+
+
+def _build_config(data: dict[str, Any]) -> Config:
+    """The core keys through :func:`_build`; each part's section through its own dataclass."""
+    classes = section_classes()
+    core = {k: v for k, v in data.items() if k not in classes}
+    if "sections" in core:
+        raise ConfigError("sections: unknown key (a part's section is written under the part's name)")
+    try:
+        cfg = _build(Config, core, "")
+    except ConfigError as exc:
+        if ": unknown key (known: " in str(exc) and "." not in str(exc).split(":", 1)[0]:
+            known = sorted({f.name for f in dataclasses.fields(Config)} - {"sections"} | set(classes))
+            raise ConfigError(f"{str(exc).split(':', 1)[0]}: unknown key (known: {', '.join(known)})") from None
+        raise
+    for name, cls in classes.items():
+        if name in data:
+            cfg.sections[name] = _convert(data[name], cls, name)
+    return cfg
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -388,7 +267,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{path}: the top level must be a mapping")
     if overrides:
         data = merge_dicts(data, overrides)
-    cfg = _build(Config, data, "")
+    cfg = _build_config(data)
     cfg.validate()
     return cfg
 
@@ -406,6 +285,10 @@ def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def dump_default_config() -> str:
     cfg = Config()
     d = dataclasses.asdict(cfg)
-    d["socket_mode"] = f"{cfg.socket_mode:04o}"
-    d["gpu"]["socket_mode"] = f"{cfg.gpu.socket_mode:04o}"
+    sections = d.pop("sections")
+    d.update(sections)
+    for section in (d, *(v for v in d.values() if isinstance(v, dict))):
+        for k, v in section.items():
+            if k.endswith("socket_mode") and isinstance(v, int):
+                section[k] = f"{v:04o}"
     return yaml.safe_dump(d, sort_keys=False)

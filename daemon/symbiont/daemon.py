@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import uvicorn
 
 from symbiont import __version__, guest_stats
@@ -30,14 +29,19 @@ from symbiont import metrics as m
 from symbiont.agentlink import AgentLink, AgentOpError, AgentUnavailable
 from symbiont.config import Config, ConfigError, load_config
 from symbiont.errors import Conflict, DaemonError, Invalid, NotFound, Unavailable
+from symbiont.gateway import AgentGateway
 from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
-from symbiont.host.procstats import ProcessCpu, host_sample
-from symbiont.plugins import part_modules
-from symbiont.state import StateStore
+from symbiont.host.port import HostError, HostPort
+from symbiont.host.system import SystemHost, quiet_libvirt_errors
+from symbiont.knobs import KnobKind, KnobLedger
+from symbiont.part import AgentInfo, Part, PartContext, Period, order, run_period
+from symbiont.part_compat import LegacyControllerPart
+from symbiont.plugins import part_classes, part_modules
+from symbiont.state import StateStore, VmRecord
 
 log = logging.getLogger("symbiontd")
 
-# A controller hook of a part: called once per period with the daemon, after collection.
+# A hook of an old-style part (TEMPORARY: see symbiont.part_compat): called once per period.
 PeriodicHook = Callable[["Daemon"], Awaitable[None]]
 
 LIBVIRT_TIMEOUT = 30.0  # a libvirt call made while holding Daemon._lock gives up after this long
@@ -47,20 +51,23 @@ RESTORE_TIMEOUT = 60.0  # restoring one VM's knobs (libvirt + agent requests) gi
 class Daemon:
     """The daemon's state and operations; the API is a thin layer over these methods."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, host: HostPort | None = None) -> None:
         self.cfg = cfg
         self.started_at = time.time()
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
         self.store = StateStore(cfg.db_path)
+        self.host: HostPort = host if host is not None else SystemHost(cfg.libvirt_uri)
+        self.knobs = KnobLedger(self.store, on_restore=self._restored)
+        self._register_core_knobs()
         self.links: dict[str, AgentLink] = {}
+        self.agents = AgentGateway(self.links)
         self.latest: dict[str, dict[str, Any]] = {}  # per VM: last collected snapshot
         self.host_latest: dict[str, Any] = {}
-        self.hooks: list[PeriodicHook] = []
+        self.parts: dict[str, Part] = {}  # in dependency order (symbiont.part.order)
+        self.hooks: list[PeriodicHook] = []  # TEMPORARY: hooks of old-style parts outside any part
         self.controllers: dict[str, Any] = {}
         self.loop_iterations = 0
         self.loop_cpu_s = 0.0
-        self._libvirt: LibvirtHost | None = None
-        self._proc_cpu = ProcessCpu()
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -68,42 +75,71 @@ class Daemon:
         # Per-VM collection tasks: a VM that does not answer holds only its own task (issue 16).
         self._collecting: dict[str, asyncio.Task[dict[str, dict[str, Any]]]] = {}
 
-    # -- libvirt --------------------------------------------------------------------------
+    # -- the host -------------------------------------------------------------------------
     @property
     def libvirt(self) -> LibvirtHost:
-        """The libvirt connection, (re)opened on demand; raises Unavailable when down."""
-        if self._libvirt is not None:
-            try:
-                if self._libvirt.conn.isAlive():
-                    return self._libvirt
-            except libvirt.libvirtError:
-                pass
-            self._libvirt.close()
-            self._libvirt = None
+        """TEMPORARY, for old-style parts: the raw libvirt connection (migrated parts use
+        ``ctx.host``); raises Unavailable when libvirt is down."""
         try:
-            self._libvirt = LibvirtHost(self.cfg.libvirt_uri)
-        except LibvirtError as exc:
+            return self.host.libvirt  # type: ignore[attr-defined]
+        except HostError as exc:
             raise Unavailable(str(exc)) from None
-        return self._libvirt
+
+    @property
+    def _libvirt(self) -> LibvirtHost | None:
+        """TEMPORARY, for tests that plant a fake libvirt connection (use FakeHost instead)."""
+        return getattr(self.host, "_libvirt", None)
+
+    @_libvirt.setter
+    def _libvirt(self, value: LibvirtHost | None) -> None:
+        self.host._libvirt = value  # type: ignore[attr-defined]
 
     def _channel_path(self, vm: str) -> str | None:
         try:
-            return self.libvirt.channel_path(vm, self.cfg.agent.channel_name)
-        except (LibvirtError, DaemonError):
+            return self.host.channel_path(vm, self.cfg.agent.channel_name)
+        except (HostError, DaemonError):
             return None
+
+    # -- what every part's context offers (symbiont.part.Core) ------------------------------
+    def registered(self) -> list[VmRecord]:
+        return self.store.list_vms()
+
+    def snapshot(self, vm: str) -> dict[str, Any]:
+        return self.latest.get(vm, {})
+
+    def host_snapshot(self) -> dict[str, Any]:
+        return self.host_latest
+
+    def agent_info(self, vm: str) -> AgentInfo:
+        link = self.links.get(vm)
+        if link is None:
+            return AgentInfo()
+        return AgentInfo(link.connected, link.ready, link.cooperative, tuple(link.caps))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def context(self, name: str, requires: tuple[str, ...] = ()) -> PartContext:
+        """The narrow door of part ``name``."""
+        return PartContext(name, cfg=self.cfg, store=self.store, knobs=self.knobs, host=self.host,
+                           agents=self.agents, core=self, parts=self.parts, requires=requires)
+
+    def _restored(self, vm: str, row: dict[str, Any], reason: str) -> None:
+        with contextlib.suppress(Exception):
+            self.store.log_decision(row["part"], "restore", vm or None, {"knob": row, "reason": reason}, {"ok": True})
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        if isinstance(self.host, SystemHost):
+            quiet_libvirt_errors()
         for rec in self.store.list_vms():
             self._start_link(rec.name)
-        # Parts' controllers: ``symbiont.<part>.controller.start(daemon)`` may add periodic
-        # hooks to ``daemon.hooks``; ``stop(daemon)`` restores what the part changed.
-        self.controllers = part_modules("controller")
-        for part, mod in self.controllers.items():
-            if hasattr(mod, "start"):
-                await mod.start(self)
-                log.info("controller %s started", part)
+        self._import_legacy_knobs()
+        await self._start_parts()
+        # Rows of VMs no longer registered (a kill -9 during an unregistration): restore them now.
+        registered = {rec.name for rec in self.store.list_vms()}
+        for vm in sorted({r["vm"] for r in self.knobs.rows()} - registered - {""}):
+            await self.knobs.restore(vm=vm, reason="left by an earlier run; VM no longer registered")
         m.vms_registered.set(len(self.links))
         self._loop_task = asyncio.get_running_loop().create_task(self._control_loop(), name="control-loop")
         log.info("symbiontd %s started: %d VMs registered, period %.1f s",
@@ -117,21 +153,74 @@ class Daemon:
                 await self._loop_task
         for task in self._collecting.values():
             task.cancel()
-        for part, mod in reversed(list(self.controllers.items())):
-            if hasattr(mod, "stop"):
-                try:
-                    await mod.stop(self)
-                except Exception:
-                    log.exception("controller %s failed to stop cleanly", part)
+        for name, part in reversed(list(self.parts.items())):
+            try:
+                await part.stop()
+            except Exception:
+                log.exception("part %s failed to stop cleanly", name)
         if self.cfg.restore_on_exit:
             for name in list(self.links):
                 await self._restore_bounded(name, reason="daemon stopping")
+            await self.knobs.restore(vm="", reason="daemon stopping")  # host-wide knobs
         for link in list(self.links.values()):
             await link.stop()
-        if self._libvirt is not None:
-            self._libvirt.close()
+        close = getattr(self.host, "close", None)
+        if close is not None:
+            close()
         self.store.close()
         log.info("symbiontd stopped")
+
+    async def _start_parts(self) -> None:
+        """Discover the parts, order them by ``requires`` and start them in that order. A part
+        whose package has no ``part`` module yet runs through the TEMPORARY legacy adapter."""
+        classes = part_classes()
+        self.controllers = {n: mod for n, mod in part_modules("controller").items() if n not in classes}
+        legacy = {n: LegacyControllerPart(n, mod, self) for n, mod in self.controllers.items()}
+        for name in order({**legacy, **classes}):  # type: ignore[arg-type]
+            if name in legacy:
+                self.parts[name] = legacy[name]
+            else:
+                cls = classes[name]
+                self.parts[name] = cls(self.context(name, cls.requires), getattr(self.cfg, name, None))
+        for name, part in self.parts.items():
+            await part.start()
+            log.info("part %s started%s", name, " (old-style controller)" if name in legacy else "")
+
+    def _register_core_knobs(self) -> None:
+        """The balloon and the vCPU count (TEMPORARY here: they move to the memory and cpu parts)."""
+        async def write_balloon(vm: str, _key: str, mib: Any) -> None:
+            await self._libvirt_bounded(self.host.set_balloon, vm, int(mib) * 1024)
+
+        async def read_balloon(vm: str, _key: str) -> int:
+            return (await self._libvirt_bounded(self.host.info, vm)).memory_kib // 1024
+
+        async def write_vcpus(vm: str, _key: str, count: Any) -> None:
+            row = self.knobs.get(vm, "vcpus")
+            link = self.links.get(vm)
+            if row is not None and int(count) < int(row["current"]):
+                # Back down by offlining in the guest (see set_vcpus); without an agent the
+                # hot-plugged vCPUs stay: an unplug under TCG would leave libvirt stale.
+                if link is None or not link.cooperative:
+                    raise Unavailable("no cooperative agent to offline the added vCPUs")
+                await self._agent_online(link, int(count))
+            else:
+                await self._libvirt_bounded(self.host.set_vcpus, vm, int(count))
+
+        async def read_vcpus(vm: str, _key: str) -> int:
+            return (await self._libvirt_bounded(self.host.info, vm)).vcpus
+
+        for kind in (KnobKind("balloon_mib", "memory", read_balloon, write_balloon),
+                     KnobKind("vcpus", "cpu", read_vcpus, write_vcpus)):
+            self.knobs.register(kind)
+
+    def _import_legacy_knobs(self) -> None:
+        """Copy the knob tables of older daemons' parts into the ledger: read-only mirrors while
+        their parts keep their own restore path (TEMPORARY, until those parts are migrated)."""
+        self.knobs.import_legacy("dedup_ksm_knobs", "ksm_tunable", "dedup",
+                                 lambda r: ("", r["knob"], r["original"], r["current"]), drop=False)
+        self.knobs.import_legacy("cpu_qemu_knobs", "qemu_cgroup_file", "cpu",
+                                 lambda r: (r["vm"], f"{r['path']}/{r['file']}", r["original"], r["current"]),
+                                 drop=False)
 
     def _start_link(self, name: str) -> AgentLink:
         a = self.cfg.agent
@@ -170,7 +259,7 @@ class Daemon:
             if self.store.get_vm(name) is not None:
                 raise Conflict(f"VM {name!r} is already registered")
             try:
-                info = await self._libvirt_bounded(self.libvirt.info, name)
+                info = await self._libvirt_bounded(self.host.info, name)
             except LibvirtError as exc:
                 raise NotFound(f"no libvirt domain {name!r}: register a VM that exists") from exc
             mem = policy.get("memory", {})
@@ -193,8 +282,19 @@ class Daemon:
             self.store.log_decision("core", "register", name, {"policy": policy}, {"uuid": info.uuid})
             self._start_link(name)
             m.vms_registered.set(len(self.links))
+        await self._tell_parts("vm_added", name)
         self._wake.set()
         return self.vm_view(name)
+
+    async def _tell_parts(self, event: str, vm: str) -> None:
+        """``vm_added`` / ``vm_removed`` to every part, in order; one part's failure is logged."""
+        parts = self.parts.items() if event == "vm_added" else reversed(list(self.parts.items()))
+        for pname, part in parts:
+            try:
+                async with asyncio.timeout(RESTORE_TIMEOUT):
+                    await getattr(part, event)(vm)
+            except Exception:
+                log.exception("part %s: %s(%s) failed", pname, event, vm)
 
     async def unregister(self, name: str) -> None:
         # Everything awaited under the lock is bounded (issue 16, item 2: an unbounded wait
@@ -213,6 +313,7 @@ class Daemon:
             self.store.log_decision("core", "unregister", name, {}, {})
             m.forget_vm(name)
             m.vms_registered.set(len(self.links))
+        await self._tell_parts("vm_removed", name)  # after the ledger restored the VM's knobs
         if link is not None:
             await link.stop()  # bounded too, and outside the lock: it only closes a channel
 
@@ -223,6 +324,10 @@ class Daemon:
                 return await asyncio.to_thread(fn, *args)
         except TimeoutError:
             raise Unavailable(f"libvirt did not answer within {LIBVIRT_TIMEOUT:.0f} s") from None
+        except HostError as exc:
+            if isinstance(exc, LibvirtError):
+                raise
+            raise LibvirtError(str(exc)) from None
 
     async def _restore_bounded(self, name: str, reason: str) -> None:
         try:
@@ -252,10 +357,9 @@ class Daemon:
         if info.state != "running":
             raise Conflict(f"VM {name!r} is {info.state}; the balloon needs a running VM")
         before = info.memory_kib // 1024
-        self.store.save_knob(name, "balloon_mib", before, target_mib)
         try:
-            await asyncio.to_thread(self.libvirt.set_balloon, name, target_mib * 1024)
-        except LibvirtError as exc:
+            await self.knobs.turn("memory", name, "balloon_mib", "", target_mib, original=before)
+        except HostError as exc:
             raise Unavailable(str(exc)) from None
         m.actions_total.labels("memory", "balloon").inc()
         self.store.log_decision("memory", "balloon", name,
@@ -299,10 +403,9 @@ class Daemon:
                 return {"vm": name, "before": before, "vcpus": count, "guest": guest, "mechanism": "guest-offline"}
         mechanism = "guest-online"
         if count > plugged:
-            self.store.save_knob(name, "vcpus", plugged, count)
             try:
-                await asyncio.to_thread(self.libvirt.set_vcpus, name, count)
-            except LibvirtError as exc:
+                await self.knobs.turn("cpu", name, "vcpus", "", count, original=plugged)
+            except HostError as exc:
                 raise Unavailable(str(exc)) from None
             mechanism = "hotplug"
         elif count < plugged and not coop:
@@ -337,32 +440,12 @@ class Daemon:
             await asyncio.sleep(0.5)  # the ACPI hot-plug event has not reached the guest yet
 
     async def _restore_knobs(self, name: str, reason: str) -> None:
-        for knob in self.store.knobs(name):
-            try:
-                if knob["knob"] == "balloon_mib":
-                    await asyncio.to_thread(self.libvirt.set_balloon, name, int(knob["original"]) * 1024)
-                elif knob["knob"] == "vcpus":
-                    link = self.links.get(name)
-                    if int(knob["original"]) < int(knob["current"]):
-                        # Back down by offlining in the guest (see set_vcpus); without an agent the
-                        # hot-plugged vCPUs stay: an unplug under TCG would leave libvirt stale.
-                        if link is None or not link.cooperative:
-                            raise Unavailable("no cooperative agent to offline the added vCPUs")
-                        await self._agent_online(link, int(knob["original"]))
-                    else:
-                        await asyncio.to_thread(self.libvirt.set_vcpus, name, int(knob["original"]))
-                else:
-                    continue
-                self.store.forget_knob(name, knob["knob"])
-                self.store.log_decision("core", "restore", name, {"knob": knob, "reason": reason}, {"ok": True})
-                log.info("vm %s: restored %s to %s (%s)", name, knob["knob"], knob["original"], reason)
-            except (LibvirtError, DaemonError) as exc:
-                log.warning("vm %s: could not restore %s: %s", name, knob["knob"], exc)
+        await self.knobs.restore(vm=name, reason=reason)
 
     async def _info(self, name: str):
         try:
-            return await asyncio.to_thread(self.libvirt.info, name)
-        except LibvirtError as exc:
+            return await asyncio.to_thread(self.host.info, name)
+        except HostError as exc:
             raise NotFound(f"libvirt domain {name!r} is gone: {exc}") from None
 
     # -- control loop ---------------------------------------------------------------------
@@ -372,7 +455,8 @@ class Daemon:
             t0, c0 = time.monotonic(), time.process_time()
             try:
                 await self.collect_once()
-                for hook in self.hooks:
+                await run_period(self.parts, Period(self.loop_iterations + 1))
+                for hook in self.hooks:  # TEMPORARY: hooks added outside a part's start
                     await hook(self)
                 if time.time() - last_prune > 600:
                     self.store.prune(time.time() - self.cfg.control.history_keep_s)
@@ -391,7 +475,7 @@ class Daemon:
 
     async def collect_once(self) -> None:
         now = time.time()
-        host = host_sample()
+        host = await asyncio.to_thread(self.host.host_sample)
         self.host_latest = {"ts": now, **host}
         m.host_cpu_percent.set(host["cpu_percent"])
         m.host_mem_available_bytes.set(host["mem_available"])
@@ -443,17 +527,17 @@ class Daemon:
         out: dict[str, dict[str, Any]] = {}
         info = None
         try:
-            info = await asyncio.to_thread(self.libvirt.info, name)
+            info = await asyncio.to_thread(self.host.info, name)
             lv: dict[str, Any] = {
                 "state": info.state, "memory_mib": info.memory_kib // 1024,
                 "max_memory_mib": info.max_memory_kib // 1024, "vcpus": info.vcpus, "max_vcpus": info.max_vcpus,
             }
             if info.state == "running":
-                lv["memstats_kib"] = await asyncio.to_thread(self.libvirt.memory_stats, name)
-                pid = self.libvirt.qemu_pid(name)
+                lv["memstats_kib"] = await asyncio.to_thread(self.host.memory_stats, name)
+                pid = self.host.qemu_pid(name)
                 lv["qemu_pid"] = pid
-                lv["qemu_cpu_percent"] = self._proc_cpu.percent(pid)
-                lv["qemu_rss"] = self._proc_cpu.rss(pid)
+                lv["qemu_cpu_percent"] = self.host.process_cpu_percent(pid)
+                lv["qemu_rss"] = self.host.process_rss(pid)
             out["libvirt"] = lv
             snap["libvirt"] = lv
             m.vm_vcpus.labels(name).set(info.vcpus)
@@ -461,7 +545,7 @@ class Daemon:
                 m.vm_balloon_actual_bytes.labels(name).set(lv["memstats_kib"]["actual"] * 1024)
             if lv.get("qemu_cpu_percent") is not None:
                 m.vm_qemu_cpu_percent.labels(name).set(lv["qemu_cpu_percent"])
-        except (LibvirtError, DaemonError) as exc:
+        except (HostError, DaemonError) as exc:
             snap["libvirt"] = {"state": "missing", "error": str(exc)}
         link = self.links.get(name)
         # A paused guest (parked by the paging part) cannot answer: asking would only time out.

@@ -8,9 +8,12 @@ Each part (memory, dedup, ssdcache, cpu, migration, gpu, placement, ...) is a su
   the daemon under ``/v1/<part>`` (the daemon is ``request.app.state.daemon``);
 * ``symbiont.<part>.experiments``: experiments registered with
   :func:`symbiont.experiments.framework.experiment` at import time;
-* ``symbiont.<part>.controller``: ``async def start(daemon)`` (may append periodic hooks,
-  ``async def hook(daemon)``, to ``daemon.hooks``) and ``async def stop(daemon)``, which must
-  restore every knob the part turned.
+* ``symbiont.<part>.part``: the part's :class:`symbiont.part.Part` subclass (one per module, or
+  named ``PART``): its lifecycle, driven by the daemon (see ``docs/architecture.md``);
+* ``symbiont.<part>.config``: ``CONFIG``, the dataclass of the part's YAML section ``<part>:``;
+* temporarily, for parts not migrated to :class:`~symbiont.part.Part` yet:
+  ``symbiont.<part>.controller`` with ``async def start(daemon)`` / ``async def stop(daemon)``,
+  run through :class:`symbiont.part_compat.LegacyControllerPart`.
 
 The guest agent is extended the same way: a module ``symbiont_agent/ops_<part>.py`` registers
 its operations with ``symbiont_agent.agent.op``.
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import logging
 import pkgutil
 from types import ModuleType
+from typing import Any
 
 import symbiont
 
@@ -56,3 +61,30 @@ def part_modules(kind: str) -> dict[str, ModuleType]:
             continue
         found[part] = importlib.import_module(name)
     return found
+
+
+def part_class(mod: ModuleType) -> Any:
+    """The Part subclass a ``symbiont.<part>.part`` module defines: ``PART``, else the one
+    subclass of :class:`symbiont.part.Part` defined in the module itself."""
+    from symbiont.part import Part
+
+    cls = getattr(mod, "PART", None)
+    if cls is None:
+        found = [c for c in vars(mod).values()
+                 if inspect.isclass(c) and issubclass(c, Part) and c is not Part and c.__module__ == mod.__name__]
+        if len(found) != 1:
+            raise ImportError(f"{mod.__name__}: defines {len(found)} Part subclasses; name the part's class PART")
+        cls = found[0]
+    return cls
+
+
+def part_classes() -> dict[str, Any]:
+    """The migrated parts: name → Part subclass (the name is the package's)."""
+    out = {}
+    for pkg, mod in part_modules("part").items():
+        cls = part_class(mod)
+        if getattr(cls, "name", pkg) != pkg:
+            raise ImportError(f"{mod.__name__}: Part.name {cls.name!r} differs from its package {pkg!r}")
+        cls.name = pkg
+        out[pkg] = cls
+    return out

@@ -38,14 +38,6 @@ CREATE TABLE IF NOT EXISTS samples (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_vm_ts ON samples (vm, source, ts);
-CREATE TABLE IF NOT EXISTS knobs (
-    vm TEXT NOT NULL,
-    knob TEXT NOT NULL,
-    original TEXT NOT NULL,
-    current TEXT NOT NULL,
-    changed_at REAL NOT NULL,
-    PRIMARY KEY (vm, knob)
-);
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
@@ -58,6 +50,24 @@ CREATE TABLE IF NOT EXISTS decisions (
 CREATE INDEX IF NOT EXISTS decisions_ts ON decisions (ts);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+# The one knob ledger's table (see symbiont.knobs): every knob any part turns, with its original
+# value saved before the first change. vm '' is a host-wide knob (a KSM tunable).
+KNOBS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS knobs (
+    vm TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL DEFAULT '',
+    original TEXT NOT NULL,
+    current TEXT NOT NULL,
+    part TEXT NOT NULL,
+    changed_at REAL NOT NULL,
+    PRIMARY KEY (vm, kind, key)
+)
+"""
+
+# Which part owns a knob kind of the first ledger (``knobs(vm, knob, ...)``), for its migration.
+_V1_KIND_PART = {"balloon_mib": "memory", "vcpus": "cpu", "paging_parked": "paging"}
 
 
 @dataclass
@@ -81,6 +91,25 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self.ensure_schema(SCHEMA)
+        self._migrate_knobs()
+
+    def _migrate_knobs(self) -> None:
+        """Create the ledger's table; a state dir of an older daemon has ``knobs(vm, knob, ...)``:
+        its rows move into the new table in the same transaction (nothing is lost to kill -9)."""
+        with self.transaction() as db:
+            cols = {r["name"] for r in db.execute("PRAGMA table_info(knobs)").fetchall()}
+            if cols and "kind" not in cols:
+                db.execute("ALTER TABLE knobs RENAME TO knobs_v1")
+                db.execute(KNOBS_SCHEMA)
+                for r in db.execute("SELECT * FROM knobs_v1").fetchall():
+                    db.execute("INSERT OR IGNORE INTO knobs (vm, kind, key, original, current, part, changed_at) "
+                               "VALUES (?, ?, '', ?, ?, ?, ?)",
+                               (r["vm"], r["knob"], r["original"], r["current"],
+                                _V1_KIND_PART.get(r["knob"], "core"), r["changed_at"]))
+                db.execute("DROP TABLE knobs_v1")
+                log.info("knobs: migrated the first ledger's table into knobs(vm, kind, key, ...)")
+            else:
+                db.execute(KNOBS_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -174,28 +203,39 @@ class StateStore:
             db.execute("DELETE FROM decisions WHERE ts < ?", (older_than,))
             return n
 
-    # -- knobs (save before change, restore on exit) --------------------------------------
-    def save_knob(self, vm: str, knob: str, original: Any, current: Any) -> None:
+    # -- knobs: the ledger's rows (symbiont.knobs.KnobLedger turns and restores them) -----------
+    def save_knob(self, vm: str, knob: str, original: Any, current: Any, *, key: str = "",
+                  part: str | None = None) -> None:
         """Record a knob change; the *first* original value is kept across changes."""
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO knobs (vm, knob, original, current, changed_at) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (vm, knob) DO UPDATE SET current = excluded.current, changed_at = excluded.changed_at",
-                (vm, knob, json.dumps(original), json.dumps(current), time.time()),
+                "INSERT INTO knobs (vm, kind, key, original, current, part, changed_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (vm, kind, key) DO UPDATE SET current = excluded.current, changed_at = excluded.changed_at",
+                (vm, knob, key, json.dumps(original), json.dumps(current), part or _V1_KIND_PART.get(knob, "core"),
+                 time.time()),
             )
 
-    def knobs(self, vm: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM knobs" + (" WHERE vm = ?" if vm is not None else "") + " ORDER BY vm, knob"
-        rows = self.query(sql, (vm,) if vm is not None else ())
+    def knobs(self, vm: str | None = None, *, part: str | None = None) -> list[dict[str, Any]]:
+        """Rows of the ledger (``knob`` is the kind, kept under its first name for the API)."""
+        where, params = [], []
+        if vm is not None:
+            where.append("vm = ?")
+            params.append(vm)
+        if part is not None:
+            where.append("part = ?")
+            params.append(part)
+        sql = "SELECT * FROM knobs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY vm, kind, key"
+        rows = self.query(sql, tuple(params))
         return [
-            {"vm": r["vm"], "knob": r["knob"], "original": _loads(r["original"], f"knob {r['knob']} of {r['vm']}"),
-             "current": _loads(r["current"], f"knob {r['knob']} of {r['vm']}"), "changed_at": r["changed_at"]}
+            {"vm": r["vm"], "knob": r["kind"], "kind": r["kind"], "key": r["key"], "part": r["part"],
+             "original": _loads(r["original"], f"knob {r['kind']} of {r['vm']}"),
+             "current": _loads(r["current"], f"knob {r['kind']} of {r['vm']}"), "changed_at": r["changed_at"]}
             for r in rows
         ]
 
-    def forget_knob(self, vm: str, knob: str) -> None:
+    def forget_knob(self, vm: str, knob: str, key: str = "") -> None:
         with self.transaction() as db:
-            db.execute("DELETE FROM knobs WHERE vm = ? AND knob = ?", (vm, knob))
+            db.execute("DELETE FROM knobs WHERE vm = ? AND kind = ? AND key = ?", (vm, knob, key))
 
     # -- decisions ------------------------------------------------------------------------
     def log_decision(

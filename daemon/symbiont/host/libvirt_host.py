@@ -15,10 +15,11 @@ import signal
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
+
+from symbiont.host.port import DomainInfo, HostError
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,8 @@ STATE_NAMES = {
 }
 
 
-class LibvirtError(Exception):
+class LibvirtError(HostError):
     """A libvirt operation failed; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    name: str
-    uuid: str
-    state: str
-    memory_kib: int  # current balloon target
-    max_memory_kib: int  # boot memory: the balloon's ceiling
-    vcpus: int  # live vCPU count
-    max_vcpus: int
-    domain_type: str
 
 
 def _pid_alive(pid: int) -> bool:

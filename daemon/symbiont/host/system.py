@@ -1,0 +1,155 @@
+"""The real :class:`symbiont.host.port.HostPort`: libvirt (reopened on demand), QMP through
+libvirt's monitor passthrough, the QEMU cgroup through libvirt's schedinfo/memtune, psutil and
+/proc, KSM's sysfs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import libvirt
+import psutil
+
+from symbiont.host.ksm import KSM_DIR, RUN_MERGE
+from symbiont.host.ksm import process_merging_pages as _merging_pages
+from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
+from symbiont.host.port import DomainInfo, HostError
+from symbiont.host.procstats import ProcessCpu
+from symbiont.host.procstats import host_sample as _host_sample
+
+log = logging.getLogger(__name__)
+
+
+def quiet_libvirt_errors() -> None:
+    """libvirt prints every error to stderr by default; the daemon reports its own."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+class SystemHost:
+    """The host as it is. The libvirt connection is (re)opened on demand."""
+
+    def __init__(self, libvirt_uri: str = "qemu:///system") -> None:
+        self.uri = libvirt_uri
+        self._libvirt: LibvirtHost | None = None
+        self._lock = threading.Lock()
+        self._proc_cpu = ProcessCpu()
+
+    # -- the connection ---------------------------------------------------------------------
+    @property
+    def libvirt(self) -> LibvirtHost:
+        """The connection, reopened when it died; raises :class:`HostError` when libvirt is down."""
+        with self._lock:
+            if self._libvirt is not None:
+                try:
+                    if self._libvirt.conn.isAlive():
+                        return self._libvirt
+                except libvirt.libvirtError:
+                    pass
+                self._libvirt.close()
+                self._libvirt = None
+            self._libvirt = LibvirtHost(self.uri)  # raises LibvirtError (a HostError)
+            return self._libvirt
+
+    def close(self) -> None:
+        with self._lock:
+            if self._libvirt is not None:
+                self._libvirt.close()
+                self._libvirt = None
+
+    # -- libvirt ----------------------------------------------------------------------------
+    def info(self, vm: str) -> DomainInfo:
+        return self.libvirt.info(vm)
+
+    def exists(self, vm: str) -> bool:
+        return self.libvirt.exists(vm)
+
+    def memory_stats(self, vm: str) -> dict[str, int]:
+        return self.libvirt.memory_stats(vm)
+
+    def set_balloon(self, vm: str, kib: int) -> None:
+        self.libvirt.set_balloon(vm, kib)
+
+    def set_vcpus(self, vm: str, count: int) -> None:
+        self.libvirt.set_vcpus(vm, count)
+
+    def channel_path(self, vm: str, target: str) -> str | None:
+        return self.libvirt.channel_path(vm, target)
+
+    # -- the QEMU process -------------------------------------------------------------------
+    def qemu_pid(self, vm: str) -> int | None:
+        return self.libvirt.qemu_pid(vm)
+
+    def qmp(self, vm: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """One QMP command through libvirt's monitor passthrough; returns its ``return``."""
+        import libvirt_qemu
+
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        try:
+            reply = libvirt_qemu.qemuMonitorCommand(self.libvirt.domain(vm), json.dumps(msg), 0)
+        except libvirt.libvirtError as exc:
+            raise HostError(f"{vm}: QMP {command} failed: {exc.get_error_message()}") from None
+        try:
+            out = json.loads(reply)
+        except ValueError:
+            raise HostError(f"{vm}: QMP {command} answered no JSON") from None
+        if "error" in out:
+            raise HostError(f"{vm}: QMP {command}: {out['error'].get('desc', out['error'])}")
+        return out.get("return")
+
+    def _params(self, vm: str, what: str, getter: str) -> dict[str, int]:
+        dom = self.libvirt.domain(vm)
+        try:
+            got = getattr(dom, getter)(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise HostError(f"{vm}: reading {what} failed: {exc.get_error_message()}") from None
+        return {k: int(v) for k, v in got.items() if isinstance(v, (int, float))}
+
+    def _set_params(self, vm: str, what: str, setter: str, params: dict[str, int]) -> None:
+        dom = self.libvirt.domain(vm)
+        try:
+            getattr(dom, setter)(params, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise HostError(f"{vm}: setting {what} {params} failed: {exc.get_error_message()}") from None
+
+    def schedinfo(self, vm: str) -> dict[str, int]:
+        """The QEMU cgroup's CPU values (cpu_shares, vcpu_quota, ...), cgroup v1 or v2 alike."""
+        return self._params(vm, "schedinfo", "schedulerParametersFlags")
+
+    def set_schedinfo(self, vm: str, params: dict[str, int]) -> None:
+        self._set_params(vm, "schedinfo", "setSchedulerParametersFlags", params)
+
+    def memtune(self, vm: str) -> dict[str, int]:
+        """The QEMU cgroup's memory limits (hard_limit, soft_limit, swap_hard_limit; KiB)."""
+        return self._params(vm, "memtune", "memoryParameters")
+
+    def set_memtune(self, vm: str, params: dict[str, int]) -> None:
+        self._set_params(vm, "memtune", "setMemoryParameters", params)
+
+    # -- processes and the host --------------------------------------------------------------
+    def host_sample(self) -> dict[str, Any]:
+        return _host_sample()
+
+    def mem_total_bytes(self) -> int:
+        return int(psutil.virtual_memory().total)
+
+    def process_cpu_percent(self, pid: int | None) -> float | None:
+        return self._proc_cpu.percent(pid)
+
+    def process_rss(self, pid: int | None) -> int | None:
+        return self._proc_cpu.rss(pid)
+
+    def process_merging_pages(self, pid: int) -> int | None:
+        return _merging_pages(pid)
+
+    def ksm_running(self) -> bool:
+        try:
+            return int((KSM_DIR / "run").read_text().strip()) == RUN_MERGE
+        except (OSError, ValueError):
+            return False
+
+
+__all__ = ["HostError", "LibvirtError", "SystemHost", "quiet_libvirt_errors"]

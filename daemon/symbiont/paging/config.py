@@ -1,0 +1,43 @@
+"""Config section ``paging:`` of the paging part (discovered by :mod:`symbiont.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from symbiont.config import _check
+
+
+@dataclass
+class PagingConfig:
+    """Host paging (part 'paging'): the daemon's zram swap tier, page-out, park and wake."""
+
+    enabled: bool = False  # create the swap tier at start (else page-out/park answer 409)
+    zram_size_mib: int = 4096  # the tier's (uncompressed) size; at most half the host's memory
+    compressor: str = "lzo-rle"  # zram comp_algorithm (this kernel's list: /sys/block/zram*/comp_algorithm)
+    swap_priority: int = 100  # swapon priority: above any other swap, so page-outs land in RAM
+    margin_mib: int = 64  # a page-out leaves the guest's working set + this resident
+    park_observe_s: float = 3.0  # while parking: how long the paged-out VM runs to show its idle working set
+    include_code_cache: bool = True  # park also pages out TCG's translation cache (reported apart)
+    prefetch: str = "touch"  # wake's prefetch: touch (fault in and map) or willneed (into the swap cache)
+
+    def validate(self, key: str) -> None:
+        from symbiont.host import zram
+
+        _check(self.compressor in zram.compressors(), f"{key}.compressor",
+               f"{self.compressor!r} is not offered by this kernel's zram (offered: {', '.join(zram.compressors())})")
+        _check(self.zram_size_mib >= 16, f"{key}.zram_size_mib", "must be at least 16 MiB")
+        if self.enabled:
+            import psutil
+
+            half = psutil.virtual_memory().total // (2 << 20)
+            _check(self.zram_size_mib <= half, f"{key}.zram_size_mib",
+                   f"{self.zram_size_mib} MiB exceeds half of this host's memory ({half} MiB): zram keeps the "
+                   "swapped pages in RAM, and pages that do not compress would take their full size, leaving "
+                   "too little for the VMs the tier is meant to make room for")
+        _check(-1 <= self.swap_priority <= 32767, f"{key}.swap_priority", "must be between -1 and 32767")
+        _check(0 <= self.margin_mib <= 1 << 20, f"{key}.margin_mib", "must be between 0 and 1048576")
+        _check(0.0 <= self.park_observe_s <= 60.0, f"{key}.park_observe_s", "must be between 0 and 60 seconds")
+        _check(self.prefetch in ("touch", "willneed"), f"{key}.prefetch", "must be touch or willneed")
+
+
+CONFIG = PagingConfig
