@@ -372,7 +372,7 @@ class StatsReply:
     """The guest's /proc view; ``meminfo`` and ``cpus`` are what the core reads."""
 
     EXTRA: ClassVar[bool] = True
-    meminfo: dict[str, int] = lst(512)
+    meminfo: dict[str, int] = lst(512, {})
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from symbiont.agentlink import AgentOpError
+from symbiont.agentlink import AgentOpError, _op_error
 from symbiont.config import load_config
 from symbiont.cpu import controller as cpu_controller
 from symbiont.daemon import Daemon
@@ -86,7 +86,7 @@ class FakeLink:
         frame = proto.FrameReader().feed(proto.encode(proto.request(next(self.ids), op, args or {})))[0]
         reply, _ = agent.handle(frame)
         if not reply["ok"]:
-            raise AgentOpError(reply["error"])
+            raise _op_error(reply["error"])  # as the real link does
         return reply["result"], b""
 
     async def stop(self) -> None:
