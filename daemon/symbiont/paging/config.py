@@ -18,6 +18,7 @@ class PagingConfig:
     margin_mib: int = 64  # a page-out leaves the guest's working set + this resident
     park_observe_s: float = 3.0  # while parking: how long the paged-out VM runs to show its idle working set
     include_code_cache: bool = True  # park also pages out TCG's translation cache (reported apart)
+    include_qemu_heap: bool = True  # park also pages out QEMU's own private anonymous memory (heap, stacks)
     prefetch: str = "touch"  # wake's prefetch: touch (fault in and map) or willneed (into the swap cache)
 
     def validate(self, key: str) -> None:

@@ -279,8 +279,10 @@ async def guest_sample(daemon: Daemon, vm: str) -> dict[str, Any]:
     """What the guest knows: its working set (the memory part's last sample, else a fresh
     non-resetting one), free memory, and its cold frames (``paging-cold``)."""
     out: dict[str, Any] = {"wss_mib": None, "source": None}
-    mem = getattr(daemon, "memory", None)
-    last = mem.vm(vm).last_wss if mem is not None else {}
+    try:  # the memory part's last sample, where that part keeps one
+        last = dict(daemon.memory.vm(vm).last_wss)  # type: ignore[attr-defined]
+    except Exception:
+        last = {}
     link = daemon.links.get(vm)
     coop = link is not None and link.cooperative
     if last.get("referenced_bytes") is not None:
@@ -374,8 +376,18 @@ def _parked(daemon: Daemon, vm: str) -> dict[str, Any] | None:
             "parked_at": r["parked_at"]}
 
 
-def _all_pages(ram: po.Region, code: list[po.Region], with_code: bool) -> list[tuple[int, int]]:
-    return [(ram.start, ram.size)] + ([(r.start, r.size) for r in code] if with_code else [])
+def _all_pages(pid: int, ram: po.Region, code: list[po.Region], with_code: bool,
+               with_heap: bool) -> list[tuple[int, int]]:
+    """Guest RAM, the TCG code cache and (``with_heap``) QEMU's other private anonymous memory."""
+    out = [(ram.start, ram.size)] + ([(r.start, r.size) for r in code] if with_code else [])
+    if with_heap:
+        try:
+            maps = po.read_smaps(pid)
+        except po.PageoutError:
+            maps = []
+        out += [(r.start, r.size) for r in maps
+                if r.anonymous and r.perms == "rw-p" and r.start != ram.start and r.rss_kib]
+    return out
 
 
 def _resident_ranges(pid: int, regs: list[po.Region]) -> list[tuple[int, int]]:
@@ -415,7 +427,7 @@ async def park(daemon: Daemon, vm: str, reason: str = "api") -> dict[str, Any]:
     async with _state(daemon).lock:
         ram, code = regions(pid, ram_bytes)
         before = memory_view(pid, ram_bytes)
-        everything = _all_pages(ram, code, cfg.include_code_cache)
+        everything = _all_pages(pid, ram, code, cfg.include_code_cache, cfg.include_qemu_heap)
         t0 = time.perf_counter()
         await asyncio.to_thread(po.pageout, pid, everything)
         # Let the guest run idle: what it brings back is its background working set (timer
