@@ -74,6 +74,7 @@ class Daemon:
         self._lock = asyncio.Lock()
         # Per-VM collection tasks: a VM that does not answer holds only its own task (issue 16).
         self._collecting: dict[str, asyncio.Task[dict[str, dict[str, Any]]]] = {}
+        self._build_parts()
 
     # -- the host -------------------------------------------------------------------------
     @property
@@ -170,9 +171,10 @@ class Daemon:
         self.store.close()
         log.info("symbiontd stopped")
 
-    async def _start_parts(self) -> None:
-        """Discover the parts, order them by ``requires`` and start them in that order. A part
-        whose package has no ``part`` module yet runs through the TEMPORARY legacy adapter."""
+    def _build_parts(self) -> None:
+        """Discover the parts and construct them in ``requires`` order (cheap: nothing runs
+        before :meth:`start`). A part whose package has no ``part`` module yet runs through the
+        TEMPORARY legacy adapter."""
         classes = part_classes()
         self.controllers = {n: mod for n, mod in part_modules("controller").items() if n not in classes}
         legacy = {n: LegacyControllerPart(n, mod, self) for n, mod in self.controllers.items()}
@@ -182,18 +184,15 @@ class Daemon:
             else:
                 cls = classes[name]
                 self.parts[name] = cls(self.context(name, cls.requires), getattr(self.cfg, name, None))
+
+    async def _start_parts(self) -> None:
         for name, part in self.parts.items():
             await part.start()
-            log.info("part %s started%s", name, " (old-style controller)" if name in legacy else "")
+            log.info("part %s started%s", name, " (old-style controller)" if isinstance(part, LegacyControllerPart)
+                     else "")
 
     def _register_core_knobs(self) -> None:
-        """The balloon and the vCPU count (TEMPORARY here: they move to the memory and cpu parts)."""
-        async def write_balloon(vm: str, _key: str, mib: Any) -> None:
-            await self._libvirt_bounded(self.host.set_balloon, vm, int(mib) * 1024)
-
-        async def read_balloon(vm: str, _key: str) -> int:
-            return (await self._libvirt_bounded(self.host.info, vm)).memory_kib // 1024
-
+        """The vCPU count (TEMPORARY here: it moves to the cpu part)."""
         async def write_vcpus(vm: str, _key: str, count: Any) -> None:
             row = self.knobs.get(vm, "vcpus")
             link = self.links.get(vm)
@@ -209,9 +208,7 @@ class Daemon:
         async def read_vcpus(vm: str, _key: str) -> int:
             return (await self._libvirt_bounded(self.host.info, vm)).vcpus
 
-        for kind in (KnobKind("balloon_mib", "memory", read_balloon, write_balloon),
-                     KnobKind("vcpus", "cpu", read_vcpus, write_vcpus)):
-            self.knobs.register(kind)
+        self.knobs.register(KnobKind("vcpus", "cpu", read_vcpus, write_vcpus))
 
     def _import_legacy_knobs(self) -> None:
         """Copy the knob tables of older daemons' parts into the ledger: read-only mirrors while
@@ -344,30 +341,8 @@ class Daemon:
 
     # -- knobs ----------------------------------------------------------------------------
     async def set_memory(self, name: str, target_mib: int, reason: str = "api") -> dict[str, Any]:
-        """Move the balloon so the guest has ``target_mib`` MiB."""
-        policy = self._require(name)
-        info = await self._info(name)
-        mem = policy.get("memory", {})
-        from symbiont.memory.floor import enforce  # the guest floor every balloon path uses (issue 16/12)
-
-        lo = enforce(self, name, mem, target_mib)  # raises Invalid with the floor's make-up
-        hi = min(int(mem.get("max_mib") or info.max_memory_kib // 1024), info.max_memory_kib // 1024)
-        if not lo <= target_mib <= hi:
-            raise Invalid(f"target_mib {target_mib} outside this VM's range {lo}..{hi} MiB")
-        if info.state != "running":
-            raise Conflict(f"VM {name!r} is {info.state}; the balloon needs a running VM")
-        before = info.memory_kib // 1024
-        try:
-            await self.knobs.turn("memory", name, "balloon_mib", "", target_mib, original=before)
-        except HostError as exc:
-            raise Unavailable(str(exc)) from None
-        m.actions_total.labels("memory", "balloon").inc()
-        self.store.log_decision("memory", "balloon", name,
-                                {"target_mib": target_mib, "before_mib": before, "range": [lo, hi], "reason": reason},
-                                {"ok": True})
-        log.info("vm %s: balloon %d -> %d MiB (%s)", name, before, target_mib, reason)
-        self._wake.set()
-        return {"vm": name, "before_mib": before, "target_mib": target_mib}
+        """The balloon lever, which is the memory part's (TEMPORARY alias for old-style parts)."""
+        return await self.parts["memory"].set_balloon(name, target_mib, reason)  # type: ignore[attr-defined]
 
     async def set_vcpus(self, name: str, count: int, reason: str = "api") -> dict[str, Any]:
         """Hot-plug or unplug vCPUs; the agent onlines/offlines them inside the guest."""

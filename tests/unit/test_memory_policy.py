@@ -220,59 +220,56 @@ def test_6b_victims_are_ranked_by_memory_actually_reclaimable() -> None:
     assert out["plain"].target_mib == guest_floor_mib(vm("plain", f=0.2), host) and out["shared"].target_mib < 512
 
 
-def test_6c_a_stale_ksm_counter_does_not_make_a_vm_look_all_shared(monkeypatch) -> None:
+def test_6c_a_stale_ksm_counter_does_not_make_a_vm_look_all_shared(tmp_path) -> None:
     """After KSM was switched off, ksm_merging_pages said 130.6 MiB merged of 112.2 MiB resident
     and u was clamped to 0.05, so reclaim did nothing. Such a reading is unknown sharing: u = 1."""
-    from symbiont.memory import controller
+    import asyncio
+
+    from symbiont.host.fake import FakeDomain, FakeHost
+    from symbiont.memory.config import MemoryConfig
+    from symbiont.memory.part import MemoryPart
+    from tests.fakes import Env
 
     mib = 1 << 20
-    merged = {"pages": int(130.6 * mib) // 4096}
-    monkeypatch.setattr(controller, "process_merging_pages", lambda pid: merged["pages"])
-    monkeypatch.setattr(controller.psutil, "Process",
-                        lambda pid: type("P", (), {"memory_info": lambda self: type("M", (), {"rss": int(112.2 * mib)})()})())
-    monkeypatch.setattr(controller, "ksm_running", lambda: True, raising=False)
-    assert controller.unshared_fraction(1234) == 1.0
-    merged["pages"] = int(56.1 * mib) // 4096  # a consistent reading: half of it merged
-    assert controller.unshared_fraction(1234) == pytest.approx(0.5, abs=0.01)
-    monkeypatch.setattr(controller, "ksm_running", lambda: False)  # counter no longer maintained
-    assert controller.unshared_fraction(1234) == 1.0
+    dom = FakeDomain("v", qemu_pid=1234, qemu_rss=int(112.2 * mib), merging_pages=int(130.6 * mib) // 4096)
+    host = FakeHost(dom, ksm_running=True)
+    env = Env(tmp_path, host=host)
+    part = env.add(MemoryPart, MemoryConfig())  # no dedup part here: u from KSM's counter
+    assert asyncio.run(part.unshared("v", 1234)) == 1.0
+    dom.merging_pages = int(56.1 * mib) // 4096  # a consistent reading: half of it merged
+    assert asyncio.run(part.unshared("v", 1234)) == pytest.approx(0.5, abs=0.01)
+    host._ksm_running = False  # counter no longer maintained
+    assert asyncio.run(part.unshared("v", 1234)) == 1.0
+    env.close()
 
 
-def test_6d_f_is_the_working_set_over_the_allocation_not_over_memtotal() -> None:
+def test_6d_f_is_the_working_set_over_the_allocation_not_over_memtotal(tmp_path) -> None:
     """The same 40 MiB working set: P·f (the active MiB ρ charges at the active rate) must not grow
     as the balloon inflates. With f = referenced / MemTotal it was 40·512/469 = 43.7 MiB at full
     size and 40·128/85 = 60.2 MiB at a 128 MiB target (MemTotal shrinks with the balloon)."""
     import asyncio
-    from types import SimpleNamespace
 
-    from symbiont.memory import controller
+    from symbiont.host.fake import FakeDomain
+    from symbiont.memory.config import MemoryConfig
+    from symbiont.memory.part import MemoryPart
+    from tests.fakes import Env, FakeAgents
 
     mib = 1 << 20
 
-    class Link:
-        cooperative, caps = True, ("wss-sample",)
-
-        def __init__(self, memtotal: float) -> None:
-            self.memtotal = memtotal
-
-        async def request(self, op, args):
-            return {"active_fraction": 40 / self.memtotal, "referenced_bytes": 40 * mib,
-                    "resident_bytes": 80 * mib, "interval_s": 2.0}, b""
-
     def active_mib(target: int, memtotal: float) -> float:
-        rec = SimpleNamespace(policy={"memory": {}})
-        d = SimpleNamespace(
-            links={"v": Link(memtotal)}, cfg=SimpleNamespace(memory=SimpleNamespace(
-                tax_rate=0.75, psi_threshold=10.0, min_available_fraction=0.1)),
-            store=SimpleNamespace(get_vm=lambda n: rec, knobs=lambda n: [{"knob": "balloon_mib", "current": target}]),
-            latest={"v": {"libvirt": {"state": "running", "max_memory_mib": 512, "memory_mib": target,
-                                      "memstats_kib": {"actual": target * 1024}},
-                          "agent": {"meminfo": {"MemTotal": int(memtotal * mib), "MemAvailable": int(memtotal * mib / 2)}}}},
-        )  # fmt: skip
-        state = controller.MemoryState(enabled=True)
+        agents = FakeAgents({"memory.wss-sample": {"active_fraction": 40 / memtotal, "referenced_bytes": 40 * mib,
+                                                   "resident_bytes": 80 * mib, "interval_s": 2.0}})
+        env = Env(tmp_path / f"{target}", FakeDomain("v", memory_kib=512 << 10), agents=agents)
+        env.register("v", {"memory": {}}, snapshot={
+            "libvirt": {"state": "running", "max_memory_mib": 512, "memory_mib": target,
+                        "memstats_kib": {"actual": target * 1024}},
+            "agent": {"meminfo": {"MemTotal": int(memtotal * mib), "MemAvailable": int(memtotal * mib / 2)}}})
+        env.store.save_knob("v", "balloon_mib", 512, target)
+        part = env.add(MemoryPart, MemoryConfig(enabled=True))
         for _ in range(3):
-            asyncio.run(controller.sample_working_sets(d, state))
-        v = controller.observe(d, "v", state.vm("v"))
+            asyncio.run(part.sample_working_sets(["v"]))
+        v = asyncio.run(part.view_of("v"))
+        env.close()
         return v.allocated_mib * v.active_fraction
 
     assert active_mib(512, 469) == pytest.approx(40, abs=0.01)

@@ -8,8 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Request
 from pydantic import Field
 
 from symbiont.apimodel import StrictModel
-from symbiont.memory import controller
-from symbiont.memory.floor import vm_floor
+from symbiont.memory.part import MemoryPart
 
 router = APIRouter()
 VmName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")]
@@ -29,46 +28,39 @@ class VmPolicy(StrictModel):
     max_mib: int | None = Field(None, ge=64, le=1 << 22)
 
 
+def part(request: Request) -> MemoryPart:
+    return request.app.state.parts["memory"]
+
+
 @router.get("")
 async def show(request: Request) -> dict[str, Any]:
-    return controller.view(request.app.state.daemon)
+    return await part(request).view()
 
 
 @router.get("/vms/{name}/floor")
 async def show_floor(name: VmName, request: Request) -> dict[str, Any]:
     """The lowest balloon target the VM's guest survives, and what it is made of (the floor
     ``PUT /v1/vms/{name}/memory``, the policy and placement plans all respect)."""
-    daemon = request.app.state.daemon
-    rec = daemon.store.get_vm(name)
-    if rec is None:
-        raise HTTPException(404, f"VM {name!r} is not registered")
-    return {"name": name, **vm_floor(daemon, name, (rec.policy or {}).get("memory")).to_dict()}
+    p = part(request)
+    p.ctx.vm(name)  # 404 when not registered
+    return {"name": name, **p.floor(name).to_dict()}
 
 
 @router.put("/policy")
 async def set_host_policy(body: HostPolicy, request: Request) -> dict[str, Any]:
-    daemon = request.app.state.daemon
-    cfg = daemon.cfg.memory
-    changes = body.model_dump(exclude_none=True)
-    for key in ("budget_mib", "free_target_mib", "tax_rate"):
-        if key in changes:
-            setattr(cfg, key, changes[key])
-    if "enabled" in changes:
-        daemon.memory.enabled = changes["enabled"]
-    daemon.store.log_decision("memory", "host-policy", None, changes, {})
-    return controller.view(daemon)
+    p = part(request)
+    p.set_policy(body.model_dump(exclude_none=True))
+    return await p.view()
 
 
 @router.put("/vms/{name}")
 async def set_vm_policy(name: VmName, body: VmPolicy, request: Request) -> dict[str, Any]:
     """Change a VM's shares, τ or bounds; validated against the VM before anything changes."""
-    daemon = request.app.state.daemon
-    rec = daemon.store.get_vm(name)
-    if rec is None:
-        raise HTTPException(404, f"VM {name!r} is not registered")
+    ctx = part(request).ctx
+    rec = ctx.vm(name)  # 404 when not registered
     mem = dict(rec.policy.get("memory", {}))
     mem.update(body.model_dump(exclude_none=True))
-    boot = (daemon.latest.get(name, {}).get("libvirt", {}) or {}).get("max_memory_mib")
+    boot = (ctx.latest(name).get("libvirt", {}) or {}).get("max_memory_mib")
     if mem.get("min_mib") is not None and mem.get("max_mib") is not None and mem["min_mib"] > mem["max_mib"]:
         raise HTTPException(422, f"min_mib {mem['min_mib']} exceeds max_mib {mem['max_mib']}")
     if boot and mem.get("max_mib") is not None and mem["max_mib"] > boot:
@@ -76,6 +68,6 @@ async def set_vm_policy(name: VmName, body: VmPolicy, request: Request) -> dict[
     if boot and mem.get("min_mib") is not None and mem["min_mib"] > boot:
         raise HTTPException(422, f"min_mib {mem['min_mib']} exceeds the VM's boot memory {boot} MiB")
     policy = {**rec.policy, "memory": mem}
-    daemon.store.update_vm_policy(name, policy)
-    daemon.store.log_decision("memory", "vm-policy", name, body.model_dump(exclude_none=True), {"memory": mem})
+    ctx.store.update_vm_policy(name, policy)
+    ctx.decisions.log("vm-policy", name, body.model_dump(exclude_none=True), {"memory": mem})
     return {"name": name, "memory": mem}

@@ -165,34 +165,45 @@ def observed_reserve_mib(snap: dict[str, Any]) -> float | None:
     return kernel_reserve_mib(boot, actual, total / MIB)
 
 
-def vm_floor(daemon: Any, name: str, mem_policy: dict[str, Any] | None = None) -> GuestFloor:
-    """The floor of a registered VM from the daemon's latest snapshot and the reserve the memory
-    part recorded (:func:`record_reserve`), else the one observable now."""
-    snap = daemon.latest.get(name, {}) if isinstance(getattr(daemon, "latest", None), dict) else {}
+def floor_of(snap: Any, reserve_mib: float | None, mem_policy: dict[str, Any] | None = None) -> GuestFloor:
+    """The floor of a VM from the core's latest snapshot and the kernel reserve the memory part
+    recorded (:meth:`MemoryPart.record_reserves`), else the one observable now."""
     lv = snap.get("libvirt") or {}
     mi = (snap.get("agent") or {}).get("meminfo") or {}
-    state = getattr(daemon, "memory", None)
-    rec = state.vms.get(name) if state is not None else None
-    reserve = rec.kernel_reserve_mib if rec is not None else None
-    if reserve is None:
-        reserve = observed_reserve_mib(snap)
+    reserve = reserve_mib if reserve_mib is not None else observed_reserve_mib(snap)
     total, avail = _finite(mi.get("MemTotal")), _finite(mi.get("MemAvailable"))
     used = (total - avail) / MIB if total is not None and avail is not None else None
     mem = mem_policy or {}
     return guest_floor(_finite(lv.get("max_memory_mib")), reserve, used, _finite(mem.get("min_mib")))
 
 
-def enforce(daemon: Any, name: str, mem_policy: dict[str, Any] | None, target_mib: int) -> int:
-    """The lower bound ``Daemon.set_memory`` checks a target against: the VM's guest floor, or
+def enforce_floor(fl: GuestFloor, snap: Any, name: str, target_mib: int) -> int:
+    """The lower bound every balloon path checks a target against: the VM's guest floor, or
     the target itself when it grows a guest that sits below its floor (a grow never hurts).
     Raises :class:`symbiont.errors.Invalid` with the floor's make-up when a shrink goes below."""
     from symbiont.errors import Invalid
 
-    fl = vm_floor(daemon, name, mem_policy)
     if target_mib >= fl.floor_mib:
         return fl.floor_mib
-    lv = (daemon.latest.get(name, {}) or {}).get("libvirt") or {}
+    lv = (snap or {}).get("libvirt") or {}
     current = _finite(lv.get("memory_mib"))
     if current is not None and target_mib > current:
         return int(target_mib)
     raise Invalid(f"target_mib {target_mib} below the safe floor of VM {name!r}: {fl.reason()}")
+
+
+def vm_floor(daemon: Any, name: str, mem_policy: dict[str, Any] | None = None) -> GuestFloor:
+    """TEMPORARY, for parts not migrated yet (placement): :func:`floor_of` from a daemon-like
+    object (``latest``, and the memory part in ``parts`` or its state in ``memory``).
+    Migrated parts ask ``ctx.peer("memory").floor(vm)``."""
+    snap = daemon.latest.get(name, {}) if isinstance(getattr(daemon, "latest", None), dict) else {}
+    part = (getattr(daemon, "parts", None) or {}).get("memory")
+    state = getattr(part, "state", None) or getattr(daemon, "memory", None)
+    rec = state.vms.get(name) if state is not None else None
+    return floor_of(snap, rec.kernel_reserve_mib if rec is not None else None, mem_policy)
+
+
+def enforce(daemon: Any, name: str, mem_policy: dict[str, Any] | None, target_mib: int) -> int:
+    """:func:`enforce_floor` from a daemon-like object (see :func:`vm_floor`)."""
+    snap = daemon.latest.get(name, {}) if isinstance(getattr(daemon, "latest", None), dict) else {}
+    return enforce_floor(vm_floor(daemon, name, mem_policy), snap, name, target_mib)
