@@ -201,6 +201,8 @@ def eliminate_hosts(
     and not O(hosts) on large plans. Never uses more hosts than ``state``.
     """
     t_end = time.perf_counter() + max(0.0, time_limit)
+    if state.hosts_used() <= max(target, 1):
+        return state.copy(), []  # already meets the lower bound: nothing to gain
     free = _free_vms(state, movable)
     if not free:
         return state.copy(), []
