@@ -3,7 +3,7 @@
 Pure policy code: multi-dimensional packing heuristics with allocation constraints
 (:mod:`.planner`, :mod:`.heuristics`, :mod:`.state`), lower bounds to judge them (:mod:`.bound`),
 Sandpiper hotspot detection and migration planning (:mod:`.overload`), idle-VM consolidation
-(:mod:`.idle`), host elimination after any heuristic (:mod:`.improve`), and a trace simulator with
+(:mod:`.idle`), an improvement search after any heuristic (:mod:`.improve`), and a trace simulator with
 a trace format and generator (:mod:`.simulator`, :mod:`.traces`). Live inputs from the daemon's
 samples (:mod:`.live`) and the execution of a plan's migrations through libvirt (:mod:`.execute`)
 are the only parts that touch the outside world. Interfaces: ``symbiont place`` (:mod:`.cli`),
