@@ -425,6 +425,9 @@ def _add_part_groups() -> None:
         group = getattr(mod, "group", None)
         if isinstance(group, click.Command) and (group.name or part) not in cli.commands:
             cli.add_command(group, name=group.name or part)
+            for alias in getattr(mod, "ALIASES", ()):  # a part's former name, kept for a release
+                if alias not in cli.commands:
+                    cli.add_command(group, name=alias)
 
 
 def main() -> None:

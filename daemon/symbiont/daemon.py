@@ -33,7 +33,7 @@ from symbiont.gateway import AgentGateway
 from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
 from symbiont.host.port import HostError, HostPort
 from symbiont.host.system import SystemHost, quiet_libvirt_errors
-from symbiont.knobs import KnobKind, KnobLedger
+from symbiont.knobs import KnobLedger
 from symbiont.part import AgentInfo, Part, PartContext, Period, order, run_period
 from symbiont.part_compat import LegacyControllerPart
 from symbiont.plugins import part_classes, part_modules
@@ -58,7 +58,6 @@ class Daemon:
         self.store = StateStore(cfg.db_path)
         self.host: HostPort = host if host is not None else SystemHost(cfg.libvirt_uri)
         self.knobs = KnobLedger(self.store, on_restore=self._restored)
-        self._register_core_knobs()
         self.links: dict[str, AgentLink] = {}
         self.agents = AgentGateway(self.links)
         self.latest: dict[str, dict[str, Any]] = {}  # per VM: last collected snapshot
@@ -191,33 +190,11 @@ class Daemon:
             log.info("part %s started%s", name, " (old-style controller)" if isinstance(part, LegacyControllerPart)
                      else "")
 
-    def _register_core_knobs(self) -> None:
-        """The vCPU count (TEMPORARY here: it moves to the cpu part)."""
-        async def write_vcpus(vm: str, _key: str, count: Any) -> None:
-            row = self.knobs.get(vm, "vcpus")
-            link = self.links.get(vm)
-            if row is not None and int(count) < int(row["current"]):
-                # Back down by offlining in the guest (see set_vcpus); without an agent the
-                # hot-plugged vCPUs stay: an unplug under TCG would leave libvirt stale.
-                if link is None or not link.cooperative:
-                    raise Unavailable("no cooperative agent to offline the added vCPUs")
-                await self._agent_online(link, int(count))
-            else:
-                await self._libvirt_bounded(self.host.set_vcpus, vm, int(count))
-
-        async def read_vcpus(vm: str, _key: str) -> int:
-            return (await self._libvirt_bounded(self.host.info, vm)).vcpus
-
-        self.knobs.register(KnobKind("vcpus", "cpu", read_vcpus, write_vcpus))
-
     def _import_legacy_knobs(self) -> None:
         """Copy the knob tables of older daemons' parts into the ledger: read-only mirrors while
         their parts keep their own restore path (TEMPORARY, until those parts are migrated)."""
         self.knobs.import_legacy("dedup_ksm_knobs", "ksm_tunable", "dedup",
                                  lambda r: ("", r["knob"], r["original"], r["current"]), drop=False)
-        self.knobs.import_legacy("cpu_qemu_knobs", "qemu_cgroup_file", "cpu",
-                                 lambda r: (r["vm"], f"{r['path']}/{r['file']}", r["original"], r["current"]),
-                                 drop=False)
 
     def _start_link(self, name: str) -> AgentLink:
         a = self.cfg.agent
@@ -301,6 +278,7 @@ class Daemon:
                 raise NotFound(f"VM {name!r} is not registered")
             if self.cfg.restore_on_exit:
                 await self._restore_bounded(name, reason="unregistered")
+            await self._tell_parts("vm_removed", name)  # after the ledger, while the agent is still reachable
             link = self.links.pop(name, None)
             task = self._collecting.pop(name, None)
             if task is not None:
@@ -310,7 +288,6 @@ class Daemon:
             self.store.log_decision("core", "unregister", name, {}, {})
             m.forget_vm(name)
             m.vms_registered.set(len(self.links))
-        await self._tell_parts("vm_removed", name)  # after the ledger restored the VM's knobs
         if link is not None:
             await link.stop()  # bounded too, and outside the lock: it only closes a channel
 
@@ -345,74 +322,12 @@ class Daemon:
         return await self.parts["memory"].set_balloon(name, target_mib, reason)  # type: ignore[attr-defined]
 
     async def set_vcpus(self, name: str, count: int, reason: str = "api") -> dict[str, Any]:
-        """Hot-plug or unplug vCPUs; the agent onlines/offlines them inside the guest."""
-        policy = self._require(name)
-        info = await self._info(name)
-        cpu = policy.get("cpu", {})
-        lo = int(cpu.get("min_vcpus") or 1)
-        hi = min(int(cpu.get("max_vcpus") or info.max_vcpus), info.max_vcpus)
-        if not lo <= count <= hi:
-            raise Invalid(f"vcpus {count} outside this VM's range {lo}..{hi}")
-        if info.state != "running":
-            raise Conflict(f"VM {name!r} is {info.state}; vCPU hotplug needs a running VM")
-        plugged = info.vcpus
-        link = self.links.get(name)
-        coop = link is not None and link.cooperative
-        snap_online = self.latest.get(name, {}).get("agent", {}).get("cpus", {}).get("count_online")
-        before = int(snap_online) if coop and snap_online else plugged  # what the guest really runs on
-        guest: Any = None
-        if count < before and coop:
-            # Scale down by offlining in the guest: an offline vCPU halts and costs the host
-            # nothing. libvirt's unplug is not used: under TCG the guest's ACPI eject outlasts
-            # libvirt's fixed 5 s wait, after which libvirt's vCPU count goes stale and later
-            # hot-plugs fail ("vcpu unplug request timed out").
-            guest = await self._agent_online(link, count)
-            if isinstance(guest, dict) and "error" not in guest:
-                m.actions_total.labels("cpu", "vcpus").inc()
-                self.store.log_decision("cpu", "vcpus", name,
-                                        {"count": count, "before": before, "range": [lo, hi], "reason": reason,
-                                         "mechanism": "guest-offline"}, {"guest": guest})
-                log.info("vm %s: %d vCPUs online in the guest (offlined; libvirt keeps %d plugged) (%s)",
-                         name, count, plugged, reason)
-                self._wake.set()
-                return {"vm": name, "before": before, "vcpus": count, "guest": guest, "mechanism": "guest-offline"}
-        mechanism = "guest-online"
-        if count > plugged:
-            try:
-                await self.knobs.turn("cpu", name, "vcpus", "", count, original=plugged)
-            except HostError as exc:
-                raise Unavailable(str(exc)) from None
-            mechanism = "hotplug"
-        elif count < plugged and not coop:
-            raise Conflict(f"VM {name!r} has no cooperative agent to offline vCPUs, and libvirt's unplug "
-                           "is not used (it goes stale under TCG)")
-        if coop and count != before:
-            # After a hot-plug every present CPU should run (the new ones may take a moment to
-            # appear); otherwise bring exactly `count` online again.
-            guest = await self._agent_online(link, None if mechanism == "hotplug" else count, wait_for=count)
-        m.actions_total.labels("cpu", "vcpus").inc()
-        outcome = {"guest": guest, "mechanism": mechanism}
-        self.store.log_decision("cpu", "vcpus", name,
-                                {"count": count, "before": before, "plugged": plugged, "range": [lo, hi],
-                                 "reason": reason}, outcome)
-        log.info("vm %s: vcpus %d -> %d by %s (%s); guest online: %s", name, before, count, mechanism, reason,
-                 guest and guest.get("online"))
-        self._wake.set()
-        return {"vm": name, "before": before, "vcpus": count, "guest": guest, "mechanism": mechanism}
-
-    async def _agent_online(self, link: AgentLink, target: int | None, wait_for: int | None = None) -> Any:
-        """Ask the agent to online CPUs; after a hot-plug, wait until the new CPUs are present."""
-        deadline = time.monotonic() + 20.0
-        result: Any = None
-        while True:
-            try:
-                result, _ = await link.request("online-cpus", {} if target is None else {"target": target})
-            except (AgentUnavailable, AgentOpError) as exc:
-                return {"error": str(exc)}
-            online = result.get("online", []) if isinstance(result, dict) else []
-            if wait_for is None or len(online) >= wait_for or time.monotonic() > deadline:
-                return result
-            await asyncio.sleep(0.5)  # the ACPI hot-plug event has not reached the guest yet
+        """``PUT /v1/vms/{n}/vcpus``: an alias of the cpu part's scaling (its one vCPU
+        implementation), answered in the core's shape."""
+        res = await self.parts["cpu"].scale(name, count, reason=reason)  # type: ignore[attr-defined]
+        before = res["before"]["guest_online"] or res["before"]["libvirt"]
+        return {"vm": name, "before": before, "vcpus": count, "guest": res.get("guest"),
+                "mechanism": res["mechanism"]}
 
     async def _restore_knobs(self, name: str, reason: str) -> None:
         await self.knobs.restore(vm=name, reason=reason)

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from symbiont.agentlink import AgentOpError, _op_error
+from symbiont.agentlink import _op_error
 from symbiont.config import load_config
-from symbiont.cpu import controller as cpu_controller
 from symbiont.daemon import Daemon
-from symbiont.host.libvirt_host import DomainInfo, LibvirtError
+from symbiont.host.fake import FakeDomain, FakeHost
+from symbiont.host.port import HostError
 from symbiont_agent import agent
 from symbiont_agent import protocol as proto
 from symbiont_agent.containers_cgroup import parse_cpu_list
@@ -27,47 +27,17 @@ VM = "vm1"
 MiB = 1 << 20
 
 
-class FakeLibvirt:
-    def __init__(self) -> None:
-        self.vcpus = 1
-        self.memory_kib = 512 * 1024
-        self.unplug_times_out = True
-        self.calls: list[tuple[str, int]] = []
-        self.conn = self
+class Host(FakeHost):
+    """The shared FakeHost whose vCPU unplug times out the way libvirt's does under TCG."""
 
-    def isAlive(self) -> bool:  # noqa: N802 (libvirt's name)
-        return True
+    unplug_times_out = True
 
-    def close(self) -> None:
-        pass
-
-    def info(self, name: str) -> DomainInfo:
-        if name != VM:
-            raise LibvirtError(f"no domain {name}")
-        return DomainInfo(name, "uuid-1", "running", self.memory_kib, 512 * 1024, self.vcpus, 4, "qemu")
-
-    def set_vcpus(self, name: str, count: int) -> None:
-        self.calls.append(("vcpus", count))
-        if count < self.vcpus and self.unplug_times_out:
-            raise LibvirtError(f"{name}: setting {count} vCPUs failed: Timed out during operation: "
-                               "vcpu unplug request timed out")
-        self.vcpus = count
-
-    def set_balloon(self, name: str, kib: int) -> None:
-        self.calls.append(("balloon", kib // 1024))
-        self.memory_kib = kib
-
-    def domain(self, name: str) -> Any:
-        raise LibvirtError("no monitor in this test")
-
-    def qemu_pid(self, name: str) -> None:
-        return None
-
-    def memory_stats(self, name: str) -> dict[str, int]:
-        return {}
-
-    def channel_path(self, name: str, target: str) -> None:
-        return None
+    def set_vcpus(self, vm: str, count: int) -> None:
+        if count < self.domains[vm].vcpus and self.unplug_times_out:
+            self.calls.append(("set_vcpus", vm, count))
+            raise HostError(f"{vm}: setting {count} vCPUs failed: Timed out during operation: "
+                            "vcpu unplug request timed out")
+        super().set_vcpus(vm, count)
 
 
 class FakeLink:
@@ -100,10 +70,11 @@ def env(tmp_path, mgr, monkeypatch):  # noqa: F811
 
     monkeypatch.setattr(ops_containers, "MANAGER", mgr)
     online = Path(mgr.cpu_root, "online")
-    lv = FakeLibvirt()
+    lv = Host(FakeDomain(VM, memory_kib=512 * 1024, max_memory_kib=512 * 1024, vcpus=1, max_vcpus=4))
+    dom = lv.domains[VM]
 
     def fake_online(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
-        pres = list(range(lv.vcpus))
+        pres = list(range(dom.vcpus))
         target = args.get("target") or len(pres)
         if not 1 <= target <= len(pres):
             raise ValueError(f"target {target} outside 1..{len(pres)} present CPUs")
@@ -112,14 +83,16 @@ def env(tmp_path, mgr, monkeypatch):  # noqa: F811
 
     def fake_stats(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         on = parse_cpu_list(online.read_text())
-        return {"cpus": {"online": on, "present": list(range(lv.vcpus)), "count_online": len(on)}}
+        return {"cpus": {"online": on, "present": list(range(dom.vcpus)), "count_online": len(on)},
+                "meminfo": {"MemTotal": 480 * MiB, "MemAvailable": 400 * MiB}}
 
     monkeypatch.setattr(ops_containers, "_base_online_cpus", fake_online)
-    monkeypatch.setitem(agent.OPS, "stats", fake_stats)
+    for name in ("stats", "core.stats"):  # the old name and the canonical one
+        if name in agent.OPS:
+            monkeypatch.setitem(agent.OPS, name, fake_stats)
     online.write_text("0\n")
     cfg = load_config(None, {"state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "d.sock")})
-    d = Daemon(cfg)
-    d._libvirt = lv  # type: ignore[assignment]
+    d = Daemon(cfg, host=lv)
     d.store.add_vm(VM, "uuid-1", {"memory": {"min_mib": 128}, "cpu": {}})
     link = FakeLink()
     d.links[VM] = link  # type: ignore[assignment]
@@ -127,7 +100,7 @@ def env(tmp_path, mgr, monkeypatch):  # noqa: F811
 
     app = create_app(d)
     with TestClient(app) as client:
-        yield {"client": client, "daemon": d, "libvirt": lv, "link": link, "mgr": mgr, "online": online}
+        yield {"client": client, "daemon": d, "libvirt": lv, "dom": dom, "link": link, "mgr": mgr, "online": online}
     d.store.close()
 
 
@@ -182,18 +155,19 @@ def test_scale_up_then_down_guest_first_keeps_ratios_and_the_record(env) -> None
     r = c.put(f"/v1/cpu/vms/{VM}/vcpus", json={"count": 4})
     assert r.status_code == 200, r.text
     up = r.json()
-    assert up["step"]["direction"] == "up" and up["libvirt"] == "ok" and lv.vcpus == 4
+    assert up["step"]["direction"] == "up" and up["libvirt"] == "ok" and env["dom"].vcpus == 4
     assert up["after"]["guest_online"] == 4 and quota(env, "c3") == "266667 100000"
     assert up["containers"]["allocations"]["c3"]["dedicated"] == [2, 3]
     link.requests.clear()
     down = c.put(f"/v1/cpu/vms/{VM}/vcpus", json={"count": 1}).json()
     # Guest first, libvirt not asked by default: its count stays, the record says so.
-    assert [op for op, _ in link.requests][:2] == ["stats", "online-cpus"]
-    assert lv.calls[-1] == ("vcpus", 4) and down["libvirt"].startswith("skipped")
+    assert [op for op, _ in link.requests][:2] == ["core.stats", "cpu.online"]
+    assert lv.calls[-1] == ("set_vcpus", VM, 4) and down["libvirt"].startswith("skipped")
     assert down["after"] == {"guest_online": 1, "online": [0], "libvirt": 4, "qemu": None}
     assert [quota(env, n) for n in ("c1", "c2", "c3")] == ["16667 100000", "16667 100000", "66667 100000"]
     view = c.get(f"/v1/cpu/vms/{VM}/vcpus").json()
-    assert view["effective"] == 1 and view["offlined_in_guest"] == 3 and view["record"]["requested"] == 1
+    assert view["effective"] == 1, view
+    assert view["offlined_in_guest"] == 3 and view["record"]["requested"] == 1
     # Back up: the CPUs are still plugged, so it is onlining only.
     up = c.put(f"/v1/cpu/vms/{VM}/vcpus", json={"count": 3}).json()
     assert up["step"]["libvirt"] is False and up["after"]["guest_online"] == 3
@@ -213,7 +187,7 @@ def test_libvirt_unplug_timeout_is_accepted_after_the_guest_offlined(env) -> Non
     assert knobs["vcpus"]["original"] == 1  # libvirt's boot count, restored on unregister/stop
     lv.unplug_times_out = False
     body = c.put(f"/v1/cpu/vms/{VM}/vcpus", json={"count": 1, "libvirt_unplug": True}).json()
-    assert body["libvirt"] == "ok" and lv.vcpus == 1
+    assert body["libvirt"] == "ok" and env["dom"].vcpus == 1
 
 
 def test_scale_validation(env) -> None:
@@ -222,10 +196,14 @@ def test_scale_validation(env) -> None:
                                  ({"count": 2, "x": 1}, 422, "x")):
         r = c.put(f"/v1/cpu/vms/{VM}/vcpus", json=body)
         assert r.status_code == status and reason in r.text
+    assert env["libvirt"].calls == []
+    # Without a cooperative agent only a hot-plug is possible (the guest's udev onlines it).
     env["link"].cooperative = False
     r = c.put(f"/v1/cpu/vms/{VM}/vcpus", json={"count": 2})
-    assert r.status_code == 503 and "not cooperative" in r.text
-    assert env["libvirt"].calls == []
+    assert r.status_code == 200 and r.json()["mechanism"] == "hotplug", r.text
+    r = c.put(f"/v1/cpu/vms/{VM}/vcpus", json={"count": 1})
+    assert r.status_code == 409 and "no cooperative agent" in r.text
+    assert env["libvirt"].calls == [("set_vcpus", VM, 2)]
 
 
 def test_nesting_aware_balloon_reclaims_first_then_releases(env) -> None:
@@ -241,7 +219,7 @@ def test_nesting_aware_balloon_reclaims_first_then_releases(env) -> None:
     body = r.json()
     rows = body["reclaim"]["containers"]
     assert rows["keep"]["planned"] == 0 and rows["a"]["planned"] == 70 * MiB and rows["b"]["planned"] == 10 * MiB
-    assert lv.calls[-1] == ("balloon", 432) and body["balloon"]["target_mib"] == 432
+    assert lv.calls[-1] == ("set_balloon", VM, 432 << 10) and body["balloon"]["target_mib"] == 432
     assert Path(m.slice.path, "a", "memory.high").read_text() == str(30 * MiB)
     body = c.put(f"/v1/cpu/vms/{VM}/memory", json={"target_mib": 512}).json()
     assert body["release"]["restored_memory_high"] == {"a": None, "b": None}
@@ -249,13 +227,13 @@ def test_nesting_aware_balloon_reclaims_first_then_releases(env) -> None:
     env["link"].requests.clear()
     body = c.put(f"/v1/cpu/vms/{VM}/memory", json={"target_mib": 300, "nesting_aware": False}).json()
     assert "reclaim" not in body and body["balloon"]["target_mib"] == 300
-    assert not any(op == "ct-reclaim" for op, _ in env["link"].requests)
+    assert not any(op in ("ct-reclaim", "cpu.container-reclaim") for op, _ in env["link"].requests)
     r = c.put(f"/v1/cpu/vms/{VM}/memory", json={"target_mib": 10})
     assert r.status_code == 422
     env["link"].requests.clear()
     r = c.put(f"/v1/cpu/vms/{VM}/memory", json={"target_mib": 100})  # below the VM's min_mib 128
     assert r.status_code == 422 and "outside this VM's range" in r.text
-    assert env["link"].requests == [] and lv.calls[-1] == ("balloon", 300)  # nothing asked, nothing moved
+    assert env["link"].requests == [] and lv.calls[-1] == ("set_balloon", VM, 300 << 10)  # nothing moved
 
 
 def test_stop_onlines_what_scaling_offlined_and_lifts_holds(env) -> None:
@@ -263,24 +241,31 @@ def test_stop_onlines_what_scaling_offlined_and_lifts_holds(env) -> None:
     c.put(f"/v1/cpu/vms/{VM}/vcpus", json={"count": 4})
     c.put(f"/v1/cpu/vms/{VM}/vcpus", json={"count": 2})
     assert env["online"].read_text().strip() == "0-1"
-    asyncio.run(cpu_controller.stop(d))
+    asyncio.run(d.parts["cpu"].stop())
     assert env["online"].read_text().strip() == "0-3"
 
 
-def test_agent_error_mapping() -> None:
-    from symbiont.daemon import Conflict, Invalid, NotFound, Unavailable
+def test_core_vcpus_endpoint_is_an_alias_of_the_cpu_parts_scaling(env) -> None:
+    """One vCPU implementation: PUT /v1/vms/{n}/vcpus scales through the cpu part (its record,
+    its decision) and answers in the core's shape."""
+    c = env["client"]
+    r = c.put(f"/v1/vms/{VM}/vcpus", json={"count": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["before"] == 1 and r.json()["vcpus"] == 3 and r.json()["mechanism"] == "hotplug"
+    r = c.put(f"/v1/vms/{VM}/vcpus", json={"count": 2})
+    assert r.json()["mechanism"] == "guest-offline" and r.json()["guest"]["online"] == [0, 1]
+    assert c.get(f"/v1/cpu/vms/{VM}/vcpus").json()["record"]["requested"] == 2
+    assert [d["action"] for d in env["daemon"].store.decisions(VM) if d["part"] == "cpu"] == ["scale", "scale"]
 
-    m = cpu_controller.agent_error
-    assert isinstance(m("v", AgentOpError("NoSuchContainer: no container 'x'")), NotFound)
-    assert isinstance(m("v", AgentOpError("InvalidSpec: cpu_weight: -1")), Invalid)
-    assert isinstance(m("v", AgentOpError("Conflict: already running")), Conflict)
-    assert isinstance(m("v", AgentOpError("v: agent does not support 'ct-list' (caps: ping)")), Conflict)
-    assert isinstance(m("v", AgentOpError("OSError: boom")), Unavailable)
-    assert str(m("v", AgentOpError("InvalidSpec: cpu_weight: -1"))) == "v: cpu_weight: -1"
 
-
-def test_qemu_weights_report_why_not_on_this_host(env) -> None:
-    ctl = cpu_controller.controller_for(env["daemon"])
-    status = ctl.apply_qemu_weights()
-    assert VM in status and status[VM] != ""
-    assert env["client"].get("/v1/cpu/qemu").json()["vms"][VM] == status[VM]
+def test_qemu_shares_through_libvirt_schedinfo_restored_by_the_ledger(env) -> None:
+    d, c = env["daemon"], env["client"]
+    d.store.update_vm_policy(VM, {"memory": {"min_mib": 128}, "cpu": {"weight": 200}})
+    d.latest[VM] = {"libvirt": {"state": "running"}}
+    cpu = d.parts["cpu"]
+    asyncio.run(cpu.act(asyncio.run(cpu.observe(None))))  # type: ignore[arg-type]
+    assert env["dom"].schedinfo["cpu_shares"] == 2048
+    q = c.get("/v1/cpu/qemu").json()
+    assert q["vms"][VM].startswith("cpu_shares 2048") and q["saved"][0]["original"] == 1024
+    asyncio.run(d.knobs.restore(vm=VM, reason="test"))
+    assert env["dom"].schedinfo["cpu_shares"] == 1024

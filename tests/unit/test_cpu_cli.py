@@ -59,11 +59,11 @@ def run(*args: str):
 
 def test_group_is_discoverable_and_mounted() -> None:
     mod = part_modules("cli")["cpu"]
-    assert isinstance(mod.group, click.Group) and mod.group.name == "ct"
+    assert isinstance(mod.group, click.Group) and mod.group.name == "cpu"  # one name per part
     from symbiont.cli import _add_part_groups
 
     _add_part_groups()
-    assert "ct" in cli.commands
+    assert cli.commands["cpu"] is mod.group and cli.commands["ct"] is mod.group  # the old name kept
 
 
 def test_create_passes_command_and_limits(calls) -> None:
@@ -123,5 +123,8 @@ def test_lifecycle_and_scaling_commands(calls) -> None:
 
 def test_errors_from_the_daemon_are_one_line_exit_2(tmp_path) -> None:
     sock = str(tmp_path / "none.sock")
+    from symbiont.cli import _add_part_groups
+
+    _add_part_groups()
     r = CliRunner().invoke(cli, ["--socket", sock, "ct", "list", "vm1"])
     assert r.exit_code in (1, 2) and "cannot reach symbiontd" in r.output

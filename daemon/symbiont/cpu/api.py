@@ -11,7 +11,7 @@ sent to a guest) and forward it. The agent validates again and answers errors as
 * ``GET/PUT /v1/cpu/vms/{vm}/vcpus``: scale with guest-first offlining, all views of the count
 * ``POST /v1/cpu/vms/{vm}/rebalance``, ``PUT /v1/cpu/vms/{vm}/memory`` (nesting-aware balloon),
   ``POST /v1/cpu/vms/{vm}/release``
-* ``GET /v1/cpu/qemu``: the QEMU cgroup v2 weights (or why there are none on this host)
+* ``GET /v1/cpu/qemu``: the QEMU cgroups' CPU shares (libvirt schedinfo) and their saved originals
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from fastapi import APIRouter, Path, Request
 from pydantic import Field, field_validator
 
 from symbiont.apimodel import StrictModel
-from symbiont.cpu.controller import CpuController, controller_for
-from symbiont.daemon import Daemon
+from symbiont.cpu.part import SHARES, CpuPart
 
 router = APIRouter(tags=["cpu"])
 
@@ -90,14 +89,13 @@ class BalloonBody(StrictModel):
     use_free: bool = Field(True, description="count the guest's free memory before reclaiming")
 
 
-def ctl(request: Request) -> CpuController:
-    daemon: Daemon = request.app.state.daemon
-    return controller_for(daemon)
+def ctl(request: Request) -> CpuPart:
+    return request.app.state.parts["cpu"]
 
 
 @router.get("/vms/{vm}/containers")
 async def list_containers(vm: VmName, request: Request) -> dict[str, Any]:
-    return await ctl(request).agent(vm, "ct-list")
+    return await ctl(request).agent(vm, "cpu.container-list")
 
 
 @router.post("/vms/{vm}/containers", status_code=201)
@@ -107,37 +105,37 @@ async def create_container(vm: VmName, body: ContainerSpec, request: Request) ->
     if body.hostname:
         args["hostname"] = body.hostname
     c = ctl(request)
-    res = await c.agent(vm, "ct-create", args, timeout=30.0)
-    c.daemon.store.log_decision("cpu", "ct-create", vm, {"name": body.name, "limits": args["limits"]},
+    res = await c.agent(vm, "cpu.container-create", args, timeout=30.0)
+    c.ctx.decisions.log("ct-create", vm, {"name": body.name, "limits": args["limits"]},
                                 {"state": res.get("state")})
     return res
 
 
 @router.get("/vms/{vm}/containers/{name}")
 async def show_container(vm: VmName, name: CtName, request: Request) -> dict[str, Any]:
-    return await ctl(request).agent(vm, "ct-show", {"name": name})
+    return await ctl(request).agent(vm, "cpu.container-show", {"name": name})
 
 
 @router.get("/vms/{vm}/containers/{name}/logs")
 async def container_logs(vm: VmName, name: CtName, request: Request) -> dict[str, Any]:
-    return await ctl(request).agent(vm, "ct-logs", {"name": name})
+    return await ctl(request).agent(vm, "cpu.container-logs", {"name": name})
 
 
 @router.post("/vms/{vm}/containers/{name}/start")
 async def start_container(vm: VmName, name: CtName, request: Request) -> dict[str, Any]:
-    return await ctl(request).agent(vm, "ct-start", {"name": name}, timeout=30.0)
+    return await ctl(request).agent(vm, "cpu.container-start", {"name": name}, timeout=30.0)
 
 
 @router.post("/vms/{vm}/containers/{name}/stop")
 async def stop_container(vm: VmName, name: CtName, request: Request) -> dict[str, Any]:
-    return await ctl(request).agent(vm, "ct-stop", {"name": name}, timeout=30.0)
+    return await ctl(request).agent(vm, "cpu.container-stop", {"name": name}, timeout=30.0)
 
 
 @router.delete("/vms/{vm}/containers/{name}")
 async def destroy_container(vm: VmName, name: CtName, request: Request) -> dict[str, Any]:
     c = ctl(request)
-    res = await c.agent(vm, "ct-destroy", {"name": name}, timeout=30.0)
-    c.daemon.store.log_decision("cpu", "ct-destroy", vm, {"name": name}, {"restored": res.get("restored")})
+    res = await c.agent(vm, "cpu.container-destroy", {"name": name}, timeout=30.0)
+    c.ctx.decisions.log("ct-destroy", vm, {"name": name}, {"restored": res.get("restored")})
     return res
 
 
@@ -145,35 +143,33 @@ async def destroy_container(vm: VmName, name: CtName, request: Request) -> dict[
 async def set_limits(vm: VmName, name: CtName, body: Limits, request: Request) -> dict[str, Any]:
     limits = body.model_dump(exclude_unset=True)
     c = ctl(request)
-    res = await c.agent(vm, "ct-set", {"name": name, "limits": limits}, timeout=30.0)
-    c.daemon.store.log_decision("cpu", "ct-set", vm, {"name": name, "limits": limits}, {"ok": True})
+    res = await c.agent(vm, "cpu.container-set", {"name": name, "limits": limits}, timeout=30.0)
+    c.ctx.decisions.log("ct-set", vm, {"name": name, "limits": limits}, {"ok": True})
     return res
 
 
 @router.get("/vms/{vm}/mode")
 async def get_mode(vm: VmName, request: Request) -> dict[str, Any]:
-    return await ctl(request).agent(vm, "ct-mode")
+    return await ctl(request).agent(vm, "cpu.container-mode")
 
 
 @router.put("/vms/{vm}/mode")
 async def set_mode(vm: VmName, body: ModeBody, request: Request) -> dict[str, Any]:
     args = body.model_dump(exclude_none=True)
     c = ctl(request)
-    res = await c.agent(vm, "ct-mode", args or {"nesting_aware": True})
-    c.daemon.store.log_decision("cpu", "mode", vm, args, {"nesting_aware": res.get("nesting_aware")})
+    res = await c.agent(vm, "cpu.container-mode", args or {"nesting_aware": True})
+    c.ctx.decisions.log("mode", vm, args, {"nesting_aware": res.get("nesting_aware")})
     return res
 
 
 @router.post("/vms/{vm}/rebalance")
 async def rebalance(vm: VmName, request: Request) -> dict[str, Any]:
-    return await ctl(request).agent(vm, "ct-rebalance", {"reason": "request"})
+    return await ctl(request).agent(vm, "cpu.container-rebalance", {"reason": "request"})
 
 
 @router.get("/vms/{vm}/vcpus")
 async def get_vcpus(vm: VmName, request: Request) -> dict[str, Any]:
-    c = ctl(request)
-    c.daemon._require(vm)
-    return await c.vcpus_view(vm)
+    return await ctl(request).vcpus_view(vm)
 
 
 @router.put("/vms/{vm}/vcpus")
@@ -189,14 +185,14 @@ async def balloon(vm: VmName, body: BalloonBody, request: Request) -> dict[str, 
 @router.post("/vms/{vm}/release")
 async def release(vm: VmName, request: Request) -> dict[str, Any]:
     c = ctl(request)
-    c.daemon._require(vm)
+    c.ctx.vm(vm)
     return {"vm": vm, "release": await c.release(vm)}
 
 
 @router.get("/qemu")
 async def qemu(request: Request) -> dict[str, Any]:
-    """What the controller did with each VM's QEMU cgroup v2 group (or why nothing)."""
+    """What the part did with each VM's QEMU cgroup CPU shares (libvirt schedinfo), and the
+    originals the ledger keeps."""
     c = ctl(request)
-    c.ensure_schema()
-    saved = [dict(r) for r in c.daemon.store.query("SELECT * FROM cpu_qemu_knobs")]
+    saved = [r for r in c.ctx.knobs.rows(part="cpu") if r["kind"] == SHARES]
     return {"vms": dict(c.qemu_status), "saved": saved}

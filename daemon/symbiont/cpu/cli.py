@@ -87,10 +87,13 @@ def ct_table(data: dict[str, Any]) -> Table:
     return t
 
 
-@click.group(name="ct")
+@click.group(name="cpu")
 def group() -> None:
     """Containers inside VMs (cgroup v2 + namespaces, managed by the guest agent), vCPU scaling
     with the containers' CPU ratios kept, and nesting-aware memory reclamation."""
+
+
+ALIASES = ("ct",)  # the group's name until issue 14 (one name per part)
 
 
 @group.command("list")

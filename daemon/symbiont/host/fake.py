@@ -55,6 +55,7 @@ class FakeHost:
                              "mem_used": mem_total_bytes // 2, "swap_used": 0, "psi": {}}
         self.calls: list[tuple[Any, ...]] = []  # every call that changes something, in order
         self.fail: dict[str, Exception] = {}
+        self.cgroup: dict[str, str] = {}  # cgroupfs files by path
 
     def add(self, dom: FakeDomain) -> FakeDomain:
         self.domains[dom.name] = dom
@@ -128,6 +129,17 @@ class FakeHost:
         d = self._dom(vm, "set_memtune")
         self.calls.append(("set_memtune", vm, dict(params)))
         d.memtune.update(params)
+
+    def read_cgroup(self, path: str) -> str:
+        if path not in self.cgroup:
+            raise HostError(f"{path}: no such file")
+        return self.cgroup[path]
+
+    def write_cgroup(self, path: str, value: str) -> None:
+        if "write_cgroup" in self.fail:
+            raise self.fail["write_cgroup"]
+        self.calls.append(("write_cgroup", path, value))
+        self.cgroup[path] = value
 
     # -- processes and the host --------------------------------------------------------------
     def _by_pid(self, pid: int | None) -> FakeDomain | None:

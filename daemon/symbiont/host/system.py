@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -20,6 +21,7 @@ from symbiont.host.procstats import ProcessCpu
 from symbiont.host.procstats import host_sample as _host_sample
 
 log = logging.getLogger(__name__)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def quiet_libvirt_errors() -> None:
@@ -128,6 +130,24 @@ class SystemHost:
 
     def set_memtune(self, vm: str, params: dict[str, int]) -> None:
         self._set_params(vm, "memtune", "setMemoryParameters", params)
+
+    def _cgroup_file(self, path: str) -> Path:
+        p = Path(path)
+        if not p.is_absolute() or ".." in p.parts or not str(p).startswith(str(CGROUP_ROOT) + "/"):
+            raise HostError(f"{path}: not a file under {CGROUP_ROOT}")
+        return p
+
+    def read_cgroup(self, path: str) -> str:
+        try:
+            return self._cgroup_file(path).read_text().strip()
+        except OSError as exc:
+            raise HostError(f"{path}: {exc.strerror}") from None
+
+    def write_cgroup(self, path: str, value: str) -> None:
+        try:
+            self._cgroup_file(path).write_text(value)
+        except OSError as exc:
+            raise HostError(f"{path}: writing {value!r} failed: {exc.strerror}") from None
 
     # -- processes and the host --------------------------------------------------------------
     def host_sample(self) -> dict[str, Any]:
