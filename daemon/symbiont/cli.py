@@ -342,11 +342,10 @@ def lab_list(ctx: Ctx, as_json: bool) -> None:
 
 
 def _host(ctx: Ctx):
-    import libvirt
-
     from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
+    from symbiont.host.system import quiet_libvirt_errors
 
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    quiet_libvirt_errors()
     try:
         return LibvirtHost(ctx.cfg.libvirt_uri)
     except LibvirtError as exc:
