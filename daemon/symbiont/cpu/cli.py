@@ -237,7 +237,7 @@ def ct_mode(ctx: Ctx, vm: str, aware: bool | None, strategy: str | None) -> None
 @click.argument("vm")
 @click.argument("count", type=int, required=False)
 @click.option("--libvirt-unplug", is_flag=True,
-              help="scale down also through libvirt's unplug (times out under TCG; see docs/containers.md)")
+              help="scale down also through libvirt's unplug (times out under TCG; see docs/cpu.md)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def ct_vcpus(ctx: Ctx, vm: str, count: int | None, libvirt_unplug: bool, as_json: bool) -> None:
