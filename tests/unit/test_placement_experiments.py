@@ -109,7 +109,7 @@ def test_standard_instances_experiment(tmp_path: Path) -> None:
         [
             "source=generated",
             "per_class=1",
-            "families=falkenauer-t,scholl1",
+            "families=gen-falkenauer-t,gen-scholl1",
             "heuristics=first-fit,ffd-sum",
             "improve_time=0.3",
         ],  # fmt: skip
@@ -119,11 +119,11 @@ def test_standard_instances_experiment(tmp_path: Path) -> None:
     check_record(out, ["instances.csv", "standard_instances.png"])
     r = rows(out / "instances.csv")
     assert len(r) == 2 * 2 * 2  # instances x heuristics x (with, without improvement)
-    t = {(x["heuristic"], x["improve"]): x for x in r if x["family"] == "falkenauer-t"}
+    t = {(x["heuristic"], x["improve"]): x for x in r if x["family"] == "gen-falkenauer-t"}
     assert t[("ffd-sum", "False")]["reference_kind"] == "optimum"
     assert int(t[("ffd-sum", "True")]["hosts_used"]) <= int(t[("ffd-sum", "False")]["hosts_used"])
     assert all(float(x["ratio"]) >= 1.0 for x in r)  # never below the optimum or a valid bound
-    assert summary["falkenauer-t/ffd-sum+improve"] <= summary["falkenauer-t/ffd-sum"]
+    assert summary["gen-falkenauer-t/ffd-sum+improve"] <= summary["gen-falkenauer-t/ffd-sum"]
     out, summary = run_experiment(
         "placement-standard-instances",
         ["source=bpplib", "families=scholl3", "heuristics=ffd-sum", "improve_time=0.3"],

@@ -369,13 +369,13 @@ def run_hotspots(ctx: RunContext) -> dict[str, Any]:
         "per_class": 2,
         "families": ["all"],
         "heuristics": ["all"],
-        "improve_time": 0.5,
+        "improve_time": 0.2,
         "seed": 0,
     },
     param_help={
         "source": "generated (seeded, incl. 2-D), bpplib (the stored Scholl/Falkenauer subset with published "
         "optima, benchmarks/instances/bpplib in a checkout), or both",
-        "per_class": "generated instances per class (scholl1..3, falkenauer-u/t, vector-uniform/anticorrelated/triplets)",
+        "per_class": "generated instances per class (gen-scholl1..3, gen-falkenauer-u/t, vector-uniform/anticorrelated/triplets)",
         "families": "classes to run, or 'all'",
         "heuristics": "heuristic names, or 'all' (batch mode; ffd-sum alone is the textbook reference)",
         "improve_time": "seconds each improvement search may take",

@@ -436,18 +436,19 @@ def _vector_triplets(n: int, seed: int, capacity: int = 1000) -> np.ndarray:
 def standard_instances(per_class: int = 3, seed: int = 0) -> list[Instance]:
     """Seeded instances after the published generators, ``per_class`` of each class:
 
-    * ``scholl1`` (Scholl, Klein & Juergens 1997, bin1data): n in {50, 100, 200, 500},
+    * ``gen-scholl1`` (Scholl, Klein & Juergens 1997, bin1data): n in {50, 100, 200, 500},
       C in {100, 120, 150}, w ~ U[1, 100], U[20, 100] or U[30, 100];
-    * ``scholl2`` (bin2data): n in {50, 100, 200, 500}, C = 1000, mean C/3, C/5, C/7 or C/9,
+    * ``gen-scholl2`` (bin2data): n in {50, 100, 200, 500}, C = 1000, mean C/3, C/5, C/7 or C/9,
       spread 20 %, 50 % or 90 % around it;
-    * ``scholl3`` (bin3data, the hard class): n = 200, C = 100,000, w ~ U[20,000, 35,000];
-    * ``falkenauer-u``: n in {120, 250, 500}, C = 150, w ~ U[20, 100];
-    * ``falkenauer-t``: triplets, n in {60, 120, 249}, optimum n / 3;
+    * ``gen-scholl3`` (bin3data, the hard class): n = 200, C = 100,000, w ~ U[20,000, 35,000];
+    * ``gen-falkenauer-u``: n in {120, 250, 500}, C = 150, w ~ U[20, 100];
+    * ``gen-falkenauer-t``: triplets, n in {60, 120, 249}, optimum n / 3;
     * ``vector-uniform``: 2-D, C = (100, 100), w ~ U[10, 40]^2, n in {60, 120};
     * ``vector-anticorrelated``: 2-D, w1 ~ U[5, 60], w2 = 65 - w1 +- 5, n in {60, 120};
     * ``vector-triplets``: 2-D triplets, n in {60, 120, 249}, optimum n / 3.
 
-    Classes are sampled so each draws its parameters in turn; names carry them.
+    Classes are sampled so each draws its parameters in turn; names carry them. The 1-D families are
+    called ``gen-...`` to keep them apart from the stored originals (:func:`load_bpplib`).
     """
     rng = np.random.default_rng(seed)
     out: list[Instance] = []
@@ -460,7 +461,7 @@ def standard_instances(per_class: int = 3, seed: int = 0) -> list[Instance]:
         c = (100, 120, 150)[(k // 4 + k) % 3]
         lo = (1, 20, 30)[(k + 1) % 3]
         w = rng.integers(lo, 101, n).astype(float)
-        out.append(Instance(f"scholl1-n{n}-c{c}-w{lo}-{k}", "scholl1", w[:, None], one(c)))
+        out.append(Instance(f"scholl1-n{n}-c{c}-w{lo}-{k}", "gen-scholl1", w[:, None], one(c)))
     for k in range(per_class):
         n = (50, 100, 200, 500)[k % 4]
         div = (3, 5, 7, 9)[(k // 2) % 4]
@@ -468,19 +469,19 @@ def standard_instances(per_class: int = 3, seed: int = 0) -> list[Instance]:
         mean = 1000 / div
         w = np.round(rng.uniform(mean * (1 - spread), mean * (1 + spread), n))
         out.append(
-            Instance(f"scholl2-n{n}-w{div}-s{int(spread * 100)}-{k}", "scholl2", w[:, None], one(1000))
+            Instance(f"scholl2-n{n}-w{div}-s{int(spread * 100)}-{k}", "gen-scholl2", w[:, None], one(1000))
         )
     for k in range(per_class):
         w = rng.integers(20_000, 35_001, 200).astype(float)
-        out.append(Instance(f"scholl3-hard-{k}", "scholl3", w[:, None], one(100_000)))
+        out.append(Instance(f"scholl3-hard-{k}", "gen-scholl3", w[:, None], one(100_000)))
     for k in range(per_class):
         n = (120, 250, 500)[k % 3]
         w = rng.integers(20, 101, n).astype(float)
-        out.append(Instance(f"falkenauer-u{n}-{k}", "falkenauer-u", w[:, None], one(150)))
+        out.append(Instance(f"falkenauer-u{n}-{k}", "gen-falkenauer-u", w[:, None], one(150)))
     for k in range(per_class):
         n = (60, 120, 249)[k % 3]
         w, c, opt = triplet_instance(n, seed=int(rng.integers(1 << 31)))
-        out.append(Instance(f"falkenauer-t{n}-{k}", "falkenauer-t", w[:, None], one(c), opt))
+        out.append(Instance(f"falkenauer-t{n}-{k}", "gen-falkenauer-t", w[:, None], one(c), opt))
     cap2 = np.array([100.0, 100.0])
     for k in range(per_class):
         n = (60, 120)[k % 2]
