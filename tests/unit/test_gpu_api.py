@@ -15,19 +15,21 @@ from prometheus_client import REGISTRY, generate_latest
 
 # isort: split
 from symbiont.errors import DaemonError
-from symbiont.gpu import api, controller, metrics
+from symbiont.gpu import api, metrics
 from symbiont.gpu import backend as gb
 from symbiont.gpu.manager import GpuManager
 from symbiont.state import StateStore
 
 
-class FakeDaemon:
-    """What the GPU router needs of a daemon: it is the key of the controller's manager."""
+class FakePart:
+    """What the GPU router needs of the part: its manager (None: the part is disabled)."""
+
+    manager: GpuManager | None = None
 
 
-def make_app(daemon: FakeDaemon) -> FastAPI:
+def make_app(part: FakePart) -> FastAPI:
     app = FastAPI()
-    app.state.daemon = daemon
+    app.state.parts = {"gpu": part}
 
     @app.exception_handler(DaemonError)
     async def _err(_r: Request, exc: DaemonError) -> JSONResponse:  # as symbiont.api.create_app does
@@ -41,18 +43,18 @@ def make_app(daemon: FakeDaemon) -> FastAPI:
 def env(monkeypatch, tmp_path):
     monkeypatch.setattr(gb, "cupy_status", lambda: (False, "no cupy in this test"))
     store = StateStore(tmp_path / "state.sqlite3")
-    daemon = FakeDaemon()
+    part = FakePart()
 
     def boot(devices=()) -> GpuManager:
         mgr = GpuManager(store, backend="simulated", devices=list(devices), default_mem_bytes=1 << 30)
         mgr.load()
-        controller._MANAGERS[daemon] = mgr
+        part.manager = mgr
         return mgr
 
     boot()
-    with TestClient(make_app(daemon)) as c:
-        yield {"c": c, "boot": boot, "store": store, "db": tmp_path / "state.sqlite3", "daemon": daemon}
-    controller._MANAGERS.pop(daemon, None)
+    with TestClient(make_app(part)) as c:
+        yield {"c": c, "boot": boot, "store": store, "db": tmp_path / "state.sqlite3", "part": part}
+    part.manager = None
     store.close()
 
 
@@ -82,7 +84,7 @@ def test_types_and_backends(client):
 
 
 def test_disabled_part_answers_503_with_the_reason(env):
-    controller._MANAGERS.pop(env["daemon"])
+    env["part"].manager = None
     r = env["c"].get("/v1/gpu/gpus")
     assert r.status_code == 503 and "gpu.enabled" in r.json()["detail"]
     assert env["c"].get("/v1/gpu/types").status_code == 200

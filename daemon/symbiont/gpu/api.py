@@ -25,12 +25,12 @@ from fastapi import APIRouter, Path, Request
 from pydantic import Field, field_validator, model_validator
 
 from symbiont.apimodel import StrictModel
-from symbiont.errors import Invalid
+from symbiont.errors import Invalid, Unavailable
 from symbiont.gpu import backend as gb
-from symbiont.gpu import controller
 from symbiont.gpu.backend import GpuError
 from symbiont.gpu.faas import DROP_MODES, SCHEDULERS, Task, TraceError, parse_trace
 from symbiont.gpu.manager import GpuManager
+from symbiont.gpu.part import DISABLED
 from symbiont.gpu.simulated import GPU_TYPES, SCHED_MODES
 
 router = APIRouter(tags=["gpu"])
@@ -46,8 +46,17 @@ assert set(SharingMode.__args__) == set(SCHED_MODES)  # type: ignore[attr-define
 ClientName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$", description="endpoint client")]
 
 
+def _part_manager(request: Request) -> GpuManager | None:
+    part = getattr(request.app.state, "parts", {}).get("gpu")
+    return getattr(part, "manager", None)
+
+
 def _mgr(request: Request) -> GpuManager:
-    return controller.manager(request.app.state.daemon)
+    """The running part's manager; 503 with the reason when the part is off."""
+    mgr = _part_manager(request)
+    if mgr is None:
+        raise Unavailable(DISABLED)
+    return mgr
 
 
 # -- models --------------------------------------------------------------------------------------------
@@ -124,7 +133,7 @@ async def list_types() -> list[dict[str, Any]]:
 @router.get("/backends")
 async def list_backends(request: Request) -> dict[str, Any]:
     ok, why = gb.cupy_status()
-    mgr = controller._MANAGERS.get(request.app.state.daemon)
+    mgr = _part_manager(request)
     return {"cupy": {"available": ok, "reason": why}, "simulated": {"available": True},
             "enabled": mgr is not None, "selected": mgr.backend_name if mgr else None,
             "endpoint_socket": str(mgr.server.path) if mgr and mgr.server else None}  # fmt: skip
