@@ -1,10 +1,11 @@
-"""``symbiontd``: the host daemon — collectors → policies → controllers, in one asyncio loop.
+"""``symbiontd``: the host daemon — a small core that drives the parts, in one asyncio loop.
 
-The control loop collects host stats (psutil, PSI), libvirt's view of each VM (balloon,
-vCPUs) and the guest's view from its agent (meminfo, vmstat, PSI, online CPUs), stores them
-in sqlite, and runs each part's policy hooks. Controllers turn real knobs (the balloon, vCPU
-hotplug, ...) and every knob's original value is saved first, so that it is restored when
-the VM is unregistered or the daemon stops (``restore_on_exit``).
+The core collects host stats (psutil, PSI), libvirt's view of each VM (balloon, vCPUs) and
+the guest's view from its agent (meminfo, vmstat, PSI, online CPUs), stores them in sqlite,
+and then drives each part (:mod:`symbiont.part`) through its period in dependency order:
+observe → decide → act. Parts turn knobs only through the knob ledger
+(:mod:`symbiont.knobs`), which saves every original first and restores it when the VM is
+unregistered or the daemon stops (``restore_on_exit``). See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ class Daemon:
                 self.parts[name] = legacy[name]
             else:
                 cls = classes[name]
-                self.parts[name] = cls(self.context(name, cls.requires), getattr(self.cfg, name, None))
+                section = getattr(self.cfg, name, None)
+                self.parts[name] = cls(self.context(name, cls.requires), section if section is not None else cls.config())
 
     async def _start_parts(self) -> None:
         for name, part in self.parts.items():
@@ -522,7 +524,15 @@ class Daemon:
             "cooperative": sum(1 for link in self.links.values() if link.cooperative),
             "host": self.host_latest,
             "samples": self.store.count_samples(),
+            "parts": {name: self._part_status(part) for name, part in self.parts.items()},
         }
+
+    @staticmethod
+    def _part_status(part: Part) -> Any:
+        try:
+            return part.status()
+        except Exception as exc:  # one part's view must not break the status
+            return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
 class _Server(uvicorn.Server):

@@ -173,3 +173,19 @@ def test_parts_are_discovered_and_ordered_without_a_central_list() -> None:
         assert cls.name == name
         for r in cls.requires:
             assert names.index(r) < names.index(name)
+
+
+def test_a_parts_config_is_its_discovered_section() -> None:
+    """Part.config and symbiont/<part>/config.py's CONFIG are one class: the YAML section the
+    daemon validates is the one the part is given."""
+    from symbiont.config import load_config, section_classes
+    from symbiont.part import NoConfig
+    from symbiont.plugins import part_classes
+
+    sections = section_classes()
+    cfg = load_config()
+    for name, cls in part_classes().items():
+        if cls.config is NoConfig:
+            assert name not in sections
+        else:
+            assert sections[name] is cls.config and isinstance(getattr(cfg, name), cls.config)
