@@ -14,7 +14,13 @@ dumped (found out on the real guest):
 * the final dump freezes the cgroup (v2 ``cgroup.freeze``) first and leaves it frozen
   (``leave_running`` restores the freezer's state, which is frozen): the source copy stays
   in memory, stopped, until the destination has restored and confirmed; thawing it again is
-  the way back on any failure.
+  the way back on any failure;
+* established TCP connections are dumped and restored in repair mode (``tcp_established``):
+  CRIU locks the network with ``iptables-restore`` meanwhile (the golden image carries
+  iptables), and the local address must exist on the destination before the restore (the
+  container's address moves with it: ``mig-addr``). A container with its own network
+  namespace has that namespace (links, addresses, routes, iptables rules) dumped and
+  recreated by CRIU.
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ def dump(pid: int, images_dir: str, parent: str | None, cgroup_path: str) -> flo
         "pid": pid,
         "track_mem": True,
         "shell_job": True,
+        "tcp_established": True,  # servers: established connections are dumped in repair mode
         "leave_running": True,
         "manage_cgroups": True,
         "freeze_cgroup": cgroup_path,
@@ -111,6 +118,7 @@ def restore(images_dir: str) -> tuple[int, float]:
         "restore.log",
         root="/",
         shell_job=True,
+        tcp_established=True,
         auto_ext_mnt=True,
         ext_sharing=True,
         ext_masters=True,

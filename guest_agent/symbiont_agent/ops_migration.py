@@ -285,8 +285,8 @@ def _send(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     mode = args.get("mode", "adaptive")
     if mode not in rate.MODES:
         raise InvalidSpec(f"mode: {mode!r} (known: {', '.join(rate.MODES)})")
-    chunk = _int(args, "chunk", 1 << 20, rate.MIN_CHUNK, min(rate.MAX_CHUNK, proto.MAX_BINARY - 4096))
-    window = _int(args, "window", 4 << 20, chunk, 1 << 30)
+    chunk = _int(args, "chunk", 4 << 20, rate.MIN_CHUNK, min(rate.MAX_CHUNK, proto.MAX_BINARY - 4096))
+    window = _int(args, "window", 16 << 20, chunk, 1 << 30)
     fixed = _num(args, "rate", 8e6, 1e3, 1e12)
     with _LOCK:
         _CREDITS[mid] = {"acked": 0.0, "bw": _num(args, "bw", 8e6, 1.0, 1e12)}
@@ -322,7 +322,7 @@ def _send(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
                             raise OSError(f"no acknowledgement from the relay for {STALL_S:.0f} s")
                         if mode == "fixed":
                             next_at = time.monotonic() + rate.fixed_delay(len(data), fixed)
-                    meta = {"mid": mid, "path": p, "off": off, "len": len(data), "sha": rate.sha256(data)}
+                    meta = {"mid": mid, "path": p, "off": off, "len": len(data), "crc": rate.crc32(data)}
                     if not agent.emit(proto.event("mig-chunk", meta), data):
                         raise OSError("the host stopped reading the channel")
                     sent += len(data)
@@ -348,13 +348,15 @@ def _send(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
 # -- destination: chunks, verification ----------------------------------------------------------
 @op("mig-recv")
 def _recv(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
-    """Write one relayed chunk after checking its SHA-256 (a corrupted chunk is refused)."""
+    """Write one relayed chunk after checking its CRC-32 (a corrupted chunk is refused; the
+    whole file's SHA-256 is checked once at the end by ``mig-verify``)."""
     d = _dir(args.get("mid"))
     path = rate.validate_relpath(args.get("path"))
     off = _int(args, "off", 0, 0, MAX_TOTAL)
     if len(payload) + off > MAX_TOTAL:
         raise InvalidSpec("chunk beyond the migration's size limit")
-    if rate.sha256(payload) != args.get("sha"):
+    crc = args.get("crc")
+    if isinstance(crc, bool) or not isinstance(crc, int) or rate.crc32(payload) != crc:
         raise InvalidSpec(f"{path}@{off}: checksum mismatch, chunk refused (corrupted stream)")
     full = os.path.join(d, path)
     os.makedirs(os.path.dirname(full), exist_ok=True)
@@ -601,6 +603,82 @@ def _net_setup(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     if f" {ip}/" not in have:
         subprocess.run(["ip", "addr", "add", f"{ip}/16", "dev", iface], check=True, capture_output=True)
     return {"iface": iface, "ip": ip}
+
+
+ADDR_PREFIX = "10.211."  # a container's own address lives on the lab's guest link
+
+
+def _garp(iface: str, ip: str, count: int = 3) -> int:
+    """Gratuitous ARP (request and reply) for ``ip`` from this NIC: peers that had the address
+    at the source's MAC switch to ours at once (Linux updates an existing entry on one)."""
+    import struct
+
+    with open(f"/sys/class/net/{iface}/address") as fh:
+        mac = bytes.fromhex(fh.read().strip().replace(":", ""))
+    ipb = socket.inet_aton(ip)
+    frames = [
+        b"\xff" * 6 + mac + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, opcode)
+        + mac + ipb + (b"\x00" * 6 if opcode == 1 else b"\xff" * 6) + ipb
+        for opcode in (1, 2)
+    ]  # fmt: skip
+    sent = 0
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((iface, 0))
+        for i in range(count):
+            for f in frames:
+                sent += s.send(f.ljust(60, b"\x00")) > 0
+            if i + 1 < count:
+                time.sleep(0.05)
+    return sent
+
+
+@op("mig-addr")
+def _addr(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    """Add (``up``) or remove the container's own address on the guest link, ``fenced`` off
+    (iptables) or open.
+
+    A server's established connections are bound to this address: it leaves the source (and
+    the source fences it off with iptables) just before the container is frozen and dumped;
+    it is up but fenced on the destination (announced with a gratuitous ARP) while CRIU
+    restores the sockets, and opened once they exist; on an abort it goes back to the source."""
+    import ipaddress
+    import subprocess
+
+    ip = args.get("ip")
+    up = args.get("up")
+    fenced = args.get("fenced", not up)
+    try:
+        ok = isinstance(ip, str) and ip.startswith(ADDR_PREFIX) and ipaddress.ip_address(ip).version == 4
+    except ValueError:
+        ok = False
+    if not ok or not isinstance(up, bool) or not isinstance(fenced, bool) or (not up and not fenced):
+        raise InvalidSpec(f"ip: expected a {ADDR_PREFIX}x.y address, up and fenced true/false (down is always "
+                          f"fenced), got {ip!r}, {up!r}, {fenced!r}")  # fmt: skip
+    iface, own = _net_setup({}, b"")["iface"], _link_iface()[1]  # the link up, with its own /16
+    if ip == own:
+        raise InvalidSpec(f"ip: {ip} is this guest's own link address, not a container's")
+    have = f" {ip}/" in subprocess.run(["ip", "-o", "addr", "show", "dev", iface],
+                                       capture_output=True, text=True).stdout  # fmt: skip
+    rules = (["INPUT", "-d", ip, "-j", "DROP"], ["OUTPUT", "-s", ip, "-j", "DROP"])
+    if fenced:
+        # Fence first. On the source: nothing reaches the container's sockets any more (early
+        # demux would deliver to an established socket even without the address) and nothing
+        # they send leaves, not the FIN or RST of the source copy when it is killed after the
+        # move. On the destination until the restore is done: the client's retransmissions
+        # must not meet a local address without its socket (the kernel would reset them).
+        for r in rules:
+            if subprocess.run(["iptables", "-w", "-C", *r], capture_output=True).returncode != 0:
+                subprocess.run(["iptables", "-w", "-I", *r], check=True, capture_output=True)
+    if up and not have:
+        subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", iface], check=True, capture_output=True)
+    elif not up and have:
+        subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", iface], check=True, capture_output=True)
+    if not fenced:
+        for r in rules:  # open: the connections are served here now
+            while subprocess.run(["iptables", "-w", "-D", *r], capture_output=True).returncode == 0:
+                pass
+    garps = _garp(iface, ip) if up else 0
+    return {"iface": iface, "ip": ip, "up": up, "fenced": fenced, "changed": up != have, "garp": garps}
 
 
 @op("mig-net-recv", threaded=True)

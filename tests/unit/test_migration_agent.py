@@ -21,26 +21,26 @@ def test_chunks_written_verified_and_damage_refused(base) -> None:
     data = os.urandom(300_000)
     a, b = data[:200_000], data[200_000:]
     man = [{"path": "img/final/pages-1.img", "size": len(data), "sha256": rate.sha256(data)}]
-    om._recv({"mid": "m1", "path": "img/final/pages-1.img", "off": 0, "sha": rate.sha256(a)}, a)
+    om._recv({"mid": "m1", "path": "img/final/pages-1.img", "off": 0, "crc": rate.crc32(a)}, a)
     with pytest.raises(InvalidSpec, match="truncated"):  # the last chunk never came
         om._verify({"mid": "m1", "files": man}, b"")
     bad = bytes([b[0] ^ 1]) + b[1:]
     with pytest.raises(InvalidSpec, match="checksum mismatch"):
-        om._recv({"mid": "m1", "path": "img/final/pages-1.img", "off": 200_000, "sha": rate.sha256(b)}, bad)
-    om._recv({"mid": "m1", "path": "img/final/pages-1.img", "off": 200_000, "sha": rate.sha256(b)}, b)
+        om._recv({"mid": "m1", "path": "img/final/pages-1.img", "off": 200_000, "crc": rate.crc32(b)}, bad)
+    om._recv({"mid": "m1", "path": "img/final/pages-1.img", "off": 200_000, "crc": rate.crc32(b)}, b)
     assert om._verify({"mid": "m1", "files": man}, b"") == {"verified": 1, "bytes": len(data)}
     assert (base / "m1" / "img" / "final" / "pages-1.img").read_bytes() == data
     with pytest.raises(InvalidSpec, match="missing"):
         om._verify({"mid": "m1", "files": [*man, {"path": "files.tar", "size": 1, "sha256": "0" * 64}]}, b"")
     # A hole (a chunk in the middle never written) keeps the size but not the checksum.
-    om._recv({"mid": "m4", "path": "f", "off": 200_000, "sha": rate.sha256(b)}, b)
+    om._recv({"mid": "m4", "path": "f", "off": 200_000, "crc": rate.crc32(b)}, b)
     with pytest.raises(InvalidSpec, match="checksum mismatch"):
         om._verify({"mid": "m4", "files": [{**man[0], "path": "f"}]}, b"")
     for bad_path in ("../../etc/passwd", "/etc/shadow"):
         with pytest.raises(rate.StreamError):
-            om._recv({"mid": "m1", "path": bad_path, "off": 0, "sha": rate.sha256(b"x")}, b"x")
+            om._recv({"mid": "m1", "path": bad_path, "off": 0, "crc": rate.crc32(b"x")}, b"x")
     with pytest.raises(rate.StreamError):
-        om._recv({"mid": "../m1", "path": "x", "off": 0, "sha": rate.sha256(b"x")}, b"x")
+        om._recv({"mid": "../m1", "path": "x", "off": 0, "crc": rate.crc32(b"x")}, b"x")
 
 
 def test_parent_chain_and_abort_marker(base) -> None:

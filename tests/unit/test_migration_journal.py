@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from symbiont.migration import journal as jn
-from symbiont.migration.workload import counter_command, migratable_command, parse_counter
+from symbiont.migration.workload import counter_command, echo_command, migratable_command, parse_counter
 from symbiont.state import StateStore
 
 HAPPY = ["check", "predump", "transfer", "dump", "transfer", "restore", "confirm", "cleanup", "done"]
@@ -103,7 +103,11 @@ def test_authoritative_switches_at_confirm() -> None:
 def test_workload_commands() -> None:
     cmd = migratable_command("c1", ["python3", "-c", "pass"])
     assert cmd[0] == "setsid" and cmd[-3:] == ["python3", "-c", "pass"] and "/c1.log" in cmd[4]
-    assert counter_command("c1", 8, "/var/lib/x/out")[-3:] == ["8", "/var/lib/x/out", "0.2"]
+    assert counter_command("c1", 8, "/var/lib/x/out")[-4:] == ["8", "/var/lib/x/out", "0.2", "0"]
+    assert counter_command("c1", 8, "/x", 0.1, dirty_kib_s=1024)[-1] == str(1 << 20)  # bytes/s
+    assert echo_command("e1", 47900)[-1] == "47900"
+    with pytest.raises(ValueError):
+        echo_command("e1", 80)
     with pytest.raises(ValueError):
         counter_command("c1", -1, "/x")
     assert parse_counter("1 10.0\n2 10.2\n3 10") == [(1, 10.0), (2, 10.2)]

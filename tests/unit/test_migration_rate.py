@@ -61,7 +61,7 @@ def test_chunk_validation_accepts_a_good_chunk_and_rejects_damage() -> None:
     data = bytes(range(256)) * 64
     files = _manifest(data)
     part = data[:4096]
-    meta = {"path": "img/1/pages-1.img", "off": 0, "len": 4096, "sha": rate.sha256(part)}
+    meta = {"path": "img/1/pages-1.img", "off": 0, "len": 4096, "crc": rate.crc32(part)}
     assert rate.validate_chunk(meta, part, files, MiB)["len"] == 4096
     flipped = bytes([part[0] ^ 1]) + part[1:]
     with pytest.raises(rate.StreamError, match="checksum"):
@@ -99,3 +99,23 @@ def test_manifest_limits() -> None:
     with pytest.raises(rate.StreamError):
         rate.validate_mid("../x")
     assert rate.validate_mid("20260101-000000-abcdef") == "20260101-000000-abcdef"
+
+
+def test_chunk_crc_must_be_an_unsigned_32_bit_integer() -> None:
+    data = b"x" * 4096
+    files = _manifest(data)
+    meta = {"path": "img/1/pages-1.img", "off": 0, "len": 4096, "crc": rate.crc32(data)}
+    for bad in (rate.sha256(data), -1, 1 << 32, True, None):
+        with pytest.raises(rate.StreamError, match="crc"):
+            rate.validate_chunk({**meta, "crc": bad}, data, files, MiB)
+
+
+def test_precopy_stops_when_small_or_no_longer_shrinking() -> None:
+    from symbiont.migration.controller import converged
+
+    assert converged([40 * MiB], MiB) is None  # the first pre-dump is the whole memory
+    assert converged([40 * MiB, 6 * MiB], MiB) is None
+    assert converged([40 * MiB, 6 * MiB, 900 << 10], MiB) == "below-threshold"
+    assert converged([40 * MiB, 6 * MiB, 5 * MiB], MiB) == "not-shrinking"  # writes as fast as it copies
+    assert converged([40 * MiB, 6 * MiB, 3 * MiB], MiB) is None  # still halving: one more round
+    assert converged([40 * MiB, 512 << 10], MiB) == "below-threshold"

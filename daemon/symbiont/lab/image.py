@@ -38,6 +38,7 @@ PACKAGES = (
     "iproute2",
     "python3",
     "criu",
+    "iptables",  # CRIU locks the network with iptables-restore (tcp_established, own netns)
     "linux-image-cloud-amd64",
     "initramfs-tools",
     "e2fsprogs",

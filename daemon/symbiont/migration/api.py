@@ -32,10 +32,15 @@ class MigrationSpec(StrictModel):
     to: str = Field(pattern=VM_PATTERN, description="destination VM")
     path: Literal["relay", "network"] = Field("relay", description="hypervisor relay or guest network")
     rate: Literal["adaptive", "fixed"] = Field("adaptive", description="relay send pacing")
-    predumps: int = Field(1, ge=0, le=8, description="pre-copy iterations while the container runs")
+    predumps: int = Field(4, ge=0, le=8, description="at most this many pre-copy iterations while the container "
+                          "runs (fewer once the dirty set is below converge_kib or stops shrinking)")
+    converge_kib: int = Field(1024, ge=0, le=1 << 20, description="pre-copy stops once a pre-dump is this small")
     rate_mbps: float = Field(64.0, gt=0.01, le=100_000, description="fixed rate; initial bandwidth estimate")
-    window_kib: int = Field(4096, ge=64, le=1 << 20, description="relay window (the send buffer)")
-    chunk_kib: int = Field(1024, ge=4, le=4096, description="bytes per relayed frame")
+    window_kib: int = Field(16384, ge=64, le=1 << 20, description="relay window (the send buffer)")
+    chunk_kib: int = Field(4096, ge=4, le=16320, description="bytes per relayed frame (up to the protocol's 16 MiB)")
+    ip: str | None = Field(None, pattern=r"^10\.211\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])$",
+                           description="the container's own address on the guest link: moves with it "
+                           "(servers with established TCP connections)")
     fault: Literal["corrupt", "truncate"] | None = Field(
         None, description="testing: damage the relayed stream"
     )
@@ -55,7 +60,7 @@ async def start_migration(body: MigrationSpec, request: Request) -> dict[str, An
     return await ctl(request).start(
         body.vm, body.ct, body.to, path=body.path, mode=body.rate, predumps=body.predumps,
         rate_bps=body.rate_mbps * 1e6 / 8, window=body.window_kib << 10, chunk=body.chunk_kib << 10,
-        fault=body.fault,
+        fault=body.fault, converge=body.converge_kib << 10, ip=body.ip,
     )  # fmt: skip
 
 

@@ -104,9 +104,9 @@ def follow(ctx: Ctx, mid: str, timeout: float = 1800.0) -> dict[str, Any]:
     help="fixed send rate, and the adaptive sender's first bandwidth estimate",
 )
 @click.option(
-    "--predumps", type=int, default=1, show_default=True, help="pre-copy iterations (0: stop-and-copy)"
+    "--predumps", type=int, default=4, show_default=True, help="at most this many pre-copy iterations, fewer once converged (0: stop-and-copy)"
 )
-@click.option("--window-kib", type=int, default=4096, show_default=True, help="relay window (send buffer)")
+@click.option("--window-kib", type=int, default=16384, show_default=True, help="relay window (send buffer)")
 @click.option("--no-wait", is_flag=True, help="start it and print its id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj

@@ -11,12 +11,20 @@ destination's files and restored copy are removed and the source is thawed.
 Two transfer paths share everything else:
 
 * ``relay`` (Portkey): the source agent streams the images over its virtio-serial channel as
-  framed binary events, the daemon checks each chunk (manifest, bounds, SHA-256), queues it
-  in a bounded window and writes it to the destination agent; acknowledgements flow back
-  with the measured drain rate, from which the sender computes its delay (adaptive) — or it
-  sends at a fixed rate (the baseline);
+  framed binary events (4 MiB by default, up to the protocol's 16 MiB), the daemon checks
+  each chunk (manifest, bounds, CRC-32: the host never hashes with SHA-256; the files'
+  SHA-256 is computed once by the source and checked once by the destination), queues the
+  payload it received (no copy) in a bounded window and writes it to the destination agent;
+  acknowledgements flow back with the measured drain rate, from which the sender computes
+  its delay (adaptive) — or it sends at a fixed rate (the baseline);
 * ``network``: the guests stream the same files to each other over TCP on their private
-  point-to-point link (the lab's UDP-over-loopback NIC; no host address involved).
+  link (virtio NICs on taps bridged inside the lab's own network namespace).
+
+Pre-copy is iterative: pre-dumps (CRIU memory tracking, each on top of the last) and their
+transfers repeat while the container runs, until one is below ``converge`` bytes or stops
+shrinking (:func:`converged`); the frozen final dump then holds only what was written since
+the last pre-dump. A server's own address (``ip``) moves with it: fenced off on the source
+before the freeze, up on the destination before CRIU restores its established connections.
 
 On daemon start (and every period until settled) unfinished journal entries are resolved
 with :func:`symbiont.migration.journal.recovery_action`.
@@ -42,6 +50,21 @@ log = logging.getLogger(__name__)
 LONG = 600.0  # CRIU under TCG: a dump of tens of MiB takes tens of seconds
 FAULTS = ("corrupt", "truncate")
 MAX_TOTAL = 2 << 30
+SHRINK = 0.8  # a pre-dump at least this big relative to the one before: the dirty set stopped shrinking
+
+
+def converged(sizes: list[int], threshold: int, shrink: float = SHRINK) -> str | None:
+    """Why pre-copy should stop after these pre-dump sizes (bytes), or None to go on.
+
+    The first pre-dump is the whole memory; each later one holds what was written since the
+    one before, i.e. what the final dump would move if it came now. Stop once that is below
+    ``threshold`` (the freeze would be short), or once it no longer shrinks (the container
+    writes as fast as pre-copy moves: more rounds only cost CPU)."""
+    if len(sizes) >= 2 and sizes[-1] <= threshold:
+        return "below-threshold"
+    if len(sizes) >= 3 and sizes[-1] >= shrink * sizes[-2]:
+        return "not-shrinking"
+    return None
 
 
 class MigrationFailed(Exception):
@@ -194,8 +217,9 @@ class MigrationController:
 
     # -- API ---------------------------------------------------------------------------------------
     async def start(self, vm: str, ct: str, dest: str, path: str = "relay", mode: str = "adaptive",
-                    predumps: int = 1, rate_bps: float = 8e6, window: int = 4 << 20, chunk: int = 1 << 20,
-                    fault: str | None = None) -> dict[str, Any]:  # fmt: skip
+                    predumps: int = 1, rate_bps: float = 8e6, window: int = 16 << 20, chunk: int = 4 << 20,
+                    fault: str | None = None, converge: int = 1 << 20,
+                    ip: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Validate, journal, and run the migration in the background; returns the journal entry."""
         self.daemon._require(vm)
         self.daemon._require(dest)
@@ -216,6 +240,8 @@ class MigrationController:
             "window": window,
             "chunk": chunk,
             "fault": fault,
+            "converge": converge,
+            "ip": ip,
         }
         try:
             self.journal.create(mid, vm, ct, dest, path, mode, params)
@@ -275,17 +301,29 @@ class MigrationController:
         )
         moved = 0
         last = 0
+        sizes: list[int] = []
+        stop = "max-predumps"
         for n in range(1, int(p["predumps"]) + 1):
             self.journal.move(mid, "predump")
             t = time.monotonic()
             r = await self.agent(vm, "mig-predump", {"mid": mid, "name": ct, "n": n}, timeout=LONG)
             timings[f"predump{n}_s"] = round(time.monotonic() - t, 4)
-            self.journal.move(mid, "transfer", timings=timings, progress={f"predump{n}_bytes": r["bytes"]})
+            sizes.append(int(r["bytes"]))
+            self.journal.move(mid, "transfer", timings=timings,
+                              progress={f"predump{n}_bytes": r["bytes"], "predump_bytes": sizes})  # fmt: skip
             t = time.monotonic()
             moved += await self._transfer(m, [f"img/{n}"])
             timings[f"transfer{n}_s"] = round(time.monotonic() - t, 4)
             last = n
-        self.journal.move(mid, "dump", timings=timings)
+            why = converged(sizes, int(p.get("converge") or 0))
+            if why:
+                stop = why
+                break
+        if not sizes:
+            stop = "stop-and-copy"
+        self.journal.move(mid, "dump", timings=timings, progress={"predumps": last, "precopy_stop": stop})
+        if p.get("ip"):  # the container's address leaves with it: the source fences it off now
+            await self.agent(vm, "mig-addr", {"ip": p["ip"], "up": False, "fenced": True})
         frozen = time.monotonic()
         r = await self.agent(vm, "mig-dump", {"mid": mid, "name": ct, "parent": last}, timeout=LONG)
         timings["dump_s"] = round(time.monotonic() - frozen, 4)
@@ -299,9 +337,13 @@ class MigrationController:
         final = await self._transfer(m, ["img/final", "files.tar"])
         moved += final
         timings["transfer_final_s"] = round(time.monotonic() - t, 4)
-        self.journal.move(mid, "restore", timings=timings, progress={"bytes_total": moved})
+        self.journal.move(mid, "restore", timings=timings, progress={"bytes_total": moved, "final_bytes": final})
         t = time.monotonic()
+        if p.get("ip"):  # up (and announced) before CRIU rebinds the connections to it; fenced till then
+            await self.agent(dest, "mig-addr", {"ip": p["ip"], "up": True, "fenced": True})
         res = await self.agent(dest, "mig-restore", {"mid": mid, "record": chk["record"]}, timeout=LONG)
+        if p.get("ip"):
+            await self.agent(dest, "mig-addr", {"ip": p["ip"], "up": True, "fenced": False})
         timings["restore_s"] = round(time.monotonic() - t, 4)
         st = await self.agent(dest, "mig-status", {"mid": mid, "name": ct})
         cont = st.get("container") or {}
@@ -401,15 +443,21 @@ class MigrationController:
         # Only once a restore was asked for can a copy run on the destination: then it must be
         # removed before the source may run on; before that the destination holds only files.
         dest_required = cur is not None and cur["phase"] == "restore"
-        for vm, op, args in ((m["dest"], "mig-abort", {"mid": m["id"], "name": m["ct"]}),
-                             (m["vm"], "mig-resume", {"name": m["ct"], "mid": m["id"]}),
-                             (m["vm"], "mig-cleanup", {"mid": m["id"]})):  # fmt: skip
+        ip = (m.get("params") or {}).get("ip")
+        steps: list[tuple[str, str, dict[str, Any]]] = [(m["dest"], "mig-abort", {"mid": m["id"], "name": m["ct"]})]
+        if ip:  # the address goes back to the source before it thaws (best effort: see below)
+            steps += [(m["dest"], "mig-addr", {"ip": ip, "up": False, "fenced": True}),
+                      (m["vm"], "mig-addr", {"ip": ip, "up": True, "fenced": False})]  # fmt: skip
+        steps += [(m["vm"], "mig-resume", {"name": m["ct"], "mid": m["id"]}), (m["vm"], "mig-cleanup", {"mid": m["id"]})]
+        for vm, op, args in steps:
             try:
                 await self.agent(vm, op, args, timeout=60)
             except NotFound:
                 pass  # the container or migration is not there: nothing to undo
             except DaemonError as exc:
                 log.warning("migration %s: %s on %s failed: %s", m["id"], op, vm, exc)
+                if op == "mig-addr":
+                    continue  # the address is the client's problem, never a reason to keep the source frozen
                 if vm == m["vm"] or dest_required:
                     ok = False
                 if vm == m["dest"] and dest_required:

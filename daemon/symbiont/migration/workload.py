@@ -11,13 +11,14 @@ from __future__ import annotations
 
 LOG_DIR = "/var/log/symbiont-containers"
 
-# One line per tick to its work file through a pipe between two processes; the parent also
-# touches ``mib`` MiB of memory (one page per tick), so pre-dumps have dirty pages to track.
+# One line per tick to its work file through a pipe between two processes. The writer forks
+# its pipe reader first, then allocates ``mib`` MiB of its own (so the container holds ``mib``
+# MiB once, not twice through a copy-on-write child), and writes ``dirty`` bytes per second
+# spread over it, one byte per 4 KiB page, cycling: the dirty rate pre-copy has to chase.
 COUNTER = r"""
 import os, sys, time
-mib, path, period = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+mib, path, period, dirty = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 os.makedirs(os.path.dirname(path), exist_ok=True)
-buf = bytearray(os.urandom(1 << 20)) * mib
 r, w = os.pipe()
 if os.fork() == 0:
     os.close(w)
@@ -27,13 +28,36 @@ if os.fork() == 0:
         out.flush()
     os._exit(0)
 os.close(r)
-n = 0
+buf = bytearray(mib << 20)
+chunk = os.urandom(1 << 16)
+for i in range(0, len(buf), 1 << 16):
+    buf[i:i + (1 << 16)] = chunk  # incompressible, every page present
+per_tick = max(1, int(dirty * period) // 4096) if buf else 0
+pages = len(buf) // 4096
+pos = n = 0
 while True:
     n += 1
     os.write(w, b"%d %.3f\n" % (n, time.time()))
-    if buf:
-        buf[(n * 4096) % len(buf)] = n & 255
+    for _ in range(per_tick):
+        buf[pos * 4096] = n & 255
+        pos = (pos + 1) % pages
     time.sleep(period)
+"""
+
+# A TCP echo server: one line in, the same line out, connection after connection. Bound to
+# the wildcard address: the client connects to the container's own address on the guest link.
+ECHO = r"""
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(4)
+while True:
+    conn, _ = srv.accept()
+    f = conn.makefile("rwb", buffering=0)
+    for line in f:
+        conn.sendall(line)
+    conn.close()
 """
 
 
@@ -42,11 +66,22 @@ def migratable_command(name: str, argv: list[str]) -> list[str]:
     return ["setsid", "sh", "-c", 'exec </dev/null >>"$0" 2>&1; exec "$@"', f"{LOG_DIR}/{name}.log", *argv]
 
 
-def counter_command(name: str, mib: int, work_file: str, period: float = 0.2) -> list[str]:
-    """The counter workload as a migratable command (``python3 -c``: nothing to install)."""
-    if not 0 <= mib <= 4096 or period <= 0:
-        raise ValueError("mib in 0..4096 and period > 0")
-    return migratable_command(name, ["python3", "-c", COUNTER, str(mib), work_file, str(period)])
+def counter_command(name: str, mib: int, work_file: str, period: float = 0.2, dirty_kib_s: int = 0) -> list[str]:
+    """The counter workload as a migratable command (``python3 -c``: nothing to install).
+
+    ``dirty_kib_s``: KiB of its memory written per second (one byte per page; at least one
+    page per tick)."""
+    if not 0 <= mib <= 4096 or period <= 0 or not 0 <= dirty_kib_s <= 1 << 20:
+        raise ValueError("mib in 0..4096, period > 0, dirty_kib_s in 0..1048576")
+    return migratable_command(name, ["python3", "-c", COUNTER, str(mib), work_file, str(period),
+                                     str(dirty_kib_s << 10)])  # fmt: skip
+
+
+def echo_command(name: str, port: int) -> list[str]:
+    """A line-echo TCP server as a migratable command (a server with established connections)."""
+    if not 1024 <= port <= 65535:
+        raise ValueError("port in 1024..65535")
+    return migratable_command(name, ["python3", "-c", ECHO, str(port)])
 
 
 def parse_counter(text: str) -> list[tuple[int, float]]:
