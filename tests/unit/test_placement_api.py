@@ -83,3 +83,19 @@ def test_bad_input_is_422_with_reason(client: TestClient, patch: dict, needle: s
     r = client.post("/v1/placement/plan", json=body)
     assert r.status_code == 422
     assert needle in r.text
+
+
+def test_bound_leaves_out_a_running_vm_larger_than_every_host(client: TestClient) -> None:
+    """An overcommitted VM already running that no host could take alone has no bound; the bound
+    of the others still holds (as ``place --bound`` does): 200 with the VM named, never a 500."""
+    hosts = [
+        {"id": "h0", "capacity": {"cpu": 4, "mem": 8}, "overcommit": {"cpu": 4},
+         "vms": [{"id": "huge", "demand": {"cpu": 2, "mem": 16}}, {"id": "a", "demand": {"cpu": 1, "mem": 2}}]},
+        {"id": "h1", "capacity": {"cpu": 4, "mem": 8}},
+    ]
+    body = {"hosts": hosts, "requests": [{"id": "n", "demand": {"cpu": 1, "mem": 2}}], "bound": True}
+    r = client.post("/v1/placement/plan", json=body)
+    assert r.status_code == 200, r.text
+    lb = r.json()["lower_bound"]
+    assert lb["left_out"] == ["huge"] and "huge" in lb["detail"]
+    assert lb["value"] == 1 and lb["optimal"] is False  # a and n fit one host; huge is not counted

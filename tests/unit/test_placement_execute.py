@@ -306,7 +306,7 @@ def test_migrate_bookkeeping(monkeypatch, fail: str | None) -> None:
         log_decision=lambda *a: decisions.append(a),
         progress=lambda *a: progress.append(a),
     )
-    monkeypatch.setattr(ex, "conn", lambda host: FakeConn(dom))
+    monkeypatch.setattr(ex.remote, "conn", lambda uri: FakeConn(dom))
     res = ex.migrate(MoveSpec("vm1", "A", "B", "idle"))
     # A plain move (no carried balloon) parks nothing: the policy goes as it was.
     registered = {"x": 1, "extra": {}} if fail is None else {"x": 1}
@@ -590,7 +590,7 @@ def test_migrate_sets_the_carried_balloon_on_the_destination(monkeypatch) -> Non
     )
     decisions: list[tuple] = []
     ex = Executor(DHOSTS, log_decision=lambda *a: decisions.append(a))
-    monkeypatch.setattr(ex, "conn", lambda host: FakeConn(FakeDom(None)))
+    monkeypatch.setattr(ex.remote, "conn", lambda uri: FakeConn(FakeDom(None)))
     res = ex.migrate(MoveSpec("web", "A", "B", "idle", balloon_mib=151))
     assert res["ok"] and res["balloon"] == {"ok": True, "target_mib": 151} and sets == [("B", "web", 151)]
     assert decisions[-1][2]["balloon_mib"] == 151 and decisions[-1][3]["balloon"]["ok"]
@@ -608,12 +608,12 @@ def test_migrate_sets_the_carried_balloon_on_the_destination(monkeypatch) -> Non
     regs.clear()
     # A failed migration leaves the VM where it was: no balloon is set anywhere.
     sets.clear()
-    monkeypatch.setattr(ex, "conn", lambda host: FakeConn(FakeDom("migration job: unexpectedly failed")))
+    monkeypatch.setattr(ex.remote, "conn", lambda uri: FakeConn(FakeDom("migration job: unexpectedly failed")))
     res = ex.migrate(MoveSpec("web", "A", "B", "idle", balloon_mib=151))
     assert not res["ok"] and "balloon" not in res and sets == []
     assert regs == [("A", view["policy"])]  # back where it was, as it was
     # Not registered at the destination (no daemon took it): the balloon step is reported failed.
-    monkeypatch.setattr(ex, "conn", lambda host: FakeConn(FakeDom(None)))
+    monkeypatch.setattr(ex.remote, "conn", lambda uri: FakeConn(FakeDom(None)))
     res = ex.migrate(MoveSpec("n1", "A", "N", balloon_mib=151))
     assert res["ok"] and res["balloon"]["ok"] is False and sets == []
 

@@ -24,7 +24,7 @@ from pydantic import AfterValidator, Field, field_validator
 
 from symbiont.apimodel import StrictModel, bounded_json
 from symbiont.placement import heuristics, live
-from symbiont.placement.bound import lower_bound, quality
+from symbiont.placement.bound import plan_bound
 from symbiont.placement.inventory import parse_inventory, parse_requests
 from symbiont.placement.planner import MODES, plan
 from symbiont.placement.state import ClusterState
@@ -111,7 +111,7 @@ class PlanIn(StrictModel):
     now: float | None = None
     prefer_open: bool = True
     bound: bool = False
-    improve: bool = False  # host elimination after the heuristic (symbiont.placement.improve)
+    improve: bool = False  # the improvement search after the heuristic (symbiont.placement.improve)
     live: bool = False  # this daemon's live inventory is the first host
     hotspots: HotspotIn | None = None  # Sandpiper on the stored samples (implies live)
     idle: IdleIn | None = None  # idle-VM consolidation on the stored samples (implies live)
@@ -189,19 +189,14 @@ def _static_plan(body: PlanIn) -> dict[str, Any]:
         )
         out = p.to_dict()
         if body.bound:
-            st = ClusterState(inv.hosts)
+            # The bound of the plan's VMs (placed requests and those already running); a running
+            # VM that no host could take alone is left out and named (bound.plan_bound).
+            st = ClusterState(inv.hosts, inv.quotas)
             placed = set(p.placements)
-            dem = [st.demand_of(r) for r in reqs if r.id in placed] + [
-                st.demand_of(r) for r, _ in inv.existing
-            ]
-            arr = np.array(dem).reshape(len(dem), len(st.dims))
-            lb = lower_bound(arr, st.effective, time_limit=5.0, exact_max_vars=2_000, lp_max_vars=50_000)
-            out["lower_bound"] = {
-                "value": lb.value,
-                "method": lb.method,
-                "optimal": lb.optimal,
-                "ratio": round(quality(p.hosts_used, lb), 4),
-            }
+            vms = [r for r in reqs if r.id in placed] + [r for r, _ in inv.existing]
+            arr = np.array([st.demand_of(r) for r in vms]).reshape(len(vms), len(st.dims))
+            out["lower_bound"] = plan_bound([r.id for r in vms], arr, st.effective, p.hosts_used,
+                                            time_limit=5.0, exact_max_vars=2_000, lp_max_vars=50_000)
     except ValueError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
     return out

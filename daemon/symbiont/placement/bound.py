@@ -358,3 +358,28 @@ def quality(hosts_used: int, bound: LowerBound | int) -> float:
     if lb <= 0:
         return 1.0 if hosts_used == 0 else math.inf
     return hosts_used / lb
+
+
+def plan_bound(
+    ids: list[str], demands: np.ndarray, effective: np.ndarray, hosts_used: int, **kw: Any
+) -> dict[str, Any]:
+    """A plan's bound report (``place --bound`` and ``POST /plan`` with ``bound``): the lower
+    bound on hosts for the VMs ``ids`` (rows of ``demands``) and the plan's ratio to it.
+
+    A VM already running that no host could take alone (an overcommitted one) has no bound;
+    the bound of the others is still a valid bound on hosts used, so it is left out and named
+    (``left_out``) instead of failing the whole report. ``kw`` goes to :func:`lower_bound`."""
+    d = np.asarray(demands, dtype=float).reshape(len(ids), np.asarray(effective).shape[1])
+    ok = fits_alone(d, effective)
+    lb = lower_bound(d[ok], effective, **kw)
+    out: dict[str, Any] = {
+        "value": lb.value,
+        "method": lb.method,
+        "optimal": lb.optimal and bool(ok.all()),
+        "detail": lb.detail,
+        "ratio": round(quality(hosts_used, lb), 4),
+    }
+    if not ok.all():
+        out["left_out"] = [ids[i] for i in np.flatnonzero(~ok)]
+        out["detail"] += "; left out (fit no host alone): " + ", ".join(out["left_out"])
+    return out

@@ -205,28 +205,14 @@ def plan_cmd(
 
 
 def _bound(inv: Any, p: Plan, reqs: list[Any], bound_time: float) -> dict[str, Any]:
-    from symbiont.placement.bound import fits_alone, lower_bound, quality
+    from symbiont.placement.bound import plan_bound
     from symbiont.placement.state import ClusterState
 
     st = ClusterState(inv.hosts, inv.quotas)
     placed = set(p.placements)
     vms = [r for r in reqs if r.id in placed] + [r for r, _ in inv.existing]
     arr = np.array([st.demand_of(r) for r in vms]).reshape(len(vms), len(st.dims))
-    # A VM already running that no host could take alone (e.g. an overcommitted one) has no bound;
-    # the bound of the others is still a valid bound on hosts used, so keep the plan and name it.
-    ok = fits_alone(arr, st.effective)
-    lb = lower_bound(arr[ok], st.effective, time_limit=bound_time)
-    out = {
-        "value": lb.value,
-        "method": lb.method,
-        "optimal": lb.optimal and bool(ok.all()),
-        "detail": lb.detail,
-        "ratio": round(quality(p.hosts_used, lb), 4),
-    }
-    if not ok.all():
-        out["left_out"] = [vms[i].id for i in np.flatnonzero(~ok)]
-        out["detail"] += "; left out (fit no host alone): " + ", ".join(out["left_out"])
-    return out
+    return plan_bound([r.id for r in vms], arr, st.effective, p.hosts_used, time_limit=bound_time)
 
 
 def _print_plan(p: Plan, lb: dict[str, Any] | None) -> None:

@@ -4,7 +4,8 @@ Why: a plan (Sandpiper moves, idle-VM consolidation) is only useful if it can be
 Each move is a real ``virDomainMigrate3`` from the source host's libvirt connection to the
 destination's (managed, client-driven: this process holds both connections), with
 ``VIR_MIGRATE_LIVE | PERSIST_DEST | UNDEFINE_SOURCE``: the guest keeps running, the
-destination keeps its definition and the source forgets it.
+destination keeps its definition and the source forgets it. The libvirt calls live in
+:mod:`symbiont.host.migrate` (host/ is the only door to libvirt); this module keeps the books.
 
 Hosts come from the config (``placement.hosts``: id, libvirt URI, optional daemon socket and
 migration URI). Before anything moves the whole plan is checked — every host known, every VM
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
@@ -328,18 +328,28 @@ def check_plan(
                 # the floor instead. A plan made a little earlier is a little stale (the guest's
                 # used memory moves); a 75 MiB shrink of a 512 MiB guest is never carried out.
                 if fl["floor_mib"] > rng[1]:
-                    raise ValueError(f"{s.kind} of {s.vm}: its guest floor {fl['floor_mib']} MiB is above "
-                                     f"its range {rng[0]}..{rng[1]} MiB")
-                out.append({**s.to_dict(), "daemon": hosts[s.host].daemon, "range_mib": rng,
-                            "clamped_to": fl["floor_mib"],
-                            "clamp_reason": f"{s.mem_mib} MiB is below the guest's safe floor "
-                                            f"({fl.get('reason') or fl['floor_mib']})"})
+                    raise ValueError(
+                        f"{s.kind} of {s.vm}: its guest floor {fl['floor_mib']} MiB is above "
+                        f"its range {rng[0]}..{rng[1]} MiB"
+                    )
+                out.append(
+                    {
+                        **s.to_dict(),
+                        "daemon": hosts[s.host].daemon,
+                        "range_mib": rng,
+                        "clamped_to": fl["floor_mib"],
+                        "clamp_reason": f"{s.mem_mib} MiB is below the guest's safe floor "
+                        f"({fl.get('reason') or fl['floor_mib']})",
+                    }
+                )
                 continue
         out.append({**s.to_dict(), "daemon": hosts[s.host].daemon, "range_mib": rng})
     return out
 
 
-def clamped_steps(steps: Sequence[Step], checked: Sequence[Mapping[str, Any]]) -> list[tuple[Step, dict | None]]:
+def clamped_steps(
+    steps: Sequence[Step], checked: Sequence[Mapping[str, Any]]
+) -> list[tuple[Step, dict | None]]:
     """The steps as they run: a shrink that :func:`check_plan` found below the guest's floor goes
     to the floor (with ``{"clamped_from", "clamp_reason"}`` for its result), and a later move of
     the same VM carries the clamped size to its destination."""
@@ -352,8 +362,12 @@ def clamped_steps(steps: Sequence[Step], checked: Sequence[Mapping[str, Any]]) -
             size.pop(s.vm, None)
             if c.get("clamped_to") is not None:
                 size[s.vm] = int(c["clamped_to"])
-                out.append((replace(s, mem_mib=int(c["clamped_to"])),
-                            {"clamped_from": s.mem_mib, "clamp_reason": c["clamp_reason"]}))
+                out.append(
+                    (
+                        replace(s, mem_mib=int(c["clamped_to"])),
+                        {"clamped_from": s.mem_mib, "clamp_reason": c["clamp_reason"]},
+                    )
+                )
                 continue
         elif s.vm in size and s.balloon_mib is not None and s.balloon_mib < size[s.vm]:
             out.append((replace(s, balloon_mib=size[s.vm]), None))
@@ -405,7 +419,8 @@ DecisionFn = Callable[[str, str | None, dict[str, Any], dict[str, Any]], None]  
 
 
 class Executor:
-    """Carries out moves with libvirt (and the hosts' daemons); see the module docstring."""
+    """Carries out moves (through the host port's :class:`symbiont.host.migrate.RemoteLibvirt`)
+    and balloon steps (through the hosts' daemons); see the module docstring."""
 
     def __init__(
         self,
@@ -414,21 +429,21 @@ class Executor:
         unsafe: bool = False,
         log_decision: DecisionFn | None = None,
         progress: ProgressFn | None = None,
+        remote: Any = None,
     ) -> None:
         self.hosts = dict(hosts)
         self.channel_name = channel_name
         self.unsafe = unsafe
         self.log_decision = log_decision or (lambda *a: None)
         self.progress = progress or (lambda *a: None)
-        self._conns: dict[str, Any] = {}
+        if remote is None:
+            from symbiont.host.migrate import RemoteLibvirt
+
+            remote = RemoteLibvirt()
+        self.remote = remote  # RemoteLibvirt: the only code here that talks to libvirt
 
     def close(self) -> None:
-        for c in self._conns.values():
-            try:
-                c.close()
-            except Exception:  # noqa: BLE001 - closing a dead connection must not mask the real error
-                pass
-        self._conns.clear()
+        self.remote.close()
 
     def __enter__(self) -> Executor:
         return self
@@ -437,26 +452,21 @@ class Executor:
         self.close()
 
     def conn(self, host: HostEntry) -> Any:
-        import libvirt
-
-        c = self._conns.get(host.id)
-        if c is None:
-            try:
-                c = self._conns[host.id] = libvirt.open(host.libvirt_uri)
-            except libvirt.libvirtError as exc:
-                raise ValueError(f"host {host.id}: cannot connect to {host.libvirt_uri}: {exc}") from None
-        return c
-
-    def locate(self, host: HostEntry, vm: str) -> str | None:
-        import libvirt
-
-        from symbiont.host.libvirt_host import STATE_NAMES
+        """``host``'s libvirt connection (for the cluster controller's reconciliation)."""
+        from symbiont.host.port import HostError
 
         try:
-            dom = self.conn(host).lookupByName(vm)
-        except libvirt.libvirtError:
-            return None
-        return STATE_NAMES.get(dom.state()[0], "unknown")
+            return self.remote.conn(host.libvirt_uri)
+        except HostError as exc:
+            raise ValueError(f"host {host.id}: {exc}") from None
+
+    def locate(self, host: HostEntry, vm: str) -> str | None:
+        from symbiont.host.port import HostError
+
+        try:
+            return self.remote.state(host.libvirt_uri, vm)
+        except HostError as exc:
+            raise ValueError(f"host {host.id}: {exc}") from None
 
     def view(self, host: HostEntry, vm: str) -> dict[str, Any] | None:
         """``host``'s daemon's view of ``vm`` (policy, balloon, knobs), None if not registered there."""
@@ -505,7 +515,7 @@ class Executor:
         return {**s.to_dict(), **outcome}
 
     def migrate(self, m: MoveSpec) -> dict[str, Any]:
-        import libvirt
+        from symbiont.host.port import HostError
 
         src, dst = self.hosts[m.src], self.hosts[m.dst]
         inputs: dict[str, Any] = {
@@ -520,31 +530,19 @@ class Executor:
         policy = dict(view.get("policy") or {}) if view is not None else None
         inputs["policy"] = policy
         dst_policy = parked_policy(policy, view, m) if policy is not None else None
-        dom = self.conn(src).lookupByName(m.vm)
         outcome: dict[str, Any] = {"ok": False}
         try:
             dxml, changed = migration_xml(
-                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), m.vm, m.dst, self.channel_name
+                self.remote.migratable_xml(src.libvirt_uri, m.vm), m.vm, m.dst, self.channel_name
             )
             inputs["paths_changed"] = changed
-            params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dxml}
-            if dst.migrate_uri:
-                params[libvirt.VIR_MIGRATE_PARAM_URI] = dst.migrate_uri
-                host = dst.migrate_uri.split("://", 1)[-1].split(":", 1)[0].strip("[]/")
-                if host:
-                    params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = host
-            flags = (
-                libvirt.VIR_MIGRATE_LIVE
-                | libvirt.VIR_MIGRATE_PERSIST_DEST
-                | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+            stats = self.remote.migrate(
+                src.libvirt_uri, dst.libvirt_uri, m.vm, dxml, dst.migrate_uri, self.unsafe,
+                lambda done, total: self.progress(m.vm, done, total),
             )
-            if self.unsafe:
-                flags |= libvirt.VIR_MIGRATE_UNSAFE
-            stats = self._run_with_progress(dom, self.conn(dst), m.vm, params, flags)
             outcome = {"ok": True, "seconds": round(time.monotonic() - t0, 2), **stats}
-        except (libvirt.libvirtError, ValueError) as exc:
-            msg = (exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else None) or str(exc)
-            outcome = {"ok": False, "error": msg, "seconds": round(time.monotonic() - t0, 2)}
+        except (HostError, ValueError) as exc:
+            outcome = {"ok": False, "error": str(exc), "seconds": round(time.monotonic() - t0, 2)}
         home = dst if outcome["ok"] else src
         if policy is not None and dst_policy is not None:
             pol = dst_policy if outcome["ok"] else policy
@@ -558,49 +556,6 @@ class Executor:
                 outcome["balloon"] = {"ok": False, "error": f"not registered with host {dst.id}'s daemon"}
         self.log_decision("migrate", m.vm, inputs, outcome)
         return {**m.to_dict(), **outcome}
-
-    def _run_with_progress(
-        self, dom: Any, dconn: Any, vm: str, params: dict[str, Any], flags: int
-    ) -> dict[str, Any]:
-        """``migrate3`` in a thread while the job statistics feed the progress callback."""
-        import libvirt
-
-        err: list[BaseException] = []
-        box: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                box["dom"] = dom.migrate3(dconn, params, flags)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                err.append(exc)
-
-        th = threading.Thread(target=run, name=f"migrate-{vm}", daemon=True)
-        th.start()
-        last: dict[str, Any] = {}
-        while True:
-            th.join(0.5)
-            alive = th.is_alive()
-            try:
-                # Once done, the source keeps the completed job's statistics (while it still knows
-                # the domain: with UNDEFINE_SOURCE it may not, and the last poll stands).
-                js = dom.jobStats(0 if alive else libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-            except libvirt.libvirtError:
-                js = {}
-            if js.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
-                last = js
-                total = float(js.get("memory_total", 0) or 0)
-                done = float(js.get("memory_processed", 0) or 0)
-                if total:
-                    self.progress(vm, done, total)
-            if not alive:
-                break
-        if err:
-            raise err[0]
-        return {
-            "memory_total_bytes": last.get("memory_total"),
-            "memory_processed_bytes": last.get("memory_processed"),
-            "iterations": last.get("memory_iteration"),
-        }
 
 
 def _client(spec: str) -> Any:
