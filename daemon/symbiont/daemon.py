@@ -194,9 +194,8 @@ class Daemon:
 
     def _import_legacy_knobs(self) -> None:
         """Copy the knob tables of older daemons' parts into the ledger: read-only mirrors while
-        their parts keep their own restore path (TEMPORARY, until those parts are migrated)."""
-        self.knobs.import_legacy("dedup_ksm_knobs", "ksm_tunable", "dedup",
-                                 lambda r: ("", r["knob"], r["original"], r["current"]), drop=False)
+        their parts keep their own restore path (TEMPORARY, until those parts are migrated).
+        None is left: dedup moves its ``dedup_ksm_knobs`` in itself (``DedupPart.start``)."""
 
     def _start_link(self, name: str) -> AgentLink:
         a = self.cfg.agent
@@ -313,6 +312,7 @@ class Daemon:
             log.error("vm %s: restoring its knobs took over %.0f s; gave up (%s)", name, RESTORE_TIMEOUT, reason)
 
     def _require(self, name: str) -> dict[str, Any]:
+        """A registered VM's policy (TEMPORARY for old-style parts: migrated ones use ctx.vm)."""
         rec = self.store.get_vm(name)
         if rec is None:
             raise NotFound(f"VM {name!r} is not registered")
@@ -335,6 +335,7 @@ class Daemon:
         await self.knobs.restore(vm=name, reason=reason)
 
     async def _info(self, name: str):
+        """libvirt's facts of a domain (TEMPORARY for old-style parts: migrated ones use ctx.host)."""
         try:
             return await asyncio.to_thread(self.host.info, name)
         except HostError as exc:

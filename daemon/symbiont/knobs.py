@@ -42,6 +42,9 @@ class KnobKind:
     part: str
     read: Reader
     write: Writer
+    # the order in which knobs of this kind are restored (a sort key over ``key``): KSM's
+    # advisor_mode before pages_to_scan, run last; None: by key
+    order: Callable[[str], Any] | None = None
 
 
 async def _call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -118,7 +121,7 @@ class KnobLedger:
         returns the rows restored. A knob that fails to restore keeps its row (logged), and so
         does one whose kind no running part registered."""
         done = []
-        for row in self.store.knobs(vm, part=part):
+        for row in sorted(self.store.knobs(vm, part=part), key=self._restore_order):
             if kinds is not None and row["kind"] not in kinds:
                 continue
             k = self.kinds.get(row["kind"])
@@ -140,6 +143,11 @@ class KnobLedger:
             if self._on_restore is not None:
                 self._on_restore(row["vm"], row, reason)
         return done
+
+    def _restore_order(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        k = self.kinds.get(row["kind"])
+        return (row["vm"], row["kind"], k.order(row["key"]) if k is not None and k.order is not None else 0,
+                row["key"])
 
     def import_legacy(self, table: str, kind: str, part: str, convert: Callable[[Any], tuple[str, str, Any, Any]],
                       *, drop: bool) -> int:

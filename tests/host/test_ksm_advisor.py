@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from symbiont.client import ApiError
-from symbiont.dedup.ksm_controller import KsmController, SqliteKnobStore
+from symbiont.dedup.ksm_controller import KsmController, LedgerKnobStore
 from symbiont.dedup.policy import AdvisorParams, advisor, fixed
 from symbiont.host.ksm import Ksm
+from symbiont.knobs import KnobLedger
 from symbiont.state import StateStore
 from tests.host.test_ksm_daemon import _daemon, ksm  # noqa: F401  (the fixture restores and fails on leftovers)
 
@@ -33,23 +34,23 @@ def test_advisor_knobs_are_saved_first_and_restored_after_a_crash(ksm, tmp_path:
         pytest.fail("this kernel has no KSM advisor (Linux 6.8+); the test host has one")
     assert before["advisor_mode"] == "none"
     store = StateStore(tmp_path / "s.sqlite3")
-    ctl = KsmController(k, SqliteKnobStore(store))
+    ctl = KsmController(k, LedgerKnobStore(KnobLedger(store)))
     # ksmd stays off (run=0): nothing on the host gets merged by this test
     ctl.apply(fixed(int(before["pages_to_scan"]) + 123, int(before["sleep_millisecs"]) + 7, run=0).settings)
     ctl.apply(dataclasses.replace(advisor(PARAMS).settings, run=0))
     assert _advisor_files(k) == {"advisor_mode": "scan-time", "advisor_target_scan_time": 57, "advisor_max_cpu": 33,
                                  "advisor_min_pages_to_scan": 600, "advisor_max_pages_to_scan": 20000}  # fmt: skip
     assert k.read_int("pages_to_scan") == 600  # the advisor owns it now (starts at its minimum)
-    saved = {r["knob"] for r in store.query("SELECT knob FROM dedup_ksm_knobs")}
+    saved = {r["key"] for r in KnobLedger(store).rows(vm="")}
     assert {"advisor_mode", "advisor_target_scan_time", "advisor_max_cpu", "pages_to_scan"} <= saved
     # a "kill -9": a new controller on the same database puts everything back, advisor_mode first
     # (the kernel refuses pages_to_scan while the advisor is on)
-    res = KsmController(k, SqliteKnobStore(store)).restore()
+    res = KsmController(k, LedgerKnobStore(KnobLedger(store))).restore()
     assert all("restored" in v for v in res.values()), res
     assert k.settings() == before
-    assert store.query("SELECT knob FROM dedup_ksm_knobs") == []
+    assert KnobLedger(store).rows() == []
     # and back from the advisor to a plain policy: advisor off first, then pages_to_scan
-    ctl = KsmController(k, SqliteKnobStore(store))
+    ctl = KsmController(k, LedgerKnobStore(KnobLedger(store)))
     ctl.apply(dataclasses.replace(advisor(PARAMS).settings, run=0))
     ctl.apply(fixed(321, int(before["sleep_millisecs"]), run=0).settings)
     assert k.read("advisor_mode") == "none" and k.read_int("pages_to_scan") == 321

@@ -1,5 +1,5 @@
 """The dedup part around the engine, without root: the KSM adapter and controller on a fake sysfs
-tree, the daemon service and its API (opt-in, save-before-change, restore, crash recovery,
+tree, the part (through a host port over that tree) and its API (opt-in, save-before-change, restore, crash recovery,
 decisions logged), reading a live process's memory through /proc, and the CLI."""
 
 from __future__ import annotations
@@ -21,17 +21,20 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from symbiont.dedup import controller
 from symbiont.dedup.api import router
 from symbiont.dedup.backends import PAGE_SIZE
 from symbiont.dedup.cli import group as cli_group
 from symbiont.dedup.engine import Engine
-from symbiont.dedup.ksm_controller import KsmController, MemoryKnobStore, SqliteKnobStore
+from symbiont.dedup.ksm_controller import KsmController, LedgerKnobStore, MemoryKnobStore
 from symbiont.dedup.memsource import ProcessMemorySource, find_guest_ram, parse_smaps, read_smaps
+from symbiont.dedup.part import DedupPart
 from symbiont.dedup.policy import KsmSettings
-from symbiont.dedup.service import DedupService, Mode, ModeError, vm_settings
+from symbiont.dedup.service import Mode, ModeError, vm_settings
+from symbiont.host.fake import FakeHost
 from symbiont.host.ksm import Ksm, KsmError, ksmd_pid, process_cpu_seconds, process_ksm_stat
+from symbiont.knobs import KnobLedger
 from symbiont.state import StateStore
+from tests.fakes import Env
 
 SYSFS = {
     "run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "max_page_sharing": "256", "use_zero_pages": "0",
@@ -85,19 +88,19 @@ def test_adapter_reads_settings_and_counters(sysfs: Path) -> None:
 
 def test_controller_saves_first_originals_durably_and_restores_them(sysfs: Path, tmp_path: Path) -> None:
     store = StateStore(tmp_path / "s.sqlite3")
-    ctl = KsmController(Ksm(sysfs), SqliteKnobStore(store))
+    ctl = KsmController(Ksm(sysfs), LedgerKnobStore(KnobLedger(store)))
     assert ctl.apply(KsmSettings(1, 1000, 10)) == {"pages_to_scan": (100, 1000), "sleep_millisecs": (20, 10),
                                                    "run": (0, 1)}  # fmt: skip
     ctl.apply(KsmSettings(1, 2000, 10))
     assert ctl.set("use_zero_pages", 1) and not ctl.set("use_zero_pages", 1)
     assert ctl.originals == {"pages_to_scan": 100, "sleep_millisecs": 20, "run": 0, "use_zero_pages": 0}
     # a "crash": a new controller on the same database still knows the originals
-    ctl2 = KsmController(Ksm(sysfs), SqliteKnobStore(store))
+    ctl2 = KsmController(Ksm(sysfs), LedgerKnobStore(KnobLedger(store)))
     assert ctl2.originals == ctl.originals
     res = ctl2.restore()
     assert all("restored" in v for v in res.values()), res
     assert _files(sysfs) == SYSFS
-    assert KsmController(Ksm(sysfs), SqliteKnobStore(store)).originals == {}
+    assert KsmController(Ksm(sysfs), LedgerKnobStore(KnobLedger(store))).originals == {}
 
 
 def test_restore_unmerges_for_busy_knobs_only_if_ksm_was_off(sysfs: Path) -> None:
@@ -196,28 +199,62 @@ def test_process_memory_source_reads_this_process() -> None:
 
 
 # -- the daemon service and its API ---------------------------------------------------------------
-class FakeDaemon:
-    def __init__(self, path: Path) -> None:
-        self.store = StateStore(path)
-        self.hooks: list[Any] = []
-        self.latest: dict[str, Any] = {}
+class KsmDirHost(FakeHost):
+    """The shared fake host with KSM's sysfs from a directory (the kernel's files as written)."""
 
-    @property
-    def libvirt(self) -> Any:
-        raise RuntimeError("no libvirt in unit tests")
+    def __init__(self, ksm: Ksm) -> None:
+        super().__init__()
+        self.k = ksm
+
+    def ksm_available(self) -> bool:
+        return self.k.available()
+
+    def ksm_has(self, name: str) -> bool:
+        return self.k.has(name)
+
+    def ksm_read(self, name: str) -> int | str:
+        return self.k.read(name)
+
+    def ksm_write(self, name: str, value: int | str) -> None:
+        self.k.write(name, value)
+
+    def ksm_settings(self) -> dict[str, int | str]:
+        return self.k.settings()
+
+    def ksm_stats(self) -> Any:
+        return self.k.stats()
+
+
+def _part(tmp_path: Path, sysfs: Path) -> tuple[Env, DedupPart]:
+    """A daemon's dedup part over ``sysfs``, started (a second call: the daemon restarted)."""
+    import asyncio
+
+    env = Env(tmp_path, host=KsmDirHost(Ksm(sysfs)))
+    part = env.add(DedupPart)
+    asyncio.run(env.start())
+    return env, part
+
+
+def _stop(env: Env, part: DedupPart) -> None:
+    """The daemon stopping: the part, then the ledger's restore of host-wide knobs."""
+    import asyncio
+
+    async def run() -> None:
+        await part.stop()
+        await env.knobs.restore(vm="", reason="daemon stopping")
+
+    asyncio.run(run())
 
 
 @pytest.fixture
 def app(sysfs: Path, tmp_path: Path):
-    daemon = FakeDaemon(tmp_path / "d.sqlite3")
-    svc = DedupService(daemon, ksm=Ksm(sysfs))
-    controller._SERVICES[daemon] = svc
+    env, part = _part(tmp_path, sysfs)
     fa = FastAPI()
-    fa.state.daemon = daemon
+    fa.state.parts = env.parts
     fa.include_router(router, prefix="/v1/dedup")
     with TestClient(fa) as c:
-        yield c, svc, daemon
-    controller._SERVICES.pop(daemon, None)
+        yield c, part, env
+    env.close()
 
 
 def test_plain_start_only_observes(app: Any, sysfs: Path) -> None:
@@ -248,16 +285,16 @@ def test_api_policy_turns_knobs_logs_and_restores(app: Any, sysfs: Path, tmp_pat
     # the daemon is killed here; a new one restores at start, then resumes the persisted policy
     import asyncio
 
-    svc2 = DedupService(daemon, ksm=Ksm(sysfs))
+    env2, svc2 = _part(tmp_path, sysfs)
     assert svc2.api_mode is not None and svc2.api_mode.policy == "fixed"
-    asyncio.run(svc2.start())
     assert _files(sysfs) == SYSFS
     assert any(d["action"] == "restore" and "previous run" in d["inputs"]["reason"]
                for d in c.get("/v1/dedup/decisions").json())  # fmt: skip
     asyncio.run(svc2.tick())
     assert _files(sysfs)["pages_to_scan"] == "1234"
-    asyncio.run(svc2.stop())  # daemon stopping
+    _stop(env2, svc2)  # daemon stopping
     assert _files(sysfs) == SYSFS
+    env2.close()
     # and through the API: DELETE restores
     c.put("/v1/dedup/policy", json={"policy": "stock"})
     assert _files(sysfs)["run"] == "1"
@@ -320,7 +357,7 @@ def test_vm_settings_parsing() -> None:
 
 def test_api_without_a_running_controller_is_503(tmp_path: Path) -> None:
     fa = FastAPI()
-    fa.state.daemon = FakeDaemon(tmp_path / "x.sqlite3")
+    fa.state.parts = {}
     fa.include_router(router, prefix="/v1/dedup")
     with TestClient(fa) as c:
         assert c.get("/v1/dedup/status").status_code == 503

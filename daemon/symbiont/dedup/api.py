@@ -21,10 +21,10 @@ from pydantic import Field
 
 from symbiont.apimodel import StrictModel
 from symbiont.dedup.backends import BackendError, available_backends
-from symbiont.dedup.controller import service
 from symbiont.dedup.engine import EngineError
-from symbiont.dedup.service import DedupService, Mode, ModeError
-from symbiont.host.ksm import KsmError
+from symbiont.dedup.part import DedupPart
+from symbiont.dedup.service import Mode, ModeError
+from symbiont.host.port import HostError
 
 router = APIRouter()
 
@@ -32,10 +32,10 @@ PolicyName = Literal["off", "stock", "ksmtuned", "hint", "fixed", "advisor"]
 BackendName = Literal["auto", "cpu", "cupy", "simulated-gpu"]
 
 
-def _svc(request: Request) -> DedupService:
-    svc = service(request.app.state.daemon)
-    if svc is None:
-        raise HTTPException(503, "the dedup controller is not running in this daemon")
+def _svc(request: Request) -> DedupPart:
+    svc = getattr(request.app.state, "parts", {}).get("dedup")
+    if not isinstance(svc, DedupPart):
+        raise HTTPException(503, "the dedup part is not running in this daemon")
     return svc
 
 
@@ -76,7 +76,7 @@ async def set_policy(request: Request, body: PolicyBody) -> dict[str, Any]:
         return await svc.set_mode(mode)
     except ModeError as exc:
         raise HTTPException(422, str(exc)) from None
-    except (KsmError, BackendError) as exc:
+    except (HostError, BackendError) as exc:
         raise HTTPException(409, str(exc)) from None
 
 
@@ -85,7 +85,7 @@ async def clear_policy(request: Request) -> dict[str, Any]:
     svc = _svc(request)
     try:
         return await svc.clear_mode()
-    except KsmError as exc:
+    except HostError as exc:
         raise HTTPException(409, str(exc)) from None
 
 
@@ -93,7 +93,7 @@ async def clear_policy(request: Request) -> dict[str, Any]:
 async def list_vms(request: Request) -> list[dict[str, Any]]:
     svc = _svc(request)
     if not svc.vms:
-        await asyncio.to_thread(svc.observe)
+        await asyncio.to_thread(svc.read_world)
     return [svc.vms[n] for n in sorted(svc.vms)]
 
 
@@ -101,7 +101,7 @@ async def list_vms(request: Request) -> list[dict[str, Any]]:
 async def show_vm(request: Request, name: str) -> dict[str, Any]:
     svc = _svc(request)
     if name not in svc.vms:
-        await asyncio.to_thread(svc.observe)
+        await asyncio.to_thread(svc.read_world)
     v = svc.vm_view(name)
     if v is None:
         raise HTTPException(404, f"VM {name!r} is not registered")
@@ -111,12 +111,12 @@ async def show_vm(request: Request, name: str) -> dict[str, Any]:
 @router.post("/scan")
 async def scan(request: Request, body: ScanBody) -> dict[str, Any]:
     svc = _svc(request)
-    await asyncio.to_thread(svc.observe)
+    await asyncio.to_thread(svc.read_world)
     try:
         rep = await asyncio.to_thread(svc.scan, body.vms, body.backend)
     except EngineError as exc:
         raise HTTPException(409 if "not registered and running" in str(exc) else 500, str(exc)) from None
-    except BackendError as exc:
+    except (BackendError, HostError) as exc:
         raise HTTPException(409, str(exc)) from None
     out = rep.as_dict(regions=body.regions) | {"meta": svc.report_meta}
     if body.prefixes:
@@ -139,8 +139,7 @@ async def backends() -> dict[str, Any]:
 
 @router.get("/decisions")
 async def decisions(request: Request, limit: Annotated[int, Query(ge=1, le=10000)] = 100) -> list[dict[str, Any]]:
-    daemon = request.app.state.daemon
-    rows = daemon.store.query(
+    rows = _svc(request).ctx.store.query(
         "SELECT * FROM decisions WHERE part = 'dedup' ORDER BY id DESC LIMIT ?", (limit,)
     )
     return [{"ts": r["ts"], "vm": r["vm"], "action": r["action"], "inputs": json.loads(r["inputs"]),

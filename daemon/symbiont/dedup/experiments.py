@@ -177,8 +177,9 @@ def _policy_run(ctx: RunContext, ctl: Any, policy: str, workload: str, fraction:
         remaining_now,
         stock,
     )  # fmt: skip
-    from symbiont.dedup.service import _meminfo_kib, qemu_committed_kib
     from symbiont.dedup.workload import MergeableWorkload
+    from symbiont.host.ksm import meminfo_kib as _meminfo_kib
+    from symbiont.host.ksm import qemu_committed_kib
 
     p = ctx.params
     pages = int(p["mib_per_proc"]) * MiB // PAGE_SIZE
@@ -287,8 +288,9 @@ def _policy_run(ctx: RunContext, ctl: Any, policy: str, workload: str, fraction:
 )
 def policies_experiment(ctx: RunContext) -> dict[str, Any]:
     from symbiont.config import load_config
-    from symbiont.dedup.ksm_controller import KsmController, SqliteKnobStore
+    from symbiont.dedup.ksm_controller import KsmController, LedgerKnobStore
     from symbiont.host.ksm import Ksm, mergeable_processes
+    from symbiont.knobs import KnobLedger
     from symbiont.state import StateStore
 
     _require_root()
@@ -309,7 +311,7 @@ def policies_experiment(ctx: RunContext) -> dict[str, Any]:
         ctx.note(f"other mergeable processes on the host (ksmd scans them too): {sorted(others)}")
     # Originals in sqlite before any change: a run killed with -9 is put right by the next one.
     store = StateStore(Path(load_config().state_dir) / "experiments" / "dedup-ksm-policies.sqlite3")
-    ctl = KsmController(ksm, SqliteKnobStore(store), unmerge_on_restore=True)  # leave nothing merged
+    ctl = KsmController(ksm, LedgerKnobStore(KnobLedger(store)), unmerge_on_restore=True)  # leave nothing merged
     if ctl.changed:
         ctx.note(f"KSM values left by an interrupted run restored first: {ctl.restore()}")
     rows: list[dict[str, Any]] = []

@@ -1,9 +1,10 @@
 """Turns KSM's knobs with the tuned discipline: save the original first, restore it on exit.
 
-Every tunable's *first* original value is written to durable storage (the daemon's sqlite, table
-``dedup_ksm_knobs``) **before** the knob is changed, so that a daemon killed with ``-9`` restores
-the host on its next start (:meth:`KsmController.restore`, called by the dedup controller at
-start-up when rows are left over). Restoring writes the tunables back in :data:`TUNABLES` order,
+Used by experiments that tune KSM outside the daemon (the daemon's dedup part turns the same
+tunables through the knob ledger, :mod:`symbiont.dedup.part`). Every tunable's *first* original
+value is written to durable storage (:class:`LedgerKnobStore`: a knob ledger's table) **before**
+the knob is changed, so that a run killed with ``-9`` is put right by the next one
+(:meth:`KsmController.restore`). Restoring writes the tunables back in :data:`TUNABLES` order,
 ``run`` last.
 
 Two tunables can only change while nothing is merged (the kernel answers ``EBUSY``):
@@ -23,7 +24,6 @@ merged, as before.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -35,15 +35,6 @@ from symbiont.dedup.policy import KsmSettings
 from symbiont.host.ksm import RUN_MERGE, RUN_STOP, RUN_UNMERGE, TUNABLES, Ksm, KsmdCpu, KsmError, KsmStats
 
 log = logging.getLogger(__name__)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS dedup_ksm_knobs (
-    knob TEXT PRIMARY KEY,
-    original TEXT NOT NULL,
-    current TEXT NOT NULL,
-    changed_at REAL NOT NULL
-)
-"""
 
 NEEDS_UNMERGED = ("max_page_sharing", "merge_across_nodes")
 
@@ -71,28 +62,26 @@ class MemoryKnobStore:
         self.rows.pop(knob, None)
 
 
-class SqliteKnobStore:
-    """Originals in the daemon's :class:`~symbiont.state.StateStore` (survives ``kill -9``)."""
+class LedgerKnobStore:
+    """Originals in a :class:`~symbiont.knobs.KnobLedger`'s table (survives ``kill -9``): for
+    experiments that tune KSM outside the daemon, in a state file of their own. The daemon's
+    dedup part does not use this controller: it turns and restores through the ledger itself
+    (:mod:`symbiont.dedup.part`)."""
 
-    def __init__(self, store: Any) -> None:
-        self.store = store
-        store.ensure_schema(SCHEMA)
+    KIND = "ksm_tunable"
+
+    def __init__(self, ledger: Any, part: str = "dedup") -> None:
+        self.ledger = ledger
+        self.part = part
 
     def load(self) -> dict[str, int | str]:
-        rows = self.store.query("SELECT knob, original FROM dedup_ksm_knobs")
-        return {r["knob"]: json.loads(r["original"]) for r in rows}
+        return {r["key"]: r["original"] for r in self.ledger.rows(vm="", part=self.part) if r["kind"] == self.KIND}
 
     def save(self, knob: str, original: int | str, current: int | str) -> None:
-        with self.store.transaction() as db:
-            db.execute(
-                "INSERT INTO dedup_ksm_knobs (knob, original, current, changed_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (knob) DO UPDATE SET current = excluded.current, changed_at = excluded.changed_at",
-                (knob, json.dumps(original), json.dumps(current), time.time()),
-            )
+        self.ledger.record(self.part, "", self.KIND, knob, original, current)
 
     def forget(self, knob: str) -> None:
-        with self.store.transaction() as db:
-            db.execute("DELETE FROM dedup_ksm_knobs WHERE knob = ?", (knob,))
+        self.ledger.forget("", self.KIND, knob)
 
 
 @dataclass
@@ -261,10 +250,9 @@ __all__ = [
     "RUN_MERGE",
     "RUN_STOP",
     "RUN_UNMERGE",
-    "SCHEMA",
     "KnobStore",
     "KsmController",
+    "LedgerKnobStore",
     "MemoryKnobStore",
     "Sample",
-    "SqliteKnobStore",
 ]

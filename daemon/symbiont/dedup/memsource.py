@@ -1,4 +1,6 @@
-"""Guest memory as a page source: the QEMU process's guest-RAM mapping through ``/proc/PID``.
+"""Guest memory as a page source: the QEMU process's guest-RAM mapping through ``/proc/PID``
+(smaps and pagemap are read by :mod:`symbiont.host.procmem`; this module adds the reader of
+``/proc/PID/mem`` the hashing engine scans).
 
 QEMU allocates a VM's RAM as one private anonymous mapping of exactly the guest's memory size
 (``pc.ram``); with mem-merge on (the default) it also ``madvise(MADV_MERGEABLE)``\\ s it, which
@@ -24,116 +26,42 @@ still left to merge (``remaining``).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from symbiont.dedup.backends import PAGE_SIZE
 from symbiont.dedup.engine import EngineError, PageSource
-
-PM_PRESENT = np.uint64(1 << 63)
-PM_SWAPPED = np.uint64(1 << 62)
-PM_PFN_MASK = np.uint64((1 << 55) - 1)
-_PAGEMAP_CHUNK = 1 << 20  # entries per pagemap read (8 MiB)
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """One line of ``/proc/PID/smaps`` with the fields the engine needs."""
-
-    start: int
-    end: int
-    perms: str
-    offset: int
-    path: str
-    flags: frozenset[str]
-    rss_kib: int = 0
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-    @property
-    def anonymous(self) -> bool:
-        return self.path == "" or self.path.startswith("[anon")
-
-    @property
-    def mergeable(self) -> bool:
-        """``mg``: KSM may merge this mapping (QEMU's mem-merge, or MADV_MERGEABLE)."""
-        return "mg" in self.flags
-
-    def as_dict(self) -> dict[str, object]:
-        return {"start": f"0x{self.start:x}", "end": f"0x{self.end:x}", "size": self.size, "perms": self.perms,
-                "path": self.path, "flags": sorted(self.flags), "rss_kib": self.rss_kib,
-                "mergeable": self.mergeable}  # fmt: skip
-
-
-def parse_smaps(text: str) -> list[Mapping]:
-    """Parse ``/proc/PID/smaps`` text (pure; tested on fixtures)."""
-    out: list[Mapping] = []
-    cur: dict[str, object] | None = None
-
-    def flush() -> None:
-        if cur is not None:
-            out.append(Mapping(**cur))  # type: ignore[arg-type]
-
-    for line in text.splitlines():
-        head = line.split(None, 5)
-        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
-            try:
-                a, b = (int(x, 16) for x in head[0].split("-", 1))
-            except ValueError:
-                a = b = -1
-            if a >= 0:
-                flush()
-                cur = {"start": a, "end": b, "perms": head[1], "offset": int(head[2], 16),
-                       "path": head[5].strip() if len(head) > 5 else "", "flags": frozenset(), "rss_kib": 0}  # fmt: skip
-                continue
-        if cur is None:
-            continue
-        if line.startswith("VmFlags:"):
-            cur["flags"] = frozenset(line.split(":", 1)[1].split())
-        elif line.startswith("Rss:"):
-            try:
-                cur["rss_kib"] = int(line.split()[1])
-            except (IndexError, ValueError):
-                pass
-    flush()
-    return out
+from symbiont.host import procmem
+from symbiont.host.procmem import (
+    PM_PFN_MASK,
+    PM_PRESENT,
+    PM_SWAPPED,
+    Mapping,
+    ProcMemError,
+    find_guest_ram,
+    parse_smaps,
+    zero_pfns,
+)
 
 
 def read_smaps(pid: int, proc: Path | str = "/proc") -> list[Mapping]:
+    """:func:`symbiont.host.procmem.read_smaps`, failing as the engine does."""
     try:
-        return parse_smaps((Path(proc) / str(pid) / "smaps").read_text())
-    except FileNotFoundError:
-        raise EngineError(f"process {pid} does not exist") from None
-    except PermissionError:
-        raise EngineError(f"no permission to read /proc/{pid}/smaps (needs root)") from None
-    except ProcessLookupError:
-        raise EngineError(f"process {pid} exited") from None
+        return procmem.read_smaps(pid, proc)
+    except ProcMemError as exc:
+        raise EngineError(str(exc)) from None
 
 
-def find_guest_ram(maps: Sequence[Mapping], ram_bytes: int | None = None) -> Mapping | None:
-    """The mapping that holds a QEMU guest's RAM (see the module docstring), or ``None``.
-
-    With ``ram_bytes`` (the VM's boot memory) the smallest private, writable, non-executable
-    anonymous mapping at least that large and at most 1/8 + 64 MiB larger wins; without it, the
-    largest such mapping.
-    """
-    cands = [m for m in maps if m.anonymous and m.perms.startswith("rw") and "x" not in m.perms
-             and m.perms.endswith("p")]  # fmt: skip
-    if ram_bytes:
-        slack = ram_bytes // 8 + (64 << 20)
-        fit = [m for m in cands if ram_bytes <= m.size <= ram_bytes + slack]
-        if not fit:
-            return None
-        return min(fit, key=lambda m: (m.size - ram_bytes, -m.rss_kib, m.start))
-    return max(cands, key=lambda m: (m.size, m.rss_kib), default=None)
+def read_pagemap(pid: int, start: int, end: int, proc: Path | str = "/proc") -> np.ndarray:
+    """:func:`symbiont.host.procmem.read_pagemap`, failing as the engine does."""
+    try:
+        return procmem.read_pagemap(pid, start, end, proc)
+    except ProcMemError as exc:
+        raise EngineError(str(exc)) from None
 
 
 def mergeable_mappings(pid: int, min_bytes: int = 0, proc: Path | str = "/proc") -> list[Mapping]:
@@ -141,83 +69,10 @@ def mergeable_mappings(pid: int, min_bytes: int = 0, proc: Path | str = "/proc")
     return [m for m in read_smaps(pid, proc) if m.mergeable and m.size >= min_bytes]
 
 
-def host_mergeable_pages(proc: Path | str = "/proc") -> int:
-    """Resident pages in mergeable mappings of every process: what ksmd walks in one full pass."""
-    from symbiont.host.ksm import mergeable_processes
+host_mergeable_pages = procmem.host_mergeable_pages
 
-    total = 0
-    for pid, st in mergeable_processes(proc).items():
-        if st.get("ksm_mergeable") is False and not st.get("ksm_rmap_items"):
-            continue
-        try:
-            total += sum(m.rss_kib for m in read_smaps(pid, proc) if m.mergeable) * 1024 // PAGE_SIZE
-        except EngineError:
-            continue
-    return total
-
-
-def read_pagemap(pid: int, start: int, end: int, proc: Path | str = "/proc") -> np.ndarray:
-    """Raw 64-bit pagemap entries of the pages in ``[start, end)``."""
-    n = (end - start) // PAGE_SIZE
-    out = np.empty(n, dtype=np.uint64)
-    try:
-        fd = os.open(Path(proc) / str(pid) / "pagemap", os.O_RDONLY)
-    except FileNotFoundError:
-        raise EngineError(f"process {pid} does not exist") from None
-    except PermissionError:
-        raise EngineError(f"no permission to read /proc/{pid}/pagemap (needs root)") from None
-    try:
-        for i in range(0, n, _PAGEMAP_CHUNK):
-            k = min(_PAGEMAP_CHUNK, n - i)
-            buf = os.pread(fd, 8 * k, (start // PAGE_SIZE + i) * 8)
-            if len(buf) != 8 * k:
-                raise EngineError(f"short pagemap read for process {pid}")
-            out[i : i + k] = np.frombuffer(buf, dtype=np.uint64)
-    finally:
-        os.close(fd)
-    return out
-
-
-_ZERO_PFNS: np.ndarray | None = None
-
-
-def zero_pfns() -> np.ndarray:
-    """Frame numbers of the kernel's shared zero page and huge zero page (root; else empty).
-
-    A guest page that was only ever *read* is mapped to one of these: it is resident in the page
-    tables but uses no memory, and KSM leaves it alone. Found once by faulting both into private
-    mappings of this process and reading its own pagemap.
-    """
-    global _ZERO_PFNS
-    if _ZERO_PFNS is not None:
-        return _ZERO_PFNS
-    import ctypes
-    import mmap
-
-    found: set[int] = set()
-    small = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    big = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        _ = small[0]
-        a = ctypes.addressof(ctypes.c_char.from_buffer(small))
-        found.update(int(x) for x in read_pagemap(os.getpid(), a, a + PAGE_SIZE) & PM_PFN_MASK)
-        b = ctypes.addressof(ctypes.c_char.from_buffer(big))
-        off = (-b) % (2 << 20)
-        with contextlib.suppress(OSError, AttributeError):
-            big.madvise(mmap.MADV_HUGEPAGE, off, 2 << 20)
-        _ = big[off]
-        found.update(int(x) for x in read_pagemap(os.getpid(), b + off, b + off + (2 << 20)) & PM_PFN_MASK)
-        del a, b
-    except (EngineError, OSError, TypeError):
-        pass
-    finally:
-        with contextlib.suppress(BufferError):
-            small.close()
-        with contextlib.suppress(BufferError):
-            big.close()
-    found.discard(0)
-    _ZERO_PFNS = np.array(sorted(found), dtype=np.uint64)
-    return _ZERO_PFNS
+__all__ = ["PM_PFN_MASK", "PM_PRESENT", "PM_SWAPPED", "Mapping", "ProcessMemorySource", "find_guest_ram",
+           "host_mergeable_pages", "mergeable_mappings", "parse_smaps", "read_pagemap", "read_smaps", "zero_pfns"]
 
 
 class ProcessMemorySource(PageSource):

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from symbiont.host.ksm import COUNTERS, TUNABLES, KsmError, KsmStats
 from symbiont.host.port import DomainInfo, HostError
 
 
@@ -40,13 +41,16 @@ class FakeDomain:
                                                               "swap_hard_limit": 9007199254740991})
     qmp: dict[str, Any] = field(default_factory=dict)  # command → recorded "return"
     channel: str | None = None
+    guest_ram: dict[str, Any] | None = None  # the QEMU process's guest-RAM mapping: start, end, mergeable
+    resident_bytes: int = 0  # of that mapping (pagemap, zero page excluded)
+    ksm_stat: dict[str, int | bool] | None = None  # /proc/PID/ksm_stat
 
 
 class FakeHost:
     """A :class:`HostPort` over recorded answers."""
 
     def __init__(self, *domains: FakeDomain, mem_total_bytes: int = 24 << 30, ksm_running: bool = False,
-                 host: dict[str, Any] | None = None) -> None:
+                 host: dict[str, Any] | None = None, ksm: dict[str, int | str] | None = None) -> None:
         self.domains: dict[str, FakeDomain] = {d.name: d for d in domains}
         self._mem_total = mem_total_bytes
         self._ksm_running = ksm_running
@@ -56,6 +60,14 @@ class FakeHost:
         self.calls: list[tuple[Any, ...]] = []  # every call that changes something, in order
         self.fail: dict[str, Exception] = {}
         self.cgroup: dict[str, str] = {}  # cgroupfs files by path
+        # KSM's sysfs files (tunables and counters) as read; None: a kernel without KSM. Writes act
+        # as the kernel's: max_page_sharing/merge_across_nodes are EBUSY while pages are merged,
+        # run=2 unmerges, pages_to_scan is refused while the advisor is on.
+        self.ksm: dict[str, int | str] | None = ksm
+        self.ksmd_cpu_s: float | None = 1.5
+        self.meminfo: dict[str, int] = {"MemTotal": mem_total_bytes >> 10, "MemFree": mem_total_bytes >> 11,
+                                        "Buffers": 0, "Cached": 0}
+        self.mergeable_pages = 0
 
     def add(self, dom: FakeDomain) -> FakeDomain:
         self.domains[dom.name] = dom
@@ -165,6 +177,78 @@ class FakeHost:
 
     def ksm_running(self) -> bool:
         return self._ksm_running
+
+    # -- KSM and the QEMU processes' memory ------------------------------------------------------
+    def _ksm_files(self) -> dict[str, int | str]:
+        if self.ksm is None:
+            raise KsmError("KSM is not available (this fake host has none)")
+        return self.ksm
+
+    def ksm_available(self) -> bool:
+        return self.ksm is not None
+
+    def ksm_has(self, name: str) -> bool:
+        return self.ksm is not None and name in self.ksm
+
+    def ksm_read(self, name: str) -> int | str:
+        files = self._ksm_files()
+        if name not in files:
+            raise KsmError(f"this kernel has no KSM file {name!r}")
+        return files[name]
+
+    def ksm_write(self, name: str, value: int | str) -> None:
+        files = self._ksm_files()
+        if "ksm_write" in self.fail:
+            raise self.fail["ksm_write"]
+        if name not in TUNABLES or name not in files:
+            raise KsmError(f"{name!r} is not a KSM tunable of this kernel")
+        if name in ("max_page_sharing", "merge_across_nodes") and int(files.get("pages_shared", 0)) > 0:
+            raise KsmError(f"writing {value!r} to {name}: busy")
+        if name == "pages_to_scan" and files.get("advisor_mode", "none") != "none":
+            raise KsmError(f"writing {value!r} to {name}: invalid value")
+        self.calls.append(("ksm_write", name, value))
+        if name == "advisor_mode" and value == "none" and files[name] != "none":
+            files["pages_to_scan"] = 100  # the kernel resets it when the advisor goes off
+        files[name] = value
+        if name == "run" and int(value) == 2:
+            files["pages_shared"] = files["pages_sharing"] = 0
+
+    def ksm_settings(self) -> dict[str, int | str]:
+        files = self._ksm_files()
+        return {t: files[t] for t in TUNABLES if t in files}
+
+    def ksm_stats(self) -> KsmStats:
+        files = self._ksm_files()
+        return KsmStats(**{c: int(files[c]) if c in files else (0 if i < 5 else None)  # type: ignore[arg-type]
+                           for i, c in enumerate(COUNTERS)})
+
+    def ksmd_cpu_seconds(self) -> float | None:
+        return self.ksmd_cpu_s
+
+    def process_ksm_stat(self, pid: int) -> dict[str, int | bool] | None:
+        d = self._by_pid(pid)
+        return dict(d.ksm_stat) if d is not None and d.ksm_stat is not None else None
+
+    def guest_ram(self, pid: int, ram_bytes: int | None) -> dict[str, Any] | None:
+        d = self._by_pid(pid)
+        if d is None:
+            raise HostError(f"process {pid} does not exist")
+        return dict(d.guest_ram) if d.guest_ram is not None else None
+
+    def resident_bytes(self, pid: int, start: int, end: int) -> int:
+        d = self._by_pid(pid)
+        if d is None:
+            raise HostError(f"process {pid} does not exist")
+        return d.resident_bytes
+
+    def host_mergeable_pages(self) -> int:
+        return self.mergeable_pages
+
+    def meminfo_kib(self) -> dict[str, int]:
+        return dict(self.meminfo)
+
+    def qemu_committed_kib(self) -> int:
+        return sum((d.qemu_rss or 0) >> 10 for d in self.domains.values() if d.qemu_pid is not None)
 
     def close(self) -> None:
         pass

@@ -25,6 +25,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
+
+from symbiont.host.port import HostError
+
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -66,7 +70,7 @@ COUNTERS = (
 RUN_STOP, RUN_MERGE, RUN_UNMERGE = 0, 1, 2
 
 
-class KsmError(Exception):
+class KsmError(HostError):
     """KSM is missing, a value is invalid, or the kernel refused a write (message says why)."""
 
 
@@ -240,6 +244,33 @@ def mergeable_processes(proc: Path | str = "/proc") -> dict[int, dict[str, int |
     return out
 
 
+# -- ksmtuned's inputs ---------------------------------------------------------------------------
+QEMU_NAME = re.compile(r"^qemu(-(kvm|system-.+)|:.{1,11})$")  # ksmtuned's pgrep pattern
+
+
+def meminfo_kib(path: Path | str = "/proc/meminfo") -> dict[str, int]:
+    """``/proc/meminfo`` in KiB."""
+    out: dict[str, int] = {}
+    for line in Path(path).read_text().splitlines():
+        k, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            out[k] = int(parts[0])
+    return out
+
+
+def qemu_committed_kib() -> int:
+    """ksmtuned's committed memory: the summed RSS of every QEMU process on the host."""
+    total = 0
+    for p in psutil.process_iter(["name", "memory_info"]):
+        try:
+            if QEMU_NAME.match(p.info["name"] or "") and p.info["memory_info"] is not None:
+                total += p.info["memory_info"].rss // 1024
+        except psutil.Error:
+            continue
+    return total
+
+
 # -- ksmd -----------------------------------------------------------------------------------------
 def ksmd_pid(proc: Path | str = "/proc") -> int | None:
     """PID of the ``ksmd`` kernel thread (a child of kthreadd, PID 2), or ``None``."""
@@ -301,8 +332,10 @@ __all__ = [
     "KsmStats",
     "KsmdCpu",
     "ksmd_pid",
+    "meminfo_kib",
     "mergeable_processes",
     "process_cpu_seconds",
     "process_ksm_stat",
     "process_merging_pages",
+    "qemu_committed_kib",
 ]

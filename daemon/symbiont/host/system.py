@@ -13,7 +13,8 @@ from typing import Any
 import libvirt
 import psutil
 
-from symbiont.host.ksm import KSM_DIR, RUN_MERGE
+from symbiont.host import ksm, procmem
+from symbiont.host.ksm import KSM_DIR, RUN_MERGE, Ksm, KsmdCpu, KsmStats
 from symbiont.host.ksm import process_merging_pages as _merging_pages
 from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
 from symbiont.host.port import DomainInfo, HostError
@@ -37,6 +38,8 @@ class SystemHost:
         self._libvirt: LibvirtHost | None = None
         self._lock = threading.Lock()
         self._proc_cpu = ProcessCpu()
+        self._ksm = Ksm()
+        self._ksmd: KsmdCpu | None = None  # found on first use (walks /proc)
 
     # -- the connection ---------------------------------------------------------------------
     @property
@@ -170,6 +173,49 @@ class SystemHost:
             return int((KSM_DIR / "run").read_text().strip()) == RUN_MERGE
         except (OSError, ValueError):
             return False
+
+    # -- KSM and the QEMU processes' memory (the dedup part) --------------------------------------
+    def ksm_available(self) -> bool:
+        return self._ksm.available()
+
+    def ksm_has(self, name: str) -> bool:
+        return self._ksm.has(name)
+
+    def ksm_read(self, name: str) -> int | str:
+        return self._ksm.read(name)
+
+    def ksm_write(self, name: str, value: int | str) -> None:
+        self._ksm.write(name, value)
+
+    def ksm_settings(self) -> dict[str, int | str]:
+        return self._ksm.settings()
+
+    def ksm_stats(self) -> KsmStats:
+        return self._ksm.stats()
+
+    def ksmd_cpu_seconds(self) -> float | None:
+        if self._ksmd is None:
+            self._ksmd = KsmdCpu()
+        return self._ksmd.seconds()
+
+    def process_ksm_stat(self, pid: int) -> dict[str, int | bool] | None:
+        return ksm.process_ksm_stat(pid)
+
+    def guest_ram(self, pid: int, ram_bytes: int | None) -> dict[str, Any] | None:
+        m = procmem.find_guest_ram(procmem.read_smaps(pid), ram_bytes)
+        return None if m is None else {"start": m.start, "end": m.end, "mergeable": m.mergeable}
+
+    def resident_bytes(self, pid: int, start: int, end: int) -> int:
+        return procmem.resident_bytes(pid, start, end)
+
+    def host_mergeable_pages(self) -> int:
+        return procmem.host_mergeable_pages()
+
+    def meminfo_kib(self) -> dict[str, int]:
+        return ksm.meminfo_kib()
+
+    def qemu_committed_kib(self) -> int:
+        return ksm.qemu_committed_kib()
 
 
 __all__ = ["HostError", "LibvirtError", "SystemHost", "quiet_libvirt_errors"]

@@ -1,0 +1,222 @@
+"""Other processes' memory through ``/proc/PID``: ``smaps`` (mappings, VmFlags, Rss) and
+``pagemap`` (which pages are resident, their frames), and the guest-RAM mapping of a QEMU
+process (see :func:`find_guest_ram`). Part of the host port's door: the dedup part reads a
+VM's mergeability and resident guest RAM through :class:`symbiont.host.port.HostPort`, and its
+hashing engine's page source (:mod:`symbiont.dedup.memsource`) builds on these readers.
+
+QEMU allocates a VM's RAM as one private anonymous mapping of exactly the guest's memory size
+(``pc.ram``); with mem-merge on (the default) it also ``madvise(MADV_MERGEABLE)``\\ s it, which
+``smaps`` shows as the ``mg`` VmFlag. Under TCG the process also has many executable anonymous
+mappings (the translation-block cache) that can be as large as the RAM, so "the largest
+anonymous mapping" is not a safe rule: :func:`find_guest_ram` picks the private, writable,
+non-executable anonymous mapping whose size matches the guest's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from symbiont.host.ksm import PAGE_SIZE, mergeable_processes
+from symbiont.host.port import HostError
+
+
+class ProcMemError(HostError):
+    """A process's smaps or pagemap could not be read (gone, or no permission)."""
+
+
+PM_PRESENT = np.uint64(1 << 63)
+PM_SWAPPED = np.uint64(1 << 62)
+PM_PFN_MASK = np.uint64((1 << 55) - 1)
+_PAGEMAP_CHUNK = 1 << 20  # entries per pagemap read (8 MiB)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of ``/proc/PID/smaps`` with the fields the engine needs."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    path: str
+    flags: frozenset[str]
+    rss_kib: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def anonymous(self) -> bool:
+        return self.path == "" or self.path.startswith("[anon")
+
+    @property
+    def mergeable(self) -> bool:
+        """``mg``: KSM may merge this mapping (QEMU's mem-merge, or MADV_MERGEABLE)."""
+        return "mg" in self.flags
+
+    def as_dict(self) -> dict[str, object]:
+        return {"start": f"0x{self.start:x}", "end": f"0x{self.end:x}", "size": self.size, "perms": self.perms,
+                "path": self.path, "flags": sorted(self.flags), "rss_kib": self.rss_kib,
+                "mergeable": self.mergeable}  # fmt: skip
+
+
+def parse_smaps(text: str) -> list[Mapping]:
+    """Parse ``/proc/PID/smaps`` text (pure; tested on fixtures)."""
+    out: list[Mapping] = []
+    cur: dict[str, object] | None = None
+
+    def flush() -> None:
+        if cur is not None:
+            out.append(Mapping(**cur))  # type: ignore[arg-type]
+
+    for line in text.splitlines():
+        head = line.split(None, 5)
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            try:
+                a, b = (int(x, 16) for x in head[0].split("-", 1))
+            except ValueError:
+                a = b = -1
+            if a >= 0:
+                flush()
+                cur = {"start": a, "end": b, "perms": head[1], "offset": int(head[2], 16),
+                       "path": head[5].strip() if len(head) > 5 else "", "flags": frozenset(), "rss_kib": 0}  # fmt: skip
+                continue
+        if cur is None:
+            continue
+        if line.startswith("VmFlags:"):
+            cur["flags"] = frozenset(line.split(":", 1)[1].split())
+        elif line.startswith("Rss:"):
+            try:
+                cur["rss_kib"] = int(line.split()[1])
+            except (IndexError, ValueError):
+                pass
+    flush()
+    return out
+
+
+def read_smaps(pid: int, proc: Path | str = "/proc") -> list[Mapping]:
+    try:
+        return parse_smaps((Path(proc) / str(pid) / "smaps").read_text())
+    except FileNotFoundError:
+        raise ProcMemError(f"process {pid} does not exist") from None
+    except PermissionError:
+        raise ProcMemError(f"no permission to read /proc/{pid}/smaps (needs root)") from None
+    except ProcessLookupError:
+        raise ProcMemError(f"process {pid} exited") from None
+
+
+def find_guest_ram(maps: Sequence[Mapping], ram_bytes: int | None = None) -> Mapping | None:
+    """The mapping that holds a QEMU guest's RAM (see the module docstring), or ``None``.
+
+    With ``ram_bytes`` (the VM's boot memory) the smallest private, writable, non-executable
+    anonymous mapping at least that large and at most 1/8 + 64 MiB larger wins; without it, the
+    largest such mapping.
+    """
+    cands = [m for m in maps if m.anonymous and m.perms.startswith("rw") and "x" not in m.perms
+             and m.perms.endswith("p")]  # fmt: skip
+    if ram_bytes:
+        slack = ram_bytes // 8 + (64 << 20)
+        fit = [m for m in cands if ram_bytes <= m.size <= ram_bytes + slack]
+        if not fit:
+            return None
+        return min(fit, key=lambda m: (m.size - ram_bytes, -m.rss_kib, m.start))
+    return max(cands, key=lambda m: (m.size, m.rss_kib), default=None)
+
+
+def mergeable_mappings(pid: int, min_bytes: int = 0, proc: Path | str = "/proc") -> list[Mapping]:
+    """Mappings of a process that KSM may merge (``mg``), e.g. a workload's MADV_MERGEABLE buffer."""
+    return [m for m in read_smaps(pid, proc) if m.mergeable and m.size >= min_bytes]
+
+
+def host_mergeable_pages(proc: Path | str = "/proc") -> int:
+    """Resident pages in mergeable mappings of every process: what ksmd walks in one full pass."""
+    total = 0
+    for pid, st in mergeable_processes(proc).items():
+        if st.get("ksm_mergeable") is False and not st.get("ksm_rmap_items"):
+            continue
+        try:
+            total += sum(m.rss_kib for m in read_smaps(pid, proc) if m.mergeable) * 1024 // PAGE_SIZE
+        except ProcMemError:
+            continue
+    return total
+
+
+def read_pagemap(pid: int, start: int, end: int, proc: Path | str = "/proc") -> np.ndarray:
+    """Raw 64-bit pagemap entries of the pages in ``[start, end)``."""
+    n = (end - start) // PAGE_SIZE
+    out = np.empty(n, dtype=np.uint64)
+    try:
+        fd = os.open(Path(proc) / str(pid) / "pagemap", os.O_RDONLY)
+    except FileNotFoundError:
+        raise ProcMemError(f"process {pid} does not exist") from None
+    except PermissionError:
+        raise ProcMemError(f"no permission to read /proc/{pid}/pagemap (needs root)") from None
+    try:
+        for i in range(0, n, _PAGEMAP_CHUNK):
+            k = min(_PAGEMAP_CHUNK, n - i)
+            buf = os.pread(fd, 8 * k, (start // PAGE_SIZE + i) * 8)
+            if len(buf) != 8 * k:
+                raise ProcMemError(f"short pagemap read for process {pid}")
+            out[i : i + k] = np.frombuffer(buf, dtype=np.uint64)
+    finally:
+        os.close(fd)
+    return out
+
+
+_ZERO_PFNS: np.ndarray | None = None
+
+
+def zero_pfns() -> np.ndarray:
+    """Frame numbers of the kernel's shared zero page and huge zero page (root; else empty).
+
+    A guest page that was only ever *read* is mapped to one of these: it is resident in the page
+    tables but uses no memory, and KSM leaves it alone. Found once by faulting both into private
+    mappings of this process and reading its own pagemap.
+    """
+    global _ZERO_PFNS
+    if _ZERO_PFNS is not None:
+        return _ZERO_PFNS
+    import ctypes
+    import mmap
+
+    found: set[int] = set()
+    small = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    big = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        _ = small[0]
+        a = ctypes.addressof(ctypes.c_char.from_buffer(small))
+        found.update(int(x) for x in read_pagemap(os.getpid(), a, a + PAGE_SIZE) & PM_PFN_MASK)
+        b = ctypes.addressof(ctypes.c_char.from_buffer(big))
+        off = (-b) % (2 << 20)
+        with contextlib.suppress(OSError, AttributeError):
+            big.madvise(mmap.MADV_HUGEPAGE, off, 2 << 20)
+        _ = big[off]
+        found.update(int(x) for x in read_pagemap(os.getpid(), b + off, b + off + (2 << 20)) & PM_PFN_MASK)
+        del a, b
+    except (ProcMemError, OSError, TypeError):
+        pass
+    finally:
+        with contextlib.suppress(BufferError):
+            small.close()
+        with contextlib.suppress(BufferError):
+            big.close()
+    found.discard(0)
+    _ZERO_PFNS = np.array(sorted(found), dtype=np.uint64)
+    return _ZERO_PFNS
+
+
+def resident_bytes(pid: int, start: int, end: int) -> int:
+    """Bytes of ``[start, end)`` resident and really backed (not the shared zero page)."""
+    pm = read_pagemap(pid, start, end)
+    on = (pm & PM_PRESENT) != 0
+    zp = zero_pfns()
+    if zp.shape[0]:
+        on &= ~np.isin(pm & PM_PFN_MASK, zp)
+    return int(on.sum()) * PAGE_SIZE
