@@ -140,11 +140,11 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.put("/v1/vms/{name}/memory")
     async def set_memory(name: VmName, body: MemoryTarget) -> dict[str, Any]:
-        return await daemon.set_memory(name, body.target_mib)
+        return await daemon.parts["memory"].set_balloon(name, body.target_mib)  # type: ignore[attr-defined]
 
     @app.put("/v1/vms/{name}/vcpus")
     async def set_vcpus(name: VmName, body: VcpuTarget) -> dict[str, Any]:
-        return await daemon.set_vcpus(name, body.count)
+        return await daemon.set_vcpus(name, body.count)  # the cpu part's scaling, in the core's shape
 
     @app.get("/v1/vms/{name}/history")
     async def history(
