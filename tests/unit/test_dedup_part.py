@@ -193,4 +193,16 @@ def test_no_ksm_observes_nothing_and_turns_nothing(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert part.status()["available"] is False and env.knobs.rows() == [] and _ksm_writes(env) == []
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from symbiont.dedup.api import router
+
+    app = FastAPI()
+    app.state.parts = env.parts  # the handlers reach the part as app.state.parts["dedup"]
+    app.include_router(router, prefix="/v1/dedup")
+    with TestClient(app) as c:
+        r = c.get("/v1/dedup/vms")
+        assert r.status_code == 409 and "KSM is not available" in r.json()["detail"]
+        assert c.get("/v1/dedup/status").json()["available"] is False
     env.close()

@@ -39,6 +39,14 @@ def _svc(request: Request) -> DedupPart:
     return svc
 
 
+async def _read_world(svc: DedupPart) -> None:
+    """A fresh observation for a view; the host's refusal (no KSM) is a 409 with its reason."""
+    try:
+        await asyncio.to_thread(svc.read_world)
+    except HostError as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
 class PolicyBody(StrictModel):
     policy: PolicyName
     pages_to_scan: int | None = Field(None, ge=1, le=1_000_000, description="policy fixed")
@@ -93,7 +101,7 @@ async def clear_policy(request: Request) -> dict[str, Any]:
 async def list_vms(request: Request) -> list[dict[str, Any]]:
     svc = _svc(request)
     if not svc.vms:
-        await asyncio.to_thread(svc.read_world)
+        await _read_world(svc)
     return [svc.vms[n] for n in sorted(svc.vms)]
 
 
@@ -101,7 +109,7 @@ async def list_vms(request: Request) -> list[dict[str, Any]]:
 async def show_vm(request: Request, name: str) -> dict[str, Any]:
     svc = _svc(request)
     if name not in svc.vms:
-        await asyncio.to_thread(svc.read_world)
+        await _read_world(svc)
     v = svc.vm_view(name)
     if v is None:
         raise HTTPException(404, f"VM {name!r} is not registered")
@@ -111,7 +119,7 @@ async def show_vm(request: Request, name: str) -> dict[str, Any]:
 @router.post("/scan")
 async def scan(request: Request, body: ScanBody) -> dict[str, Any]:
     svc = _svc(request)
-    await asyncio.to_thread(svc.read_world)
+    await _read_world(svc)
     try:
         rep = await asyncio.to_thread(svc.scan, body.vms, body.backend)
     except EngineError as exc:
