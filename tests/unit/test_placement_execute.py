@@ -17,6 +17,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from symbiont.config import load_config
+from symbiont.memory.part import MemoryPart
 from symbiont.placement import api as placement_api
 from symbiont.placement.execute import (
     Executor,
@@ -30,6 +31,8 @@ from symbiont.placement.execute import (
     parse_moves,
     parse_plan,
 )
+from symbiont.placement.part import PlacementPart
+from tests.fakes import Env
 
 HOSTS = parse_hosts(
     [
@@ -167,22 +170,21 @@ def test_migration_xml_gives_the_destination_its_own_socket_and_log() -> None:
 
 
 class FakeDaemon:
+    """The placement part over the shared fakes (tests/fakes.py), as the daemon builds it."""
+
     def __init__(self, tmp_path) -> None:
-        self.cfg = load_config(
-            None,
-            {
-                "state_dir": str(tmp_path),
-                "placement": {"hosts": [{"id": h.id, "libvirt_uri": h.libvirt_uri} for h in HOSTS.values()]},
-            },
-        )
-        self.logged: list[tuple] = []
+        hosts = [{"id": h.id, "libvirt_uri": h.libvirt_uri} for h in HOSTS.values()]
+        self.env = Env(tmp_path, cfg=load_config(None, {"state_dir": str(tmp_path), "placement": {"hosts": hosts}}))
+        self.env.add(MemoryPart)
+        self.part = self.env.add(PlacementPart)
+        self.cfg = self.env.cfg
 
 
 @pytest.fixture
 def api(tmp_path, monkeypatch):
     monkeypatch.setattr(Executor, "locate", lambda self, host, vm: locate(host, vm))
     app = FastAPI()
-    app.state.daemon = FakeDaemon(tmp_path)
+    app.state.parts = FakeDaemon(tmp_path).env.parts
     app.include_router(placement_api.router, prefix="/v1/placement")
     return TestClient(app)
 
@@ -628,7 +630,7 @@ def test_execute_api_and_cli_dry_run_show_balloon_steps(tmp_path, monkeypatch) -
         {k: getattr(h, k) for k in ("id", "libvirt_uri", "daemon")} for h in DHOSTS.values()
     ]
     app = FastAPI()
-    app.state.daemon = d
+    app.state.parts = d.env.parts
     app.include_router(placement_api.router, prefix="/v1/placement")
     api = TestClient(app)
     r = api.post("/v1/placement/execute", json={"plan": IDLE_PLAN})

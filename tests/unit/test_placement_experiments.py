@@ -127,7 +127,7 @@ def test_standard_instances_experiment(tmp_path: Path) -> None:
     out, summary = run_experiment(
         "placement-standard-instances",
         ["source=bpplib", "families=scholl3", "heuristics=ffd-sum", "improve_time=0.3"],
-        results_root=tmp_path,
+        results_root=tmp_path / "bpplib",  # runs are named by the second: the first may end within it
         show_progress=False,
     )
     r = rows(out / "instances.csv")

@@ -16,10 +16,12 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from symbiont.config import ConfigError, load_config
+from symbiont.memory.part import MemoryPart
 from symbiont.placement import live
 from symbiont.placement.api import router
 from symbiont.placement.inventory import parse_requests
-from symbiont.state import StateStore
+from symbiont.placement.part import PlacementPart
+from tests.fakes import Env
 
 MIB = 1 << 20
 
@@ -215,18 +217,16 @@ def test_plan_live_wakes_busy_vms_on_the_idle_host() -> None:
 
 
 class FakeDaemon:
-    """The attributes live.collect reads, around a real StateStore; libvirt is down."""
+    """The placement part over the shared fakes (tests/fakes.py: FakeHost, a real StateStore and
+    ledger), with the memory part it requires; ``latest`` is the core's snapshots."""
 
     def __init__(self, tmp_path) -> None:
-        self.cfg = load_config(None, {"state_dir": str(tmp_path), "placement": {"host_id": "me"}})
-        self.store = StateStore(tmp_path / "db.sqlite3")
-        self.latest = {"vm1": {"libvirt": {"state": "running", "vcpus": 1, "memory_mib": 1024}}}
-
-    @property
-    def libvirt(self):
-        from symbiont.errors import Unavailable
-
-        raise Unavailable("libvirtd is not running")
+        self.env = Env(tmp_path, cfg=load_config(None, {"state_dir": str(tmp_path), "placement": {"host_id": "me"}}))
+        self.env.add(MemoryPart)
+        self.part = self.env.add(PlacementPart)
+        self.store = self.env.store
+        self.latest = self.env.core.snapshots
+        self.latest["vm1"] = {"libvirt": {"state": "running", "vcpus": 1, "memory_mib": 1024}}
 
 
 def test_collect_reports_full_size_and_floor_from_sqlite(tmp_path) -> None:
@@ -236,12 +236,12 @@ def test_collect_reports_full_size_and_floor_from_sqlite(tmp_path) -> None:
     d.store.add_samples([(float(t), "vm1", "agent", ag(10 * t, 90 * t, 100)) for t in range(3)])
     d.store.save_knob("vm1", "balloon_mib", 2048, 512)
     d.store.save_knob("vm1", "balloon_mib", 1536, 300)  # a later change keeps the first original
-    a = live.collect(d, n=3)["activity"]["vm1"]
+    a = d.part.inventory(3)["activity"]["vm1"]
     assert (a["full_mem_mib"], a["min_mib"], a["mem_mib"], a["home"]) == (2048.0, 128.0, 1024.0, None)
     # Parked here by a plan: its registration says where from and how big it was.
     d.store.add_vm("vm2", "u", {"extra": {"placement": {"home": "A", "full_mem_mib": 4096}}})
     d.latest["vm2"] = d.latest["vm1"]
-    a = live.collect(d, n=3)["activity"]["vm2"]
+    a = d.part.inventory(3)["activity"]["vm2"]
     assert (a["full_mem_mib"], a["home"]) == (4096.0, "A")
 
 
@@ -250,7 +250,7 @@ def test_collect_reads_stored_samples(tmp_path) -> None:
     d.store.add_vm("vm1", "u", {})
     d.store.add_samples([(float(t), "vm1", "libvirt", lv(20.0)) for t in range(5)])
     d.store.add_samples([(float(t), "vm1", "agent", ag(10 * t, 90 * t, 100)) for t in range(5)])
-    out = live.collect(d, n=3)
+    out = d.part.inventory(3)
     assert out["host"]["id"] == "me" and out["capacity_source"].startswith("psutil")
     assert out["host"]["capacity"]["cpu"] >= 1
     assert out["host"]["vms"] == [{"id": "vm1", "demand": {"cpu": 1.0, "mem": 1.0}}]
@@ -260,7 +260,7 @@ def test_collect_reads_stored_samples(tmp_path) -> None:
     np.testing.assert_allclose(out["usage"]["gray-box"]["vm1"], [[0.1, 100 / 1024]] * 3)
     # The same through the API, as the daemon mounts it.
     app = FastAPI()
-    app.state.daemon = d
+    app.state.parts = d.env.parts
     app.include_router(router, prefix="/v1/placement")
     c = TestClient(app)
     r = c.get("/v1/placement/inventory", params={"n": 2})
@@ -284,7 +284,7 @@ def test_inventory_cli_shows_what_the_daemon_feeds_the_planner(tmp_path, monkeyp
     d.store.add_samples([(float(t), "vm1", "libvirt", lv(20.0)) for t in range(3)])
     d.store.add_samples([(float(t), "vm1", "agent", ag(10 * t, 90 * t, 100)) for t in range(3)])
     app = FastAPI()
-    app.state.daemon = d
+    app.state.parts = d.env.parts
     app.include_router(router, prefix="/v1/placement")
     api = TestClient(app)
 

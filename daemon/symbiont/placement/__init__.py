@@ -4,9 +4,10 @@ Pure policy code: multi-dimensional packing heuristics with allocation constrain
 (:mod:`.planner`, :mod:`.heuristics`, :mod:`.state`), lower bounds to judge them (:mod:`.bound`),
 Sandpiper hotspot detection and migration planning (:mod:`.overload`), idle-VM consolidation
 (:mod:`.idle`), an improvement search after any heuristic (:mod:`.improve`), and a trace simulator with
-a trace format and generator (:mod:`.simulator`, :mod:`.traces`). Live inputs from the daemon's
-samples (:mod:`.live`) and the execution of a plan's migrations through libvirt (:mod:`.execute`)
-are the only parts that touch the outside world. Interfaces: ``symbiont place`` (:mod:`.cli`),
+a trace format and generator (:mod:`.simulator`, :mod:`.traces`). The part inside the daemon
+(:mod:`.part`) feeds live inputs (:mod:`.live`) from its context and executes plans
+(:mod:`.execute`, with libvirt only through :mod:`symbiont.host.migrate`); those are the only
+modules that touch the outside world. Interfaces: ``symbiont place`` (:mod:`.cli`),
 ``/v1/placement`` (:mod:`.api`), experiments (:mod:`.experiments`). User documentation:
 docs/placement.md.
 """

@@ -2,7 +2,8 @@
 
 ``POST /plan`` is pure when the body carries the hosts: the plan is computed from the body
 alone and is reproducible. With ``live: true`` (or ``hotspots``/``idle``) this daemon's live
-inventory (``GET /inventory``: host capacity from libvirt, registered VMs, their stored samples)
+inventory (``GET /inventory``: :meth:`PlacementPart.inventory`, reached as
+``request.app.state.parts["placement"]``: host capacity, registered VMs, their stored samples)
 is the first host, and the hotspot and idle detectors are fed from the stored samples.
 ``POST /execute`` checks (``dry_run``, the default) or carries out a plan's migrations between
 the hosts of ``placement.hosts`` and its balloon steps (idle shrink/grow) through their daemons; ``GET /migrations`` shows the progress of running ones.
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
-import time
 from typing import Annotated, Any
 
 import numpy as np
@@ -25,7 +24,9 @@ from pydantic import AfterValidator, Field, field_validator
 from symbiont.apimodel import StrictModel, bounded_json
 from symbiont.placement import heuristics, live
 from symbiont.placement.bound import plan_bound
+from symbiont.placement.execute import parse_plan
 from symbiont.placement.inventory import parse_inventory, parse_requests
+from symbiont.placement.part import PlacementPart
 from symbiont.placement.planner import MODES, plan
 from symbiont.placement.state import ClusterState
 
@@ -138,11 +139,17 @@ def list_heuristics() -> list[dict[str, str]]:
     ]
 
 
+def _part(request: Request) -> PlacementPart:
+    return request.app.state.parts["placement"]
+
+
 @router.get("/inventory")
 async def get_inventory(request: Request, n: int = Query(0, ge=0, le=10_000)) -> dict[str, Any]:
     """What this daemon feeds the planner: host capacity, VM allocations, usage series (last ``n``)."""
-    daemon = request.app.state.daemon
-    return await asyncio.to_thread(live.collect, daemon, n or daemon.cfg.placement.history_samples)
+    try:
+        return await asyncio.to_thread(_part(request).inventory, n or None)
+    except ValueError as exc:
+        raise HTTPException(status_code=503, detail=str(exc)) from exc
 
 
 @router.post("/plan")
@@ -150,10 +157,10 @@ async def post_plan(body: PlanIn, request: Request) -> dict[str, Any]:
     """Plan ``requests`` onto ``hosts`` (which may already run ``vms``); one decision per request.
     With ``live``/``hotspots``/``idle``: on this daemon's live inventory (plus any ``hosts``)."""
     if body.live or body.hotspots is not None or body.idle is not None:
-        daemon = request.app.state.daemon
+        part = _part(request)
         data = body.model_dump()
         try:
-            mine = await asyncio.to_thread(live.collect, daemon, daemon.cfg.placement.history_samples)
+            mine = await asyncio.to_thread(part.inventory)
             others = [{"host": h} for h in data["hosts"]]
             return live.plan_live(
                 [mine, *others],
@@ -202,54 +209,25 @@ def _static_plan(body: PlanIn) -> dict[str, Any]:
     return out
 
 
-# Progress of running migrations (vm -> bytes processed/total), for GET /migrations.
-_progress: dict[str, dict[str, Any]] = {}
-_progress_lock = threading.Lock()
-
-
-def _executor(daemon: Any) -> Any:
-    from symbiont.placement.execute import Executor, parse_hosts
-
-    pl = daemon.cfg.placement
-
-    def progress(vm: str, done: float, total: float) -> None:
-        with _progress_lock:
-            _progress[vm] = {"processed_bytes": done, "total_bytes": total, "at": time.time()}
-
-    return Executor(
-        parse_hosts(pl.hosts),
-        daemon.cfg.agent.channel_name,
-        unsafe=pl.migrate_unsafe,
-        log_decision=lambda action, vm, inputs, outcome: daemon.store.log_decision(
-            "placement", action, vm, inputs, outcome
-        ),
-        progress=progress,
-    )
-
-
 @router.post("/execute")
 async def post_execute(body: ExecuteIn, request: Request) -> dict[str, Any]:
     """Check (``dry_run``) or carry out a plan: its migrations between the configured hosts and its
     balloon steps (idle shrink/grow) through the hosts' daemons, in plan order."""
-    from symbiont.placement.execute import parse_plan
-
-    daemon = request.app.state.daemon
+    part = _part(request)
     try:
         plan_steps = parse_plan(body.plan)
     except ValueError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
 
     def run() -> dict[str, Any]:
-        with _executor(daemon) as ex:
+        with part.executor() as ex:
             steps = ex.check(plan_steps)
             if body.dry_run:
                 return {"dry_run": True, "steps": steps}
             try:
                 return {"dry_run": False, "results": ex.execute(plan_steps)}
             finally:
-                with _progress_lock:
-                    for m in plan_steps:
-                        _progress.pop(m.vm, None)
+                part.finished([m.vm for m in plan_steps])
 
     try:
         return await asyncio.to_thread(run)
@@ -258,7 +236,6 @@ async def post_execute(body: ExecuteIn, request: Request) -> dict[str, Any]:
 
 
 @router.get("/migrations")
-def get_migrations() -> dict[str, Any]:
+def get_migrations(request: Request) -> dict[str, Any]:
     """Migrations in progress, by VM."""
-    with _progress_lock:
-        return {"running": dict(_progress)}
+    return {"running": _part(request).migrations()}

@@ -1,7 +1,7 @@
 """Placement inputs from a running daemon: host capacity, VM allocations, usage series.
 
 Why: plans should start from what the host really has and what its VMs really use, not only
-from hand-written files. This module maps the daemon's live data (libvirt's host facts, each
+from hand-written files. This module maps the daemon's live data (the host's capacity, each
 registered VM's allocation, and the samples the control loop stored in sqlite) onto the
 placement model, in the units docs/placement.md uses: ``cpu`` in cores, ``mem`` in GiB.
 
@@ -17,8 +17,9 @@ Idle-VM detection (seeds/004) uses the guest's CPU as a fraction of its vCPUs an
 use as the working-set estimate (an upper bound: it includes the page cache the guest would
 give up under pressure).
 
-The mapping functions are pure (lists of stored samples in, numbers out) and unit-tested; only
-:func:`collect` touches the daemon.
+The mapping functions are pure (lists of stored samples in, numbers out) and unit-tested; the
+placement part (:meth:`symbiont.placement.part.PlacementPart.inventory`) feeds them from its
+context.
 """
 
 from __future__ import annotations
@@ -147,50 +148,6 @@ def _num(x: Any) -> bool:
     import math
 
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def collect(daemon: Any, n: int = 60) -> dict[str, Any]:
-    """The daemon's live inventory: libvirt host facts, registered VMs and their last ``n`` samples."""
-    import psutil
-
-    from symbiont.errors import DaemonError
-    from symbiont.host.libvirt_host import LibvirtError
-    from symbiont.memory.floor import vm_floor
-
-    cfg = daemon.cfg
-    try:
-        _model, mem_mib, cpus, *_ = daemon.libvirt.conn.getInfo()
-        capacity = {"cpu": float(cpus), "mem": float(mem_mib) / 1024.0}
-        source = f"libvirt {cfg.libvirt_uri}"
-    except (LibvirtError, DaemonError, Exception):  # noqa: BLE001 - libvirt down: psutil still knows the machine
-        capacity = {"cpu": float(psutil.cpu_count() or 1), "mem": psutil.virtual_memory().total / GIB}
-        source = "psutil (libvirt unavailable)"
-    vms = []
-    for rec in daemon.store.list_vms():
-        lv = daemon.latest.get(rec.name, {}).get("libvirt", {})
-        balloon = [k for k in daemon.store.knobs(rec.name) if k["knob"] == "balloon_mib"]
-        parked = (rec.policy.get("extra") or {}).get("placement") or {}  # set when a plan parked it here
-        fl = vm_floor(daemon, rec.name, rec.policy.get("memory"))
-        vms.append(
-            {
-                "reserve_mib": fl.reserve_mib,
-                "floor_mib": fl.floor_mib,
-                "full_mem_mib": parked.get("full_mem_mib") or (balloon[0]["original"] if balloon else None),
-                "home": parked.get("home"),
-                "min_mib": (rec.policy.get("memory") or {}).get("min_mib"),
-                "name": rec.name,
-                "vcpus": lv.get("vcpus") if lv.get("state") == "running" else 0,
-                "memory_mib": lv.get("memory_mib") if lv.get("state") == "running" else 0,
-                "libvirt": daemon.store.history(rec.name, "libvirt", limit=n),
-                "agent": daemon.store.history(rec.name, "agent", limit=n + 1),
-            }
-        )
-    pl = getattr(cfg, "placement", None)
-    inv = build_inventory(host_id(cfg), capacity, dict(getattr(pl, "overcommit", None) or {}), vms, n)
-    inv["capacity_source"] = source
-    inv["libvirt_uri"] = cfg.libvirt_uri
-    inv["period_s"] = cfg.control.period_s
-    return inv
 
 
 def plan_live(
