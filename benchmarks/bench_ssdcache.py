@@ -3,9 +3,10 @@
     sudo .venv/bin/python benchmarks/bench_ssdcache.py            # about a minute on 2 cores
     sudo .venv/bin/python benchmarks/bench_ssdcache.py --quick
 
-1. Reads through the elastic disk vs the raw loop device, in the same run, with the same
-   client (``qemu-img bench``, queue depth 4, the same data): sequential 1 MiB and random
-   4 KiB. Two pairings: *direct* (client O_DIRECT on the loop device vs our server, whose data
+1. Reads (and random 4 KiB writes) through the elastic disk vs the raw loop device, in the
+   same run, with the same client (``qemu-img bench``, queue depths 1, 4 and 16, the same
+   data), the export served once by the Python data path and once by the C one (``nbdfast``):
+   sequential 1 MiB and random 4 KiB. Two pairings: *direct* (client O_DIRECT on the loop device vs our server, whose data
    path is O_DIRECT) and *warm* (client through the page cache vs our server with O_DIRECT
    off, data cached). The export maps its 128 logical blocks onto physical blocks in reverse
    order, so every 1 MiB crosses the translation. Target: ≥ 50 % for 1 MiB sequential.
