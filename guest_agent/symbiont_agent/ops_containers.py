@@ -1,17 +1,18 @@
 """Agent operations for containers, nesting-aware CPU ratios and memory reclamation.
 
-``ct-create``/``ct-list``/``ct-show``/``ct-start``/``ct-stop``/``ct-destroy``/``ct-set``/
-``ct-logs`` manage containers; ``ct-mode`` switches between nesting-aware and agnostic
-management; ``ct-rebalance`` applies the CPU ratio plan now; ``ct-reclaim`` frees memory from
-containers in proportion to their shares before the host inflates the balloon, and
-``ct-release`` lifts that again; ``ct-protect`` refreshes the no-reclaim containers'
-``memory.min`` (the daemon asks every period). All of it lives in
+``cpu.container-create``/``-list``/``-show``/``-start``/``-stop``/``-destroy``/``-set``/
+``-logs`` manage containers (old names ``ct-*``, kept as aliases: ``ops_schema``);
+``cpu.container-mode`` switches between nesting-aware and agnostic management;
+``cpu.container-rebalance`` applies the CPU ratio plan now; ``cpu.container-reclaim`` frees
+memory from containers in proportion to their shares before the host inflates the balloon,
+and ``cpu.container-release`` lifts that again; ``cpu.container-protect`` refreshes the
+no-reclaim containers' ``memory.min`` (the daemon asks every period). All of it lives in
 :mod:`symbiont_agent.containers`; :func:`reclaim_by_shares`, :func:`refresh_protection` and
-:func:`release_holds` serve the other agent parts (the memory part's ``balloon-prepare``).
+:func:`release_holds` serve the other agent parts (the memory part's ``memory.balloon-prepare``).
 
-``online-cpus`` (the agent's vCPU onlining) is extended here: after it onlines or offlines
-CPUs, the containers' CPU plan is re-applied at once, so the configured ratios are in force
-by the time the host's scale request returns.
+``cpu.online`` (the agent's vCPU onlining, old name ``online-cpus``) is extended here: after
+it onlines or offlines CPUs, the containers' CPU plan is re-applied at once, so the configured
+ratios are in force by the time the host's scale request returns.
 """
 
 from __future__ import annotations
@@ -32,52 +33,52 @@ def _name(args: dict[str, Any]) -> Any:
     return args.get("name")
 
 
-@op("ct-create")
+@op("cpu.container-create")
 def _create(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.create(args)
 
 
-@op("ct-list")
+@op("cpu.container-list")
 def _list(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.list()
 
 
-@op("ct-show")
+@op("cpu.container-show")
 def _show(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.show(_name(args))
 
 
-@op("ct-start")
+@op("cpu.container-start")
 def _start(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.start(_name(args))
 
 
-@op("ct-stop")
+@op("cpu.container-stop")
 def _stop(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.stop(_name(args))
 
 
-@op("ct-destroy")
+@op("cpu.container-destroy")
 def _destroy(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.destroy(_name(args))
 
 
-@op("ct-set")
+@op("cpu.container-set")
 def _set(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.set_limits(_name(args), args.get("limits"))
 
 
-@op("ct-logs")
+@op("cpu.container-logs")
 def _logs(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.logs(_name(args))
 
 
-@op("ct-mode")
+@op("cpu.container-mode")
 def _mode(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.set_mode(args) if args else MANAGER.mode()
 
 
-@op("ct-rebalance")
+@op("cpu.container-rebalance")
 def _rebalance(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     reason = args.get("reason", "request")
     if reason not in ("request", "cpus"):
@@ -85,17 +86,17 @@ def _rebalance(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.rebalance(reason)
 
 
-@op("ct-reclaim")
+@op("cpu.container-reclaim")
 def _reclaim(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.reclaim(args)
 
 
-@op("ct-release")
+@op("cpu.container-release")
 def _release(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.release()
 
 
-@op("ct-protect")
+@op("cpu.container-protect")
 def _protect(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return MANAGER.protect()
 
@@ -121,10 +122,10 @@ def release_holds() -> dict[str, Any]:
     return MANAGER.release()
 
 
-_base_online_cpus = agent.OPS.get("online-cpus")
+_base_online_cpus = agent.OPS.get("cpu.online")
 
 
-@op("online-cpus")
+@op("cpu.online")
 def _online_cpus_keep_ratios(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     """The agent's ``online-cpus``, then the CPU plan for the new set of online CPUs."""
     assert _base_online_cpus is not None

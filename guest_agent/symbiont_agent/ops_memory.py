@@ -94,7 +94,7 @@ def sample_working_set(reset: bool = True, exclude_self: bool = True,
     }
 
 
-@op("wss-sample")
+@op("memory.wss-sample")
 def _wss(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return sample_working_set(reset=bool(args.get("reset", True)))
 
@@ -136,7 +136,7 @@ def reclaim_page_cache(nbytes: int) -> dict[str, Any]:
     return {"method": method, "freed_bytes": max(0, _free() - before)}
 
 
-@op("balloon-prepare")
+@op("memory.balloon-prepare")
 def _balloon_prepare(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     """The host is about to take ``release_mib``: free it in the guest's own order first."""
     mib = args.get("release_mib")

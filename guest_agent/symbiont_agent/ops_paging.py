@@ -93,7 +93,7 @@ def cold_pages(path: str = "/proc/kpageflags", max_pfn: int | None = None) -> di
             "free_pages": sum(n for _, n in free), "cold_pages": sum(n for _, n in cold)}
 
 
-@op("paging-cold")
+@op("paging.cold")
 def _paging_cold(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     """Runs of free and cold guest-physical frames, for the host's page-out."""
     return cold_pages()

@@ -595,6 +595,7 @@ class MigRecvReq:
 class MigAddrReq:
     ip: str = s(15)
     up: bool = False
+    fenced: bool = False
 
 
 @dataclass

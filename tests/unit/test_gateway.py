@@ -210,3 +210,33 @@ def test_a_real_link_stays_up_after_a_bad_reply(tmp_path: Path) -> None:
             server.close()
 
     asyncio.run(run())
+
+
+def test_a_silent_agent_is_a_typed_timeout_on_the_link_and_through_the_gateway(tmp_path: Path) -> None:
+    """What ssdcache's manager now catches instead of looking for "in time" in the message."""
+
+    async def run() -> None:
+        path = str(tmp_path / "chan.sock")
+
+        async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(proto.encode(proto.hello("agent", "t", ["ssdcache-release"], boot_id="b", pid=1)))
+            await writer.drain()
+            await reader.read()  # never answers
+
+        server = await asyncio.start_unix_server(guest, path)
+        link = AgentLink("vm", lambda: path, reconnect_max=0.2)
+        link.start()
+        try:
+            async with asyncio.timeout(10):
+                while not link.ready:
+                    await asyncio.sleep(0.05)
+                with pytest.raises(AgentRequestTimeout):
+                    await link.request("ssdcache-release", {"count": 1}, timeout=0.2)
+                with pytest.raises(errors.AgentTimeout) as ei:
+                    await AgentGateway({"vm": link}).call("vm", "ssdcache.release", {"count": 1}, timeout=0.2)
+            assert ei.value.status == 503 and ei.value.code == "timeout"
+        finally:
+            await link.stop()
+            server.close()
+
+    asyncio.run(run())
