@@ -18,13 +18,15 @@ from symbiont.host.fake import FakeDomain, FakeHost
 from symbiont.knobs import KnobLedger
 from symbiont.part import AgentInfo, Part, PartContext, Period, run_period
 from symbiont.state import StateStore, VmRecord
+from symbiont_agent import ops_schema as schema
 
 Reply = Any  # a reply dict, an exception to raise, or a callable (vm, args) -> reply
 
 
 class FakeAgents:
     """The agent gateway from recorded replies: ``replies[op]`` (for every VM) or
-    ``replies[(vm, op)]``. Calls are recorded in ``calls`` as (vm, op, args)."""
+    ``replies[(vm, op)]``. Requests are checked against ``ops_schema``; calls are recorded in
+    ``calls`` as (vm, op, args)."""
 
     def __init__(self, replies: dict[Any, Reply] | None = None) -> None:
         self.replies: dict[Any, Reply] = dict(replies or {})
@@ -45,6 +47,9 @@ class FakeAgents:
                    timeout: float | None = None) -> tuple[Any, bytes]:
         if vm in self.down:
             raise NoAgent(f"{vm}: agent not connected")
+        # The request is checked against the op's schema, as the real gateway does: a part that
+        # sends a wrong argument fails here, not first in a VM.
+        schema.encode_request(schema.canonical(op), dict(args or {}))
         self.calls.append((vm, op, dict(args or {})))
         r = self._reply(vm, op)
         if isinstance(r, BaseException):
