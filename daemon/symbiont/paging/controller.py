@@ -451,7 +451,7 @@ async def park(daemon: Daemon, vm: str, reason: str = "api") -> dict[str, Any]:
             await asyncio.to_thread(dom.suspend)
         except libvirt.libvirtError as exc:
             raise Unavailable(f"{vm}: suspend failed: {exc.get_error_message()}") from None
-        daemon.store.save_knob(vm, "paging_parked", "running", "paused")
+        daemon.store.save_knob(vm, "paging_parked", "running", "paused", part="paging")
         with daemon.store.transaction() as db:
             db.execute("INSERT INTO paging_parked (vm, pid, ranges, info, parked_at) VALUES (?, ?, ?, ?, ?)",
                        (vm, pid, json.dumps(wset), json.dumps({"wset_mib": round(wset_mib, 1)}), time.time()))
