@@ -38,6 +38,7 @@ from typing import Any
 
 from symbiont.agentlink import AgentRequestTimeout
 from symbiont.errors import AgentTimeout, Conflict, DaemonError, Invalid, NotFound, Unavailable
+from symbiont.ssdcache import nbdfast
 from symbiont.ssdcache import policy as pol
 from symbiont.ssdcache.blockmap import BlockMap, BlockMapError, CacheRecord, PoolExhausted
 from symbiont.ssdcache.layout import BLOCK_SIZE, expand, ranges
@@ -240,6 +241,7 @@ class CacheManager:
     async def _serve(self, c: CacheRecord) -> None:
         assert self.pool is not None
         self._runtime_dir()
+        await asyncio.to_thread(nbdfast.load)  # the C data path is compiled once, off the event loop
         exp = Export(c.vm, c.size_blocks, self.pool, self.bmap.mapping(c.vm))
         gid = None
         with contextlib.suppress(KeyError):
