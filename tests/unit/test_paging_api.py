@@ -1,4 +1,4 @@
-"""The paging router on a small app with the daemon's store: bad input is a 4xx with a
+"""The paging router on a small app with the paging part over the shared fakes: bad input is a 4xx with a
 reason and changes nothing (no decision, no parked VM, no tier)."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI, Request
@@ -18,25 +17,26 @@ with warnings.catch_warnings():
 
 from symbiont.config import load_config
 from symbiont.errors import DaemonError
-from symbiont.paging import controller
 from symbiont.paging.api import router
-from symbiont.state import StateStore
+from symbiont.paging.part import PagingPart
+from tests.fakes import Env
 
 
 @pytest.fixture
 def daemon(tmp_path: Path):
     cfg = load_config(None, {"state_dir": str(tmp_path), "socket": str(tmp_path / "s.sock")})
-    d = SimpleNamespace(cfg=cfg, store=StateStore(tmp_path / "db.sqlite3"), links={}, latest={}, hooks=[])
-    asyncio.run(controller.start(d))  # paging disabled: no tier is made
-    d.store.add_vm("vm1", "uuid-1", {})
-    yield d
-    d.store.close()
+    env = Env(tmp_path, cfg=cfg)
+    env.add(PagingPart)
+    asyncio.run(env.start())  # paging disabled: no tier is made
+    env.register("vm1")
+    yield env
+    env.close()
 
 
 @pytest.fixture
 def client(daemon) -> TestClient:
     app = FastAPI()
-    app.state.daemon = daemon
+    app.state.parts = daemon.parts
 
     @app.exception_handler(DaemonError)
     async def _err(_r: Request, exc: DaemonError) -> JSONResponse:

@@ -10,10 +10,14 @@ reads back what it wrote sees it. ``fail[call] = HostError(...)`` makes one call
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from symbiont.host.ksm import COUNTERS, TUNABLES, KsmError, KsmStats
+from symbiont.host.pageout import PAGE_SIZE, Region
 from symbiont.host.port import DomainInfo, HostError
 
 
@@ -68,6 +72,11 @@ class FakeHost:
         self.meminfo: dict[str, int] = {"MemTotal": mem_total_bytes >> 10, "MemFree": mem_total_bytes >> 11,
                                         "Buffers": 0, "Cached": 0}
         self.mergeable_pages = 0
+        # host paging: zram devices by number (what zram_probe answers), and per QEMU pid its
+        # mappings with a page-present mask each (pageout clears, touch sets)
+        self.zram: dict[int, dict[str, Any]] = {}
+        self.procs: dict[int, list[Region]] = {}
+        self.present: dict[tuple[int, int], np.ndarray] = {}
 
     def add(self, dom: FakeDomain) -> FakeDomain:
         self.domains[dom.name] = dom
@@ -249,6 +258,85 @@ class FakeHost:
 
     def qemu_committed_kib(self) -> int:
         return sum((d.qemu_rss or 0) >> 10 for d in self.domains.values() if d.qemu_pid is not None)
+
+
+    # -- host paging ------------------------------------------------------------------------
+    def suspend(self, vm: str) -> None:
+        d = self._dom(vm, "suspend")
+        self.calls.append(("suspend", vm))
+        d.state = "paused"
+
+    def resume(self, vm: str) -> None:
+        d = self._dom(vm, "resume")
+        self.calls.append(("resume", vm))
+        d.state = "running"
+
+    def zram_create(self, size_bytes: int, compressor: str, label: str, priority: int,
+                    on_added: Callable[[int], None] | None = None) -> int:
+        if "zram_create" in self.fail:
+            raise self.fail["zram_create"]
+        num = max(self.zram, default=-1) + 1
+        if on_added is not None:
+            on_added(num)
+        self.zram[num] = {"label": label, "disksize": size_bytes, "is_swap": True, "compressor": compressor,
+                          "swap": {"size_kib": size_bytes >> 10, "used_kib": 0, "priority": priority},
+                          "stats": None}
+        self.calls.append(("zram_create", num, size_bytes, compressor, label, priority))
+        return num
+
+    def zram_remove(self, num: int) -> None:
+        self.calls.append(("zram_remove", num))
+        self.zram.pop(num, None)
+
+    def zram_probe(self, num: int) -> dict[str, Any] | None:
+        return self.zram.get(num)
+
+    def add_process(self, pid: int, regions: list[Region]) -> None:
+        """A QEMU process's mappings, every page of each resident at first."""
+        self.procs[pid] = regions
+        for r in regions:
+            self.present[(pid, r.start)] = np.ones(r.size // PAGE_SIZE, dtype=bool)
+
+    def _region(self, pid: int, addr: int) -> Region:
+        for r in self.procs.get(pid, []):
+            if r.start <= addr < r.end:
+                return r
+        raise HostError(f"pid {pid}: no mapping at {addr:#x}")
+
+    def _mark(self, pid: int, ranges: Sequence[tuple[int, int]], value: bool) -> int:
+        done = 0
+        for a, n in ranges:
+            r = self._region(pid, a)
+            self.present[(pid, r.start)][(a - r.start) // PAGE_SIZE:(a - r.start + n) // PAGE_SIZE] = value
+            done += n
+        return done
+
+    def process_smaps(self, pid: int) -> list[Any]:
+        if pid not in self.procs:
+            raise HostError(f"pid {pid}: no such process")
+        return [dataclasses.replace(r, rss_kib=int(self.present[(pid, r.start)].sum()) * PAGE_SIZE >> 10,
+                                    swap_kib=int((~self.present[(pid, r.start)]).sum()) * PAGE_SIZE >> 10)
+                for r in self.procs[pid]]
+
+    def process_status_kib(self, pid: int) -> dict[str, int]:
+        regs = self.process_smaps(pid) if pid in self.procs else []
+        return {"VmRSS": sum(r.rss_kib for r in regs), "VmSwap": sum(r.swap_kib for r in regs)}
+
+    def process_residency(self, pid: int, start: int, length: int) -> Any:
+        r = self._region(pid, start)
+        return self.present[(pid, r.start)][(start - r.start) // PAGE_SIZE:(start - r.start + length) // PAGE_SIZE].copy()
+
+    def process_pageout(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int:
+        self.calls.append(("pageout", pid, sum(n for _, n in ranges)))
+        return self._mark(pid, ranges, False)
+
+    def process_willneed(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int:
+        self.calls.append(("willneed", pid, sum(n for _, n in ranges)))
+        return self._mark(pid, ranges, True)
+
+    def process_touch(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int:
+        self.calls.append(("touch", pid, sum(n for _, n in ranges)))
+        return self._mark(pid, ranges, True)
 
     def close(self) -> None:
         pass

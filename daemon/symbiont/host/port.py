@@ -12,6 +12,7 @@ This module imports nothing of the system, so a part can name the port's types f
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -77,3 +78,18 @@ class HostPort(Protocol):
     def host_mergeable_pages(self) -> int: ...  # what ksmd walks in one pass
     def meminfo_kib(self) -> dict[str, int]: ...
     def qemu_committed_kib(self) -> int: ...  # ksmtuned's committed: all QEMUs' RSS
+
+    # -- host paging: domain pause, the zram swap tier, a QEMU process's memory -------------------
+    def suspend(self, vm: str) -> None: ...
+    def resume(self, vm: str) -> None: ...
+    def zram_create(self, size_bytes: int, compressor: str, label: str, priority: int,
+                    on_added: Callable[[int], None] | None = None) -> int: ...  # a swap device, its number
+    def zram_remove(self, num: int) -> None: ...  # swapoff (pages go back to their owners), hot_remove
+    def zram_probe(self, num: int) -> dict[str, Any] | None: ...  # None: no such device; else label,
+    # disksize, is_swap, swap ({size_kib, used_kib, priority} from /proc/swaps), stats (ZramStats)
+    def process_smaps(self, pid: int) -> list[Any]: ...  # symbiont.host.pageout.Region per mapping
+    def process_status_kib(self, pid: int) -> dict[str, int]: ...  # VmRSS, VmSwap
+    def process_residency(self, pid: int, start: int, length: int) -> Any: ...  # numpy bool: page present
+    def process_pageout(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int: ...  # MADV_PAGEOUT
+    def process_willneed(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int: ...  # MADV_WILLNEED
+    def process_touch(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int: ...  # fault in (read)

@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import libvirt
 import psutil
 
-from symbiont.host import ksm, procmem
+from symbiont.host import ksm, procmem, zram
+from symbiont.host import pageout as po
 from symbiont.host.ksm import KSM_DIR, RUN_MERGE, Ksm, KsmdCpu, KsmStats
 from symbiont.host.ksm import process_merging_pages as _merging_pages
 from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
@@ -216,6 +219,68 @@ class SystemHost:
 
     def qemu_committed_kib(self) -> int:
         return ksm.qemu_committed_kib()
+
+
+    # -- host paging ------------------------------------------------------------------------
+    def suspend(self, vm: str) -> None:
+        try:
+            self.libvirt.domain(vm).suspend()
+        except libvirt.libvirtError as exc:
+            raise HostError(f"{vm}: suspend failed: {exc.get_error_message()}") from None
+
+    def resume(self, vm: str) -> None:
+        try:
+            self.libvirt.domain(vm).resume()
+        except libvirt.libvirtError as exc:
+            raise HostError(f"{vm}: resume failed: {exc.get_error_message()}") from None
+
+    def zram_create(self, size_bytes: int, compressor: str, label: str, priority: int,
+                    on_added: Callable[[int], None] | None = None) -> int:
+        with _paging_errors():
+            return zram.create_swap(size_bytes, compressor, label, priority, on_added=on_added)
+
+    def zram_remove(self, num: int) -> None:
+        with _paging_errors():
+            zram.remove(num)
+
+    def zram_probe(self, num: int) -> dict[str, Any] | None:
+        with _paging_errors():
+            if not zram.exists(num):
+                return None
+            return {"label": zram.swap_label(num), "disksize": zram.disksize(num), "is_swap": zram.is_swap(num),
+                    "swap": zram.swaps().get(zram.dev_path(num), {}), "stats": zram.stats(num)}
+
+    def process_smaps(self, pid: int) -> list[Any]:
+        with _paging_errors():
+            return po.read_smaps(pid)
+
+    def process_status_kib(self, pid: int) -> dict[str, int]:
+        return po.status_kib(pid)
+
+    def process_residency(self, pid: int, start: int, length: int) -> Any:
+        with _paging_errors():
+            return po.residency(po.pagemap(pid, start, length))[0]
+
+    def process_pageout(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int:
+        with _paging_errors():
+            return po.pageout(pid, ranges)
+
+    def process_willneed(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int:
+        with _paging_errors():
+            return po.willneed(pid, ranges)
+
+    def process_touch(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int:
+        with _paging_errors():
+            return po.touch(pid, ranges)
+
+
+@contextmanager
+def _paging_errors() -> Iterator[None]:
+    """zram's and page-out's own errors cross the port as :class:`HostError` (same message)."""
+    try:
+        yield
+    except (zram.ZramError, po.PageoutError) as exc:
+        raise HostError(str(exc)) from None
 
 
 __all__ = ["HostError", "LibvirtError", "SystemHost", "quiet_libvirt_errors"]

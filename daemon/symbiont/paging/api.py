@@ -18,9 +18,13 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import Field
 
 from symbiont.apimodel import StrictModel
-from symbiont.paging import controller
+from symbiont.paging.part import PagingPart
 
 router = APIRouter(tags=["paging"])
+
+
+def _part(request: Request) -> PagingPart:
+    return request.app.state.parts["paging"]  # type: ignore[no-any-return]
 VmName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$", description="libvirt domain name")]
 
 
@@ -30,17 +34,17 @@ class PageoutBody(StrictModel):
 
 @router.get("")
 async def show(request: Request) -> dict[str, Any]:
-    return controller.view(request.app.state.daemon)
+    return _part(request).view()
 
 
 @router.post("/vms/{vm}/pageout")
 async def pageout(vm: VmName, request: Request, body: PageoutBody | None = None) -> dict[str, Any]:
-    return await controller.pageout_vm(request.app.state.daemon, vm, None if body is None else body.mib)
+    return await _part(request).pageout_vm(vm, None if body is None else body.mib)
 
 
 @router.post("/vms/{vm}/park")
 async def park(vm: VmName, request: Request) -> dict[str, Any]:
-    return await controller.park(request.app.state.daemon, vm)
+    return await _part(request).park(vm)
 
 
 @router.post("/vms/{vm}/wake")
@@ -48,4 +52,4 @@ async def wake(vm: VmName, request: Request, prefetch: Annotated[bool, Query()] 
                mode: Annotated[Literal["touch", "willneed"] | None, Query()] = None) -> dict[str, Any]:
     """``mode``: how to prefetch (default: ``paging.prefetch``): touch faults the pages in and
     maps them; willneed reads them into the swap cache only."""
-    return await controller.wake(request.app.state.daemon, vm, prefetch=prefetch, mode=mode)
+    return await _part(request).wake(vm, prefetch=prefetch, mode=mode)

@@ -1,0 +1,548 @@
+"""The paging part: the swap tier's life cycle, page-out, park and wake (host paging, the
+third primitive of seeds/002; keeping idle VMs, seeds/004).
+
+Swap tier. With ``paging.enabled`` the part creates a zram device at start and removes it at
+stop (``swapoff`` brings every page back to its owner, so nothing is lost). The device is
+recorded in sqlite *right after* ``hot_add``, before it is formatted, so a daemon killed at
+any point leaves a record. A restarted daemon finds the record and either **adopts** the
+device — still its own (swap label), paging enabled with the same size and compressor: the
+pages of running and parked VMs stay where they are — or **removes** it. A device whose label
+is not ours is never touched; its record is dropped.
+
+Page-out (:meth:`PagingPart.pageout_vm`): the guest decides *what* (``paging.cold``: its free
+and cold frames), the host *how much* (resident guest RAM − (working set + margin), or what
+the caller asks); ``process_madvise(MADV_PAGEOUT)`` on the QEMU process's guest-RAM mapping.
+
+Park / wake: park pages the VM out, lets it run ``park_observe_s``, pages it out again and
+delivers one request (an agent ping): what comes back now is the request's working set, which
+is recorded; then the VM is paused (knob ``paging_parked`` in the ledger: original
+``running``) and paged out again. Wake swaps the recorded working set in while libvirt resumes
+the VM, then delivers the request and measures how long it took. The ledger resumes a parked
+VM (no prefetch) when it is unregistered and when the daemon stops (``restore_on_exit``).
+
+Everything reaches the system through the host port (``ctx.host``); the working set is the
+memory part's last sample (``requires = ("memory",)``) or a fresh one from the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from symbiont.errors import AgentError, Conflict, Invalid, NotFound, Unavailable
+from symbiont.host import pageout as po
+from symbiont.host import zram
+from symbiont.host.pageout import Region
+from symbiont.host.port import HostError
+from symbiont.knobs import KnobKind
+from symbiont.paging import policy
+from symbiont.paging.config import CONFIG, PagingConfig
+from symbiont.part import Part, PartContext
+
+log = logging.getLogger(__name__)
+MIB = 1 << 20
+PAGE = po.PAGE_SIZE
+KIND = "paging_parked"  # ledger kind: original 'running', current 'paused'
+PREFETCH_GAP = 2 * PAGE  # join working-set ranges this close: fewer syscalls, hardly more data
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS paging_tier (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    device INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    compressor TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS paging_parked (
+    vm TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    ranges TEXT NOT NULL,
+    info TEXT NOT NULL,
+    parked_at REAL NOT NULL
+)
+"""
+
+
+def tier_label(state_dir: str) -> str:
+    """The swap label naming this daemon's tier (mkswap keeps 15 bytes; unique per state folder)."""
+    return "symbiont-" + hashlib.sha256(state_dir.encode()).hexdigest()[:6]
+
+
+def guest_classes(cold: Any, npages: int) -> tuple[list[tuple[str, list[tuple[int, int]]]], str | None]:
+    """The guest's free/cold runs, validated; an invalid answer is ignored as a whole."""
+    if not isinstance(cold, dict):
+        return [], None
+    try:
+        if cold.get("page_size") != PAGE:
+            raise ValueError(f"guest page size {cold.get('page_size')!r} is not the host's {PAGE}")
+        return [("guest-free", policy.sanitize_runs(cold.get("free"), npages)),
+                ("guest-cold", policy.sanitize_runs(cold.get("cold"), npages))], None
+    except ValueError as exc:
+        return [], f"guest's cold pages ignored: {exc}"
+
+
+class PagingPart(Part):
+    """Host paging: one swap tier, page-out, park and wake; state on the instance."""
+
+    name = "paging"
+    config = CONFIG
+    requires = ("memory",)  # its working-set samples tell how much of a VM is cold
+
+    def __init__(self, ctx: PartContext, cfg: PagingConfig) -> None:
+        super().__init__(ctx, cfg)
+        self.device: int | None = None  # the tier's zram number (the truth is in sqlite)
+        self.last: dict[str, dict[str, Any]] = {}  # per VM: last page-out / park / wake outcome
+        self.lock = asyncio.Lock()
+
+    # -- life cycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.ctx.store.ensure_schema(SCHEMA)
+        self.ctx.knobs.register(KnobKind(KIND, self.name, read=self._read_parked, write=self._write_parked))
+        # A parked row whose knob the ledger no longer holds (restored while this part was not
+        # running) is stale: the VM runs again.
+        held = {r["vm"] for r in self.ctx.knobs.rows(part=self.name) if r["kind"] == KIND}
+        with self.ctx.store.transaction() as db:
+            for r in db.execute("SELECT vm FROM paging_parked").fetchall():
+                if r["vm"] not in held:
+                    db.execute("DELETE FROM paging_parked WHERE vm = ?", (r["vm"],))
+        try:
+            rec = await self.ctx.blocking(self.recover_tier)
+            if rec:
+                self.ctx.decisions.log("tier-recover", None, {"record": "earlier daemon"}, rec)
+                log.info("paging: swap tier of an earlier daemon %s (%s)", rec["action"], rec)
+            if self.cfg.enabled and self.device is None:
+                num = await self.ctx.blocking(self.create_tier)
+                self.ctx.decisions.log("tier-create", None, {"size_mib": self.cfg.zram_size_mib,
+                                                             "compressor": self.cfg.compressor}, {"device": num})
+                log.info("paging: swap tier /dev/zram%d (%d MiB, %s)", num, self.cfg.zram_size_mib,
+                         self.cfg.compressor)
+        except HostError as exc:
+            log.error("paging: no swap tier: %s", exc)
+
+    async def stop(self) -> None:
+        """Remove the tier (swapoff returns every page); the ledger resumes parked VMs after."""
+        try:
+            await self.ctx.blocking(self.remove_tier, "daemon stopping", timeout=300.0)
+        except (HostError, TimeoutError) as exc:
+            log.error("paging: swap tier not removed (the next start retries): %s", exc)
+
+    async def vm_removed(self, vm: str) -> None:
+        """The ledger resumed it already (its knob); forget the parked record."""
+        with self.ctx.store.transaction() as db:
+            db.execute("DELETE FROM paging_parked WHERE vm = ?", (vm,))
+        self.last.pop(vm, None)
+
+    def _read_parked(self, vm: str, _key: str) -> str:
+        return self.ctx.host.info(vm).state
+
+    def _write_parked(self, vm: str, _key: str, value: str) -> None:
+        """The knob's writer: 'running' resumes a paused VM (restore), 'paused' suspends it."""
+        state = self.ctx.host.info(vm).state
+        if value == "running" and state == "paused":
+            self.ctx.host.resume(vm)
+        elif value == "paused" and state == "running":
+            self.ctx.host.suspend(vm)
+        if value == "running":
+            with self.ctx.store.transaction() as db:
+                db.execute("DELETE FROM paging_parked WHERE vm = ?", (vm,))
+
+    # -- the swap tier ---------------------------------------------------------------------------
+    def _tier_row(self) -> dict[str, Any] | None:
+        rows = self.ctx.store.query("SELECT * FROM paging_tier WHERE id = 1")
+        return dict(rows[0]) if rows else None
+
+    def _forget_tier(self) -> None:
+        with self.ctx.store.transaction() as db:
+            db.execute("DELETE FROM paging_tier WHERE id = 1")
+
+    def recover_tier(self) -> dict[str, Any] | None:
+        """Deal with a tier recorded by an earlier daemon (see the module docstring)."""
+        row = self._tier_row()
+        if row is None:
+            return None
+        cfg, host = self.cfg, self.ctx.host
+        num, label = int(row["device"]), row["label"]
+        probe = host.zram_probe(num)
+        if probe is None:
+            self._forget_tier()
+            return {"action": "forgotten", "device": num, "reason": "the device is gone"}
+        found = probe["label"]
+        if found is not None and found != label:
+            self._forget_tier()
+            return {"action": "forgotten", "device": num, "reason": f"zram{num} now belongs to {found!r}"}
+        if found is None and probe["disksize"] and row["state"] != "creating":
+            self._forget_tier()
+            return {"action": "forgotten", "device": num, "reason": f"zram{num} holds no swap of ours"}
+        same = (cfg.enabled and row["state"] == "on" and found == label and probe["is_swap"]
+                and int(row["size_bytes"]) == cfg.zram_size_mib * MIB and row["compressor"] == cfg.compressor)
+        if same:
+            self.device = num
+            return {"action": "adopted", "device": num, "swap": probe["swap"]}
+        used = probe["swap"].get("used_kib", 0)
+        host.zram_remove(num)  # swapoff first: the pages go back to their owners, nothing is lost
+        self._forget_tier()
+        why = "paging is disabled" if not cfg.enabled else (
+            "left half-made" if row["state"] == "creating" else "the config asks for another size or compressor")
+        return {"action": "removed", "device": num, "swapped_in_kib": used, "reason": why}
+
+    def create_tier(self) -> int:
+        cfg = self.cfg
+        label = tier_label(self.ctx.cfg.state_dir)
+
+        def record(num: int) -> None:
+            with self.ctx.store.transaction() as db:
+                db.execute("INSERT OR REPLACE INTO paging_tier (id, device, label, size_bytes, compressor, priority, "
+                           "state, created_at) VALUES (1, ?, ?, ?, ?, ?, 'creating', ?)",
+                           (num, label, cfg.zram_size_mib * MIB, cfg.compressor, cfg.swap_priority, time.time()))
+
+        num = self.ctx.host.zram_create(cfg.zram_size_mib * MIB, cfg.compressor, label, cfg.swap_priority, record)
+        with self.ctx.store.transaction() as db:
+            db.execute("UPDATE paging_tier SET state = 'on' WHERE id = 1")
+        self.device = num
+        return num
+
+    def remove_tier(self, reason: str) -> dict[str, Any]:
+        if self.device is None or self._tier_row() is None:
+            return {"removed": False}
+        probe = self.ctx.host.zram_probe(self.device) or {"swap": {}}
+        used = probe["swap"].get("used_kib", 0)
+        t0 = time.monotonic()
+        self.ctx.host.zram_remove(self.device)
+        self._forget_tier()
+        out = {"removed": True, "device": self.device, "swapped_in_kib": used,
+               "seconds": round(time.monotonic() - t0, 3)}
+        self.ctx.decisions.log("tier-remove", None, {"reason": reason}, out)
+        self.device = None
+        return out
+
+    def tier_view(self) -> dict[str, Any]:
+        cfg = self.cfg
+        out: dict[str, Any] = {"enabled": cfg.enabled, "device": None, "compressor": cfg.compressor}
+        probe = self.ctx.host.zram_probe(self.device) if self.device is not None else None
+        if probe is None:
+            return out
+        sw, mm = probe["swap"], probe["stats"]
+        out.update({"device": zram.dev_path(self.device), "size_mib": round(sw.get("size_kib", 0) / 1024, 1),
+                    "used_mib": round(sw.get("used_kib", 0) / 1024, 1), "priority": sw.get("priority")})
+        if mm is not None:
+            out.update({"stored_mib": round(mm.orig_data_size / MIB, 1),
+                        "compressed_mib": round(mm.compr_data_size / MIB, 1),
+                        "mem_used_mib": round(mm.mem_used_total / MIB, 1),
+                        "ratio": round(mm.orig_data_size / mm.compr_data_size, 2) if mm.compr_data_size else None})
+        return out
+
+    def _swap_used_mib(self) -> float | None:
+        probe = self.ctx.host.zram_probe(self.device) if self.device is not None else None
+        return None if probe is None else round(probe["swap"].get("used_kib", 0) / 1024, 1)
+
+    # -- a VM's memory on the host -----------------------------------------------------------------
+    def _qemu(self, vm: str) -> tuple[int, int, str]:
+        """(QEMU pid, guest RAM bytes, libvirt state) of a registered VM, or a 4xx."""
+        self.ctx.vm(vm)
+        try:
+            info = self.ctx.host.info(vm)
+        except HostError as exc:
+            raise NotFound(f"libvirt domain {vm!r} is gone: {exc}") from None
+        pid = self.ctx.host.qemu_pid(vm)
+        if pid is None or info.state not in ("running", "paused"):
+            raise Conflict(f"VM {vm!r} is {info.state}: no QEMU process to page")
+        return pid, info.max_memory_kib * 1024, info.state
+
+    def regions(self, pid: int, ram_bytes: int) -> tuple[Region, list[Region], list[Region]]:
+        """(guest RAM, TCG code cache, all mappings) of a QEMU process."""
+        try:
+            maps = self.ctx.host.process_smaps(pid)
+            return po.guest_ram(maps, ram_bytes), po.code_cache(maps), maps
+        except (HostError, po.PageoutError) as exc:
+            raise Unavailable(str(exc)) from None
+
+    def memory_view(self, pid: int, ram_bytes: int) -> dict[str, Any]:
+        """Where a VM's host memory is: QEMU RSS/swap, guest RAM and TCG code cache apart."""
+        ram, code, _maps = self.regions(pid, ram_bytes)
+        st = self.ctx.host.process_status_kib(pid)
+        return {
+            "qemu_pid": pid,
+            "rss_mib": round(st.get("VmRSS", 0) / 1024, 1),
+            "swap_mib": round(st.get("VmSwap", 0) / 1024, 1),
+            "guest_ram": {"size_mib": round(ram.size / MIB, 1), "resident_mib": round(ram.rss_kib / 1024, 1),
+                          "swapped_mib": round(ram.swap_kib / 1024, 1)},
+            "code_cache": {"regions": len(code), "resident_mib": round(sum(r.rss_kib for r in code) / 1024, 1),
+                           "swapped_mib": round(sum(r.swap_kib for r in code) / 1024, 1)},
+        }
+
+    def _require_tier(self, vm: str) -> int:
+        self.ctx.vm(vm)
+        if self.device is None:
+            raise Conflict("no swap tier: set paging.enabled in the config (pages would have nowhere to go)")
+        return self.device
+
+    async def guest_sample(self, vm: str) -> dict[str, Any]:
+        """What the guest knows: its working set (the memory part's last sample, else a fresh
+        non-resetting one), free memory, and its cold frames (``paging.cold``)."""
+        out: dict[str, Any] = {"wss_mib": None, "source": None}
+        try:
+            mem = self.ctx.peer("memory")
+            st = mem.state.vms.get(vm)  # type: ignore[attr-defined]
+            last = dict(st.last_wss) if st is not None else {}
+        except (KeyError, AttributeError):
+            last = {}
+        agents = self.ctx.agents
+        if last.get("referenced_bytes") is not None:
+            out.update(wss_mib=round(last["referenced_bytes"] / MIB, 1), source="memory part")
+        elif agents.supports(vm, "wss-sample"):
+            try:
+                res, _ = await agents.call(vm, "wss-sample", {"reset": False})
+                ref = res.get("referenced_bytes") if isinstance(res, dict) else None
+                if isinstance(ref, int) and not isinstance(ref, bool) and ref >= 0 and res.get("interval_s"):
+                    out.update(wss_mib=round(ref / MIB, 1), source="wss-sample")
+            except AgentError as exc:
+                out["wss_error"] = str(exc)
+        mi = self.ctx.latest(vm).get("agent", {}).get("meminfo", {})
+        if "MemFree" in mi:
+            out["mem_free_mib"] = round(mi["MemFree"] / MIB, 1)
+        if "MemAvailable" in mi:
+            out["mem_available_mib"] = round(mi["MemAvailable"] / MIB, 1)
+        out["cold"] = None
+        if agents.supports(vm, "paging-cold"):
+            try:
+                res, _ = await agents.call(vm, "paging-cold", {}, timeout=30.0)
+                out["cold"] = res
+            except AgentError as exc:
+                out["cold_error"] = str(exc)
+        return out
+
+    async def pageout_vm(self, vm: str, mib: int | None = None, reason: str = "api") -> dict[str, Any]:
+        """Page out a VM's cold guest memory (see the module docstring); a decision in the log."""
+        self._require_tier(vm)
+        pid, ram_bytes, state = self._qemu(vm)
+        if mib is not None and not 1 <= mib <= ram_bytes // MIB:
+            raise Invalid(f"mib {mib} outside 1..{ram_bytes // MIB} (the VM's guest RAM)")
+        host = self.ctx.host
+        async with self.lock:
+            ram, _code, _maps = self.regions(pid, ram_bytes)
+            npages = ram_bytes // PAGE  # guest-physical frames; QEMU's rounding past them is not RAM
+            present = (await self.ctx.blocking(host.process_residency, pid, ram.start, ram.size))[:npages]
+            resident_mib = float(present.sum()) * PAGE / MIB
+            sample = await self.guest_sample(vm)
+            classes, cold_error = guest_classes(sample.pop("cold"), npages)
+            want_mib = float(mib) if mib is not None else policy.pageout_target_mib(
+                resident_mib, sample["wss_mib"], self.cfg.margin_mib)
+            sel = policy.select(present, int(want_mib * MIB / PAGE), classes, blind=True)
+            rss0 = host.process_status_kib(pid)
+            swap0 = self._swap_used_mib()
+            t0 = time.perf_counter()
+            ranges = [(ram.start + a * PAGE, n * PAGE) for a, n in sel.ranges]
+            advised = await self.ctx.blocking(host.process_pageout, pid, ranges, timeout=120.0) if ranges else 0
+            dt = time.perf_counter() - t0
+            rss1 = host.process_status_kib(pid)
+            inputs = {"reason": reason, "state": state, "requested_mib": mib, "resident_mib": round(resident_mib, 1),
+                      "guest": {**sample, "free_runs": len(classes[0][1]) if classes else None,
+                                "cold_runs": len(classes[1][1]) if classes else None, "cold_error": cold_error},
+                      "margin_mib": self.cfg.margin_mib, "target_mib": round(want_mib, 1)}
+            outcome = {"paged_mib": round(sel.pages * PAGE / MIB, 1),
+                       "by_source_mib": {k: round(v * PAGE / MIB, 1) for k, v in sel.pages_by_source.items()},
+                       "ranges": len(ranges), "advised_mib": round(advised / MIB, 1), "seconds": round(dt, 4),
+                       "rss_before_mib": round(rss0.get("VmRSS", 0) / 1024, 1),
+                       "rss_after_mib": round(rss1.get("VmRSS", 0) / 1024, 1),
+                       "vm_swap_mib": round(rss1.get("VmSwap", 0) / 1024, 1),
+                       "tier_used_before_mib": swap0, "tier_used_after_mib": self._swap_used_mib()}
+            self.ctx.decisions.log("pageout", vm, inputs, outcome)
+            self.last[vm] = {"action": "pageout", "at": time.time(), **outcome}
+            log.info("vm %s: paged out %.1f MiB in %.3f s (RSS %s -> %s MiB; %s)", vm, outcome["paged_mib"], dt,
+                     outcome["rss_before_mib"], outcome["rss_after_mib"], outcome["by_source_mib"])
+            return {"vm": vm, "inputs": inputs, **outcome}
+
+    # -- park and wake ---------------------------------------------------------------------------
+    def parked(self, vm: str) -> dict[str, Any] | None:
+        rows = self.ctx.store.query("SELECT * FROM paging_parked WHERE vm = ?", (vm,))
+        if not rows:
+            return None
+        r = dict(rows[0])
+        return {"vm": vm, "pid": r["pid"], "ranges": json.loads(r["ranges"]), "info": json.loads(r["info"]),
+                "parked_at": r["parked_at"]}
+
+    def parked_vms(self) -> set[str]:
+        return {r["vm"] for r in self.ctx.store.query("SELECT vm FROM paging_parked")}
+
+    def _all_pages(self, ram: Region, code: list[Region], maps: list[Region]) -> list[tuple[int, int]]:
+        """Guest RAM, the TCG code cache and (``include_qemu_heap``) QEMU's other private
+        anonymous memory."""
+        out = [(ram.start, ram.size)] + ([(r.start, r.size) for r in code] if self.cfg.include_code_cache else [])
+        if self.cfg.include_qemu_heap:
+            out += [(r.start, r.size) for r in maps
+                    if r.anonymous and r.perms == "rw-p" and r.start != ram.start and r.rss_kib]
+        return out
+
+    def _resident_ranges(self, pid: int, regs: list[Region]) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for r in regs:
+            present = self.ctx.host.process_residency(pid, r.start, r.size)
+            out.extend((r.start + a * PAGE, n * PAGE) for a, n in po.runs(present))
+        return out
+
+    async def _ping(self, vm: str, timeout: float) -> float | None:
+        """Seconds an agent ping took, or None when there is no agent to ask."""
+        if not self.ctx.agent(vm).ready:
+            return None
+        t0 = time.perf_counter()
+        await self.ctx.agents.call(vm, "ping", {}, timeout=timeout)
+        return time.perf_counter() - t0
+
+    async def park(self, vm: str, reason: str = "api") -> dict[str, Any]:
+        """Record the request's working set, pause the VM and page all of it out."""
+        self._require_tier(vm)
+        pid, ram_bytes, state = self._qemu(vm)
+        if self.parked(vm) is not None:
+            raise Conflict(f"VM {vm!r} is already parked")
+        if state != "running":
+            raise Conflict(f"VM {vm!r} is {state}: only a running VM can be parked")
+        cfg, host = self.cfg, self.ctx.host
+        async with self.lock:
+            ram, code, maps = self.regions(pid, ram_bytes)
+            before = self.memory_view(pid, ram_bytes)
+            everything = self._all_pages(ram, code, maps)
+            t0 = time.perf_counter()
+            await self.ctx.blocking(host.process_pageout, pid, everything, timeout=120.0)
+            # What the idle guest brings back is its background working set; what the one
+            # request brings back after a second page-out is the *event's* working set
+            # (seeds/004), the one wake prefetches before delivering a request.
+            await asyncio.sleep(cfg.park_observe_s)
+            regs = [ram] + (code if cfg.include_code_cache else [])
+            background = await self.ctx.blocking(self._resident_ranges, pid, regs)
+            await self.ctx.blocking(host.process_pageout, pid, everything, timeout=120.0)
+            ping_s = None
+            try:
+                ping_s = await self._ping(vm, timeout=10.0)
+            except AgentError as exc:
+                log.info("vm %s: no ping while observing its working set: %s", vm, exc)
+            wset = await self.ctx.blocking(self._resident_ranges, pid, regs)
+            background_mib = sum(n for _, n in background) / MIB
+            wset_mib = sum(n for _, n in wset) / MIB
+            try:
+                await self.ctx.knobs.turn(self.name, vm, KIND, "", "paused", original="running")
+            except HostError as exc:
+                raise Unavailable(f"{vm}: suspend failed: {exc}") from None
+            with self.ctx.store.transaction() as db:
+                db.execute("INSERT INTO paging_parked (vm, pid, ranges, info, parked_at) VALUES (?, ?, ?, ?, ?)",
+                           (vm, pid, json.dumps(wset), json.dumps({"wset_mib": round(wset_mib, 1)}), time.time()))
+            await self.ctx.blocking(host.process_pageout, pid, everything, timeout=120.0)
+            dt = time.perf_counter() - t0
+            after = self.memory_view(pid, ram_bytes)
+            outcome = {"wset_mib": round(wset_mib, 1), "wset_ranges": len(wset), "observe_ping_s": ping_s,
+                       "background_wset_mib": round(background_mib, 1), "seconds": round(dt, 3),
+                       "before": before, "after": after, "tier_used_mib": self._swap_used_mib()}
+            self.ctx.decisions.log("park", vm, {"reason": reason, "observe_s": cfg.park_observe_s,
+                                                "include_code_cache": cfg.include_code_cache}, outcome)
+            self.last[vm] = {"action": "park", "at": time.time(), "wset_mib": outcome["wset_mib"]}
+            log.info("vm %s: parked (RSS %.1f -> %.1f MiB, idle working set %.1f MiB)", vm, before["rss_mib"],
+                     after["rss_mib"], wset_mib)
+            return {"vm": vm, **outcome}
+
+    def _prefetch(self, pid: int, ranges: list[tuple[int, int]], mode: str) -> tuple[int, float]:
+        """Swap the ranges in, split over the host's CPUs (the syscalls release the GIL)."""
+        t0 = time.perf_counter()
+        ranges = po.coalesce(ranges, PREFETCH_GAP)
+        if not ranges:
+            return 0, 0.0
+        host = self.ctx.host
+        if mode == "willneed":  # one syscall per 1024 ranges: the kernel reads them into the swap cache
+            return host.process_willneed(pid, ranges), time.perf_counter() - t0
+        workers = max(1, min(4, os.cpu_count() or 1))
+        total = sum(n for _, n in ranges)
+        parts: list[list[tuple[int, int]]] = [[] for _ in range(workers)]
+        share, i, acc = total / workers, 0, 0
+        for a, n in ranges:  # contiguous shares of about equal size
+            parts[min(i, workers - 1)].append((a, n))
+            acc += n
+            if acc >= share * (i + 1):
+                i += 1
+        with ThreadPoolExecutor(workers) as ex:
+            done = sum(ex.map(lambda p: host.process_touch(pid, p), [p for p in parts if p]))
+        return done, time.perf_counter() - t0
+
+    def _resume(self, vm: str) -> float:
+        t0 = time.perf_counter()
+        self.ctx.host.resume(vm)
+        return time.perf_counter() - t0
+
+    async def wake(self, vm: str, prefetch: bool = True, reason: str = "api", mode: str | None = None) -> dict[str, Any]:
+        """Swap the recorded working set in (``prefetch``) while the VM resumes, then deliver a
+        request (agent ping); the wake latency is until its answer."""
+        rec = self.parked(vm)
+        if rec is None:
+            self.ctx.vm(vm)
+            raise Conflict(f"VM {vm!r} is not parked")
+        mode = mode or self.cfg.prefetch
+        if mode not in ("touch", "willneed"):
+            raise Invalid(f"prefetch mode {mode!r}: must be touch or willneed")
+        host = self.ctx.host
+        pid = host.qemu_pid(vm)
+        async with self.lock:
+            t0 = time.perf_counter()
+            ranges = [(int(a), int(n)) for a, n in rec["ranges"]]
+            fetched = 0
+            prefetch_s = resume_s = None
+            try:
+                if prefetch and pid == rec["pid"]:
+                    # Swap-in and libvirt's resume overlap; the request is sent once both are done.
+                    (fetched, prefetch_s), resume_s = await asyncio.gather(
+                        asyncio.to_thread(self._prefetch, pid, ranges, mode), asyncio.to_thread(self._resume, vm))
+                elif host.info(vm).state == "paused":
+                    resume_s = await asyncio.to_thread(self._resume, vm)
+            except HostError as exc:
+                raise Unavailable(f"{vm}: resume failed: {exc}") from None
+            ready_s = time.perf_counter() - t0
+            ping_s = error = None
+            try:
+                ping_s = await self._ping(vm, timeout=30.0)
+            except AgentError as exc:
+                error = str(exc)
+            latency = time.perf_counter() - t0
+            with self.ctx.store.transaction() as db:
+                db.execute("DELETE FROM paging_parked WHERE vm = ?", (vm,))
+            self.ctx.knobs.forget(vm, KIND)
+            outcome = {"latency_s": round(latency, 4), "ready_s": round(ready_s, 4),
+                       "resume_s": None if resume_s is None else round(resume_s, 4),
+                       "prefetch_s": None if prefetch_s is None else round(prefetch_s, 4),
+                       "ping_s": None if ping_s is None else round(ping_s, 4),
+                       "prefetched_mib": round(fetched / MIB, 1), "answered": ping_s is not None, "error": error}
+            self.ctx.decisions.log("wake", vm, {"reason": reason, "prefetch": prefetch, "mode": mode,
+                                                "wset_mib": rec["info"].get("wset_mib"),
+                                                "parked_s": round(time.time() - rec["parked_at"], 1)}, outcome)
+            self.last[vm] = {"action": "wake", "at": time.time(), **outcome}
+            log.info("vm %s: woken in %.3f s (prefetch %s: %.1f MiB)", vm, latency, prefetch, fetched / MIB)
+            return {"vm": vm, "prefetch": prefetch, "mode": mode, **outcome}
+
+    # -- the view --------------------------------------------------------------------------------
+    def view(self) -> dict[str, Any]:
+        """``GET /v1/paging``: the tier and, per VM, where its host memory is."""
+        vms = []
+        for rec in self.ctx.vms():
+            row: dict[str, Any] = {"name": rec.name, "parked": False}
+            try:
+                pid, ram_bytes, state = self._qemu(rec.name)
+                row.update(state=state, **self.memory_view(pid, ram_bytes))
+            except Exception as exc:  # a VM that is down or unreadable still gets a row
+                row["error"] = str(exc)
+            p = self.parked(rec.name)
+            if p is not None:
+                row.update(parked=True, parked_at=p["parked_at"], wset_mib=p["info"].get("wset_mib"))
+            row["last"] = self.last.get(rec.name)
+            vms.append(row)
+        return {"tier": self.tier_view(), "vms": vms}
+
+    def status(self) -> dict[str, Any]:
+        return {"enabled": self.cfg.enabled, "device": None if self.device is None else zram.dev_path(self.device),
+                "parked": sorted(self.parked_vms())}
+
+
+PART = PagingPart

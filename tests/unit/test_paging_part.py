@@ -1,0 +1,119 @@
+"""The paging part against the shared fakes: the tier's life cycle through the host port,
+page-out sized by the host and chosen by the guest, park as a ledger knob that the ledger
+resumes on VM removal, wake with its prefetch."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from symbiont.config import Config
+from symbiont.host.fake import FakeDomain, FakeHost
+from symbiont.host.pageout import PAGE_SIZE, Region
+from symbiont.paging.config import PagingConfig
+from symbiont.paging.part import KIND, PagingPart
+from tests.fakes import Env, FakeAgents
+
+MIB = 1 << 20
+RAM = 0x7F0000000000
+CODE = 0x7E0000000000
+HEAP = 0x7D0000000000
+PID = 4242
+
+
+def _env(tmp_path: Path, agents: dict | None = None, **paging: object) -> tuple[Env, PagingPart]:
+    cfg = Config(state_dir=str(tmp_path))
+    cfg.paging = PagingConfig(enabled=True, zram_size_mib=256, park_observe_s=0.0, **paging)  # type: ignore[arg-type]
+    host = FakeHost(FakeDomain("vm1", qemu_pid=PID))
+    host.add_process(PID, [Region(RAM, RAM + 512 * MIB, "rw-p", ""), Region(CODE, CODE + 64 * MIB, "rwxp", ""),
+                           Region(HEAP, HEAP + 16 * MIB, "rw-p", "")])
+    env = Env(tmp_path, cfg=cfg, host=host, agents=FakeAgents(agents or {}))
+    part = env.add(PagingPart)
+    env.register("vm1")
+    return env, part  # type: ignore[return-value]
+
+
+def run(fn: Callable[[Path], Coroutine[Any, Any, None]]) -> Callable[[Path], None]:
+    """A plain test that runs the coroutine (no async plugin here)."""
+    @functools.wraps(fn)
+    def test(tmp_path: Path) -> None:
+        asyncio.run(fn(tmp_path))
+    return test
+
+
+def _resident_mib(env: Env, start: int) -> float:
+    return float(env.host.present[(PID, start)].sum()) * PAGE_SIZE / MIB
+
+
+@run
+async def test_tier_made_at_start_removed_at_stop_and_adopted_after_a_kill(tmp_path: Path) -> None:
+    env, part = _env(tmp_path)
+    await env.start()
+    assert [c[0] for c in env.host.calls] == ["zram_create"] and part.device == 0
+    assert env.store.query("SELECT state FROM paging_tier")[0]["state"] == "on"
+    # a daemon killed here: a new part on the same store and host adopts the device, makes none
+    again = PagingPart(env.ctx("paging", ("memory",)), env.cfg.paging)
+    await again.start()
+    assert again.device == 0 and [c[0] for c in env.host.calls] == ["zram_create"]
+    assert "tier-recover" in [d["action"] for d in env.store.decisions()]
+    await again.stop()
+    assert env.host.calls[-1] == ("zram_remove", 0) and env.host.zram == {}
+    assert env.store.query("SELECT * FROM paging_tier") == []
+
+
+@run
+async def test_pageout_takes_resident_minus_working_set_guest_free_first(tmp_path: Path) -> None:
+    cold = {"page_size": PAGE_SIZE, "free": [[0, 100 * MIB // PAGE_SIZE]], "cold": []}
+    env, part = _env(tmp_path, {"paging-cold": cold, "wss-sample": {"referenced_bytes": 128 * MIB,
+                                                                      "resident_bytes": 400 * MIB, "interval_s": 5.0}},
+                     margin_mib=64)
+    await env.start()
+    out = await part.pageout_vm("vm1")
+    # 512 resident − (128 working set + 64 margin) = 320 MiB, the guest's 100 free MiB first
+    assert out["paged_mib"] == 320.0 and out["by_source_mib"]["guest-free"] == 100.0
+    assert _resident_mib(env, RAM) == 192.0
+    assert env.host.present[(PID, RAM)][:100 * MIB // PAGE_SIZE].sum() == 0  # the free frames went
+    assert _resident_mib(env, CODE) == 64.0  # a page-out touches guest RAM only
+    d = env.store.decisions()[-1]
+    assert d["action"] == "pageout" and d["inputs"]["guest"]["wss_mib"] == 128.0
+    assert d["inputs"]["guest"]["source"] == "wss-sample"
+
+
+@run
+async def test_park_is_a_knob_the_ledger_resumes_on_removal(tmp_path: Path) -> None:
+    env, part = _env(tmp_path, {"ping": {}})
+    await env.start()
+    out = await part.park("vm1")
+    assert env.host.domains["vm1"].state == "paused"
+    assert out["after"]["rss_mib"] == 0.0  # guest RAM, code cache and QEMU's heap all paged out
+    assert [(r["kind"], r["original"], r["current"]) for r in env.knobs.rows("vm1")] == [(KIND, "running", "paused")]
+    assert part.parked_vms() == {"vm1"}
+    with pytest.raises(Exception, match="already parked"):
+        await part.park("vm1")
+    # unregistering: the ledger restores (resumes), then the part forgets the record
+    await env.knobs.restore(vm="vm1", reason="unregistered")
+    await part.vm_removed("vm1")
+    assert env.host.domains["vm1"].state == "running" and ("resume", "vm1") in env.host.calls
+    assert part.parked_vms() == set() and env.knobs.rows("vm1") == []
+
+
+@run
+async def test_wake_prefetches_the_recorded_working_set_then_pings(tmp_path: Path) -> None:
+    env, part = _env(tmp_path, {"ping": {}})
+    await env.start()
+    await part.park("vm1")
+    # what the request brought back while parking: pretend 8 MiB of RAM came back
+    with part.ctx.store.transaction() as db:
+        db.execute("UPDATE paging_parked SET ranges = ? WHERE vm = 'vm1'", (f"[[{RAM}, {8 * MIB}]]",))
+    out = await part.wake("vm1", prefetch=True, mode="touch")
+    assert out["answered"] and out["prefetched_mib"] == 8.0
+    assert _resident_mib(env, RAM) == 8.0 and env.host.domains["vm1"].state == "running"
+    assert env.knobs.rows("vm1") == [] and part.parked_vms() == set()
+    assert env.agents.ops("vm1")[-1] == "ping"
+    with pytest.raises(Exception, match="not parked"):
+        await part.wake("vm1")
