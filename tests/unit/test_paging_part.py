@@ -69,7 +69,7 @@ async def test_tier_made_at_start_removed_at_stop_and_adopted_after_a_kill(tmp_p
 @run
 async def test_pageout_takes_resident_minus_working_set_guest_free_first(tmp_path: Path) -> None:
     cold = {"page_size": PAGE_SIZE, "free": [[0, 100 * MIB // PAGE_SIZE]], "cold": []}
-    env, part = _env(tmp_path, {"paging-cold": cold, "wss-sample": {"referenced_bytes": 128 * MIB,
+    env, part = _env(tmp_path, {"paging.cold": cold, "memory.wss-sample": {"referenced_bytes": 128 * MIB,
                                                                       "resident_bytes": 400 * MIB, "interval_s": 5.0}},
                      margin_mib=64)
     await env.start()
@@ -81,12 +81,12 @@ async def test_pageout_takes_resident_minus_working_set_guest_free_first(tmp_pat
     assert _resident_mib(env, CODE) == 64.0  # a page-out touches guest RAM only
     d = env.store.decisions()[-1]
     assert d["action"] == "pageout" and d["inputs"]["guest"]["wss_mib"] == 128.0
-    assert d["inputs"]["guest"]["source"] == "wss-sample"
+    assert d["inputs"]["guest"]["source"] == "memory.wss-sample"
 
 
 @run
 async def test_park_is_a_knob_the_ledger_resumes_on_removal(tmp_path: Path) -> None:
-    env, part = _env(tmp_path, {"ping": {}})
+    env, part = _env(tmp_path, {"core.ping": {}})
     await env.start()
     out = await part.park("vm1")
     assert env.host.domains["vm1"].state == "paused"
@@ -104,7 +104,7 @@ async def test_park_is_a_knob_the_ledger_resumes_on_removal(tmp_path: Path) -> N
 
 @run
 async def test_wake_prefetches_the_recorded_working_set_then_pings(tmp_path: Path) -> None:
-    env, part = _env(tmp_path, {"ping": {}})
+    env, part = _env(tmp_path, {"core.ping": {}})
     await env.start()
     await part.park("vm1")
     # what the request brought back while parking: pretend 8 MiB of RAM came back
@@ -114,6 +114,6 @@ async def test_wake_prefetches_the_recorded_working_set_then_pings(tmp_path: Pat
     assert out["answered"] and out["prefetched_mib"] == 8.0
     assert _resident_mib(env, RAM) == 8.0 and env.host.domains["vm1"].state == "running"
     assert env.knobs.rows("vm1") == [] and part.parked_vms() == set()
-    assert env.agents.ops("vm1")[-1] == "ping"
+    assert env.agents.ops("vm1")[-1] == "core.ping"
     with pytest.raises(Exception, match="not parked"):
         await part.wake("vm1")

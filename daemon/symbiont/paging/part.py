@@ -298,12 +298,12 @@ class PagingPart(Part):
         agents = self.ctx.agents
         if last.get("referenced_bytes") is not None:
             out.update(wss_mib=round(last["referenced_bytes"] / MIB, 1), source="memory part")
-        elif agents.supports(vm, "wss-sample"):
+        elif agents.supports(vm, "memory.wss-sample"):
             try:
-                res, _ = await agents.call(vm, "wss-sample", {"reset": False})
+                res, _ = await agents.call(vm, "memory.wss-sample", {"reset": False})
                 ref = res.get("referenced_bytes") if isinstance(res, dict) else None
                 if isinstance(ref, int) and not isinstance(ref, bool) and ref >= 0 and res.get("interval_s"):
-                    out.update(wss_mib=round(ref / MIB, 1), source="wss-sample")
+                    out.update(wss_mib=round(ref / MIB, 1), source="memory.wss-sample")
             except AgentError as exc:
                 out["wss_error"] = str(exc)
         mi = self.ctx.latest(vm).get("agent", {}).get("meminfo", {})
@@ -312,9 +312,9 @@ class PagingPart(Part):
         if "MemAvailable" in mi:
             out["mem_available_mib"] = round(mi["MemAvailable"] / MIB, 1)
         out["cold"] = None
-        if agents.supports(vm, "paging-cold"):
+        if agents.supports(vm, "paging.cold"):
             try:
-                res, _ = await agents.call(vm, "paging-cold", {}, timeout=30.0)
+                res, _ = await agents.call(vm, "paging.cold", {}, timeout=30.0)
                 out["cold"] = res
             except AgentError as exc:
                 out["cold_error"] = str(exc)
@@ -394,7 +394,7 @@ class PagingPart(Part):
         if not self.ctx.agent(vm).ready:
             return None
         t0 = time.perf_counter()
-        await self.ctx.agents.call(vm, "ping", {}, timeout=timeout)
+        await self.ctx.agents.call(vm, "core.ping", {}, timeout=timeout)
         return time.perf_counter() - t0
 
     async def park(self, vm: str, reason: str = "api") -> dict[str, Any]:
