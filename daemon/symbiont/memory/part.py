@@ -249,6 +249,8 @@ class MemoryPart(Part):
         async def one(name: str) -> None:
             if not self.ctx.agent(name).cooperative or not self.ctx.agents.supports(name, "memory.wss-sample"):
                 return
+            if (self.ctx.latest(name).get("libvirt") or {}).get("state") not in (None, "running"):
+                return  # paused (parked by the paging part) or down: it cannot answer, asking only times out
             try:
                 res, _ = await self.ctx.agents.call(name, "memory.wss-sample", {"reset": True})
             except DaemonError as exc:
