@@ -106,6 +106,7 @@ class Config:
     libvirt_uri: str = "qemu:///system"
     log_level: str = "INFO"
     restore_on_exit: bool = True  # every knob turned is restored on stop / unregister
+    profile: str = ""  # a named set of defaults under this file's keys (symbiont.profiles): overcommit
     control: ControlConfig = field(default_factory=ControlConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     lab: LabConfig = field(default_factory=LabConfig)
@@ -267,6 +268,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{path}: the top level must be a mapping")
     if overrides:
         data = merge_dicts(data, overrides)
+    from symbiont.profiles import apply
+
+    data = apply(data)  # the profile's defaults under the user's keys
     cfg = _build_config(data)
     cfg.validate()
     return cfg
@@ -282,8 +286,11 @@ def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def dump_default_config() -> str:
-    cfg = Config()
+def dump_default_config(profile: str = "") -> str:
+    """The defaults as YAML; with ``profile``, the defaults that profile gives."""
+    from symbiont.profiles import apply
+
+    cfg = _build_config(apply({"profile": profile})) if profile else Config()
     d = dataclasses.asdict(cfg)
     sections = d.pop("sections")
     d.update(sections)

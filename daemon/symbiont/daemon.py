@@ -596,14 +596,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
     ap.add_argument("--check-config", action="store_true", help="validate the config and exit")
     ap.add_argument("--print-default-config", action="store_true", help="print the default config and exit")
+    ap.add_argument("--profile", help="a named set of defaults (e.g. overcommit); overrides the config's profile")
     args = ap.parse_args(argv)
     if args.print_default_config:
         from symbiont.config import dump_default_config
 
-        print(dump_default_config(), end="")
+        try:
+            print(dump_default_config(args.profile or ""), end="")
+        except ConfigError as exc:
+            print(f"symbiontd: config error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         return
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, {"profile": args.profile} if args.profile else None)
     except ConfigError as exc:
         print(f"symbiontd: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

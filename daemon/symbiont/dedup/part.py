@@ -35,6 +35,7 @@ from typing import Any
 
 from symbiont.dedup import metrics, tenancy
 from symbiont.dedup.backends import PAGE_SIZE, BackendError, HashBackend, select_backend
+from symbiont.dedup.config import CONFIG
 from symbiont.dedup.engine import Engine, EngineError, ScanReport
 from symbiont.dedup.ksm_controller import NEEDS_UNMERGED, Sample
 from symbiont.dedup.memsource import ProcessMemorySource
@@ -133,6 +134,7 @@ class DedupPart(Part):
     """KSM's observer and (opted into) tuner, and the hashing engine's scans of guest RAM."""
 
     name = "dedup"
+    config = CONFIG  # the policy when neither the API nor a registration asks for one
     # the hashing engine's GPU backends use the gpu part's device models and its CUDA probe
     # (symbiont.gpu.simulated, symbiont.gpu.backend); memory requires this part in turn
     requires = ("gpu",)
@@ -315,6 +317,8 @@ class DedupPart(Part):
             elif s.policy != chosen.policy:
                 notes.append(f"{rec.name} asks for {s.policy}; {chosen.source} wins")
         self.mode_notes = notes
+        if chosen is None and getattr(self.cfg, "policy", "off") != "off":  # the config's (a profile's)
+            chosen = Mode(policy=self.cfg.policy, source="config")
         return chosen or Mode()
 
     async def set_mode(self, mode: Mode) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from symbiont.config import _check
+from symbiont.config import check as _check
 
 
 @dataclass
@@ -19,6 +19,7 @@ class PagingConfig:
     park_observe_s: float = 3.0  # while parking: how long the paged-out VM runs to show its idle working set
     include_code_cache: bool = True  # park also pages out TCG's translation cache (reported apart)
     include_qemu_heap: bool = True  # park also pages out QEMU's own private anonymous memory (heap, stacks)
+    auto_pageout: bool = False  # each period, page out what ballooning left above memory's budget (profile overcommit)
     prefetch: str = "touch"  # wake's prefetch: touch (fault in and map) or willneed (into the swap cache)
 
     def validate(self, key: str) -> None:
