@@ -108,7 +108,8 @@ def test_plan_from_live_daemons_and_live_migrate_to_second_libvirtd(hosts) -> No
     lab.wait_for(lambda: _get(sock_a, f"/v1/vms/{name}")["cooperative"], 120, f"{name} cooperative on A")
     boot_id = _get(sock_a, f"/v1/vms/{name}")["agent"]["hello"]["boot_id"]
 
-    # The live inventory: capacity from libvirt, the VM's allocation, usage series from sqlite.
+    # The live inventory: the machine's capacity (the host port's sample, what libvirt's getInfo
+    # says of it), the VM's allocation, usage series from sqlite.
     def inventory_ready():
         inv = _get(sock_a, "/v1/placement/inventory")
         return inv if len(inv["usage"]["gray-box"].get(name, [])) >= 4 else None
