@@ -661,3 +661,26 @@ def test_execute_api_and_cli_dry_run_show_balloon_steps(tmp_path, monkeypatch) -
     assert res.exit_code == 0, res.output
     assert "A: balloon to 151 MiB" in res.output and "then balloon 151 MiB" in res.output
     assert res.output.index("grow") < res.output.index("shrink")
+
+
+def test_remote_libvirt_on_libvirts_test_driver() -> None:
+    """host/migrate.py's door, against libvirt's in-process test driver (no libvirtd): domain
+    state, the migratable XML, and a connection that cannot be opened as a HostError that the
+    executor reports as a plan error naming the host."""
+    from symbiont.host.migrate import RemoteLibvirt
+    from symbiont.host.port import HostError
+
+    remote = RemoteLibvirt()
+    try:
+        assert remote.state("test:///default", "test") == "running"
+        assert remote.state("test:///default", "nope") is None
+        assert "<name>test</name>" in remote.migratable_xml("test:///default", "test")
+        with pytest.raises(HostError, match="nope"):
+            remote.migratable_xml("test:///default", "nope")
+        with pytest.raises(HostError, match="cannot connect to bogus:///x"):
+            remote.conn("bogus:///x")
+        ex = Executor(parse_hosts([{"id": "Z", "libvirt_uri": "bogus:///x"}]), remote=remote)
+        with pytest.raises(ValueError, match="host Z: cannot connect"):
+            ex.locate(ex.hosts["Z"], "vm1")
+    finally:
+        remote.close()

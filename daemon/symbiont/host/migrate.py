@@ -59,7 +59,7 @@ class RemoteLibvirt:
         try:
             return self.conn(uri).lookupByName(vm).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
         except libvirt.libvirtError as exc:
-            raise HostError(exc.get_error_message() or str(exc)) from None
+            raise HostError(f"domain {vm!r} on {uri}: {exc.get_error_message() or exc}") from None
 
     def migrate(self, src_uri: str, dst_uri: str, vm: str, dest_xml: str, migrate_uri: str = "",
                 unsafe: bool = False, progress: ProgressFn | None = None) -> dict[str, Any]:
