@@ -117,3 +117,49 @@ async def test_wake_prefetches_the_recorded_working_set_then_pings(tmp_path: Pat
     assert env.agents.ops("vm1")[-1] == "core.ping"
     with pytest.raises(Exception, match="not parked"):
         await part.wake("vm1")
+
+
+def _two(tmp_path: Path, budget_mib: int, min_mib: int = 64) -> tuple[Env, PagingPart]:
+    """Two 512 MiB VMs fully resident: 'idle' (working set 100 MiB), 'busy' (400 MiB)."""
+    from symbiont.memory.config import MemoryConfig
+    from symbiont.memory.part import MemoryPart
+
+    cfg = Config(state_dir=str(tmp_path))
+    cfg.paging = PagingConfig(enabled=True, zram_size_mib=256, auto_pageout=True, margin_mib=64)
+    host = FakeHost(FakeDomain("idle", qemu_pid=11), FakeDomain("busy", qemu_pid=22))
+    for pid, base in ((11, RAM), (22, RAM + (1 << 36))):
+        host.add_process(pid, [Region(base, base + 512 * MIB, "rw-p", "")])
+    wss = {"idle": 100, "busy": 400}
+    agents = FakeAgents({"memory.wss-sample": lambda vm, _a: {"referenced_bytes": wss[vm] * MIB,
+                                                              "resident_bytes": 512 * MIB, "interval_s": 2.0}})
+    env = Env(tmp_path, cfg=cfg, host=host, agents=agents)
+    env.add(MemoryPart, MemoryConfig(enabled=False, budget_mib=budget_mib))  # its budget, its samples
+    part = env.add(PagingPart)
+    for vm in ("idle", "busy"):
+        env.register(vm, {"memory": {"min_mib": min_mib}})
+    return env, part  # type: ignore[return-value]
+
+
+@run
+async def test_auto_pageout_takes_the_budgets_shortfall_from_the_coldest_vm(tmp_path: Path) -> None:
+    env, part = _two(tmp_path, budget_mib=800)
+    await env.start()
+    await env.period()
+    # footprint 1024 MiB, budget 800: 224 MiB from 'idle' (512 − (100 + 64) = 348 cold), none from 'busy'
+    assert [c for c in env.host.calls if c[0] == "pageout"] == [("pageout", 11, 224 * MIB)]
+    assert part.last_plan is not None and part.last_plan.pageouts == [("idle", 224)]
+    d = [d for d in env.store.decisions() if d["action"] == "pageout"][-1]
+    assert d["vm"] == "idle" and d["inputs"]["reason"].startswith("policy: 224 MiB over the budget")
+    await env.period()  # within the budget now: nothing more
+    assert len([c for c in env.host.calls if c[0] == "pageout"]) == 1
+
+
+@run
+async def test_a_budget_below_the_vms_floors_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    env, part = _two(tmp_path, budget_mib=800, min_mib=512)
+    await env.start()
+    await env.period()
+    await env.period()
+    assert [c for c in env.host.calls if c[0] == "pageout"] == []
+    refused = [d for d in env.store.decisions() if d["action"] == "refused"]
+    assert len(refused) == 1 and "below the registered VMs' minimum floors (1024 MiB)" in refused[0]["outcome"]["reason"]

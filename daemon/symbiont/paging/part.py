@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from symbiont.errors import AgentError, Conflict, Invalid, NotFound, Unavailable
@@ -43,7 +44,8 @@ from symbiont.host.port import HostError
 from symbiont.knobs import KnobKind
 from symbiont.paging import policy
 from symbiont.paging.config import CONFIG, PagingConfig
-from symbiont.part import Part, PartContext
+from symbiont.paging.policy import ShortfallPlan, VmFootprint
+from symbiont.part import Part, PartContext, Period
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -90,6 +92,15 @@ def guest_classes(cold: Any, npages: int) -> tuple[list[tuple[str, list[tuple[in
         return [], f"guest's cold pages ignored: {exc}"
 
 
+@dataclass
+class ShortfallPlanInputs:
+    """One period's observation for the shortfall policy."""
+
+    budget_mib: float
+    vms: list[VmFootprint]
+    margin_mib: float
+
+
 class PagingPart(Part):
     """Host paging: one swap tier, page-out, park and wake; state on the instance."""
 
@@ -102,6 +113,8 @@ class PagingPart(Part):
         self.device: int | None = None  # the tier's zram number (the truth is in sqlite)
         self.last: dict[str, dict[str, Any]] = {}  # per VM: last page-out / park / wake outcome
         self.lock = asyncio.Lock()
+        self.last_plan: ShortfallPlan | None = None
+        self._refused: str | None = None  # the last refusal logged (logged again only when it changes)
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -522,6 +535,55 @@ class PagingPart(Part):
             log.info("vm %s: woken in %.3f s (prefetch %s: %.1f MiB)", vm, latency, prefetch, fetched / MIB)
             return {"vm": vm, "prefetch": prefetch, "mode": mode, **outcome}
 
+    # -- the period: page out what ballooning left above the budget (paging.auto_pageout) --------
+    async def observe(self, period: Period) -> ShortfallPlanInputs | None:
+        """After the memory part's act (it is required, so it ran first): each VM's resident
+        guest RAM, balloon target, working set and floor, and memory's budget."""
+        if not self.cfg.auto_pageout or self.device is None:
+            return None
+        mem: Any = self.ctx.peer("memory")
+        vms = []
+        for rec in self.ctx.vms():
+            lv = dict(self.ctx.latest(rec.name).get("libvirt") or {})
+            try:
+                pid, ram_bytes, state = self._qemu(rec.name)
+                ram, _code, _maps = await self.ctx.blocking(self.regions, pid, ram_bytes)
+            except Exception as exc:  # a VM that is down has no footprint to page
+                log.debug("vm %s: no footprint: %s", rec.name, exc)
+                continue
+            st = mem.state.vms.get(rec.name)
+            ref = st.last_wss.get("referenced_bytes") if st is not None else None
+            pol = rec.policy.get("memory", {}) if isinstance(rec.policy, dict) else {}
+            vms.append(VmFootprint(
+                name=rec.name, running=state == "running", resident_mib=ram.rss_kib / 1024,
+                allocated_mib=float(mem.current_target(rec.name, lv)) if lv else ram_bytes / MIB,
+                wss_mib=None if ref is None else float(ref) / MIB, floor_mib=float(pol.get("min_mib") or 64)))
+        return ShortfallPlanInputs(float(mem.budget_mib()), vms, float(self.cfg.margin_mib))
+
+    def decide(self, obs: ShortfallPlanInputs | None) -> ShortfallPlan | None:
+        return None if obs is None else policy.shortfall_plan(obs.budget_mib, obs.vms, obs.margin_mib)
+
+    async def act(self, decision: ShortfallPlan | None) -> None:
+        self.last_plan = decision
+        if decision is None:
+            return
+        inputs = {"budget_mib": decision.budget_mib, "footprint_mib": round(decision.footprint_mib, 1),
+                  "shortfall_mib": round(decision.shortfall_mib, 1)}
+        if decision.refused is not None:
+            if decision.refused != self._refused:
+                self.ctx.decisions.log("refused", None, inputs, {"reason": decision.refused})
+                log.warning("paging: %s", decision.refused)
+            self._refused = decision.refused
+            return
+        self._refused = None
+        for vm, mib in decision.pageouts:
+            try:
+                await self.pageout_vm(vm, mib, reason=f"policy: {decision.shortfall_mib:.0f} MiB over the budget "
+                                                      f"after ballooning")
+            except Exception as exc:  # one VM's failure must not stop the others
+                log.warning("vm %s: policy page-out of %d MiB failed: %s", vm, mib, exc)
+
+
     # -- the view --------------------------------------------------------------------------------
     def view(self) -> dict[str, Any]:
         """``GET /v1/paging``: the tier and, per VM, where its host memory is."""
@@ -541,7 +603,11 @@ class PagingPart(Part):
         return {"tier": self.tier_view(), "vms": vms}
 
     def status(self) -> dict[str, Any]:
-        return {"enabled": self.cfg.enabled, "device": None if self.device is None else zram.dev_path(self.device),
+        return {"enabled": self.cfg.enabled, "auto_pageout": self.cfg.auto_pageout,
+                "last_plan": None if self.last_plan is None else {
+                    "shortfall_mib": round(self.last_plan.shortfall_mib, 1), "pageouts": self.last_plan.pageouts,
+                    "refused": self.last_plan.refused},
+                "device": None if self.device is None else zram.dev_path(self.device),
                 "parked": sorted(self.parked_vms())}
 
 

@@ -112,3 +112,63 @@ def select(present: np.ndarray, want_pages: int, classes: Sequence[tuple[str, li
             chosen[idx] = True
             by["host-blind"] = int(idx.size)
     return Selection(_mask_runs(chosen), by)
+
+
+# -- the budget's shortfall (profile overcommit: host paging after ballooning) ------------------
+@dataclass(frozen=True)
+class VmFootprint:
+    """One VM as the shortfall policy sees it, after this period's balloon decisions."""
+
+    name: str
+    running: bool  # a paused (parked) VM is paged out already and cannot answer its guest
+    resident_mib: float  # guest RAM resident on the host
+    allocated_mib: float  # the balloon target the memory part left this period
+    wss_mib: float | None  # the guest's working set (memory part's sample)
+    floor_mib: float  # the VM's minimum (policy memory.min_mib)
+
+    @property
+    def footprint_mib(self) -> float:
+        return min(self.resident_mib, self.allocated_mib)
+
+
+@dataclass(frozen=True)
+class ShortfallPlan:
+    budget_mib: float
+    footprint_mib: float
+    shortfall_mib: float
+    pageouts: list[tuple[str, int]]  # (vm, MiB)
+    refused: str | None = None  # why nothing may be done (a budget below the VMs' floors)
+
+
+def shortfall_plan(budget_mib: float, vms: Sequence[VmFootprint], margin_mib: float,
+                   min_step_mib: int = 4) -> ShortfallPlan:
+    """How much to page out of which VM so the VMs' host footprint fits the budget, after the
+    balloon did what it could (seeds/002: sharing, then ballooning, then host paging).
+
+    Pure. A budget below the sum of the VMs' floors cannot be met by any lever: refused, nothing
+    done. Otherwise the shortfall (footprint − budget) is taken from the running VMs with the
+    most cold memory first (resident − (working set + margin)); a VM without a working-set
+    sample is not paged (the host does not guess what a guest needs).
+    """
+    floors = sum(v.floor_mib for v in vms)
+    footprint = sum(v.footprint_mib for v in vms)
+    if floors > budget_mib:
+        why = (f"budget {budget_mib:.0f} MiB is below the registered VMs' minimum floors ({floors:.0f} MiB): "
+               "raise memory.budget_mib or lower a VM's memory.min_mib")
+        return ShortfallPlan(budget_mib, footprint, max(0.0, footprint - budget_mib), [], why)
+    short = footprint - budget_mib
+    if short <= 0:
+        return ShortfallPlan(budget_mib, footprint, 0.0, [])
+    cold = sorted(((pageout_target_mib(v.footprint_mib, v.wss_mib, margin_mib, v.floor_mib), v.name)
+                   for v in vms if v.running), key=lambda t: (-t[0], t[1]))
+    out: list[tuple[str, int]] = []
+    left = short
+    for c, name in cold:
+        take = int(min(c, left))
+        if take < min_step_mib:
+            continue
+        out.append((name, take))
+        left -= take
+        if left < min_step_mib:
+            break
+    return ShortfallPlan(budget_mib, footprint, short, out)
