@@ -82,6 +82,7 @@ class LabConfig:
     vcpus: int = 1
     max_vcpus: int = 4
     balloon_period_s: int = 2  # virtio-balloon stats period
+    tcg_tb_cache_mib: int = 32  # TCG translation cache per VM (QEMU tb-size; domain type qemu only); 0: QEMU's default
     images_dir: str = "/var/lib/symbiont/images"
     vms_dir: str = "/var/lib/symbiont/vms"
     channels_dir: str = "/var/lib/symbiont/channels"
@@ -95,6 +96,8 @@ class LabConfig:
         _check(1 <= self.vcpus <= 256, f"{key}.vcpus", "must be between 1 and 256")
         _check(self.vcpus <= self.max_vcpus <= 256, f"{key}.max_vcpus", "must be between vcpus and 256")
         _check(0 <= self.balloon_period_s <= 3600, f"{key}.balloon_period_s", "must be between 0 and 3600")
+        _check(0 <= self.tcg_tb_cache_mib <= 4096, f"{key}.tcg_tb_cache_mib",
+               "must be between 0 (QEMU's default) and 4096 MiB")
 
 
 @dataclass

@@ -185,6 +185,15 @@ def lab_vm(cfg: Config, name: str) -> LabVm:
     )
 
 
+def tcg_features(dtype: str, tb_cache_mib: int) -> str:
+    """TCG's translation-code cache size (libvirt 9.0: QEMU's ``tb-size``): under TCG QEMU
+    otherwise keeps up to 1 GiB of translated code resident per VM (320 MiB measured for an
+    idle 512 MiB guest). Nothing on the KVM path, nor with 0 (QEMU's default)."""
+    if dtype != "qemu" or tb_cache_mib <= 0:
+        return ""
+    return f"<tcg><tb-cache unit='MiB'>{int(tb_cache_mib)}</tb-cache></tcg>"
+
+
 def domain_xml(
     cfg: Config,
     vm: LabVm,
@@ -232,7 +241,7 @@ def domain_xml(
     <initrd>{escape(str(image.initrd))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
   </os>
-  <features><acpi/><apic/></features>
+  <features><acpi/><apic/>{tcg_features(dtype, lab.tcg_tb_cache_mib)}</features>
   {cpu}
   <clock offset='utc'/>
   <on_poweroff>destroy</on_poweroff>
