@@ -163,3 +163,17 @@ async def test_a_budget_below_the_vms_floors_is_refused_and_changes_nothing(tmp_
     assert [c for c in env.host.calls if c[0] == "pageout"] == []
     refused = [d for d in env.store.decisions() if d["action"] == "refused"]
     assert len(refused) == 1 and "below the registered VMs' minimum floors (1024 MiB)" in refused[0]["outcome"]["reason"]
+
+
+@run
+async def test_the_view_splits_a_vms_host_memory(tmp_path: Path) -> None:
+    env, part = _env(tmp_path)
+    await env.start()
+    v = part.view()["vms"][0]
+    assert v["rss_mib"] == 592.0  # 512 guest RAM + 64 code cache + 16 QEMU's own, all resident
+    assert v["guest_ram"]["resident_mib"] == 512.0 and v["code_cache"]["resident_mib"] == 64.0
+    assert v["qemu_other"] == {"resident_mib": 16.0, "swapped_mib": 0.0}
+    env.host.process_pageout(PID, [(HEAP, 8 * MIB), (CODE, 32 * MIB)])
+    v = part.view()["vms"][0]
+    assert v["qemu_other"] == {"resident_mib": 8.0, "swapped_mib": 8.0}
+    assert v["code_cache"]["swapped_mib"] == 32.0 and v["guest_ram"]["swapped_mib"] == 0.0

@@ -22,18 +22,20 @@ def status(ctx: Ctx, as_json: bool) -> None:
     tier = data["tier"]
     if tier.get("device"):
         title = (f"swap tier {tier['device']} ({tier['compressor']}): {tier['used_mib']}/{tier['size_mib']} MiB used, "
-                 f"{tier['compressed_mib']} MiB compressed (×{_s(tier['ratio'])}), {tier['mem_used_mib']} MiB RAM")
+                 f"{_s(tier.get('compressed_mib'))} MiB compressed (×{_s(tier.get('ratio'))}), "
+                 f"{_s(tier.get('mem_used_mib'))} MiB RAM")
     else:
         title = "no swap tier (paging.enabled is false)"
     t = Table(title=title)
     for col in ("vm", "state", "RSS MiB", "swap MiB", "guest RAM res.", "guest RAM swapped", "code cache res.",
-                "code cache swapped", "parked"):
+                "code cache swapped", "QEMU other res.", "QEMU other swapped", "parked"):
         t.add_column(col)
     for v in data["vms"]:
-        g, c = v.get("guest_ram", {}), v.get("code_cache", {})
+        g, c, o = v.get("guest_ram", {}), v.get("code_cache", {}), v.get("qemu_other", {})
         t.add_row(v["name"], _s(v.get("state") or v.get("error")), _s(v.get("rss_mib")), _s(v.get("swap_mib")),
                   _s(g.get("resident_mib")), _s(g.get("swapped_mib")), _s(c.get("resident_mib")),
-                  _s(c.get("swapped_mib")), "yes" if v["parked"] else "no")
+                  _s(c.get("swapped_mib")), _s(o.get("resident_mib")), _s(o.get("swapped_mib")),
+                  "yes" if v["parked"] else "no")
     emit(data, as_json, t)
 
 

@@ -279,10 +279,15 @@ class PagingPart(Part):
             raise Unavailable(str(exc)) from None
 
     def memory_view(self, pid: int, ram_bytes: int) -> dict[str, Any]:
-        """Where a VM's host memory is: QEMU RSS/swap, guest RAM and TCG code cache apart."""
+        """Where a VM's host memory is (issue 15 item 4): guest RAM, the TCG translation-code
+        cache, and QEMU's other memory (heap, stacks, libraries: RSS less the two), each
+        resident and swapped apart, from the QEMU process's smaps and status."""
         ram, code, _maps = self.regions(pid, ram_bytes)
         st = self.ctx.host.process_status_kib(pid)
+        code_rss, code_swap = sum(r.rss_kib for r in code), sum(r.swap_kib for r in code)
         return {
+            "qemu_other": {"resident_mib": round(max(0, st.get("VmRSS", 0) - ram.rss_kib - code_rss) / 1024, 1),
+                           "swapped_mib": round(max(0, st.get("VmSwap", 0) - ram.swap_kib - code_swap) / 1024, 1)},
             "qemu_pid": pid,
             "rss_mib": round(st.get("VmRSS", 0) / 1024, 1),
             "swap_mib": round(st.get("VmSwap", 0) / 1024, 1),
