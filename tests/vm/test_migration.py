@@ -8,13 +8,15 @@ of the agents: its counter file (written by a second process through a pipe), it
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from symbiont.lab.console import guest_exec
 from symbiont.lab.session import LabSession
-from symbiont.migration.workload import counter_command, parse_counter
+from symbiont.migration.workload import counter_command, echo_command, parse_counter
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 
@@ -26,7 +28,7 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def lab(libvirtd, tmp_path_factory):
     with LabSession(count=2, prefix="symb-mig-", period_s=1.0, memory_mib=512, max_vcpus=2,
-                    peer_link=(47611, 47612), work_dir=tmp_path_factory.mktemp("miglab"),
+                    peer_link=True, work_dir=tmp_path_factory.mktemp("miglab"),
                     daemon_overrides={"control": {"agent_timeout_s": 15.0}}) as s:  # fmt: skip
         for name in s.names:
             s.wait_for(
@@ -46,11 +48,11 @@ def counter(lab: LabSession, vm: str, ct: str) -> list[int]:
     return [n for n, _ in parse_counter(out + "\n")]
 
 
-def create(lab: LabSession, vm: str, ct: str, mib: int = 16) -> None:
+def create(lab: LabSession, vm: str, ct: str, mib: int = 16, netns: bool = False) -> None:
     with lab.client() as c:
         c.post(f"/v1/cpu/vms/{vm}/containers", {
             "name": ct, "command": counter_command(ct, mib, f"{WORK}/{ct}/out"),
-            "limits": {"memory_max": "192M", "cpu_weight": 250, "pids_max": 64},
+            "limits": {"memory_max": "192M", "cpu_weight": 250, "pids_max": 64}, "netns": netns,
         })  # fmt: skip
     lab.wait_for(lambda: len(counter(lab, vm, ct)) >= 5, 90, f"{ct} counting on {vm}", interval=2)
 
@@ -95,11 +97,17 @@ def test_relay_migration_keeps_counting_with_limits_pipe_and_open_file(lab: LabS
     vm1, vm2 = lab.names
     create(lab, vm1, "ctr")
     before = counter(lab, vm1, "ctr")[-1]
-    m = migrate(lab, vm1, "ctr", vm2, path="relay", rate="adaptive", predumps=1)
+    m = migrate(lab, vm1, "ctr", vm2, path="relay", rate="adaptive", predumps=4)
     assert m["phase"] == "done", m
     t = m["timings"]
-    for key in ("predump1_s", "dump_s", "transfer_final_s", "restore_s", "downtime_s"):
+    for key in ("predump1_s", "predump2_s", "dump_s", "transfer_final_s", "restore_s", "downtime_s"):
         assert t[key] > 0, (key, t)
+    # Pre-copy converged: the second pre-dump holds only what was written meanwhile, the
+    # final dump (frozen) moves a small delta, not the container's 16 MiB again.
+    pre = m["progress"]["predump_bytes"]
+    assert pre[0] > 16 * MiB and pre[-1] < pre[0] / 4, pre
+    assert m["progress"]["precopy_stop"] in ("below-threshold", "not-shrinking", "max-predumps"), m["progress"]
+    assert m["progress"]["final_bytes"] < 4 * MiB, m["progress"]
     assert m["result"]["restore"]["pid"] > 0 and m["progress"]["moved"] > 8 * MiB  # 16 MiB of memory moved
     relay = m["result"]["relay"]
     assert sum(r["relay_bytes"] for r in relay) == m["progress"]["moved"]
@@ -123,13 +131,15 @@ def test_network_path_migrates_back(lab: LabSession) -> None:
     # the guests' network exists only inside the lab's namespace: taps and bridge live there
     from pyroute2 import IPRoute, NetNS
 
+    link = lab._link
+    assert link is not None
     with IPRoute() as ipr:
-        assert not ipr.link_lookup(ifname="symt47611") and not ipr.link_lookup(ifname="symbr0")
-    with NetNS("symlink-47611") as ns:
+        assert not ipr.link_lookup(ifname=link.tap(0)) and not ipr.link_lookup(ifname="symbr0")
+    with NetNS(link.netns) as ns:
         br = ns.link_lookup(ifname="symbr0")
         assert br and all(
             ns.get_links(ns.link_lookup(ifname=t)[0])[0].get_attr("IFLA_MASTER") == br[0]
-            for t in ("symt47611", "symt47612")
+            for t in (link.tap(0), link.tap(1))
         )
     m = migrate(lab, vm2, "ctr", vm1, path="network", predumps=1)
     assert m["phase"] == "done", m
@@ -174,3 +184,83 @@ def test_daemon_killed_mid_transfer_leaves_exactly_one_copy(lab: LabSession) -> 
         ]
     assert decisions and decisions[-1]["outcome"]["action"] == "abort"
     assert_counts_on(lab, vm1, "ctr", vm2)
+
+
+# The client: one connection, a counter sent and echoed every 0.2 s; it prints each echo,
+# and dies (printing why) if the connection breaks or an echo is wrong.
+CLIENT = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+s.settimeout(90)
+f = s.makefile("rwb", buffering=0)
+print("connected", s.getsockname(), flush=True)
+n = 0
+while True:
+    n += 1
+    f.write(b"%d\n" % n)
+    line = f.readline()
+    if line.strip() != b"%d" % n:
+        print("BAD", n, line, flush=True)
+        sys.exit(1)
+    print(n, round(time.time(), 3), flush=True)
+    time.sleep(0.2)
+"""
+SERVER_IP = "10.211.200.1"
+CLIENT_IP = "10.211.255.254"
+
+
+def echoes(path) -> list[int]:
+    return [int(ln.split()[0]) for ln in path.read_text().splitlines() if ln[:1].isdigit()]
+
+
+def test_server_with_established_tcp_and_netns_container_migrate(lab: LabSession, tmp_path) -> None:
+    """A TCP server keeps its client's connection across the move; a container with its own
+    network namespace migrates too (CRIU locks the network with iptables in the guest)."""
+    vm1, vm2 = lab.names
+    link = lab._link
+    assert link is not None
+    with lab.client() as c:
+        c.post(f"/v1/cpu/vms/{vm1}/containers", {"name": "echo", "command": echo_command("echo", 47900),
+                                                 "limits": {"memory_max": "96M"}})  # fmt: skip
+    # The server's own address on vm1's link (what a service IP is); the client sits on the
+    # lab's bridge in its namespace, outside both guests.
+    gx(lab, vm1, "i=$(for f in /sys/class/net/*/address; do grep -q '^52:54:00:5b' $f && basename $(dirname $f); done); "
+                 "m=$(cat /sys/class/net/$i/address); ip link set $i up; "
+                 "ip addr add 10.211.$((0x$(echo $m | cut -d: -f5))).$((0x$(echo $m | cut -d: -f6)))/16 dev $i || true; "
+                 f"ip addr add {SERVER_IP}/32 dev $i")  # fmt: skip
+    subprocess.run(["ip", "-n", link.netns, "addr", "replace", f"{CLIENT_IP}/16", "dev", "symbr0"], check=True)
+    out = tmp_path / "client.out"
+    with open(out, "w") as fh:
+        client = subprocess.Popen(["ip", "netns", "exec", link.netns, sys.executable, "-c", CLIENT, SERVER_IP,
+                                   "47900"], stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        lab.wait_for(lambda: len(echoes(out)) >= 5, 90, "the client's first echoes", interval=1)
+        m = migrate(lab, vm1, "echo", vm2, path="relay", ip=SERVER_IP)
+        assert m["phase"] == "done", m
+        n0 = len(echoes(out))
+        try:
+            lab.wait_for(lambda: len(echoes(out)) >= n0 + 10, 90, "echoes after the move", interval=1)
+        except TimeoutError:
+            diag = {vm: gx(lab, vm, "ip -o addr; iptables -S; ss -tnie; cat /var/log/symbiont-containers/echo.log; "
+                                    "ls /var/lib/symbiont-mig/*/img/final/ 2>&1 | head; tail -5 /var/lib/symbiont-mig/*/img/final/restore.log")
+                    for vm in (vm1, vm2)}  # fmt: skip
+            neigh = subprocess.run(["ip", "-n", link.netns, "neigh"], capture_output=True, text=True).stdout
+            raise AssertionError(f"no echo after the move: {m}\nclient: {out.read_text()[-1500:]}\n{diag}\n{neigh}") from None
+        assert client.poll() is None, out.read_text()  # the same connection, never broken
+        text = out.read_text()
+        assert text.count("connected") == 1 and "BAD" not in text, text
+        got = echoes(out)
+        assert got == list(range(1, len(got) + 1)), got
+        assert int(cgroup_state(lab, vm1, "echo")["procs"]) == 0 and int(cgroup_state(lab, vm2, "echo")["procs"]) >= 1
+        assert CLIENT_IP in gx(lab, vm2, "ss -Htn state established '( sport = :47900 )'")  # served there now
+    finally:
+        client.kill()
+        client.wait()
+    # A container in its own network namespace (lo only): CRIU dumps and recreates the namespace.
+    create(lab, vm1, "nsct", mib=8, netns=True)
+    m = migrate(lab, vm1, "nsct", vm2, path="relay")
+    assert m["phase"] == "done", m
+    assert_counts_on(lab, vm2, "nsct", vm1)
+    ns = gx(lab, vm2, f"for p in $(cat {CT}/nsct/cgroup.procs); do readlink /proc/$p/ns/net; done; readlink /proc/1/ns/net")
+    lines = ns.split()
+    assert lines[-1] not in lines[:-1], ns  # not the guest's own namespace
