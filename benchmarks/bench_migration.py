@@ -1,12 +1,21 @@
-"""Relay (virtio-serial through the daemon) vs guest network: transfer MiB/s and host CPU s/MiB.
+"""Container migration: freeze, total time and host CPU per MiB, relay vs guest network.
 
-One lab of two VMs with a guest link; a counter container with ``--mib`` MiB of memory is
-migrated back and forth ``--runs`` times over each path (stop-and-copy: no pre-dump, so the
-whole image moves while the container is frozen). Reported per path: transfer throughput
-(MiB moved / transfer seconds), host CPU seconds (both QEMU processes + the daemon) per
-migrated MiB, downtime; and the ratio relay / network measured in the same run. As root:
+One lab of two VMs with a guest link (the lab allocates an unused one), the real daemon and
+agents. A counter container holds ``size`` MiB of its own memory and writes ``dirty`` KiB of
+it per second (one byte per page). Every row is one migration; the same container goes
+there over one path and back over the other, so both paths see the same state:
 
-    .venv/bin/python benchmarks/bench_migration.py --mib 32 --runs 2
+* sizes (default 8, 32, 128 MiB) at one write rate, iterative pre-copy (stops when a
+  pre-dump is below 1 MiB or no longer shrinks), relay and network;
+* write rates (default 0.25, 4, 16 MiB/s) at 32 MiB, relay and network;
+* the stop-and-copy baseline (no pre-dump: the freeze of before) at 32 MiB, both paths.
+
+Printed: a markdown table (freeze = from the freeze to the restored copy confirmed running),
+and per pair the ratio relay / network of host CPU seconds (both QEMU processes + the
+daemon) per migrated MiB, measured in the same run. As root:
+
+    .venv/bin/python benchmarks/bench_migration.py
+    .venv/bin/python benchmarks/bench_migration.py --sizes 32 --rates "" --no-baseline   # quick
 """
 
 from __future__ import annotations
@@ -14,55 +23,91 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import _common  # noqa: F401
 
 from symbiont.lab.session import LabSession
-from symbiont.migration.experiments import _row, migrate, start_counter
+from symbiont.migration.experiments import _row, migrate
+from symbiont.migration.workload import counter_command
+
+WORK = "/var/lib/symbiont-work"
+MiB = 1 << 20
+
+
+def start(s: LabSession, vm: str, ct: str, mib: int, dirty_kib_s: int) -> None:
+    with s.client() as c:
+        c.post(f"/v1/cpu/vms/{vm}/containers", {
+            "name": ct, "command": counter_command(ct, mib, f"{WORK}/{ct}/out", 0.1, dirty_kib_s),
+            "limits": {"memory_max": f"{mib + 96}M"},
+        })  # fmt: skip
+
+
+def one(s: LabSession, src: str, dst: str, ct: str, path: str, predumps: int, size: int, dirty: int) -> dict[str, Any]:
+    m = migrate(s, {"vm": src, "ct": ct, "to": dst, "path": path, "predumps": predumps})
+    if m["phase"] != "done":
+        raise SystemExit(f"migration {m['id']} failed: {m['error']}")
+    r = _row(m, size)
+    pr = m["progress"]
+    r.update(
+        dirty_kib_s=dirty, predumps=pr.get("predumps", 0), stop=pr.get("precopy_stop"),
+        final_mib=round(pr.get("final_bytes", 0) / MiB, 3),
+        freeze_s=m["timings"].get("downtime_s"),
+        throughput_mib_s=round(r["moved_mib"] / max(1e-9, r["transfer_s"]), 3),
+    )  # fmt: skip
+    print(f"  {path:7s} {size:4d} MiB {dirty:6d} KiB/s predumps {r['predumps']} ({r['stop']}): moved {r['moved_mib']:.1f} "
+          f"MiB, final {r['final_mib']:.2f} MiB, freeze {r['freeze_s']:.2f} s (dump {r['dump_s']:.2f}, restore "
+          f"{r['restore_s']:.2f}), total {r['total_s']:.1f} s, {r['host_cpu_s_per_mib']:.3f} host CPU s/MiB",
+          flush=True)  # fmt: skip
+    return r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mib", type=int, default=32, help="container memory, MiB")
-    ap.add_argument("--runs", type=int, default=2, help="migrations per path")
+    ap.add_argument("--sizes", default="8,32,128", help="container memory sizes, MiB")
+    ap.add_argument("--dirty", type=int, default=1024, help="write rate for the size sweep, KiB/s")
+    ap.add_argument("--rates", default="256,4096,16384", help="more write rates at 32 MiB, KiB/s")
+    ap.add_argument("--predumps", type=int, default=4, help="most pre-copy iterations")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the stop-and-copy pair")
+    ap.add_argument("--memory-mib", type=int, default=768, help="guest memory")
     args = ap.parse_args()
-    rows: dict[str, list[dict]] = {"network": [], "relay": []}
-    with LabSession(count=2, prefix="symb-mig-bench-", period_s=1.0, memory_mib=512, max_vcpus=2,
-                    peer_link=(47631, 47632), step=lambda s: print("-", s, flush=True),
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    rates = [int(x) for x in args.rates.split(",") if x.strip()]
+    plan: list[tuple[int, int, int]] = [(size, args.dirty, args.predumps) for size in sizes]
+    plan += [(32, r, args.predumps) for r in rates]
+    if not args.no_baseline:
+        plan.append((32, args.dirty, 0))
+    rows: list[dict[str, Any]] = []
+    with LabSession(count=2, prefix="symb-mig-bench-", period_s=1.0, memory_mib=args.memory_mib, max_vcpus=2,
+                    peer_link=True, step=lambda x: print("-", x, flush=True),
                     daemon_overrides={"control": {"agent_timeout_s": 15.0}}) as s:  # fmt: skip
         for vm in s.names:
             s.wait_for(lambda vm=vm: s.client().get(f"/v1/vms/{vm}")["cooperative"], 180, f"{vm} cooperative")
         a, b = s.names
-        start_counter(s, a, "bench", args.mib)
-        time.sleep(8)
-        where = a
-        for i in range(args.runs):
-            for path in ("network", "relay"):
-                dest = b if where == a else a
-                m = migrate(s, {"vm": where, "ct": "bench", "to": dest, "path": path, "predumps": 0})
-                if m["phase"] != "done":
-                    raise SystemExit(f"migration failed: {m['error']}")
-                r = _row(m, args.mib)
-                r["throughput_mib_s"] = r["moved_mib"] / max(1e-9, r["transfer_s"])
-                rows[path].append(r)
-                print(f"  run {i + 1} {path:7s} {r['moved_mib']:.1f} MiB in {r['transfer_s']:.2f} s "
-                      f"= {r['throughput_mib_s']:.2f} MiB/s, host CPU {r['host_cpu_s_per_mib']:.3f} s/MiB, "
-                      f"downtime {r['downtime_s']:.2f} s", flush=True)  # fmt: skip
-                where = dest
+        for i, (size, dirty, predumps) in enumerate(plan):
+            ct = f"b{i}"
+            start(s, a, ct, size, dirty)
+            time.sleep(6 + size / 16)  # allocated and writing
+            for path, src, dst in (("relay", a, b), ("network", b, a)):
+                rows.append(one(s, src, dst, ct, path, predumps, size, dirty))
+            with s.client() as c:
+                c.call("DELETE", f"/v1/cpu/vms/{a}/containers/{ct}")
     print()
-    med = {p: {k: statistics.median(r[k] for r in rs) for k in ("throughput_mib_s", "host_cpu_s_per_mib",
-                                                                 "downtime_s", "src_qemu_cpu_pct",
-                                                                 "dst_qemu_cpu_pct", "daemon_cpu_pct")}
-           for p, rs in rows.items()}  # fmt: skip
-    for p, v in med.items():
-        print(f"{p:7s} median: {v['throughput_mib_s']:.2f} MiB/s, {v['host_cpu_s_per_mib']:.3f} host CPU s/MiB, "
-              f"downtime {v['downtime_s']:.2f} s, CPU % src QEMU {v['src_qemu_cpu_pct']:.1f}, "
-              f"dst QEMU {v['dst_qemu_cpu_pct']:.1f}, daemon {v['daemon_cpu_pct']:.1f}")  # fmt: skip
-    n, r = med["network"], med["relay"]
-    print(
-        f"relay / network: throughput x{r['throughput_mib_s'] / n['throughput_mib_s']:.2f}, "
-        f"host CPU per MiB x{r['host_cpu_s_per_mib'] / max(1e-9, n['host_cpu_s_per_mib']):.2f}"
-    )
+    print("| path | size MiB | writes KiB/s | pre-dumps (why stopped) | moved MiB | final dump MiB | freeze s "
+          "| dump s | restore s | total s | host CPU s/MiB | relay/network CPU per MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for j in range(0, len(rows), 2):
+        r, n = rows[j], rows[j + 1]
+        ratio = r["host_cpu_s_per_mib"] / max(1e-9, n["host_cpu_s_per_mib"])
+        ratios.append(ratio)
+        for x, extra in ((r, f"x{ratio:.2f}"), (n, "")):
+            print(f"| {x['path']} | {x['size_mib']} | {x['dirty_kib_s']} | {x['predumps']} ({x['stop']}) | "
+                  f"{x['moved_mib']:.1f} | {x['final_mib']:.2f} | {x['freeze_s']:.2f} | {x['dump_s']:.2f} | "
+                  f"{x['restore_s']:.2f} | {x['total_s']:.1f} | {x['host_cpu_s_per_mib']:.3f} | {extra} |")  # fmt: skip
+    print()
+    print(f"relay / network host CPU per migrated MiB: median x{statistics.median(ratios):.2f} "
+          f"(min x{min(ratios):.2f}, max x{max(ratios):.2f}) over {len(ratios)} pairs")
 
 
 if __name__ == "__main__":
