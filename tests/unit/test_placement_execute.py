@@ -684,3 +684,27 @@ def test_remote_libvirt_on_libvirts_test_driver() -> None:
             ex.locate(ex.hosts["Z"], "vm1")
     finally:
         remote.close()
+
+
+def test_a_move_carries_the_size_the_shrink_really_set(monkeypatch) -> None:
+    """The source daemon may raise a shrink to the guest floor it sees at that moment (a newer
+    sample than the plan's check saw): the following move carries the size that daemon set, so
+    the destination sets the same size."""
+    from symbiont.placement import execute
+
+    daemons = FakeDaemons()
+    real = daemons.client
+
+    def client(spec: str):
+        c = real(spec)
+        put = c.put
+        c.put = lambda path, body: {**put(path, body), "target_mib": body["target_mib"] + 1}  # floor rose by 1
+        return c
+
+    monkeypatch.setattr(execute, "_client", client)
+    ex = Executor(DHOSTS)
+    monkeypatch.setattr(ex, "locate", dlocate)
+    moved: list[MoveSpec] = []
+    monkeypatch.setattr(ex, "migrate", lambda m: moved.append(m) or {"ok": True})
+    res = ex.execute([MemorySpec("shrink", "web", "A", 151, "idle"), MoveSpec("web", "A", "B", balloon_mib=151)])
+    assert res[0]["target_mib"] == 152 and [m.balloon_mib for m in moved] == [152]

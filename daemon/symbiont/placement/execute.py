@@ -493,10 +493,19 @@ class Executor:
 
     def execute(self, steps: Sequence[Step]) -> list[dict[str, Any]]:
         """Check the whole plan, then run one step after the other; stop at the first failure."""
+        from dataclasses import replace
+
         checked = self.check(steps)
         results = []
+        set_mib: dict[str, int] = {}  # vm -> the size its daemon set in this plan's last balloon step
         for s, clamp in clamped_steps(steps, checked):
+            if isinstance(s, MoveSpec) and s.balloon_mib is not None and s.vm in set_mib:
+                # The daemon's own floor may have moved since the check: the move carries what
+                # the shrink really set, not the planned size.
+                s = replace(s, balloon_mib=set_mib[s.vm])
             res = self.migrate(s) if isinstance(s, MoveSpec) else self.set_memory(s)
+            if isinstance(s, MemorySpec) and res.get("ok") and isinstance(res.get("target_mib"), int):
+                set_mib[s.vm] = res["target_mib"]
             if clamp is not None:
                 res = {**res, **clamp}
             results.append(res)
