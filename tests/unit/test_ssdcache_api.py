@@ -110,7 +110,7 @@ def test_guest_doubledecker_status_needs_an_agent_and_is_sanitized(client: TestC
     from symbiont.ssdcache.manager import _sanitize_dd_status
 
     r = client.get("/v1/ssdcache/twolevel/vms/vm1/guest")
-    assert r.status_code == 503 and "doubledecker-status" in r.json()["detail"]
+    assert r.status_code == 503 and "ssdcache.twolevel-status" in r.json()["detail"]
     hostile = {"share": {"mem": -5, "ssd": 2**70}, "ssd_capacity": "lots", "clients": True,
                "containers": {"C1": {"quota": {"mem": 3}, "used": {"mem": 2, "ssd": 1.5}, "puts": 7, "x": 1},
                               "": {}, "C2": "nope", **{f"c{i}": {} for i in range(400)}}}  # fmt: skip

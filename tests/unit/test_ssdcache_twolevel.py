@@ -135,9 +135,11 @@ def test_the_guest_is_asked_to_split_and_told_when_its_containers_are_gone(tmp_p
     tells it so, so that its in-guest store stops holding their pages."""
     import asyncio
 
+    from symbiont.gateway import AgentGateway
     from symbiont.ssdcache.manager import CacheManager
     from symbiont.state import StateStore
 
+    # An old guest image lists only the old name: the gateway canonicalises, so it is still asked.
     class Link:
         ready, caps, hello = True, ["doubledecker-split"], {}
 
@@ -145,13 +147,14 @@ def test_the_guest_is_asked_to_split_and_told_when_its_containers_are_gone(tmp_p
             self.asked: list[dict] = []
 
         async def request(self, op: str, args: dict, payload: bytes = b"", timeout: float | None = None):
+            assert op == "doubledecker-split"
             self.asked.append(args)
             return {"split": split_share(args["share"], args["containers"])}, b""
 
     link = Link()
 
     async def scenario() -> None:
-        mgr = CacheManager(StateStore(":memory:"), tmp_path / "run", agent=lambda vm: link if vm == "vm1" else None)
+        mgr = CacheManager(StateStore(":memory:"), tmp_path / "run", agents=AgentGateway({"vm1": link}))
         await mgr.twolevel_setup(1, 0)
         await mgr.twolevel_configure("vm1", {"mem": 100})
         await mgr.twolevel_configure("vm1", {"mem": 60}, "C1")

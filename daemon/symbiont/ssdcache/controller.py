@@ -66,7 +66,7 @@ async def start(daemon: Any) -> None:
     bounds = {k: s[k] for k in ("max_caches", "size_overcommit", "reserve_free_mib") if s[k] is not None}
     mgr = CacheManager(
         daemon.store, runtime,
-        agent=lambda vm: daemon.links.get(vm),
+        agents=daemon.agents,
         domain_state=_domain_state(daemon),
         release_timeout_s=float(timeout),
         pool_dir=s["pool_dir"] or Path(daemon.cfg.state_dir) / "ssdcache-pools",

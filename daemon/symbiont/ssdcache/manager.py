@@ -34,14 +34,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from symbiont.agentlink import AgentRequestTimeout
 from symbiont.errors import AgentTimeout, Conflict, DaemonError, Invalid, NotFound, Unavailable
 from symbiont.ssdcache import nbdfast
 from symbiont.ssdcache import policy as pol
 from symbiont.ssdcache.blockmap import BlockMap, BlockMapError, CacheRecord, PoolExhausted
-from symbiont.ssdcache.layout import BLOCK_SIZE, expand, ranges
+from symbiont.ssdcache.layout import expand, ranges
 from symbiont.ssdcache.nbdserver import Export, IoThread, NbdServer
 from symbiont.ssdcache.pool import (
     Pool,
@@ -108,7 +107,28 @@ class GuestView:
     last_seen_state: str = ""
 
 
-AgentLookup = Callable[[str], Any]  # vm -> AgentLink | None
+
+
+class Agents(Protocol):
+    """The agent gateway (``symbiont.gateway.AgentGateway``): names canonicalised, caps,
+    schema, timeout and error codes handled once there."""
+
+    def supports(self, vm: str, op: str) -> bool: ...
+
+    async def call(self, vm: str, op: str, args: dict[str, Any] | None = None, *, payload: bytes = b"",
+                   timeout: float | None = None) -> tuple[Any, bytes]: ...
+
+
+class NoAgents:
+    """No guest agents (benchmarks, tests of the host side alone)."""
+
+    def supports(self, vm: str, op: str) -> bool:
+        return False
+
+    async def call(self, vm: str, op: str, args: dict[str, Any] | None = None, *, payload: bytes = b"",
+                   timeout: float | None = None) -> tuple[Any, bytes]:
+        raise Unavailable(f"{vm}: no guest agent")
+
 DomainState = Callable[[str], str]  # vm -> "running" | "shutoff" | ... | "missing"
 
 
@@ -119,7 +139,7 @@ def default_runtime_dir(state_dir: str | Path) -> Path:
 
 
 class CacheManager:
-    def __init__(self, store: Any, runtime_dir: str | Path, *, agent: AgentLookup | None = None,
+    def __init__(self, store: Any, runtime_dir: str | Path, *, agents: Agents | None = None,
                  domain_state: DomainState | None = None, release_timeout_s: float = 3.0,
                  inline_io: bool = False, pool_dir: str | Path | None = None,
                  allowed_devices: list[str] | None = None, max_caches: int = 64,
@@ -137,7 +157,7 @@ class CacheManager:
         self.bmap = BlockMap(store)
         store.ensure_schema(SETTINGS_SCHEMA)
         self.runtime_dir = Path(runtime_dir)
-        self.agent = agent or (lambda vm: None)
+        self.agents: Agents = agents or NoAgents()
         self.domain_state = domain_state
         self.release_timeout_s = release_timeout_s
         self.inline_io = inline_io
@@ -499,7 +519,7 @@ class CacheManager:
         commit_ms = (time.perf_counter() - t0) * 1000
         self.epochs[c.vm] = self.epochs.get(c.vm, 0) + 1
         t1 = time.perf_counter()
-        told = await self._tell(c.vm, "ssdcache-grant", {"lbns": ranges(cands)})
+        told = await self._tell(c.vm, "ssdcache.grant", {"lbns": ranges(cands)})
         return {"lbns": cands, "chosen_by": "host", "guest_told": told,
                 "timings_ms": {"commit": round(commit_ms, 3), "guest": round((time.perf_counter() - t1) * 1000, 3)}}
 
@@ -509,16 +529,16 @@ class CacheManager:
         guest_note = ""
         silent = False
         t0 = time.perf_counter()
-        link = self.agent(c.vm)
-        if link is not None and getattr(link, "ready", False) and "ssdcache-release" in link.caps:
+        if self.agents.supports(c.vm, "ssdcache.release"):
             try:
-                res, _ = await link.request("ssdcache-release", {"count": n, "epoch": self.epochs.get(c.vm, 0)},
-                                            timeout=self.release_timeout_s)
+                res, _ = await self.agents.call(c.vm, "ssdcache.release",
+                                                {"count": n, "epoch": self.epochs.get(c.vm, 0)},
+                                                timeout=self.release_timeout_s)
                 chosen = _valid_release(res, backed, n)
                 guest_note = f"guest released {len(chosen)}"
             except Exception as exc:  # the guest is untrusted: any failure means the host chooses
                 guest_note = f"guest did not release: {type(exc).__name__}: {exc}"[:300]
-                silent = isinstance(exc, (AgentRequestTimeout, AgentTimeout))
+                silent = isinstance(exc, AgentTimeout)
         else:
             guest_note = "no cooperative agent"
         guest_ms = (time.perf_counter() - t0) * 1000
@@ -536,7 +556,7 @@ class CacheManager:
             # The guest did not choose these: remember them until it acknowledges.
             self.bmap.update_cache(c.vm, revoked=sorted(set(c.revoked) | set(host_pick)))
             # A guest that just timed out is not asked again now: the periodic sync tells it.
-            told = False if silent else await self._tell(c.vm, "ssdcache-revoke", {"lbns": ranges(host_pick)})
+            told = False if silent else await self._tell(c.vm, "ssdcache.revoke", {"lbns": ranges(host_pick)})
             if told:
                 now = self.bmap.cache(c.vm)
                 if now is not None:
@@ -578,8 +598,10 @@ class CacheManager:
     def _config_args(self, vm: str) -> dict[str, Any]:
         c = self._cache(vm)
         exp = self.exports[vm]
-        return {"vm": vm, "serial": GUEST_SERIAL, "size_blocks": c.size_blocks, "block_size": BLOCK_SIZE,
-                "backed": ranges(exp.backed()), "epoch": self.epochs.get(vm, 0)}
+        # The guest finds the disk by its serial (GUEST_SERIAL) and knows BLOCK_SIZE: the op
+        # carries only what changes (ops_schema.CacheConfigReq).
+        return {"vm": vm, "size_blocks": c.size_blocks, "backed": ranges(exp.backed()),
+                "epoch": self.epochs.get(vm, 0)}
 
     def _aware(self, c: CacheRecord) -> bool:
         """Has this VM ever had an agent that keeps a cache on the elastic disk?
@@ -589,9 +611,7 @@ class CacheManager:
         sees an elastic disk whose unbacked blocks simply fail)."""
         if c.params.get("guest_aware"):
             return True
-        link = self.agent(c.vm)
-        caps = link.caps if link is not None and getattr(link, "hello", None) else []
-        if "ssdcache-config" in caps:
+        if self.agents.supports(c.vm, "ssdcache.config"):
             self.bmap.update_cache(c.vm, params=dict(c.params, guest_aware=True))
             c.params["guest_aware"] = True
             return True
@@ -599,12 +619,12 @@ class CacheManager:
 
     async def _tell(self, vm: str, op: str, args: dict[str, Any]) -> bool:
         """Best effort: tell the guest about a change; True when it acknowledged."""
-        link = self.agent(vm)
         g = self.guests.setdefault(vm, GuestView())
-        if link is None or not getattr(link, "ready", False) or op not in link.caps:
+        if not self.agents.supports(vm, op):
             return False
         try:
-            res, _ = await link.request(op, {**args, "epoch": self.epochs.get(vm, 0)}, timeout=self.release_timeout_s)
+            res, _ = await self.agents.call(vm, op, {**args, "epoch": self.epochs.get(vm, 0)},
+                                            timeout=self.release_timeout_s)
             if isinstance(res, dict) and isinstance(res.get("epoch"), int):
                 g.acked_epoch = res["epoch"]
             return True
@@ -619,7 +639,7 @@ class CacheManager:
             if vm not in self.exports:
                 return False
             c = self._cache(vm)
-            ok = await self._tell(vm, "ssdcache-config", self._config_args(vm))
+            ok = await self._tell(vm, "ssdcache.config", self._config_args(vm))
             if ok and c.revoked:
                 now = self.bmap.cache(vm)
                 if now is not None:
@@ -627,11 +647,10 @@ class CacheManager:
             return ok
 
     async def guest_status(self, vm: str) -> dict[str, Any] | None:
-        link = self.agent(vm)
-        if link is None or not getattr(link, "ready", False) or "ssdcache-status" not in link.caps:
+        if not self.agents.supports(vm, "ssdcache.status"):
             return None
         try:
-            res, _ = await link.request("ssdcache-status", {}, timeout=self.release_timeout_s)
+            res, _ = await self.agents.call(vm, "ssdcache.status", {}, timeout=self.release_timeout_s)
         except Exception as exc:
             self.guests.setdefault(vm, GuestView()).last_error = f"status: {exc}"[:300]
             return None
@@ -644,14 +663,15 @@ class CacheManager:
     async def guest_workload(self, vm: str, action: str, params: dict[str, Any]) -> dict[str, Any]:
         """Start or stop the guest agent's cache workload (experiments, tests)."""
         self._cache(vm)
-        link = self.agent(vm)
-        op = {"start": "ssdcache-workload-start", "stop": "ssdcache-workload-stop"}.get(action)
+        op = {"start": "ssdcache.workload-start", "stop": "ssdcache.workload-stop"}.get(action)
         if op is None:
             raise Invalid("action must be start or stop")
-        if link is None or not getattr(link, "ready", False) or op not in link.caps:
+        if not self.agents.supports(vm, op):
             raise Unavailable(f"{vm}: no guest agent with {op}")
         try:
-            res, _ = await link.request(op, params, timeout=max(self.release_timeout_s, 15.0))
+            res, _ = await self.agents.call(vm, op, params, timeout=max(self.release_timeout_s, 15.0))
+        except Invalid:
+            raise  # bad workload parameters: the caller's 400, not the guest's fault
         except Exception as exc:
             raise Unavailable(f"{vm}: {op} failed: {exc}") from None
         return res if isinstance(res, dict) else {"result": str(res)[:200]}
@@ -868,23 +888,23 @@ class CacheManager:
         changed = False
         for vm in sorted(set(tl.containers) | set(self._dd_guest_splits)):
             conts = tl.containers.get(vm, {})
-            link = self.agent(vm)
-            if link is None or not getattr(link, "ready", False) or "doubledecker-split" not in link.caps:
+            if not self.agents.supports(vm, "ssdcache.twolevel-split"):
                 continue
             if not conts:
                 # No containers left (or the VM left the two-level cache): the guest's store
                 # must stop holding pages for them.
                 if self._dd_guest_splits.pop(vm, None) is not None:
                     with contextlib.suppress(Exception):
-                        await link.request("doubledecker-split", {"share": shares.get(vm, {"mem": 0, "ssd": 0}),
-                                                                  "containers": {}}, timeout=self.release_timeout_s)
+                        await self.agents.call(vm, "ssdcache.twolevel-split",
+                                               {"share": shares.get(vm, {"mem": 0, "ssd": 0}), "containers": {}},
+                                               timeout=self.release_timeout_s)
                 continue
             args = {"share": shares[vm], "containers": {c: {"type": t, "weight": w} for c, tw in conts.items()
                                                          for t, w in tw.items()}}
             if any(len(tw) != 1 for tw in conts.values()):
                 continue  # the guest's op takes one <T, W> per container
             try:
-                res, _ = await link.request("doubledecker-split", args, timeout=self.release_timeout_s)
+                res, _ = await self.agents.call(vm, "ssdcache.twolevel-split", args, timeout=self.release_timeout_s)
                 split = _valid_split(res, shares[vm], conts)
             except Exception as exc:
                 log.info("ssdcache: %s: no split from the guest (%s); using the host's", vm, exc)
@@ -899,13 +919,13 @@ class CacheManager:
     async def twolevel_guest(self, vm: str) -> dict[str, Any]:
         """The VM level as the guest runs it: its in-guest store's per-container quotas and
         occupancy (the containers' puts and gets), validated and bounded."""
-        link = self.agent(vm)
-        if link is None or not getattr(link, "ready", False) or "doubledecker-status" not in link.caps:
-            raise Unavailable(f"{vm}: no guest agent with doubledecker-status")
+        if not self.agents.supports(vm, "ssdcache.twolevel-status"):
+            raise Unavailable(f"{vm}: no guest agent with ssdcache.twolevel-status")
         try:
-            res, _ = await link.request("doubledecker-status", {}, timeout=max(self.release_timeout_s, 10.0))
+            res, _ = await self.agents.call(vm, "ssdcache.twolevel-status", {},
+                                            timeout=max(self.release_timeout_s, 10.0))
         except Exception as exc:
-            raise Unavailable(f"{vm}: doubledecker-status failed: {exc}") from None
+            raise Unavailable(f"{vm}: ssdcache.twolevel-status failed: {exc}") from None
         return _sanitize_dd_status(res)
 
     # -- views ----------------------------------------------------------------------------
@@ -1046,7 +1066,7 @@ def _nonneg(v: Any) -> int:
 def _sanitize_dd_status(res: Any) -> dict[str, Any]:
     """The guest's DoubleDecker status, reduced to known keys and integers (at most 256 containers)."""
     if not isinstance(res, dict):
-        raise Unavailable("doubledecker-status: not an object")
+        raise Unavailable("ssdcache.twolevel-status: not an object")
     conts = res.get("containers") if isinstance(res.get("containers"), dict) else {}
     out_c: dict[str, Any] = {}
     for name, c in list(conts.items())[:256]:
