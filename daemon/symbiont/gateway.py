@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from symbiont.agentlink import AgentLink, AgentOpError, AgentRequestTimeout
@@ -70,6 +70,19 @@ class AgentGateway:
         except (AgentError, KeyError):
             return False
         return True
+
+    def stream(self, vm: str, event: str, handler: Callable[[dict[str, Any], bytes], None]) -> Callable[[], None]:
+        """Route ``vm``'s binary stream events named ``event`` (e.g. a migration's ``mig-chunk``)
+        to ``handler`` (called on the link's reader: it must not block nor raise) until the
+        returned function is called. :class:`NoAgent` when the agent is not connected."""
+        link = self.link(vm)
+        link.stream_handlers[event] = handler
+
+        def unsubscribe() -> None:
+            if link.stream_handlers.get(event) is handler:
+                del link.stream_handlers[event]
+
+        return unsubscribe
 
     def _check_caps(self, vm: str, link: AgentLink, canon: str) -> str:
         """The name to send: canonical when the agent lists it, else an alias it lists."""

@@ -73,6 +73,10 @@ class Agents(Protocol):
 
     def supports(self, vm: str, op: str) -> bool: ...
 
+    def stream(self, vm: str, event: str, handler: Callable[[dict[str, Any], bytes], None]) -> Callable[[], None]:
+        """Binary stream events of ``vm``'s agent to ``handler``; returns the unsubscribe."""
+        ...
+
 
 class DecisionLog:
     """The decision log, bound to one part's name: every action with its inputs and outcome."""
