@@ -25,7 +25,7 @@ AGENT = ROOT / "guest_agent" / "symbiont_agent"
 
 # Parts still on the temporary adapter (symbiont.part_compat), and non-part packages not moved
 # out of the daemon's package yet, with what each still does against the rules.
-LEGACY_SYSTEM_IMPORTS = {"cluster", "lab", "ssdcache"}  # libvirt / QMP outside host/
+LEGACY_SYSTEM_IMPORTS = {"cluster", "lab"}  # libvirt / QMP outside host/
 LEGACY_KNOB_TABLES: set[str] = set()  # parts' own knob tables (none left: dedup's moved into the ledger)
 SYSTEM_MODULES = ("libvirt", "libvirt_qemu", "symbiont.ssdcache.qmp")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI
@@ -14,7 +15,6 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from symbiont.ssdcache import controller
 from symbiont.ssdcache.api import router
 from symbiont.ssdcache.manager import CacheManager
 from symbiont.state import StateStore
@@ -27,23 +27,25 @@ class Store:
         return {"name": name}
 
 
-class Daemon:
-    """Just enough of symbiont.daemon.Daemon for the router: the manager is looked up by it."""
+class Part:
+    """Just enough of SsdCachePart for the router (app.state.parts["ssdcache"])."""
 
-    store = Store()
+    def __init__(self, mgr: CacheManager) -> None:
+        self.manager = mgr
+        self.ctx = SimpleNamespace(store=Store())
+
+    def require_manager(self) -> CacheManager:
+        return self.manager
 
 
 @pytest.fixture
 def client(tmp_path):
-    daemon = Daemon()
     mgr = CacheManager(StateStore(":memory:"), tmp_path / "run", pool_dir=tmp_path / "pools")
-    controller._MANAGERS[daemon] = mgr
     app = FastAPI()
-    app.state.daemon = daemon
+    app.state.parts = {"ssdcache": Part(mgr)}
     app.include_router(router, prefix="/v1/ssdcache")
     yield TestClient(app)
     asyncio.run(mgr.stop())
-    controller._MANAGERS.pop(daemon, None)
 
 
 def test_no_pool_is_a_clear_503_and_bad_bodies_are_422(client: TestClient) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from symbiont.host import nbddisk
 from symbiont.host.ksm import COUNTERS, TUNABLES, KsmError, KsmStats
 from symbiont.host.pageout import PAGE_SIZE, Region
 from symbiont.host.port import DomainInfo, HostError
@@ -344,3 +345,22 @@ class FakeHost:
     def snapshot(self, vm: str) -> dict[str, Any]:
         """The domain's recorded state, for assertions."""
         return dataclasses.asdict(self.domains[vm])
+
+    # -- ssdcache: the elastic disk (the QMP path runs host.nbddisk over the recorded monitor) --
+    def attach_disk(self, vm: str, xml: str, persist: bool = True) -> None:
+        self._dom(vm, "attach_disk")
+        self.calls.append(("attach_disk", vm, xml))
+
+    def detach_disk(self, vm: str, xml: str) -> None:
+        self._dom(vm, "detach_disk")
+        self.calls.append(("detach_disk", vm, xml))
+
+    def attach_nbd_disk(self, vm: str, socket: str, export: str, target: str, serial: str,
+                        reconnect_delay_s: int) -> str:
+        return nbddisk.attach(lambda c, a: self.qmp(vm, c, a), socket, export, target, serial, reconnect_delay_s)
+
+    def nbd_disk_attached(self, vm: str, target: str) -> bool:
+        return nbddisk.attached(lambda c, a: self.qmp(vm, c, a), target)
+
+    def detach_nbd_disk(self, vm: str, target: str) -> None:
+        nbddisk.detach(lambda c, a: self.qmp(vm, c, a), target, timeout_s=0)

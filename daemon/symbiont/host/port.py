@@ -93,3 +93,11 @@ class HostPort(Protocol):
     def process_pageout(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int: ...  # MADV_PAGEOUT
     def process_willneed(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int: ...  # MADV_WILLNEED
     def process_touch(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int: ...  # fault in (read)
+
+    # -- ssdcache: the elastic disk in a domain (libvirt XML, or QMP with NBD reconnect-delay) ---
+    def attach_disk(self, vm: str, xml: str, persist: bool = True) -> None: ...  # live (+ config if defined)
+    def detach_disk(self, vm: str, xml: str) -> None: ...
+    def attach_nbd_disk(self, vm: str, socket: str, export: str, target: str, serial: str,
+                        reconnect_delay_s: int) -> str: ...  # QMP; the node id (host.nbddisk)
+    def nbd_disk_attached(self, vm: str, target: str) -> bool: ...
+    def detach_nbd_disk(self, vm: str, target: str) -> None: ...  # waits for the guest to let go

@@ -15,7 +15,7 @@ from typing import Any
 import libvirt
 import psutil
 
-from symbiont.host import ksm, procmem, zram
+from symbiont.host import ksm, nbddisk, procmem, zram
 from symbiont.host import pageout as po
 from symbiont.host.ksm import KSM_DIR, RUN_MERGE, Ksm, KsmdCpu, KsmStats
 from symbiont.host.ksm import process_merging_pages as _merging_pages
@@ -220,6 +220,36 @@ class SystemHost:
     def qemu_committed_kib(self) -> int:
         return ksm.qemu_committed_kib()
 
+
+    # -- ssdcache: the elastic disk --------------------------------------------------------
+    def _device(self, vm: str, xml: str, attach: bool, persist: bool = True) -> None:
+        """Hot-(un)plug a device into the running domain and (``persist``) its persistent
+        definition, if it has one, so the disk also survives a VM restart."""
+        dom = self.libvirt.domain(vm)
+        try:
+            flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+            if persist and dom.isPersistent():
+                flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            (dom.attachDeviceFlags if attach else dom.detachDeviceFlags)(xml, flags)
+        except libvirt.libvirtError as exc:
+            raise HostError(f"{vm}: libvirt refused to {'attach' if attach else 'detach'} the disk: "
+                            f"{exc.get_error_message()}") from None
+
+    def attach_disk(self, vm: str, xml: str, persist: bool = True) -> None:
+        self._device(vm, xml, True, persist)
+
+    def detach_disk(self, vm: str, xml: str) -> None:
+        self._device(vm, xml, False)
+
+    def attach_nbd_disk(self, vm: str, socket: str, export: str, target: str, serial: str,
+                        reconnect_delay_s: int) -> str:
+        return nbddisk.attach(lambda c, a: self.qmp(vm, c, a), socket, export, target, serial, reconnect_delay_s)
+
+    def nbd_disk_attached(self, vm: str, target: str) -> bool:
+        return nbddisk.attached(lambda c, a: self.qmp(vm, c, a), target)
+
+    def detach_nbd_disk(self, vm: str, target: str) -> None:
+        nbddisk.detach(lambda c, a: self.qmp(vm, c, a), target)
 
     # -- host paging ------------------------------------------------------------------------
     def suspend(self, vm: str) -> None:

@@ -3,7 +3,8 @@
 Pool: ``GET/POST/DELETE /pool``. Caches (SymFlex registration ``<vm-id, size, current-size,
 persist>``): ``GET/POST /caches``, ``GET/PATCH/DELETE /caches/{vm}``, ``PUT /caches/{vm}/size``
 (inflate/deflate), ``POST /caches/{vm}/attach|detach`` (hot-plug the elastic disk into the
-running libvirt domain; with ``reconnect_delay_s`` over QMP, see :mod:`symbiont.ssdcache.qmp`),
+running libvirt domain through the host port; with ``reconnect_delay_s`` over QMP, see
+:mod:`symbiont.host.nbddisk`),
 ``GET /caches/{vm}/disk-xml``. Policy: ``GET/PUT /policy``, ``GET /policy/plan``,
 ``POST /policy/apply``. Two-level (DoubleDecker) partitions: ``/twolevel``; the VM level as run
 in the guest: ``GET /twolevel/vms/{vm}/guest``.
@@ -11,15 +12,15 @@ in the guest: ``GET /twolevel/vms/{vm}/guest``.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import Field, model_validator
 
 from symbiont.apimodel import StrictModel
-from symbiont.ssdcache import controller, qmp
+from symbiont.host.port import HostError
 from symbiont.ssdcache.manager import MAX_CACHE_MIB, CacheError, CacheManager
+from symbiont.ssdcache.part import SsdCachePart
 from symbiont.ssdcache.pool import MAX_POOL_MIB
 
 router = APIRouter()
@@ -102,9 +103,13 @@ class ApplyBody(StrictModel):
     mode: Literal["shares", "throughput"] | None = None
 
 
+def _part(request: Request) -> SsdCachePart:
+    return request.app.state.parts["ssdcache"]
+
+
 def _mgr(request: Request) -> CacheManager:
     try:
-        return controller.manager(request.app.state.daemon)
+        return _part(request).require_manager()
     except CacheError as exc:
         raise HTTPException(exc.status, str(exc)) from None
 
@@ -175,74 +180,23 @@ async def disk_xml(request: Request, vm: VmName, target_dev: Annotated[str, Quer
     return {"xml": _sync(_mgr(request).disk_xml, vm, target_dev, serial)}
 
 
-def _libvirt_domain(request: Request, vm: str) -> Any:
-    daemon = request.app.state.daemon
-    from symbiont.host.libvirt_host import LibvirtError
-
-    try:
-        return daemon.libvirt.domain(vm)
-    except LibvirtError as exc:
-        raise HTTPException(404, str(exc)) from None
-
-
-def _flags(dom: Any) -> int:
-    """The running domain, and its persistent definition too (the disk survives a VM restart)."""
-    import libvirt
-
-    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-    if dom.isPersistent():
-        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    return flags
-
-
 @router.post("/caches/{vm}/attach")
 async def attach(request: Request, vm: VmName, body: AttachBody) -> dict[str, Any]:
     """Hot-plug the elastic disk into the running domain (QEMU's NBD client, unix socket)."""
-    import libvirt
-
-    mgr = _mgr(request)
-    xml = _sync(mgr.disk_xml, vm, body.target_dev, body.serial)
-    dom = _libvirt_domain(request, vm)
-    if body.reconnect_delay_s:
-        try:
-            node = await asyncio.to_thread(qmp.attach, dom, str(mgr.socket_path(vm)), mgr.export_name(vm),
-                                           body.target_dev, body.serial, body.reconnect_delay_s)
-        except qmp.QmpError as exc:
-            raise HTTPException(409, f"QEMU refused the disk: {exc}") from None
-        mgr.store.log_decision("ssdcache", "attach", vm, {"target_dev": body.target_dev, "via": "qmp",
-                                                          "reconnect_delay_s": body.reconnect_delay_s}, {"node": node})
-        await mgr.sync_guest(vm)
-        return {"attached": vm, "target_dev": body.target_dev, "qmp_node": node,
-                "reconnect_delay_s": body.reconnect_delay_s}
     try:
-        await asyncio.to_thread(dom.attachDeviceFlags, xml, _flags(dom))
-    except libvirt.libvirtError as exc:
-        raise HTTPException(409, f"libvirt refused the disk: {exc.get_error_message()}") from None
-    mgr.store.log_decision("ssdcache", "attach", vm, {"target_dev": body.target_dev}, {"ok": True})
-    await mgr.sync_guest(vm)
-    return {"attached": vm, "target_dev": body.target_dev, "xml": xml}
+        return await _run(_part(request).attach(vm, body.target_dev, body.serial, body.reconnect_delay_s))
+    except HostError as exc:
+        raise HTTPException(409, f"the disk was refused: {exc}") from None
 
 
 @router.post("/caches/{vm}/detach")
 async def detach(request: Request, vm: VmName, body: AttachBody) -> dict[str, Any]:
-    import libvirt
-
-    mgr = _mgr(request)
-    xml = _sync(mgr.disk_xml, vm, body.target_dev, body.serial)
-    dom = _libvirt_domain(request, vm)
-    if body.reconnect_delay_s or await asyncio.to_thread(qmp.attached, dom, body.target_dev):
-        try:
-            await asyncio.to_thread(qmp.detach, dom, body.target_dev)
-        except qmp.QmpError as exc:
-            raise HTTPException(409, f"QEMU refused to detach: {exc}") from None
-        mgr.store.log_decision("ssdcache", "detach", vm, {"target_dev": body.target_dev, "via": "qmp"}, {"ok": True})
-        return {"detached": vm}
     try:
-        await asyncio.to_thread(dom.detachDeviceFlags, xml, _flags(dom))
-    except libvirt.libvirtError as exc:
-        raise HTTPException(409, f"libvirt refused to detach: {exc.get_error_message()}") from None
-    mgr.store.log_decision("ssdcache", "detach", vm, {"target_dev": body.target_dev}, {"ok": True})
-    return {"detached": vm}
+        return await _run(_part(request).detach(vm, body.target_dev, body.serial, body.reconnect_delay_s))
+    except HostError as exc:
+        raise HTTPException(409, f"the disk could not be detached: {exc}") from None
+    except TimeoutError:
+        raise HTTPException(504, f"{vm}: the guest did not let go of the disk in time") from None
 
 
 @router.post("/caches/{vm}/guest-workload")
@@ -344,7 +298,7 @@ async def twolevel_container(request: Request, vm: VmName, container: Container,
 @router.get("/twolevel/vms/{vm}/guest")
 async def twolevel_guest(request: Request, vm: VmName) -> dict[str, Any]:
     """The VM level as run in the guest: per-container quotas and occupancy of its store."""
-    if request.app.state.daemon.store.get_vm(vm) is None:  # no agent link without a registration: 404, not 503
+    if _part(request).ctx.store.get_vm(vm) is None:  # no agent link without a registration: 404, not 503
         raise HTTPException(404, f"VM {vm!r} is not registered")
     return await _run(_mgr(request).twolevel_guest(vm))
 

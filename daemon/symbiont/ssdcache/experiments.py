@@ -148,9 +148,8 @@ def run_elastic(ctx: RunContext) -> dict[str, Any]:
 # -- ssdcache-allocation ---------------------------------------------------------------------
 def _attach_slow_disk(lab: Any, name: str, lines: int, bytes_per_s: int, iops: int = 400) -> None:
     """Give ``name`` an HDD stand-in (serial ``symbiont-slow``) throttled by libvirt iotune."""
-    import libvirt
-
     from symbiont.config import load_config
+    from symbiont.host.system import SystemHost
     from symbiont.lab.vms import lab_vm
 
     slow = lab_vm(load_config(None, {"lab": {"vm_prefix": lab.prefix}}), name).dir / "slow.img"
@@ -161,7 +160,11 @@ def _attach_slow_disk(lab: Any, name: str, lines: int, bytes_per_s: int, iops: i
         f"<iotune><read_bytes_sec>{bytes_per_s}</read_bytes_sec><read_iops_sec>{iops}</read_iops_sec></iotune>"
         "</disk>"
     )
-    lab.host.domain(name).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    host = SystemHost(lab.host.uri)
+    try:
+        host.attach_disk(name, xml, persist=False)  # the running guest only: the lab VM stays as defined
+    finally:
+        host.close()
 
 
 @experiment(

@@ -678,7 +678,13 @@ class CacheManager:
 
     # -- periodic -------------------------------------------------------------------------
     async def on_period(self) -> None:
-        """Once per control period: stats, guest sync, VM stop detection, the auto policy.
+        """One control period: :meth:`observe_period`, then the policy step when it is due."""
+        obs = await self.observe_period()
+        if policy_due(obs):
+            await self.policy_step()
+
+    async def observe_period(self) -> dict[str, Any]:
+        """Stats, guest sync, VM stop detection; returns what the policy step depends on.
 
         Guest conversations run as background tasks (one per VM at a time), so a silent
         guest costs the control loop nothing."""
@@ -690,12 +696,14 @@ class CacheManager:
             if t is None or t.done():
                 self._guest_tasks[vm] = asyncio.get_running_loop().create_task(self._guest_tick(vm))
         await self._check_vm_states()
-        pol_cfg = self.policy()
-        if pol_cfg["mode"] != "manual" and self.periods % max(1, int(pol_cfg["every_periods"])) == 0:
-            try:
-                await self.apply_policy(reason="policy")
-            except CacheError as exc:
-                log.warning("ssdcache: policy step failed: %s", exc)
+        return {"period": self.periods, "policy": self.policy(), "caches": len(self.exports)}
+
+    async def policy_step(self) -> None:
+        """One step of the automatic policy (shares or throughput); a failure is logged."""
+        try:
+            await self.apply_policy(reason="policy")
+        except CacheError as exc:
+            log.warning("ssdcache: policy step failed: %s", exc)
 
     async def _guest_tick(self, vm: str) -> None:
         try:
@@ -1039,6 +1047,12 @@ _STATUS_KEYS = {"ops_per_s": float, "hit_rate": float, "hits": int, "misses": in
                 "backed_blocks": int, "eio": int, "epoch": int, "workload": bool, "device": str,
                 "slow_device": str, "fills": int, "evictions": int, "released": int, "workload_ops": int,
                 "workload_errors": int, "workload_mismatches": int}
+
+
+def policy_due(obs: dict[str, Any]) -> bool:
+    """Pure: is the automatic policy due this period (mode not manual, every N periods)?"""
+    pol_cfg = obs["policy"]
+    return pol_cfg["mode"] != "manual" and obs["period"] % max(1, int(pol_cfg["every_periods"])) == 0
 
 
 def _sanitize_status(res: dict[str, Any]) -> dict[str, Any]:

@@ -12,16 +12,24 @@ added with QMP through libvirt's monitor pass-through (``blockdev-add`` of an ``
 The price: libvirt does not know that disk (the domain is marked *tainted: custom-monitor*, the
 disk is not in its XML and does not survive a VM restart), so it is removed the same way
 (``device_del``, then ``blockdev-del`` once the guest released the device).
+
+The functions speak QMP through a ``send(command, arguments)`` callable (the host port's
+``qmp`` bound to one VM), so this module imports nothing of the system and is tested with a
+recorded monitor.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
 from typing import Any
 
+from symbiont.host.port import HostError
 
-class QmpError(Exception):
+Send = Callable[[str, dict[str, Any]], Any]  # one QMP command -> its "return"; HostError if refused
+
+
+class QmpError(HostError):
     """QEMU refused a monitor command; the message is QEMU's."""
 
 
@@ -30,27 +38,20 @@ def node_name(target: str) -> str:
     return f"symbiont-nbd-{target}"
 
 
-def _qmp(dom: Any, command: str, arguments: dict[str, Any]) -> Any:
-    import libvirt
-    import libvirt_qemu
-
+def _qmp(send: Send, command: str, arguments: dict[str, Any]) -> Any:
     try:
-        out = libvirt_qemu.qemuMonitorCommand(
-            dom, json.dumps({"execute": command, "arguments": arguments}), 0
-        )
-    except libvirt.libvirtError as exc:
-        raise QmpError(f"{command}: {exc.get_error_message()}") from None
-    reply = json.loads(out)
-    if "error" in reply:
-        raise QmpError(f"{command}: {reply['error'].get('desc', reply['error'])}")
-    return reply.get("return")
+        return send(command, arguments)
+    except QmpError:
+        raise
+    except HostError as exc:
+        raise QmpError(f"{command}: {exc}") from None
 
 
-def attach(dom: Any, socket: str, export: str, target: str, serial: str, reconnect_delay_s: int) -> str:
+def attach(send: Send, socket: str, export: str, target: str, serial: str, reconnect_delay_s: int) -> str:
     """Add the NBD node with ``reconnect-delay`` and a virtio-blk device on it; returns its id."""
     node = node_name(target)
     _qmp(
-        dom,
+        send,
         "blockdev-add",
         {
             "driver": "nbd",
@@ -62,7 +63,7 @@ def attach(dom: Any, socket: str, export: str, target: str, serial: str, reconne
     )
     try:
         _qmp(
-            dom,
+            send,
             "device_add",
             {
                 "driver": "virtio-blk-pci",
@@ -74,32 +75,32 @@ def attach(dom: Any, socket: str, export: str, target: str, serial: str, reconne
             },
         )
     except QmpError:
-        _qmp(dom, "blockdev-del", {"node-name": node})
+        _qmp(send, "blockdev-del", {"node-name": node})
         raise
     return node
 
 
-def attached(dom: Any, target: str) -> bool:
+def attached(send: Send, target: str) -> bool:
     """Is there a QMP-attached elastic disk for ``target``? (False when the monitor cannot say.)"""
     node = node_name(target)
     try:
-        return any(n.get("node-name") == node for n in _qmp(dom, "query-named-block-nodes", {}) or [])
+        return any(n.get("node-name") == node for n in _qmp(send, "query-named-block-nodes", {}) or [])
     except QmpError:
         return False
 
 
-def detach(dom: Any, target: str, timeout_s: float = 60.0) -> None:
+def detach(send: Send, target: str, timeout_s: float = 60.0) -> None:
     """Unplug the device (the guest must let go of it), then drop the NBD node."""
     node = node_name(target)
     try:
-        _qmp(dom, "device_del", {"id": node})
+        _qmp(send, "device_del", {"id": node})
     except QmpError as exc:
         if "not found" not in str(exc):
             raise
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            _qmp(dom, "blockdev-del", {"node-name": node})
+            _qmp(send, "blockdev-del", {"node-name": node})
             return
         except QmpError as exc:
             if "not found" in str(exc) or "Cannot find" in str(exc):
