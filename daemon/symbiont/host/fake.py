@@ -38,6 +38,7 @@ class FakeDomain:
     qemu_pid: int | None = 4242
     qemu_rss: int | None = 200 << 20
     qemu_cpu_percent: float | None = 5.0
+    cpu_seconds: float | None = None  # the QEMU process's CPU time (user + system)
     merging_pages: int | None = None
     schedinfo: dict[str, int] = field(default_factory=lambda: {"cpu_shares": 1024, "vcpu_period": 100000,
                                                                 "vcpu_quota": -1})
@@ -180,6 +181,10 @@ class FakeHost:
     def process_rss(self, pid: int | None) -> int | None:
         d = self._by_pid(pid)
         return d.qemu_rss if d else None
+
+    def process_cpu_seconds(self, pid: int | None) -> float | None:
+        d = self._by_pid(pid)
+        return d.cpu_seconds if d else None
 
     def process_merging_pages(self, pid: int) -> int | None:
         d = self._by_pid(pid)

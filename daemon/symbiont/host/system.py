@@ -168,6 +168,16 @@ class SystemHost:
     def process_rss(self, pid: int | None) -> int | None:
         return self._proc_cpu.rss(pid)
 
+    def process_cpu_seconds(self, pid: int | None) -> float | None:
+        """CPU seconds (user + system, all threads) a process has used; None if it is gone."""
+        if not pid:
+            return None
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except (psutil.Error, OSError):
+            return None
+        return t.user + t.system
+
     def process_merging_pages(self, pid: int) -> int | None:
         return _merging_pages(pid)
 

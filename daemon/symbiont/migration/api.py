@@ -16,8 +16,8 @@ from fastapi import APIRouter, Path, Request
 from pydantic import Field
 
 from symbiont.apimodel import StrictModel
-from symbiont.daemon import Daemon
-from symbiont.migration.controller import MigrationController, controller_for
+from symbiont.errors import Invalid
+from symbiont.migration.controller import MigrationController
 
 router = APIRouter(tags=["migration"])
 
@@ -47,15 +47,12 @@ class MigrationSpec(StrictModel):
 
 
 def ctl(request: Request) -> MigrationController:
-    daemon: Daemon = request.app.state.daemon
-    return controller_for(daemon)
+    return request.app.state.parts["migration"].ctl  # type: ignore[no-any-return]
 
 
 @router.post("", status_code=202)
 async def start_migration(body: MigrationSpec, request: Request) -> dict[str, Any]:
     if body.chunk_kib > body.window_kib:
-        from symbiont.daemon import Invalid
-
         raise Invalid("chunk_kib must not exceed window_kib")
     return await ctl(request).start(
         body.vm, body.ct, body.to, path=body.path, mode=body.rate, predumps=body.predumps,

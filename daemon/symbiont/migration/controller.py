@@ -28,6 +28,11 @@ before the freeze, up on the destination before CRIU restores its established co
 
 On daemon start (and every period until settled) unfinished journal entries are resolved
 with :func:`symbiont.migration.journal.recovery_action`.
+
+The controller reaches the guests only through the agent gateway (``ctx.agents``: canonical
+``migration.*`` ops, typed errors from :mod:`symbiont.errors`, binary chunks through
+``ctx.agents.stream``) and the host only through ``ctx.host``; it is held by
+:class:`symbiont.migration.part.MigrationPart`.
 """
 
 from __future__ import annotations
@@ -39,16 +44,17 @@ import secrets
 import time
 from typing import Any
 
-from symbiont.agentlink import AgentLink, AgentOpError, AgentUnavailable
-from symbiont.daemon import Conflict, Daemon, DaemonError, Invalid, NotFound, Unavailable
+from symbiont.errors import Conflict, DaemonError, Invalid, NotFound, Unavailable
 from symbiont.migration import journal as jn
 from symbiont.migration.hostcpu import CpuMeter
+from symbiont.part import PartContext
 from symbiont_agent import migration_rate as rate
 
 log = logging.getLogger(__name__)
 
 LONG = 600.0  # CRIU under TCG: a dump of tens of MiB takes tens of seconds
 FAULTS = ("corrupt", "truncate")
+CHUNK_EVENT = "mig-chunk"  # the source agent's binary stream event (one image chunk per frame)
 MAX_TOTAL = 2 << 30
 SHRINK = 0.8  # a pre-dump at least this big relative to the one before: the dirty set stopped shrinking
 
@@ -69,20 +75,6 @@ def converged(sizes: list[int], threshold: int, shrink: float = SHRINK) -> str |
 
 class MigrationFailed(Exception):
     """A step failed; the migration is aborted (the source keeps running)."""
-
-
-def _agent_error(vm: str, exc: Exception) -> DaemonError:
-    text = str(exc)
-    if isinstance(exc, AgentUnavailable):
-        return Unavailable(f"{vm}: agent unavailable: {text}")
-    kind, _, rest = text.partition(": ")
-    if kind == "NoSuchContainer":
-        return NotFound(f"{vm}: {rest}")
-    if kind == "Conflict":
-        return Conflict(f"{vm}: {rest}")
-    if kind in ("InvalidSpec", "ValueError", "StreamError"):
-        return Invalid(f"{vm}: {rest}")
-    return Unavailable(f"{vm}: {text}")
 
 
 class Relay:
@@ -140,15 +132,15 @@ class Relay:
         self.queue.put_nowait((meta, payload))
 
     async def _forward(self) -> None:
-        dest = self.ctl.link(self.m["dest"])
         while True:
             meta, payload = await self.queue.get()
             t0 = time.monotonic()
             try:
                 if not self.error:
-                    await dest.request("mig-recv", {"mid": self.m["id"], **meta}, payload, timeout=60)
-            except (AgentOpError, AgentUnavailable) as exc:
-                self._fail(f"{self.m['dest']}: {exc}")
+                    await self.ctl.agent(self.m["dest"], "migration.recv", {"mid": self.m["id"], **meta},
+                                         timeout=60, payload=payload)  # fmt: skip
+            except DaemonError as exc:
+                self._fail(str(exc))
             finally:
                 self._acked(len(payload), time.monotonic() - t0)
                 self.queue.task_done()
@@ -161,9 +153,8 @@ class Relay:
         self._credit({"mid": self.m["id"], "acked": self.acked, "bw": max(1.0, self.bw.value), "stop": True})
 
     def _credit(self, args: dict[str, Any]) -> None:
-        src = self.ctl.daemon.links.get(self.m["vm"])
-        if src is not None and src.ready:
-            t = asyncio.get_running_loop().create_task(src.request("mig-credit", args))
+        if self.ctl.ctx.agents.supports(self.m["vm"], "migration.credit"):
+            t = asyncio.get_running_loop().create_task(self.ctl.ctx.agents.call(self.m["vm"], "migration.credit", args))
             self._credit_tasks.add(t)
             t.add_done_callback(self._credit_done)
 
@@ -189,28 +180,25 @@ class Relay:
 
 
 class MigrationController:
-    """All migrations of one daemon (see :func:`controller_for`)."""
+    """All migrations of one daemon (held by the migration part)."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.journal = jn.Journal(daemon.store)
+    def __init__(self, ctx: PartContext) -> None:
+        self.ctx = ctx
+        self.journal = jn.Journal(ctx.store)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.recovering: set[str] = set()
 
     # -- agents --------------------------------------------------------------------------------
-    def link(self, vm: str) -> AgentLink:
-        self.daemon._require(vm)
-        link = self.daemon.links.get(vm)
-        if link is None or not link.ready:
+    def require(self, vm: str) -> None:
+        """``vm`` is registered (404 otherwise) and its agent serves migrations (503/409 otherwise)."""
+        self.ctx.vm(vm)
+        if not self.ctx.agent(vm).ready:
             raise Unavailable(f"{vm}: the guest agent is not connected")
-        return link
 
     async def agent(self, vm: str, op: str, args: dict[str, Any], timeout: float = 30.0,
                     payload: bytes = b"") -> dict[str, Any]:  # fmt: skip
-        try:
-            result, _ = await self.link(vm).request(op, args, payload, timeout=timeout)
-        except (AgentOpError, AgentUnavailable) as exc:
-            raise _agent_error(vm, exc) from None
+        """One ``migration.*`` op through the gateway (caps, schema, typed errors done there)."""
+        result, _ = await self.ctx.agents.call(vm, op, args, payload=payload, timeout=timeout)
         if not isinstance(result, dict):
             raise Unavailable(f"{vm}: agent answered {op} with a {type(result).__name__}")
         return result
@@ -221,8 +209,8 @@ class MigrationController:
                     fault: str | None = None, converge: int = 1 << 20,
                     ip: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Validate, journal, and run the migration in the background; returns the journal entry."""
-        self.daemon._require(vm)
-        self.daemon._require(dest)
+        self.ctx.vm(vm)
+        self.ctx.vm(dest)
         if vm == dest:
             raise Invalid("to: the destination must be another VM")
         if path not in ("relay", "network"):
@@ -231,8 +219,8 @@ class MigrationController:
             raise Invalid(f"rate: {mode!r} ({', '.join(rate.MODES)})")
         if fault is not None and fault not in FAULTS:
             raise Invalid(f"fault: {fault!r} ({', '.join(FAULTS)})")
-        self.link(vm)
-        self.link(dest)
+        self.require(vm)
+        self.require(dest)
         mid = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         params = {
             "predumps": predumps,
@@ -247,8 +235,7 @@ class MigrationController:
             self.journal.create(mid, vm, ct, dest, path, mode, params)
         except jn.JournalError as exc:
             raise Conflict(str(exc)) from None
-        self.daemon.store.log_decision(
-            "migration",
+        self.ctx.decisions.log(
             "start",
             vm,
             {"ct": ct, "dest": dest, "path": path, "rate": mode, **params},
@@ -270,7 +257,7 @@ class MigrationController:
     async def _run(self, mid: str) -> None:
         m = self.journal.get(mid)
         assert m is not None
-        meter = CpuMeter.for_migration(m["vm"], m["dest"])
+        meter = await asyncio.to_thread(CpuMeter.for_migration, self.ctx.host, m["vm"], m["dest"])
         t0 = time.monotonic()
         timings: dict[str, float] = {}
         try:
@@ -295,7 +282,7 @@ class MigrationController:
     async def _steps(self, m: dict[str, Any], timings: dict[str, float], meter: CpuMeter) -> None:
         mid, vm, dest, ct, p = m["id"], m["vm"], m["dest"], m["ct"], m["params"]
         self.journal.move(mid, "check")
-        chk = await self.agent(vm, "mig-check", {"name": ct})
+        chk = await self.agent(vm, "migration.check", {"name": ct})
         self.journal.move(
             mid, "check", result={"check": {k: chk[k] for k in ("init_pid", "files", "memory_current")}}
         )
@@ -306,7 +293,7 @@ class MigrationController:
         for n in range(1, int(p["predumps"]) + 1):
             self.journal.move(mid, "predump")
             t = time.monotonic()
-            r = await self.agent(vm, "mig-predump", {"mid": mid, "name": ct, "n": n}, timeout=LONG)
+            r = await self.agent(vm, "migration.predump", {"mid": mid, "name": ct, "n": n}, timeout=LONG)
             timings[f"predump{n}_s"] = round(time.monotonic() - t, 4)
             sizes.append(int(r["bytes"]))
             self.journal.move(mid, "transfer", timings=timings,
@@ -323,9 +310,9 @@ class MigrationController:
             stop = "stop-and-copy"
         self.journal.move(mid, "dump", timings=timings, progress={"predumps": last, "precopy_stop": stop})
         if p.get("ip"):  # the container's address leaves with it: the source fences it off now
-            await self.agent(vm, "mig-addr", {"ip": p["ip"], "up": False, "fenced": True})
+            await self.agent(vm, "migration.addr", {"ip": p["ip"], "up": False, "fenced": True})
         frozen = time.monotonic()
-        r = await self.agent(vm, "mig-dump", {"mid": mid, "name": ct, "parent": last}, timeout=LONG)
+        r = await self.agent(vm, "migration.dump", {"mid": mid, "name": ct, "parent": last}, timeout=LONG)
         timings["dump_s"] = round(time.monotonic() - frozen, 4)
         self.journal.move(
             mid,
@@ -340,19 +327,19 @@ class MigrationController:
         self.journal.move(mid, "restore", timings=timings, progress={"bytes_total": moved, "final_bytes": final})
         t = time.monotonic()
         if p.get("ip"):  # up (and announced) before CRIU rebinds the connections to it; fenced till then
-            await self.agent(dest, "mig-addr", {"ip": p["ip"], "up": True, "fenced": True})
-        res = await self.agent(dest, "mig-restore", {"mid": mid, "record": chk["record"]}, timeout=LONG)
+            await self.agent(dest, "migration.addr", {"ip": p["ip"], "up": True, "fenced": True})
+        res = await self.agent(dest, "migration.restore", {"mid": mid, "record": chk["record"]}, timeout=LONG)
         if p.get("ip"):
-            await self.agent(dest, "mig-addr", {"ip": p["ip"], "up": True, "fenced": False})
+            await self.agent(dest, "migration.addr", {"ip": p["ip"], "up": True, "fenced": False})
         timings["restore_s"] = round(time.monotonic() - t, 4)
-        st = await self.agent(dest, "mig-status", {"mid": mid, "name": ct})
+        st = await self.agent(dest, "migration.status", {"mid": mid, "name": ct})
         cont = st.get("container") or {}
         if not (st.get("restored") and cont.get("populated") and not cont.get("frozen")):
             raise MigrationFailed(f"{dest}: the restored container is not running ({st})")
         timings["downtime_s"] = round(time.monotonic() - frozen, 4)
         self.journal.move(mid, "confirm", timings=timings, result={"restore": res, "bytes": moved})
-        self.daemon.store.log_decision(
-            "migration", "confirm", dest, {"id": mid, "ct": ct}, {"pid": res.get("pid")}
+        self.ctx.decisions.log(
+            "confirm", dest, {"id": mid, "ct": ct}, {"pid": res.get("pid")}
         )
         self.journal.move(mid, "cleanup")
         await self._finish(m)
@@ -361,7 +348,7 @@ class MigrationController:
     async def _transfer(self, m: dict[str, Any], paths: list[str]) -> int:
         """Move the files under ``paths`` to the destination; verify them there; return bytes."""
         mid, vm, dest = m["id"], m["vm"], m["dest"]
-        man = await self.agent(vm, "mig-manifest", {"mid": mid, "paths": paths}, timeout=LONG)
+        man = await self.agent(vm, "migration.manifest", {"mid": mid, "paths": paths}, timeout=LONG)
         try:
             files = rate.validate_manifest(man.get("files"), MAX_TOTAL)
         except rate.StreamError as exc:
@@ -371,7 +358,7 @@ class MigrationController:
             await self._network(m, files, order)
         else:
             await self._relay(m, files, order)
-        await self.agent(dest, "mig-verify", {"mid": mid, "files": list(files.values())}, timeout=LONG)
+        await self.agent(dest, "migration.verify", {"mid": mid, "files": list(files.values())}, timeout=LONG)
         total = sum(int(e["size"]) for e in files.values())
         self.journal.progress(mid, moved=(m.get("_moved", 0) + total))
         m["_moved"] = m.get("_moved", 0) + total
@@ -381,12 +368,15 @@ class MigrationController:
         self, m: dict[str, Any], files: dict[str, dict[str, Any]], order: list[str]
     ) -> dict[str, Any]:
         p = m["params"]
-        src = self.link(m["vm"])
         relay = Relay(self, m, files, int(p["window"]), int(p["chunk"]), float(p["rate_bps"]), p.get("fault"))
-        src.stream_handlers["mig-chunk"] = relay.on_chunk
+        try:
+            unsubscribe = self.ctx.agents.stream(m["vm"], CHUNK_EVENT, relay.on_chunk)
+        except BaseException:
+            await relay.close()
+            raise
         try:
             try:
-                sent = await self.agent(m["vm"], "mig-send", {
+                sent = await self.agent(m["vm"], "migration.send", {
                     "mid": m["id"], "paths": order, "mode": m["rate"], "chunk": int(p["chunk"]),
                     "window": int(p["window"]), "rate": float(p["rate_bps"]), "bw": float(p["rate_bps"]),
                 }, timeout=LONG)  # fmt: skip
@@ -395,7 +385,7 @@ class MigrationController:
                     raise MigrationFailed(f"relay: {relay.error}") from None
                 raise MigrationFailed(f"sender: {exc}") from None
             finally:
-                src.stream_handlers.pop("mig-chunk", None)
+                unsubscribe()
             async with asyncio.timeout(120):  # not wait_for: it can swallow a cancellation (3.11)
                 await relay.queue.join()
             if relay.error:
@@ -410,16 +400,16 @@ class MigrationController:
 
     async def _network(self, m: dict[str, Any], files: dict[str, dict[str, Any]], order: list[str]) -> None:
         vm, dest = m["vm"], m["dest"]
-        await self.agent(vm, "mig-net-setup", {})
-        peer = await self.agent(dest, "mig-net-setup", {})
+        await self.agent(vm, "migration.net-setup", {})
+        peer = await self.agent(dest, "migration.net-setup", {})
         recv = asyncio.get_running_loop().create_task(
             self.agent(
-                dest, "mig-net-recv", {"mid": m["id"], "files": [files[k] for k in order]}, timeout=LONG
+                dest, "migration.net-recv", {"mid": m["id"], "files": [files[k] for k in order]}, timeout=LONG
             )
         )
         try:
             await asyncio.sleep(0.3)
-            sent = await self.agent(vm, "mig-net-send", {"mid": m["id"], "paths": order, "host": peer["ip"]},
+            sent = await self.agent(vm, "migration.net-send", {"mid": m["id"], "paths": order, "host": peer["ip"]},
                                     timeout=LONG)  # fmt: skip
             async with asyncio.timeout(LONG):  # not wait_for: it can swallow a cancellation (3.11)
                 got = await asyncio.shield(recv)
@@ -444,11 +434,11 @@ class MigrationController:
         # removed before the source may run on; before that the destination holds only files.
         dest_required = cur is not None and cur["phase"] == "restore"
         ip = (m.get("params") or {}).get("ip")
-        steps: list[tuple[str, str, dict[str, Any]]] = [(m["dest"], "mig-abort", {"mid": m["id"], "name": m["ct"]})]
+        steps: list[tuple[str, str, dict[str, Any]]] = [(m["dest"], "migration.abort", {"mid": m["id"], "name": m["ct"]})]
         if ip:  # the address goes back to the source before it thaws (best effort: see below)
-            steps += [(m["dest"], "mig-addr", {"ip": ip, "up": False, "fenced": True}),
-                      (m["vm"], "mig-addr", {"ip": ip, "up": True, "fenced": False})]  # fmt: skip
-        steps += [(m["vm"], "mig-resume", {"name": m["ct"], "mid": m["id"]}), (m["vm"], "mig-cleanup", {"mid": m["id"]})]
+            steps += [(m["dest"], "migration.addr", {"ip": ip, "up": False, "fenced": True}),
+                      (m["vm"], "migration.addr", {"ip": ip, "up": True, "fenced": False})]  # fmt: skip
+        steps += [(m["vm"], "migration.resume", {"name": m["ct"], "mid": m["id"]}), (m["vm"], "migration.cleanup", {"mid": m["id"]})]
         for vm, op, args in steps:
             try:
                 await self.agent(vm, op, args, timeout=60)
@@ -456,7 +446,7 @@ class MigrationController:
                 pass  # the container or migration is not there: nothing to undo
             except DaemonError as exc:
                 log.warning("migration %s: %s on %s failed: %s", m["id"], op, vm, exc)
-                if op == "mig-addr":
+                if op == "migration.addr":
                     continue  # the address is the client's problem, never a reason to keep the source frozen
                 if vm == m["vm"] or dest_required:
                     ok = False
@@ -466,17 +456,17 @@ class MigrationController:
             cur = self.journal.get(m["id"])
             if cur is not None and cur["phase"] in jn.ACTIVE:
                 self.journal.move(m["id"], "aborted", error=why, timings=timings or {})
-            self.daemon.store.log_decision("migration", "abort", m["vm"], {"id": m["id"], "why": why}, {})
+            self.ctx.decisions.log("abort", m["vm"], {"id": m["id"], "why": why}, {})
         return ok
 
     async def _finish(self, m: dict[str, Any]) -> None:
-        await self.agent(m["vm"], "mig-finish", {"mid": m["id"], "name": m["ct"]}, timeout=60)
+        await self.agent(m["vm"], "migration.finish", {"mid": m["id"], "name": m["ct"]}, timeout=60)
         with contextlib.suppress(DaemonError):
-            await self.agent(m["dest"], "mig-cleanup", {"mid": m["id"]}, timeout=60)
+            await self.agent(m["dest"], "migration.cleanup", {"mid": m["id"]}, timeout=60)
 
     async def _view(self, vm: str, m: dict[str, Any]) -> jn.GuestView:
         try:
-            st = await self.agent(vm, "mig-status", {"mid": m["id"], "name": m["ct"]}, timeout=15)
+            st = await self.agent(vm, "migration.status", {"mid": m["id"], "name": m["ct"]}, timeout=15)
         except DaemonError:
             return jn.GuestView(reachable=False)
         c = st.get("container") or {}
@@ -514,8 +504,8 @@ class MigrationController:
                 if action == "wait":
                     done = False
                 if action != "wait":
-                    self.daemon.store.log_decision(
-                    "migration", "recover", m["vm"],
+                    self.ctx.decisions.log(
+                    "recover", m["vm"],
                     {"id": m["id"], "phase": m["phase"], "source": src.__dict__, "dest": dst.__dict__},
                     {"action": action, "settled": done},
                 )  # fmt: skip
@@ -531,31 +521,3 @@ class MigrationController:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
-
-_CONTROLLERS: dict[int, MigrationController] = {}
-
-
-def controller_for(daemon: Daemon) -> MigrationController:
-    key = id(daemon)
-    if key not in _CONTROLLERS:
-        _CONTROLLERS[key] = MigrationController(daemon)
-    return _CONTROLLERS[key]
-
-
-async def _hook(daemon: Daemon) -> None:
-    ctl = controller_for(daemon)
-    if ctl.journal.unfinished() and not ctl.recovering:
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(ctl.recover(), name="migration-recover")
-        ctl.tasks_recover = task  # type: ignore[attr-defined]
-
-
-async def start(daemon: Daemon) -> None:
-    controller_for(daemon)
-    daemon.hooks.append(_hook)
-
-
-async def stop(daemon: Daemon) -> None:
-    ctl = _CONTROLLERS.pop(id(daemon), None)
-    if ctl is not None:
-        await ctl.stop()
