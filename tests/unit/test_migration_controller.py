@@ -207,3 +207,32 @@ def test_start_refuses_bad_requests_before_any_agent_call(tmp_path) -> None:
 
     asyncio.run(main())
     assert a.calls == []
+
+
+def test_gateway_stream_routes_events_until_unsubscribed() -> None:
+    """The door the relay uses: the link's stream handler is set, and removed only if still its own."""
+    import pytest
+
+    from symbiont.errors import NoAgent
+    from symbiont.gateway import AgentGateway
+
+    class Link:
+        ready = True
+        caps: tuple[str, ...] = ()
+
+        def __init__(self) -> None:
+            self.stream_handlers: dict[str, Any] = {}
+
+    link = Link()
+    gw = AgentGateway({"vm1": link})  # type: ignore[dict-item]
+    first, second = (lambda d, p: None), (lambda d, p: None)
+    off = gw.stream("vm1", "mig-chunk", first)
+    assert link.stream_handlers == {"mig-chunk": first}
+    off()
+    assert link.stream_handlers == {}
+    off1 = gw.stream("vm1", "mig-chunk", first)
+    gw.stream("vm1", "mig-chunk", second)  # a newer relay took the event over
+    off1()
+    assert link.stream_handlers == {"mig-chunk": second}
+    with pytest.raises(NoAgent):
+        gw.stream("vm2", "mig-chunk", first)
