@@ -203,16 +203,16 @@ def test_cli(env) -> None:
     _add_part_groups()
     runner = CliRunner()
     sock = str(env["d"].cfg.socket)
-    r = runner.invoke(cli, ["--socket", sock, "cache", "list", "--json"])
+    r = runner.invoke(cli, ["--socket", sock, "cache", "list", "--json"])  # the old name, an alias
     assert r.exit_code == 0, r.output
     assert {v["vm"] for v in json.loads(r.output)} >= {"a", "b", "p"}
-    r = runner.invoke(cli, ["--socket", sock, "cache", "resize", "a", "2"])
+    r = runner.invoke(cli, ["--socket", sock, "ssdcache", "resize", "a", "2"])
     assert r.exit_code == 0 and "a: 1 -> 2 MiB" in r.output, r.output
-    r = runner.invoke(cli, ["--socket", sock, "cache", "pool", "show"])
+    r = runner.invoke(cli, ["--socket", sock, "ssdcache", "pool", "show"])
     assert r.exit_code == 0 and "free" in r.output
-    r = runner.invoke(cli, ["--socket", sock, "cache", "resize", "a", "999"])
+    r = runner.invoke(cli, ["--socket", sock, "ssdcache", "resize", "a", "999"])
     assert r.exit_code == 2 and "outside 0..16" in r.output
-    r = runner.invoke(cli, ["--socket", sock, "cache", "show", "a"])
+    r = runner.invoke(cli, ["--socket", sock, "ssdcache", "show", "a"])
     assert r.exit_code == 0 and "refused" in r.output
 
 

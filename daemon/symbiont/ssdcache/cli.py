@@ -1,4 +1,4 @@
-"""``symbiont cache``: the elastic SSD pool, per-VM caches, resizing, policies, two-level partitions.
+"""``symbiont ssdcache`` (alias ``cache``): the elastic SSD pool, per-VM caches, resizing, policies, two-level partitions.
 
 Talks to the daemon's API (``/v1/ssdcache``). Tables by default, ``--json`` for scripts; errors
 are one line and exit status 2 (bad input / refused) or 1 (daemon unreachable or failing).
@@ -18,9 +18,12 @@ def _runs(runs: list[list[int]]) -> str:
     return ",".join(f"{s}" if n == 1 else f"{s}-{s + n - 1}" for s, n in runs) or "-"
 
 
-@click.group(name="cache")
+@click.group(name="ssdcache")
 def group() -> None:
     """Elastic SSD caches (SymFlex) and two-level Mem/SSD partitions (DoubleDecker)."""
+
+
+ALIASES = ("cache",)  # the group's name until issue 14 (one name per part)
 
 
 # -- pool ------------------------------------------------------------------------------------
