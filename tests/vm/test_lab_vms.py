@@ -122,7 +122,8 @@ def test_bad_input_is_4xx_with_a_reason_and_changes_nothing(lab: LabSession) -> 
         cases = [
             (lambda: c.put("/v1/vms/no-such-vm/memory", {"target_mib": 256}), 404, "not registered"),
             (lambda: c.put(f"/v1/vms/{name}/memory", {"target_mib": 100000}), 422, "outside this VM's range"),
-            (lambda: c.put(f"/v1/vms/{name}/memory", {"target_mib": 100}), 422, "outside this VM's range"),
+            # Below the guest's floor (kernel reserve + used + margin, issue 16 item 12).
+            (lambda: c.put(f"/v1/vms/{name}/memory", {"target_mib": 100}), 422, "below the safe floor"),
             (lambda: c.put(f"/v1/vms/{name}/vcpus", {"count": 64}), 422, "outside this VM's range"),
             (lambda: c.put(f"/v1/vms/{name}/vcpus", {"count": 0}), 422, "count"),
             (lambda: c.post("/v1/vms", {"name": "no-such-domain"}), 404, "no libvirt domain"),
