@@ -18,13 +18,23 @@ def _xml(tmp_path: Path, **lab: object) -> ET.Element:
     return ET.fromstring(domain_xml(cfg, lab_vm(cfg, "symbiont-lab-1"), img))
 
 
+FIXED = {"vcpus": 1, "max_vcpus": 1}  # no vCPU hot-plug possible
+
+
 def test_tcg_domains_get_the_tb_cache_kvm_does_not(tmp_path: Path) -> None:
-    tb = _xml(tmp_path, domain_type="qemu").find("features/tcg/tb-cache")
+    tb = _xml(tmp_path, domain_type="qemu", **FIXED).find("features/tcg/tb-cache")
     assert tb is not None and tb.get("unit") == "MiB" and tb.text == "32"  # the default
-    assert _xml(tmp_path, domain_type="qemu", tcg_tb_cache_mib=24).find("features/tcg/tb-cache").text == "24"
-    assert _xml(tmp_path, domain_type="kvm").find("features/tcg") is None
-    assert _xml(tmp_path, domain_type="qemu", tcg_tb_cache_mib=0).find("features/tcg") is None  # QEMU's own
+    assert _xml(tmp_path, domain_type="qemu", tcg_tb_cache_mib=24, **FIXED).find("features/tcg/tb-cache").text == "24"
+    assert _xml(tmp_path, domain_type="kvm", **FIXED).find("features/tcg") is None
+    assert _xml(tmp_path, domain_type="qemu", tcg_tb_cache_mib=0, **FIXED).find("features/tcg") is None  # QEMU's own
     assert _xml(tmp_path, domain_type="qemu").find("features/acpi") is not None
+
+
+def test_no_tb_cache_bound_on_a_domain_that_can_hot_plug_vcpus(tmp_path: Path) -> None:
+    """QEMU 7.2 aborted on a vCPU hot-plug with a 32 MiB cache (no TCG region left for the new
+    vCPU): a domain with room to hot-plug keeps QEMU's own cache."""
+    assert _xml(tmp_path, domain_type="qemu", vcpus=1, max_vcpus=4).find("features/tcg") is None
+    assert _xml(tmp_path, domain_type="qemu", vcpus=2, max_vcpus=2).find("features/tcg/tb-cache") is not None
 
 
 def test_a_bad_size_names_the_key() -> None:
@@ -38,7 +48,7 @@ def test_this_libvirt_accepts_it(tmp_path: Path, libvirtd: None) -> None:
     """libvirt 9.0 defines the domain and keeps the size (it would drop an unknown element)."""
     import libvirt
 
-    root = _xml(tmp_path, domain_type="qemu")
+    root = _xml(tmp_path, domain_type="qemu", **FIXED)
     root.find("name").text = "symbiont-tbcache-check"
     conn = libvirt.open("qemu:///system")
     try:

@@ -185,11 +185,16 @@ def lab_vm(cfg: Config, name: str) -> LabVm:
     )
 
 
-def tcg_features(dtype: str, tb_cache_mib: int) -> str:
+def tcg_features(dtype: str, tb_cache_mib: int, hotplug: bool = False) -> str:
     """TCG's translation-code cache size (libvirt 9.0: QEMU's ``tb-size``): under TCG QEMU
     otherwise keeps up to 1 GiB of translated code resident per VM (320 MiB measured for an
-    idle 512 MiB guest). Nothing on the KVM path, nor with 0 (QEMU's default)."""
-    if dtype != "qemu" or tb_cache_mib <= 0:
+    idle 512 MiB guest). Nothing on the KVM path, nor with 0 (QEMU's default).
+
+    Nor on a domain that can hot-plug vCPUs (``hotplug``): QEMU 7.2 splits the cache into
+    regions when the machine starts, and with a 32 MiB cache a hot-plugged vCPU found none left
+    and QEMU aborted (``tcg_region_initial_alloc__locked: assertion failed``, seen twice on
+    this host); a domain whose vCPU count is fixed keeps the bound."""
+    if dtype != "qemu" or tb_cache_mib <= 0 or hotplug:
         return ""
     return f"<tcg><tb-cache unit='MiB'>{int(tb_cache_mib)}</tb-cache></tcg>"
 
@@ -241,7 +246,7 @@ def domain_xml(
     <initrd>{escape(str(image.initrd))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
   </os>
-  <features><acpi/><apic/>{tcg_features(dtype, lab.tcg_tb_cache_mib)}</features>
+  <features><acpi/><apic/>{tcg_features(dtype, lab.tcg_tb_cache_mib, hotplug=int(top) > int(cur))}</features>
   {cpu}
   <clock offset='utc'/>
   <on_poweroff>destroy</on_poweroff>
