@@ -22,7 +22,7 @@ def run(*args: str):
 
 def test_group_is_discoverable_as_a_plugin() -> None:
     mod = part_modules("cli")["placement"]
-    assert isinstance(mod.group, click.Group) and mod.group.name == "place"
+    assert isinstance(mod.group, click.Group) and mod.group.name == "placement" and mod.ALIASES == ("place",)
 
 
 def test_plan_json_on_the_examples() -> None:

@@ -12,9 +12,12 @@ def _cli():
     return main_cli
 
 
-@click.group("mem")
+@click.group("memory")
 def group() -> None:
     """Memory: share-based allocation with an idle-memory tax (ESX), symbiotic ballooning."""
+
+
+ALIASES = ("mem",)  # the group's name until issue 14 (one name per part)
 
 
 @group.command("show")

@@ -44,12 +44,15 @@ def _console() -> Any:
     return Console(width=160)
 
 
-@click.group(name="place", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="placement", context_settings={"help_option_names": ["-h", "--help"]})
 def group() -> None:
     """Cluster placement: multi-dimensional packing with constraints, and its simulator.
 
     Example files: daemon/symbiont/placement/examples/ (hosts.yaml, vms.yaml, trace.csv).
     """
+
+
+ALIASES = ("place",)  # the group's name until issue 14 (one name per part)
 
 
 @group.command("heuristics")
