@@ -67,7 +67,7 @@ def _pool_out(p: dict[str, Any], as_json: bool) -> None:
         emit(p, True)
         return
     if not p.get("exists"):
-        console.print("no pool (create one: symbiont cache pool create --file PATH --size-mib N)")
+        console.print("no pool (create one: symbiont ssdcache pool create --file PATH --size-mib N)")
         return
     b = p["blocks"]
     console.print(f"pool {p['path']} ({p['kind']}) on {p.get('device', '?')}: {p['nblocks']} blocks of 1 MiB; "
@@ -336,7 +336,7 @@ def twolevel_guest(ctx: Ctx, vm: str, as_json: bool) -> None:
 
 def _tl_out(v: dict[str, Any]) -> None:
     if v.get("exists") is False:
-        console.print("no two-level cache (symbiont cache twolevel setup --mem-mib N [--ssd-mib M])")
+        console.print("no two-level cache (symbiont ssdcache twolevel setup --mem-mib N [--ssd-mib M])")
         return
     cap = v["capacity_pages"]
     t = Table(title=f"two-level cache: mem {cap['mem']} pages, ssd {cap['ssd']} pages (4 KiB)")
