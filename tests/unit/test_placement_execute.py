@@ -686,25 +686,75 @@ def test_remote_libvirt_on_libvirts_test_driver() -> None:
         remote.close()
 
 
-def test_a_move_carries_the_size_the_shrink_really_set(monkeypatch) -> None:
-    """The source daemon may raise a shrink to the guest floor it sees at that moment (a newer
-    sample than the plan's check saw): the following move carries the size that daemon set, so
-    the destination sets the same size."""
+def test_a_move_carries_the_size_the_shrink_really_set_when_steps_run_apart(monkeypatch) -> None:
+    """``place execute --yes`` checks the plan once (dry run) and then posts each step as its own
+    plan, each checked against the guest floor of its moment. The dry run sees a floor of 129 MiB
+    (the shrink is clamped to 129), the shrink's own run a floor of 130 (the guest used a little
+    more by then): A's daemon sets 130. The move that follows, posted alone with the dry run's
+    size, must set 130 on B — the size A really set (its balloon knob), not 129."""
+    from symbiont.client import ApiError
     from symbiont.placement import execute
 
-    daemons = FakeDaemons()
-    real = daemons.client
+    floor = {"mib": 129}
+    a_knobs: list[dict] = []
+    registered = {"A": {"web"}, "B": set()}
+    puts: list[tuple[str, int]] = []
 
     def client(spec: str):
-        c = real(spec)
-        put = c.put
-        c.put = lambda path, body: {**put(path, body), "target_mib": body["target_mib"] + 1}  # floor rose by 1
-        return c
+        host = {"/run/a.sock": "A", "/run/b.sock": "B"}[spec]
+
+        class C:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *a) -> None:
+                pass
+
+            def get(self, path: str):
+                if "web" not in registered[host]:
+                    raise ApiError(404, "not registered")
+                if path.endswith("/floor"):
+                    return {"floor_mib": floor["mib"], "reason": f"guest floor {floor['mib']} MiB"}
+                return {"policy": {"memory": {"min_mib": 64}}, "max_memory_mib": 256,
+                        "knobs": [dict(k) for k in a_knobs] if host == "A" else []}  # fmt: skip
+
+            def put(self, path: str, body):  # the real daemon refuses below its floor, never raises
+                if host == "A" and body["target_mib"] < floor["mib"]:
+                    raise ApiError(422, f"target_mib {body['target_mib']} below the safe floor")
+                puts.append((host, body["target_mib"]))
+                if host == "A":
+                    a_knobs[:] = [{"knob": "balloon_mib", "original": 256, "current": body["target_mib"]}]
+                return {"vm": "web", "before_mib": 256, "target_mib": body["target_mib"]}
+
+            def delete(self, path: str):
+                registered[host].discard("web")
+
+            def post(self, path: str, body):
+                registered[host].add(body["name"])
+
+        return C()
 
     monkeypatch.setattr(execute, "_client", client)
     ex = Executor(DHOSTS)
     monkeypatch.setattr(ex, "locate", dlocate)
-    moved: list[MoveSpec] = []
-    monkeypatch.setattr(ex, "migrate", lambda m: moved.append(m) or {"ok": True})
-    res = ex.execute([MemorySpec("shrink", "web", "A", 151, "idle"), MoveSpec("web", "A", "B", balloon_mib=151)])
-    assert res[0]["target_mib"] == 152 and [m.balloon_mib for m in moved] == [152]
+    monkeypatch.setattr(ex.remote, "conn", lambda uri: FakeConn(FakeDom(None)))
+    plan = {"idle": {"actions": [
+        {"kind": "shrink", "vm": "web", "src": "A", "mem_to": 120, "reason": "idle"},
+        {"kind": "move", "vm": "web", "src": "A", "dst": "B", "reason": "idle"},
+    ]}}  # fmt: skip
+    dry = ex.check(execute.parse_plan(plan))
+    assert dry[0]["clamped_to"] == 129 and dry[1]["balloon_mib"] == 120
+    floor["mib"] = 130  # the guest's used memory rose a little after the dry run
+    results = []
+    for st in dry:  # as the CLI posts them: one plan per step, from the dry run's steps
+        if st["kind"] == "move":
+            one = {"moves": [{k: st[k] for k in ("vm", "from", "to", "reason", "balloon_mib") if k in st}]}
+        else:
+            one = {"actions": [{"kind": st["kind"], "vm": st["vm"], "src": st["host"], "mem_to": st["mem_to"],
+                                "reason": st["reason"]}]}  # fmt: skip
+        results += ex.execute(execute.parse_plan(one))
+    rs, r = results
+    assert rs["ok"] and rs["target_mib"] == 130 and "safe floor" in rs["clamp_reason"]
+    assert r["ok"] and r["registered_on"] == "B", r
+    assert r["balloon"] == {"ok": True, "before_mib": 256, "target_mib": 130}, r
+    assert r["balloon_mib"] == 130 and puts == [("A", 130), ("B", 130)]

@@ -26,7 +26,8 @@ to the idle host) and ``grow`` (back to full size, after the move home). They ru
 through the daemon of the host the VM is on at that point (``PUT /v1/vms/{vm}/memory``), which
 saves the balloon's original value in its sqlite before moving it. A source daemon restores its
 knobs when it lets go of a VM (step 1), so a move that follows a shrink of the same VM carries the
-shrunk size: the destination's daemon sets it again right after the migration. Such a move parks
+shrunk size (what the source daemon's balloon knob holds then, which may be a newer floor than the
+plan's): the destination's daemon sets it again right after the migration. Such a move parks
 the VM: its registration at the destination records its home host and full size (the source's
 saved balloon original), which a later wake-up moves it back to and grows it to.
 
@@ -40,7 +41,7 @@ import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -353,8 +354,6 @@ def clamped_steps(
     """The steps as they run: a shrink that :func:`check_plan` found below the guest's floor goes
     to the floor (with ``{"clamped_from", "clamp_reason"}`` for its result), and a later move of
     the same VM carries the clamped size to its destination."""
-    from dataclasses import replace
-
     out: list[tuple[Step, dict | None]] = []
     size: dict[str, int] = {}
     for s, c in zip(steps, checked, strict=True):
@@ -493,19 +492,10 @@ class Executor:
 
     def execute(self, steps: Sequence[Step]) -> list[dict[str, Any]]:
         """Check the whole plan, then run one step after the other; stop at the first failure."""
-        from dataclasses import replace
-
         checked = self.check(steps)
         results = []
-        set_mib: dict[str, int] = {}  # vm -> the size its daemon set in this plan's last balloon step
         for s, clamp in clamped_steps(steps, checked):
-            if isinstance(s, MoveSpec) and s.balloon_mib is not None and s.vm in set_mib:
-                # The daemon's own floor may have moved since the check: the move carries what
-                # the shrink really set, not the planned size.
-                s = replace(s, balloon_mib=set_mib[s.vm])
             res = self.migrate(s) if isinstance(s, MoveSpec) else self.set_memory(s)
-            if isinstance(s, MemorySpec) and res.get("ok") and isinstance(res.get("target_mib"), int):
-                set_mib[s.vm] = res["target_mib"]
             if clamp is not None:
                 res = {**res, **clamp}
             results.append(res)
@@ -536,6 +526,14 @@ class Executor:
         }
         t0 = time.monotonic()
         view = _daemon_unregister(src, m.vm)
+        if m.balloon_mib is not None and (held := _balloon_set(view)) is not None and held != m.balloon_mib:
+            # The move carries the size the source daemon really set, not the plan's: the steps
+            # may run as separate plans (``place execute --yes``, the cluster controller), each
+            # checked against the guest floor of its own moment, so the shrink may have gone to a
+            # floor newer than the one the plan (or its dry run) saw.
+            inputs["planned_balloon_mib"] = m.balloon_mib
+            m = replace(m, balloon_mib=held)
+            inputs["balloon_mib"] = held
         policy = dict(view.get("policy") or {}) if view is not None else None
         inputs["policy"] = policy
         dst_policy = parked_policy(policy, view, m) if policy is not None else None
@@ -599,6 +597,15 @@ def parked_policy(policy: dict[str, Any], view: Mapping[str, Any], m: MoveSpec) 
     else:
         extra.pop("placement", None)
     return {**policy, "extra": extra}
+
+
+def _balloon_set(view: Mapping[str, Any] | None) -> int | None:
+    """The balloon size a daemon's view says it set (its ``balloon_mib`` knob), or None."""
+    for k in (view or {}).get("knobs") or []:
+        if isinstance(k, Mapping) and k.get("knob") == "balloon_mib":
+            cur = k.get("current")
+            return cur if isinstance(cur, int) and not isinstance(cur, bool) else None
+    return None
 
 
 def _daemon_unregister(host: HostEntry, vm: str) -> dict[str, Any] | None:
