@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from symbiont import __version__
 from symbiont.apimodel import JsonObject, StrictModel, json_safe
-from symbiont.errors import DaemonError
+from symbiont.errors import DaemonError, NotFound
 from symbiont.plugins import part_modules
 
 if TYPE_CHECKING:  # the daemon imports this module (serve); no import back at run time
@@ -79,7 +79,6 @@ def create_app(daemon: Daemon) -> FastAPI:
         version=__version__,
         description="Symbiotic resource management: the host decides how much, the guest decides what.",
     )
-    app.state.daemon = daemon  # TEMPORARY: old-style parts' handlers; migrated ones use parts
     app.state.parts = daemon.parts  # a part's handlers reach it as request.app.state.parts[name]
 
     @app.exception_handler(DaemonError)
@@ -144,7 +143,11 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.put("/v1/vms/{name}/vcpus")
     async def set_vcpus(name: VmName, body: VcpuTarget) -> dict[str, Any]:
-        return await daemon.set_vcpus(name, body.count)  # the cpu part's scaling, in the core's shape
+        # The cpu part's scaling (its one vCPU implementation), answered in the core's shape.
+        res = await daemon.parts["cpu"].scale(name, body.count, reason="api")  # type: ignore[attr-defined]
+        before = res["before"]["guest_online"] or res["before"]["libvirt"]
+        return {"vm": name, "before": before, "vcpus": body.count, "guest": res.get("guest"),
+                "mechanism": res["mechanism"]}
 
     @app.get("/v1/vms/{name}/history")
     async def history(
@@ -153,7 +156,8 @@ def create_app(daemon: Daemon) -> FastAPI:
         since: Annotated[float, Query(ge=0)] = 0.0,
         limit: Annotated[int, Query(ge=1, le=10000)] = 100,
     ) -> list[dict[str, Any]]:
-        daemon._require(name)
+        if daemon.store.get_vm(name) is None:
+            raise NotFound(f"VM {name!r} is not registered")
         return [{"ts": ts, **data} for ts, data in daemon.store.history(name, source, since, limit)]
 
     @app.get("/v1/decisions")

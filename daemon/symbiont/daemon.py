@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +31,15 @@ from symbiont.agentlink import AgentLink, AgentOpError, AgentUnavailable
 from symbiont.config import Config, ConfigError, load_config
 from symbiont.errors import Conflict, DaemonError, Invalid, NotFound, Unavailable
 from symbiont.gateway import AgentGateway
-from symbiont.host.libvirt_host import LibvirtError, LibvirtHost
+from symbiont.host.libvirt_host import LibvirtError
 from symbiont.host.port import HostError, HostPort
 from symbiont.host.system import SystemHost, quiet_libvirt_errors
 from symbiont.knobs import KnobLedger
 from symbiont.part import AgentInfo, Part, PartContext, Period, order, run_period
-from symbiont.part_compat import LegacyControllerPart
-from symbiont.plugins import part_classes, part_modules
+from symbiont.plugins import part_classes
 from symbiont.state import StateStore, VmRecord
 
 log = logging.getLogger("symbiontd")
-
-# A hook of an old-style part (TEMPORARY: see symbiont.part_compat): called once per period.
-PeriodicHook = Callable[["Daemon"], Awaitable[None]]
 
 LIBVIRT_TIMEOUT = 30.0  # a libvirt call made while holding Daemon._lock gives up after this long
 RESTORE_TIMEOUT = 60.0  # restoring one VM's knobs (libvirt + agent requests) gives up after this
@@ -64,8 +60,6 @@ class Daemon:
         self.latest: dict[str, dict[str, Any]] = {}  # per VM: last collected snapshot
         self.host_latest: dict[str, Any] = {}
         self.parts: dict[str, Part] = {}  # in dependency order (symbiont.part.order)
-        self.hooks: list[PeriodicHook] = []  # TEMPORARY: hooks of old-style parts outside any part
-        self.controllers: dict[str, Any] = {}
         self.loop_iterations = 0
         self.loop_cpu_s = 0.0
         self._stop = asyncio.Event()
@@ -77,24 +71,6 @@ class Daemon:
         self._build_parts()
 
     # -- the host -------------------------------------------------------------------------
-    @property
-    def libvirt(self) -> LibvirtHost:
-        """TEMPORARY, for old-style parts: the raw libvirt connection (migrated parts use
-        ``ctx.host``); raises Unavailable when libvirt is down."""
-        try:
-            return self.host.libvirt  # type: ignore[attr-defined]
-        except HostError as exc:
-            raise Unavailable(str(exc)) from None
-
-    @property
-    def _libvirt(self) -> LibvirtHost | None:
-        """TEMPORARY, for tests that plant a fake libvirt connection (use FakeHost instead)."""
-        return getattr(self.host, "_libvirt", None)
-
-    @_libvirt.setter
-    def _libvirt(self, value: LibvirtHost | None) -> None:
-        self.host._libvirt = value  # type: ignore[attr-defined]
-
     def _channel_path(self, vm: str) -> str | None:
         try:
             return self.host.channel_path(vm, self.cfg.agent.channel_name)
@@ -135,7 +111,6 @@ class Daemon:
             quiet_libvirt_errors()
         for rec in self.store.list_vms():
             self._start_link(rec.name)
-        self._import_legacy_knobs()
         await self._start_parts()
         # Rows of VMs no longer registered (a kill -9 during an unregistration): restore them now.
         registered = {rec.name for rec in self.store.list_vms()}
@@ -172,30 +147,19 @@ class Daemon:
         log.info("symbiontd stopped")
 
     def _build_parts(self) -> None:
-        """Discover the parts and construct them in ``requires`` order (cheap: nothing runs
-        before :meth:`start`). A part whose package has no ``part`` module yet runs through the
-        TEMPORARY legacy adapter."""
+        """Discover the parts (``symbiont.<pkg>.part``) and construct them in ``requires`` order
+        (cheap: nothing runs before :meth:`start`). A package without a ``part`` module (the
+        CLI-only ``cluster``) is no daemon part."""
         classes = part_classes()
-        self.controllers = {n: mod for n, mod in part_modules("controller").items() if n not in classes}
-        legacy = {n: LegacyControllerPart(n, mod, self) for n, mod in self.controllers.items()}
-        for name in order({**legacy, **classes}):  # type: ignore[arg-type]
-            if name in legacy:
-                self.parts[name] = legacy[name]
-            else:
-                cls = classes[name]
-                section = getattr(self.cfg, name, None)
-                self.parts[name] = cls(self.context(name, cls.requires), section if section is not None else cls.config())
+        for name in order(classes):
+            cls = classes[name]
+            section = getattr(self.cfg, name, None)
+            self.parts[name] = cls(self.context(name, cls.requires), section if section is not None else cls.config())
 
     async def _start_parts(self) -> None:
         for name, part in self.parts.items():
             await part.start()
-            log.info("part %s started%s", name, " (old-style controller)" if isinstance(part, LegacyControllerPart)
-                     else "")
-
-    def _import_legacy_knobs(self) -> None:
-        """Copy the knob tables of older daemons' parts into the ledger: read-only mirrors while
-        their parts keep their own restore path (TEMPORARY, until those parts are migrated).
-        None is left: dedup moves its ``dedup_ksm_knobs`` in itself (``DedupPart.start``)."""
+            log.info("part %s started", name)
 
     def _start_link(self, name: str) -> AgentLink:
         a = self.cfg.agent
@@ -311,35 +275,9 @@ class Daemon:
         except TimeoutError:
             log.error("vm %s: restoring its knobs took over %.0f s; gave up (%s)", name, RESTORE_TIMEOUT, reason)
 
-    def _require(self, name: str) -> dict[str, Any]:
-        """A registered VM's policy (TEMPORARY for old-style parts: migrated ones use ctx.vm)."""
-        rec = self.store.get_vm(name)
-        if rec is None:
-            raise NotFound(f"VM {name!r} is not registered")
-        return rec.policy
-
     # -- knobs ----------------------------------------------------------------------------
-    async def set_memory(self, name: str, target_mib: int, reason: str = "api") -> dict[str, Any]:
-        """The balloon lever, which is the memory part's (TEMPORARY alias for old-style parts)."""
-        return await self.parts["memory"].set_balloon(name, target_mib, reason)  # type: ignore[attr-defined]
-
-    async def set_vcpus(self, name: str, count: int, reason: str = "api") -> dict[str, Any]:
-        """``PUT /v1/vms/{n}/vcpus``: an alias of the cpu part's scaling (its one vCPU
-        implementation), answered in the core's shape."""
-        res = await self.parts["cpu"].scale(name, count, reason=reason)  # type: ignore[attr-defined]
-        before = res["before"]["guest_online"] or res["before"]["libvirt"]
-        return {"vm": name, "before": before, "vcpus": count, "guest": res.get("guest"),
-                "mechanism": res["mechanism"]}
-
     async def _restore_knobs(self, name: str, reason: str) -> None:
         await self.knobs.restore(vm=name, reason=reason)
-
-    async def _info(self, name: str):
-        """libvirt's facts of a domain (TEMPORARY for old-style parts: migrated ones use ctx.host)."""
-        try:
-            return await asyncio.to_thread(self.host.info, name)
-        except HostError as exc:
-            raise NotFound(f"libvirt domain {name!r} is gone: {exc}") from None
 
     # -- control loop ---------------------------------------------------------------------
     async def _control_loop(self) -> None:
@@ -349,8 +287,6 @@ class Daemon:
             try:
                 await self.collect_once()
                 await run_period(self.parts, Period(self.loop_iterations + 1))
-                for hook in self.hooks:  # TEMPORARY: hooks added outside a part's start
-                    await hook(self)
                 if time.time() - last_prune > 600:
                     self.store.prune(time.time() - self.cfg.control.history_keep_s)
                     last_prune = time.time()

@@ -5,15 +5,13 @@ Each part (memory, dedup, ssdcache, cpu, migration, gpu, placement, ...) is a su
 
 * ``symbiont.<part>.cli``: a module-level ``group`` (a :class:`click.Group`), added to ``symbiont``;
 * ``symbiont.<part>.api``: a module-level ``router`` (a :class:`fastapi.APIRouter`), mounted by
-  the daemon under ``/v1/<part>`` (the daemon is ``request.app.state.daemon``);
+  the daemon under ``/v1/<part>`` (a handler reaches its part as
+  ``request.app.state.parts["<part>"]``);
 * ``symbiont.<part>.experiments``: experiments registered with
   :func:`symbiont.experiments.framework.experiment` at import time;
 * ``symbiont.<part>.part``: the part's :class:`symbiont.part.Part` subclass (one per module, or
   named ``PART``): its lifecycle, driven by the daemon (see ``docs/architecture.md``);
 * ``symbiont.<part>.config``: ``CONFIG``, the dataclass of the part's YAML section ``<part>:``;
-* temporarily, for parts not migrated to :class:`~symbiont.part.Part` yet:
-  ``symbiont.<part>.controller`` with ``async def start(daemon)`` / ``async def stop(daemon)``,
-  run through :class:`symbiont.part_compat.LegacyControllerPart`.
 
 The guest agent is extended the same way: a module ``symbiont_agent/ops_<part>.py`` registers
 its operations with ``symbiont_agent.agent.op``.
@@ -79,7 +77,8 @@ def part_class(mod: ModuleType) -> Any:
 
 
 def part_classes() -> dict[str, Any]:
-    """The migrated parts: name → Part subclass (the name is the package's)."""
+    """The daemon's parts: name → Part subclass (the name is the package's). A package without
+    a ``part`` module (the CLI-only ``cluster``) has no place in the daemon."""
     out = {}
     for pkg, mod in part_modules("part").items():
         cls = part_class(mod)

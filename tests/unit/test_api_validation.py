@@ -42,7 +42,7 @@ class FakeLibvirt:
 def env(tmp_path):
     cfg = load_config(None, {"state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "api.sock")})
     d = Daemon(cfg)
-    d._libvirt = FakeLibvirt()  # type: ignore[assignment]
+    d.host._libvirt = FakeLibvirt()  # type: ignore[attr-defined]  # the real SystemHost over a fake connection
     from symbiont.api import create_app
 
     with TestClient(create_app(d), raise_server_exceptions=False) as client:

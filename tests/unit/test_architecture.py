@@ -3,12 +3,13 @@
 * no import cycle in ``daemon/`` nor in ``guest_agent/`` (module-level imports; those under
   ``if TYPE_CHECKING:`` and inside functions are not run at import time);
 * ``libvirt``, ``libvirt_qemu`` and the QMP client are imported only under ``symbiont/host/``;
-* a migrated part (one with ``part.py``) imports another part only if it ``requires`` it;
+* a part (a package with ``part.py``) imports another part only if it ``requires`` it;
 * one knob table: no other ``CREATE TABLE ... *knobs``.
 
-The exceptions are the parts not migrated to :class:`symbiont.part.Part` yet: ``LEGACY`` must
-only shrink (a listed part that no longer needs its exception fails the test too), and the
-final pass of issue 14 empties it.
+Every daemon part is a :class:`symbiont.part.Part` now; the one exception left is ``cluster``, a
+CLI-only package (no ``part.py``, never loaded by the daemon) that drives lab hosts' libvirt from
+the operator's side. An exception list must only shrink: a listed package that no longer needs
+its exception fails the test too.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DAEMON = ROOT / "daemon" / "symbiont"
 AGENT = ROOT / "guest_agent" / "symbiont_agent"
 
-# Parts still on the temporary adapter (symbiont.part_compat), and non-part packages not moved
-# out of the daemon's package yet, with what each still does against the rules.
-LEGACY_SYSTEM_IMPORTS = {"cluster", "lab"}  # libvirt / QMP outside host/
+# Non-part packages still doing what the rules forbid to parts, with what they do.
+LEGACY_SYSTEM_IMPORTS = {"cluster"}  # libvirt outside host/: the CLI-only cluster controller
 LEGACY_KNOB_TABLES: set[str] = set()  # parts' own knob tables (none left: dedup's moved into the ledger)
-SYSTEM_MODULES = ("libvirt", "libvirt_qemu", "symbiont.ssdcache.qmp")
+SYSTEM_MODULES = ("libvirt", "libvirt_qemu")  # QMP goes through libvirt_qemu (host/system.py)
 
 
 def modules(root: Path, package: str) -> dict[str, Path]:
@@ -137,7 +137,7 @@ def _package_of(module: str) -> str | None:
 def test_system_libraries_only_under_host() -> None:
     offenders: dict[str, set[str]] = {}
     for module, path in modules(DAEMON, "symbiont").items():
-        if module.startswith("symbiont.host.") or module == "symbiont.ssdcache.qmp":
+        if module.startswith("symbiont.host."):
             continue
         bad = {i for i in imports(path, module, top_level_only=False)
                if i in SYSTEM_MODULES or i.startswith("libvirt.")}
@@ -177,3 +177,18 @@ def test_one_knob_table() -> None:
             tables.add(t)
     assert tables - LEGACY_KNOB_TABLES == {"knobs"}
     assert LEGACY_KNOB_TABLES <= tables, "a legacy knob table is gone: remove it from LEGACY_KNOB_TABLES"
+
+
+def test_daemon_package_carries_no_research_code() -> None:
+    """Issue 14 item 5: the lab and the experiments live in ``symbiont_research`` (research/);
+    no module of the daemon's package imports it (it is reached only through
+    ``symbiont.plugins.research``, where installed) nor matplotlib, at any depth."""
+    offenders = {}
+    for module, path in modules(DAEMON, "symbiont").items():
+        bad = {i for i in imports(path, module, top_level_only=False)
+               if i.split(".")[0] in ("matplotlib", "symbiont_research")}
+        if bad:
+            offenders[module] = sorted(bad)
+    assert not offenders, offenders
+    assert not (DAEMON / "lab").exists() and not (DAEMON / "experiments").exists()
+    assert not list(DAEMON.glob("*/experiments.py"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -17,15 +16,15 @@ from symbiont.memory.floor import (
     ABSOLUTE_FLOOR_MIB,
     MAX_MIB,
     GuestFloor,
-    enforce,
+    enforce_floor,
+    floor_of,
     guest_floor,
     kernel_reserve_mib,
     margin_mib,
     min_free_kbytes,
     observed_reserve_mib,
-    vm_floor,
 )
-from symbiont.memory.part import MemoryPart, MemoryState
+from symbiont.memory.part import MemoryPart
 from tests.fakes import Env
 
 MIB = 1 << 20
@@ -38,8 +37,10 @@ def snap(boot=512, target=512, actual=512, memtotal_kib=480512, avail_mib=407.0)
             "agent": {"meminfo": {"MemTotal": memtotal_kib * 1024, "MemAvailable": int(avail_mib * MIB)}}}
 
 
-def daemon_with(name: str, s: dict, state: MemoryState | None = None) -> SimpleNamespace:
-    return SimpleNamespace(latest={name: s}, memory=state, links={name: object()})
+def enforce(latest: dict, name: str, mem_policy: dict | None, target_mib: int) -> int:
+    """What MemoryPart.set_balloon checks, for a VM whose reserve was never recorded."""
+    s = latest.get(name, {})
+    return enforce_floor(floor_of(s, None, mem_policy), s, name, target_mib)
 
 
 def test_min_free_kbytes_is_the_kernels_default() -> None:
@@ -100,7 +101,7 @@ def test_no_target_below_the_floor_for_any_input(boot, reserve, used, min_mib, t
     assert max(target, fl.floor_mib) >= fl.floor_mib
 
 
-def test_vm_floor_uses_the_recorded_reserve_and_the_latest_sample(tmp_path) -> None:
+def test_the_part_floor_uses_the_recorded_reserve_and_the_latest_sample(tmp_path) -> None:
     env = Env(tmp_path)
     env.register("v", {"memory": {"min_mib": 64}}, snapshot=snap())
     part = env.add(MemoryPart, MemoryConfig())
@@ -113,18 +114,16 @@ def test_vm_floor_uses_the_recorded_reserve_and_the_latest_sample(tmp_path) -> N
     fl = part.floor("v")
     assert fl.reserve_mib == pytest.approx(42.75) and fl.used_mib == pytest.approx(60)
     assert fl.floor_mib == 141
-    # The old-style door (placement until it is migrated) sees the same floor through the part.
-    assert vm_floor(SimpleNamespace(latest=env.core.snapshots, parts=env.parts), "v", {"min_mib": 64}) == fl
     # Unregistered: forgotten (a new registration of the name may be another guest).
     part.record_reserves([])
     assert "v" not in part.state.vms
-    # No memory part running: the reserve observable now.
-    assert vm_floor(daemon_with("v", snap(avail_mib=409.25)), "v").reserve_mib == pytest.approx(42.75)
+    # No reserve recorded: the one observable now.
+    assert floor_of(snap(avail_mib=409.25), None).reserve_mib == pytest.approx(42.75)
     env.close()
 
 
 def test_enforce_refuses_a_shrink_below_the_floor_with_its_make_up() -> None:
-    d = daemon_with("v", snap(avail_mib=409.25))  # used 60 MiB
+    d = {"v": snap(avail_mib=409.25)}  # used 60 MiB
     with pytest.raises(Invalid, match=r"target_mib 75 below the safe floor of VM 'v': guest floor 141 MiB = "
                                       r"max\(absolute 128, kernel reserve 43 \+ used 60 \+ margin 37\)"):
         enforce(d, "v", {"min_mib": 64}, 75)
@@ -134,7 +133,7 @@ def test_enforce_refuses_a_shrink_below_the_floor_with_its_make_up() -> None:
     with pytest.raises(Invalid):
         enforce(d, "v", {"min_mib": 300}, 200)
     # A guest already below its floor (ballooned before it used more) may grow toward it.
-    d.latest["v"] = snap(target=100, actual=100, memtotal_kib=57 * 1024, avail_mib=0)
+    d["v"] = snap(target=100, actual=100, memtotal_kib=57 * 1024, avail_mib=0)
     assert enforce(d, "v", {}, 120) == 120
     with pytest.raises(Invalid):
         enforce(d, "v", {}, 90)

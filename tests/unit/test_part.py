@@ -163,16 +163,36 @@ def test_a_failed_write_leaves_no_ledger_row(env) -> None:
 
 
 def test_parts_are_discovered_and_ordered_without_a_central_list() -> None:
-    from symbiont.plugins import part_classes, part_modules
+    from symbiont.plugins import part_classes
 
     classes = part_classes()
     assert "memory" in classes
-    legacy = {n: type(n, (Part,), {"name": n}) for n in part_modules("controller") if n not in classes}
-    names = order({**legacy, **classes})
+    names = order(classes)
     for name, cls in classes.items():
         assert cls.name == name
         for r in cls.requires:
             assert names.index(r) < names.index(name)
+
+
+def test_the_daemon_runs_exactly_the_packages_with_a_part_module(tmp_path) -> None:
+    """Every daemon part is a Part subclass, in ``requires`` order; a package without
+    ``part.py`` (the CLI-only ``cluster``) gets no part, whatever other modules it has."""
+    from pathlib import Path
+
+    import symbiont
+    from symbiont.config import load_config
+    from symbiont.daemon import Daemon
+    from symbiont.host.fake import FakeHost
+
+    with_part = {p.parent.name for p in Path(symbiont.__file__).parent.glob("*/part.py")}
+    cfg = load_config(None, {"state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "api.sock")})
+    d = Daemon(cfg, host=FakeHost())
+    try:
+        assert set(d.parts) == with_part and "cluster" not in d.parts
+        assert all(type(p) is not Part and isinstance(p, Part) and p.name == n for n, p in d.parts.items())
+        assert list(d.parts) == order({n: type(p) for n, p in d.parts.items()})
+    finally:
+        d.store.close()
 
 
 def test_a_parts_config_is_its_discovered_section() -> None:
@@ -189,3 +209,23 @@ def test_a_parts_config_is_its_discovered_section() -> None:
             assert name not in sections
         else:
             assert sections[name] is cls.config and isinstance(getattr(cfg, name), cls.config)
+
+
+def test_the_worked_example_in_the_docs_is_this_one() -> None:
+    """docs/architecture.md's "How to write a part" shows Weights: each line of its code (steps
+    1-3) is a line of this file, so the page cannot drift from the tested example."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "architecture.md").read_text().split("## How to write a part", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)[:3]
+    assert len(blocks) == 3 and "class Weights(Part):" in blocks[2]
+
+    def lines(text: str) -> set[str]:
+        return {ln.split("  # ")[0].strip() for ln in text.splitlines()} - {""}
+
+    here = lines(Path(__file__).read_text())
+    shown = set().union(*(lines(b) for b in blocks)) - {"CONFIG = WeightsConfig"}
+    assert not shown - here, sorted(shown - here)
+

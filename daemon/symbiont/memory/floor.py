@@ -26,7 +26,7 @@ on a 512 MiB lab guest). An idle plan that shrank a 512 MiB guest to 1.25 × its
   512 MiB, the agent running) was measured to stay alive with its agent answering, rounded up
   (see docs/memory.md for the measurement).
 
-The functions are pure; :func:`vm_floor` reads the daemon's latest snapshot.
+The functions are pure; the memory part's ``floor(vm)`` applies them to the core's latest snapshot.
 """
 
 from __future__ import annotations
@@ -190,20 +190,3 @@ def enforce_floor(fl: GuestFloor, snap: Any, name: str, target_mib: int) -> int:
     if current is not None and target_mib > current:
         return int(target_mib)
     raise Invalid(f"target_mib {target_mib} below the safe floor of VM {name!r}: {fl.reason()}")
-
-
-def vm_floor(daemon: Any, name: str, mem_policy: dict[str, Any] | None = None) -> GuestFloor:
-    """TEMPORARY, for parts not migrated yet (placement): :func:`floor_of` from a daemon-like
-    object (``latest``, and the memory part in ``parts`` or its state in ``memory``).
-    Migrated parts ask ``ctx.peer("memory").floor(vm)``."""
-    snap = daemon.latest.get(name, {}) if isinstance(getattr(daemon, "latest", None), dict) else {}
-    part = (getattr(daemon, "parts", None) or {}).get("memory")
-    state = getattr(part, "state", None) or getattr(daemon, "memory", None)
-    rec = state.vms.get(name) if state is not None else None
-    return floor_of(snap, rec.kernel_reserve_mib if rec is not None else None, mem_policy)
-
-
-def enforce(daemon: Any, name: str, mem_policy: dict[str, Any] | None, target_mib: int) -> int:
-    """:func:`enforce_floor` from a daemon-like object (see :func:`vm_floor`)."""
-    snap = daemon.latest.get(name, {}) if isinstance(getattr(daemon, "latest", None), dict) else {}
-    return enforce_floor(vm_floor(daemon, name, mem_policy), snap, name, target_mib)
