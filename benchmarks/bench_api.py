@@ -23,7 +23,7 @@ import httpx
 import yaml
 
 from symbiont.config import load_config
-from symbiont.lab.session import DaemonProcess
+from symbiont_research.lab.session import DaemonProcess
 
 BODY = b'{"ok":true}'
 RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(BODY)) + BODY

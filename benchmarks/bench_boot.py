@@ -19,8 +19,8 @@ import libvirt
 
 from symbiont.config import load_config
 from symbiont.host.libvirt_host import LibvirtHost, ensure_libvirtd, resolve_domain_type
-from symbiont.lab import vms
-from symbiont.lab.image import build_image, make_recipe
+from symbiont_research.lab import vms
+from symbiont_research.lab.image import build_image, make_recipe
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def bench_policy() -> list[dict[str, Any]]:
 
 
 def bench_vm(rounds: int, starts: int) -> dict[str, Any]:
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     with LabSession(count=1, prefix="symbiont-ct-bench-", period_s=2.0, memory_mib=512, max_vcpus=4,
                     daemon_overrides={"control": {"agent_timeout_s": 15.0}}) as lab:

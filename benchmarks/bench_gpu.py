@@ -133,7 +133,7 @@ def daemon_scaling(n: int) -> list[dict[str, Any]]:
     import yaml
 
     from symbiont.config import load_config
-    from symbiont.lab.session import DaemonProcess
+    from symbiont_research.lab.session import DaemonProcess
 
     tmp = Path(tempfile.mkdtemp(prefix="gpubd", dir="/tmp"))
     cfg = {"state_dir": str(tmp / "state"), "socket": str(tmp / "api.sock"),

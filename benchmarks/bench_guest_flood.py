@@ -35,10 +35,10 @@ import yaml
 
 from symbiont.config import load_config
 from symbiont.host.libvirt_host import LibvirtHost, ensure_libvirtd
-from symbiont.lab.image import Image
-from symbiont.lab.session import DaemonProcess
-from symbiont.lab.vms import domain_xml, lab_vm, remove_vm
 from symbiont_agent import protocol as proto
+from symbiont_research.lab.image import Image
+from symbiont_research.lab.session import DaemonProcess
+from symbiont_research.lab.vms import domain_xml, lab_vm, remove_vm
 from tests.host.fakeguest import FakeGuest
 
 PERIOD = 0.5

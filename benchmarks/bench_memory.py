@@ -52,8 +52,8 @@ def policy_time(sizes: list[int], repeat: int) -> None:
 
 def reaction_once(period: float) -> tuple[float, float]:
     """Boot 2 VMs, start a hog in one; return (seconds to first pressure sample, periods to grant)."""
-    from symbiont.lab.session import LabSession
-    from symbiont.memory.experiments import HOG
+    from symbiont_research.experiments.memory import HOG
+    from symbiont_research.lab.session import LabSession
     from tests.vm.test_memory import _first_pressure_sample, run_in_background
 
     with LabSession(count=2, prefix="symbiont-benchmem-", period_s=period, memory_mib=512,

@@ -27,9 +27,9 @@ from typing import Any
 
 import _common  # noqa: F401
 
-from symbiont.lab.session import LabSession
-from symbiont.migration.experiments import _row, migrate
 from symbiont.migration.workload import counter_command
+from symbiont_research.experiments.migration import _row, migrate
+from symbiont_research.lab.session import LabSession
 
 WORK = "/var/lib/symbiont-work"
 MiB = 1 << 20

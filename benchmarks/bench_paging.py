@@ -120,7 +120,7 @@ def vm_runs(runs: int) -> None:
     from pathlib import Path
     from tempfile import TemporaryDirectory
 
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     with TemporaryDirectory(prefix="bench-paging-") as tmp, LabSession(
             count=1, prefix="symbiont-bpg-", period_s=2.0, memory_mib=512, work_dir=Path(tmp),

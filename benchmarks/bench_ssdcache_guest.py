@@ -43,11 +43,11 @@ from pathlib import Path
 
 import libvirt
 
-from symbiont.lab.console import SerialConsole, console_pty
-from symbiont.lab.session import LabSession
 from symbiont.ssdcache import nbdfast
 from symbiont.ssdcache.nbdserver import Export, IoThread, NbdServer
 from symbiont.ssdcache.pool import Pool
+from symbiont_research.lab.console import SerialConsole, console_pty
+from symbiont_research.lab.session import LabSession
 
 REGION_MIB = 64  # the data region every disk covers
 SPARE = 8  # extra logical blocks of the elastic exports, remapped during the run (not in the span)

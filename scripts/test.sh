@@ -7,7 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 echo "==> ruff"
-.venv/bin/ruff check daemon guest_agent tests benchmarks
+.venv/bin/ruff check daemon guest_agent research tests benchmarks
 echo "==> pytest"
 # The real-GPU tests (tests/gpu) need CuPy and a CUDA device; everywhere else the simulated
 # GPU backend carries the GPU tests in tests/unit.

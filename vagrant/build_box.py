@@ -18,7 +18,7 @@ import tarfile
 from pathlib import Path
 
 from symbiont.config import load_config
-from symbiont.lab.image import build_image, make_recipe
+from symbiont_research.lab.image import build_image, make_recipe
 
 # The box's own Vagrantfile: merged under the user's, so a user can still override any of it.
 BOX_VAGRANTFILE = """# Written by vagrant/build_box.py: direct kernel boot (the image has no bootloader).

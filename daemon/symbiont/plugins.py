@@ -7,14 +7,16 @@ Each part (memory, dedup, ssdcache, cpu, migration, gpu, placement, ...) is a su
 * ``symbiont.<part>.api``: a module-level ``router`` (a :class:`fastapi.APIRouter`), mounted by
   the daemon under ``/v1/<part>`` (a handler reaches its part as
   ``request.app.state.parts["<part>"]``);
-* ``symbiont.<part>.experiments``: experiments registered with
-  :func:`symbiont.experiments.framework.experiment` at import time;
 * ``symbiont.<part>.part``: the part's :class:`symbiont.part.Part` subclass (one per module, or
   named ``PART``): its lifecycle, driven by the daemon (see ``docs/architecture.md``);
 * ``symbiont.<part>.config``: ``CONFIG``, the dataclass of the part's YAML section ``<part>:``;
 
 The guest agent is extended the same way: a module ``symbiont_agent/ops_<part>.py`` registers
 its operations with ``symbiont_agent.agent.op``.
+
+Research code (the VM lab, the experiment framework, each part's experiments in
+``symbiont_research.experiments.<part>``) is the separate top-level package ``symbiont_research``;
+:func:`research` imports it where it is installed, so the daemon's package never imports it.
 
 Discovery by convention keeps parts independent: adding one touches no central list.
 """
@@ -34,7 +36,7 @@ import symbiont
 log = logging.getLogger(__name__)
 
 # Sub-packages that are infrastructure, not parts.
-_NOT_PARTS = {"host", "lab", "experiments"}
+_NOT_PARTS = {"host"}
 
 
 def parts() -> list[str]:
@@ -87,3 +89,11 @@ def part_classes() -> dict[str, Any]:
         cls.name = pkg
         out[pkg] = cls
     return out
+
+
+def research(module: str) -> ModuleType | None:
+    """``symbiont_research.<module>`` where the research package is installed, else None (a
+    daemon install); the daemon's package reaches research code only through here."""
+    if importlib.util.find_spec("symbiont_research") is None:
+        return None
+    return importlib.import_module(f"symbiont_research.{module}")

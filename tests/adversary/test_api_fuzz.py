@@ -42,7 +42,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 
 from symbiont.config import load_config
-from symbiont.lab.session import DaemonProcess
+from symbiont_research.lab.session import DaemonProcess
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt]
 
@@ -114,8 +114,8 @@ def daemon(libvirtd, tmp_path_factory):
     import libvirt
 
     from symbiont.host.libvirt_host import LibvirtHost
-    from symbiont.lab.image import Image
-    from symbiont.lab.vms import domain_xml, lab_vm, remove_vm
+    from symbiont_research.lab.image import Image
+    from symbiont_research.lab.vms import domain_xml, lab_vm, remove_vm
 
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     tmp = tmp_path_factory.mktemp("fuzz")

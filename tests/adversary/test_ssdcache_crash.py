@@ -29,10 +29,10 @@ import yaml
 
 from symbiont.client import ApiError, Client
 from symbiont.config import load_config
-from symbiont.lab.session import DaemonProcess
 from symbiont.ssdcache.layout import BLOCK_SIZE
 from symbiont.ssdcache.nbdclient import NbdClient
 from symbiont.ssdcache.pool import loop_devices_of
+from symbiont_research.lab.session import DaemonProcess
 
 pytestmark = [pytest.mark.root]
 

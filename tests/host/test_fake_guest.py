@@ -17,10 +17,10 @@ import yaml
 
 from symbiont.config import load_config
 from symbiont.host.libvirt_host import LibvirtHost
-from symbiont.lab.image import Image
-from symbiont.lab.session import DaemonProcess
-from symbiont.lab.vms import domain_xml, lab_vm, remove_vm
 from symbiont_agent import protocol as proto
+from symbiont_research.lab.image import Image
+from symbiont_research.lab.session import DaemonProcess
+from symbiont_research.lab.vms import domain_xml, lab_vm, remove_vm
 
 from .fakeguest import FakeGuest, raw_frame
 

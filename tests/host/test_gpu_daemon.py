@@ -31,9 +31,9 @@ from symbiont.gpu.calibration import get_calibration
 from symbiont.gpu.endpoint import HEADER, EndpointClient, EndpointError, encode_frame
 from symbiont.gpu.simulated import GPU_TYPES
 from symbiont.host.libvirt_host import LibvirtHost
-from symbiont.lab.image import Image
-from symbiont.lab.session import DaemonProcess
-from symbiont.lab.vms import domain_xml, lab_vm, remove_vm
+from symbiont_research.lab.image import Image
+from symbiont_research.lab.session import DaemonProcess
+from symbiont_research.lab.vms import domain_xml, lab_vm, remove_vm
 
 pytestmark = [pytest.mark.root]
 

@@ -11,7 +11,7 @@ import yaml
 
 from symbiont.config import load_config
 from symbiont.host.ksm import Ksm
-from symbiont.lab.session import DaemonProcess
+from symbiont_research.lab.session import DaemonProcess
 
 pytestmark = [pytest.mark.root]
 

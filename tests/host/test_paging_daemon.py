@@ -13,8 +13,8 @@ import yaml
 from symbiont.config import load_config
 from symbiont.host import pageout as po
 from symbiont.host import zram
-from symbiont.lab.session import DaemonProcess
 from symbiont.paging.part import tier_label
+from symbiont_research.lab.session import DaemonProcess
 from tests.host.test_paging_mechanism import Helper
 
 pytestmark = [pytest.mark.root]

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from symbiont.cli import _add_part_groups, cli
 from symbiont.client import ApiError
 from symbiont.config import load_config
-from symbiont.lab.session import DaemonProcess
 from symbiont.ssdcache.layout import BLOCK_SIZE
 from symbiont.ssdcache.pool import loop_devices_of
+from symbiont_research.lab.session import DaemonProcess
 
 pytestmark = [pytest.mark.root]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from symbiont.cpu import experiments as ex
-from symbiont.experiments.framework import ExperimentError, RunContext, registry
+from symbiont_research.experiments import cpu as ex
+from symbiont_research.experiments.framework import ExperimentError, RunContext, registry
 
 
 def test_registered_with_small_defaults() -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from symbiont.dedup.backends import PAGE_SIZE, SimulatedGpuBackend, as_pages
 from symbiont.dedup.engine import BufferSource, Engine, EngineError, PageSource, ScanReport
-from symbiont.dedup.experiments import synthetic_image
+from symbiont_research.experiments.dedup import synthetic_image
 
 
 def _truth(images: dict[str, np.ndarray]) -> tuple[set[frozenset[tuple[str, int]]], int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from symbiont.experiments import framework as fw
+from symbiont_research.experiments import framework as fw
 
 
 @fw.experiment("unit-test-exp", "squares", params={"n": 3, "scale": 1.5, "label": "x", "flag": False, "xs": [1, 2]})

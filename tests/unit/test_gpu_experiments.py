@@ -8,8 +8,8 @@ import json
 import pytest
 
 # isort: split
-from symbiont.experiments.framework import ExperimentError, registry, run_experiment
 from symbiont.gpu.calibration import H100_2026_11
+from symbiont_research.experiments.framework import ExperimentError, registry, run_experiment
 
 
 def _run(name, overrides, tmp_path):

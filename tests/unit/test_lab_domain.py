@@ -9,9 +9,9 @@ import pytest
 
 from symbiont.config import load_config
 from symbiont.host import libvirt_host
-from symbiont.lab import image as image_mod
-from symbiont.lab.image import Image, Recipe
-from symbiont.lab.vms import LAB_NS, domain_xml, lab_vm, parse_lab_mark
+from symbiont_research.lab import image as image_mod
+from symbiont_research.lab.image import Image, Recipe
+from symbiont_research.lab.vms import LAB_NS, domain_xml, lab_vm, parse_lab_mark
 
 
 def fake_image(tmp_path: Path) -> Image:
@@ -101,8 +101,8 @@ def test_nosharepages_opt_out(tmp_path: Path) -> None:
 
 
 def test_peer_link_nic_is_a_tap_the_lab_moves_into_its_namespace(tmp_path: Path) -> None:
-    from symbiont.lab.peerlink import PeerLink, PeerLinkError
-    from symbiont.lab.vms import LabError
+    from symbiont_research.lab.peerlink import PeerLink, PeerLinkError
+    from symbiont_research.lab.vms import LabError
 
     link = PeerLink((47611, 47612))
     assert link.netns == "symlink-47611" and (link.tap(0), link.tap(1)) == ("symt47611", "symt47612")
@@ -130,7 +130,7 @@ def _dead_owner(run: str = "deadbeef"):
 
     import psutil
 
-    from symbiont.lab.vms import LabOwner
+    from symbiont_research.lab.vms import LabOwner
 
     p = subprocess.Popen(["sleep", "0"])
     started = psutil.Process(p.pid).create_time()
@@ -139,7 +139,7 @@ def _dead_owner(run: str = "deadbeef"):
 
 
 def test_domain_xml_carries_its_owner_and_peer_link(tmp_path: Path) -> None:
-    from symbiont.lab.vms import LabOwner, parse_mark
+    from symbiont_research.lab.vms import LabOwner, parse_mark
 
     cfg = load_config()
     owner = LabOwner("r1'\"<&", 4242, "host'x", 1700000000.25)  # hostile values stay attributes
@@ -159,7 +159,7 @@ def test_domain_xml_carries_its_owner_and_peer_link(tmp_path: Path) -> None:
 def test_owner_state_tells_a_dead_run_from_a_live_or_foreign_one() -> None:
     import dataclasses
 
-    from symbiont.lab.vms import LabOwner
+    from symbiont_research.lab.vms import LabOwner
 
     me = LabOwner.new_run()
     assert me.state() == "alive" and me.run != LabOwner.new_run().run
@@ -170,7 +170,7 @@ def test_owner_state_tells_a_dead_run_from_a_live_or_foreign_one() -> None:
 
 
 def test_check_owner_refuses_other_runs_and_names_the_owner() -> None:
-    from symbiont.lab.vms import LabMark, LabOwner, NotOwnedError, check_owner
+    from symbiont_research.lab.vms import LabMark, LabOwner, NotOwnedError, check_owner
 
     me, other, dead = LabOwner.new_run(), LabOwner.new_run("cafe01"), _dead_owner()
     check_owner("d1", LabMark("i", me), me)
@@ -212,7 +212,7 @@ def _define(host, cfg, name: str, owner, tmp_path: Path, **kw) -> None:
 @pytest.mark.root
 @pytest.mark.libvirt
 def test_remove_vm_refuses_another_runs_domain(lv, tmp_path: Path) -> None:
-    from symbiont.lab import vms as labvms
+    from symbiont_research.lab import vms as labvms
 
     host, cfg = lv
     first, second, dead = labvms.LabOwner.new_run(), labvms.LabOwner.new_run(), _dead_owner()
@@ -237,8 +237,8 @@ def test_remove_vm_refuses_another_runs_domain(lv, tmp_path: Path) -> None:
 def test_second_session_with_the_same_prefix_leaves_the_first_ones_domains(
     lv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from symbiont.lab import session as session_mod
-    from symbiont.lab import vms as labvms
+    from symbiont_research.lab import session as session_mod
+    from symbiont_research.lab import vms as labvms
 
     host, cfg = lv
     first = labvms.LabOwner.new_run()
@@ -260,8 +260,8 @@ def test_session_prefix_comes_from_the_config_the_experiment_and_a_run_id(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No experiment hard-codes a prefix: two runs of one experiment get different VM names."""
-    from symbiont.experiments import framework as fw
-    from symbiont.lab import session as session_mod
+    from symbiont_research.experiments import framework as fw
+    from symbiont_research.lab import session as session_mod
 
     seen: list[str] = []
 
@@ -314,7 +314,7 @@ def test_peer_link_refuses_to_remove_a_link_in_use() -> None:
     import os
     import struct
 
-    from symbiont.lab.peerlink import PeerLink, PeerLinkError
+    from symbiont_research.lab.peerlink import PeerLink, PeerLinkError
 
     link = PeerLink.allocate()
     fd = os.open("/dev/net/tun", os.O_RDWR)
@@ -342,14 +342,16 @@ def test_cli_lab_up_peer_link_and_lab_down(lv, tmp_path: Path, monkeypatch: pyte
     from pyroute2 import NetNS
 
     from symbiont import cli as cli_mod
-    from symbiont.lab import vms as labvms
-    from symbiont.lab.peerlink import PeerLink
+    from symbiont_research import cli as research_cli
+    from symbiont_research.lab import vms as labvms
+    from symbiont_research.lab.peerlink import PeerLink
 
     host, cfg = lv
     conf = tmp_path / "c.yaml"
     conf.write_text(f"lab: {{vm_prefix: '{cfg.lab.vm_prefix}', vms_dir: '{cfg.lab.vms_dir}', "
                     f"channels_dir: '{cfg.lab.channels_dir}'}}\n")
-    monkeypatch.setattr(cli_mod, "build_image_with_progress", lambda c, force=False: fake_image(tmp_path))
+    monkeypatch.setattr(research_cli, "build_image_with_progress", lambda c, force=False: fake_image(tmp_path))
+    cli_mod._add_part_groups()  # the lab group comes from the research package, as in main()
     monkeypatch.setattr(labvms.subprocess, "run", lambda *a, **k: labvms.subprocess.CompletedProcess(a, 0, "", ""))
     real_create = labvms.create_vm
     monkeypatch.setattr(labvms, "create_vm", lambda *a, **k: real_create(*a, start=False, **k))

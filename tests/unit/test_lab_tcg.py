@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from symbiont.config import ConfigError, load_config
-from symbiont.lab.image import Image
-from symbiont.lab.vms import domain_xml, lab_vm
+from symbiont_research.lab.image import Image
+from symbiont_research.lab.vms import domain_xml, lab_vm
 
 
 def _xml(tmp_path: Path, **lab: object) -> ET.Element:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from symbiont.experiments.framework import ExperimentError, registry, run_experiment
+from symbiont_research.experiments.framework import ExperimentError, registry, run_experiment
 
 
 def rows(path: Path) -> list[dict[str, str]]:

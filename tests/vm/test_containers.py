@@ -12,8 +12,8 @@ import time
 import pytest
 
 from symbiont.client import ApiError
-from symbiont.lab.console import guest_exec
-from symbiont.lab.session import LabSession
+from symbiont_research.lab.console import guest_exec
+from symbiont_research.lab.session import LabSession
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from symbiont.cli import cli
 from symbiont.client import ApiError
 from symbiont.config import load_config
-from symbiont.lab import vms as lab_vms
-from symbiont.lab.console import guest_exec
-from symbiont.lab.session import LabSession
+from symbiont_research.lab import vms as lab_vms
+from symbiont_research.lab.console import guest_exec
+from symbiont_research.lab.session import LabSession
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 

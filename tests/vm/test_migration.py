@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from symbiont.lab.console import guest_exec
-from symbiont.lab.session import LabSession
 from symbiont.migration.workload import counter_command, echo_command, parse_counter
+from symbiont_research.lab.console import guest_exec
+from symbiont_research.lab.session import LabSession
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 

@@ -16,9 +16,9 @@ import time
 import pytest
 
 from symbiont.client import ApiError
-from symbiont.lab.console import guest_exec
-from symbiont.lab.session import LabSession
-from symbiont.memory.experiments import run_guest_script
+from symbiont_research.experiments.memory import run_guest_script
+from symbiont_research.lab.console import guest_exec
+from symbiont_research.lab.session import LabSession
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 

@@ -23,9 +23,9 @@ from symbiont.cli import _add_part_groups, cli
 from symbiont.config import load_config
 from symbiont.host.libvirt_host import LibvirtHost
 from symbiont.host.libvirt_instance import LibvirtInstance
-from symbiont.lab import vms as lab_vms
-from symbiont.lab.console import ConsoleError, guest_exec
-from symbiont.lab.session import DaemonProcess, LabSession
+from symbiont_research.lab import vms as lab_vms
+from symbiont_research.lab.console import ConsoleError, guest_exec
+from symbiont_research.lab.session import DaemonProcess, LabSession
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 

@@ -21,11 +21,11 @@ import libvirt
 import pytest
 
 from symbiont.config import load_config
-from symbiont.lab.console import guest_exec
-from symbiont.lab.session import LabSession
-from symbiont.lab.vms import lab_vm
 from symbiont.ssdcache.layout import BLOCK_SIZE
 from symbiont.ssdcache.pool import loop_devices_of
+from symbiont_research.lab.console import guest_exec
+from symbiont_research.lab.session import LabSession
+from symbiont_research.lab.vms import lab_vm
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 

@@ -22,8 +22,8 @@ import yaml
 from symbiont.client import ApiError
 from symbiont.config import load_config
 from symbiont.host.libvirt_host import resolve_domain_type
-from symbiont.lab.image import AGENT_PORT_NAME, BOX_PACKAGES, ImageError, make_recipe
-from symbiont.lab.session import DaemonProcess
+from symbiont_research.lab.image import AGENT_PORT_NAME, BOX_PACKAGES, ImageError, make_recipe
+from symbiont_research.lab.session import DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = ROOT / "scripts" / "vagrant-lab.sh"

@@ -15,7 +15,7 @@ Each host's libvirtd is :class:`symbiont.host.libvirt_instance.LibvirtInstance` 
 namespace, own host UUID) started inside the host's network namespace, so that the QEMUs it
 starts listen for incoming migrations on that host's address; its unix socket lies in the
 root mount namespace, which is how the host's ``symbiontd`` (a process inside the host's
-network namespace) reaches it. VMs come from the lab's golden image (:mod:`symbiont.lab.vms`)
+network namespace) reaches it. VMs come from the lab's golden image (:mod:`symbiont_research.lab.vms`)
 and carry the persistent-lab owner mark of the cluster's prefix, so ``cluster down`` removes
 exactly them, wherever migrations have taken them.
 
@@ -52,6 +52,17 @@ STATE_FILE = "cluster.yaml"
 
 class ClusterError(Exception):
     """The lab could not be brought up or down; the message says why."""
+
+
+def _research(module: str) -> Any:
+    """The lab's VM code (``symbiont_research.<module>``): the cluster lab boots lab VMs, which
+    only an install with the research package has."""
+    from symbiont.plugins import research
+
+    mod = research(module)
+    if mod is None:
+        raise ClusterError("the cluster lab needs the research package symbiont_research (not installed)")
+    return mod
 
 
 def _check_name(name: str) -> None:
@@ -288,8 +299,9 @@ class ClusterLab:
 
         from symbiont.host.libvirt_host import LibvirtHost
         from symbiont.host.libvirt_instance import LibvirtInstance
-        from symbiont.lab import vms
-        from symbiont.lab.image import build_image, make_recipe
+        vms = _research("lab.vms")
+        image = _research("lab.image")
+        build_image, make_recipe = image.build_image, image.make_recipe
 
         if os.geteuid() != 0:
             raise ClusterError("the cluster lab needs root (network namespaces, libvirtd)")
@@ -393,7 +405,8 @@ class ClusterLab:
         namespaces. Works from the state file, and on what is left without it."""
         from symbiont.host.libvirt_host import LibvirtHost
         from symbiont.host.libvirt_instance import LibvirtInstance, _read_pid
-        from symbiont.lab import vms
+
+        vms = _research("lab.vms")
 
         state = load_state(self.work_dir) or {"hosts": []}
         cfg = self.lab_config()

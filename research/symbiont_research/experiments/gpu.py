@@ -14,7 +14,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from symbiont.experiments.framework import ExperimentError, RunContext, experiment  # noqa: E402
 from symbiont.gpu.backend import GpuBackend, GpuError, KernelSpec, select_backend  # noqa: E402
 from symbiont.gpu.calibration import CALIBRATIONS, DEFAULT_CALIBRATION, get_calibration  # noqa: E402
 from symbiont.gpu.dispatch import (  # noqa: E402
@@ -27,6 +26,7 @@ from symbiont.gpu.dispatch import (  # noqa: E402
 from symbiont.gpu.endpoint import GpuEndpointService  # noqa: E402
 from symbiont.gpu.faas import SCHEDULERS, BackgroundLoad, run_trace, synthetic_workload  # noqa: E402
 from symbiont.gpu.simulated import DeviceConfig  # noqa: E402
+from symbiont_research.experiments.framework import ExperimentError, RunContext, experiment  # noqa: E402
 
 BACKEND_HELP = "auto (CuPy if a GPU is present, else simulated), cupy or simulated"
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from symbiont.experiments.framework import ExperimentError, RunContext, experiment
 from symbiont.placement import heuristics
 from symbiont.placement.bound import lower_bound, quality
 from symbiont.placement.model import Host, Request
@@ -21,6 +20,7 @@ from symbiont.placement.overload import HotspotConfig
 from symbiont.placement.planner import plan
 from symbiont.placement.simulator import SimConfig, simulate
 from symbiont.placement.traces import MIXES, generate, sizes, standard_hosts
+from symbiont_research.experiments.framework import ExperimentError, RunContext, experiment
 
 # The stored BPPLIB subset (benchmarks/instances/README.md): in the source tree, not the package.
 BPPLIB = Path(__file__).resolve().parents[3] / "benchmarks" / "instances" / "bpplib"

@@ -16,8 +16,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from symbiont.experiments.framework import ExperimentError, RunContext, experiment
 from symbiont.migration.workload import counter_command, parse_counter
+from symbiont_research.experiments.framework import ExperimentError, RunContext, experiment
 
 WORK = "/var/lib/symbiont-work"
 PREFIX = "symb-mig-exp-"
@@ -25,7 +25,7 @@ PREFIX = "symb-mig-exp-"
 
 @contextlib.contextmanager
 def lab(ctx: RunContext, memory_mib: int = 512) -> Iterator[Any]:
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     ctx.stage("lab: image, two VMs with a guest link, symbiontd")
     with LabSession(count=2, period_s=1.0, memory_mib=memory_mib, max_vcpus=2, step=ctx.note,
@@ -56,7 +56,7 @@ def migrate(s: Any, body: dict[str, Any], timeout: float = 900) -> dict[str, Any
 
 
 def counter_lines(s: Any, vm: str, ct: str) -> list[tuple[int, float]]:
-    from symbiont.lab.console import guest_exec
+    from symbiont_research.lab.console import guest_exec
 
     r = guest_exec(s.host, vm, f"cat {WORK}/{ct}/out", timeout=120)
     return parse_counter(r.output.replace("\r", "") + "\n")

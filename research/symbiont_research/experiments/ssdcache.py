@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from symbiont.experiments.framework import ExperimentError, RunContext, experiment
 from symbiont.ssdcache.layout import BLOCK_SIZE
+from symbiont_research.experiments.framework import ExperimentError, RunContext, experiment
 
 
 def _plt() -> Any:
@@ -63,7 +63,7 @@ def _write_slow_disk(path: Path, lines: int) -> None:
     needs=("root", "libvirt", "vm"),
 )
 def run_elastic(ctx: RunContext) -> dict[str, Any]:
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     _need_root()
     p = ctx.params
@@ -150,7 +150,7 @@ def _attach_slow_disk(lab: Any, name: str, lines: int, bytes_per_s: int, iops: i
     """Give ``name`` an HDD stand-in (serial ``symbiont-slow``) throttled by libvirt iotune."""
     from symbiont.config import load_config
     from symbiont.host.system import SystemHost
-    from symbiont.lab.vms import lab_vm
+    from symbiont_research.lab.vms import lab_vm
 
     slow = lab_vm(load_config(None, {"lab": {"vm_prefix": lab.prefix}}), name).dir / "slow.img"
     _write_slow_disk(slow, lines)
@@ -189,7 +189,7 @@ def _attach_slow_disk(lab: Any, name: str, lines: int, bytes_per_s: int, iops: i
     needs=("root", "libvirt", "vm"),
 )
 def run_allocation(ctx: RunContext) -> dict[str, Any]:
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     _need_root()
     p = ctx.params
@@ -413,7 +413,7 @@ def _producer_cmd(pages: int, local: int, rate: float, seed: int) -> list[str]:
 )
 def run_doubledecker_guest(ctx: RunContext) -> dict[str, Any]:
     from symbiont.client import ApiError
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     _need_root()
     p = ctx.params

@@ -37,8 +37,8 @@ import psutil
 
 from symbiont.config import Config
 from symbiont.host.libvirt_host import LibvirtError, LibvirtHost, resolve_domain_type
-from symbiont.lab.image import Image
 from symbiont_agent import protocol as proto
+from symbiont_research.lab.image import Image
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def domain_xml(
     the only way the host can enforce a tenant's opt-out of page sharing).
 
     ``tap_link=(tap, mac)`` adds a virtio NIC on an existing tap device, which
-    :mod:`symbiont.lab.peerlink` moves into a network namespace of the lab's own once QEMU
+    :mod:`symbiont_research.lab.peerlink` moves into a network namespace of the lab's own once QEMU
     has opened it (the migration part's network path between two guests).
 
     The ``<metadata>`` mark names ``owner`` (default: this process) and the peer link's ids,
@@ -465,8 +465,8 @@ def lab_up(
 ) -> list[LabVm]:
     """Boot ``count`` VMs of the persistent lab (owner ``lab:<vm_prefix>``); reuse its own
     domains, refuse anyone else's. ``peer_link``: VMs 1 and 2 share a private L2 network in a
-    namespace of their own (:mod:`symbiont.lab.peerlink`), as the migration network path needs."""
-    from symbiont.lab.peerlink import PeerLink
+    namespace of their own (:mod:`symbiont_research.lab.peerlink`), as the migration network path needs."""
+    from symbiont_research.lab.peerlink import PeerLink
 
     owner = LabOwner.persistent_lab(cfg.lab.vm_prefix)
     names = lab_names(cfg, count)
@@ -520,7 +520,7 @@ def lab_down(
     ``owner`` (default: the persistent lab of that prefix) made, and their peer links.
 
     Returns (removed, kept): ``kept`` says, per domain of another run, whose it is."""
-    from symbiont.lab.peerlink import PeerLink
+    from symbiont_research.lab.peerlink import PeerLink
 
     owner = owner or LabOwner.persistent_lab(cfg.lab.vm_prefix)
     removed, kept, links = [], [], set()

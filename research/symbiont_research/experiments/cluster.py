@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from symbiont.experiments.framework import ExperimentError, RunContext, experiment
+from symbiont_research.experiments.framework import ExperimentError, RunContext, experiment
 
 BURN = "setsid sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & echo burning"
 STOP = "pkill -f 'while :' ; echo stopped"
@@ -50,7 +50,7 @@ def _util(hosts: list[dict[str, Any]]) -> dict[str, float]:
 def run_cluster_hotspots(ctx: RunContext) -> dict[str, Any]:
     from symbiont.cluster.lab import ClusterLab
     from symbiont.host.libvirt_host import LibvirtHost
-    from symbiont.lab.console import guest_exec
+    from symbiont_research.lab.console import guest_exec
 
     p = ctx.params
     if int(p["hosts"]) < 2:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from symbiont.cpu import policy
-from symbiont.experiments.framework import ExperimentError, RunContext, experiment
+from symbiont_research.experiments.framework import ExperimentError, RunContext, experiment
 
 MiB = 1 << 20
 
@@ -49,7 +49,7 @@ def _ratios(text: str) -> list[float]:
 
 @contextlib.contextmanager
 def _lab(ctx: RunContext, memory_mib: int = 512):
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     ctx.stage("lab: image, one VM, symbiontd")
     with LabSession(count=1, period_s=1.0, memory_mib=memory_mib, max_vcpus=4,

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextvars
 import csv
 import datetime as dt
+import importlib
 import json
 import logging
 import os
+import pkgutil
 import platform
 import secrets
 import socket
@@ -63,7 +65,7 @@ def experiment(
     def register(fn: Callable[[RunContext], Any]) -> Callable[[RunContext], Any]:
         if name in _REGISTRY and _REGISTRY[name].run is not fn:
             raise ExperimentError(f"experiment {name!r} registered twice")
-        part = fn.__module__.split(".")[1] if fn.__module__.startswith("symbiont.") else ""
+        part = _part_of(fn.__module__)
         _REGISTRY[name] = Experiment(
             name=name,
             summary=summary,
@@ -78,13 +80,23 @@ def experiment(
     return register
 
 
+def _part_of(module: str) -> str:
+    """The part an experiment belongs to: ``symbiont_research.experiments.<part>`` gives
+    ``<part>``; the demo (and the framework) give ``experiments``, as before the move."""
+    pkg = "symbiont_research.experiments."
+    if not module.startswith(pkg):
+        return ""
+    name = module[len(pkg):].split(".")[0]
+    return "experiments" if name in ("demo", "framework") else name
+
+
 def registry() -> dict[str, Experiment]:
-    """All experiments, after importing every part's ``experiments`` module."""
-    from symbiont.plugins import part_modules
+    """All experiments, after importing every module of :mod:`symbiont_research.experiments`
+    (one per part, plus the demo). A module that fails to import is an error, not skipped."""
+    import symbiont_research.experiments as pkg
 
-    part_modules("experiments")
-    import symbiont.experiments.demo  # noqa: F401  (the demo lives with the framework)
-
+    for m in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{m.name}")
     return dict(sorted(_REGISTRY.items()))
 
 

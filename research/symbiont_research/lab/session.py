@@ -7,7 +7,7 @@ stop libvirtd/virtlogd only if it started them.
 
 Each session is a run of its own: its VMs are named ``<lab.vm_prefix><tag>-<run id>-N`` (the
 tag defaults to the experiment being run) unless the caller names an explicit ``prefix``, and
-every domain it defines carries its owner mark (:class:`symbiont.lab.vms.LabOwner`). It
+every domain it defines carries its owner mark (:class:`symbiont_research.lab.vms.LabOwner`). It
 removes at start or at exit only domains it made; a domain of another run with the same name
 is refused with a message naming its owner (``reclaim=True`` takes over a provably dead one).
 """
@@ -31,10 +31,10 @@ import yaml
 from symbiont.client import ApiError, Client
 from symbiont.config import Config, load_config, merge_dicts
 from symbiont.host.libvirt_host import LibvirtHost, ensure_libvirtd, stop_started_libvirtd
-from symbiont.lab import vms
-from symbiont.lab.image import Image, build_image, make_recipe
-from symbiont.lab.peerlink import PeerLink
-from symbiont.lab.vms import LabOwner
+from symbiont_research.lab import vms
+from symbiont_research.lab.image import Image, build_image, make_recipe
+from symbiont_research.lab.peerlink import PeerLink
+from symbiont_research.lab.vms import LabOwner
 
 
 @dataclass
@@ -94,7 +94,7 @@ class LabSession:
 
     count: int = 2
     prefix: str | None = None  # None: <lab.vm_prefix of base_config><tag>-<run id>-
-    tag: str = ""  # "": the experiment being run (symbiont.experiments.framework), else "session"
+    tag: str = ""  # "": the experiment being run (symbiont_research.experiments.framework), else "session"
     reclaim: bool = False  # take over same-named domains whose owner is provably dead
     period_s: float = 2.0
     memory_mib: int = 512
@@ -145,7 +145,7 @@ class LabSession:
         base = load_config(self.base_config)
         if self.prefix is None:
             self.prefix = f"{base.lab.vm_prefix}{self._tag()}-{self.owner.run}-"
-        from symbiont.experiments.framework import current_run
+        from symbiont_research.experiments.framework import current_run
 
         if (run := current_run()) is not None:
             run.lab_prefixes.append(self.prefix)  # run.json says which VMs were this run's
@@ -208,7 +208,7 @@ class LabSession:
     def _tag(self) -> str:
         if self.tag:
             return self.tag
-        from symbiont.experiments.framework import current_run
+        from symbiont_research.experiments.framework import current_run
 
         run = current_run()
         return run.experiment.name if run is not None else "session"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from symbiont.experiments.framework import RunContext, experiment
+from symbiont_research.experiments.framework import RunContext, experiment
 
 
 def _sample(client: Any, t0: float) -> list[dict[str, Any]]:
@@ -50,7 +50,7 @@ def _sample(client: Any, t0: float) -> list[dict[str, Any]]:
     needs=("root", "libvirt", "vm"),
 )
 def run(ctx: RunContext) -> dict[str, Any]:
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     p = ctx.params
     if p["vms"] < 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from symbiont.experiments.framework import RunContext, experiment
+from symbiont_research.experiments.framework import RunContext, experiment
 
 # The busy VM: keep MemAvailable under 8 % of MemTotal (up to 400 MiB) and touch it all.
 HOG = """
@@ -82,7 +82,7 @@ def run_guest_script(lab: Any, vm: str, script: str, name: str, args: str = "", 
     to completion returning its output)."""
     import base64
 
-    from symbiont.lab.console import guest_exec
+    from symbiont_research.lab.console import guest_exec
 
     b64 = base64.b64encode(script.encode()).decode()
     if background:
@@ -101,7 +101,7 @@ def run_guest_script(lab: Any, vm: str, script: str, name: str, args: str = "", 
     needs=("root", "libvirt", "vm"),
 )
 def idle_tax(ctx: RunContext) -> dict[str, Any]:
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     p = ctx.params
     rows: list[dict[str, Any]] = []
@@ -172,7 +172,7 @@ def _plot_idle_tax(ctx: RunContext, rows: list[dict[str, Any]], p: dict[str, Any
     needs=("root", "libvirt", "vm"),
 )
 def balloon_vs_configured(ctx: RunContext) -> dict[str, Any]:
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     p = ctx.params
     sizes = sorted(p["sizes_mib"])
@@ -229,7 +229,7 @@ def guest_floor(ctx: RunContext) -> dict[str, Any]:
     """Sets the balloon through libvirt directly (the daemon's floor would refuse the low
     targets); alive = the daemon's agent stats request answered within the last 5 s, the guest
     MemTotal reported and the domain running. The guest dies at the end: the lab VM is removed."""
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     p = ctx.params
     rows: list[dict[str, Any]] = []
@@ -335,7 +335,7 @@ def _vm_host_memory(lab: Any, names: list[str]) -> dict[str, float]:
 def synergy(ctx: RunContext) -> dict[str, Any]:
     """KSM is set directly (pages_to_scan/sleep/run) and every value is restored at the end."""
     from symbiont.host.ksm import Ksm
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab.session import LabSession
 
     p = ctx.params
     ksm = Ksm()

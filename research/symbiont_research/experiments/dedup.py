@@ -33,7 +33,7 @@ import numpy as np
 
 from symbiont.dedup.backends import PAGE_SIZE, available_backends, select_backend
 from symbiont.dedup.engine import BufferSource, Engine
-from symbiont.experiments.framework import ExperimentError, RunContext, experiment
+from symbiont_research.experiments.framework import ExperimentError, RunContext, experiment
 
 MiB = 1 << 20
 
@@ -368,8 +368,8 @@ def policies_experiment(ctx: RunContext) -> dict[str, Any]:
 def identical_vms_experiment(ctx: RunContext) -> dict[str, Any]:
     from symbiont.config import load_config
     from symbiont.host.ksm import mergeable_processes
-    from symbiont.lab import vms as labvms
-    from symbiont.lab.session import LabSession
+    from symbiont_research.lab import vms as labvms
+    from symbiont_research.lab.session import LabSession
 
     _require_root()
     p = ctx.params

@@ -1,0 +1,1 @@
+"""symbiont_research.lab"""
