@@ -250,16 +250,17 @@ class FakeConn:
 
 class ResumeExecutor:
     def __init__(self, conns: dict[str, FakeConn], reg: dict[str, set[str]]) -> None:
+        from symbiont.host.migrate import RemoteLibvirt
+
         self.conns, self.reg = conns, reg
+        self.remote = RemoteLibvirt()  # the real door, on fake connections kept by URI
+        self.remote._conns = {f"qemu+tcp://{h}/system": c for h, c in conns.items()}
 
     def __enter__(self):
         return self
 
     def __exit__(self, *a):
         pass
-
-    def conn(self, host):
-        return self.conns[host.id]
 
     def locate(self, host, vm):
         try:
@@ -345,3 +346,41 @@ def test_real_hosts_from_a_yaml_file(tmp_path) -> None:
     f.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match="expected a mapping with a 'hosts' list"):
         hosts_from_cluster(f)
+
+
+def test_reconcile_door_on_libvirts_test_driver() -> None:
+    """RemoteLibvirt's reconcile calls on a real (in-process) libvirt: resume a paused copy,
+    define a transient one, remove a duplicate, and an abort with no job only answers False."""
+    import libvirt
+
+    from symbiont.host.migrate import RemoteLibvirt, quiet_errors
+    from symbiont.host.port import HostError
+
+    quiet_errors()
+    uri, vm = "test:///default", "recon-vm"
+    r = RemoteLibvirt()
+    try:
+        xml = (f"<domain type='test'><name>{vm}</name><memory>65536</memory>"
+               "<os><type>hvm</type></os></domain>")  # fmt: skip
+        dom = r.conn(uri).createXML(xml, 0)  # transient, running
+        dom.suspend()
+        assert r.state(uri, vm) == "paused"
+        assert r.resume_if_paused(uri, vm) and r.state(uri, vm) == "running"
+        assert not r.resume_if_paused(uri, vm)
+        assert r.ensure_persistent(uri, vm) and r.conn(uri).lookupByName(vm).isPersistent()
+        assert not r.ensure_persistent(uri, vm)
+        assert r.abort_job(uri, vm) is False  # no job to cancel: libvirt refuses, nothing raised
+        r.remove(uri, vm)
+        assert r.state(uri, vm) is None
+        with pytest.raises(HostError, match=vm):
+            r.remove(uri, vm)
+    finally:
+        try:
+            d = r.conn(uri).lookupByName(vm)
+            if d.isActive():
+                d.destroy()
+            if d.isPersistent():
+                d.undefine()
+        except libvirt.libvirtError:
+            pass
+        r.close()

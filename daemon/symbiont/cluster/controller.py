@@ -146,9 +146,9 @@ class Controller:
     def __init__(self, cfg: ControllerConfig, fetch: FetchFn | None = None,
                  make_executor: ExecutorFn | None = None) -> None:  # fmt: skip
         self.cfg = cfg
-        import libvirt
+        from symbiont.host.migrate import quiet_errors
 
-        libvirt.registerErrorHandler(lambda _c, _e: None, None)  # errors arrive as exceptions
+        quiet_errors()  # libvirt's errors arrive as exceptions, not on stderr
         if cfg.netns:
             enter_netns(cfg.netns)
         self.journal = Journal(cfg.journal)
@@ -394,8 +394,6 @@ class Controller:
         return out
 
     def _reconcile_move(self, ex: Executor, hosts: Mapping[str, HostEntry], st: dict[str, Any]) -> dict[str, Any]:
-        import libvirt
-
         vm, src, dst = st["vm"], st["step"]["from"], st["step"]["to"]
         deadline = time.monotonic() + self.cfg.resume_wait_s
         aborted = False
@@ -406,10 +404,7 @@ class Controller:
             if len(present) > 1 and src in present and not aborted:
                 # The source libvirtd may still be sending (its worker outlives our connection):
                 # cancel that migration; libvirt then removes the incoming domain.
-                try:
-                    ex.conn(hosts[src]).lookupByName(vm).abortJob()
-                except libvirt.libvirtError:
-                    pass
+                ex.remote.abort_job(hosts[src].libvirt_uri, vm)
                 aborted = True
             time.sleep(1.0)
         if not present:
@@ -418,18 +413,11 @@ class Controller:
             keep = dst if present.get(dst) == "running" else src
             for h in present:
                 if h != keep:
-                    dom = ex.conn(hosts[h]).lookupByName(vm)
-                    if dom.isActive():
-                        dom.destroy()
-                    if dom.isPersistent():
-                        dom.undefine()
+                    ex.remote.remove(hosts[h].libvirt_uri, vm)
         else:
             keep = next(iter(present))
-        dom = ex.conn(hosts[keep]).lookupByName(vm)
-        if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-            dom.resume()
-        if not dom.isPersistent():
-            dom = ex.conn(hosts[keep]).defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+        ex.remote.resume_if_paused(hosts[keep].libvirt_uri, vm)
+        ex.remote.ensure_persistent(hosts[keep].libvirt_uri, vm)
         # Exactly one daemon has it: the one of the host it runs on.
         reg = {}
         for h, e in hosts.items():

@@ -295,10 +295,9 @@ class ClusterLab:
 
     def up(self) -> dict[str, Any]:
         """Namespaces, bridge, libvirtds, daemons and VMs; returns (and writes) the cluster state."""
-        import libvirt
-
         from symbiont.host.libvirt_host import LibvirtHost
         from symbiont.host.libvirt_instance import LibvirtInstance
+        from symbiont.host.migrate import quiet_errors
         vms = _research("lab.vms")
         image = _research("lab.image")
         build_image, make_recipe = image.build_image, image.make_recipe
@@ -309,7 +308,7 @@ class ClusterLab:
             raise ClusterError(f"vms_per_host has {len(self.vms_per_host)} counts for {self.hosts} hosts")
         if (self.work_dir / STATE_FILE).exists():
             raise ClusterError(f"{self.work_dir / STATE_FILE} exists: a cluster is up ('symbiont cluster down' first)")
-        libvirt.registerErrorHandler(lambda _c, _e: None, None)
+        quiet_errors()
         t0 = time.monotonic()
         specs = self.specs()
         state: dict[str, Any] = {

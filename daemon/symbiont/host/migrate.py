@@ -61,6 +61,56 @@ class RemoteLibvirt:
         except libvirt.libvirtError as exc:
             raise HostError(f"domain {vm!r} on {uri}: {exc.get_error_message() or exc}") from None
 
+    # -- the cluster controller's crash reconciliation (symbiont.cluster.controller) -------------
+    def _dom(self, uri: str, vm: str) -> Any:
+        try:
+            return self.conn(uri).lookupByName(vm)
+        except libvirt.libvirtError as exc:
+            raise HostError(f"domain {vm!r} on {uri}: {exc.get_error_message() or exc}") from None
+
+    def abort_job(self, uri: str, vm: str) -> bool:
+        """Cancel ``vm``'s job (a migration a source libvirtd still sends); False when libvirt
+        refuses (no such domain, no job): the caller only wants nothing left streaming."""
+        try:
+            self.conn(uri).lookupByName(vm).abortJob()
+        except libvirt.libvirtError:
+            return False
+        return True
+
+    def remove(self, uri: str, vm: str) -> None:
+        """Drop a duplicate copy of ``vm``: destroy it if active, undefine it if persistent."""
+        dom = self._dom(uri, vm)
+        try:
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefine()
+        except libvirt.libvirtError as exc:
+            raise HostError(f"removing {vm!r} on {uri}: {exc.get_error_message() or exc}") from None
+
+    def resume_if_paused(self, uri: str, vm: str) -> bool:
+        """Resume ``vm`` if paused (a migration killed mid-way leaves it so); True if it was."""
+        dom = self._dom(uri, vm)
+        try:
+            if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+                return False
+            dom.resume()
+        except libvirt.libvirtError as exc:
+            raise HostError(f"resuming {vm!r} on {uri}: {exc.get_error_message() or exc}") from None
+        return True
+
+    def ensure_persistent(self, uri: str, vm: str) -> bool:
+        """Define a transient ``vm`` from its migratable XML (an incoming copy is transient until
+        the migration finishes); True if it had to."""
+        dom = self._dom(uri, vm)
+        try:
+            if dom.isPersistent():
+                return False
+            self.conn(uri).defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+        except libvirt.libvirtError as exc:
+            raise HostError(f"defining {vm!r} on {uri}: {exc.get_error_message() or exc}") from None
+        return True
+
     def migrate(self, src_uri: str, dst_uri: str, vm: str, dest_xml: str, migrate_uri: str = "",
                 unsafe: bool = False, progress: ProgressFn | None = None) -> dict[str, Any]:
         """Live-migrate ``vm`` (LIVE | PERSIST_DEST | UNDEFINE_SOURCE, UNSAFE if asked) with
@@ -80,6 +130,11 @@ class RemoteLibvirt:
             return _run_with_progress(dom, self.conn(dst_uri), vm, params, flags, progress or (lambda d, t: None))
         except libvirt.libvirtError as exc:
             raise HostError(exc.get_error_message() or str(exc)) from None
+
+
+def quiet_errors() -> None:
+    """Stop libvirt printing its errors on stderr: they arrive as exceptions all the same."""
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
 
 
 def _run_with_progress(dom: Any, dconn: Any, vm: str, params: dict[str, Any], flags: int,
