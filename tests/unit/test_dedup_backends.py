@@ -85,13 +85,13 @@ def test_without_the_native_kernel_the_numpy_one_gives_the_same_hashes(monkeypat
 
     p = _structured_pages(2)
     want = B.xsm64_cpu(p)
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native.LIB, "_tried", False)
+    monkeypatch.setattr(native.LIB, "_loaded", None)
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setenv("PATH", "/nonexistent")
     assert native.load() is None and "no C compiler" in native.why()
     assert B.cpu_kernel() == "numpy" and np.array_equal(B.xsm64_cpu(p), want)
-    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native.LIB, "_tried", False)
     monkeypatch.setenv("SYMBIONT_NATIVE_HASH", "0")
     assert native.load() is None and "SYMBIONT_NATIVE_HASH=0" in native.why()
 

@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
+
+from symbiont.native import NativeLibrary
 
 log = logging.getLogger(__name__)
 
@@ -56,66 +52,20 @@ void symbiont_xsm64(const unsigned char *pages, size_t npages, size_t nwords, un
 # Tried in order: this CPU's vector units first, then a portable build.
 FLAGS = (["-O3", "-march=native"], ["-O3"])
 
-_lock = threading.Lock()
-_loaded: Callable[..., None] | None = None
-_tried = False
-_why = ""
-
-
-def _build() -> Callable[..., None] | None:
-    global _why
-    if os.environ.get("SYMBIONT_NATIVE_HASH", "1") == "0":
-        _why = "disabled by SYMBIONT_NATIVE_HASH=0"
-        return None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        _why = "no C compiler (cc/gcc) on PATH"
-        return None
-    with tempfile.TemporaryDirectory(prefix="symbiont-xsm64-") as d:
-        src, lib = Path(d) / "xsm64.c", Path(d) / "xsm64.so"
-        src.write_text(SOURCE)
-        errors = []
-        for flags in FLAGS:
-            res = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(lib), str(src)],
-                                 capture_output=True, text=True, timeout=60)  # fmt: skip
-            if res.returncode == 0:
-                break
-            errors.append(f"{' '.join(flags)}: {res.stderr.strip()[-200:]}")
-        else:
-            _why = "compiling the kernel failed: " + "; ".join(errors)
-            return None
-        so = ctypes.CDLL(str(lib))  # mapped now: the file can go with the directory
+def _setup(so: ctypes.CDLL) -> Callable[..., None]:
     fn = so.symbiont_xsm64
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint,
                    ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
-    _why = f"compiled with {cc} {' '.join(flags)}"
     return fn
 
 
-def load() -> Callable[..., None] | None:
-    """The compiled kernel, built once per process; ``None`` where it cannot be (see :func:`why`)."""
-    global _loaded, _tried
-    if _tried:
-        return _loaded
-    with _lock:
-        if not _tried:
-            try:
-                _loaded = _build()
-            except (OSError, subprocess.SubprocessError) as exc:
-                global _why
-                _why = f"building the kernel failed: {exc}"
-                _loaded = None
-            if _loaded is None:
-                log.info("dedup: native page hash unavailable (%s); using numpy", _why)
-            _tried = True
-    return _loaded
-
-
-def why() -> str:
-    """How the kernel was built, or why it was not."""
-    load()
-    return _why
+LIB: NativeLibrary[Callable[..., None]] = NativeLibrary(
+    "xsm64", SOURCE, FLAGS, switch="SYMBIONT_NATIVE_HASH", what="the kernel", setup=_setup, log=log,
+    unavailable="dedup: native page hash unavailable (%s); using numpy",
+)
+load = LIB.load  # the compiled kernel, built once per process; None where it cannot be (see why)
+why = LIB.why  # how the kernel was built, or why it was not
 
 
 def xsm64_native(words: np.ndarray, keys: np.ndarray, shift: int, out: np.ndarray) -> bool:

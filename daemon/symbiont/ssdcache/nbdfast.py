@@ -8,9 +8,9 @@ transmission phase in C with ``threads`` workers for this connection while ctype
 the GIL. The block map stays the :class:`~symbiont.ssdcache.nbdserver.Export`'s own
 ``array('q')``; Python changes it only under the export's native rwlock (:class:`NativeExport`).
 
-Built at first use with the host's C compiler into a private temporary directory (0700,
-removed once loaded), as ``dedup/native.py`` does. Without a compiler, or with
-``SYMBIONT_NATIVE_NBD=0``, :func:`load` returns ``None`` and the Python data path serves.
+Built at first use with the host's C compiler by :class:`symbiont.native.NativeLibrary` (as
+``dedup/native.py`` is). Without a compiler, or with ``SYMBIONT_NATIVE_NBD=0``, :func:`load`
+returns ``None`` and the Python data path serves.
 """
 
 from __future__ import annotations
@@ -18,14 +18,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
+
+from symbiont.native import NativeLibrary
 
 log = logging.getLogger(__name__)
 
@@ -35,37 +32,8 @@ FLAGS = (["-O2", "-march=native"], ["-O2"])
 STAT_NAMES = ("reads", "writes", "flushes", "trims", "zeroes", "read_bytes", "write_bytes",
               "unbacked_errors", "io_errors", "invalid_requests")  # fmt: skip
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_why = ""
 
-
-def _build() -> ctypes.CDLL | None:
-    global _why
-    if os.environ.get("SYMBIONT_NATIVE_NBD", "1") == "0":
-        _why = "disabled by SYMBIONT_NATIVE_NBD=0"
-        return None
-    if not SOURCE.is_file():
-        _why = f"{SOURCE} is missing"
-        return None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        _why = "no C compiler (cc/gcc) on PATH"
-        return None
-    with tempfile.TemporaryDirectory(prefix="symbiont-nbdfast-") as d:
-        lib = Path(d) / "nbdfast.so"
-        errors = []
-        for flags in FLAGS:
-            res = subprocess.run([cc, *flags, "-shared", "-fPIC", "-pthread", "-o", str(lib), str(SOURCE)],
-                                 capture_output=True, text=True, timeout=120)  # fmt: skip
-            if res.returncode == 0:
-                break
-            errors.append(f"{' '.join(flags)}: {res.stderr.strip()[-200:]}")
-        else:
-            _why = "compiling nbdfast.c failed: " + "; ".join(errors)
-            return None
-        so = ctypes.CDLL(str(lib))  # mapped now: the file can go with the directory
+def _setup(so: ctypes.CDLL) -> ctypes.CDLL:
     vp, i64, u64, u32, ci, sz = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
                                  ctypes.c_int, ctypes.c_size_t)  # fmt: skip
     so.nbdx_export_new.restype = vp
@@ -86,32 +54,16 @@ def _build() -> ctypes.CDLL | None:
     so.nbdx_last_error.argtypes = [vp, ctypes.c_char_p, sz]
     so.nbdx_serve.restype = ci
     so.nbdx_serve.argtypes = [vp, ci, ctypes.c_char_p, sz, ci, ctypes.c_char_p, sz]
-    _why = f"compiled with {cc} {' '.join(flags)}"
     return so
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled data path, built once per process; ``None`` where it cannot be (see :func:`why`)."""
-    global _lib, _tried, _why
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            try:
-                _lib = _build()
-            except (OSError, subprocess.SubprocessError) as exc:
-                _why = f"building nbdfast failed: {exc}"
-                _lib = None
-            if _lib is None:
-                log.warning("ssdcache: native NBD data path unavailable (%s); serving from Python", _why)
-            _tried = True
-    return _lib
-
-
-def why() -> str:
-    """How the data path was built, or why it was not."""
-    load()
-    return _why
+LIB: NativeLibrary[ctypes.CDLL] = NativeLibrary(
+    "nbdfast", SOURCE, FLAGS, switch="SYMBIONT_NATIVE_NBD", what="nbdfast.c", setup=_setup, log=log,
+    unavailable="ssdcache: native NBD data path unavailable (%s); serving from Python", level=logging.WARNING,
+    extra_args=("-pthread",), timeout=120,
+)
+load = LIB.load  # the compiled data path, built once per process; None where it cannot be (see why)
+why = LIB.why  # how the data path was built, or why it was not
 
 
 class NativeExport:
