@@ -450,15 +450,6 @@ class Executor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def conn(self, host: HostEntry) -> Any:
-        """``host``'s libvirt connection (for the cluster controller's reconciliation)."""
-        from symbiont.host.port import HostError
-
-        try:
-            return self.remote.conn(host.libvirt_uri)
-        except HostError as exc:
-            raise ValueError(f"host {host.id}: {exc}") from None
-
     def locate(self, host: HostEntry, vm: str) -> str | None:
         from symbiont.host.port import HostError
 
