@@ -245,28 +245,47 @@ def _answer_in_thread(channel: Channel, msg: proto.Message) -> None:
         channel.send(*reply)
 
 
-def serve(channel: Channel, stop: Callable[[], bool] = lambda: False) -> None:
-    """Serve until ``stop()``; reopen the port after protocol errors or hang-ups."""
+HUNG_UP_SLEEP_S = (0.5, 2.0)  # host not connected: re-check after 0.5 s, backing off to 2 s
+
+
+def serve(channel: Channel, stop: Callable[[], bool] = lambda: False, wake_fd: int | None = None) -> None:
+    """Serve until ``stop()``; reopen the port after protocol errors or hang-ups.
+
+    With ``wake_fd`` (readable when ``stop()`` may have turned true: main() gives the signal
+    wake-up pipe) an idle agent blocks in poll until the host writes: no timer of its own
+    wakes the guest (under TCG each wake-up costs host CPU). Without it, poll wakes once a
+    second to look at ``stop()``. While the host end is not connected the port reports
+    POLLHUP at once, so the loop sleeps instead, backing off from 0.5 to 2 s (the host greets
+    again every 3 s until it has a hello).
+    """
     global _CURRENT
     _CURRENT = channel
+    timeout_ms = -1 if wake_fd is not None else 1000
     while not stop():
         channel.open()
         channel.send(hello_frame())
         hung_up = False
+        hup_sleep = HUNG_UP_SLEEP_S[0]
         try:
             while not stop():
                 assert channel.fd is not None
                 poll = select.poll()
                 poll.register(channel.fd, select.POLLIN | select.POLLHUP)
-                events = poll.poll(1000)
-                if not events:
+                if wake_fd is not None:
+                    poll.register(wake_fd, select.POLLIN)
+                events = poll.poll(timeout_ms)
+                if wake_fd is not None and any(fd == wake_fd for fd, _ in events):
+                    _drain(wake_fd)
+                ev = next((e for fd, e in events if fd == channel.fd), 0)
+                if not ev:
                     continue
-                _, ev = events[0]
                 if ev & select.POLLHUP and not ev & select.POLLIN:
                     # Host side not connected: wait, and greet it when it comes back.
                     hung_up = True
-                    time.sleep(0.5)
+                    _sleep_unless_woken(hup_sleep, wake_fd)
+                    hup_sleep = min(2 * hup_sleep, HUNG_UP_SLEEP_S[1])
                     continue
+                hup_sleep = HUNG_UP_SLEEP_S[0]
                 if hung_up:
                     hung_up = False
                     channel.reader.hunt()
@@ -277,7 +296,8 @@ def serve(channel: Channel, stop: Callable[[], bool] = lambda: False) -> None:
                     continue
                 if not data:
                     hung_up = True
-                    time.sleep(0.5)
+                    _sleep_unless_woken(hup_sleep, wake_fd)
+                    hup_sleep = min(2 * hup_sleep, HUNG_UP_SLEEP_S[1])
                     continue
                 for msg in channel.reader.feed(data):
                     if msg.type == "req" and msg.header["op"] in THREADED:
@@ -290,6 +310,31 @@ def serve(channel: Channel, stop: Callable[[], bool] = lambda: False) -> None:
             log.warning("protocol error from host, resetting channel: %s", exc)
         finally:
             channel.close()
+
+
+def _drain(fd: int) -> None:
+    """Empty the (readable) wake-up fd: one read, so that a blocking pipe cannot hang us."""
+    try:
+        os.read(fd, 512)
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _sleep_unless_woken(seconds: float, wake_fd: int | None) -> None:
+    """Sleep, but return early when ``wake_fd`` turns readable (a stop signal)."""
+    if wake_fd is None:
+        time.sleep(seconds)
+        return
+    r, _, _ = select.select([wake_fd], [], [], seconds)
+    if r:
+        _drain(wake_fd)
+
+
+def stop_pipe() -> int:
+    """A pipe that the SIGTERM/SIGINT handlers' wake-up writes to: its read end for serve()."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(w)
+    return r
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,9 +352,10 @@ def main(argv: list[str] | None = None) -> None:
         stopping = True
 
     signal.signal(signal.SIGTERM, _stop)
+    wake = stop_pipe()
     load_op_modules()
     log.info("symbiont-agent %s starting on %s (ops: %s)", __version__, args.port, ", ".join(sorted(OPS)))
-    serve(Channel(args.port), stop=lambda: stopping)
+    serve(Channel(args.port), stop=lambda: stopping, wake_fd=wake)
 
 
 if __name__ == "__main__":
