@@ -193,7 +193,9 @@ def test_journal_unfinished_and_cooldown_clock(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("kw", "msg"),
     [({"period_s": 0}, "period"), ({"period_s": float("nan")}, "period"), ({"max_migrations": -1}, "max_migrations"),
-     ({"mode": "x"}, "mode"), ({"thresholds": {"cpu": 0}}, "thresholds.cpu")],
+     ({"mode": "x"}, "mode"), ({"thresholds": {"cpu": 0}}, "thresholds.cpu"),
+     ({"idle": {"window": 0}}, "idle: window"), ({"idle": {"cpu_threshold": 2}}, "idle: cpu_threshold"),
+     ({"idle": {"windw": 3}}, "idle: .*windw")],
 )
 def test_config_errors_name_the_key(tmp_path, kw, msg) -> None:
     with pytest.raises(ValueError, match=msg):
@@ -384,3 +386,72 @@ def test_reconcile_door_on_libvirts_test_driver() -> None:
         except libvirt.libvirtError:
             pass
         r.close()
+
+
+# -- idle consolidation (seeds/004) through the controller: the real plan_live idle logic --
+
+
+class IdleCluster(FakeCluster):
+    """VMs of 256 MiB with the guest's CPU samples (fraction of its vCPU) and memory in use; the
+    fake executor's balloon steps change their allocations, its moves carry the parking record."""
+
+    def __init__(self, vms: dict[str, tuple[str, float]], wss: float = 30.0) -> None:
+        super().__init__(vms)
+        self.mem = {vm: 256.0 for vm in vms}
+        self.wss = wss
+        self.parked: dict[str, dict[str, Any]] = {}
+
+    def inventory(self, hid: str) -> dict[str, Any]:
+        inv = super().inventory(hid)
+        vms = [v["id"] for v in inv["host"]["vms"]]
+        for v in inv["host"]["vms"]:
+            v["demand"]["mem"] = self.mem[v["id"]] / 1024
+        inv["activity"] = {vm: {"mem_mib": self.mem[vm], "cpu": [self.use[vm]] * 12, "wss_mib": self.wss,
+                                "full_mem_mib": self.parked.get(vm, {}).get("full_mem_mib", 256.0),
+                                "home": self.parked.get(vm, {}).get("home"), "min_mib": 64.0,
+                                "reserve_mib": 20.0, "floor_mib": None} for vm in vms}  # fmt: skip
+        return inv
+
+
+class IdleExecutor(FakeExecutor):
+    def migrate(self, m: MoveSpec) -> dict[str, Any]:
+        if m.balloon_mib is not None:  # parked: the destination's registration keeps home and full size
+            self.fc.parked[m.vm] = {"home": m.src, "full_mem_mib": 256.0}
+            self.fc.mem[m.vm] = float(m.balloon_mib)
+        else:
+            self.fc.parked.pop(m.vm, None)
+        return super().migrate(m)
+
+    def set_memory(self, s: MemorySpec) -> dict[str, Any]:
+        self.fc.mem[s.vm] = float(s.mem_mib)
+        return super().set_memory(s)
+
+
+def idle_controller(tmp_path, fc: IdleCluster, **kw) -> Controller:
+    hosts = {h: HostEntry(h, f"qemu+tcp://{h}/system", f"/run/{h}.sock") for h in fc.hosts}
+    cfg = ControllerConfig(hosts=hosts, journal=tmp_path / "j.sqlite", period_s=0.01, idle_host="h3",
+                           thresholds={"cpu": 10.0, "mem": 10.0}, **kw)  # fmt: skip
+    return Controller(cfg, fetch=lambda spec: fc.inventory(spec.split("/")[-1].removesuffix(".sock")),
+                      make_executor=lambda hs: IdleExecutor(fc, hs))  # fmt: skip
+
+
+def test_idle_vms_parked_on_the_idle_host_then_woken_back_home(tmp_path) -> None:
+    fc = IdleCluster({"a1": ("h1", 0.0), "a2": ("h1", 0.0), "b1": ("h2", 0.0), "c1": ("h3", 0.0)})
+    ctl = idle_controller(tmp_path, fc, max_migrations=2, cooldown_s=0)
+    r = ctl.round()
+    assert r["execution"]["state"] == "done"
+    assert len(fc.moves) == 2 and {d for _v, _s, d in fc.moves} == {"h3"}
+    assert len(r["execution"]["held"]) == 1 and "rate limit" in r["execution"]["held"][0]["reason"]
+    ctl.round()
+    # Every idle VM is on the idle host and shrunk; h1 and h2 are empty.
+    assert set(fc.where.values()) == {"h3"} and all(m < 256 for m in fc.mem.values()), (fc.where, fc.mem)
+    n = len(fc.moves)
+    assert "execution" not in ctl.round() and len(fc.moves) == n  # nothing left to do: no churn
+    # a2 wakes (a busy guest): back home to h1 and grown to its full size; the others stay parked.
+    fc.use["a2"] = 0.9
+    ctl.round()
+    assert fc.where["a2"] == "h1" and fc.mem["a2"] == 256.0
+    assert {vm for vm, h in fc.where.items() if h == "h3"} == {"a1", "b1", "c1"}
+    j = Journal(tmp_path / "j.sqlite")
+    rounds = j.decisions(kind="round")
+    assert rounds[0]["inputs"]["config"]["idle_host"] == "h3"

@@ -138,6 +138,12 @@ class ControllerConfig:
         for r, t in self.thresholds.items():
             if not (isinstance(t, (int, float)) and 0 < t <= 10):
                 raise ValueError(f"thresholds.{r}: {t!r} is not in (0, 10]")
+        from symbiont.placement.idle import IdleConfig
+
+        try:
+            IdleConfig(**{k: v for k, v in self.idle.items() if v is not None})
+        except (TypeError, ValueError) as exc:  # a bad idle setting would fail every round instead
+            raise ValueError(f"idle: {exc}") from None
 
 
 class Controller:
@@ -331,7 +337,7 @@ class Controller:
                       for hid, inv in invs.items()},
             "down": dict(self.down),
             "config": {"mode": self.cfg.mode, "thresholds": self.cfg.thresholds, "k": self.cfg.k, "n": self.cfg.n,
-                       "idle_host": self.cfg.idle_host, "max_migrations": self.cfg.max_migrations,
+                       "idle_host": self.cfg.idle_host, "idle": self.cfg.idle, "max_migrations": self.cfg.max_migrations,
                        "cooldown_s": self.cfg.cooldown_s, "dry_run": self.cfg.dry_run},
         }  # fmt: skip
         try:
