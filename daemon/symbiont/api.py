@@ -149,6 +149,11 @@ def create_app(daemon: Daemon) -> FastAPI:
         return {"vm": name, "before": before, "vcpus": body.count, "guest": res.get("guest"),
                 "mechanism": res["mechanism"]}
 
+    @app.post("/v1/vms/{name}/ping")
+    async def ping(name: VmName) -> dict[str, Any]:
+        """An agent ``core.ping``, waking the VM first if the paging part parked it (issue 15)."""
+        return await daemon.parts["paging"].ping(name)  # type: ignore[attr-defined]
+
     @app.get("/v1/vms/{name}/history")
     async def history(
         name: VmName,

@@ -126,6 +126,47 @@ def _s(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+@cli.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def ping(ctx: Ctx, name: str, as_json: bool) -> None:
+    """Ping a VM's agent, waking it first if it is parked (seconds include the wake)."""
+    r = api(ctx, "POST", f"/v1/vms/{name}/ping")
+    if as_json:
+        emit(r, True)
+        return
+    w = r.get("wake") or {}
+    console.print(f"{name}: answered in {r['seconds'] * 1000:.1f} ms"
+                  + (f" (woken: resume {_s(w.get('resume_s'))} s, prefetched {_s(w.get('prefetched_mib'))} MiB)"
+                     if r["woke"] else ""))
+
+
+@cli.command("console")
+@click.argument("name")
+@click.pass_obj
+def console_(ctx: Ctx, name: str) -> None:
+    """Attach to a VM's serial console (virsh console), waking it first if it is parked.
+
+    The wake goes through the daemon's ping (the VM is resumed with its working set swapped in
+    and answers its agent) before virsh attaches: a console on a paused VM would show nothing."""
+    import os
+    import shutil
+
+    try:
+        with ctx.client() as c:
+            r = c.call("POST", f"/v1/vms/{name}/ping")
+        if r.get("woke"):
+            err.print(f"{name}: woken in {r['seconds']:.3f} s", highlight=False)
+    except ApiError as exc:  # 409: no agent to answer — the VM was woken all the same
+        if exc.status != 409:
+            fail(exc.detail if exc.status == 0 else f"{exc.status} {exc.detail}", 2 if 400 <= exc.status < 500 else 1)
+    virsh = shutil.which("virsh")
+    if virsh is None:
+        fail("virsh not found: install libvirt-clients", 1)
+    os.execv(virsh, [virsh, "-c", ctx.cfg.libvirt_uri, "console", name])
+
+
 @cli.group()
 def vm() -> None:
     """Register, inspect and steer VMs through the daemon."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from symbiont.agentlink import AgentLink, AgentOpError, AgentRequestTimeout
@@ -54,6 +54,13 @@ class AgentGateway:
 
     def __init__(self, links: Mapping[str, AgentLink]) -> None:
         self.links = links
+        self.before_call: Callable[[str, str], Awaitable[None]] | None = None
+
+    def set_before_call(self, hook: Callable[[str, str], Awaitable[None]] | None) -> None:
+        """``await hook(vm, canonical_op)`` before each call, before the link is even looked at
+        (a parked VM's agent may be unreachable until it is woken); what it raises is the call's
+        error. One hook: the paging part's wake of a parked VM."""
+        self.before_call = hook
 
     def link(self, vm: str) -> AgentLink:
         link = self.links.get(vm)
@@ -118,6 +125,8 @@ class AgentGateway:
             schema.check_payload(canon, payload, "request")
         except schema.SchemaError as exc:
             raise AgentInvalid(f"{vm}: {canon}: {exc}") from None
+        if self.before_call is not None:
+            await self.before_call(vm, canon)
         link = self.link(vm)
         name = self._check_caps(vm, link, canon)
         try:

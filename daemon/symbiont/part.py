@@ -15,6 +15,7 @@ last snapshot, the observations of the parts it requires. See ``docs/architectur
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import time
@@ -214,6 +215,14 @@ async def run_period(parts: Mapping[str, Part], period: Period) -> Period:
     """Drive one period: each part, in the mapping's (dependency) order, observes, decides and
     acts. One part's failure is logged and never stops the others. The daemon's control loop
     and the unit tests run periods through this same function."""
+    token = _IN_PERIOD.set(True)  # the daemon's own work: agent calls made from here wake no parked VM
+    try:
+        return await _run_period(parts, period)
+    finally:
+        _IN_PERIOD.reset(token)
+
+
+async def _run_period(parts: Mapping[str, Part], period: Period) -> Period:
     for name, part in parts.items():
         ctx = getattr(part, "ctx", None)
         if ctx is not None:
@@ -228,6 +237,15 @@ async def run_period(parts: Mapping[str, Part], period: Period) -> Period:
             if ctx is not None:
                 ctx.period = None
     return period
+
+
+_IN_PERIOD: contextvars.ContextVar[bool] = contextvars.ContextVar("symbiont_in_period", default=False)
+
+
+def in_period() -> bool:
+    """Whether the running code is the daemon's own periodic work (a period, or a task it
+    started): an agent call made there must not wake a parked VM (issue 15)."""
+    return _IN_PERIOD.get()
 
 
 class PartOrderError(ValueError):

@@ -8,7 +8,8 @@ user's keys win). ``profile: overcommit`` in the config, or ``symbiontd --profil
 then ballooning (memory: the ESX policy under one host memory budget, derived from the host's
 memory), then host paging (paging: a zram tier sized from the host's memory, paging out only
 what the balloon could not reclaim within the budget — the paging part requires memory and
-runs after it each period).
+runs after it each period), and idle VMs parked (paged out and paused) until a request wakes
+them (``paging.idle_park``, docs/paging.md).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ PROFILES: dict[str, Profile] = {
         defaults={
             "dedup": {"policy": "hint"},
             "memory": {"enabled": True, "budget_mib": 0},  # 0: host MemTotal − memory.reserve_mib
-            "paging": {"enabled": True, "auto_pageout": True, "zram_size_mib": HostShare(0.25)},
+            "paging": {"enabled": True, "auto_pageout": True, "idle_park": True, "zram_size_mib": HostShare(0.25)},
         },
     ),
 }

@@ -50,6 +50,9 @@ class FakeDomain:
     guest_ram: dict[str, Any] | None = None  # the QEMU process's guest-RAM mapping: start, end, mergeable
     resident_bytes: int = 0  # of that mapping (pagemap, zero page excluded)
     ksm_stat: dict[str, int | bool] | None = None  # /proc/PID/ksm_stat
+    vcpu_seconds: float | None = None  # the vCPU threads' CPU time so far (libvirt)
+    interfaces: list[str] = field(default_factory=list)  # host tap devices
+    pss_kib: int | None = None  # the QEMU process's PSS
 
 
 class FakeHost:
@@ -79,6 +82,8 @@ class FakeHost:
         self.zram: dict[int, dict[str, Any]] = {}
         self.procs: dict[int, list[Region]] = {}
         self.present: dict[tuple[int, int], np.ndarray] = {}
+        self.net: dict[str, int] = {}  # tap device -> rx + tx packets so far
+        self.tap_watches: dict[str, tuple[list[str], Callable[[str, str], None]]] = {}  # vm -> (devs, callback)
 
     def add(self, dom: FakeDomain) -> FakeDomain:
         self.domains[dom.name] = dom
@@ -343,6 +348,38 @@ class FakeHost:
     def process_touch(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int:
         self.calls.append(("touch", pid, sum(n for _, n in ranges)))
         return self._mark(pid, ranges, True)
+
+    def process_pss_kib(self, pid: int) -> int | None:
+        d = self._by_pid(pid)
+        return d.pss_kib if d else None
+
+    # -- idle VMs ---------------------------------------------------------------------------
+    def vcpu_seconds(self, vm: str) -> float | None:
+        return self._dom(vm, "vcpu_seconds").vcpu_seconds
+
+    def interfaces(self, vm: str) -> list[str]:
+        return list(self._dom(vm, "interfaces").interfaces)
+
+    def net_packets(self, dev: str) -> int | None:
+        return self.net.get(dev)
+
+    def watch_taps(self, vm: str, devs: list[str], on_frame: Callable[[str, str], None]) -> list[str]:
+        self.calls.append(("watch_taps", vm, tuple(devs)))
+        self.tap_watches[vm] = (list(devs), on_frame)
+        return list(devs)
+
+    def unwatch_taps(self, vm: str) -> None:
+        if self.tap_watches.pop(vm, None) is not None:
+            self.calls.append(("unwatch_taps", vm))
+
+    def frame(self, dev: str) -> bool:
+        """A frame toward the guest on ``dev``: the watch of the VM owning it fires once."""
+        for vm, (devs, cb) in list(self.tap_watches.items()):
+            if dev in devs:
+                del self.tap_watches[vm]
+                cb(vm, dev)
+                return True
+        return False
 
     def close(self) -> None:
         pass

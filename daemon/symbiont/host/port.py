@@ -94,6 +94,15 @@ class HostPort(Protocol):
     def process_pageout(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int: ...  # MADV_PAGEOUT
     def process_willneed(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int: ...  # MADV_WILLNEED
     def process_touch(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int: ...  # fault in (read)
+    def process_pss_kib(self, pid: int) -> int | None: ...  # smaps_rollup Pss (KSM-shared pages split)
+
+    # -- idle VMs: vCPU time, taps (paging's idle policy and wake on traffic) ---------------------
+    def vcpu_seconds(self, vm: str) -> float | None: ...  # the vCPU threads' CPU time so far (libvirt)
+    def interfaces(self, vm: str) -> list[str]: ...  # host tap devices of its <interface>s (live XML)
+    def net_packets(self, dev: str) -> int | None: ...  # rx + tx packets so far (sysfs); None: gone
+    def watch_taps(self, vm: str, devs: list[str], on_frame: Callable[[str, str], None]) -> list[str]: ...
+    # on_frame(vm, dev) once, from a thread, at the first frame toward the guest; returns devs watched
+    def unwatch_taps(self, vm: str) -> None: ...
 
     # -- ssdcache: the elastic disk in a domain (libvirt XML, or QMP with NBD reconnect-delay) ---
     def attach_disk(self, vm: str, xml: str, persist: bool = True) -> None: ...  # live (+ config if defined)

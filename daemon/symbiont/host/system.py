@@ -15,7 +15,7 @@ from typing import Any
 import libvirt
 import psutil
 
-from symbiont.host import ksm, nbddisk, procmem, zram
+from symbiont.host import ksm, nbddisk, procmem, tapwatch, zram
 from symbiont.host import pageout as po
 from symbiont.host.ksm import KSM_DIR, RUN_MERGE, Ksm, KsmdCpu, KsmStats
 from symbiont.host.ksm import process_merging_pages as _merging_pages
@@ -43,6 +43,7 @@ class SystemHost:
         self._proc_cpu = ProcessCpu()
         self._ksm = Ksm()
         self._ksmd: KsmdCpu | None = None  # found on first use (walks /proc)
+        self._taps: tapwatch.TapWatcher | None = None  # started on the first watch
 
     # -- the connection ---------------------------------------------------------------------
     @property
@@ -61,6 +62,9 @@ class SystemHost:
             return self._libvirt
 
     def close(self) -> None:
+        if self._taps is not None:
+            self._taps.close()
+            self._taps = None
         with self._lock:
             if self._libvirt is not None:
                 self._libvirt.close()
@@ -312,6 +316,44 @@ class SystemHost:
     def process_touch(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int:
         with _paging_errors():
             return po.touch(pid, ranges)
+
+    def process_pss_kib(self, pid: int) -> int | None:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    # -- idle VMs ---------------------------------------------------------------------------
+    def vcpu_seconds(self, vm: str) -> float | None:
+        """Sum of the vCPU threads' CPU time (virDomainGetVcpus); None when not readable."""
+        try:
+            infos, _maps = self.libvirt.domain(vm).vcpus()
+        except (libvirt.libvirtError, HostError):
+            return None
+        return sum(int(v[2]) for v in infos) / 1e9
+
+    def interfaces(self, vm: str) -> list[str]:
+        try:
+            return tapwatch.interfaces_from_xml(self.libvirt.domain(vm).XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            raise HostError(f"{vm}: reading its interfaces failed: {exc.get_error_message()}") from None
+
+    def net_packets(self, dev: str) -> int | None:
+        return tapwatch.net_packets(dev)
+
+    def watch_taps(self, vm: str, devs: list[str], on_frame: Callable[[str, str], None]) -> list[str]:
+        with self._lock:
+            if self._taps is None:
+                self._taps = tapwatch.TapWatcher()
+            taps = self._taps
+        return taps.watch(vm, devs, on_frame)
+
+    def unwatch_taps(self, vm: str) -> None:
+        if self._taps is not None:
+            self._taps.unwatch(vm)
 
 
 @contextmanager

@@ -21,6 +21,9 @@ class PagingConfig:
     include_qemu_heap: bool = True  # park also pages out QEMU's own private anonymous memory (heap, stacks)
     auto_pageout: bool = False  # each period, page out what ballooning left above memory's budget (profile overcommit)
     prefetch: str = "touch"  # wake's prefetch: touch (fault in and map) or willneed (into the swap cache)
+    idle_park: bool = False  # park a VM that looked idle for idle_after_s (profile overcommit); needs the tier
+    idle_after_s: float = 60.0  # how long a VM must look idle (vCPU, tap traffic, agent requests) to be parked
+    idle_cpu_pct: float = 2.0  # idle: its vCPU time stays below this, in % of one core, in every period
 
     def validate(self, key: str) -> None:
         from symbiont.host import zram
@@ -39,6 +42,9 @@ class PagingConfig:
         _check(-1 <= self.swap_priority <= 32767, f"{key}.swap_priority", "must be between -1 and 32767")
         _check(0 <= self.margin_mib <= 1 << 20, f"{key}.margin_mib", "must be between 0 and 1048576")
         _check(0.0 <= self.park_observe_s <= 60.0, f"{key}.park_observe_s", "must be between 0 and 60 seconds")
+        _check(1.0 <= self.idle_after_s <= 365 * 86400.0, f"{key}.idle_after_s",
+               "must be between 1 second and a year")
+        _check(0.0 < self.idle_cpu_pct <= 100.0, f"{key}.idle_cpu_pct", "must be above 0 and at most 100 (% of one core)")
         _check(self.prefetch in ("touch", "willneed"), f"{key}.prefetch", "must be touch or willneed")
 
 

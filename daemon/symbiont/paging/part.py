@@ -27,16 +27,18 @@ memory part's last sample (``requires = ("memory",)``) or a fresh one from the a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from symbiont.errors import AgentError, Conflict, Invalid, NotFound, Unavailable
+from symbiont.errors import AgentError, Conflict, Invalid, NoAgent, NotFound, Unavailable
 from symbiont.host import pageout as po
 from symbiont.host import zram
 from symbiont.host.pageout import Region
@@ -44,14 +46,17 @@ from symbiont.host.port import HostError
 from symbiont.knobs import KnobKind
 from symbiont.paging import policy
 from symbiont.paging.config import CONFIG, PagingConfig
-from symbiont.paging.policy import ShortfallPlan, VmFootprint
-from symbiont.part import Part, PartContext, Period
+from symbiont.paging.policy import IdleSample, IdleVerdict, ShortfallPlan, VmFootprint
+from symbiont.part import Part, PartContext, Period, in_period
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
 PAGE = po.PAGE_SIZE
 KIND = "paging_parked"  # ledger kind: original 'running', current 'paused'
 PREFETCH_GAP = 2 * PAGE  # join working-set ranges this close: fewer syscalls, hardly more data
+# Set while the part talks to a VM's agent itself (park's and wake's own ping): the gateway hook
+# neither counts that as a request from outside nor wakes (wake is what is running).
+_OWN_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("paging_own_call", default=False)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS paging_tier (
@@ -101,6 +106,28 @@ class ShortfallPlanInputs:
     margin_mib: float
 
 
+@dataclass
+class PagingObservation:
+    """One period: the shortfall policy's inputs (``auto_pageout``) and, per running VM, its
+    recent idle samples (``idle_park``)."""
+
+    shortfall: ShortfallPlanInputs | None = None
+    idle: dict[str, list[IdleSample]] = field(default_factory=dict)
+    idle_after_s: float = 60.0
+    idle_cpu_pct: float = 2.0
+
+
+@dataclass
+class PagingDecision:
+    shortfall: ShortfallPlan | None = None
+    idle: dict[str, IdleVerdict] = field(default_factory=dict)  # the idle policy's verdict per VM
+
+    @property
+    def park(self) -> dict[str, IdleVerdict]:
+        """The VMs the idle policy parks, with why."""
+        return {vm: v for vm, v in self.idle.items() if v.park}
+
+
 class PagingPart(Part):
     """Host paging: one swap tier, page-out, park and wake; state on the instance."""
 
@@ -115,9 +142,25 @@ class PagingPart(Part):
         self.lock = asyncio.Lock()
         self.last_plan: ShortfallPlan | None = None
         self._refused: str | None = None  # the last refusal logged (logged again only when it changes)
+        # idle VMs (paging.idle_park): each VM's recent samples, and agent calls made for it from
+        # outside the control loop (counted by the gateway hook)
+        self.idle_samples: dict[str, deque[IdleSample]] = {}
+        self.idle_last: dict[str, IdleVerdict] = {}
+        self.requests: dict[str, int] = {}
+        self._taps: dict[str, tuple[int | None, list[str]]] = {}  # vm -> (QEMU pid, its tap devices)
+        self._parking: dict[str, asyncio.Event] = {}  # set when that park is over
+        self._waking: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._no_tier_logged = False
+        self.clock = time.monotonic  # the idle policy's clock (a test steps its own)
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        hook = getattr(self.ctx.agents, "set_before_call", None)
+        if hook is not None:  # the daemon's gateway: a call for a parked VM wakes it first
+            hook(self.before_agent_call)
         self.ctx.store.ensure_schema(SCHEMA)
         self.ctx.knobs.register(KnobKind(KIND, self.name, read=self._read_parked, write=self._write_parked))
         # A parked row whose knob the ledger no longer holds (restored while this part was not
@@ -140,9 +183,18 @@ class PagingPart(Part):
                          self.cfg.compressor)
         except HostError as exc:
             log.error("paging: no swap tier: %s", exc)
+        for vm in sorted(self.parked_vms()):  # parked by an earlier daemon: traffic still wakes them
+            await self._watch_taps(vm)
 
     async def stop(self) -> None:
         """Remove the tier (swapoff returns every page); the ledger resumes parked VMs after."""
+        hook = getattr(self.ctx.agents, "set_before_call", None)
+        if hook is not None:
+            hook(None)
+        for task in list(self._tasks):
+            task.cancel()
+        for vm in list(self.parked_vms()):
+            self._unwatch_taps(vm)
         try:
             await self.ctx.blocking(self.remove_tier, "daemon stopping", timeout=300.0)
         except (HostError, TimeoutError) as exc:
@@ -153,6 +205,9 @@ class PagingPart(Part):
         with self.ctx.store.transaction() as db:
             db.execute("DELETE FROM paging_parked WHERE vm = ?", (vm,))
         self.last.pop(vm, None)
+        self._unwatch_taps(vm)
+        for d in (self.idle_samples, self.idle_last, self.requests, self._taps):
+            d.pop(vm, None)  # type: ignore[attr-defined]
 
     def _read_parked(self, vm: str, _key: str) -> str:
         return self.ctx.host.info(vm).state
@@ -411,18 +466,34 @@ class PagingPart(Part):
         """Seconds an agent ping took, or None when there is no agent to ask."""
         if not self.ctx.agent(vm).ready:
             return None
-        t0 = time.perf_counter()
-        await self.ctx.agents.call(vm, "core.ping", {}, timeout=timeout)
-        return time.perf_counter() - t0
+        token = _OWN_CALL.set(True)
+        try:
+            t0 = time.perf_counter()
+            await self.ctx.agents.call(vm, "core.ping", {}, timeout=timeout)
+            return time.perf_counter() - t0
+        finally:
+            _OWN_CALL.reset(token)
 
-    async def park(self, vm: str, reason: str = "api") -> dict[str, Any]:
-        """Record the request's working set, pause the VM and page all of it out."""
+    async def park(self, vm: str, reason: str = "api", idle: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record the request's working set, pause the VM and page all of it out; then watch its
+        taps (a frame toward it wakes it). ``idle``: the idle policy's inputs, for the log."""
         self._require_tier(vm)
         pid, ram_bytes, state = self._qemu(vm)
-        if self.parked(vm) is not None:
+        if self.parked(vm) is not None or vm in self._parking:
             raise Conflict(f"VM {vm!r} is already parked")
         if state != "running":
             raise Conflict(f"VM {vm!r} is {state}: only a running VM can be parked")
+        done = self._parking[vm] = asyncio.Event()
+        try:
+            out = await self._park(vm, pid, ram_bytes, reason, idle)
+        finally:
+            del self._parking[vm]
+            done.set()
+        await self._watch_taps(vm)
+        return out
+
+    async def _park(self, vm: str, pid: int, ram_bytes: int, reason: str,
+                    idle: dict[str, Any] | None) -> dict[str, Any]:
         cfg, host = self.cfg, self.ctx.host
         async with self.lock:
             ram, code, maps = self.regions(pid, ram_bytes)
@@ -459,7 +530,8 @@ class PagingPart(Part):
                        "background_wset_mib": round(background_mib, 1), "seconds": round(dt, 3),
                        "before": before, "after": after, "tier_used_mib": self._swap_used_mib()}
             self.ctx.decisions.log("park", vm, {"reason": reason, "observe_s": cfg.park_observe_s,
-                                                "include_code_cache": cfg.include_code_cache}, outcome)
+                                                "include_code_cache": cfg.include_code_cache,
+                                                **({"idle": idle} if idle is not None else {})}, outcome)
             self.last[vm] = {"action": "park", "at": time.time(), "wset_mib": outcome["wset_mib"]}
             log.info("vm %s: parked (RSS %.1f -> %.1f MiB, idle working set %.1f MiB)", vm, before["rss_mib"],
                      after["rss_mib"], wset_mib)
@@ -502,9 +574,12 @@ class PagingPart(Part):
         mode = mode or self.cfg.prefetch
         if mode not in ("touch", "willneed"):
             raise Invalid(f"prefetch mode {mode!r}: must be touch or willneed")
+        self._unwatch_taps(vm)
         host = self.ctx.host
         pid = host.qemu_pid(vm)
         async with self.lock:
+            if self.parked(vm) is None:  # woken by another request while this one waited
+                raise Conflict(f"VM {vm!r} is not parked")
             t0 = time.perf_counter()
             ranges = [(int(a), int(n)) for a, n in rec["ranges"]]
             fetched = 0
@@ -540,12 +615,169 @@ class PagingPart(Part):
             log.info("vm %s: woken in %.3f s (prefetch %s: %.1f MiB)", vm, latency, prefetch, fetched / MIB)
             return {"vm": vm, "prefetch": prefetch, "mode": mode, **outcome}
 
-    # -- the period: page out what ballooning left above the budget (paging.auto_pageout) --------
-    async def observe(self, period: Period) -> ShortfallPlanInputs | None:
-        """After the memory part's act (it is required, so it ran first): each VM's resident
-        guest RAM, balloon target, working set and floor, and memory's budget."""
-        if not self.cfg.auto_pageout or self.device is None:
+    # -- wake on request: the gateway hook, tap traffic, the ping ------------------------------
+    async def before_agent_call(self, vm: str, op: str) -> None:
+        """The gateway's hook, before every agent call. A call from outside the control loop
+        counts as a request (the VM is not idle) and wakes the VM if it is parked, so the call is
+        answered; the daemon's own periodic calls never wake one: they are refused (the parts
+        skip paused VMs already; this closes the race with a park made meanwhile)."""
+        if _OWN_CALL.get():
+            return
+        parked = vm in self._parking or vm in self._waking or self.parked(vm) is not None
+        if in_period():
+            if parked:
+                raise NoAgent(f"{vm}: parked by the paging part (the control loop does not wake it)")
+            return
+        self.requests[vm] = self.requests.get(vm, 0) + 1
+        if parked:
+            await self.ensure_awake(vm, f"agent call {op}")
+
+    async def ensure_awake(self, vm: str, reason: str) -> dict[str, Any] | None:
+        """Wake ``vm`` if it is parked (or being parked); concurrent callers share one wake.
+        The wake's outcome, or None when it was not parked."""
+        task = self._waking.get(vm)
+        if task is None:
+            parking = self._parking.get(vm)
+            if parking is not None:  # a park in progress ends first, then it is woken
+                await parking.wait()
+            task = self._waking.get(vm)
+        if task is None:
+            if self.parked(vm) is None:
+                return None
+            task = asyncio.get_running_loop().create_task(self._wake_for(vm, reason), name=f"wake-{vm}")
+            self._waking[vm] = task
+            task.add_done_callback(lambda _t, vm=vm: self._waking.pop(vm, None))
+        return await asyncio.shield(task)
+
+    async def _wake_for(self, vm: str, reason: str) -> dict[str, Any] | None:
+        try:
+            return await self.wake(vm, prefetch=True, reason=reason)
+        except Conflict:  # woken meanwhile (API wake)
             return None
+
+    async def ping(self, vm: str) -> dict[str, Any]:
+        """``POST /v1/vms/{vm}/ping``: an agent ``core.ping``, waking the VM first if parked;
+        seconds include the wake."""
+        self.ctx.vm(vm)  # 404
+        t0 = time.perf_counter()
+        wake = await self.ensure_awake(vm, "ping")
+        if not self.ctx.agent(vm).ready:
+            # A woken guest's link may reconnect: give it the agent timeout.
+            t_end = time.monotonic() + 5.0
+            while not self.ctx.agent(vm).ready and time.monotonic() < t_end and wake is not None:
+                await asyncio.sleep(0.05)
+            if not self.ctx.agent(vm).ready:
+                raise Conflict(f"VM {vm!r} has no agent connected: nothing to ping")
+        await self.ctx.agents.call(vm, "core.ping", {}, timeout=10.0)
+        return {"vm": vm, "seconds": round(time.perf_counter() - t0, 4), "woke": wake is not None, "wake": wake}
+
+    def _devs(self, vm: str) -> list[str]:
+        """The VM's tap devices (domain XML), read again when its QEMU process changed."""
+        host = self.ctx.host
+        pid = host.qemu_pid(vm)
+        hit = self._taps.get(vm)
+        if hit is not None and hit[0] == pid:
+            return hit[1]
+        try:
+            devs = host.interfaces(vm)
+        except HostError as exc:
+            log.debug("vm %s: no interfaces: %s", vm, exc)
+            devs = []
+        self._taps[vm] = (pid, devs)
+        return devs
+
+    async def _watch_taps(self, vm: str) -> None:
+        """While parked, a frame toward the guest on one of its taps wakes it."""
+        loop = self._loop or asyncio.get_running_loop()
+
+        def on_frame(vm: str, dev: str) -> None:  # the watcher's thread
+            def start() -> None:
+                t = loop.create_task(self.ensure_awake(vm, f"frame on tap {dev}"), name=f"tap-wake-{vm}")
+                self._tasks.add(t)
+                t.add_done_callback(self._task_done)
+            loop.call_soon_threadsafe(start)
+
+        try:
+            devs = await self.ctx.blocking(self._devs, vm)
+            if devs:
+                watched = await self.ctx.blocking(self.ctx.host.watch_taps, vm, devs, on_frame)
+                log.info("vm %s: parked; a frame on %s wakes it", vm, ", ".join(watched) or "(none)")
+        except (HostError, TimeoutError) as exc:
+            log.warning("vm %s: its taps are not watched (traffic will not wake it): %s", vm, exc)
+
+    def _unwatch_taps(self, vm: str) -> None:
+        try:
+            self.ctx.host.unwatch_taps(vm)
+        except HostError as exc:
+            log.debug("vm %s: unwatch: %s", vm, exc)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("paging: %s failed: %s", task.get_name(), task.exception())
+
+    # -- the period: idle VMs parked (paging.idle_park), then page out what ballooning left above
+    # the budget (paging.auto_pageout) -------------------------------------------------------------
+    def idle_sample(self, vm: str, now: float) -> IdleSample:
+        """One look at a VM for the idle policy: the core's libvirt sample (state), its vCPU time,
+        its taps' packet counters, the requests counted by the hook, the guest's load."""
+        snap = self.ctx.latest(vm)
+        lv = snap.get("libvirt") or {}
+        host = self.ctx.host
+        running = lv.get("state") == "running"
+        vcpu = packets = None
+        if running:
+            vcpu = host.vcpu_seconds(vm)
+            devs = self._devs(vm)
+            if devs:
+                counts = [host.net_packets(d) for d in devs]
+                packets = sum(c for c in counts if c is not None)
+        load = (snap.get("agent") or {}).get("loadavg") or []
+        return IdleSample(t=now, running=running, vcpu_s=vcpu, net_packets=packets,
+                          requests=self.requests.get(vm, 0), load1=float(load[0]) if load else None)
+
+    def _observe_idle(self, now: float) -> dict[str, list[IdleSample]]:
+        keep = self.cfg.idle_after_s + 4 * max(1.0, float(self.ctx.cfg.control.period_s))
+        out: dict[str, list[IdleSample]] = {}
+        busy = self.parked_vms() | set(self._parking) | set(self._waking)
+        names = {rec.name for rec in self.ctx.vms()}
+        for vm in [v for v in self.idle_samples if v not in names]:
+            del self.idle_samples[vm]
+        for vm in sorted(names):
+            q = self.idle_samples.setdefault(vm, deque(maxlen=4096))
+            if vm in busy:
+                q.clear()  # parked: after its wake the window starts again
+                continue
+            try:
+                q.append(self.idle_sample(vm, now))
+            except HostError as exc:
+                log.debug("vm %s: no idle sample: %s", vm, exc)
+                q.clear()
+                continue
+            while len(q) > 1 and now - q[1].t >= keep:
+                q.popleft()
+            out[vm] = list(q)
+        return out
+
+    async def observe(self, period: Period) -> PagingObservation:
+        """Idle samples (``idle_park``), then, after the memory part's act (it is required, so it
+        ran first): each VM's resident guest RAM, balloon target, working set and floor, and
+        memory's budget (``auto_pageout``)."""
+        cfg = self.cfg
+        obs = PagingObservation(idle_after_s=cfg.idle_after_s, idle_cpu_pct=cfg.idle_cpu_pct)
+        if cfg.idle_park:
+            if self.device is None:
+                if not self._no_tier_logged:
+                    log.warning("paging: idle_park is on but there is no swap tier (paging.enabled): "
+                                "idle VMs are not parked")
+                    self._no_tier_logged = True
+            else:
+                obs.idle = await self.ctx.blocking(self._observe_idle, self.clock())
+        if cfg.auto_pageout and self.device is not None:
+            obs.shortfall = await self._observe_shortfall()
+        return obs
+
+    async def _observe_shortfall(self) -> ShortfallPlanInputs:
         mem: Any = self.ctx.peer("memory")
         vms = []
         for rec in self.ctx.vms():
@@ -565,10 +797,35 @@ class PagingPart(Part):
                 wss_mib=None if ref is None else float(ref) / MIB, floor_mib=float(pol.get("min_mib") or 64)))
         return ShortfallPlanInputs(float(mem.budget_mib()), vms, float(self.cfg.margin_mib))
 
-    def decide(self, obs: ShortfallPlanInputs | None) -> ShortfallPlan | None:
-        return None if obs is None else policy.shortfall_plan(obs.budget_mib, obs.vms, obs.margin_mib)
+    def decide(self, obs: PagingObservation | None) -> PagingDecision:
+        if obs is None:
+            return PagingDecision()
+        return PagingDecision(
+            shortfall=None if obs.shortfall is None else policy.shortfall_plan(
+                obs.shortfall.budget_mib, obs.shortfall.vms, obs.shortfall.margin_mib),
+            idle={vm: policy.idle_verdict(s, obs.idle_after_s, obs.idle_cpu_pct) for vm, s in obs.idle.items()})
 
-    async def act(self, decision: ShortfallPlan | None) -> None:
+    async def act(self, decision: PagingDecision | None) -> None:
+        if decision is None:
+            return
+        self.idle_last = dict(decision.idle)
+        for vm, verdict in decision.park.items():
+            # In a task: parking observes the VM for park_observe_s; the period goes on.
+            t = asyncio.get_running_loop().create_task(self._idle_park(vm, verdict), name=f"idle-park-{vm}")
+            self._tasks.add(t)
+            t.add_done_callback(self._task_done)
+        await self._act_shortfall(decision.shortfall)
+
+    async def _idle_park(self, vm: str, verdict: IdleVerdict) -> None:
+        self.idle_samples.pop(vm, None)
+        try:
+            await self.park(vm, reason=f"idle policy: {verdict.reason}", idle=verdict.inputs)
+        except Exception as exc:  # logged with its inputs: a refused park is a decision too
+            self.ctx.decisions.log("idle-park-failed", vm, {"reason": verdict.reason, "idle": verdict.inputs},
+                                   {"error": str(exc)[:500]})
+            log.warning("vm %s: idle park failed: %s", vm, exc)
+
+    async def _act_shortfall(self, decision: ShortfallPlan | None) -> None:
         self.last_plan = decision
         if decision is None:
             return
@@ -587,7 +844,6 @@ class PagingPart(Part):
                                                       f"after ballooning")
             except Exception as exc:  # one VM's failure must not stop the others
                 log.warning("vm %s: policy page-out of %d MiB failed: %s", vm, mib, exc)
-
 
     # -- the view --------------------------------------------------------------------------------
     def view(self) -> dict[str, Any]:

@@ -172,3 +172,82 @@ def shortfall_plan(budget_mib: float, vms: Sequence[VmFootprint], margin_mib: fl
         if left < min_step_mib:
             break
     return ShortfallPlan(budget_mib, footprint, short, out)
+
+
+# -- idle detection (seeds/004: "VM doesn't use its scheduling quantum entirely") ---------------
+IDLE_LOAD = 0.5  # the guest's own 1-min load average at or above this: something is runnable in it
+
+
+@dataclass(frozen=True)
+class IdleSample:
+    """One period's look at a VM for the idle policy (cumulative counters, differenced here)."""
+
+    t: float  # when (seconds, monotonic or wall: only differences are used)
+    running: bool  # libvirt's state is running (a paused/parked or down VM restarts the window)
+    vcpu_s: float | None  # the VM's vCPU time so far (libvirt), None: not readable this period
+    net_packets: int | None  # rx + tx packets on its tap(s) so far; None: it has no tap
+    requests: int  # agent calls made for it from outside the control loop so far
+    load1: float | None = None  # the guest's 1-min load average (its run queue), if its stats carry it
+
+
+@dataclass(frozen=True)
+class IdleVerdict:
+    park: bool
+    reason: str
+    inputs: dict[str, object]
+
+
+def idle_verdict(samples: Sequence[IdleSample], idle_after_s: float, idle_cpu_pct: float,
+                 max_load: float = IDLE_LOAD) -> IdleVerdict:
+    """Park or not, and why, from a VM's recent samples (oldest first). Pure.
+
+    Idle means, over the last ``idle_after_s`` seconds without a gap: the VM ran the whole time,
+    in *every* interval its vCPUs used less than ``idle_cpu_pct`` % of one core (it gave its
+    scheduling quantum back: seeds/004's heuristic), no frame crossed its tap(s), nobody asked
+    its agent anything, and the guest's own run queue (load average, when known) is below
+    ``max_load``. Anything unknown within the window (a vCPU time not read) is not idle.
+    """
+    if not samples:
+        return IdleVerdict(False, "no samples yet", {})
+    last = samples[-1]
+    # the window: the newest run of running samples, back to the first at or before now − idle_after_s
+    start = len(samples) - 1
+    while start > 0 and samples[start - 1].running and last.t - samples[start].t < idle_after_s:
+        start -= 1
+    win = samples[start:]
+    span = last.t - win[0].t
+    inputs: dict[str, object] = {"window_s": round(span, 1), "idle_after_s": idle_after_s,
+                                 "idle_cpu_pct": idle_cpu_pct, "samples": len(win)}
+    if not last.running:
+        return IdleVerdict(False, "not running", inputs)
+    if not all(s.running for s in win):
+        return IdleVerdict(False, "not running for the whole window", inputs)
+    peak = 0.0
+    for a, b in zip(win, win[1:], strict=False):
+        if a.vcpu_s is None or b.vcpu_s is None:
+            return IdleVerdict(False, "vCPU time not known for the whole window", inputs)
+        dt = b.t - a.t
+        if dt <= 0:
+            continue
+        peak = max(peak, 100.0 * max(0.0, b.vcpu_s - a.vcpu_s) / dt)
+    inputs["vcpu_peak_pct"] = round(peak, 2)
+    if len(win) >= 2 and None not in (win[0].vcpu_s, last.vcpu_s) and span > 0:
+        inputs["vcpu_mean_pct"] = round(100.0 * max(0.0, (last.vcpu_s or 0.0) - (win[0].vcpu_s or 0.0)) / span, 2)
+    nets = [s.net_packets for s in win]
+    packets = None if None in nets else int(nets[-1] or 0) - int(nets[0] or 0)  # type: ignore[operator]
+    inputs["tap_packets"] = packets
+    inputs["requests"] = last.requests - win[0].requests
+    inputs["guest_load1"] = last.load1
+    if peak >= idle_cpu_pct:
+        return IdleVerdict(False, f"busy: vCPU {peak:.1f} % of a core (threshold {idle_cpu_pct:g} %)", inputs)
+    if packets is not None and packets != 0:
+        return IdleVerdict(False, f"{packets} frames on its tap", inputs)
+    if last.requests != win[0].requests:
+        return IdleVerdict(False, f"{last.requests - win[0].requests} agent requests from outside", inputs)
+    if last.load1 is not None and last.load1 >= max_load:
+        return IdleVerdict(False, f"guest load {last.load1:.2f} (≥ {max_load:g})", inputs)
+    if span < idle_after_s:
+        return IdleVerdict(False, f"idle for {span:.0f} of {idle_after_s:g} s", inputs)
+    return IdleVerdict(True, (f"idle for {span:.0f} s: vCPU ≤ {peak:.1f} % of a core (< {idle_cpu_pct:g} %), "
+                              f"{'no tap' if packets is None else 'no frames on its tap'}, no agent request"
+                              + ("" if last.load1 is None else f", guest load {last.load1:.2f}")), inputs)
