@@ -81,11 +81,12 @@ def cli(ctx: click.Context, config_path: str | None, socket: str | None) -> None
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
 def status(ctx: Ctx, as_json: bool) -> None:
-    """Show the daemon's health, host stats and VM summary."""
+    """Show the daemon's health, host stats, VM summary and where each VM's memory is."""
     st = api(ctx, "GET", "/v1/status")
     vms = api(ctx, "GET", "/v1/vms")
+    mem = api(ctx, "GET", "/v1/paging/memory")
     if as_json:
-        emit({"status": st, "vms": vms}, True)
+        emit({"status": st, "vms": vms, "memory": mem}, True)
         return
     host = st.get("host", {})
     console.print(
@@ -99,6 +100,36 @@ def status(ctx: Ctx, as_json: bool) -> None:
             f"PSI mem some10 {host.get('psi', {}).get('memory', {}).get('some_avg10', 0):.2f}"
         )
     console.print(vm_table(vms))
+    console.print(memory_table(mem))
+
+
+def memory_table(mem: dict[str, Any]) -> Table:
+    """Each VM's configured memory, each MiB once (docs/paging.md), QEMU's overhead, the host
+    footprint, and the last lever that moved for it."""
+    cost = mem.get("swap_cost")
+    t = Table(title="where each VM's memory is (MiB): configured = ballooned + paged out + shared + private + "
+                    f"untouched; host = PSS + swapped × {_s(cost) if cost is not None else 1} (tier's cost)")
+    t.add_column("name", no_wrap=True)
+    cols = ("state", "configured", "guest used", "ballooned", "shared", "paged out", "private", "untouched",
+            "QEMU overhead", "host", "last lever")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("state", "last lever") else "right")
+    for v in mem.get("vms", []):
+        last = v.get("last")
+        lever = "-" if not last else (f"{last['part']} {last['action']} {_age(last['age_s'])} ago"
+                                      + (f": {last['reason'][:60]}" if last.get("reason") else ""))
+        if "error" in v:
+            t.add_row(v["name"], _s(v.get("state")), *["-"] * 9, f"[red]{v['error'][:60]}[/red]")
+            continue
+        state = "[cyan]parked[/cyan]" if v.get("state") == "parked" else _s(v.get("state"))
+        t.add_row(v["name"], state, *(_s(v.get(k)) for k in (
+            "configured_mib", "guest_used_mib", "ballooned_mib", "shared_mib", "paged_out_mib", "private_mib",
+            "untouched_mib", "qemu_overhead_mib", "host_mib")), lever)
+    return t
+
+
+def _age(s: float) -> str:
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
 
 
 def vm_table(vms: list[dict[str, Any]]) -> Table:

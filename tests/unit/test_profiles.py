@@ -29,12 +29,24 @@ def test_overcommit_turns_the_levers_on_together(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, {"profile": "overcommit"})
     assert cfg.profile == "overcommit"
     assert cfg.dedup.policy == "hint" and cfg.memory.enabled and cfg.memory.budget_mib == 0
-    assert cfg.paging.enabled and cfg.paging.auto_pageout
+    assert cfg.paging.enabled and cfg.paging.auto_pageout and cfg.paging.idle_park
+    assert (cfg.paging.idle_after_s, cfg.paging.idle_cpu_pct) == (60.0, 2.0)
     import psutil
 
     assert cfg.paging.zram_size_mib == psutil.virtual_memory().total // 4 >> 20  # sized from host memory
     plain = _cfg(tmp_path, {})
     assert plain.dedup.policy == "off" and not plain.memory.enabled and not plain.paging.enabled
+    assert not plain.paging.idle_park
+
+
+def test_the_idle_keys_are_checked_naming_the_key(tmp_path: Path) -> None:
+    from symbiont.config import ConfigError
+
+    cfg = _cfg(tmp_path, {"paging": {"idle_park": True, "idle_after_s": 5, "idle_cpu_pct": 10}})
+    assert cfg.paging.idle_park and cfg.paging.idle_after_s == 5.0 and cfg.paging.idle_cpu_pct == 10.0
+    for key, bad in (("idle_after_s", 0.5), ("idle_cpu_pct", 0), ("idle_cpu_pct", 150), ("idle_after_s", "nan")):
+        with pytest.raises(ConfigError, match=f"paging.{key}"):
+            _cfg(tmp_path, {"paging": {key: float(bad)}})
 
 
 def test_the_users_keys_win_and_the_command_line_profile_overrides_the_files(tmp_path: Path) -> None:

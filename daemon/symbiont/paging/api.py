@@ -2,6 +2,7 @@
 
 * ``GET /v1/paging``: the tier (size, used, compressed) and per VM its RSS, swap, guest RAM
   and TCG code cache apart, parked or not;
+* ``GET /v1/paging/memory``: per VM where its memory is, each MiB once (``symbiont status``);
 * ``POST /v1/paging/vms/{vm}/pageout`` ``{"mib": N}`` (optional: the host's own target
   otherwise): page out cold guest memory, the guest choosing which pages;
 * ``POST /v1/paging/vms/{vm}/park``, ``POST /v1/paging/vms/{vm}/wake?prefetch=true|false&mode=touch|willneed``.
@@ -35,6 +36,14 @@ class PageoutBody(StrictModel):
 @router.get("")
 async def show(request: Request) -> dict[str, Any]:
     return _part(request).view()
+
+
+@router.get("/memory")
+async def memory(request: Request) -> dict[str, Any]:
+    """Per VM: each MiB of its configured memory in one place (ballooned, paged out, KSM-shared,
+    private, untouched), QEMU's overhead, its host footprint, and the last lever that moved."""
+    part = _part(request)
+    return await part.ctx.blocking(part.memory_status)  # type: ignore[no-any-return]
 
 
 @router.post("/vms/{vm}/pageout")

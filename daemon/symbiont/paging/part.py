@@ -46,7 +46,7 @@ from symbiont.host.port import HostError
 from symbiont.knobs import KnobKind
 from symbiont.paging import policy
 from symbiont.paging.config import CONFIG, PagingConfig
-from symbiont.paging.policy import IdleSample, IdleVerdict, ShortfallPlan, VmFootprint
+from symbiont.paging.policy import IdleSample, IdleVerdict, ShortfallPlan, VmFootprint, VmMemoryInputs
 from symbiont.part import Part, PartContext, Period, in_period
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class PagingPart(Part):
 
     name = "paging"
     config = CONFIG
-    requires = ("memory",)  # its working-set samples tell how much of a VM is cold
+    requires = ("memory", "dedup")  # memory: how much of a VM is cold; dedup: what KSM shares (status)
 
     def __init__(self, ctx: PartContext, cfg: PagingConfig) -> None:
         super().__init__(ctx, cfg)
@@ -863,13 +863,93 @@ class PagingPart(Part):
             vms.append(row)
         return {"tier": self.tier_view(), "vms": vms}
 
+    # -- where each VM's memory is, and the last lever that moved (symbiont status) -------------
+    LEVER_PARTS = ("memory", "paging", "dedup", "cpu", "placement", "migration", "ssdcache", "gpu")
+
+    def last_lever(self, vm: str, now: float | None = None) -> dict[str, Any] | None:
+        """The newest decision any part logged for ``vm`` (not the core's or the agent link's):
+        part, action, why, how long ago."""
+        marks = ",".join("?" * len(self.LEVER_PARTS))
+        rows = self.ctx.store.query(f"SELECT ts, part, action, inputs, outcome FROM decisions WHERE vm = ? "
+                                    f"AND part IN ({marks}) ORDER BY id DESC LIMIT 1", (vm, *self.LEVER_PARTS))
+        if not rows:
+            return None
+        r = rows[0]
+
+        def load(text: str) -> dict[str, Any]:
+            try:
+                v = json.loads(text)
+            except (TypeError, ValueError):
+                return {}
+            return v if isinstance(v, dict) else {}
+
+        inputs, outcome = load(r["inputs"]), load(r["outcome"])
+        why = outcome.get("reason") or inputs.get("reason") or ""
+        return {"part": r["part"], "action": r["action"], "reason": str(why)[:300],
+                "age_s": round((now or time.time()) - float(r["ts"]), 1)}
+
+    def _shared_mib(self, vm: str, pid: int) -> float | None:
+        """KSM-merged guest RAM: the dedup part's figure for the VM, else KSM's per-process counter."""
+        try:
+            info = self.ctx.peer("dedup").sharing(vm)  # type: ignore[attr-defined]
+        except Exception:  # the dedup part may not run in this daemon
+            info = None
+        if info and isinstance(info.get("shared_bytes"), (int, float)):
+            return float(info["shared_bytes"]) / MIB
+        st = self.ctx.host.process_ksm_stat(pid)
+        if st is None:
+            return None
+        return float(int(st.get("ksm_merging_pages", 0)) * PAGE) / MIB
+
+    def memory_status(self) -> dict[str, Any]:
+        """``GET /v1/paging/memory``: per VM, each MiB of its configured memory in one place
+        (:func:`policy.account`), QEMU's overhead apart, its host footprint, and the last lever
+        that moved for it and why."""
+        probe = self.ctx.host.zram_probe(self.device) if self.device is not None else None
+        mm = probe["stats"] if probe is not None else None
+        cost = (mm.mem_used_total / mm.orig_data_size) if mm is not None and mm.orig_data_size else None
+        now = time.time()
+        parked = self.parked_vms()
+        rows = []
+        for rec in self.ctx.vms():
+            snap = self.ctx.latest(rec.name)
+            lv, mi = snap.get("libvirt") or {}, (snap.get("agent") or {}).get("meminfo") or {}
+            row: dict[str, Any] = {"name": rec.name, "state": "parked" if rec.name in parked else lv.get("state"),
+                                   "last": self.last_lever(rec.name, now)}
+            try:
+                pid, ram_bytes, state = self._qemu(rec.name)
+                view = self.memory_view(pid, ram_bytes)
+                if row["state"] is None:
+                    row["state"] = state
+                g, c, o = view["guest_ram"], view["code_cache"], view["qemu_other"]
+                pss = self.ctx.host.process_pss_kib(pid)
+                cur = lv.get("memory_mib")
+                row.update(policy.account(VmMemoryInputs(
+                    configured_mib=ram_bytes / MIB,
+                    balloon_mib=float(cur) if isinstance(cur, (int, float)) else None,
+                    guest_used_mib=(mi["MemTotal"] - mi["MemAvailable"]) / MIB
+                    if "MemTotal" in mi and "MemAvailable" in mi else None,
+                    ram_resident_mib=g["resident_mib"], ram_swapped_mib=g["swapped_mib"],
+                    ksm_shared_mib=self._shared_mib(rec.name, pid),
+                    code_resident_mib=c["resident_mib"], code_swapped_mib=c["swapped_mib"],
+                    other_resident_mib=o["resident_mib"], other_swapped_mib=o["swapped_mib"],
+                    pss_mib=None if pss is None else pss / 1024, swap_cost=cost)))
+                for k, v in list(row.items()):
+                    if isinstance(v, float):
+                        row[k] = round(v, 1)
+            except Exception as exc:  # a VM that is down or unreadable still gets a row
+                row["error"] = str(exc)[:300]
+            rows.append(row)
+        return {"swap_cost": None if cost is None else round(cost, 3), "vms": rows}
+
     def status(self) -> dict[str, Any]:
         return {"enabled": self.cfg.enabled, "auto_pageout": self.cfg.auto_pageout,
                 "last_plan": None if self.last_plan is None else {
                     "shortfall_mib": round(self.last_plan.shortfall_mib, 1), "pageouts": self.last_plan.pageouts,
                     "refused": self.last_plan.refused},
                 "device": None if self.device is None else zram.dev_path(self.device),
-                "parked": sorted(self.parked_vms())}
+                "parked": sorted(self.parked_vms()), "idle_park": self.cfg.idle_park,
+                "idle": {vm: {"park": v.park, "reason": v.reason} for vm, v in self.idle_last.items()}}
 
 
 PART = PagingPart

@@ -251,3 +251,56 @@ def idle_verdict(samples: Sequence[IdleSample], idle_after_s: float, idle_cpu_pc
     return IdleVerdict(True, (f"idle for {span:.0f} s: vCPU ≤ {peak:.1f} % of a core (< {idle_cpu_pct:g} %), "
                               f"{'no tap' if packets is None else 'no frames on its tap'}, no agent request"
                               + ("" if last.load1 is None else f", guest load {last.load1:.2f}")), inputs)
+
+
+# -- where a VM's memory is (symbiont status) ----------------------------------------------------
+@dataclass(frozen=True)
+class VmMemoryInputs:
+    """What the host and the guest say about one VM's memory (MiB)."""
+
+    configured_mib: float  # boot memory (the guest RAM mapping's size)
+    balloon_mib: float | None  # what the balloon leaves the guest (libvirt current); None: not ballooned
+    guest_used_mib: float | None  # MemTotal − MemAvailable (the guest's own view)
+    ram_resident_mib: float  # guest RAM mapping, resident (smaps)
+    ram_swapped_mib: float  # guest RAM mapping, in swap (smaps)
+    ksm_shared_mib: float | None  # guest RAM pages merged by KSM (ksm_merging_pages)
+    code_resident_mib: float = 0.0  # TCG translation cache
+    code_swapped_mib: float = 0.0
+    other_resident_mib: float = 0.0  # QEMU's heap, stacks, libraries
+    other_swapped_mib: float = 0.0
+    pss_mib: float | None = None  # the QEMU process's PSS (KSM-shared pages split among sharers)
+    swap_cost: float | None = None  # the tier's compressed / stored bytes: what a swapped MiB costs in RAM
+
+
+def account(m: VmMemoryInputs) -> dict[str, float | None]:
+    """Each MiB of a VM's configured memory in exactly one place (docs/paging.md)::
+
+        configured = ballooned + paged_out + shared + private + untouched
+
+    paged_out, shared (KSM-merged, resident) and private (resident, not merged) are host
+    facts about the guest RAM mapping; ballooned is what the balloon took (configured −
+    balloon), as far as the host facts leave room for it; untouched is the rest (never
+    touched, or freed by the guest and reported free). A reading that does not fit (KSM's
+    stale counter above resident, a balloon that just moved) is clamped, never counted twice.
+    QEMU's own memory (code cache + other) is not guest memory: reported apart as overhead.
+    Host footprint = PSS + swapped × the tier's compression ratio (RSS would count a shared
+    page once per sharer, and a swapped page costs its compressed size).
+    """
+    c = max(0.0, m.configured_mib)
+    paged = min(max(0.0, m.ram_swapped_mib), c)
+    resident = min(max(0.0, m.ram_resident_mib), c - paged)
+    shared = min(max(0.0, m.ksm_shared_mib or 0.0), resident)
+    private = resident - shared
+    took = c - m.balloon_mib if m.balloon_mib is not None else 0.0
+    ballooned = min(max(0.0, took), c - paged - resident)
+    untouched = c - paged - resident - ballooned
+    overhead = max(0.0, m.code_resident_mib) + max(0.0, m.other_resident_mib)
+    swapped_all = paged + max(0.0, m.code_swapped_mib) + max(0.0, m.other_swapped_mib)
+    rss = resident + overhead
+    base = m.pss_mib if m.pss_mib is not None else rss
+    cost = m.swap_cost if m.swap_cost is not None and m.swap_cost > 0 else 1.0
+    return {"configured_mib": c, "ballooned_mib": ballooned, "paged_out_mib": paged, "shared_mib": shared,
+            "private_mib": private, "untouched_mib": untouched, "guest_used_mib": m.guest_used_mib,
+            "qemu_overhead_mib": overhead, "overhead_swapped_mib": swapped_all - paged,
+            "rss_mib": rss, "swap_mib": swapped_all, "pss_mib": m.pss_mib,
+            "host_mib": base + swapped_all * cost}
