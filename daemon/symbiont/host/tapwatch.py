@@ -4,8 +4,11 @@ A VM's network devices are the ``<target dev=.../>`` of its domain XML's ``<inte
 elements (types ``ethernet``, ``bridge``, ``network``: a tap on the host). While the VM is
 parked, one thread waits (``selectors``) on an ``AF_PACKET`` socket bound to each of its taps
 and calls back on the first frame the host *transmits* on the tap (``PACKET_OUTGOING``: a frame
-toward the guest). The frame itself is not consumed: the tap queues it until QEMU reads it,
-which it does once the VM runs again, so it is delivered after the wake.
+toward the guest) that asks something of it (:func:`wakes`): a unicast frame, an ARP
+broadcast, an IPv6 neighbour solicitation (solicited-node multicast). Link-local chatter every
+port of a bridge receives (IPv6 router solicitations, MLD reports, STP, LLDP) does not wake a
+VM. The frame itself is not consumed: the tap queues it until QEMU reads it, which it does once
+the VM runs again, so it is delivered after the wake.
 
 Counters for the idle policy are ``/sys/class/net/<tap>/statistics/{rx,tx}_packets``.
 """
@@ -47,6 +50,18 @@ def net_packets(dev: str, sysfs: str | Path = "/sys/class/net") -> int | None:
         return int((base / "rx_packets").read_text()) + int((base / "tx_packets").read_text())
     except (OSError, ValueError):
         return None
+
+
+def wakes(frame: bytes) -> bool:
+    """Whether a frame toward a parked guest is a request for it (see the module docstring)."""
+    if len(frame) < 14:
+        return False
+    dst, ethertype = frame[:6], frame[12:14]
+    if not dst[0] & 1:
+        return True  # unicast: for this guest
+    if dst == b"\xff" * 6:
+        return ethertype == b"\x08\x06"  # ARP: who has the guest's address
+    return dst[:3] == b"\x33\x33\xff"  # IPv6 solicited-node multicast: neighbour solicitation
 
 
 class TapWatcher:
@@ -130,10 +145,10 @@ class TapWatcher:
                     continue
                 vm, dev, on_frame = key.data
                 try:
-                    _data, addr = key.fileobj.recvfrom(64)  # type: ignore[union-attr]
+                    data, addr = key.fileobj.recvfrom(64)  # type: ignore[union-attr]
                 except OSError:
                     continue
-                if addr[2] != PACKET_OUTGOING:  # a frame from the guest (it runs: not parked)
+                if addr[2] != PACKET_OUTGOING or not wakes(data):  # from the guest, or chatter
                     continue
                 self.unwatch(vm)
                 try:
