@@ -81,7 +81,9 @@ class LabConfig:
     memory_mib: int = 512  # boot memory (the balloon's ceiling)
     vcpus: int = 1
     max_vcpus: int = 4
-    balloon_period_s: int = 2  # virtio-balloon stats period
+    # virtio-balloon stats period; 0: off. The agent reports the guest's memory; at 2 s the stats
+    # woke an idle TCG guest for 0.5 % of a host core (benchmarks/bench_idle_guest.py)
+    balloon_period_s: int = 0
     tcg_tb_cache_mib: int = 32  # TCG translation cache per VM (QEMU tb-size; domain type qemu only); 0: QEMU's default
     images_dir: str = "/var/lib/symbiont/images"
     vms_dir: str = "/var/lib/symbiont/vms"
