@@ -51,11 +51,15 @@ class ControlConfig:
     period_s: float = 5.0  # how often the control loop collects stats
     agent_timeout_s: float = 5.0  # a request to an agent fails after this long
     history_keep_s: float = 7 * 86400.0  # stats older than this are pruned
+    # > 0: a VM whose QEMU used < 5 % of a core last period is asked for agent stats at most this
+    # often (its last sample stands in between); 0: every period
+    idle_stats_s: float = 0.0
 
     def validate(self, key: str) -> None:
         _check(0.2 <= self.period_s <= 3600, f"{key}.period_s", "must be between 0.2 and 3600 seconds")
         _check(0.1 <= self.agent_timeout_s <= 600, f"{key}.agent_timeout_s", "must be between 0.1 and 600")
         _check(self.history_keep_s >= 60, f"{key}.history_keep_s", "must be at least 60 seconds")
+        _check(0 <= self.idle_stats_s <= 3600, f"{key}.idle_stats_s", "must be between 0 (every period) and 3600")
 
 
 @dataclass

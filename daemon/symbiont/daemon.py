@@ -377,8 +377,14 @@ class Daemon:
         except (HostError, DaemonError) as exc:
             snap["libvirt"] = {"state": "missing", "error": str(exc)}
         link = self.links.get(name)
+        prev = self.latest.get(name, {})
         # A paused guest (parked by the paging part) cannot answer: asking would only time out.
-        if link is not None and link.ready and snap["libvirt"].get("state") != "paused":
+        if link is not None and link.ready and snap["libvirt"].get("state") != "paused" and self._agent_recent(prev, snap):
+            # Idle (QEMU under IDLE_STATS_CPU_PCT of a core last period) and asked less than
+            # control.idle_stats_s ago: keep its last sample. Under TCG each stats request costs
+            # an idle guest ~35 ms of a host core (benchmarks/bench_idle_guest.py).
+            snap.update(agent=prev["agent"], agent_ts=prev["agent_ts"])
+        elif link is not None and link.ready and snap["libvirt"].get("state") != "paused":
             try:
                 raw, _ = await link.request("stats")
                 gs = guest_stats.sanitize(
@@ -388,6 +394,7 @@ class Daemon:
                 )
                 out["agent"] = gs
                 snap["agent"] = gs
+                snap["agent_ts"] = snap["ts"]
                 mi = gs["meminfo"]
                 if "MemTotal" in mi:
                     m.vm_guest_mem_total_bytes.labels(name).set(mi["MemTotal"])
@@ -403,6 +410,15 @@ class Daemon:
         m.vm_cooperative.labels(name).set(1 if link is not None and link.cooperative else 0)
         self.latest[name] = snap
         return out
+
+    IDLE_STATS_CPU_PCT = 5.0
+
+    def _agent_recent(self, prev: dict[str, Any], snap: dict[str, Any]) -> bool:
+        """Whether an idle VM's last agent sample may stand for this period (``control.idle_stats_s``)."""
+        keep = self.cfg.control.idle_stats_s
+        cpu = (snap.get("libvirt") or {}).get("qemu_cpu_percent")
+        return (keep > 0 and "agent" in prev and isinstance(cpu, (int, float)) and cpu < self.IDLE_STATS_CPU_PCT
+                and snap["ts"] - prev.get("agent_ts", 0.0) < keep)
 
     # -- views ----------------------------------------------------------------------------
     def vm_view(self, name: str) -> dict[str, Any]:
