@@ -455,3 +455,23 @@ def test_idle_vms_parked_on_the_idle_host_then_woken_back_home(tmp_path) -> None
     j = Journal(tmp_path / "j.sqlite")
     rounds = j.decisions(kind="round")
     assert rounds[0]["inputs"]["config"]["idle_host"] == "h3"
+
+
+def test_idle_round_parks_what_fits_and_holds_back_the_rest_with_the_reason(tmp_path) -> None:
+    # h3 (the idle host) has 3 of its 4 cores allocated: one more 1-vCPU VM fits, not two. The
+    # idle planner sizes h3 by memory only; the round used to be refused whole (nothing parked).
+    fc = IdleCluster({"a1": ("h1", 0.0), "a2": ("h1", 0.0), "c1": ("h3", 0.0), "c2": ("h3", 0.0),
+                      "c3": ("h3", 0.0)})  # fmt: skip
+    ctl = idle_controller(tmp_path, fc, max_migrations=2, cooldown_s=0)
+    r = ctl.round()
+    assert r["execution"]["state"] == "done", r
+    assert fc.moves == [("a1", "h1", "h3")]
+    (held,) = r["execution"]["held"]
+    assert held["vm"] == "a2" and "h3 would be over capacity: cpu 5 > 4" in held["reason"]
+    assert fc.where["a2"] == "h1" and fc.mem["a2"] == 256.0  # held back whole: not shrunk either
+    assert fc.mem["a1"] < 256 and all(fc.mem[c] < 256 for c in ("c1", "c2", "c3"))
+    j = Journal(tmp_path / "j.sqlite")
+    assert [d["vm"] for d in j.decisions(kind="held-back")] == ["a2"]
+    # A plan handed in from outside is still checked whole and refused (nothing half done).
+    res = ctl.execute_plan({"moves": [{"vm": "a2", "from": "h1", "to": "h3"}]}, "test")
+    assert res["state"] == "refused" and "h3 would be over capacity after the plan: cpu 5 > 4" in res["reason"]

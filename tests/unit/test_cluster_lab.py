@@ -35,6 +35,9 @@ def test_addresses_private_and_distinct() -> None:
         ClusterNet("Bad-Name")
     with pytest.raises(ClusterError, match="--hosts"):
         ClusterLab(hosts=0)
+    for bad in (0, -1, 101, "2", True):
+        with pytest.raises(ClusterError, match="overcommit.cpu"):
+            ClusterLab(hosts=1, vms_per_host=[0], overcommit={"cpu": bad})
 
 
 def test_inventory_has_each_hosts_daemon_and_libvirt(tmp_path) -> None:

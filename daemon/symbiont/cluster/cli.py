@@ -36,15 +36,17 @@ def _step(s: str) -> None:
 @click.option("--subnet", default="10.213.0.0/24", show_default=True, help="private, only inside the namespaces")
 @click.option("--dir", "work_dir", default=DEFAULT_DIR, show_default=True, help="state file, inventory, logs")
 @click.option("--period", type=float, default=1.0, show_default=True, help="the host daemons' control period")
+@click.option("--cpu-overcommit", type=float, default=1.0, show_default=True,
+              help="vCPUs per core each host's daemon offers plans (placement.overcommit.cpu)")
 def up_cmd(n_hosts: int, vms_per_host: str, memory_mib: int, name: str, subnet: str, work_dir: str,
-           period: float) -> None:  # fmt: skip
+           period: float, cpu_overcommit: float) -> None:  # fmt: skip
     """Bring up H lab hosts (netns + libvirtd + symbiontd each) on a bridge, with VMs booted."""
     from symbiont.cluster.lab import ClusterError, ClusterLab, parse_counts
 
     try:
         lab = ClusterLab(hosts=n_hosts, vms_per_host=parse_counts(vms_per_host, n_hosts), name=name,
                          subnet=subnet, work_dir=Path(work_dir), memory_mib=memory_mib, period_s=period,
-                         step=_step)  # fmt: skip
+                         overcommit={"cpu": cpu_overcommit}, step=_step)  # fmt: skip
         state = lab.up()
     except ClusterError as exc:
         _fail(str(exc))

@@ -231,6 +231,40 @@ class Controller:
         kept = [s for s in steps if s.vm not in held]
         return kept, [{"vm": vm, "reason": why} for vm, why in held.items()]
 
+    def fit(self, steps: list[Step], invs: Mapping[str, dict[str, Any]]) -> tuple[list[Step], list[dict[str, Any]]]:
+        """A round's own plan: hold back (with the reason) each VM whose move would leave its
+        destination over capacity × overcommit in some resource, instead of refusing the whole
+        plan. The idle planner sizes the idle host by memory alone, so on a host whose vCPUs are
+        all allocated every round's plan was refused and nothing was parked, not even the VMs
+        that fit. Steps are taken in order (a shrink before its move counts); a held-back VM's
+        balloon steps are held back with its move, as for the rate limit."""
+        demand: dict[str, dict[str, float]] = {}
+        where: dict[str, str] = {}
+        for hid, inv in invs.items():
+            for v in inv["host"].get("vms", []):
+                demand[v["id"]] = {k: float(x) for k, x in v.get("demand", {}).items()}
+                where[v["id"]] = hid
+        held: dict[str, str] = {}
+        for s in steps:
+            if s.vm in held or s.vm not in demand:
+                continue  # an unknown VM is capacity_check's to refuse, with its reason
+            if isinstance(s, MemorySpec):
+                demand[s.vm]["mem"] = s.mem_mib / 1024.0
+                continue
+            if s.dst not in invs:
+                continue
+            h = invs[s.dst]["host"]
+            oc = h.get("overcommit") or {}
+            for r, cap in h["capacity"].items():
+                lim = float(cap) * float(oc.get(r, 1.0))
+                load = sum(d.get(r, 0.0) for vm, d in demand.items() if where[vm] == s.dst) + demand[s.vm].get(r, 0.0)
+                if load > lim * (1 + 1e-9):
+                    held[s.vm] = f"{s.dst} would be over capacity: {r} {load:.4g} > {lim:.4g} (capacity × overcommit)"
+                    break
+            else:
+                where[s.vm] = s.dst
+        return [s for s in steps if s.vm not in held], [{"vm": vm, "reason": why} for vm, why in held.items()]
+
     def capacity_check(self, steps: list[Step], invs: Mapping[str, dict[str, Any]]) -> None:
         """Refuse a plan that names a VM no host daemon manages, or that leaves a receiving host
         over its capacity (× overcommit) in any resource."""
@@ -273,7 +307,9 @@ class Controller:
             invs = self.poll()
         held: list[dict[str, Any]] = []
         if limit:
-            steps, held = self.limit(steps)
+            steps, held = self.fit(steps, invs)
+            steps, more = self.limit(steps)
+            held += more
             for h in held:
                 self.journal.decide("held-back", h["vm"], {"source": source}, h)
         if not steps:

@@ -267,11 +267,18 @@ class ClusterLab:
     period_s: float = 1.0
     base_config: str | None = None
     step: Callable[[str], None] = lambda s: None
+    # The daemons' placement.overcommit (per resource): a host carries this many vCPUs per core,
+    # etc. Idle consolidation needs it: parked VMs keep their vCPUs, and a 2-core lab host at 1.0
+    # takes two 1-vCPU VMs.
+    overcommit: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_name(self.name)
         if not 1 <= self.hosts <= 16:
             raise ClusterError(f"--hosts {self.hosts}: between 1 and 16")
+        for r, v in self.overcommit.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 100:
+                raise ClusterError(f"overcommit.{r}: {v!r} is not a ratio in (0, 100]")
         self.work_dir = Path(self.work_dir).absolute()
         self.net = ClusterNet(self.name, self.subnet)
 
@@ -389,7 +396,8 @@ class ClusterLab:
             "libvirt_uri": entry["local_libvirt_uri"],
             "control": {"period_s": self.period_s, "agent_timeout_s": 3.0},
             "lab": {"vm_prefix": self.prefix, "memory_mib": self.memory_mib, "max_vcpus": 1},
-            "placement": {"host_id": h.id, "hosts": self.host_entries(specs), "migrate_unsafe": True},
+            "placement": {"host_id": h.id, "hosts": self.host_entries(specs), "migrate_unsafe": True,
+                          "overcommit": dict(self.overcommit)},
         }))  # fmt: skip
         entry["daemon_config"] = str(cfg_path)
         return NetnsDaemon(cfg_path, h.socket, h.dir / "symbiontd.log", h.netns).start()
