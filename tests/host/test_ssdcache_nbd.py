@@ -305,6 +305,24 @@ def test_requests_in_flight_at_once_land_where_the_translation_says(env) -> None
     assert "Input/output error" in r.stdout + r.stderr
 
 
+def test_large_reads_in_flight_together_return_each_its_own_block(env) -> None:
+    """Reads of whole blocks (and a part of one) with others in flight: on the native path they
+    go pool -> pipe -> socket (splice) and must still carry each the bytes its block holds."""
+    pats = {0: 0x11, 2: 0x22, 4: 0x44, 6: 0x66}
+    r = qemu_io(env["sock"], *(f"write -P {p:#x} {lbn}M 1M" for lbn, p in pats.items()))
+    assert r.returncode == 0 and "failed" not in r.stdout, r.stdout + r.stderr
+    before = env["exp"].stats.spliced_reads
+    reads = [f"aio_read -P {p:#x} {lbn}M 1M" for lbn, p in pats.items()] + ["aio_read -P 0x44 4352k 512k"]
+    r = qemu_io(env["sock"], *(reads * 4), "aio_flush")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "failed" not in r.stdout.lower() and "error" not in r.stdout.lower(), r.stdout
+    assert r.stdout.count("read 1048576/1048576") == 16, r.stdout
+    if env["path"] == "native":
+        assert env["exp"].stats.spliced_reads > before  # the splice path served some of them
+    r = qemu_io(env["sock"], "aio_read 0 1M", "aio_read 1M 1M", "aio_flush")  # lbn 1 is unbacked
+    assert "Input/output error" in r.stdout + r.stderr
+
+
 def test_a_remap_under_load_waits_for_requests_in_flight(env) -> None:
     """While a client keeps 16 reads of lbn 0 in flight, lbn 1 is mapped and unmapped again and
     again: no read of the backed block fails, each commit is short, and once an unmap returned

@@ -30,7 +30,7 @@ SOURCE = Path(__file__).with_name("native") / "nbdfast.c"
 FLAGS = (["-O2", "-march=native"], ["-O2"])
 # Order of the counters in nbdx_stats (enum in nbdfast.c).
 STAT_NAMES = ("reads", "writes", "flushes", "trims", "zeroes", "read_bytes", "write_bytes",
-              "unbacked_errors", "io_errors", "invalid_requests")  # fmt: skip
+              "unbacked_errors", "io_errors", "invalid_requests", "spliced_reads")  # fmt: skip
 
 
 def _setup(so: ctypes.CDLL) -> ctypes.CDLL:
@@ -44,6 +44,8 @@ def _setup(so: ctypes.CDLL) -> ctypes.CDLL:
     so.nbdx_set_fds.argtypes = [vp, ci, ci]
     so.nbdx_set_chunk.restype = None
     so.nbdx_set_chunk.argtypes = [vp, u32]
+    so.nbdx_set_splice.restype = None
+    so.nbdx_set_splice.argtypes = [vp, ci]
     so.nbdx_wrlock.restype = None
     so.nbdx_wrlock.argtypes = [vp]
     so.nbdx_unlock.restype = None
@@ -98,6 +100,11 @@ class NativeExport:
         """Large aligned requests go to the pool as parallel chunks of ``nbytes`` (0: one
         synchronous pread/pwrite per piece; benchmarks compare both)."""
         self.lib.nbdx_set_chunk(self.handle, nbytes)
+
+    def set_splice(self, on: bool) -> None:
+        """Reads with others in flight go pool -> pipe -> socket by splice(), not through a
+        buffer of ours (off: pread + sendmsg; benchmarks compare both)."""
+        self.lib.nbdx_set_splice(self.handle, int(on))
 
     def stats(self) -> dict[str, int]:
         out = (ctypes.c_uint64 * len(STAT_NAMES))()

@@ -126,7 +126,7 @@ class ClientError(Exception):
 
 # Counters that the native data path (``nbdfast``) keeps too: reading one sums both paths.
 IO_COUNTERS = ("reads", "writes", "flushes", "trims", "zeroes", "read_bytes", "write_bytes",
-               "unbacked_errors", "io_errors", "invalid_requests")  # fmt: skip
+               "unbacked_errors", "io_errors", "invalid_requests", "spliced_reads")  # fmt: skip
 
 
 @dataclass

@@ -21,6 +21,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -50,9 +51,10 @@
 #define MAX_PIECES 64          /* 32 MiB / 1 MiB + 2 */
 #define CHUNK (256u << 10)     /* a large aligned request goes to the pool as parallel chunks */
 #define MAX_CHUNKS 64
+#define SPLICE_MIN (64u << 10) /* smaller reads: one pread + sendmsg costs less than pipe set-up */
 
 enum { ST_READS, ST_WRITES, ST_FLUSHES, ST_TRIMS, ST_ZEROES, ST_READ_BYTES, ST_WRITE_BYTES,
-       ST_UNBACKED, ST_IO_ERRORS, ST_INVALID, ST_N };
+       ST_UNBACKED, ST_IO_ERRORS, ST_INVALID, ST_SPLICED, ST_N };
 
 struct export {
     pthread_rwlock_t lock;
@@ -65,6 +67,7 @@ struct export {
     int read_only;
     uint32_t max_request;
     uint32_t chunk; /* large aligned requests go to the pool in chunks of this size, in parallel; 0: off */
+    int splice;     /* reads with others in flight go pool -> pipe -> socket (splice), no user copy */
     uint64_t stats[ST_N];
     pthread_mutex_t err_mu;
     char last_error[256];
@@ -117,6 +120,7 @@ struct export *nbdx_export_new(int64_t *map, double *last_access, int64_t size_b
     ex->pool_bytes = pool_bytes;
     ex->max_request = max_request;
     ex->chunk = CHUNK;
+    ex->splice = 1;
     return ex;
 }
 
@@ -142,6 +146,9 @@ void nbdx_set_chunk(struct export *ex, uint32_t chunk)
 {
     __atomic_store_n(&ex->chunk, chunk - chunk % ALIGN, __ATOMIC_RELEASE);
 }
+
+/* Reads through a pipe (splice) on or off (benchmarks compare). */
+void nbdx_set_splice(struct export *ex, int on) { __atomic_store_n(&ex->splice, on, __ATOMIC_RELEASE); }
 
 void nbdx_wrlock(struct export *ex) { pthread_rwlock_wrlock(&ex->lock); }
 void nbdx_unlock(struct export *ex) { pthread_rwlock_unlock(&ex->lock); }
@@ -529,6 +536,128 @@ static int chunked_io(struct conn *c, aio_context_t aio, int cmd, const struct p
     return 2;
 }
 
+/* A worker's pipe for splice_read: fd[0] < 0 when it has none (yet, or splice does not work). */
+struct wpipe { int fd[2]; size_t cap; int tried; };
+
+static void wpipe_close(struct wpipe *wp)
+{
+    if (wp->fd[0] >= 0) {
+        close(wp->fd[0]);
+        close(wp->fd[1]);
+    }
+    wp->fd[0] = wp->fd[1] = -1;
+    wp->cap = 0;
+}
+
+/* The pipe, made at the first read that can use it, as large as the kernel allows (a 1 MiB
+ * request fits whole; 1 MiB is pipe-max-size's default, root may go above). */
+static int wpipe_ready(struct wpipe *wp)
+{
+    if (wp->fd[0] >= 0 || wp->tried)
+        return wp->fd[0] >= 0;
+    wp->tried = 1;
+    if (pipe2(wp->fd, O_CLOEXEC) < 0) {
+        wp->fd[0] = wp->fd[1] = -1;
+        return 0;
+    }
+    if (fcntl(wp->fd[1], F_SETPIPE_SZ, 4 << 20) < 0)
+        fcntl(wp->fd[1], F_SETPIPE_SZ, 1 << 20);
+    int cap = fcntl(wp->fd[1], F_GETPIPE_SZ);
+    wp->cap = cap > 0 ? (size_t)cap : 0;
+    return 1;
+}
+
+/* A READ while other requests are in flight, without copying the data through this process:
+ * under the export's shared lock splice() reads the pieces from the pool's O_DIRECT descriptor
+ * into the worker's pipe (the device writes fresh pages; nothing is copied by the CPU), and once
+ * the lock is let go the reply header and then the pipe's pages go to the socket (AF_UNIX
+ * attaches them to the socket buffer: MSG_SPLICE_PAGES). The client's recv is the only copy
+ * left, as on the buffered path, where this process's pread-then-sendmsg added one more (and
+ * the pinning of its buffer for O_DIRECT). The socket is written only after the lock is let go:
+ * a client that stops reading holds up no resize.
+ * Returns -2 (replied), -3 (the client went away mid-reply), EIO (nothing sent: the caller
+ * replies the error) or -4 (not applicable: the caller takes the buffer path). */
+static int splice_read(struct conn *c, struct wpipe *wp, uint64_t off, uint64_t len, const unsigned char *handle,
+                       char *msg, size_t msgn)
+{
+    struct export *ex = c->ex;
+    if (!__atomic_load_n(&ex->splice, __ATOMIC_ACQUIRE) || !wpipe_ready(wp) || len > wp->cap)
+        return -4;
+    struct piece p[MAX_PIECES];
+    int n = 0;
+    int64_t bad = 0;
+    pthread_rwlock_rdlock(&ex->lock);
+    if (ex->dfd < 0) {
+        pthread_rwlock_unlock(&ex->lock);
+        return -4;
+    }
+    if (translate(ex, off, len, p, &n, &bad) < 0) {
+        pthread_rwlock_unlock(&ex->lock);
+        return -4; /* do_io refuses it with the reason */
+    }
+    for (int i = 0; i < n; i++)
+        if (p[i].phys % ALIGN || p[i].len % ALIGN) {
+            pthread_rwlock_unlock(&ex->lock);
+            return -4;
+        }
+    uint64_t in = 0;
+    int rc = 0, err = 0;
+    for (int i = 0; i < n && !rc; i++) {
+        loff_t pos = (loff_t)p[i].phys;
+        uint64_t left = p[i].len;
+        while (left) {
+            ssize_t r = splice(ex->dfd, &pos, wp->fd[1], NULL, left, SPLICE_F_MOVE);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0) {
+                err = r < 0 ? errno : 0;
+                snprintf(msg, msgn, "read at %llu: %s", (unsigned long long)pos, r < 0 ? strerror(errno) : "short");
+                rc = EIO;
+                break;
+            }
+            left -= (uint64_t)r;
+            in += (uint64_t)r;
+        }
+    }
+    if (!rc)
+        touch(ex, off, len);
+    pthread_rwlock_unlock(&ex->lock);
+    if (rc) {
+        wpipe_close(wp); /* whatever part came in is dropped with the pipe */
+        if (in == 0 && (err == EINVAL || err == ENOSYS || err == EOPNOTSUPP)) {
+            wp->tried = 1; /* this kernel cannot splice the pool: this worker uses its buffer */
+            return -4;
+        }
+        wp->tried = 0;
+        bump(ex, ST_IO_ERRORS, 1);
+        return EIO;
+    }
+    unsigned char h[16];
+    header(h, 0, handle);
+    struct iovec iov[1] = {{h, 16}};
+    pthread_mutex_lock(&c->send_mu);
+    int broken = sendv(c, iov, 1) < 0;
+    uint64_t out = 0;
+    while (!broken && out < len) {
+        ssize_t r = splice(wp->fd[0], NULL, c->sock, NULL, len - out, SPLICE_F_MOVE);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            broken = 1;
+        else
+            out += (uint64_t)r;
+    }
+    pthread_mutex_unlock(&c->send_mu);
+    if (broken) {
+        c->done = 1; /* the client went away; the reader sees EOF too */
+        wpipe_close(wp);
+        wp->tried = 0;
+        return -3;
+    }
+    bump(ex, ST_SPLICED, 1);
+    return -2;
+}
+
 static int flush_all(struct export *ex)
 {
     int rc = fsync(ex->fd);
@@ -592,6 +721,7 @@ static void *worker(void *arg)
     char msg[200];
     aio_context_t aio = 0; /* set up at the first large request (io_destroy costs an RCU grace period) */
     int aio_tried = 0;
+    struct wpipe wp = {{-1, -1}, 0, 0};
     for (;;) {
         __atomic_fetch_add(&c->waiting, 1, __ATOMIC_ACQ_REL);
         pthread_mutex_lock(&c->recv_mu);
@@ -676,7 +806,11 @@ static void *worker(void *arg)
                 if (syscall(SYS_io_setup, MAX_CHUNKS, &aio) < 0)
                     aio = 0; /* no AIO: every request takes the synchronous path */
             }
-            int r = do_io(c, aio, cmd, off, len, buf, handle, msg, sizeof msg);
+            int r = -4;
+            if (cmd == CMD_READ && len >= SPLICE_MIN && __atomic_load_n(&c->inflight, __ATOMIC_ACQUIRE) > 1)
+                r = splice_read(c, &wp, off, len, handle, msg, sizeof msg);
+            if (r == -4)
+                r = do_io(c, aio, cmd, off, len, buf, handle, msg, sizeof msg);
             streamed = r < 0 ? r : 0;
             err = r > 0 ? (uint32_t)r : 0;
         }
@@ -723,6 +857,7 @@ static void *worker(void *arg)
     }
     if (aio)
         syscall(SYS_io_destroy, aio);
+    wpipe_close(&wp);
     free(buf);
     return NULL;
 }
