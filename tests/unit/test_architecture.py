@@ -4,7 +4,9 @@
   ``if TYPE_CHECKING:`` and inside functions are not run at import time);
 * ``libvirt``, ``libvirt_qemu`` and the QMP client are imported only under ``symbiont/host/``;
 * a part (a package with ``part.py``) imports another part only if it ``requires`` it;
-* one knob table: no other ``CREATE TABLE ... *knobs``.
+* one knob table: no other ``CREATE TABLE ... *knobs``;
+* another process's memory (``/proc/PID/mem``, ``pagemap``, ``smaps``) is opened only under
+  ``symbiont/host/``.
 
 Every daemon part is a :class:`symbiont.part.Part` now; the one exception left is ``cluster``, a
 CLI-only package (no ``part.py``, never loaded by the daemon) that drives lab hosts' libvirt from
@@ -192,3 +194,45 @@ def test_daemon_package_carries_no_research_code() -> None:
     assert not offenders, offenders
     assert not (DAEMON / "lab").exists() and not (DAEMON / "experiments").exists()
     assert not list(DAEMON.glob("*/experiments.py"))
+
+
+PROC_FILES = ("mem", "pagemap", "smaps")  # another process's memory: host/procmem.py reads them
+PROC_PATH = re.compile(r"/proc/[^\s/]+/(mem|pagemap|smaps)")
+
+
+def proc_memory_paths(source: str) -> list[int]:
+    """Lines that build a path to ``/proc/PID/{mem,pagemap,smaps}``: ``... / "mem"``, an f-string
+    ``/proc/{pid}/mem``, or a string that is such a path (prose in docstrings does not count)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant):
+            hit = node.right.value in PROC_FILES
+        elif isinstance(node, ast.JoinedStr):
+            hit = bool(PROC_PATH.search("".join(v.value if isinstance(v, ast.Constant) else "{}"
+                                                for v in node.values)))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            hit = bool(PROC_PATH.fullmatch(node.value))
+        else:
+            hit = False
+        if hit:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_other_processes_memory_only_under_host() -> None:
+    """Reading a VM's memory is a platform access like libvirt: it goes through ``symbiont.host``
+    (``host/procmem.py``), so a part can be tested against the host port's fakes."""
+    offenders = {}
+    for module, path in modules(DAEMON, "symbiont").items():
+        if module.startswith("symbiont.host."):
+            continue
+        if hits := proc_memory_paths(path.read_text()):
+            offenders[module] = hits
+    assert not offenders, offenders
+
+
+def test_proc_memory_paths_finds_the_ways_to_name_one() -> None:
+    assert proc_memory_paths('os.open(Path(proc) / str(pid) / "mem", 0)')
+    assert proc_memory_paths('open(f"/proc/{pid}/pagemap", "rb")')
+    assert proc_memory_paths('p = "/proc/self/smaps"')
+    assert not proc_memory_paths('d = {"mem": 1, "cpu": 2}; s = f"{x} mem"; e = "no permission (needs root)"')

@@ -1,6 +1,6 @@
 """Guest memory as a page source: the QEMU process's guest-RAM mapping through ``/proc/PID``
-(smaps and pagemap are read by :mod:`symbiont.host.procmem`; this module adds the reader of
-``/proc/PID/mem`` the hashing engine scans).
+(smaps, pagemap and ``/proc/PID/mem`` are read by :mod:`symbiont.host.procmem`; this module
+turns them into the page source the hashing engine scans).
 
 QEMU allocates a VM's RAM as one private anonymous mapping of exactly the guest's memory size
 (``pc.ram``); with mem-merge on (the default) it also ``madvise(MADV_MERGEABLE)``\\ s it, which
@@ -17,8 +17,9 @@ Reading (root, or ptrace rights over the process):
   fault in the zero page. Swapped-out pages (bit 62) are skipped for the same reason, and so are
   pages mapped to the kernel's shared zero page or huge zero page (:func:`zero_pfns`): guest
   memory that was only read, which also uses no memory and which KSM does not touch.
-* ``/proc/PID/mem`` is read with ``preadv`` in runs of adjacent pages into one reusable buffer.
-  A page that cannot be read (``EIO``) is returned as zeros and counted in ``read_errors``.
+* ``/proc/PID/mem`` is read (by :class:`symbiont.host.procmem.ProcessMemory`) in runs of adjacent
+  pages into one reusable buffer. A page that cannot be read (``EIO``) is returned as zeros and
+  counted in ``read_errors``.
 
 Equal frame numbers mean pages already merged (by KSM), which lets the engine report what is
 still left to merge (``remaining``).
@@ -26,8 +27,6 @@ still left to merge (``remaining``).
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -41,6 +40,8 @@ from symbiont.host.procmem import (
     PM_PRESENT,
     PM_SWAPPED,
     Mapping,
+    ProcessGone,
+    ProcessMemory,
     ProcMemError,
     find_guest_ram,
     parse_smaps,
@@ -97,12 +98,11 @@ class ProcessMemorySource(PageSource):
         self.read_errors = 0
         self.refresh()
         self._buf: np.ndarray | None = None
+        self._mem: ProcessMemory | None = None
         try:
-            self._fd = os.open(self.proc / str(pid) / "mem", os.O_RDONLY)
-        except FileNotFoundError:
-            raise EngineError(f"process {pid} does not exist") from None
-        except PermissionError:
-            raise EngineError(f"no permission to read /proc/{pid}/mem (needs root)") from None
+            self._mem = ProcessMemory(pid, self.proc)
+        except ProcMemError as exc:
+            raise EngineError(str(exc)) from None
 
     def refresh(self) -> None:
         """Which pages are resident now, and their frames (``/proc/PID/pagemap``)."""
@@ -137,6 +137,7 @@ class ProcessMemorySource(PageSource):
         return src
 
     mapping: Mapping | None = None
+    _mem: ProcessMemory | None = None
 
     @property
     def npages(self) -> int:
@@ -153,9 +154,8 @@ class ProcessMemorySource(PageSource):
         return self._pfns if self.has_pfns else None
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._mem is not None:
+            self._mem.close()
 
     def __del__(self) -> None:
         try:
@@ -176,25 +176,13 @@ class ProcessMemorySource(PageSource):
             self._pread_run(int(addr[s]), flat[s * PAGE_SIZE : e * PAGE_SIZE])
 
     def _pread_run(self, offset: int, dst: np.ndarray) -> None:
-        mv = memoryview(dst)
-        done = 0
-        while done < len(mv):
-            try:
-                n = os.preadv(self._fd, [mv[done:]], offset + done)
-            except OSError as exc:
-                if exc.errno == errno.ESRCH:
-                    raise EngineError(f"{self.name}: process {self.pid} exited") from None
-                if exc.errno != errno.EIO:
-                    raise EngineError(f"{self.name}: reading /proc/{self.pid}/mem: {exc.strerror}") from None
-                n = 0
-            if n == 0:
-                # an unreadable page: zeros, counted, then go on with the next page
-                end = min(len(mv), (done // PAGE_SIZE + 1) * PAGE_SIZE)
-                mv[done:end] = b"\0" * (end - done)
-                self.read_errors += 1
-                done = end
-                continue
-            done += n
+        assert self._mem is not None
+        try:
+            self.read_errors += self._mem.pread_run(offset, memoryview(dst))
+        except ProcessGone:
+            raise EngineError(f"{self.name}: process {self.pid} exited") from None
+        except ProcMemError as exc:
+            raise EngineError(f"{self.name}: {exc}") from None
 
     def batches(self, batch_pages: int) -> Iterator[np.ndarray]:
         if self._buf is None or self._buf.shape[0] < min(batch_pages, self.npages):

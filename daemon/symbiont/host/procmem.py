@@ -1,6 +1,7 @@
 """Other processes' memory through ``/proc/PID``: ``smaps`` (mappings, VmFlags, Rss) and
 ``pagemap`` (which pages are resident, their frames), and the guest-RAM mapping of a QEMU
-process (see :func:`find_guest_ram`). Part of the host port's door: the dedup part reads a
+process (see :func:`find_guest_ram`), and the contents of its pages through ``/proc/PID/mem``
+(:class:`ProcessMemory`). Part of the host port's door: the dedup part reads a
 VM's mergeability and resident guest RAM through :class:`symbiont.host.port.HostPort`, and its
 hashing engine's page source (:mod:`symbiont.dedup.memsource`) builds on these readers.
 
@@ -15,6 +16,7 @@ non-executable anonymous mapping whose size matches the guest's memory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +30,10 @@ from symbiont.host.port import HostError
 
 class ProcMemError(HostError):
     """A process's smaps or pagemap could not be read (gone, or no permission)."""
+
+
+class ProcessGone(ProcMemError):
+    """The process exited while its memory was being read."""
 
 
 PM_PRESENT = np.uint64(1 << 63)
@@ -220,3 +226,48 @@ def resident_bytes(pid: int, start: int, end: int) -> int:
     if zp.shape[0]:
         on &= ~np.isin(pm & PM_PFN_MASK, zp)
     return int(on.sum()) * PAGE_SIZE
+
+
+class ProcessMemory:
+    """Read access to another process's pages through ``/proc/PID/mem`` (root, or ptrace rights).
+
+    ``pread_run`` reads a run of adjacent pages with ``preadv``; a page that cannot be read
+    (``EIO``: e.g. a guard page, or memory unmapped meanwhile) comes back as zeros and is counted,
+    so one bad page does not end a scan."""
+
+    def __init__(self, pid: int, proc: Path | str = "/proc") -> None:
+        self.pid = pid
+        try:
+            self._fd = os.open(Path(proc) / str(pid) / "mem", os.O_RDONLY)
+        except FileNotFoundError:
+            raise ProcMemError(f"process {pid} does not exist") from None
+        except PermissionError:
+            raise ProcMemError(f"no permission to read /proc/{pid}/mem (needs root)") from None
+
+    def pread_run(self, offset: int, dst: memoryview) -> int:
+        """Fill ``dst`` with the bytes at virtual address ``offset``; returns how many pages
+        could not be read (zeros in ``dst``)."""
+        errors = 0
+        done = 0
+        while done < len(dst):
+            try:
+                n = os.preadv(self._fd, [dst[done:]], offset + done)
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    raise ProcessGone(f"process {self.pid} exited") from None
+                if exc.errno != errno.EIO:
+                    raise ProcMemError(f"reading /proc/{self.pid}/mem: {exc.strerror}") from None
+                n = 0
+            if n == 0:  # an unreadable page: zeros, counted, then go on with the next page
+                end = min(len(dst), (done // PAGE_SIZE + 1) * PAGE_SIZE)
+                dst[done:end] = b"\0" * (end - done)
+                errors += 1
+                done = end
+                continue
+            done += n
+        return errors
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
