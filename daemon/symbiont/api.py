@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from symbiont import __version__
 from symbiont.apimodel import JsonObject, StrictModel, json_safe
+from symbiont.bodylimit import BodyLimit
 from symbiont.errors import DaemonError, NotFound
 from symbiont.plugins import part_modules
 
@@ -80,6 +81,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         description="Symbiotic resource management: the host decides how much, the guest decides what.",
     )
     app.state.parts = daemon.parts  # a part's handlers reach it as request.app.state.parts[name]
+    app.add_middleware(BodyLimit)  # every route: a body over 1 MiB is a 413 before any handler runs
 
     @app.exception_handler(DaemonError)
     async def _daemon_error(_req: Request, exc: DaemonError) -> JSONResponse:
