@@ -19,20 +19,18 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from symbiont.client import ApiError, Client
-from symbiont.config import load_config
 from symbiont.ssdcache.layout import BLOCK_SIZE
 from symbiont.ssdcache.nbdclient import NbdClient
 from symbiont.ssdcache.pool import loop_devices_of
 from symbiont_research.lab.session import DaemonProcess
+from tests.ssdcache_fixtures import ssdcache_daemon
 
 pytestmark = [pytest.mark.root]
 
@@ -108,28 +106,8 @@ class Load:
 @pytest.fixture
 def bench(as_root, tmp_path):
     pools = tmp_path / "pools"
-    cfg = {"state_dir": str(tmp_path / "state"), "socket": str(tmp_path / "api.sock"),
-           "control": {"period_s": 0.5},
-           "ssdcache": {"pool_dir": str(pools), "reserve_free_mib": 0, "release_timeout_s": 0.5}}
-    (tmp_path / "d.yaml").write_text(yaml.safe_dump(cfg))
-    d = DaemonProcess(tmp_path / "d.yaml", load_config(tmp_path / "d.yaml"), tmp_path / "d.log")
-    d.start()
-    pool_file = pools / "crash.img"
-    try:
-        yield d, pool_file
-    finally:
-        try:
-            if d.proc is None or d.proc.poll() is not None:
-                d.start()
-            with d.client() as c:
-                for v in c.get("/v1/ssdcache/caches"):
-                    c.delete(f"/v1/ssdcache/caches/{v['vm']}")
-                if c.get("/v1/ssdcache/pool")["exists"]:
-                    c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
-        finally:
-            d.stop()
-            for dev in loop_devices_of(pool_file) if pool_file.exists() else []:
-                subprocess.run(["losetup", "-d", dev], check=False)
+    with ssdcache_daemon(tmp_path, {"pool_dir": str(pools), "reserve_free_mib": 0, "release_timeout_s": 0.5}) as d:
+        yield d, pools / "crash.img"
 
 
 def check_invariants(d: DaemonProcess, pool_file: Path) -> dict[str, int]:

@@ -20,14 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from symbiont.client import ApiError
-from symbiont.config import load_config
 from symbiont.ssdcache.layout import BLOCK_SIZE
 from symbiont.ssdcache.nbdclient import NbdClient
-from symbiont.ssdcache.pool import loop_devices_of
-from symbiont_research.lab.session import DaemonProcess
+from tests.ssdcache_fixtures import ssdcache_daemon
 
 pytestmark = [pytest.mark.root]
 
@@ -80,26 +77,11 @@ def env(as_root, tmp_path_factory):
         swaps.append(swap)
         good = loop("good.img", 16, data=OLD)
         unlisted = loop("unlisted.img", 16, data=OLD)
-        cfg = {"state_dir": str(tmp / "state"), "socket": str(tmp / "api.sock"), "control": {"period_s": 0.5},
-               "ssdcache": {"pool_dir": str(pools), "allowed_devices": [mounted, swap, good],
-                            "max_caches": 3, "size_overcommit": 2.0, "reserve_free_mib": 64}}
-        (tmp / "d.yaml").write_text(yaml.safe_dump(cfg))
-        d = DaemonProcess(tmp / "d.yaml", load_config(tmp / "d.yaml"), tmp / "d.log")
-        d.start()
-        try:
+        ssd = {"pool_dir": str(pools), "allowed_devices": [mounted, swap, good], "max_caches": 3,
+               "size_overcommit": 2.0, "reserve_free_mib": 64}
+        with ssdcache_daemon(tmp, ssd) as d:
             yield {"d": d, "tmp": tmp, "pools": pools, "mnt": mnt, "mounted": mounted,
                    "swap": swap, "good": good, "unlisted": unlisted}
-        finally:
-            try:
-                if d.proc is None or d.proc.poll() is not None:
-                    d.start()
-                with d.client() as c:
-                    for v in c.get("/v1/ssdcache/caches"):
-                        c.delete(f"/v1/ssdcache/caches/{v['vm']}")
-                    if c.get("/v1/ssdcache/pool")["exists"]:
-                        c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
-            finally:
-                d.stop()
     finally:
         for s in swaps:
             subprocess.run(["swapoff", s], check=False)
@@ -107,9 +89,6 @@ def env(as_root, tmp_path_factory):
             subprocess.run(["umount", str(m)], check=False)
         for dev in loops:
             subprocess.run(["losetup", "-d", dev], check=False)
-        for f in pools.glob("*.img"):
-            for dev in loop_devices_of(f):
-                subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def refused(c, method: str, path: str, body: dict | None = None, **params: str) -> ApiError:
