@@ -16,6 +16,7 @@ daemon) per migrated MiB, measured in the same run. As root:
 
     .venv/bin/python benchmarks/bench_migration.py
     .venv/bin/python benchmarks/bench_migration.py --sizes 32 --rates "" --no-baseline   # quick
+    .venv/bin/python benchmarks/bench_migration.py --grid --rates 4096   # 8/32/128 MiB x 1 and 4 MiB/s
 """
 
 from __future__ import annotations
@@ -49,17 +50,40 @@ def one(s: LabSession, src: str, dst: str, ct: str, path: str, predumps: int, si
         raise SystemExit(f"migration {m['id']} failed: {m['error']}")
     r = _row(m, size)
     pr = m["progress"]
+    fs = m["result"].get("freeze_steps") or {}
+    xfer = m["result"].get("transfer_cpu") or {}
     r.update(
         dirty_kib_s=dirty, predumps=pr.get("predumps", 0), stop=pr.get("precopy_stop"),
         final_mib=round(pr.get("final_bytes", 0) / MiB, 3),
         freeze_s=m["timings"].get("downtime_s"),
         throughput_mib_s=round(r["moved_mib"] / max(1e-9, r["transfer_s"]), 3),
+        steps=fs, final_xfer_s=round(sum(fs.get(k, 0.0) for k in ("manifest_s", "send_s", "verify_s")), 3),
+        xfer_cpu_s_per_mib=xfer.get("cpu_s_per_mib"), xfer_mib_s=round(xfer.get("bytes", 0) / MiB / max(1e-9, xfer.get("seconds", 0.0)), 2),
     )  # fmt: skip
     print(f"  {path:7s} {size:4d} MiB {dirty:6d} KiB/s predumps {r['predumps']} ({r['stop']}): moved {r['moved_mib']:.1f} "
           f"MiB, final {r['final_mib']:.2f} MiB, freeze {r['freeze_s']:.2f} s (dump {r['dump_s']:.2f}, restore "
-          f"{r['restore_s']:.2f}), total {r['total_s']:.1f} s, {r['host_cpu_s_per_mib']:.3f} host CPU s/MiB",
-          flush=True)  # fmt: skip
+          f"{r['restore_s']:.2f}), total {r['total_s']:.1f} s, {r['host_cpu_s_per_mib']:.3f} host CPU s/MiB, "
+          f"transfers alone {r['xfer_cpu_s_per_mib']} s/MiB at {r['xfer_mib_s']} MiB/s; steps {fs}", flush=True)  # fmt: skip
     return r
+
+
+GUEST_COSTS = (  # one line: it is typed into the guest's serial console
+    "import hashlib, time, zlib; b = bytes(range(256)) * (16 << 12); n = len(b) >> 20; "
+    "t = lambda f: (lambda t0: (f(), (time.perf_counter() - t0) * 1e3 / n)[1])(time.perf_counter()); "
+    "print('guest ms/MiB: sha256 %.1f crc32 %.1f copy %.1f' % (t(lambda: hashlib.sha256(b).digest()), "
+    "t(lambda: zlib.crc32(b)), t(lambda: bytearray(b))))"
+)
+
+
+def guest_costs(s: LabSession, vm: str) -> None:
+    """What one pass over the data costs inside a TCG guest (the checksums and copies of the paths)."""
+    from symbiont_research.lab.console import guest_exec
+
+    try:
+        r = guest_exec(s.host, vm, f"python3 -c \"{GUEST_COSTS}\"", timeout=120)
+        print("-", r.output.strip().splitlines()[-1] if r.output.strip() else r, flush=True)
+    except Exception as exc:  # a measurement beside the benchmark: never its end
+        print("- guest costs not measured:", exc, flush=True)
 
 
 def main() -> None:
@@ -69,12 +93,16 @@ def main() -> None:
     ap.add_argument("--rates", default="256,4096,16384", help="more write rates at 32 MiB, KiB/s")
     ap.add_argument("--predumps", type=int, default=4, help="most pre-copy iterations")
     ap.add_argument("--no-baseline", action="store_true", help="skip the stop-and-copy pair")
+    ap.add_argument("--grid", action="store_true", help="every size at every write rate (--dirty and --rates)")
     ap.add_argument("--memory-mib", type=int, default=768, help="guest memory")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     rates = [int(x) for x in args.rates.split(",") if x.strip()]
     plan: list[tuple[int, int, int]] = [(size, args.dirty, args.predumps) for size in sizes]
-    plan += [(32, r, args.predumps) for r in rates]
+    if args.grid:
+        plan = [(size, r, args.predumps) for r in [args.dirty, *rates] for size in sizes]
+    else:
+        plan += [(32, r, args.predumps) for r in rates]
     if not args.no_baseline:
         plan.append((32, args.dirty, 0))
     rows: list[dict[str, Any]] = []
@@ -84,6 +112,7 @@ def main() -> None:
         for vm in s.names:
             s.wait_for(lambda vm=vm: s.client().get(f"/v1/vms/{vm}")["cooperative"], 180, f"{vm} cooperative")
         a, b = s.names
+        guest_costs(s, a)
         for i, (size, dirty, predumps) in enumerate(plan):
             ct = f"b{i}"
             start(s, a, ct, size, dirty)
@@ -94,20 +123,26 @@ def main() -> None:
                 c.call("DELETE", f"/v1/cpu/vms/{a}/containers/{ct}")
     print()
     print("| path | size MiB | writes KiB/s | pre-dumps (why stopped) | moved MiB | final dump MiB | freeze s "
-          "| dump s | restore s | total s | host CPU s/MiB | relay/network CPU per MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    ratios = []
+          "| dump s | final transfer s | restore s | total s | host CPU s/MiB (whole) | relay/network | "
+          "host CPU s/MiB (transfers alone) | relay/network |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    ratios, xratios = [], []
     for j in range(0, len(rows), 2):
         r, n = rows[j], rows[j + 1]
         ratio = r["host_cpu_s_per_mib"] / max(1e-9, n["host_cpu_s_per_mib"])
         ratios.append(ratio)
-        for x, extra in ((r, f"x{ratio:.2f}"), (n, "")):
+        xratio = (r["xfer_cpu_s_per_mib"] or 0.0) / max(1e-9, n["xfer_cpu_s_per_mib"] or 0.0)
+        xratios.append(xratio)
+        for x, extra, xextra in ((r, f"x{ratio:.2f}", f"x{xratio:.2f}"), (n, "", "")):
             print(f"| {x['path']} | {x['size_mib']} | {x['dirty_kib_s']} | {x['predumps']} ({x['stop']}) | "
                   f"{x['moved_mib']:.1f} | {x['final_mib']:.2f} | {x['freeze_s']:.2f} | {x['dump_s']:.2f} | "
-                  f"{x['restore_s']:.2f} | {x['total_s']:.1f} | {x['host_cpu_s_per_mib']:.3f} | {extra} |")  # fmt: skip
+                  f"{x['final_xfer_s']:.2f} | {x['restore_s']:.2f} | {x['total_s']:.1f} | "
+                  f"{x['host_cpu_s_per_mib']:.3f} | {extra} | {x['xfer_cpu_s_per_mib']} | {xextra} |")  # fmt: skip
     print()
-    print(f"relay / network host CPU per migrated MiB: median x{statistics.median(ratios):.2f} "
+    print(f"relay / network host CPU per migrated MiB, whole migration: median x{statistics.median(ratios):.2f} "
           f"(min x{min(ratios):.2f}, max x{max(ratios):.2f}) over {len(ratios)} pairs")
+    print(f"relay / network host CPU per MiB, transfers alone: median x{statistics.median(xratios):.2f} "
+          f"(min x{min(xratios):.2f}, max x{max(xratios):.2f}) over {len(xratios)} pairs")
 
 
 if __name__ == "__main__":

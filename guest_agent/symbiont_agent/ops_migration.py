@@ -13,6 +13,7 @@ the way back), ``mig-finish`` (the source copy goes away after the destination c
 
 Destination side: ``mig-recv`` (one chunk, checksum verified), ``mig-net-recv`` (threaded TCP
 receiver), ``mig-verify`` (sizes and SHA-256 of every file against the source's manifest),
+``mig-prepare`` (threaded, before the freeze: CRIU and pycriu warmed up),
 ``mig-restore`` (threaded: the container's files, its cgroup with the same limits, CRIU
 restore into it, registration with the container manager), ``mig-abort``.
 """
@@ -201,8 +202,11 @@ def _dump(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     except BaseException:
         g.write("cgroup.freeze", "0")  # failed: the container runs on here
         raise
+    # The final files' manifest comes with the dump: one round trip less inside the freeze.
+    man = _manifest({"mid": args.get("mid"), "paths": ["img/final", FILES_TAR]}, b"")
     return {
         "dir": "img/final",
+        "manifest": man["files"],
         "bytes": _du(img),
         "criu_seconds": round(secs, 4),
         "seconds": round(time.monotonic() - t0, 4),
@@ -488,6 +492,31 @@ def _restore(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         "seconds": round(time.monotonic() - t0, 4),
         "files": files,
         "procs": g.procs(),
+    }
+
+
+@op("mig-prepare", threaded=True)
+def _prepare(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    """Destination, while the source still runs: warm up what the restore inside the freeze
+    needs, so it does not pay a cold start there (measured under TCG: the first restore of a
+    guest took 2.6 s, 1.8 s of it CRIU paging in its binary and libraries and loading the
+    kernel's netfilter modules for its network lock, 0.8 s importing pycriu; 0.47 s warm)."""
+    import subprocess
+
+    d = _dir(args.get("mid"))
+    os.makedirs(d, exist_ok=True)
+    t0 = time.monotonic()
+    criu._pycriu()
+    t_import = time.monotonic() - t0
+    MANAGER.ensure_subtree()
+    # CRIU checks the kernel features it uses (namespaces, TCP repair, ...), pages itself in.
+    chk = subprocess.run([criu.CRIU_BIN, "check"], capture_output=True, text=True, timeout=60)
+    # the network lock of a restore with TCP connections runs iptables-restore: load its modules
+    subprocess.run(["iptables", "-w", "-n", "-L", "INPUT"], capture_output=True, timeout=60)
+    return {
+        "import_s": round(t_import, 4),
+        "seconds": round(time.monotonic() - t0, 4),
+        "criu_check": chk.returncode,
     }
 
 

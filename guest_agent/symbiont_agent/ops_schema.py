@@ -686,6 +686,7 @@ for _verb, _req, _doc, _pin in (
     ("send", MigSendReq, "stream image files as events", 0),
     ("recv", MigRecvReq, "write one chunk (binary payload)", MAX_BINARY),
     ("verify", MigVerifyReq, "check received files against the manifest", 0),
+    ("prepare", MigMidReq, "warm up CRIU on the destination before the freeze", 0),
     ("restore", MigRestoreReq, "recreate the container and CRIU-restore it", 0),
     ("status", MigMidNameReq, "a migration's state in this guest", 0),
     ("resume", MigNameReq, "thaw the source container", 0),

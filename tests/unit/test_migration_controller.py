@@ -236,3 +236,40 @@ def test_gateway_stream_routes_events_until_unsubscribed() -> None:
     assert link.stream_handlers == {"mig-chunk": second}
     with pytest.raises(NoAgent):
         gw.stream("vm2", "mig-chunk", first)
+
+
+def test_destination_warms_up_before_the_freeze_and_the_dump_brings_its_manifest(tmp_path) -> None:
+    """Inside the freeze only the dump, the final transfer and the restore: CRIU is warmed up on
+    the destination (``prepare``) during pre-copy, the final files' manifest comes with the dump
+    (no extra round trip), and each step of the freeze and the transfers' own host CPU are
+    recorded."""
+    a = agents([40 * MiB, 500 << 10])
+    man = a.replies["migration.manifest"]
+    a.replies["migration.dump"] = {"bytes": 300 << 10, "files": [], "manifest": man["files"]}
+    a.replies["migration.prepare"] = {"seconds": 0.5}
+
+    async def main() -> dict[str, Any]:
+        env, part = env_with(tmp_path, a)
+        await env.start()
+        m = await part.ctl.start("vm1", "web", "vm2", predumps=8, converge=MiB, chunk=4096, window=16384)
+        await part.ctl.tasks[m["id"]]
+        await part.stop()
+        return part.ctl.show(m["id"])
+
+    m = asyncio.run(main())
+    assert m["phase"] == "done", m
+    seq = ops(a)
+    assert seq.index(("vm2", "migration.prepare", None, None)) < seq.index(("vm1", "migration.dump", None, None))
+    assert [op for _, op, *_ in seq].count("migration.manifest") == 2  # the two pre-dumps only
+    assert b"".join(a.received) == DATA * 3  # the final files still relayed, from the dump's manifest
+    steps = m["result"]["freeze_steps"]
+    assert {"dump_s", "manifest_s", "send_s", "verify_s", "restore_s", "status_s"} <= set(steps), steps
+    assert m["timings"]["prepare_s"] == 0.5
+    xfer = m["result"]["transfer_cpu"]
+    assert xfer["bytes"] == 3 * len(DATA) and xfer["cpu_s"] == 0.0, xfer
+
+
+def test_a_failed_warm_up_does_not_stop_the_migration(tmp_path) -> None:
+    m, a = run(tmp_path, [40 * MiB, 500 << 10], fail="migration.prepare")
+    assert m["phase"] == "done", m
+    assert ("vm2", "migration.prepare", None, None) in ops(a) and "prepare_s" not in m["timings"]

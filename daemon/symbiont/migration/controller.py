@@ -260,6 +260,7 @@ class MigrationController:
         meter = await asyncio.to_thread(CpuMeter.for_migration, self.ctx.host, m["vm"], m["dest"])
         t0 = time.monotonic()
         timings: dict[str, float] = {}
+        m["_meter"] = meter
         try:
             await self._steps(m, timings, meter)
         except asyncio.CancelledError:
@@ -286,6 +287,13 @@ class MigrationController:
         self.journal.move(
             mid, "check", result={"check": {k: chk[k] for k in ("init_pid", "files", "memory_current")}}
         )
+        # The destination warms CRIU up while the source pre-copies (a cold first restore
+        # costs seconds inside the freeze under TCG); best effort, an older agent has no op.
+        prep: asyncio.Task[Any] | None = None
+        if self.ctx.agents.supports(dest, "migration.prepare"):
+            prep = asyncio.get_running_loop().create_task(
+                self.agent(dest, "migration.prepare", {"mid": mid}, timeout=120)
+            )
         moved = 0
         last = 0
         sizes: list[int] = []
@@ -308,12 +316,25 @@ class MigrationController:
                 break
         if not sizes:
             stop = "stop-and-copy"
+        if prep is not None:
+            t = time.monotonic()
+            try:
+                timings["prepare_s"] = float((await prep).get("seconds") or 0.0)
+            except DaemonError as exc:
+                log.info("migration %s: prepare on %s failed (restore cold): %s", mid, dest, exc)
+            timings["prepare_wait_s"] = round(time.monotonic() - t, 4)
         self.journal.move(mid, "dump", timings=timings, progress={"predumps": last, "precopy_stop": stop})
+        steps: dict[str, float] = {}  # the final phase, step by step (what the freeze is made of)
         if p.get("ip"):  # the container's address leaves with it: the source fences it off now
+            t = time.monotonic()
             await self.agent(vm, "migration.addr", {"ip": p["ip"], "up": False, "fenced": True})
+            steps["fence_s"] = time.monotonic() - t
         frozen = time.monotonic()
         r = await self.agent(vm, "migration.dump", {"mid": mid, "name": ct, "parent": last}, timeout=LONG)
         timings["dump_s"] = round(time.monotonic() - frozen, 4)
+        steps["dump_s"] = timings["dump_s"]
+        steps["dump_criu_s"] = float(r.get("criu_seconds") or 0.0)
+        steps["dump_agent_s"] = float(r.get("seconds") or 0.0)
         self.journal.move(
             mid,
             "transfer",
@@ -321,48 +342,92 @@ class MigrationController:
             progress={"dump_bytes": r["bytes"], "files": r["files"], "frozen_at": r.get("frozen_at")},
         )
         t = time.monotonic()
-        final = await self._transfer(m, ["img/final", "files.tar"])
+        final = await self._transfer(m, ["img/final", "files.tar"], steps, manifest=r.get("manifest"))
         moved += final
         timings["transfer_final_s"] = round(time.monotonic() - t, 4)
         self.journal.move(mid, "restore", timings=timings, progress={"bytes_total": moved, "final_bytes": final})
         t = time.monotonic()
         if p.get("ip"):  # up (and announced) before CRIU rebinds the connections to it; fenced till then
             await self.agent(dest, "migration.addr", {"ip": p["ip"], "up": True, "fenced": True})
+            steps["addr_up_s"] = time.monotonic() - t
+        t1 = time.monotonic()
         res = await self.agent(dest, "migration.restore", {"mid": mid, "record": chk["record"]}, timeout=LONG)
+        steps["restore_s"] = time.monotonic() - t1
+        steps["restore_criu_s"] = float(res.get("criu_seconds") or 0.0)
+        steps["restore_agent_s"] = float(res.get("seconds") or 0.0)
         if p.get("ip"):
+            t1 = time.monotonic()
             await self.agent(dest, "migration.addr", {"ip": p["ip"], "up": True, "fenced": False})
+            steps["addr_open_s"] = time.monotonic() - t1
         timings["restore_s"] = round(time.monotonic() - t, 4)
+        t1 = time.monotonic()
         st = await self.agent(dest, "migration.status", {"mid": mid, "name": ct})
+        steps["status_s"] = time.monotonic() - t1
         cont = st.get("container") or {}
         if not (st.get("restored") and cont.get("populated") and not cont.get("frozen")):
             raise MigrationFailed(f"{dest}: the restored container is not running ({st})")
         timings["downtime_s"] = round(time.monotonic() - frozen, 4)
+        self.journal.move(mid, "restore", result={"freeze_steps": {k: round(v, 4) for k, v in steps.items()}})
         self.journal.move(mid, "confirm", timings=timings, result={"restore": res, "bytes": moved})
         self.ctx.decisions.log(
             "confirm", dest, {"id": mid, "ct": ct}, {"pid": res.get("pid")}
         )
         self.journal.move(mid, "cleanup")
         await self._finish(m)
-        self.journal.move(mid, "done", timings=timings, result={"host_cpu": meter.read()})
+        self.journal.move(mid, "done", timings=timings, result={"host_cpu": meter.read(),
+                                                               "transfer_cpu": m.get("_xfer_cpu")})  # fmt: skip
 
-    async def _transfer(self, m: dict[str, Any], paths: list[str]) -> int:
-        """Move the files under ``paths`` to the destination; verify them there; return bytes."""
+    async def _transfer(self, m: dict[str, Any], paths: list[str], steps: dict[str, float] | None = None,
+                        manifest: Any = None) -> int:  # fmt: skip
+        """Move the files under ``paths`` to the destination; verify them there; return bytes.
+
+        ``steps`` (the final phase) receives the time of each step: manifest, send, verify;
+        ``manifest`` is the source's list of the files when it came with the dump."""
         mid, vm, dest = m["id"], m["vm"], m["dest"]
-        man = await self.agent(vm, "migration.manifest", {"mid": mid, "paths": paths}, timeout=LONG)
+        steps = {} if steps is None else steps
+        t = time.monotonic()
+        if manifest is None:
+            manifest = (await self.agent(vm, "migration.manifest", {"mid": mid, "paths": paths}, timeout=LONG)).get("files")
+        steps["manifest_s"] = time.monotonic() - t
         try:
-            files = rate.validate_manifest(man.get("files"), MAX_TOTAL)
+            files = rate.validate_manifest(manifest, MAX_TOTAL)
         except rate.StreamError as exc:
             raise MigrationFailed(f"{vm}: bad manifest: {exc}") from None
         order = sorted(files)
+        t = time.monotonic()
+        meter: CpuMeter | None = m.get("_meter")
+        cpu0 = meter.read() if meter else {}
         if m["path"] == "network":
             await self._network(m, files, order)
         else:
             await self._relay(m, files, order)
+        steps["send_s"] = time.monotonic() - t
+        if meter:  # host CPU of the data movement alone (Portkey's comparison), without CRIU's
+            self._count_transfer_cpu(m, cpu0, meter.read(), sum(int(e["size"]) for e in files.values()),
+                                     steps["send_s"])  # fmt: skip
+        t = time.monotonic()
         await self.agent(dest, "migration.verify", {"mid": mid, "files": list(files.values())}, timeout=LONG)
+        steps["verify_s"] = time.monotonic() - t
         total = sum(int(e["size"]) for e in files.values())
         self.journal.progress(mid, moved=(m.get("_moved", 0) + total))
         m["_moved"] = m.get("_moved", 0) + total
         return total
+
+    @staticmethod
+    def _count_transfer_cpu(m: dict[str, Any], before: dict[str, Any], after: dict[str, Any], nbytes: int,
+                            secs: float) -> None:  # fmt: skip
+        """Add one transfer's host CPU (both QEMUs + the daemon) to the migration's total."""
+        acc = m.setdefault("_xfer_cpu", {"bytes": 0, "seconds": 0.0})
+        acc["bytes"] += nbytes
+        acc["seconds"] = round(acc["seconds"] + secs, 4)
+        total = 0.0
+        for k in ("source_qemu", "dest_qemu", "daemon"):
+            a, b = after.get(f"{k}_cpu_s"), before.get(f"{k}_cpu_s")
+            d = 0.0 if a is None or b is None else max(0.0, a - b)
+            acc[f"{k}_cpu_s"] = round(acc.get(f"{k}_cpu_s", 0.0) + d, 4)
+            total += d
+        acc["cpu_s"] = round(acc.get("cpu_s", 0.0) + total, 4)
+        acc["cpu_s_per_mib"] = round(acc["cpu_s"] / max(acc["bytes"] / (1 << 20), 1e-9), 4)
 
     async def _relay(
         self, m: dict[str, Any], files: dict[str, dict[str, Any]], order: list[str]
@@ -400,15 +465,17 @@ class MigrationController:
 
     async def _network(self, m: dict[str, Any], files: dict[str, dict[str, Any]], order: list[str]) -> None:
         vm, dest = m["vm"], m["dest"]
-        await self.agent(vm, "migration.net-setup", {})
-        peer = await self.agent(dest, "migration.net-setup", {})
+        peer = m.get("_peer")
+        if peer is None:  # once per migration (ip(8) twice in each guest): not again inside the freeze
+            await self.agent(vm, "migration.net-setup", {})
+            peer = m["_peer"] = await self.agent(dest, "migration.net-setup", {})
         recv = asyncio.get_running_loop().create_task(
             self.agent(
                 dest, "migration.net-recv", {"mid": m["id"], "files": [files[k] for k in order]}, timeout=LONG
             )
         )
         try:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.1)  # the receiver listens; the sender retries its connect anyway
             sent = await self.agent(vm, "migration.net-send", {"mid": m["id"], "paths": order, "host": peer["ip"]},
                                     timeout=LONG)  # fmt: skip
             async with asyncio.timeout(LONG):  # not wait_for: it can swallow a cancellation (3.11)
