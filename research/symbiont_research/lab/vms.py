@@ -355,12 +355,14 @@ def remove_vm(
         dom = None
     if dom is not None:
         check_owner(name, domain_mark(dom), owner or LabOwner.this_process(), reclaim)
+        persistent = dom.isPersistent()  # a clone restored from a saved template is transient
         if dom.isActive():
             try:
                 dom.destroy()
             except libvirt.libvirtError as exc:
                 raise LabError(f"{name}: destroy failed: {exc.get_error_message()}") from None
-        dom.undefine()
+        if persistent:
+            dom.undefine()
     vm = lab_vm(cfg, name)
     existed = dom is not None or vm.dir.exists()
     shutil.rmtree(vm.dir, ignore_errors=True)

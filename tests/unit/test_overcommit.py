@@ -1,0 +1,55 @@
+"""overcommit-density's pure parts: criteria, percentiles, the zram share, rate lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from symbiont_research.experiments.framework import ExperimentError, coerce_params, registry
+from symbiont_research.experiments.overcommit import judge, percentile, rates_since, zram_share_mib
+
+
+def test_percentile_is_nearest_rank() -> None:
+    vals = [float(i) for i in range(1, 101)]  # 1..100
+    assert percentile(vals, 50) == 50.0
+    assert percentile(vals, 99) == 99.0
+    assert percentile([0.1, 0.2, 5.0], 99) == 5.0  # three pings: p99 is the slowest
+    assert percentile([0.3], 50) == 0.3
+
+
+def test_zram_share_prorates_compressed_size_by_swapped_pages() -> None:
+    share = zram_share_mib({"a": 300, "b": 100, "c": 0}, used_kib=400, mem_used_total=200 << 20)
+    assert share == pytest.approx({"a": 150.0, "b": 50.0, "c": 0.0})
+    assert zram_share_mib({"a": 10}, used_kib=0, mem_used_total=0) == {"a": 0.0}
+
+
+def test_judge_names_the_first_failing_criterion() -> None:
+    assert judge([0.95, 0.92], [0.01, 0.2, 0.5], 0, 0.9, 1.0) == ""
+    assert "OOM" in judge([1.0], [0.01], 2, 0.9, 1.0)
+    assert "throughput 0.85" in judge([0.95, 0.85], [0.01], 0, 0.9, 1.0)
+    assert "did not answer" in judge([1.0], [0.01, None], 0, 0.9, 1.0)
+    assert "p99 1.50 s" in judge([1.0], [0.01] * 10 + [1.5], 0, 0.9, 1.0)
+    # 200 pings, one slow: the 99th percentile is still fast
+    assert judge([1.0], [0.01] * 199 + [3.0], 0, 0.9, 1.0) == ""
+
+
+def test_rates_since_reads_whole_lines_only(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_bytes(b"boot noise\nSYMRATE 120.50\n# \nSYMRATE 99.00\nSYMRATE 1")
+    vals, off = rates_since(log, 0)
+    assert vals == [120.5, 99.0]
+    with log.open("ab") as fh:
+        fh.write(b"10.25\n")
+    vals, off2 = rates_since(log, off)
+    assert vals == [110.25] and off2 == log.stat().st_size
+    assert rates_since(tmp_path / "missing.log", 7) == ([], 7)
+
+
+def test_registered_with_its_parameters() -> None:
+    exp = registry()["overcommit-density"]
+    assert exp.part == "overcommit" and {"root", "libvirt", "vm"} <= exp.needs
+    params = coerce_params(exp, ["steps=4,8", "configs=stock,full", "idle_after_s=12"])
+    assert params["steps"] == [4, 8] and params["configs"] == ["stock", "full"] and params["idle_after_s"] == 12.0
+    with pytest.raises(ExperimentError, match="unknown parameter"):
+        coerce_params(exp, ["nodes=3"])
