@@ -110,3 +110,59 @@ def test_template_key_follows_image_and_memory(tmp_path: Path) -> None:
     assert k != template_key(cfg, fake_image(tmp_path), 768)
     cfg2 = load_config(None, {"lab": {"domain_type": "qemu", "tcg_tb_cache_mib": 16}})
     assert k != template_key(cfg2, fake_image(tmp_path), 512)
+
+
+def fake_save(path: Path, xml: str, cookie: bytes | None, payload: bytes, pad: int = 65536) -> None:
+    """A save image laid out as libvirt 9.0 writes one (virQEMUSaveDataWrite)."""
+    from symbiont_research.lab.clone import SAVE_HEADER, SAVE_MAGIC
+
+    body = xml.encode() + b"\0"
+    off = 0
+    if cookie is not None:
+        off = len(body)
+        body += cookie + b"\0"
+    data_len = len(body) + pad
+    path.write_bytes(SAVE_HEADER.pack(SAVE_MAGIC, 2, data_len, 1, 0, off, b"\0" * 56)
+                     + body + b"\0" * pad + payload)
+
+
+@pytest.mark.parametrize("cookie", [b"<cookie><cpu/></cookie>", None])
+def test_save_header_xml_rewritten_in_place_stream_untouched(tmp_path: Path, cookie: bytes | None) -> None:
+    from symbiont_research.lab.clone import SAVE_HEADER, read_save_xml, write_save_xml
+
+    save = tmp_path / "state.save"
+    payload = bytes(range(256)) * 64
+    fake_save(save, "<domain><name>template</name></domain>", cookie, payload)
+    size = save.stat().st_size
+    assert read_save_xml(save) == ("<domain><name>template</name></domain>", cookie or b"")
+    longer = "<domain><name>clone-with-a-much-longer-name</name><uuid>x</uuid></domain>"
+    write_save_xml(save, longer)
+    assert read_save_xml(save) == (longer, cookie or b"")
+    assert save.stat().st_size == size
+    assert save.read_bytes().endswith(payload)  # the RAM stream after the header is unchanged
+    write_save_xml(save, "<domain/>")  # shorter again: no tail of the longer XML survives
+    assert read_save_xml(save)[0] == "<domain/>"
+    head = SAVE_HEADER.unpack(save.read_bytes()[:SAVE_HEADER.size])
+    assert head[0] == b"LibvirtQemudSave" and head[1] == 2 and head[3] == 1
+
+
+def test_save_header_refuses_what_it_cannot_hold(tmp_path: Path) -> None:
+    from symbiont_research.lab.clone import SAVE_HEADER, read_save_xml, write_save_xml
+
+    save = tmp_path / "state.save"
+    fake_save(save, "<domain/>", b"<cookie/>", b"RAM", pad=16)
+    before = save.read_bytes()
+    with pytest.raises(CloneError, match="does not fit"):
+        write_save_xml(save, "<domain>" + "x" * 100 + "</domain>")
+    assert save.read_bytes() == before  # nothing written
+    partial = tmp_path / "partial.save"
+    partial.write_bytes(b"LibvirtQemudPart" + before[16:])
+    with pytest.raises(CloneError, match="not a complete libvirt save image"):
+        read_save_xml(partial)
+    other = tmp_path / "other.save"
+    other.write_bytes(before[:SAVE_HEADER.size] + b"\0\0\0\0" + before[SAVE_HEADER.size:])  # a 96-byte header
+    with pytest.raises(CloneError, match="no domain XML right after the 92-byte header"):
+        read_save_xml(other)
+    (tmp_path / "short.save").write_bytes(b"Libvirt")
+    with pytest.raises(CloneError, match="too short"):
+        read_save_xml(tmp_path / "short.save")

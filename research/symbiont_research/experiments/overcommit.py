@@ -574,6 +574,11 @@ def overcommit_density(ctx: RunContext) -> dict[str, Any]:
     host = LibvirtHost(base.libvirt_uri)
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     owner = vms.LabOwner.new_run(ctx.run_id)
+    from symbiont.host.ksm import Ksm
+
+    ksm = Ksm()
+    ksm.require()
+    ksm_saved = ksm.settings()  # each config sets KSM from scratch; the host gets its own back
     summary: dict[str, Any] = {"configs": {}}
     csv_path = ctx.path("density.csv")
     fh = csv_path.open("w", newline="")
@@ -604,6 +609,10 @@ def overcommit_density(ctx: RunContext) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             ctx.write_csv("clones.csv", clone_rows)
         host.close()
+        for key in ("pages_to_scan", "sleep_millisecs", "run"):
+            if key in ksm_saved:
+                with contextlib.suppress(Exception):
+                    ksm.write(key, ksm_saved[key])
     summary["clone"] = _clone_cost(clone_rows, summary)
     full, stock = summary["configs"].get("full"), summary["configs"].get("stock")
     if full and stock:
@@ -662,10 +671,10 @@ def _run_config(ctx: RunContext, config: str, host: Any, cfg: Any, tpl: Any, own
         fleet.start_workload()
         watch = CpuWatch()
         for n in steps:
-            k0 = len(clone_rows) + len(fleet.clone_rows)
+            k0 = len(fleet.clone_rows)
             ctx.note(f"{config}: adding VMs {len(fleet.names) + 1}..{n}")
             stopped = fleet.add(n - len(fleet.names), stop=out_of_time)
-            added = fleet.clone_rows[k0 - len(clone_rows):]
+            added = fleet.clone_rows[k0:]
             if stopped:
                 out["bound"] = stopped
                 out["failed_at"] = n

@@ -9,9 +9,10 @@ It is saved with ``virDomainSave`` and its disk overlay frozen read-only. Each c
 * a qcow2 overlay on the frozen template disk (copy-on-write: a clone's writes stay its own);
 * the template's domain XML with the clone's name, uuid, MACs, channel socket paths, disk,
   console log and the lab's owner mark rewritten (:func:`clone_xml`);
-* ``virDomainRestoreFlags(save, dxml, RUNNING|PAUSED)``: QEMU starts and loads the template's
-  RAM. The guest agent in the clone is the template's, already running; it greets the host
-  again when a client connects to the clone's (new) channel socket.
+* that XML written into the save image's header, then ``virDomainRestoreFlags(save, NULL,
+  RUNNING|PAUSED)``: QEMU starts and loads the template's RAM. The guest agent in the clone
+  is the template's, already running; it greets the host again when a client connects to the
+  clone's (new) channel socket.
 
 The template is cached under ``lab.cache_dir/clones/<key>``; the key is a digest of the golden
 image's recipe digest (the agent's version is in the template's RAM, so an image change must
@@ -19,9 +20,16 @@ rebuild it), the memory size and what else shapes the saved machine (vCPUs, TCG 
 period, this module's version). Clones are transient libvirt domains carrying the same owner
 mark as any lab VM, so :func:`symbiont_research.lab.vms.remove_vm` and ``lab down`` remove them.
 
-libvirt 9.0 accepts a restore XML whose name, uuid and device *host-side* paths differ from the
-saved one; it refuses (ABI stability) a different memory size, vCPU count or device set, which
-is why those are part of the template key and never rewritten.
+Why the XML is written into the save image's header rather than passed as ``dxml``: libvirt
+9.0 checks a restore's ``dxml`` for ABI stability against the saved definition, and that check
+includes the uuid and the name ("Target domain uuid ... does not match source", in libvirt.so's
+messages), so ``dxml`` cannot make a second domain from one image. The header (libvirt's
+``virQEMUSaveHeader``: magic, version, data_len, was_running, format, cookieOffset; then the XML,
+the save cookie and zero padding within data_len, 64 KiB more than the XML it was saved with) is
+the layout ``virsh save-image-define`` rewrites too (after its ABI check); here it is rewritten for
+each clone (serialised by a lock: a restore reads it before QEMU reads the RAM stream after it)
+and the restore is given no ``dxml``. Memory size, vCPUs and the device set stay the template's:
+they are part of the template key.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import time
 import uuid as uuidlib
@@ -70,6 +79,49 @@ class CloneError(vms.LabError):
     """A template or clone operation failed; the message says which and why."""
 
 
+# libvirt's virQEMUSaveHeader (src/qemu/qemu_saveimage.h): magic[16], version, data_len,
+# was_running, format, cookieOffset, unused[14] — 92 bytes, host byte order (x86: little).
+SAVE_HEADER = struct.Struct("<16sIIIII56s")
+SAVE_MAGIC = b"LibvirtQemudSave"
+
+
+def read_save_xml(path: Path) -> tuple[str, bytes]:
+    """The domain XML and the save cookie in a libvirt save image's header."""
+    with open(path, "rb") as fh:
+        head = fh.read(SAVE_HEADER.size)
+        if len(head) != SAVE_HEADER.size:
+            raise CloneError(f"{path}: too short for a libvirt save image")
+        magic, version, data_len, _running, _fmt, cookie_off, _ = SAVE_HEADER.unpack(head)
+        if magic != SAVE_MAGIC or version != 2 or not 0 < data_len <= 16 << 20 or cookie_off > data_len:
+            raise CloneError(f"{path}: not a complete libvirt save image (magic {magic!r}, version {version})")
+        data = fh.read(data_len)
+    if len(data) != data_len:
+        raise CloneError(f"{path}: header data truncated")
+    if not data.startswith(b"<domain"):  # the layout is not the one this code knows: touch nothing
+        raise CloneError(f"{path}: no domain XML right after the {SAVE_HEADER.size}-byte header")
+    xml_part = data[:cookie_off] if cookie_off else data
+    cookie = data[cookie_off:].split(b"\0", 1)[0] if cookie_off else b""
+    return xml_part.split(b"\0", 1)[0].decode(), cookie
+
+
+def write_save_xml(path: Path, xml: str) -> None:
+    """Replace the domain XML in a save image's header in place (the cookie kept, the rest of
+    ``data_len`` zeroed); the RAM stream after it is not touched."""
+    _, cookie = read_save_xml(path)
+    with open(path, "r+b") as fh:
+        magic, version, data_len, running, fmt, cookie_off, unused = SAVE_HEADER.unpack(fh.read(SAVE_HEADER.size))
+        body = xml.encode() + b"\0"
+        new_off = 0
+        if cookie_off:
+            new_off = len(body)
+            body += cookie + b"\0"
+        if len(body) > data_len:
+            raise CloneError(f"{path}: the clone's XML ({len(body)} bytes) does not fit the header's {data_len}")
+        fh.seek(0)
+        fh.write(SAVE_HEADER.pack(magic, version, data_len, running, fmt, new_off, unused))
+        fh.write(body + b"\0" * (data_len - len(body)))
+
+
 @dataclass(frozen=True)
 class Template:
     """A saved, settled lab VM that clones restore from."""
@@ -91,8 +143,12 @@ class Template:
     def record(self) -> Path:
         return self.dir / "template.json"
 
+    @property
+    def xml(self) -> Path:
+        return self.dir / "domain.xml"  # the XML as saved: every clone's starts from it
+
     def ready(self) -> bool:
-        return self.record.exists() and self.save.exists() and self.disk.exists()
+        return all(p.exists() for p in (self.record, self.save, self.disk, self.xml))
 
     def info(self) -> dict[str, Any]:
         return json.loads(self.record.read_text()) if self.record.exists() else {}
@@ -145,7 +201,7 @@ def build_template(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if tpl.ready() and not force:
             return tpl
-        for p in (tpl.record, tpl.save, tpl.disk):
+        for p in (tpl.record, tpl.save, tpl.disk, tpl.xml):
             with contextlib.suppress(FileNotFoundError):
                 p.chmod(0o644)
                 p.unlink()
@@ -175,7 +231,7 @@ def build_template(
             save_s = time.monotonic() - t2
             shutil.move(str(vm.overlay), str(tpl.disk))
             tpl.disk.chmod(0o444)  # frozen: every clone's overlay is backed by it
-            tpl.save.chmod(0o444)
+            tpl.xml.write_text(read_save_xml(tpl.save)[0])
             record = {"key": tpl.key, "image": image.recipe_digest, "memory_mib": memory_mib,
                       "agent_version": hello.get("version"), "boot_s": round(boot_s, 2),
                       "settle_s": round(settle_s, 2), "save_s": round(save_s, 2),
@@ -317,33 +373,23 @@ def restore_clone(
             sock.unlink()
     uid = str(uuidlib.uuid4())
     xml = clone_xml(
-        template_xml(host, tpl), name, uid, vm.overlay,
+        tpl.xml.read_text(), name, uid, vm.overlay,
         {cfg.agent.channel_name: vm.channel, "org.symbiont.gpu.0": vm.gpu_channel},
         vm.console_log, vms.mark_xml(tpl.image_digest, owner or vms.LabOwner.this_process()),
     )
     flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
-    t1 = time.monotonic()
-    try:
-        host.conn.restoreFlags(str(tpl.save), xml, flags)
-    except libvirt.libvirtError as exc:
-        shutil.rmtree(vm.dir, ignore_errors=True)
-        raise CloneError(f"{name}: restore from {tpl.save} refused: {exc.get_error_message()}") from None
+    with open(tpl.dir / "restore.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the header holds one clone's XML at a time
+        t1 = time.monotonic()
+        try:
+            write_save_xml(tpl.save, xml)
+            host.conn.restoreFlags(str(tpl.save), None, flags)
+        except (libvirt.libvirtError, CloneError) as exc:
+            shutil.rmtree(vm.dir, ignore_errors=True)
+            msg = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+            raise CloneError(f"{name}: restore from {tpl.save} failed: {msg}") from None
     done = time.monotonic()
     return Clone(vm, uid, done - t1, done - t0, _rss_mib(host.qemu_pid(name)))
-
-
-_XML_CACHE: dict[tuple[str, float], str] = {}
-
-
-def template_xml(host: LibvirtHost, tpl: Template) -> str:
-    """The domain XML inside the save image (what libvirt checks a clone's XML against)."""
-    k = (str(tpl.save), tpl.save.stat().st_mtime)
-    if k not in _XML_CACHE:
-        try:
-            _XML_CACHE[k] = host.conn.saveImageGetXMLDesc(str(tpl.save), libvirt.VIR_DOMAIN_XML_SECURE)
-        except libvirt.libvirtError as exc:
-            raise CloneError(f"{tpl.save}: cannot read its domain XML: {exc.get_error_message()}") from None
-    return _XML_CACHE[k]
 
 
 def remove_clone(host: LibvirtHost, cfg: Config, name: str, owner: vms.LabOwner | None = None) -> bool:
@@ -357,4 +403,4 @@ def remove_clone(host: LibvirtHost, cfg: Config, name: str, owner: vms.LabOwner 
 
 
 __all__ = ["Clone", "CloneError", "Template", "build_template", "clone_xml", "remove_clone", "remove_template",
-           "restore_clone", "template_for", "template_key"]
+           "read_save_xml", "restore_clone", "template_for", "template_key", "write_save_xml"]
