@@ -166,3 +166,12 @@ def test_save_header_refuses_what_it_cannot_hold(tmp_path: Path) -> None:
     (tmp_path / "short.save").write_bytes(b"Libvirt")
     with pytest.raises(CloneError, match="too short"):
         read_save_xml(tmp_path / "short.save")
+
+
+def test_a_template_without_uuid_gets_one_after_its_name(tmp_path: Path) -> None:
+    tpl = ET.fromstring(template_xml(tmp_path))
+    tpl.remove(tpl.find("uuid"))
+    uid = str(uuid.uuid4())
+    root, _ = make(tmp_path, xml=ET.tostring(tpl, encoding="unicode"), uid=uid)
+    tags = [c.tag for c in root]
+    assert root.find("uuid").text == uid and tags.index("uuid") == tags.index("name") + 1

@@ -282,7 +282,11 @@ def clone_xml(
         return el
 
     one("./name").text = name
-    one("./uuid").text = str(uuidlib.UUID(uuid))
+    uel = root.find("./uuid")
+    if uel is None:
+        uel = ET.Element("uuid")
+        root.insert(list(root).index(one("./name")) + 1, uel)
+    uel.text = str(uuidlib.UUID(uuid))
     meta = root.find("./metadata")
     if meta is None:
         meta = ET.SubElement(root, "metadata")
