@@ -39,6 +39,7 @@ import contextlib
 import csv
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -528,7 +529,7 @@ class CpuWatch:
     "overcommit-density",
     "N 512 MiB lab VMs (a few busy, the rest idle) per config (stock, KSM, balloon, symbiont full) "
     "until throughput, ping p99 or OOM fails",
-    params={"configs": list(CONFIGS), "steps": [4, 8, 16, 32, 48, 64, 96, 128], "active": 2, "memory_mib": 512,
+    params={"configs": list(CONFIGS), "steps": [4, 8, 16, 32, 48, 64, 96, 128], "active": 1, "memory_mib": 512,
             "work_mib": 64, "measure_s": 12.0, "settle_s": 8.0, "min_ratio": 0.9, "max_ping_s": 1.0,
             "ping_timeout_s": 5.0, "period_s": 2.0, "idle_after_s": 15.0, "idle_cpu_pct": 5.0,
             "park_wait_s": 90.0, "min_mib": 128, "min_avail_mib": 1536, "agent_timeout_s": 60.0,
@@ -586,6 +587,11 @@ def overcommit_density(ctx: RunContext) -> dict[str, Any]:
     writer.writeheader()
     fh.flush()
     clone_rows: list[dict[str, Any]] = []
+
+    def on_term(_sig: int, _frame: Any) -> None:  # stop like ^C: clean up, keep what was measured
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
     try:
         ctx.stage("template: boot, settle, save (cached by image and memory size)")
         tpl = build_template(host, cfg, image, p["memory_mib"], step=ctx.note)
@@ -604,7 +610,10 @@ def overcommit_density(ctx: RunContext) -> dict[str, Any]:
                               time.monotonic() + share, writer, fh, clone_rows)
             summary["configs"][config] = res
             ctx.note(f"{config}: N = {res['n_reached']} ({res['bound']})")
+            if res.get("interrupted"):
+                break
     finally:
+        signal.signal(signal.SIGTERM, old_term)
         fh.close()
         with contextlib.suppress(Exception):
             ctx.write_csv("clones.csv", clone_rows)
@@ -736,6 +745,10 @@ def _run_config(ctx: RunContext, config: str, host: Any, cfg: Any, tpl: Any, own
                                                      "host_avail_mib")}
         else:
             out["bound"] = f"none up to the largest step ({steps[-1]})"
+    except KeyboardInterrupt:
+        out["bound"] = out["bound"] or "stopped by the operator (SIGINT/SIGTERM) before a criterion failed"
+        out["interrupted"] = True
+        ctx.note(f"{config}: interrupted; removing its VMs")
     except Exception as exc:
         out["bound"] = out["bound"] or f"error: {type(exc).__name__}: {exc}"[:300]
         ctx.note(f"{config}: stopped by an error: {exc}")
