@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The demo lab: build or reuse the golden image, boot two VMs, start symbiontd, register the
-# VMs, show live stats, balloon one VM and hot-plug vCPUs into the other through the API,
-# show the guest seeing it, tear everything down and print a short report.
-# Results (CSV, PNG, run.json) land in results/demo/<timestamp>/.
+# The demo: symbiotic overcommit on one host. Build or reuse the golden image, boot 4 VMs whose
+# configured memory (4 x 512 MiB) exceeds the demo's budget (1280 MiB), run a page-touching
+# workload in 2 of them and leave 2 idle; first with symbiontd's parts off (stock), then with
+# `profile: overcommit` and idle parking: memory flows to the busy VMs, the idle ones are
+# shrunk, paged out and parked, and still answer a ping (which wakes them). Prints host memory
+# per VM, stock vs symbiont; results (CSV, PNG, run.json) land in results/demo/<timestamp>/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/bootstrap.sh"
