@@ -334,3 +334,34 @@ def test_the_gateway_runs_its_hook_before_looking_at_the_link() -> None:
     gw.set_before_call(None)
     with pytest.raises(NoAgent, match="no agent channel"):
         asyncio.run(gw.call("vm1", "ping", {}))
+
+
+def test_the_idle_policy_can_be_changed_for_this_run_and_bad_input_changes_nothing(tmp_path: Path) -> None:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    from symbiont.errors import DaemonError
+    from symbiont.paging.api import router
+
+    env, part, dom, clock = _env(tmp_path)
+    part.cfg.idle_park = False
+    app = FastAPI()
+    app.state.parts = env.parts
+
+    @app.exception_handler(DaemonError)
+    async def _err(_r: Request, exc: DaemonError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+
+    app.include_router(router, prefix="/v1/paging")
+    c = TestClient(app)
+    for bad in ({"idle_after_s": 0.5}, {"idle_cpu_pct": 0}, {"idle_cpu_pct": 101}, {"idle_park": "yes"},
+                {"idle_after_s": 5, "x": 1}):
+        r = c.put("/v1/paging/policy", json=bad)
+        assert r.status_code == 422, bad
+    assert not part.cfg.idle_park and part.cfg.idle_after_s == 10.0 and env.store.decisions() == []
+    r = c.put("/v1/paging/policy", json={"idle_park": True, "idle_after_s": 4, "idle_cpu_pct": 5})
+    assert r.status_code == 200 and r.json() == {"idle_park": True, "idle_after_s": 4.0, "idle_cpu_pct": 5.0}
+    asyncio.run(env.start())
+    asyncio.run(_periods(env, clock, dom, 3, cpu_pct=4.0))  # 4 s under 5 %: parked
+    assert dom.state == "paused"
+    assert [d["action"] for d in env.store.decisions()][0] == "idle-policy"

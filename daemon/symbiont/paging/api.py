@@ -3,6 +3,8 @@
 * ``GET /v1/paging``: the tier (size, used, compressed) and per VM its RSS, swap, guest RAM
   and TCG code cache apart, parked or not;
 * ``GET /v1/paging/memory``: per VM where its memory is, each MiB once (``symbiont status``);
+* ``PUT /v1/paging/policy`` ``{"idle_park": true, "idle_after_s": 5, "idle_cpu_pct": 10}``: the
+  idle policy for this run of the daemon;
 * ``POST /v1/paging/vms/{vm}/pageout`` ``{"mib": N}`` (optional: the host's own target
   otherwise): page out cold guest memory, the guest choosing which pages;
 * ``POST /v1/paging/vms/{vm}/park``, ``POST /v1/paging/vms/{vm}/wake?prefetch=true|false&mode=touch|willneed``.
@@ -29,6 +31,14 @@ def _part(request: Request) -> PagingPart:
 VmName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$", description="libvirt domain name")]
 
 
+class IdlePolicy(StrictModel):
+    """The idle policy's keys (``paging.idle_*``), changed for this run of the daemon."""
+
+    idle_park: bool | None = None
+    idle_after_s: float | None = Field(None, ge=1.0, le=365 * 86400.0)
+    idle_cpu_pct: float | None = Field(None, gt=0.0, le=100.0)
+
+
 class PageoutBody(StrictModel):
     mib: int | None = Field(None, ge=1, le=1 << 22, description="MiB to page out; default: resident − (WSS + margin)")
 
@@ -44,6 +54,13 @@ async def memory(request: Request) -> dict[str, Any]:
     private, untouched), QEMU's overhead, its host footprint, and the last lever that moved."""
     part = _part(request)
     return await part.ctx.blocking(part.memory_status)  # type: ignore[no-any-return]
+
+
+@router.put("/policy")
+async def set_policy(body: IdlePolicy, request: Request) -> dict[str, Any]:
+    """Turn idle parking on/off or change its window and threshold (this run only; the config
+    keys ``paging.idle_park``/``idle_after_s``/``idle_cpu_pct`` are the lasting way)."""
+    return _part(request).set_policy(body.model_dump(exclude_none=True))
 
 
 @router.post("/vms/{vm}/pageout")

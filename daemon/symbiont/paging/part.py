@@ -863,6 +863,14 @@ class PagingPart(Part):
             vms.append(row)
         return {"tier": self.tier_view(), "vms": vms}
 
+    def set_policy(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """``PUT /v1/paging/policy``: the idle policy's keys for this run (validated by the API)."""
+        for key in ("idle_park", "idle_after_s", "idle_cpu_pct"):
+            if key in changes:
+                setattr(self.cfg, key, changes[key])
+        self.ctx.decisions.log("idle-policy", None, changes, {})
+        return {k: getattr(self.cfg, k) for k in ("idle_park", "idle_after_s", "idle_cpu_pct")}
+
     # -- where each VM's memory is, and the last lever that moved (symbiont status) -------------
     LEVER_PARTS = ("memory", "paging", "dedup", "cpu", "placement", "migration", "ssdcache", "gpu")
 
