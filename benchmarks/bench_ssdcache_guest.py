@@ -13,8 +13,14 @@ guest in the same run, interleaved case by case:
 * ``nsync``: the same elastic disk served by the C data path (``nbdfast``: up to 16 workers per
   connection, outside the GIL), each request one synchronous pread/pwrite per piece;
 * ``native``: the C data path as the daemon runs it: requests of 512 KiB and more also go to
-  the pool as parallel 256 KiB chunks (Linux AIO), and a read alone in flight is streamed
-  (reply header and chunks sent as they come in).
+  the pool as parallel 256 KiB chunks (Linux AIO), a read alone in flight is streamed
+  (reply header and chunks sent as they come in), and a read of 64 KiB or more with others in
+  flight goes pool -> pipe -> socket by ``splice()`` (no copy through the server);
+* ``nosplice``: ``native`` without the splice path (pread into a buffer, then sendmsg).
+
+``--disks`` and ``--cases`` pick a subset. Beside each figure the CPU time spent per MiB (or
+per request) by the QEMU process and by this process (the NBD servers) is printed: where the
+time goes.
 
 Both elastic exports map logical block i to physical block 63 - i of the pool (every 1 MiB is
 translated) and read and write through the pool's O_DIRECT descriptor on its own loop device;
@@ -55,7 +61,7 @@ CASES = [  # (mode, block size, depth)
     ("randread", 4096, 1), ("randread", 4096, 16), ("randwrite", 4096, 1), ("randwrite", 4096, 16),
     ("read", 1 << 20, 1), ("read", 1 << 20, 16), ("write", 1 << 20, 1), ("write", 1 << 20, 16),
 ]
-DISKS = ("plain", "python", "nsync", "native")
+DISKS = ("plain", "python", "nsync", "nosplice", "native")
 DEV = 'dev() { for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && echo /dev/${d##*/}; done; }; '
 HERE = Path(__file__).resolve().parent
 
@@ -83,6 +89,12 @@ def disk_xml(kind: str, target: str, src: str, iothread: int = 0) -> str:
             f"socket='{src}'/></source><target dev='{target}' bus='virtio'/><serial>bench-{kind}</serial></disk>")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of a process so far."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def remap_loop(exp: Export, stop: threading.Event, out: list[float]) -> None:
     """Unmap and map the spare blocks back, again and again: each commit's time under load."""
     spare = {REGION_MIB + i: REGION_MIB + i for i in range(SPARE)}
@@ -99,11 +111,17 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="per case and disk")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the raw results here")
+    ap.add_argument("--disks", default=",".join(DISKS), help=f"comma-separated subset of {','.join(DISKS)}")
+    ap.add_argument("--cases", default="", help='comma-separated substrings of the case names, e.g. "1M QD16"')
     ap.add_argument("--iothreads", action="store_true",
                     help="give each measured disk an I/O thread of its own (QEMU off the main loop)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (loop devices, libvirt)")
+    disks = tuple(d for d in DISKS if d in args.disks.split(","))
+    if "plain" not in disks:
+        sys.exit("--disks must include plain (the baseline)")
+    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     if nbdfast.load() is None:
         sys.exit(f"native data path unavailable: {nbdfast.why()}")
     t_start = time.monotonic()
@@ -136,8 +154,11 @@ def main() -> None:
             mapping = {i: REGION_MIB - 1 - i for i in range(REGION_MIB)} | {REGION_MIB + i: REGION_MIB + i
                                                                              for i in range(SPARE)}
             exports = {}
-            for kind in ("python", "nsync", "native"):
+            for kind in disks[1:]:
                 exp = Export(f"bench-{kind}", REGION_MIB + SPARE, pool, mapping, native=kind != "python")
+                if kind in ("nsync", "nosplice"):
+                    assert exp.native is not None
+                    exp.native.set_splice(False)
                 if kind == "nsync":
                     assert exp.native is not None
                     exp.native.set_chunk(0)
@@ -147,11 +168,11 @@ def main() -> None:
                 exports[kind] = exp
             tool_size = build_tool(vm.dir / "tools.img")
             dom = lab.host.domain(vm.name)
-            for i, (kind, target, src) in enumerate((("plain", "vdb", plain_dev),
-                                                     ("python", "vdc", str(run_dir / "python.sock")),
-                                                     ("nsync", "vdd", str(run_dir / "nsync.sock")),
-                                                     ("native", "vde", str(run_dir / "native.sock")),
-                                                     ("tools", "vdf", str(vm.dir / "tools.img")))):
+            attach = [("plain", plain_dev)] + [(k, str(run_dir / f"{k}.sock")) for k in disks[1:]]
+            attach.append(("tools", str(vm.dir / "tools.img")))
+            qemu_pid = int(Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text().split()[0])
+            for i, (kind, src) in enumerate(attach):
+                target = "vd" + "bcdefgh"[i]
                 iothread = 0
                 if args.iothreads and kind != "tools":
                     iothread = 10 + i
@@ -160,7 +181,7 @@ def main() -> None:
             with SerialConsole(console_pty(lab.host, vm.name)) as con:
                 con.login()
                 r = con.run(DEV + f"sleep 2; head -c {tool_size} $(dev bench-tools) > /tmp/iobench && "
-                            "chmod +x /tmp/iobench && for s in bench-plain bench-python bench-nsync bench-native; do "
+                            "chmod +x /tmp/iobench && for s in " + " ".join(f"bench-{d}" for d in disks) + "; do "
                             "echo $s $(dev $s); done", 60)
                 print(f"# guest disks: {r.output.strip()!r}", flush=True)
                 if r.rc != 0:
@@ -168,7 +189,9 @@ def main() -> None:
                 for rep in range(args.reps):
                     for mode, bs, depth in CASES:
                         key = f"{mode} {bs >> 10 if bs < (1 << 20) else bs >> 20}{'K' if bs < (1 << 20) else 'M'} QD{depth}"
-                        order = DISKS if rep % 2 == 0 else tuple(reversed(DISKS))
+                        if wanted and not any(w in key for w in wanted):
+                            continue
+                        order = disks if rep % 2 == 0 else tuple(reversed(disks))
                         for disk in order:
                             stop = threading.Event()
                             th = None
@@ -178,7 +201,9 @@ def main() -> None:
                             try:
                                 cmd = (DEV + f"/tmp/iobench $(dev bench-{disk}) {mode} {bs} {depth} {args.seconds} "
                                        f"{REGION_MIB << 20}")
+                                q0, s0 = cpu_seconds(qemu_pid), os.times()
                                 r = con.run(cmd, args.seconds * 4 + 60)
+                                q1, s1 = cpu_seconds(qemu_pid), os.times()
                             finally:
                                 stop.set()
                                 if th is not None:
@@ -187,9 +212,14 @@ def main() -> None:
                             if r.rc != 0 or not line:
                                 raise RuntimeError(f"{disk} {key}: {r.output}")
                             res = json.loads(line[-1])
+                            work = res["mib_s"] if bs >= (1 << 20) else res["iops"] / 1000  # MiB or 1000 requests
+                            work *= args.seconds
+                            res["qemu_cpu"] = (q1 - q0) / work * 1000  # ms per MiB (or µs per request)
+                            res["server_cpu"] = (s1.user + s1.system - s0.user - s0.system) / work * 1000
                             results.setdefault(key, {}).setdefault(disk, []).append(res)
                             print(f"# rep {rep} {key:18} {disk:7} {res['iops']:9.0f} IOPS {res['mib_s']:8.1f} MiB/s "
-                                  f"lat {res['lat_us']:8.0f} us", flush=True)
+                                  f"lat {res['lat_us']:8.0f} us  cpu qemu {res['qemu_cpu']:6.3f} server "
+                                  f"{res['server_cpu']:6.3f} {'ms/MiB' if bs >= (1 << 20) else 'us/req'}", flush=True)
                 stats = {k: exports[k].stats.as_dict() for k in exports}
             for srv in servers:
                 io.submit(srv.close())
@@ -208,18 +238,22 @@ def main() -> None:
     print(f"# elastic SSD in a TCG guest vs a plain virtio disk on the same loop-device region "
           f"(guest_iobench, O_DIRECT, libaio; {args.seconds:g} s per case, median of {args.reps}; "
           f"{'an I/O thread per disk' if args.iothreads else 'QEMU main loop'})")
-    print(f"{'case':18} {'plain':>9} {'python':>9} {'nsync':>9} {'native':>9}   ratio to plain: python nsync native")
+    print(f"{'case':18} " + " ".join(f"{d:>9}" for d in disks) + "   ratio to plain: " + " ".join(disks[1:]))
     for key, by in results.items():
         unit = "mib_s" if "M QD" in key else "iops"
-        med = {d: statistics.median(x[unit] for x in by[d]) for d in DISKS}
-        print(f"{key:18} " + " ".join(f"{med[d]:9.1f}" for d in DISKS) + "   "
-              + " ".join(f"{med[d] / med['plain']:6.2f}" for d in DISKS[1:])
+        med = {d: statistics.median(x[unit] for x in by[d]) for d in disks}
+        print(f"{key:18} " + " ".join(f"{med[d]:9.1f}" for d in disks) + "   "
+              + " ".join(f"{med[d] / med['plain']:6.2f}" for d in disks[1:])
               + f"   ({'MiB/s' if unit == 'mib_s' else 'IOPS'})")
+        cpu = {d: (statistics.median(x["qemu_cpu"] for x in by[d]), statistics.median(x["server_cpu"] for x in by[d]))
+               for d in disks}
+        print(f"{'  cpu qemu+server':18} " + " ".join(f"{q:4.2f}+{sv:4.2f}" for q, sv in cpu.values())
+              + f"   ({'ms per MiB' if unit == 'mib_s' else 'us per request'})")
     if remaps:
         print(f"# remap commit (unmap + map of {SPARE} blocks) during native randwrite QD16: p50 "
               f"{statistics.median(remaps):.2f} ms, max {max(remaps):.2f} ms (n={len(remaps)})")
-    print(f"# native export: {stats['native']['native_clients']} native clients at the end; "
-          f"python export reads {stats['python']['reads']}, native reads {stats['native']['reads']}")
+    print("# reads served: " + ", ".join(f"{k} {v['reads']}" + (f" ({v['spliced_reads']} spliced)" if v.get(
+        "spliced_reads") else "") for k, v in stats.items()))
     print(f"# {time.monotonic() - t_start:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "remap_ms": remaps}, indent=1))
