@@ -95,6 +95,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def qemu_pid_of(name: str) -> int:
+    """The QEMU process running domain ``name`` (its command line has ``-name guest=NAME,``)."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if f"guest={name},".encode() in (d / "cmdline").read_bytes().replace(b"\0", b" "):
+                    return int(d.name)
+    raise RuntimeError(f"no QEMU process for {name}")
+
+
 def remap_loop(exp: Export, stop: threading.Event, out: list[float]) -> None:
     """Unmap and map the spare blocks back, again and again: each commit's time under load."""
     spare = {REGION_MIB + i: REGION_MIB + i for i in range(SPARE)}
@@ -170,7 +180,7 @@ def main() -> None:
             dom = lab.host.domain(vm.name)
             attach = [("plain", plain_dev)] + [(k, str(run_dir / f"{k}.sock")) for k in disks[1:]]
             attach.append(("tools", str(vm.dir / "tools.img")))
-            qemu_pid = int(Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text().split()[0])
+            qemu_pid = qemu_pid_of(vm.name)
             for i, (kind, src) in enumerate(attach):
                 target = "vd" + "bcdefgh"[i]
                 iothread = 0
