@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from symbiont_research.experiments.framework import ExperimentError, coerce_params, registry
-from symbiont_research.experiments.overcommit import judge, percentile, rates_since, zram_share_mib
+from symbiont_research.experiments.overcommit import (
+    judge,
+    percentile,
+    rates_since,
+    seconds_until,
+    zram_share_mib,
+)
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -53,3 +59,13 @@ def test_registered_with_its_parameters() -> None:
     assert params["steps"] == [4, 8] and params["configs"] == ["stock", "full"] and params["idle_after_s"] == 12.0
     with pytest.raises(ExperimentError, match="unknown parameter"):
         coerce_params(exp, ["nodes=3"])
+
+
+def test_seconds_until_a_utc_clock_time() -> None:
+    import datetime as dt
+
+    now = dt.datetime(2026, 12, 5, 11, 20, 30, tzinfo=dt.UTC).timestamp()
+    assert seconds_until("11:58", now) == 37 * 60 + 30
+    assert seconds_until("11:20", now) == 24 * 3600 - 30  # passed: tomorrow
+    with pytest.raises(ValueError, match="end_by"):
+        seconds_until("25:00", now)

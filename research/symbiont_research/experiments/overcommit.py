@@ -97,6 +97,20 @@ def percentile(values: list[float], q: float) -> float:
     return s[k]
 
 
+def seconds_until(hhmm: str, now: float | None = None) -> float:
+    """Seconds from ``now`` (epoch) to the next HH:MM UTC."""
+    import datetime as dt
+
+    m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", hhmm.strip())
+    if not m:
+        raise ValueError(f"end_by: {hhmm!r} is not HH:MM (UTC)")
+    t = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
+    end = t.replace(hour=int(m.group(1)), minute=int(m.group(2)), second=0, microsecond=0)
+    if end <= t:
+        end += dt.timedelta(days=1)
+    return (end - t).total_seconds()
+
+
 def zram_share_mib(swap_kib: dict[str, int], used_kib: int, mem_used_total: int) -> dict[str, float]:
     """Each VM's share of the zram tier's compressed size: ``mem_used_total`` (bytes, compressed
     data + allocator overhead) prorated by the VM's swapped KiB over all swapped KiB on the tier."""
@@ -533,7 +547,7 @@ class CpuWatch:
             "work_mib": 64, "measure_s": 12.0, "settle_s": 8.0, "min_ratio": 0.9, "max_ping_s": 1.0,
             "ping_timeout_s": 5.0, "period_s": 2.0, "idle_after_s": 15.0, "idle_cpu_pct": 5.0,
             "park_wait_s": 90.0, "min_mib": 128, "min_avail_mib": 1536, "agent_timeout_s": 60.0,
-            "ksmtuned_interval_s": 10.0, "budget_s": 2280.0, "weights": [1.0, 1.0, 1.0, 2.0],
+            "ksmtuned_interval_s": 10.0, "budget_s": 2280.0, "end_by": "", "weights": [1.0, 1.0, 1.0, 2.0],
             "cold_boot": True},
     param_help={"configs": "which configurations, in order: stock, ksm, balloon, full",
                 "steps": "N values (total VMs, active included), increasing",
@@ -544,6 +558,7 @@ class CpuWatch:
                 "min_avail_mib": "stop adding VMs below this host MemAvailable (the host must not OOM)",
                 "ksmtuned_interval_s": "ksm: ksmtuned's monitor interval (60 s in ksmtuned.conf)",
                 "budget_s": "whole run's time; each config gets a share by 'weights' of what is left",
+                "end_by": "HH:MM (UTC): the budget ends 90 s before then at the latest (teardown)",
                 "cold_boot": "also boot one VM cold, for the clone-vs-boot comparison"},
     needs=("root", "libvirt", "vm"),
 )
@@ -565,6 +580,7 @@ def overcommit_density(ctx: RunContext) -> dict[str, Any]:
         raise ValueError("steps must exceed 'active' (≥ 1): each step needs idle VMs")
     weights = dict(zip(CONFIGS, list(p["weights"]) + [1.0] * 4, strict=False))
     t_run = time.monotonic()
+    budget = min(p["budget_s"], seconds_until(p["end_by"]) - 90.0) if p["end_by"] else p["budget_s"]
     base = load_config(None)
     prefix = f"{base.lab.vm_prefix}oc-{ctx.run_id}-"
     ctx.lab_prefixes.append(prefix)
@@ -603,7 +619,7 @@ def overcommit_density(ctx: RunContext) -> dict[str, Any]:
         summary["alone_mibs"] = alone
         ctx.note(f"alone: {', '.join(f'{v:.0f}' for v in alone)} MiB/s")
         for i, config in enumerate(configs):
-            left = p["budget_s"] - (time.monotonic() - t_run)
+            left = budget - (time.monotonic() - t_run)
             share = left * weights[config] / sum(weights[c] for c in configs[i:])
             ctx.stage(f"{config}: up to {steps[-1]} VMs ({share / 60:.1f} min of the budget)")
             res = _run_config(ctx, config, host, cfg, tpl, owner, f"{prefix}{config[:2]}", p, steps, alone,
