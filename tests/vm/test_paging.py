@@ -140,3 +140,44 @@ def test_park_and_wake_with_prefetch(lab: LabSession) -> None:
     assert med[True]["ping_s"] < med[False]["ping_s"], record
     s0, s1 = _checksum(lab, vm)
     assert s0 == s1
+
+
+def test_idle_vm_parked_by_the_policy_and_woken_by_a_ping(lab: LabSession) -> None:
+    """seeds/004 on one host: the idle policy parks the VM on its own (its vCPU time stays
+    under the threshold, no agent request, no tap traffic, for idle_after_s), the decision log
+    holds its inputs; ``POST /v1/vms/{vm}/ping`` wakes it (working set prefetched first) and is
+    answered; the log shows park, then wake."""
+    vm = lab.names[0]
+    with lab.client() as c:
+        c.call("PUT", "/v1/paging/policy", json={"idle_park": True, "idle_after_s": 5, "idle_cpu_pct": 10})
+        try:
+            t0 = time.time()
+            seen: list[dict] = []
+
+            def parked() -> bool:
+                st = c.get("/v1/status")["parts"]["paging"]
+                seen.append(st.get("idle", {}).get(vm) or {})
+                return vm in st["parked"]
+
+            try:
+                # idle_after_s plus the guest's 1-min load decaying below 0.5 after its boot (~35 s
+                # when this test runs alone; a few seconds after the module's other tests)
+                lab.wait_for(parked, 75, "parked by the policy")
+            except TimeoutError as exc:
+                raise AssertionError(f"not parked; the idle policy's last verdicts: {seen[-3:]}") from exc
+            parked_after = time.time() - t0
+            assert lab.host.domain(vm).info()[0] == 3  # VIR_DOMAIN_PAUSED
+            r = c.post(f"/v1/vms/{vm}/ping", None)
+            assert r["woke"] and r["wake"]["answered"] and r["seconds"] < 1.0, r
+            assert lab.host.domain(vm).info()[0] == 1
+            dec = [d for d in c.get("/v1/decisions", vm=vm, limit=1000) if d["part"] == "paging"]
+        finally:
+            c.call("PUT", "/v1/paging/policy", json={"idle_park": False})
+    park = [d for d in dec if d["action"] == "park" and d["inputs"]["reason"].startswith("idle policy")]
+    assert park, dec
+    idle = park[-1]["inputs"]["idle"]
+    assert idle["window_s"] >= 5 and idle["vcpu_peak_pct"] < 10 and idle["requests"] == 0, idle
+    wake = [d for d in dec if d["action"] == "wake"][-1]
+    assert wake["inputs"]["reason"] == "ping" and dec.index(wake) > dec.index(park[-1])
+    print("idle park:", json.dumps({"parked_after_s": round(parked_after, 1), "idle": idle,
+                                    "ping_s": r["seconds"], "wake": r["wake"]}))
