@@ -35,6 +35,7 @@ NAME = os.environ.get("SYMB_CLUSTER_VM_NAME", "symv")
 SUBNET = os.environ.get("SYMB_CLUSTER_VM_SUBNET", "10.216.0.0/24")
 ROOT = Path(__file__).resolve().parents[2]
 VM = f"{NAME}-h1-1"
+VM2 = f"{NAME}-h1-2"  # stays on h1 until the hotspot test
 
 
 def symbiont(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -70,7 +71,7 @@ def tx_bytes(ns: str) -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("cluster-vm")
-    lab = ClusterLab(hosts=2, vms_per_host=[1, 0], name=NAME, subnet=SUBNET, work_dir=work, step=print)
+    lab = ClusterLab(hosts=2, vms_per_host=[2, 0], name=NAME, subnet=SUBNET, work_dir=work, step=print)
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     try:
         state = lab.up()
@@ -83,12 +84,12 @@ def cluster(tmp_path_factory):
         lab.down()
 
 
-def where(conns) -> dict[str, tuple[int, bool]]:
+def where(conns, vm: str = VM) -> dict[str, tuple[int, bool]]:
     """host -> (libvirt state, persistent) of the VM, for every host that has a domain of that name."""
     out = {}
     for h, c in conns.items():
         try:
-            d = c.lookupByName(VM)
+            d = c.lookupByName(vm)
             out[h] = (d.state()[0], bool(d.isPersistent()))
         except libvirt.libvirtError:
             pass
@@ -181,6 +182,75 @@ def test_kill_9_mid_migration_then_resume(cluster) -> None:
         res = symbiont("cluster", "execute", "--cluster", str(work), str(plan), "--yes")
         assert res.returncode == 0 and json.loads(res.stdout)["state"] == "done", res.stdout + res.stderr
         assert list(where(conns)) == ["h1"]
+
+
+def guest_mem_mib(inv: dict) -> dict[str, float]:
+    """The newest gray-box memory in use (the guest agent's MemTotal - MemAvailable) per VM, MiB."""
+    return {vm: s[-1][1] * 1024 for vm, s in inv["usage"]["gray-box"].items() if s}
+
+
+def test_controller_relieves_a_planted_hotspot(cluster) -> None:
+    """The controller (its own process, in the lab namespace, gray-box mode) relieves a memory
+    hotspot planted on h1: both guests fill 80 MiB of tmpfs, which their agents report as memory
+    in use. Memory, not CPU, so that the overload does not depend on how much CPU a loaded machine
+    gives the TCG guests: the threshold lies between one planted guest and two (from the
+    guests' own figures), so h1 is over it with both and each host is under it with one."""
+    from symbiont.host.libvirt_host import LibvirtHost
+    from symbiont_research.lab.console import guest_exec
+
+    work, hosts, conns = cluster
+    assert where(conns) == {"h1": (libvirt.VIR_DOMAIN_RUNNING, True)} and list(where(conns, VM2)) == ["h1"]
+    h1 = hosts["h1"]["daemon"]
+
+    def both_sampled():
+        i = get(h1, "/v1/placement/inventory")
+        return i if len(guest_mem_mib(i)) == 2 else None
+
+    inv = wait_for(both_sampled, 120, "both guests' memory samples on h1")
+    cap_mib = inv["host"]["capacity"]["mem"] * 1024
+    plant = 80.0  # MiB; the guest's /dev/shm holds half its RAM
+    used = guest_mem_mib(inv)
+    limit_mib = max(used.values()) + 1.5 * plant  # one planted guest < limit < two planted guests
+    assert sum(used.values()) < limit_mib, used
+    thr = limit_mib / cap_mib
+    journal = work / "hotspot.sqlite"
+    ctl = subprocess.Popen([sys.executable, "-c", "from symbiont.cli import main; main()", "cluster", "controller",
+                            "--cluster", str(work), "--period", "1", "--cooldown", "600", "--mode", "gray-box",
+                            "--cpu-threshold", "10", "--mem-threshold", f"{thr:.6f}", "--journal", str(journal)],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for vm in (VM, VM2):
+            h = LibvirtHost(hosts["h1"]["local_libvirt_uri"])
+            try:
+                r = guest_exec(h, vm, f"head -c {int(plant)}M /dev/zero > /dev/shm/symb-hog && du -m /dev/shm/symb-hog",
+                               timeout=120)  # fmt: skip
+            finally:
+                h.close()
+            assert r.rc == 0, r
+        t_over = wait_for(lambda: sum(guest_mem_mib(get(h1, "/v1/placement/inventory")).values()) > limit_mib
+                          and time.monotonic(), 60, "h1 over the memory threshold")  # fmt: skip
+        # Relief within a bounded time: one VM migrated h1 -> h2 (journaled), h1 under the threshold.
+        moved = wait_for(lambda: [vm for vm in (VM, VM2) if list(where(conns, vm)) == ["h2"]], 90, "a VM moved to h2")
+        relieved = wait_for(lambda: sum(guest_mem_mib(get(h1, "/v1/placement/inventory")).values()) < limit_mib
+                            and time.monotonic(), 30, "h1 back under the threshold")  # fmt: skip
+        assert relieved - t_over < 90, relieved - t_over
+    finally:
+        ctl.terminate()
+        ctl.wait(30)
+    assert ctl.returncode == 0
+    (vm,) = moved
+    assert where(conns, vm) == {"h2": (libvirt.VIR_DOMAIN_RUNNING, True)}
+    other = VM2 if vm == VM else VM
+    assert list(where(conns, other)) == ["h1"]  # one move relieved it: nothing else moved
+    with Journal(journal) as j:
+        (m,) = j.decisions(kind="migrate")
+        assert m["vm"] == vm and m["outcome"]["ok"] and m["inputs"]["from"] == "h1" and m["inputs"]["to"] == "h2"
+        assert "mem above" in m["inputs"]["reason"], m["inputs"]
+        hot = [d for d in j.decisions(1000, kind="round") if d["outcome"].get("hotspots")]
+        assert hot and hot[0]["outcome"]["hotspots"] == ["h1"]
+    # Each host now carries one planted guest: both under the threshold.
+    for e in hosts.values():
+        assert sum(guest_mem_mib(get(e["daemon"], "/v1/placement/inventory")).values()) < limit_mib
 
 
 def test_watcher_strategy_on_live_daemons(cluster) -> None:
