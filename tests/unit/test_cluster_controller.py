@@ -400,13 +400,14 @@ class IdleCluster(FakeCluster):
         self.mem = {vm: 256.0 for vm in vms}
         self.wss = wss
         self.parked: dict[str, dict[str, Any]] = {}
+        self.series: dict[str, list[float]] = {}  # a VM's CPU samples, where not [use] * 12
 
     def inventory(self, hid: str) -> dict[str, Any]:
         inv = super().inventory(hid)
         vms = [v["id"] for v in inv["host"]["vms"]]
         for v in inv["host"]["vms"]:
             v["demand"]["mem"] = self.mem[v["id"]] / 1024
-        inv["activity"] = {vm: {"mem_mib": self.mem[vm], "cpu": [self.use[vm]] * 12, "wss_mib": self.wss,
+        inv["activity"] = {vm: {"mem_mib": self.mem[vm], "cpu": self.series.get(vm, [self.use[vm]] * 12), "wss_mib": self.wss,
                                 "full_mem_mib": self.parked.get(vm, {}).get("full_mem_mib", 256.0),
                                 "home": self.parked.get(vm, {}).get("home"), "min_mib": 64.0,
                                 "reserve_mib": 20.0, "floor_mib": None} for vm in vms}  # fmt: skip
@@ -475,3 +476,19 @@ def test_idle_round_parks_what_fits_and_holds_back_the_rest_with_the_reason(tmp_
     # A plan handed in from outside is still checked whole and refused (nothing half done).
     res = ctl.execute_plan({"moves": [{"vm": "a2", "from": "h1", "to": "h3"}]}, "test")
     assert res["state"] == "refused" and "h3 would be over capacity after the plan: cpu 5 > 4" in res["reason"]
+
+
+def test_one_noisy_cpu_sample_does_not_wake_a_parked_vm(tmp_path) -> None:
+    # The lab run: a parked idle guest showed one sample of 0.23 while burners saturated the idle
+    # host, and was moved home and grown, then parked again 12 s later. Now it takes 2 samples.
+    fc = IdleCluster({"a1": ("h1", 0.0), "c1": ("h3", 0.0)})
+    ctl = idle_controller(tmp_path, fc, cooldown_s=0, idle={"wake_samples": 2})
+    ctl.round()
+    assert fc.where["a1"] == "h3" and fc.mem["a1"] < 256
+    fc.series["a1"] = [0.0] * 11 + [0.23]
+    r = ctl.round()
+    assert fc.where["a1"] == "h3" and not r["planned"]
+    fc.series["a1"] = [0.0] * 10 + [0.9, 0.95]
+    r = ctl.round()
+    assert fc.where["a1"] == "h1" and fc.mem["a1"] == 256.0
+    assert r["planned"][0]["reason"] == "awake (CPU 0.95 >= 0.2 in the last 2 samples); back to h1"

@@ -120,13 +120,15 @@ def _opts(f: Any) -> Any:
 @click.option("--idle-cpu", type=float, default=0.05, show_default=True, help="idle: CPU fraction of the vCPUs")
 @click.option("--idle-wss-max", type=float, default=64.0, show_default=True,
               help="idle: working set (guest memory in use, MiB) at most this")
+@click.option("--wake-samples", type=int, default=2, show_default=True,
+              help="a parked VM wakes when this many newest CPU samples reach wake_cpu (one can be noise)")
 @click.option("--cpu-threshold", type=float, default=0.75, show_default=True, help="hotspot CPU fraction")
 @click.option("--mem-threshold", type=float, default=0.75, show_default=True, help="hotspot memory fraction")
 @click.option("--mode", type=click.Choice(["black-box", "gray-box"]), default="gray-box", show_default=True,
               help="gray-box: the hypervisor's series where present, else the guest agent's")
 def controller_cmd(cluster: str | None, daemons: tuple[str, ...], journal: str | None, dry_run: bool,
                    period: float, rounds: int, max_migrations: int, cooldown: float, idle_host: str,
-                   idle_window: int, idle_cpu: float, idle_wss_max: float, cpu_threshold: float,
+                   idle_window: int, idle_cpu: float, idle_wss_max: float, wake_samples: int, cpu_threshold: float,
                    mem_threshold: float, mode: str) -> None:  # fmt: skip
     """Poll every host's daemon, detect hotspots (Sandpiper) and idle VMs, execute plans, forever."""
     import logging
@@ -138,7 +140,8 @@ def controller_cmd(cluster: str | None, daemons: tuple[str, ...], journal: str |
     try:
         ctl = _controller(cluster, daemons, journal, dry_run=dry_run, period_s=period,
                           max_migrations=max_migrations, cooldown_s=cooldown, idle_host=idle_host,
-                          idle={"window": idle_window, "cpu_threshold": idle_cpu, "wss_max_mib": idle_wss_max},
+                          idle={"window": idle_window, "cpu_threshold": idle_cpu, "wss_max_mib": idle_wss_max,
+                                "wake_samples": wake_samples},
                           thresholds={"cpu": cpu_threshold, "mem": mem_threshold}, mode=mode)  # fmt: skip
     except ValueError as exc:
         _fail(str(exc))

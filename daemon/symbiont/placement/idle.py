@@ -36,6 +36,9 @@ class IdleConfig:
     margin: float = 0.25
     min_mem_mib: float = 64.0
     wake_cpu: float = 0.20
+    # Wake on the newest ``wake_samples`` CPU samples all at or above ``wake_cpu``: one sample can
+    # be noise (an idle TCG guest on a saturated host showed 0.23 and was moved home for nothing).
+    wake_samples: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.cpu_threshold < 1:
@@ -44,6 +47,8 @@ class IdleConfig:
             raise ValueError(f"window must be at least 1, got {self.window}")
         if self.margin < 0 or self.wss_max_mib <= 0 or self.min_mem_mib <= 0:
             raise ValueError("margin must be >= 0, wss_max_mib and min_mem_mib > 0")
+        if self.wake_samples < 1:
+            raise ValueError(f"wake_samples must be at least 1, got {self.wake_samples}")
         if not self.cpu_threshold <= self.wake_cpu <= 1:
             raise ValueError("wake_cpu must be in [cpu_threshold, 1] (otherwise a VM wakes while idle)")
 
@@ -195,11 +200,13 @@ def wake_plan(
     for vm in sorted(vms, key=lambda v: v.id):
         if vm.host != idle_host:
             continue
-        latest = vm.cpu[-1] if len(vm.cpu) else 0.0
+        recent = list(vm.cpu[-cfg.wake_samples :])
         if vm.events:
             why = f"{vm.events} activity events"
-        elif latest >= cfg.wake_cpu:
-            why = f"CPU {fmt(latest)} >= {fmt(cfg.wake_cpu)}"
+        elif len(recent) >= cfg.wake_samples and min(recent) >= cfg.wake_cpu:
+            why = f"CPU {fmt(recent[-1])} >= {fmt(cfg.wake_cpu)}" + (
+                f" in the last {cfg.wake_samples} samples" if cfg.wake_samples > 1 else ""
+            )
         else:
             continue
         full = vm.home_mem_mib if vm.home_mem_mib is not None else vm.mem_mib
