@@ -53,6 +53,10 @@ def tap():
         pytest.fail(f"/dev/net/tun: {exc} (this test needs root and the tun module)")
     fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
     os.set_blocking(fd, False)
+    # no IPv6 on the test tap: the host's own duplicate-address detection at link-up is a
+    # neighbour solicitation, which (rightly) wakes a guest
+    with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as fh:
+        fh.write("1")
     subprocess.run(["ip", "link", "set", name, "up"], check=True)
     try:
         yield name, fd
