@@ -11,7 +11,10 @@ one waker at a time, in the same run on the same VM:
 * no agent timer: the same without that process;
 * balloon stats at the new default (``lab.balloon_period_s``);
 * daemon off: nothing asks the guest anything (the floor: the guest kernel's own timers);
-* new: the daemon back on, with the new defaults (agent blocking, balloon period as above).
+* the daemon's period apart, from this process: libvirt's ``info`` + ``memoryStats`` alone
+  (QMP: QEMU's main loop), then an agent ``core.stats`` request alone, each every period;
+* new: the daemon back on with ``control.idle_stats_s`` (an idle VM's agent asked for stats
+  every 30 s instead of every period), the agent blocking, the balloon period as above.
 
 Prints each phase and the ratio old / new. Root, libvirtd; boots one VM (hold the VM lock):
 
@@ -21,8 +24,12 @@ Prints each phase and the ratio old / new. Root, libvirtd; boots one VM (hold th
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import socket
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -31,6 +38,7 @@ import _common  # noqa: F401  (repo root on sys.path)
 import yaml
 
 from symbiont.config import LabConfig, load_config
+from symbiont_agent import protocol as proto
 
 OLD_BALLOON_PERIOD_S = 2
 TICK = os.sysconf("SC_CLK_TCK")
@@ -49,6 +57,58 @@ def measure(pid: int, seconds: float) -> float:
     return 100.0 * (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
 
+class Every:
+    """Call ``fn`` every ``period`` seconds in a thread while the block runs."""
+
+    def __init__(self, period: float, fn: Callable[[], object]) -> None:
+        self.period, self.fn = period, fn
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.period):
+            self.fn()
+
+    def __enter__(self) -> Every:
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.t.join()
+
+
+class AgentStats:
+    """The agent's channel socket (free while the daemon is off): a ``core.stats`` request per call."""
+
+    def __init__(self, channel: Path) -> None:
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.connect(str(channel))
+        self.s.settimeout(10.0)
+        self.reader = proto.FrameReader()
+        self.reader.hunt()
+        self.ids = itertools.count(1)
+        self.s.sendall(proto.encode(proto.hello("host", "bench", [])))
+        self._until(lambda m: m.type == "hello")
+
+    def _until(self, want: Callable[[proto.Message], bool]) -> proto.Message:
+        while True:
+            for m in self.reader.feed(self.s.recv(65536)):
+                if want(m):
+                    return m
+
+    def stats(self) -> None:
+        mid = next(self.ids)
+        self.s.sendall(proto.encode(proto.request(mid, "core.stats")))
+        self._until(lambda m: m.type == "resp" and m.header.get("id") == mid)
+
+    def __enter__(self) -> AgentStats:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.s.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=60.0, help="measurement per phase")
@@ -56,6 +116,8 @@ def main() -> None:
     ap.add_argument("--period", type=float, default=None, help="daemon control period (default: the daemon's)")
     ap.add_argument("--balloon", type=int, default=LabConfig().balloon_period_s,
                     help="new virtio-balloon stats period, s (0: off; default: lab.balloon_period_s)")
+    ap.add_argument("--idle-stats", type=float, default=30.0,
+                    help="new: control.idle_stats_s (an idle VM's agent asked for stats this often)")
     a = ap.parse_args()
 
     import libvirt
@@ -103,10 +165,19 @@ def main() -> None:
         phase(f"balloon stats {new_balloon or 'off'}{' s' if new_balloon else ''} (daemon every {period:g} s)")
         daemon(False)
         floor = phase("daemon off (floor: the guest's own timers)")
+        # What the daemon's period consists of, one at a time, from this process:
+        with Every(period, lambda: (dom.info(), dom.memoryStats())):
+            phase(f"libvirt only: info + memoryStats every {period:g} s")
+        with AgentStats(lab.vms[0].channel) as ag, Every(period, ag.stats):
+            phase(f"agent only: a stats request every {period:g} s")
+        data = yaml.safe_load(lab.daemon.config_path.read_text())
+        data.setdefault("control", {})["idle_stats_s"] = a.idle_stats
+        lab.daemon.config_path.write_text(yaml.safe_dump(data))
+        lab.daemon.cfg = load_config(lab.daemon.config_path)
         daemon(True)
         time.sleep(2 * period)
-        new = phase(f"new: daemon every {period:g} s, balloon {new_balloon or 'off'}{' s' if new_balloon else ''}, "
-                    "agent blocking")
+        new = phase(f"new: daemon every {period:g} s (idle: stats every {a.idle_stats:g} s), balloon "
+                    f"{new_balloon or 'off'}{' s' if new_balloon else ''}, agent blocking")
         summary: dict[str, Any] = {"phases": phases, "old_over_new": old / new if new else None}
         print(f"idle guest host CPU: old {old:.2f} % / new {new:.2f} % = {old / max(new, 1e-9):.2f}x "
               f"(floor with nothing asking: {floor:.2f} %)")
