@@ -30,7 +30,7 @@ def test_overcommit_turns_the_levers_on_together(tmp_path: Path) -> None:
     assert cfg.profile == "overcommit"
     assert cfg.dedup.policy == "hint" and cfg.memory.enabled and cfg.memory.budget_mib == 0
     assert cfg.paging.enabled and cfg.paging.auto_pageout and cfg.paging.idle_park
-    assert (cfg.paging.idle_after_s, cfg.paging.idle_cpu_pct) == (60.0, 2.0)
+    assert (cfg.paging.idle_after_s, cfg.paging.idle_cpu_pct) == (60.0, 5.0)
     import psutil
 
     assert cfg.paging.zram_size_mib == psutil.virtual_memory().total // 4 >> 20  # sized from host memory
