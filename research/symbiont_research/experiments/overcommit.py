@@ -665,7 +665,8 @@ def _cold_boot(host: Any, cfg: Any, image: Any, owner: Any, ctx: RunContext) -> 
 
 def _alone(ctx: RunContext, host: Any, cfg: Any, tpl: Any, owner: Any, prefix: str, p: dict[str, Any],
            clone_rows: list[dict[str, Any]]) -> list[float]:
-    fleet = Fleet(ctx, "alone", host, cfg, tpl, owner, f"{prefix}al", ctx.out_dir / "work-alone", p, ctx.note)
+    fleet = Fleet(ctx, "alone", host, cfg, tpl, owner, f"{prefix}al", ctx.out_dir.resolve() / "work-alone", p,
+                  ctx.note)
     try:
         fleet.start()
         fleet.add(p["active"], active=True)
@@ -683,7 +684,7 @@ def _alone(ctx: RunContext, host: Any, cfg: Any, tpl: Any, owner: Any, prefix: s
 def _run_config(ctx: RunContext, config: str, host: Any, cfg: Any, tpl: Any, owner: Any, prefix: str,
                 p: dict[str, Any], steps: list[int], alone: list[float], deadline: float,
                 writer: csv.DictWriter, fh: Any, clone_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    fleet = Fleet(ctx, config, host, cfg, tpl, owner, prefix, ctx.out_dir / f"work-{config}", p, ctx.note)
+    fleet = Fleet(ctx, config, host, cfg, tpl, owner, prefix, ctx.out_dir.resolve() / f"work-{config}", p, ctx.note)
     t0 = time.monotonic()
     out: dict[str, Any] = {"n_reached": 0, "failed_at": None, "bound": "", "at_n_reached": None}
 
