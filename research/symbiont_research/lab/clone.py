@@ -17,8 +17,8 @@ It is saved with ``virDomainSave`` and its disk overlay frozen read-only. Each c
 The template is cached under ``lab.cache_dir/clones/<key>``; the key is a digest of the golden
 image's recipe digest (the agent's version is in the template's RAM, so an image change must
 rebuild it), the memory size and what else shapes the saved machine (vCPUs, TCG cache, balloon
-period, this module's version). Clones are transient libvirt domains carrying the same owner
-mark as any lab VM, so :func:`symbiont_research.lab.vms.remove_vm` and ``lab down`` remove them.
+period, this module's version). Clones are defined (persistent) libvirt domains carrying the same
+owner mark as any lab VM, so :func:`symbiont_research.lab.vms.remove_vm` and ``lab down`` remove them.
 
 Why the XML is written into the save image's header rather than passed as ``dxml``: libvirt
 9.0 checks a restore's ``dxml`` for ABI stability against the saved definition, and that check
@@ -388,6 +388,15 @@ def restore_clone(
         try:
             write_save_xml(tpl.save, xml)
             host.conn.restoreFlags(str(tpl.save), None, flags)
+            # Persistent, like every lab VM: libvirt answers config-scope queries (max vCPUs,
+            # which the daemon reads) only for a domain that has a persistent definition.
+            dom = host.conn.lookupByName(name)
+            try:
+                host.conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+            except libvirt.libvirtError:
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()  # transient: gone with it
+                raise
         except (libvirt.libvirtError, CloneError) as exc:
             shutil.rmtree(vm.dir, ignore_errors=True)
             msg = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
@@ -397,8 +406,7 @@ def restore_clone(
 
 
 def remove_clone(host: LibvirtHost, cfg: Config, name: str, owner: vms.LabOwner | None = None) -> bool:
-    """Destroy a clone (a transient domain: gone once destroyed) and delete its overlay, log
-    and sockets; refuse a domain of another run (:func:`symbiont_research.lab.vms.check_owner`)."""
+    """Destroy and undefine a clone and delete its overlay, log and sockets; refuse a domain of another run (:func:`symbiont_research.lab.vms.check_owner`)."""
     existed = vms.remove_vm(host, cfg, name, owner)
     vm = vms.lab_vm(cfg, name)
     with contextlib.suppress(FileNotFoundError):
