@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import warnings
 
 import numpy as np
@@ -233,7 +234,7 @@ def test_collect_reports_full_size_and_floor_from_sqlite(tmp_path) -> None:
     """The full size to wake a VM to is the balloon original the daemon saved before shrinking it."""
     d = FakeDaemon(tmp_path)
     d.store.add_vm("vm1", "u", {"memory": {"min_mib": 128}})
-    d.store.add_samples([(float(t), "vm1", "agent", ag(10 * t, 90 * t, 100)) for t in range(3)])
+    d.store.add_samples([(time.time() + t, "vm1", "agent", ag(10 * t, 90 * t, 100)) for t in range(3)])
     d.store.save_knob("vm1", "balloon_mib", 2048, 512)
     d.store.save_knob("vm1", "balloon_mib", 1536, 300)  # a later change keeps the first original
     a = d.part.inventory(3)["activity"]["vm1"]
@@ -248,8 +249,8 @@ def test_collect_reports_full_size_and_floor_from_sqlite(tmp_path) -> None:
 def test_collect_reads_stored_samples(tmp_path) -> None:
     d = FakeDaemon(tmp_path)
     d.store.add_vm("vm1", "u", {})
-    d.store.add_samples([(float(t), "vm1", "libvirt", lv(20.0)) for t in range(5)])
-    d.store.add_samples([(float(t), "vm1", "agent", ag(10 * t, 90 * t, 100)) for t in range(5)])
+    d.store.add_samples([(time.time() + t, "vm1", "libvirt", lv(20.0)) for t in range(5)])
+    d.store.add_samples([(time.time() + t, "vm1", "agent", ag(10 * t, 90 * t, 100)) for t in range(5)])
     out = d.part.inventory(3)
     assert out["host"]["id"] == "me" and out["capacity_source"].startswith("psutil")
     assert out["host"]["capacity"]["cpu"] >= 1
@@ -281,8 +282,8 @@ def test_inventory_cli_shows_what_the_daemon_feeds_the_planner(tmp_path, monkeyp
 
     d = FakeDaemon(tmp_path)
     d.store.add_vm("vm1", "u", {})
-    d.store.add_samples([(float(t), "vm1", "libvirt", lv(20.0)) for t in range(3)])
-    d.store.add_samples([(float(t), "vm1", "agent", ag(10 * t, 90 * t, 100)) for t in range(3)])
+    d.store.add_samples([(time.time() + t, "vm1", "libvirt", lv(20.0)) for t in range(3)])
+    d.store.add_samples([(time.time() + t, "vm1", "agent", ag(10 * t, 90 * t, 100)) for t in range(3)])
     app = FastAPI()
     app.state.parts = d.env.parts
     app.include_router(router, prefix="/v1/placement")

@@ -39,7 +39,8 @@ def test_inventory_through_the_context(tmp_path) -> None:
     async def run() -> None:
         await env.start()
         env.register("vm1", {"memory": {"min_mib": 128}})
-        env.store.add_samples([(float(t), "vm1", "libvirt", {"state": "running", "vcpus": 2, "memory_mib": 1024,
+        t0 = env.store.get_vm("vm1").registered_at  # the inventory counts samples since registration
+        env.store.add_samples([(t0 + t, "vm1", "libvirt", {"state": "running", "vcpus": 2, "memory_mib": 1024,
                                                              "qemu_cpu_percent": 50.0, "memstats_kib": {"rss": 1 << 19}})
                                for t in range(4)])
         # The memory part shrinks the balloon through the ledger: the original is the full size.

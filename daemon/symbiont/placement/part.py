@@ -70,8 +70,10 @@ class PlacementPart(Part):
                     "name": rec.name,
                     "vcpus": lv.get("vcpus") if running else 0,
                     "memory_mib": lv.get("memory_mib") if running else 0,
-                    "libvirt": ctx.store.history(rec.name, "libvirt", limit=n),
-                    "agent": ctx.store.history(rec.name, "agent", limit=n + 1),
+                    # Only this stay's samples (since it was registered here, the daemon's own
+                    # clock): a VM moved away and back must not look idle on its old samples.
+                    "libvirt": ctx.store.history(rec.name, "libvirt", since=rec.registered_at, limit=n),
+                    "agent": ctx.store.history(rec.name, "agent", since=rec.registered_at, limit=n + 1),
                 }
             )
         inv = live.build_inventory(live.host_id(ctx.cfg), capacity, dict(self.cfg.overcommit or {}), vms, n)
