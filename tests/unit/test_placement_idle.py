@@ -100,6 +100,28 @@ def test_consolidation_shrinks_and_parks_longest_idle_first() -> None:
     assert actions[3].reason == "idle host idle full: needs 128 MiB, 48 free"
 
 
+def test_no_tiny_shrinks_for_a_vm_that_stays_put() -> None:
+    # The lab journal: a parked VM (on the idle host) whose working set drifted was shrunk by
+    # 1 MiB (130 -> 129) round after round. Here each target is 128 (its guest floor), 2 MiB off.
+    cfg = IdleConfig(cpu_threshold=0.05, window=4, wss_max_mib=128, min_mem_mib=64, wake_cpu=0.2)
+    kw: dict = {"wss": 60.0, "mem": 130, "reserve_mib": 20.0, "home_mem_mib": 256}
+    vms = [act("parked", QUIET, host="idle", home="n1", **kw), act("stuck", QUIET, host="n1", **kw),
+           act("mover", QUIET, host="n2", **kw)]  # fmt: skip
+    got = [(a.kind, a.vm, a.mem_to) for a in consolidation_plan(vms, "idle", 130, cfg)]
+    # "mover" fits the idle host (130 MiB free): its shrink, however small, is what parks it;
+    # "stuck" no longer fits (2 MiB left) and stays; neither it nor "parked" gets a 2 MiB shrink.
+    assert [g for g in got if g[0] != "stay"] == [("shrink", "mover", 128), ("move", "mover", 128)]
+    assert ("stay", "stuck", None) in got
+    # A real shrink (≥ min_shrink_mib, default 8) of a VM that stays is still planned.
+    big = consolidation_plan([act("parked", QUIET, host="idle", **{**kw, "mem": 136})], "idle", 0, cfg)
+    assert [(a.kind, a.mem_from, a.mem_to) for a in big] == [("shrink", 136, 128)]
+    # min_shrink_mib 0 is the old rule: every step, however small.
+    old = consolidation_plan(vms[:1], "idle", 0, IdleConfig(**{**cfg.__dict__, "min_shrink_mib": 0}))
+    assert [(a.kind, a.mem_to) for a in old] == [("shrink", 128)]
+    with pytest.raises(ValueError, match="min_shrink_mib"):
+        IdleConfig(min_shrink_mib=-1)
+
+
 def test_wake_plan_goes_home_or_to_best_fit() -> None:
     vms = [
         act("a", [0.0, 0.9], mem=64, host="idle", home="n1", home_mem_mib=2048),  # CPU woke it

@@ -12,6 +12,20 @@ samples, and an estimated working set at most ``wss_max_mib``. Waking: the newes
 above ``wake_cpu``, or any pending activity event (e.g. a packet for it, which the seed's
 "timely response" serves by swapping in the predicted working set before delivery).
 
+Samples: the CPU samples and working set are those the VM's current host took since the VM
+arrived there. The host daemon's inventory cuts its stored history at the VM's registration on
+that host (:meth:`symbiont.placement.part.PlacementPart.inventory`): a move unregisters the VM
+at the source and registers it at the destination, so the registration time is exactly "since it
+(re)arrived", on the same clock as the samples. The controller's journal would be the other
+candidate, but it knows only the moves it made itself and runs on another host's clock. Without
+the cut, a woken VM moved home was idle again at once on the samples from before it was parked.
+
+A shrink smaller than ``min_shrink_mib`` is not planned for a VM that stays where it is: a parked
+VM whose working set drifts by a MiB was shrunk 130 -> 129 MiB round after round (a balloon step
+and a journal entry each time, for nothing). A VM that moves to the idle host still gets its
+shrink, however small: the shrunk size that its move carries is what parks it (the destination
+records its home and full size).
+
 All sizes are MiB. The plan is a list of actions for the controller (balloon to a size, migrate).
 """
 
@@ -39,6 +53,7 @@ class IdleConfig:
     # Wake on the newest ``wake_samples`` CPU samples all at or above ``wake_cpu``: one sample can
     # be noise (an idle TCG guest on a saturated host showed 0.23 and was moved home for nothing).
     wake_samples: int = 1
+    min_shrink_mib: float = 8.0  # smallest shrink worth a balloon step for a VM that stays put
 
     def __post_init__(self) -> None:
         if not 0 < self.cpu_threshold < 1:
@@ -47,6 +62,8 @@ class IdleConfig:
             raise ValueError(f"window must be at least 1, got {self.window}")
         if self.margin < 0 or self.wss_max_mib <= 0 or self.min_mem_mib <= 0:
             raise ValueError("margin must be >= 0, wss_max_mib and min_mem_mib > 0")
+        if not (math.isfinite(self.min_shrink_mib) and self.min_shrink_mib >= 0):
+            raise ValueError(f"min_shrink_mib must be a number >= 0, got {self.min_shrink_mib}")
         if self.wake_samples < 1:
             raise ValueError(f"wake_samples must be at least 1, got {self.wake_samples}")
         if not self.cpu_threshold <= self.wake_cpu <= 1:
@@ -139,6 +156,7 @@ def consolidation_plan(
 
     VMs idle longest go first (most likely to stay idle); ties by smaller target, then id. A VM
     that does not fit on the idle host is still shrunk where it is (the memory is freed anyway).
+    A VM that stays where it is is shrunk only by at least ``min_shrink_mib``.
     """
     cfg = cfg or IdleConfig()
     if idle_host_free_mib < 0:
@@ -154,13 +172,14 @@ def consolidation_plan(
     actions: list[Action] = []
     for vm, why in cands:
         tgt = target_mem(vm, cfg)
-        if tgt < vm.mem_mib:
+        moves = vm.host != idle_host and tgt <= free + 1e-9
+        if tgt < vm.mem_mib and (moves or vm.mem_mib - tgt >= cfg.min_shrink_mib - 1e-9):
             actions.append(
                 Action("shrink", vm.id, f"idle: {why}", src=vm.host, mem_from=vm.mem_mib, mem_to=tgt)
             )
         if vm.host == idle_host:
             continue
-        if tgt <= free + 1e-9:
+        if moves:
             free -= tgt
             actions.append(
                 Action(
