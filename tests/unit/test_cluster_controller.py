@@ -492,3 +492,55 @@ def test_one_noisy_cpu_sample_does_not_wake_a_parked_vm(tmp_path) -> None:
     r = ctl.round()
     assert fc.where["a1"] == "h1" and fc.mem["a1"] == 256.0
     assert r["planned"][0]["reason"] == "awake (CPU 0.95 >= 0.2 in the last 2 samples); back to h1"
+
+
+class FloorExecutor(IdleExecutor):
+    """h3's daemon refuses a shrink below its guest floor, as in the lab run (the plan a round old)."""
+
+    def __init__(self, fc: FakeCluster, hosts, floor: dict[str, int]) -> None:
+        super().__init__(fc, hosts)
+        self.floor = floor
+
+    def set_memory(self, s: MemorySpec) -> dict[str, Any]:
+        if s.mem_mib < self.floor.get(s.vm, 0):
+            return {**s.to_dict(), "ok": False, "error": f"target_mib {s.mem_mib} below the safe floor "
+                                                           f"({self.floor[s.vm]} MiB)"}  # fmt: skip
+        return super().set_memory(s)
+
+
+def test_a_refused_shrink_skips_only_that_vms_steps_and_is_logged(tmp_path) -> None:
+    # The lab journal: h3's daemon refused one shrink (below its safe floor) and the rest of the
+    # plan, other VMs' shrinks and moves, was skipped until the next round.
+    fc = IdleCluster({"c1": ("h3", 0.0), "a1": ("h1", 0.0), "b1": ("h2", 0.0)})
+    hosts = {h: HostEntry(h, f"qemu+tcp://{h}/system", f"/run/{h}.sock") for h in fc.hosts}
+    cfg = ControllerConfig(hosts=hosts, journal=tmp_path / "j.sqlite", period_s=0.01, idle_host="h3",
+                           thresholds={"cpu": 10.0, "mem": 10.0}, max_migrations=2, cooldown_s=0)  # fmt: skip
+    ctl = Controller(cfg, fetch=lambda spec: fc.inventory(spec.split("/")[-1].removesuffix(".sock")),
+                     make_executor=lambda hs: FloorExecutor(fc, hs, {"c1": 131}))  # fmt: skip
+    # c1 (on h3) comes first in the plan: its shrink is refused; a1 and b1 are still parked.
+    plan = {"idle": {"actions": [
+        {"kind": "shrink", "vm": "c1", "src": "h3", "mem_to": 128},
+        {"kind": "shrink", "vm": "a1", "src": "h1", "mem_to": 128},
+        {"kind": "move", "vm": "a1", "src": "h1", "dst": "h3"},
+        {"kind": "shrink", "vm": "b1", "src": "h2", "mem_to": 128},
+        {"kind": "move", "vm": "b1", "src": "h2", "dst": "h3"},
+    ]}}  # fmt: skip
+    res = ctl.execute_plan(plan, "test")
+    assert res["state"] == "failed" and [r["ok"] for r in res["results"]] == [False, True, True, True, True]
+    assert fc.where == {"c1": "h3", "a1": "h3", "b1": "h3"} and fc.mem == {"c1": 256.0, "a1": 128.0, "b1": 128.0}
+    j = Journal(tmp_path / "j.sqlite")
+    (p,) = j.plans()
+    assert p["state"] == "failed" and "step 0 (shrink of c1) failed: target_mib 128 below the safe floor" in p["reason"]
+    assert [s["state"] for s in j.steps(p["id"])] == ["failed", "done", "done", "done", "done"]
+    (d,) = j.decisions(kind="step-refused")
+    assert d["vm"] == "c1" and "safe floor" in d["outcome"]["error"]
+    # The refused VM's own later steps are skipped (its move was sized on the shrink), with the reason.
+    fc2 = IdleCluster({"a1": ("h1", 0.0), "b1": ("h2", 0.0)})
+    ctl2 = Controller(ControllerConfig(hosts=hosts, journal=tmp_path / "j2.sqlite", idle_host="h3"),
+                      fetch=lambda spec: fc2.inventory(spec.split("/")[-1].removesuffix(".sock")),
+                      make_executor=lambda hs: FloorExecutor(fc2, hs, {"a1": 131}))  # fmt: skip
+    res = ctl2.execute_plan({"idle": {"actions": plan["idle"]["actions"][1:]}}, "test")
+    assert fc2.moves == [("b1", "h2", "h3")] and fc2.where["a1"] == "h1"
+    assert res["results"][1]["skipped"] and "step 0 (shrink of a1) failed" in res["results"][1]["error"]
+    (p2,) = Journal(tmp_path / "j2.sqlite").plans()
+    assert [s["state"] for s in Journal(tmp_path / "j2.sqlite").steps(p2["id"])] == ["failed", "skipped", "done", "done"]

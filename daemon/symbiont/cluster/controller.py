@@ -13,7 +13,9 @@ round (``period_s``) the controller
    ``cooldown_s`` (the balloon steps of a VM whose move is held back are held back too);
 4. executes the plan step by step through :class:`symbiont.placement.execute.Executor` (live
    migrations host to host, balloon steps through the hosts' daemons), each step journaled in
-   sqlite before it starts and after it ends (:mod:`symbiont.cluster.journal`).
+   sqlite before it starts and after it ends (:mod:`symbiont.cluster.journal`). A balloon step
+   the daemon refuses (its guest floor) skips only that VM's later steps, logged as
+   ``step-refused``; a failed migration stops the plan (the hosts may be other than planned).
 
 Every round is a decision in the journal with its inputs (per-host utilisation and samples
 count, hosts down, configuration) and its outcome (hotspots, moves made and held back).
@@ -337,9 +339,15 @@ class Controller:
                                     {"state": "dry-run", "steps": checked})  # fmt: skip
                 return {"id": pid, "state": "dry-run", "steps": checked, "held": held}
             pid = self.journal.new_plan(source, plan, inputs, [_sd(s) for s in steps], "running")
-            results = []
-            state = "done"
+            results: list[dict[str, Any]] = []
+            errors: list[str] = []
+            refused: dict[str, str] = {}  # VM -> why its later steps are skipped
             for i, s in enumerate(steps):
+                if s.vm in refused:
+                    res = {**_sd(s), "ok": False, "skipped": True, "error": refused[s.vm]}
+                    self.journal.end_step(pid, i, "skipped", {"reason": refused[s.vm]})
+                    results.append(res)
+                    continue
                 ctx: dict[str, Any] = {}
                 if isinstance(s, MoveSpec):
                     v = ex.view(up[s.src], s.vm)
@@ -348,11 +356,23 @@ class Controller:
                 res = ex.migrate(s) if isinstance(s, MoveSpec) else ex.set_memory(s)
                 self.journal.end_step(pid, i, "done" if res.get("ok") else "failed", res)
                 results.append(res)
-                if not res.get("ok"):
-                    state = "failed"
-                    self.journal.skip_rest(pid, f"step {i} failed: {res.get('error')}")
-                    break
-            self.journal.set_plan(pid, state, "" if state == "done" else str(results[-1].get("error")))
+                if res.get("ok"):
+                    continue
+                errors.append(f"step {i} ({_what(s)}) failed: {res.get('error')}")
+                if isinstance(s, MemorySpec):
+                    # A refused balloon step (the daemon's guest floor, typically: the plan is a
+                    # round old) is one daemon call that changed nothing. Only this VM's later
+                    # steps depend on it (its move was sized on the shrink): skip those, run the
+                    # other VMs' steps; the next round plans this VM afresh.
+                    refused[s.vm] = f"step {i} ({_what(s)}) failed: {res.get('error')}"
+                    self.journal.decide("step-refused", s.vm, {"plan": pid, "step": _sd(s)},
+                                        {"error": res.get("error"), "skipped": "this VM's later steps"})  # fmt: skip
+                    continue
+                # A failed migration may leave either host other than planned: stop the plan.
+                self.journal.skip_rest(pid, errors[-1])
+                break
+            state = "failed" if errors else "done"
+            self.journal.set_plan(pid, state, "; ".join(errors))
         return {"id": pid, "state": state, "results": results, "held": held}
 
     def _refuse(self, source: str, plan: Any, inputs: Any, steps: list[Step], reason: str) -> dict[str, Any]:
@@ -486,3 +506,7 @@ class Controller:
 
 def _sd(s: Step) -> dict[str, Any]:
     return s.to_dict()
+
+
+def _what(s: Step) -> str:
+    return f"move of {s.vm}" if isinstance(s, MoveSpec) else f"{s.kind} of {s.vm}"
