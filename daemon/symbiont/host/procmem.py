@@ -141,16 +141,49 @@ def mergeable_mappings(pid: int, min_bytes: int = 0, proc: Path | str = "/proc")
     return [m for m in read_smaps(pid, proc) if m.mergeable and m.size >= min_bytes]
 
 
-def host_mergeable_pages(proc: Path | str = "/proc") -> int:
-    """Resident pages in mergeable mappings of every process: what ksmd walks in one full pass."""
+def _statm_resident(pid: int, proc: Path | str) -> int | None:
+    try:
+        return int((Path(proc) / str(pid) / "statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+MERGEABLE_CACHE_S = 60.0  # a process's figure is reused at most this long
+
+
+def host_mergeable_pages(proc: Path | str = "/proc",
+                         cache: dict[int, tuple[int, int, float]] | None = None,
+                         now: float | None = None) -> int:
+    """Resident pages in mergeable mappings of every process: what ksmd walks in one full pass.
+
+    With ``cache`` (pid → (statm resident, mergeable pages, when)), a process whose resident
+    page count has not moved since it was read (a paused, parked VM) keeps its figure for up
+    to MERGEABLE_CACHE_S instead of a smaps pass (~7 ms per QEMU, for every process every
+    period); any change in its resident pages reads smaps again."""
+    import time
+
+    now = time.monotonic() if now is None else now
     total = 0
+    seen: set[int] = set()
     for pid, st in mergeable_processes(proc).items():
         if st.get("ksm_mergeable") is False and not st.get("ksm_rmap_items"):
             continue
+        seen.add(pid)
+        rss = _statm_resident(pid, proc) if cache is not None else None
+        hit = cache.get(pid) if cache is not None else None
+        if hit is not None and rss is not None and hit[0] == rss and now - hit[2] < MERGEABLE_CACHE_S:
+            total += hit[1]
+            continue
         try:
-            total += sum(m.rss_kib for m in read_smaps(pid, proc) if m.mergeable) * 1024 // PAGE_SIZE
+            pages = sum(m.rss_kib for m in read_smaps(pid, proc) if m.mergeable) * 1024 // PAGE_SIZE
         except ProcMemError:
             continue
+        total += pages
+        if cache is not None and rss is not None:
+            cache[pid] = (rss, pages, now)
+    if cache is not None:
+        for pid in [p for p in cache if p not in seen]:
+            del cache[pid]
     return total
 
 
@@ -218,13 +251,25 @@ def zero_pfns() -> np.ndarray:
     return _ZERO_PFNS
 
 
+def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """``np.isin(values, sorted_set)`` for a small sorted set, by binary search: no sort of
+    ``values`` (np.isin sorts both: ~10 ms for a 512 MiB guest's 131072 pagemap entries against
+    the 513 zero-page frames, for every VM every period)."""
+    if not sorted_set.shape[0] or not values.shape[0]:
+        return np.zeros(values.shape, dtype=bool)
+    idx = np.searchsorted(sorted_set, values)
+    np.minimum(idx, sorted_set.shape[0] - 1, out=idx)
+    return sorted_set[idx] == values
+
+
 def resident_bytes(pid: int, start: int, end: int) -> int:
     """Bytes of ``[start, end)`` resident and really backed (not the shared zero page)."""
     pm = read_pagemap(pid, start, end)
     on = (pm & PM_PRESENT) != 0
     zp = zero_pfns()
     if zp.shape[0]:
-        on &= ~np.isin(pm & PM_PFN_MASK, zp)
+        present = pm[on] & PM_PFN_MASK  # only present entries hold a frame (a parked VM: few)
+        return int(present.shape[0] - int(in_sorted(present, zp).sum())) * PAGE_SIZE
     return int(on.sum()) * PAGE_SIZE
 
 

@@ -44,6 +44,7 @@ class SystemHost:
         self._ksm = Ksm()
         self._ksmd: KsmdCpu | None = None  # found on first use (walks /proc)
         self._taps: tapwatch.TapWatcher | None = None  # started on the first watch
+        self._mergeable: dict[int, tuple[int, int, float]] = {}  # host_mergeable_pages' per-process figures
 
     # -- the connection ---------------------------------------------------------------------
     @property
@@ -226,7 +227,7 @@ class SystemHost:
         return procmem.resident_bytes(pid, start, end)
 
     def host_mergeable_pages(self) -> int:
-        return procmem.host_mergeable_pages()
+        return procmem.host_mergeable_pages(cache=self._mergeable)
 
     def meminfo_kib(self) -> dict[str, int]:
         return ksm.meminfo_kib()

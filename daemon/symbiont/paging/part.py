@@ -154,6 +154,11 @@ class PagingPart(Part):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._no_tier_logged = False
         self.clock = time.monotonic  # the idle policy's clock (a test steps its own)
+        # A parked VM's guest RAM resident, measured once (at its park, or the first period that
+        # finds it parked): (QEMU pid, guest RAM bytes, resident MiB). A paused guest does not
+        # fault its pages back in, so re-reading its smaps each period (tens of ms for a QEMU
+        # with its RAM in swap) bought nothing; dropped on wake, restore and unregistration.
+        self._parked_fp: dict[str, tuple[int, int, float]] = {}
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -206,7 +211,7 @@ class PagingPart(Part):
             db.execute("DELETE FROM paging_parked WHERE vm = ?", (vm,))
         self.last.pop(vm, None)
         self._unwatch_taps(vm)
-        for d in (self.idle_samples, self.idle_last, self.requests, self._taps):
+        for d in (self.idle_samples, self.idle_last, self.requests, self._taps, self._parked_fp):
             d.pop(vm, None)  # type: ignore[attr-defined]
 
     def _read_parked(self, vm: str, _key: str) -> str:
@@ -220,6 +225,7 @@ class PagingPart(Part):
         elif value == "paused" and state == "running":
             self.ctx.host.suspend(vm)
         if value == "running":
+            self._parked_fp.pop(vm, None)
             with self.ctx.store.transaction() as db:
                 db.execute("DELETE FROM paging_parked WHERE vm = ?", (vm,))
 
@@ -526,6 +532,7 @@ class PagingPart(Part):
             await self.ctx.blocking(host.process_pageout, pid, everything, timeout=120.0)
             dt = time.perf_counter() - t0
             after = self.memory_view(pid, ram_bytes)
+            self._parked_fp[vm] = (pid, ram_bytes, float(after["guest_ram"]["resident_mib"]))
             outcome = {"wset_mib": round(wset_mib, 1), "wset_ranges": len(wset), "observe_ping_s": ping_s,
                        "background_wset_mib": round(background_mib, 1), "seconds": round(dt, 3),
                        "before": before, "after": after, "tier_used_mib": self._swap_used_mib()}
@@ -600,6 +607,7 @@ class PagingPart(Part):
             except AgentError as exc:
                 error = str(exc)
             latency = time.perf_counter() - t0
+            self._parked_fp.pop(vm, None)
             with self.ctx.store.transaction() as db:
                 db.execute("DELETE FROM paging_parked WHERE vm = ?", (vm,))
             self.ctx.knobs.forget(vm, KIND)
@@ -779,12 +787,20 @@ class PagingPart(Part):
 
     async def _observe_shortfall(self) -> ShortfallPlanInputs:
         mem: Any = self.ctx.peer("memory")
+        parked = self.parked_vms()
         vms = []
         for rec in self.ctx.vms():
             lv = dict(self.ctx.latest(rec.name).get("libvirt") or {})
             try:
-                pid, ram_bytes, state = self._qemu(rec.name)
-                ram, _code, _maps = await self.ctx.blocking(self.regions, pid, ram_bytes)
+                got = self._parked_footprint(rec.name, lv) if rec.name in parked else None
+                if got is None:
+                    pid, ram_bytes, state = self._qemu(rec.name)
+                    ram, _code, _maps = await self.ctx.blocking(self.regions, pid, ram_bytes)
+                    resident_mib = ram.rss_kib / 1024
+                    if rec.name in parked and state == "paused":
+                        self._parked_fp[rec.name] = (pid, ram_bytes, resident_mib)
+                else:
+                    ram_bytes, resident_mib, state = got[0], got[1], "paused"
             except Exception as exc:  # a VM that is down has no footprint to page
                 log.debug("vm %s: no footprint: %s", rec.name, exc)
                 continue
@@ -792,10 +808,26 @@ class PagingPart(Part):
             ref = st.last_wss.get("referenced_bytes") if st is not None else None
             pol = rec.policy.get("memory", {}) if isinstance(rec.policy, dict) else {}
             vms.append(VmFootprint(
-                name=rec.name, running=state == "running", resident_mib=ram.rss_kib / 1024,
+                name=rec.name, running=state == "running", resident_mib=resident_mib,
                 allocated_mib=float(mem.current_target(rec.name, lv)) if lv else ram_bytes / MIB,
                 wss_mib=None if ref is None else float(ref) / MIB, floor_mib=float(pol.get("min_mib") or 64)))
         return ShortfallPlanInputs(float(mem.budget_mib()), vms, float(self.cfg.margin_mib))
+
+    def _parked_footprint(self, vm: str, lv: dict[str, Any]) -> tuple[int, float] | None:
+        """(guest RAM bytes, resident MiB) of a parked VM as measured when it was parked, while
+        the core's sample of this period still says paused and its QEMU is the same process
+        (a pidfile read: no libvirt call, no smaps); None: measure it."""
+        hit = self._parked_fp.get(vm)
+        if hit is None or lv.get("state") != "paused":
+            return None
+        try:
+            same = self.ctx.host.qemu_pid(vm) == hit[0]
+        except HostError:
+            same = False
+        if not same:
+            self._parked_fp.pop(vm, None)
+            return None
+        return hit[1], hit[2]
 
     def decide(self, obs: PagingObservation | None) -> PagingDecision:
         if obs is None:
