@@ -227,3 +227,47 @@ def test_resident_bytes_zero_page_test_matches_isin() -> None:
     v = np.concatenate([rng.integers(0, 6_300_000, 50_000), zp[::7], [0, 2**40]]).astype(np.uint64)
     assert (in_sorted(v, zp) == np.isin(v, zp)).all() and in_sorted(v, zp).sum() >= len(zp[::7])
     assert not in_sorted(v, np.empty(0, np.uint64)).any() and in_sorted(np.empty(0, np.uint64), zp).shape == (0,)
+
+
+def test_a_parked_vms_resident_guest_ram_and_mapping_are_not_read_each_period(tmp_path: Path) -> None:
+    from symbiont.dedup.part import DedupPart
+
+    class Host(FakeHost):
+        reads = 0
+        maps = 0
+
+        def resident_bytes(self, pid: int, start: int, end: int) -> int:
+            self.reads += 1
+            return super().resident_bytes(pid, start, end)
+
+        def guest_ram(self, pid: int, ram_bytes: int | None) -> dict[str, Any] | None:
+            self.maps += 1
+            return super().guest_ram(pid, ram_bytes)
+
+    host = Host(ksm={"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20, "pages_shared": 0, "pages_sharing": 0,
+                     "pages_unshared": 0, "pages_volatile": 0, "full_scans": 0})
+    env = Env(tmp_path, host=host)
+    part: DedupPart = env.add(DedupPart)  # type: ignore[assignment]
+    dom = FakeDomain("idle", qemu_pid=1001, resident_bytes=256 * MIB,
+                     guest_ram={"start": RAM, "end": RAM + 512 * MIB, "mergeable": True})
+    env.register("idle", {}, domain=dom)
+    part.read_world()
+    part.read_world()
+    assert host.reads == 2 and part.vms["idle"]["guest_rss_bytes"] == 256 * MIB  # running: every period
+    host.suspend("idle")
+    env.core.snapshots["idle"] = env.snapshot_of("idle")
+    dom.resident_bytes = 16 * MIB  # what its park left
+    part.read_world()  # the first period paused: read once
+    host.reads = host.maps = 0
+    for _ in range(5):
+        part.read_world()
+    assert host.reads == 0 and host.maps == 0 and part.vms["idle"]["guest_rss_bytes"] == 16 * MIB
+    part.vms["idle"]["guest_rss_at"] -= part.RESIDENT_PAUSED_S  # a minute later: read again
+    part.read_world()
+    assert host.reads == 1
+    host.resume("idle")  # woken: every period again
+    env.core.snapshots["idle"] = env.snapshot_of("idle")
+    dom.resident_bytes = 300 * MIB
+    part.read_world()
+    assert host.reads == 2 and part.vms["idle"]["guest_rss_bytes"] == 300 * MIB
+    env.close()

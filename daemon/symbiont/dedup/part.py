@@ -362,11 +362,16 @@ class DedupPart(Part):
             return self.host.info(name).max_memory_kib * 1024
         return None
 
-    def _guest_ram(self, pid: int, ram: int | None) -> dict[str, Any] | None:
-        """The guest-RAM mapping of a QEMU process; smaps (tens of ms) is re-read every 30 s only."""
+    RESIDENT_PAUSED_S = 60.0  # a paused VM's resident guest RAM is read again after this long
+
+    def _guest_ram(self, pid: int, ram: int | None, paused: bool = False) -> dict[str, Any] | None:
+        """The guest-RAM mapping of a QEMU process; smaps (tens of ms) is re-read every 30 s only,
+        and not while the VM is paused (the mapping of a process does not move)."""
         hit = self._maps.get(pid)
         now = time.monotonic()
-        if hit is not None and now - hit[0] < 30.0:
+        if hit is not None and (now - hit[0] < 30.0 or (paused and hit[1] is not None)):
+            if paused:
+                self._maps[pid] = (now, hit[1])  # kept fresh while it stays paused
             return hit[1]
         m = self.host.guest_ram(pid, ram)
         self._maps = {k: v for k, v in self._maps.items() if now - v[0] < 300.0}
@@ -395,12 +400,22 @@ class DedupPart(Part):
             }  # fmt: skip
             if pid is not None:
                 try:
-                    m = self._guest_ram(pid, ram)
+                    m = self._guest_ram(pid, ram, paused)
                     if m is not None:
                         v["mergeable"] = bool(m["mergeable"])
                         v["guest_ram"] = {"start": f"0x{m['start']:x}", "size": m["end"] - m["start"]}
-                        # resident and really backed (not the shared zero page): ~1 ms per 256 MiB
-                        v["guest_rss_bytes"] = self.host.resident_bytes(pid, m["start"], m["end"])
+                        # resident and really backed (not the shared zero page): ~1 ms per 256 MiB;
+                        # a paused guest faults nothing in: its last figure stands (same process,
+                        # read again after RESIDENT_PAUSED_S: KSM or the host may still move pages)
+                        prev = self.vms.get(rec.name) or {}
+                        now = time.monotonic()
+                        if paused and prev.get("paused") and prev.get("pid") == pid \
+                                and prev.get("guest_rss_bytes") is not None \
+                                and now - prev.get("guest_rss_at", 0.0) < self.RESIDENT_PAUSED_S:
+                            v["guest_rss_bytes"], v["guest_rss_at"] = prev["guest_rss_bytes"], prev["guest_rss_at"]
+                        else:
+                            v["guest_rss_bytes"] = self.host.resident_bytes(pid, m["start"], m["end"])
+                            v["guest_rss_at"] = now
                 except HostError as exc:
                     v["errors"].append(str(exc))
                     v["running"] = False
