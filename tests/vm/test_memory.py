@@ -2,10 +2,7 @@
 and a memory-hungry guest getting memory back from an idle one.
 
 Two 512 MiB VMs share an 800 MiB budget (an overcommitted host, made deterministic on a
-large machine by the ``memory.budget_mib`` setting). The daemon runs ``profile: overcommit``
-(issue 15: KSM hints, ballooning and host paging under the one budget), as a user would; its
-idle parking gets a window longer than this module so that the idle VM stays a balloon donor
-(parking is tested in tests/vm/test_paging.py).
+large machine by the ``memory.budget_mib`` setting).
 """
 
 from __future__ import annotations
@@ -48,13 +45,8 @@ def run_in_background(lab: LabSession, vm: str, script: str, name: str) -> None:
 def lab(libvirtd, tmp_path_factory):
     with LabSession(count=2, prefix="symbiont-mem-", period_s=PERIOD, memory_mib=512,
                     work_dir=tmp_path_factory.mktemp("memlab"),
-                    daemon_overrides={"profile": "overcommit",
-                                      "memory": {"enabled": True, "budget_mib": BUDGET, "free_target_mib": 0,
-                                                 "max_step_mib": 128, "pressure_grant_mib": 64},
-                                      "paging": {"zram_size_mib": 1024, "idle_after_s": 3600}}) as s:
-        with s.client() as c:  # the profile is what runs: every lever of the seed's order is on
-            st = c.get("/v1/status")
-        assert st["parts"]["paging"]["enabled"] and st["parts"]["paging"]["auto_pageout"], st["parts"]["paging"]
+                    daemon_overrides={"memory": {"enabled": True, "budget_mib": BUDGET, "free_target_mib": 0,
+                                                 "max_step_mib": 128, "pressure_grant_mib": 64}}) as s:
         yield s
 
 
@@ -125,9 +117,6 @@ def test_hungry_guest_gets_memory_from_the_idle_one(lab: LabSession) -> None:
         taken = [x for x in c.get("/v1/decisions", vm=idle, limit=1000)
                  if x["part"] == "memory" and x["action"] == "policy" and "under pressure" in x["outcome"]["reason"]]
     assert taken, "the idle VM was not the one that paid"
-    with lab.client() as c:  # every lever's decision carries what it was decided on
-        bare = [x for x in c.get("/v1/decisions", limit=1000) if not x["inputs"]]
-    assert not bare, bare[:3]
     # No guest was OOM-killed by the daemon's ballooning.
     for name in lab.names:
         assert guest_exec(lab.host, name, "dmesg | grep -c 'Out of memory' || true").output.strip() == "0"
