@@ -316,3 +316,21 @@ class ProcessMemory:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def smaps_rollup_kib(text: str) -> dict[str, int]:
+    """``/proc/PID/smaps_rollup`` as {field: KiB} (Rss, Pss, Swap, SwapPss...)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].endswith(":") and parts[2] == "kB":
+            out[parts[0][:-1]] = int(parts[1])
+    return out
+
+
+def read_smaps_rollup(pid: int) -> dict[str, int]:
+    """:func:`smaps_rollup_kib` of a live process; {} when it is gone or unreadable."""
+    try:
+        return smaps_rollup_kib(open(f"/proc/{pid}/smaps_rollup").read())
+    except (OSError, ValueError):
+        return {}

@@ -319,13 +319,7 @@ class SystemHost:
             return po.touch(pid, ranges)
 
     def process_pss_kib(self, pid: int) -> int | None:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            return None
-        return None
+        return procmem.read_smaps_rollup(pid).get("Pss")
 
     # -- idle VMs ---------------------------------------------------------------------------
     def vcpu_seconds(self, vm: str) -> float | None:

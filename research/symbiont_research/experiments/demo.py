@@ -24,19 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from symbiont.host.procmem import smaps_rollup_kib
 from symbiont_research.experiments.framework import RunContext, experiment
 
 MIB = 1 << 20
-
-
-def smaps_rollup_kib(text: str) -> dict[str, int]:
-    """``/proc/PID/smaps_rollup`` as {field: KiB} (Rss, Pss, Swap, SwapPss...)."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0].endswith(":") and parts[2] == "kB":
-            out[parts[0][:-1]] = int(parts[1])
-    return out
 
 
 def host_mib(rollup: dict[str, int], zram_ratio: float | None) -> float:

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from symbiont.host.procmem import read_smaps_rollup
 from symbiont_research.experiments.framework import RunContext, experiment
 
 # The active VMs' workload: write 1 MiB blocks round a buffer of N MiB (every page touched each
@@ -150,15 +151,8 @@ def rates_since(log: Path, offset: int) -> tuple[list[float], int]:
 
 def proc_mem_kib(pid: int) -> dict[str, int]:
     """Rss, Pss and Swap of a process (``smaps_rollup``, KiB)."""
-    out: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            k, _, rest = line.partition(":")
-            if k in ("Rss", "Pss", "Swap"):
-                out[k] = int(rest.split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
+    roll = read_smaps_rollup(pid)
+    return {k: roll[k] for k in ("Rss", "Pss", "Swap") if k in roll}
 
 
 def zram_tier() -> tuple[int, int, int]:
