@@ -69,3 +69,28 @@ def test_seconds_until_a_utc_clock_time() -> None:
     assert seconds_until("11:20", now) == 24 * 3600 - 30  # passed: tomorrow
     with pytest.raises(ValueError, match="end_by"):
         seconds_until("25:00", now)
+
+
+def test_restore_ksm_puts_every_changed_tunable_back_run_last(tmp_path: Path) -> None:
+    from symbiont.host.ksm import Ksm
+
+    from symbiont_research.experiments.overcommit import restore_ksm
+
+    for name, value in {"run": "1", "pages_to_scan": "444", "sleep_millisecs": "20",
+                        "advisor_mode": "none [scan-time]", "use_zero_pages": "0"}.items():
+        (tmp_path / name).write_text(value + "\n")
+    writes: list[str] = []
+
+    class Recording(Ksm):
+        def write(self, name: str, value: int | str) -> None:
+            writes.append(name)
+            (self.root / name).write_text(f"{value}\n")
+
+    saved: dict[str, int | str] = {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20,
+                                   "advisor_mode": "none", "use_zero_pages": 0}
+    notes: list[str] = []
+    changed = restore_ksm(Recording(tmp_path), saved, notes.append)
+    assert sorted(changed) == ["advisor_mode", "pages_to_scan", "run"]
+    assert writes[-1] == "run"
+    assert Ksm(tmp_path).read("pages_to_scan") == 100 and Ksm(tmp_path).read("run") == 0
+    assert not notes

@@ -280,6 +280,26 @@ class KsmTuned(threading.Thread):
             self.stop_event.wait(self.params.monitor_interval_s)
 
 
+def restore_ksm(ksm: Any, saved: dict[str, int | str], note: Callable[[str], None]) -> list[str]:
+    """Every KSM tunable back to ``saved`` (the host's own, read before the run), ``run`` last;
+    the names that differed. ksmtuned's port and the daemons write ``pages_to_scan``,
+    ``sleep_millisecs``, ``run`` and the advisor's knobs; a host left tuned broke the next
+    suite's KSM tests (the last session's finding), so each config ends with the host's own."""
+    changed = []
+    for key in [k for k in ksm.tunables() if k != "run"] + ["run"]:
+        if key not in saved:
+            continue
+        try:
+            if ksm.read(key) != saved[key]:
+                if key in ("use_zero_pages", "max_page_sharing", "merge_across_nodes"):
+                    ksm.write("run", 2)  # these refuse while pages are merged
+                ksm.write(key, saved[key])
+                changed.append(key)
+        except Exception as exc:  # noqa: BLE001 - the others still go back
+            note(f"KSM {key} not restored to {saved[key]!r}: {exc}")
+    return changed
+
+
 @dataclass
 class Fleet:
     """One configuration's VMs: clones of the template, their daemon (if any), their channels."""
@@ -302,6 +322,7 @@ class Fleet:
     log_offsets: dict[str, int] = field(default_factory=dict)
     oom: dict[str, int] = field(default_factory=dict)
     clone_rows: list[dict[str, Any]] = field(default_factory=list)
+    ksm_saved: dict[str, int | str] = field(default_factory=dict)  # the host's KSM before the run
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -361,6 +382,7 @@ class Fleet:
         with contextlib.suppress(Exception):
             Ksm().write("run", 2)
             Ksm().write("run", 0)
+        restore_ksm(Ksm(), self.ksm_saved, self.note)
 
     # -- VMs --------------------------------------------------------------------------------------
     def add(self, count: int, active: bool = False, stop: Callable[[], str] = lambda: "") -> str:
@@ -617,7 +639,7 @@ def overcommit_density(ctx: RunContext) -> dict[str, Any]:
         if p["cold_boot"]:
             summary["cold_boot_s"] = _cold_boot(host, cfg, image, owner, ctx)
         ctx.stage(f"alone: {p['active']} active VM(s), nothing else, no daemon")
-        alone = _alone(ctx, host, cfg, tpl, owner, prefix, p, clone_rows)
+        alone = _alone(ctx, host, cfg, tpl, owner, prefix, p, clone_rows, ksm_saved)
         summary["alone_mibs"] = alone
         ctx.note(f"alone: {', '.join(f'{v:.0f}' for v in alone)} MiB/s")
         for i, config in enumerate(configs):
@@ -625,7 +647,7 @@ def overcommit_density(ctx: RunContext) -> dict[str, Any]:
             share = left * weights[config] / sum(weights[c] for c in configs[i:])
             ctx.stage(f"{config}: up to {steps[-1]} VMs ({share / 60:.1f} min of the budget)")
             res = _run_config(ctx, config, host, cfg, tpl, owner, f"{prefix}{config[:2]}", p, steps, alone,
-                              time.monotonic() + share, writer, fh, clone_rows)
+                              time.monotonic() + share, writer, fh, clone_rows, ksm_saved)
             summary["configs"][config] = res
             ctx.note(f"{config}: N = {res['n_reached']} ({res['bound']})")
             if res.get("interrupted"):
@@ -636,10 +658,7 @@ def overcommit_density(ctx: RunContext) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             ctx.write_csv("clones.csv", clone_rows)
         host.close()
-        for key in ("pages_to_scan", "sleep_millisecs", "run"):
-            if key in ksm_saved:
-                with contextlib.suppress(Exception):
-                    ksm.write(key, ksm_saved[key])
+        restore_ksm(ksm, ksm_saved, ctx.note)
     summary["clone"] = _clone_cost(clone_rows, summary)
     full, stock = summary["configs"].get("full"), summary["configs"].get("stock")
     if full and stock:
@@ -666,9 +685,9 @@ def _cold_boot(host: Any, cfg: Any, image: Any, owner: Any, ctx: RunContext) -> 
 
 
 def _alone(ctx: RunContext, host: Any, cfg: Any, tpl: Any, owner: Any, prefix: str, p: dict[str, Any],
-           clone_rows: list[dict[str, Any]]) -> list[float]:
+           clone_rows: list[dict[str, Any]], ksm_saved: dict[str, int | str]) -> list[float]:
     fleet = Fleet(ctx, "alone", host, cfg, tpl, owner, f"{prefix}al", ctx.out_dir.resolve() / "work-alone", p,
-                  ctx.note)
+                  ctx.note, ksm_saved=ksm_saved)
     try:
         fleet.start()
         fleet.add(p["active"], active=True)
@@ -685,8 +704,10 @@ def _alone(ctx: RunContext, host: Any, cfg: Any, tpl: Any, owner: Any, prefix: s
 
 def _run_config(ctx: RunContext, config: str, host: Any, cfg: Any, tpl: Any, owner: Any, prefix: str,
                 p: dict[str, Any], steps: list[int], alone: list[float], deadline: float,
-                writer: csv.DictWriter, fh: Any, clone_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    fleet = Fleet(ctx, config, host, cfg, tpl, owner, prefix, ctx.out_dir.resolve() / f"work-{config}", p, ctx.note)
+                writer: csv.DictWriter, fh: Any, clone_rows: list[dict[str, Any]],
+                ksm_saved: dict[str, int | str]) -> dict[str, Any]:
+    fleet = Fleet(ctx, config, host, cfg, tpl, owner, prefix, ctx.out_dir.resolve() / f"work-{config}", p, ctx.note,
+                  ksm_saved=ksm_saved)
     t0 = time.monotonic()
     out: dict[str, Any] = {"n_reached": 0, "failed_at": None, "bound": "", "at_n_reached": None}
 
