@@ -73,7 +73,6 @@ def test_seconds_until_a_utc_clock_time() -> None:
 
 def test_restore_ksm_puts_every_changed_tunable_back_run_last(tmp_path: Path) -> None:
     from symbiont.host.ksm import Ksm
-
     from symbiont_research.experiments.overcommit import restore_ksm
 
     for name, value in {"run": "1", "pages_to_scan": "444", "sleep_millisecs": "20",
@@ -94,3 +93,35 @@ def test_restore_ksm_puts_every_changed_tunable_back_run_last(tmp_path: Path) ->
     assert writes[-1] == "run"
     assert Ksm(tmp_path).read("pages_to_scan") == 100 and Ksm(tmp_path).read("run") == 0
     assert not notes
+
+
+def _fleet_with_memory(monkeypatch: pytest.MonkeyPatch, avails: list[int]) -> tuple[object, object]:
+    """A Fleet whose host MemAvailable follows ``avails`` (MiB, one value per 2 s poll)."""
+    import types
+
+    from symbiont_research.experiments import overcommit
+
+    clock = [0.0]
+    monkeypatch.setattr(overcommit.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(overcommit.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    seq = iter(avails)
+    last = [avails[0]]
+
+    def vm() -> object:
+        last[0] = next(seq, last[0])
+        return types.SimpleNamespace(available=last[0] << 20)
+
+    fleet = overcommit.Fleet(None, "full", None, None, None, None, "p-", Path("/nonexistent"),
+                             {"min_avail_mib": 1536, "memory_mib": 512, "mem_wait_s": 45.0}, lambda _m: None)
+    return fleet, types.SimpleNamespace(virtual_memory=vm)
+
+
+def test_adding_waits_while_parks_give_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet, ps = _fleet_with_memory(monkeypatch, [1600] * 10 + [1800] * 15 + [2200])
+    assert fleet._room(ps, lambda: "") == ""  # progress within each 45 s window: it waited
+
+
+def test_adding_stops_when_no_memory_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet, ps = _fleet_with_memory(monkeypatch, [1700])
+    why = fleet._room(ps, lambda: "")
+    assert "MemAvailable 1700 MiB < 2048 MiB" in why and "45 s" in why

@@ -395,9 +395,9 @@ class Fleet:
         for _ in range(count):
             if why := stop():
                 return why
-            avail = psutil.virtual_memory().available >> 20
-            if avail < self.p["min_avail_mib"]:
-                return f"host memory: MemAvailable {avail} MiB < {self.p['min_avail_mib']} MiB"
+            if why := self._room(psutil, stop):
+                self._attach(new)
+                return why
             name = f"{self.prefix}{len(self.names) + 1:03d}"
             c = restore_clone(self.host, self.cfg, self.tpl, name, self.owner)
             self.names.append(name)
@@ -409,6 +409,26 @@ class Fleet:
                                     "restore_s": round(c.restore_s, 3), "total_s": round(c.total_s, 3),
                                     "rss_after_restore_mib": None if c.rss_mib is None else round(c.rss_mib, 1)})
         self._attach(new)
+        return ""
+
+    def _room(self, psutil: Any, stop: Callable[[], str]) -> str:
+        """Wait until one more clone fits (MemAvailable ≥ ``min_avail_mib`` + the clone's size),
+        for as long as memory keeps coming back (balloons and parks of VMs added before, which
+        run one at a time behind the restores); "" when it fits, else why not. The same rule for
+        every config: under stock nothing comes back, and it stops after ``mem_wait_s``."""
+        need = self.p["min_avail_mib"] + self.p["memory_mib"]
+        best = avail = psutil.virtual_memory().available >> 20
+        since = time.monotonic()
+        while avail < need:
+            if why := stop():
+                return why
+            if time.monotonic() - since > self.p["mem_wait_s"]:
+                return (f"host memory: MemAvailable {avail} MiB < {need} MiB (min_avail_mib + one clone), "
+                        f"none freed for {self.p['mem_wait_s']:.0f} s")
+            time.sleep(2.0)
+            avail = psutil.virtual_memory().available >> 20
+            if avail > best + 64:  # progress: the window starts again
+                best, since = avail, time.monotonic()
         return ""
 
     def _attach(self, names: list[str]) -> None:
@@ -565,7 +585,7 @@ class CpuWatch:
             "work_mib": 64, "measure_s": 12.0, "settle_s": 8.0, "min_ratio": 0.9, "max_ping_s": 1.0,
             "ping_timeout_s": 5.0, "period_s": 5.0, "idle_after_s": 15.0, "idle_cpu_pct": 5.0, "prefetch": "willneed",
             "park_observe_s": 1.0, "ping_sample": 4,
-            "park_wait_s": 90.0, "min_mib": 128, "min_avail_mib": 1536, "agent_timeout_s": 60.0,
+            "park_wait_s": 90.0, "min_mib": 128, "min_avail_mib": 1536, "mem_wait_s": 45.0, "agent_timeout_s": 60.0,
             "ksmtuned_interval_s": 10.0, "budget_s": 2280.0, "end_by": "", "weights": [1.0, 1.0, 1.0, 2.0],
             "cold_boot": True},
     param_help={"configs": "which configurations, in order: stock, ksm, balloon, full",
@@ -576,10 +596,11 @@ class CpuWatch:
                 "idle_after_s": "full: paging.idle_after_s", "idle_cpu_pct": "full: paging.idle_cpu_pct",
                 "prefetch": "full: paging.prefetch; touch reads every page a parked VM had resident, KSM-shared "
                             "ones included (~500 MiB a clone), willneed only swaps in what was paged out",
-                "park_wait_s": "full: how long a step waits for the daemon to park its idle VMs",
+                "park_wait_s": "full: how long a step waits for the daemon's next park of its idle VMs",
+                "mem_wait_s": "how long adding waits for memory to come back (a park, a balloon) before it stops",
                 "park_observe_s": "full: paging.park_observe_s (parks run one at a time: 3 s each by default)",
                 "ping_sample": "older idle VMs pinged per step besides the ones the step added",
-                "min_avail_mib": "stop adding VMs below this host MemAvailable (the host must not OOM)",
+                "min_avail_mib": "a clone is added only while MemAvailable stays above this plus its size (no host OOM)",
                 "ksmtuned_interval_s": "ksm: ksmtuned's monitor interval (60 s in ksmtuned.conf)",
                 "budget_s": "whole run's time; each config gets a share by 'weights' of what is left",
                 "end_by": "HH:MM (UTC): the budget ends 90 s before then at the latest (teardown)",
@@ -812,11 +833,17 @@ def _run_config(ctx: RunContext, config: str, host: Any, cfg: Any, tpl: Any, own
 
 def _settle(fleet: Fleet, p: dict[str, Any]) -> int:
     """Wait for the step's steady state: ``settle_s``; with the full profile, until the daemon
-    has parked every idle VM (or ``park_wait_s``). Returns how many are parked."""
+    has parked every idle VM (or none more for ``park_wait_s``). Returns how many are parked."""
     if fleet.config == "full":
-        deadline = time.monotonic() + p["park_wait_s"]
+        # Parks run one at a time: a step that added 32 VMs needs minutes; wait while they progress.
+        since, done = time.monotonic(), -1
         want = set(fleet.idle())
-        while time.monotonic() < deadline and not want <= fleet.parked():
+        while time.monotonic() - since < p["park_wait_s"]:
+            now = len(fleet.parked() & want)
+            if now == len(want):
+                break
+            if now > done:
+                since, done = time.monotonic(), now
             time.sleep(2.0)
     time.sleep(p["settle_s"])  # the last park's (or restore's) work done: measure the steady state
     return len(fleet.parked() & set(fleet.idle()))
