@@ -12,6 +12,7 @@ import pytest
 
 from symbiont.host import pageout as po
 from symbiont.host import zram
+from symbiont.host.procmem import parse_smaps
 
 pytestmark = [pytest.mark.root]
 MIB = 1 << 20
@@ -136,7 +137,7 @@ def test_guest_ram_is_told_apart_from_the_code_cache() -> None:
             (0x60000000, 1024 * MIB, "rw-p", "", 10),  # a bigger reservation is not RAM
             (0x70000000, 512 * MIB, "rw-s", "/memfd:x (deleted)", 0),
         ])
-    regs = po.parse_smaps(text)
+    regs = parse_smaps(text)
     ram = po.guest_ram(regs, 512 * MIB)
     assert ram.start == 0x30000000 and ram.rss_kib == 190000
     assert [r.start for r in po.code_cache(regs)] == [0x10000000, 0x20000000]

@@ -12,7 +12,7 @@ from typing import Any
 
 from symbiont.config import Config
 from symbiont.host.fake import FakeDomain, FakeHost
-from symbiont.host.pageout import Region
+from symbiont.host.procmem import Mapping
 from symbiont.memory.config import MemoryConfig
 from symbiont.memory.part import MemoryPart
 from symbiont.paging.config import PagingConfig
@@ -52,7 +52,7 @@ def _fleet(tmp_path: Path) -> tuple[Env, PagingPart, CountingHost]:
     host = CountingHost(*doms)
     for i in range(N):
         base = RAM + (i << 36)
-        host.add_process(1000 + i, [Region(base, base + 512 * MIB, "rw-p", "")])
+        host.add_process(1000 + i, [Mapping(base, base + 512 * MIB, "rw-p", "")])
     agents = FakeAgents({"core.ping": {"pong": True},
                          "memory.wss-sample": {"referenced_bytes": 20 * MIB, "resident_bytes": 512 * MIB,
                                                "interval_s": 2.0}})
@@ -116,7 +116,7 @@ def test_a_parked_vm_found_by_a_new_daemon_is_measured_once_then_not_again(tmp_p
         assert host.smaps.get(1001) == 1  # measured the first period, then known
         # its QEMU replaced (a restart behind our back): measured again
         host.domains["vm1"].qemu_pid = 2001
-        host.add_process(2001, [Region(RAM + (9 << 36), RAM + (9 << 36) + 512 * MIB, "rw-p", "")])
+        host.add_process(2001, [Mapping(RAM + (9 << 36), RAM + (9 << 36) + 512 * MIB, "rw-p", "")])
         await _period(env)
         assert host.smaps.get(2001) == 1
         env.close()

@@ -19,7 +19,7 @@ from symbiont.config import Config
 from symbiont.errors import AgentError, NoAgent
 from symbiont.gateway import AgentGateway
 from symbiont.host.fake import FakeDomain, FakeHost
-from symbiont.host.pageout import Region
+from symbiont.host.procmem import Mapping
 from symbiont.paging.config import PagingConfig
 from symbiont.paging.part import PagingPart
 from symbiont.paging.policy import IdleSample, idle_verdict
@@ -144,7 +144,7 @@ def _env(tmp_path: Path, **paging: Any) -> tuple[Env, PagingPart, FakeDomain, Cl
     dom = FakeDomain("vm1", qemu_pid=PID, vcpu_seconds=50.0, interfaces=["vnet7"])
     host = FakeHost(dom)
     host.net["vnet7"] = 100
-    host.add_process(PID, [Region(RAM, RAM + 512 * MIB, "rw-p", "")])
+    host.add_process(PID, [Mapping(RAM, RAM + 512 * MIB, "rw-p", "")])
     env = Env(tmp_path, cfg=cfg, host=host, agents=GatewayAgents({"core.ping": {"pong": True}}))
     part = env.add(PagingPart)
     clock = Clock()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from symbiont.config import Config
 from symbiont.host.fake import FakeDomain, FakeHost
-from symbiont.host.pageout import Region
+from symbiont.host.procmem import Mapping
 from symbiont.host.zram import ZramStats
 from symbiont.paging.config import PagingConfig
 from symbiont.paging.part import PagingPart
@@ -73,8 +73,8 @@ def _env(tmp_path: Path) -> tuple[Env, PagingPart]:
     dom = FakeDomain("vm1", qemu_pid=11, memory_kib=384 << 10, max_memory_kib=512 << 10, pss_kib=230 << 10,
                      ksm_stat={"ksm_merging_pages": 50 * MIB // 4096})
     host = SmapsHost({RAM: (200, 100), CODE: (30, 0), HEAP: (20, 0)}, dom)
-    host.add_process(11, [Region(RAM, RAM + 512 * MIB, "rw-p", ""), Region(CODE, CODE + 64 * MIB, "rwxp", ""),
-                          Region(HEAP, HEAP + 32 * MIB, "rw-p", "")])
+    host.add_process(11, [Mapping(RAM, RAM + 512 * MIB, "rw-p", ""), Mapping(CODE, CODE + 64 * MIB, "rwxp", ""),
+                          Mapping(HEAP, HEAP + 32 * MIB, "rw-p", "")])
     env = Env(tmp_path, cfg=cfg, host=host)
     part = env.add(PagingPart)
     env.register("vm1", snapshot=env.snapshot_of("vm1", {"meminfo": {"MemTotal": 360 * MIB,

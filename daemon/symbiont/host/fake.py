@@ -18,8 +18,9 @@ import numpy as np
 
 from symbiont.host import nbddisk
 from symbiont.host.ksm import COUNTERS, TUNABLES, KsmError, KsmStats
-from symbiont.host.pageout import PAGE_SIZE, Region
+from symbiont.host.pageout import PAGE_SIZE
 from symbiont.host.port import DomainInfo, HostError
+from symbiont.host.procmem import Mapping
 
 
 @dataclass
@@ -80,7 +81,7 @@ class FakeHost:
         # host paging: zram devices by number (what zram_probe answers), and per QEMU pid its
         # mappings with a page-present mask each (pageout clears, touch sets)
         self.zram: dict[int, dict[str, Any]] = {}
-        self.procs: dict[int, list[Region]] = {}
+        self.procs: dict[int, list[Mapping]] = {}
         self.present: dict[tuple[int, int], np.ndarray] = {}
         self.net: dict[str, int] = {}  # tap device -> rx + tx packets so far
         self.tap_watches: dict[str, tuple[list[str], Callable[[str, str], None]]] = {}  # vm -> (devs, callback)
@@ -302,13 +303,13 @@ class FakeHost:
     def zram_probe(self, num: int) -> dict[str, Any] | None:
         return self.zram.get(num)
 
-    def add_process(self, pid: int, regions: list[Region]) -> None:
+    def add_process(self, pid: int, regions: list[Mapping]) -> None:
         """A QEMU process's mappings, every page of each resident at first."""
         self.procs[pid] = regions
         for r in regions:
             self.present[(pid, r.start)] = np.ones(r.size // PAGE_SIZE, dtype=bool)
 
-    def _region(self, pid: int, addr: int) -> Region:
+    def _region(self, pid: int, addr: int) -> Mapping:
         for r in self.procs.get(pid, []):
             if r.start <= addr < r.end:
                 return r

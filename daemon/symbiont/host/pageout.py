@@ -26,10 +26,12 @@ import ctypes
 import errno
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from symbiont.host import procmem
+from symbiont.host.procmem import Mapping, ProcMemError, field_kib, find_guest_ram
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1 << 20
@@ -55,92 +57,23 @@ class _Iovec(ctypes.Structure):
 
 
 # -- smaps ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Region:
-    """One mapping of ``/proc/PID/smaps`` with what paging needs."""
-
-    start: int
-    end: int
-    perms: str
-    path: str
-    rss_kib: int = 0
-    swap_kib: int = 0
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-    @property
-    def anonymous(self) -> bool:
-        return self.path == "" or self.path.startswith("[anon")
-
-    def as_dict(self) -> dict[str, object]:
-        return {"start": f"0x{self.start:x}", "size_mib": round(self.size / MIB, 1), "perms": self.perms,
-                "rss_mib": round(self.rss_kib / 1024, 1), "swap_mib": round(self.swap_kib / 1024, 1)}
-
-
-def parse_smaps(text: str) -> list[Region]:
-    """Parse ``/proc/PID/smaps`` text (pure, tested on fixtures)."""
-    out: list[Region] = []
-    cur: dict[str, object] | None = None
-    for line in text.splitlines():
-        head = line.split(None, 5)
-        if head and len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
-            try:
-                a, b = (int(x, 16) for x in head[0].split("-", 1))
-            except ValueError:
-                pass
-            else:
-                if cur is not None:
-                    out.append(Region(**cur))  # type: ignore[arg-type]
-                cur = {"start": a, "end": b, "perms": head[1], "path": head[5].strip() if len(head) > 5 else ""}
-                continue
-        if cur is None:
-            continue
-        if line.startswith("Rss:"):
-            cur["rss_kib"] = _kib(line)
-        elif line.startswith("Swap:"):
-            cur["swap_kib"] = _kib(line)
-    if cur is not None:
-        out.append(Region(**cur))  # type: ignore[arg-type]
-    return out
-
-
-def _kib(line: str) -> int:
+def read_smaps(pid: int, proc: str | Path = "/proc") -> list[Mapping]:
+    """:func:`symbiont.host.procmem.read_smaps` (the one smaps parser), failing as paging does."""
     try:
-        return int(line.split()[1])
-    except (IndexError, ValueError):
-        return 0
+        return procmem.read_smaps(pid, proc)
+    except ProcMemError as exc:
+        raise PageoutError(str(exc)) from None
 
 
-def read_smaps(pid: int, proc: str | Path = "/proc") -> list[Region]:
-    try:
-        return parse_smaps((Path(proc) / str(pid) / "smaps").read_text())
-    except (FileNotFoundError, ProcessLookupError):
-        raise PageoutError(f"process {pid} does not exist") from None
-    except PermissionError:
-        raise PageoutError(f"no permission to read /proc/{pid}/smaps (needs root)") from None
-
-
-def guest_ram(regions: Sequence[Region], ram_bytes: int) -> Region:
-    """QEMU's guest-RAM mapping: private, writable, non-executable, anonymous, the boot memory's size.
-
-    QEMU may round the block up (alignment, a guard page): the smallest such mapping between
-    ``ram_bytes`` and ``ram_bytes`` + 1/8 + 64 MiB wins. Raises when none or an ambiguous tie.
-    """
-    slack = ram_bytes // 8 + 64 * MIB
-    fit = [r for r in regions if r.anonymous and r.perms == "rw-p" and ram_bytes <= r.size <= ram_bytes + slack]
-    if not fit:
+def guest_ram(regions: Sequence[Mapping], ram_bytes: int) -> Mapping:
+    """QEMU's guest-RAM mapping (:func:`symbiont.host.procmem.find_guest_ram`); raises when none."""
+    ram = find_guest_ram(regions, ram_bytes)
+    if ram is None:
         raise PageoutError(f"no anonymous rw-p mapping of {ram_bytes // MIB} MiB (the guest's RAM) in the process")
-    best = min(fit, key=lambda r: r.size)
-    twins = [r for r in fit if r.size == best.size]
-    if len(twins) > 1:
-        # Two equal candidates (e.g. a second RAM-sized buffer): the one holding more is RAM.
-        best = max(twins, key=lambda r: (r.rss_kib + r.swap_kib, -r.start))
-    return best
+    return ram
 
 
-def code_cache(regions: Sequence[Region]) -> list[Region]:
+def code_cache(regions: Sequence[Mapping]) -> list[Mapping]:
     """TCG's translation-code cache: the anonymous ``rwxp`` mappings (none under KVM)."""
     return [r for r in regions if r.anonymous and r.perms == "rwxp"]
 
@@ -157,7 +90,7 @@ def status_kib(pid: int, keys: Iterable[str] = ("VmRSS", "VmSwap"), proc: str | 
     for line in text.splitlines():
         k, _, v = line.partition(":")
         if k in want:
-            out[k] = _kib(":" + v) if v.split() else 0
+            out[k] = field_kib(":" + v) if v.split() else 0
     return out
 
 

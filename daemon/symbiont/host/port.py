@@ -88,7 +88,7 @@ class HostPort(Protocol):
     def zram_remove(self, num: int) -> None: ...  # swapoff (pages go back to their owners), hot_remove
     def zram_probe(self, num: int) -> dict[str, Any] | None: ...  # None: no such device; else label,
     # disksize, is_swap, swap ({size_kib, used_kib, priority} from /proc/swaps), stats (ZramStats)
-    def process_smaps(self, pid: int) -> list[Any]: ...  # symbiont.host.pageout.Region per mapping
+    def process_smaps(self, pid: int) -> list[Any]: ...  # symbiont.host.procmem.Mapping per mapping
     def process_status_kib(self, pid: int) -> dict[str, int]: ...  # VmRSS, VmSwap
     def process_residency(self, pid: int, start: int, length: int) -> Any: ...  # numpy bool: page present
     def process_pageout(self, pid: int, ranges: Sequence[tuple[int, int]]) -> int: ...  # MADV_PAGEOUT

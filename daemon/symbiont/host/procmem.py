@@ -44,15 +44,17 @@ _PAGEMAP_CHUNK = 1 << 20  # entries per pagemap read (8 MiB)
 
 @dataclass(frozen=True)
 class Mapping:
-    """One line of ``/proc/PID/smaps`` with the fields the engine needs."""
+    """One mapping of ``/proc/PID/smaps``: the one parse both the dedup engine (``mg`` flag,
+    ``Rss``) and host paging (:mod:`symbiont.host.pageout`: ``Rss``, ``Swap``) read."""
 
     start: int
     end: int
     perms: str
-    offset: int
     path: str
-    flags: frozenset[str]
+    offset: int = 0
+    flags: frozenset[str] = frozenset()
     rss_kib: int = 0
+    swap_kib: int = 0
 
     @property
     def size(self) -> int:
@@ -70,44 +72,51 @@ class Mapping:
     def as_dict(self) -> dict[str, object]:
         return {"start": f"0x{self.start:x}", "end": f"0x{self.end:x}", "size": self.size, "perms": self.perms,
                 "path": self.path, "flags": sorted(self.flags), "rss_kib": self.rss_kib,
-                "mergeable": self.mergeable}  # fmt: skip
+                "swap_kib": self.swap_kib, "mergeable": self.mergeable}  # fmt: skip
+
+
+def field_kib(line: str) -> int:
+    """The number of a ``Key:   123 kB`` line; 0 when it has none."""
+    try:
+        return int(line.split()[1])
+    except (IndexError, ValueError):
+        return 0
 
 
 def parse_smaps(text: str) -> list[Mapping]:
-    """Parse ``/proc/PID/smaps`` text (pure; tested on fixtures)."""
+    """Parse ``/proc/PID/smaps`` text (pure; tested on fixtures). A field missing from a
+    mapping's block (or not a number) reads as 0 / no flags."""
     out: list[Mapping] = []
     cur: dict[str, object] | None = None
-
-    def flush() -> None:
-        if cur is not None:
-            out.append(Mapping(**cur))  # type: ignore[arg-type]
-
     for line in text.splitlines():
         head = line.split(None, 5)
-        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+        if head and len(head) >= 5 and "-" in head[0] and ":" not in head[0]:
             try:
                 a, b = (int(x, 16) for x in head[0].split("-", 1))
+                offset = int(head[2], 16)
             except ValueError:
-                a = b = -1
-            if a >= 0:
-                flush()
-                cur = {"start": a, "end": b, "perms": head[1], "offset": int(head[2], 16),
-                       "path": head[5].strip() if len(head) > 5 else "", "flags": frozenset(), "rss_kib": 0}  # fmt: skip
+                pass
+            else:
+                if cur is not None:
+                    out.append(Mapping(**cur))  # type: ignore[arg-type]
+                cur = {"start": a, "end": b, "perms": head[1], "offset": offset,
+                       "path": head[5].strip() if len(head) > 5 else ""}
                 continue
         if cur is None:
             continue
         if line.startswith("VmFlags:"):
             cur["flags"] = frozenset(line.split(":", 1)[1].split())
         elif line.startswith("Rss:"):
-            try:
-                cur["rss_kib"] = int(line.split()[1])
-            except (IndexError, ValueError):
-                pass
-    flush()
+            cur["rss_kib"] = field_kib(line)
+        elif line.startswith("Swap:"):
+            cur["swap_kib"] = field_kib(line)
+    if cur is not None:
+        out.append(Mapping(**cur))  # type: ignore[arg-type]
     return out
 
 
 def read_smaps(pid: int, proc: Path | str = "/proc") -> list[Mapping]:
+    """:func:`parse_smaps` of a live process; ProcMemError when it is gone or unreadable."""
     try:
         return parse_smaps((Path(proc) / str(pid) / "smaps").read_text())
     except FileNotFoundError:
@@ -122,17 +131,17 @@ def find_guest_ram(maps: Sequence[Mapping], ram_bytes: int | None = None) -> Map
     """The mapping that holds a QEMU guest's RAM (see the module docstring), or ``None``.
 
     With ``ram_bytes`` (the VM's boot memory) the smallest private, writable, non-executable
-    anonymous mapping at least that large and at most 1/8 + 64 MiB larger wins; without it, the
-    largest such mapping.
+    anonymous mapping at least that large and at most 1/8 + 64 MiB larger wins (QEMU may round
+    the block up: alignment, a guard page); of equal ones (e.g. a second RAM-sized buffer), the
+    one holding more (resident + swapped) is RAM. Without it, the largest such mapping.
     """
-    cands = [m for m in maps if m.anonymous and m.perms.startswith("rw") and "x" not in m.perms
-             and m.perms.endswith("p")]  # fmt: skip
+    cands = [m for m in maps if m.anonymous and m.perms == "rw-p"]
     if ram_bytes:
         slack = ram_bytes // 8 + (64 << 20)
         fit = [m for m in cands if ram_bytes <= m.size <= ram_bytes + slack]
         if not fit:
             return None
-        return min(fit, key=lambda m: (m.size - ram_bytes, -m.rss_kib, m.start))
+        return min(fit, key=lambda m: (m.size - ram_bytes, -(m.rss_kib + m.swap_kib), m.start))
     return max(cands, key=lambda m: (m.size, m.rss_kib), default=None)
 
 

@@ -41,8 +41,8 @@ from typing import Any
 from symbiont.errors import AgentError, Conflict, Invalid, NoAgent, NotFound, Unavailable
 from symbiont.host import pageout as po
 from symbiont.host import zram
-from symbiont.host.pageout import Region
 from symbiont.host.port import HostError
+from symbiont.host.procmem import Mapping
 from symbiont.knobs import KnobKind
 from symbiont.paging import policy
 from symbiont.paging.config import CONFIG, PagingConfig
@@ -331,7 +331,7 @@ class PagingPart(Part):
             raise Conflict(f"VM {vm!r} is {info.state}: no QEMU process to page")
         return pid, info.max_memory_kib * 1024, info.state
 
-    def regions(self, pid: int, ram_bytes: int) -> tuple[Region, list[Region], list[Region]]:
+    def regions(self, pid: int, ram_bytes: int) -> tuple[Mapping, list[Mapping], list[Mapping]]:
         """(guest RAM, TCG code cache, all mappings) of a QEMU process."""
         try:
             maps = self.ctx.host.process_smaps(pid)
@@ -452,7 +452,7 @@ class PagingPart(Part):
     def parked_vms(self) -> set[str]:
         return {r["vm"] for r in self.ctx.store.query("SELECT vm FROM paging_parked")}
 
-    def _all_pages(self, ram: Region, code: list[Region], maps: list[Region]) -> list[tuple[int, int]]:
+    def _all_pages(self, ram: Mapping, code: list[Mapping], maps: list[Mapping]) -> list[tuple[int, int]]:
         """Guest RAM, the TCG code cache and (``include_qemu_heap``) QEMU's other private
         anonymous memory."""
         out = [(ram.start, ram.size)] + ([(r.start, r.size) for r in code] if self.cfg.include_code_cache else [])
@@ -461,7 +461,7 @@ class PagingPart(Part):
                     if r.anonymous and r.perms == "rw-p" and r.start != ram.start and r.rss_kib]
         return out
 
-    def _resident_ranges(self, pid: int, regs: list[Region]) -> list[tuple[int, int]]:
+    def _resident_ranges(self, pid: int, regs: list[Mapping]) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
         for r in regs:
             present = self.ctx.host.process_residency(pid, r.start, r.size)
