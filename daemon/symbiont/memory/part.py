@@ -326,6 +326,22 @@ class MemoryPart(Part):
     async def vm_removed(self, vm: str) -> None:
         self.state.vms.pop(vm, None)
 
+    def shortfall_inputs(self, name: str) -> dict[str, Any]:
+        """What host paging must know of a VM from this period's balloon decisions (issue 15:
+        host paging is the last resort and never takes from a VM being given memory): its
+        pressure, whether its target rose, its ρ and u. Decisions older than this period's
+        (the VM not decided on this period) count as no growth."""
+        st = self.state.vms.get(name)
+        if st is None or not self.state.enabled:
+            return {}
+        last = st.last
+        fresh = bool(last) and last.get("at") == self.state.last_period_at
+        rho_ = last.get("rho") if fresh else None
+        return {"pressure": bool(st.pressure),
+                "growing": fresh and float(last.get("target_mib", 0)) > float(last.get("before_mib", 0)),
+                "rho": float(rho_) if isinstance(rho_, (int, float)) and math.isfinite(rho_) else None,
+                "unshared_fraction": float(st.unshared_fraction)}
+
     # -- what GET /v1/memory shows ---------------------------------------------------------------
     async def view(self) -> dict[str, Any]:
         """Per VM ρ, f, target and actual, and the host side."""

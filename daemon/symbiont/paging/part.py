@@ -142,6 +142,7 @@ class PagingPart(Part):
         self.lock = asyncio.Lock()
         self.last_plan: ShortfallPlan | None = None
         self._refused: str | None = None  # the last refusal logged (logged again only when it changes)
+        self._plan_logged: object = None  # the last shortfall plan logged without a page-out (ditto)
         # idle VMs (paging.idle_park): each VM's recent samples, and agent calls made for it from
         # outside the control loop (counted by the gateway hook)
         self.idle_samples: dict[str, deque[IdleSample]] = {}
@@ -810,7 +811,8 @@ class PagingPart(Part):
             vms.append(VmFootprint(
                 name=rec.name, running=state == "running", resident_mib=resident_mib,
                 allocated_mib=float(mem.current_target(rec.name, lv)) if lv else ram_bytes / MIB,
-                wss_mib=None if ref is None else float(ref) / MIB, floor_mib=float(pol.get("min_mib") or 64)))
+                wss_mib=None if ref is None else float(ref) / MIB, floor_mib=float(pol.get("min_mib") or 64),
+                **mem.shortfall_inputs(rec.name)))  # pressure, balloon growth, ρ, u: who must not be paged
         return ShortfallPlanInputs(float(mem.budget_mib()), vms, float(self.cfg.margin_mib))
 
     def _parked_footprint(self, vm: str, lv: dict[str, Any]) -> tuple[int, float] | None:
@@ -870,10 +872,19 @@ class PagingPart(Part):
             self._refused = decision.refused
             return
         self._refused = None
+        # The plan, each VM with its inputs and why it was paged or spared: logged when it pages,
+        # or when who is spared and why changes (not every period of a shortfall nobody may pay).
+        sig = (tuple(decision.pageouts), tuple((ln.name, ln.reason.split(":")[0]) for ln in decision.vms))
+        if decision.shortfall_mib > 0 and (decision.pageouts or sig != self._plan_logged):
+            self.ctx.decisions.log("pageout-plan", None, {**inputs, "margin_mib": self.cfg.margin_mib, "vms": {
+                ln.name: ln.inputs for ln in decision.vms}}, {"pageouts": decision.pageouts, "left_mib": round(
+                    decision.left_mib, 1), "reasons": {ln.name: ln.reason for ln in decision.vms}})
+        self._plan_logged = sig if decision.shortfall_mib > 0 else None
+        why = {ln.name: ln.reason for ln in decision.vms}
         for vm, mib in decision.pageouts:
             try:
                 await self.pageout_vm(vm, mib, reason=f"policy: {decision.shortfall_mib:.0f} MiB over the budget "
-                                                      f"after ballooning")
+                                                      f"after ballooning: {why.get(vm, '')}")
             except Exception as exc:  # one VM's failure must not stop the others
                 log.warning("vm %s: policy page-out of %d MiB failed: %s", vm, mib, exc)
 

@@ -16,8 +16,9 @@ The guest is untrusted: :func:`sanitize_runs` bounds and clips what it sends.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -117,7 +118,8 @@ def select(present: np.ndarray, want_pages: int, classes: Sequence[tuple[str, li
 # -- the budget's shortfall (profile overcommit: host paging after ballooning) ------------------
 @dataclass(frozen=True)
 class VmFootprint:
-    """One VM as the shortfall policy sees it, after this period's balloon decisions."""
+    """One VM as the shortfall policy sees it, after this period's balloon decisions (the memory
+    part ran first: its targets, pressure, ρ and u of this period)."""
 
     name: str
     running: bool  # a paused (parked) VM is paged out already and cannot answer its guest
@@ -125,10 +127,39 @@ class VmFootprint:
     allocated_mib: float  # the balloon target the memory part left this period
     wss_mib: float | None  # the guest's working set (memory part's sample)
     floor_mib: float  # the VM's minimum (policy memory.min_mib)
+    pressure: bool = False  # the guest reports memory pressure this period (memory's PSI / MemAvailable test)
+    growing: bool = False  # the memory part raised its balloon target this period (it is being given memory)
+    rho: float | None = None  # memory's ρ for it (shares per page, idle pages taxed); None: not known
+    unshared_fraction: float = 1.0  # u: the part of its memory KSM does not share (memory's figure)
 
     @property
     def footprint_mib(self) -> float:
+        """Guest memory the VM holds on the host, in guest MiB (what its balloon leaves resident)."""
         return min(self.resident_mib, self.allocated_mib)
+
+    @property
+    def host_mib(self) -> float:
+        """Its footprint in host MiB: KSM-shared pages counted once, as the memory part counts
+        its occupancy (Σ target × u) against the same budget."""
+        return self.footprint_mib * min(1.0, max(0.0, self.unshared_fraction))
+
+    @property
+    def rank(self) -> float:
+        """Memory's victim order: shares per *host* MiB, ρ/u (lowest pays first); unknown last."""
+        u = min(1.0, max(0.0, self.unshared_fraction))
+        if self.rho is None or not math.isfinite(self.rho) or u <= 0:
+            return math.inf
+        return self.rho / u
+
+
+@dataclass(frozen=True)
+class VmPageout:
+    """One VM's line in a shortfall plan: what the policy saw and why it took (or did not)."""
+
+    name: str
+    take_mib: int  # guest MiB to page out (0: none)
+    reason: str
+    inputs: dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -138,6 +169,32 @@ class ShortfallPlan:
     shortfall_mib: float
     pageouts: list[tuple[str, int]]  # (vm, MiB)
     refused: str | None = None  # why nothing may be done (a budget below the VMs' floors)
+    vms: list[VmPageout] = field(default_factory=list)  # every VM, in the order considered
+    left_mib: float = 0.0  # host MiB still over the budget after the page-outs (protected VMs, no cold memory)
+
+
+def _inputs(v: VmFootprint, cold: float) -> dict[str, object]:
+    return {"running": v.running, "resident_mib": round(v.resident_mib, 1), "allocated_mib": round(v.allocated_mib, 1),
+            "footprint_mib": round(v.footprint_mib, 1), "host_mib": round(v.host_mib, 1),
+            "wss_mib": None if v.wss_mib is None else round(v.wss_mib, 1), "floor_mib": v.floor_mib,
+            "cold_mib": round(cold, 1), "pressure": v.pressure, "growing": v.growing,
+            "rho": None if v.rho is None or not math.isfinite(v.rho) else round(v.rho, 6),
+            "u": round(v.unshared_fraction, 4)}
+
+
+def protected(v: VmFootprint) -> str | None:
+    """Why host paging must not take from this VM this period (None: it may). seeds/002: host
+    paging is the last resort, and a VM the balloon is giving memory to, or whose guest is short
+    of memory, would only fault back what is taken (the host fights the guest)."""
+    if not v.running:
+        return "not running (parked or paused: paged out already)"
+    if v.pressure:
+        return "under memory pressure this period"
+    if v.growing:
+        return "its balloon target rises this period (the memory part is giving it memory)"
+    if v.wss_mib is None or v.wss_mib < 0:
+        return "no working-set sample (the host does not guess what a guest needs)"
+    return None
 
 
 def shortfall_plan(budget_mib: float, vms: Sequence[VmFootprint], margin_mib: float,
@@ -146,32 +203,52 @@ def shortfall_plan(budget_mib: float, vms: Sequence[VmFootprint], margin_mib: fl
     balloon did what it could (seeds/002: sharing, then ballooning, then host paging).
 
     Pure. A budget below the sum of the VMs' floors cannot be met by any lever: refused, nothing
-    done. Otherwise the shortfall (footprint − budget) is taken from the running VMs with the
-    most cold memory first (resident − (working set + margin)); a VM without a working-set
-    sample is not paged (the host does not guess what a guest needs).
+    done. Otherwise the shortfall (Σ footprint × u − budget: KSM-shared memory counted once, as
+    the memory part counts it) is taken from the VMs in memory's victim order — lowest ρ/u
+    first, so idle VMs (taxed: low ρ) pay before busy ones — each up to its cold memory
+    (resident − (working set + margin)), paging ``1/u`` guest MiB per host MiB. Never from a VM
+    that is under pressure, whose balloon target rises this period, that is not running, or
+    that has no working-set sample: the shortfall those would have covered is left (``left_mib``)
+    for the balloon of later periods. Every VM gets a line with its inputs and the reason.
     """
     floors = sum(v.floor_mib for v in vms)
-    footprint = sum(v.footprint_mib for v in vms)
+    footprint = sum(v.host_mib for v in vms)
     if floors > budget_mib:
         why = (f"budget {budget_mib:.0f} MiB is below the registered VMs' minimum floors ({floors:.0f} MiB): "
                "raise memory.budget_mib or lower a VM's memory.min_mib")
-        return ShortfallPlan(budget_mib, footprint, max(0.0, footprint - budget_mib), [], why)
+        short = max(0.0, footprint - budget_mib)
+        return ShortfallPlan(budget_mib, footprint, short, [], why, left_mib=short)
     short = footprint - budget_mib
     if short <= 0:
         return ShortfallPlan(budget_mib, footprint, 0.0, [])
-    cold = sorted(((pageout_target_mib(v.footprint_mib, v.wss_mib, margin_mib, v.floor_mib), v.name)
-                   for v in vms if v.running), key=lambda t: (-t[0], t[1]))
+    order = sorted(vms, key=lambda v: (v.rank, -pageout_target_mib(v.footprint_mib, v.wss_mib, margin_mib,
+                                                                    v.floor_mib), v.name))
     out: list[tuple[str, int]] = []
+    lines: list[VmPageout] = []
     left = short
-    for c, name in cold:
-        take = int(min(c, left))
-        if take < min_step_mib:
-            continue
-        out.append((name, take))
-        left -= take
-        if left < min_step_mib:
-            break
-    return ShortfallPlan(budget_mib, footprint, short, out)
+    for v in order:
+        cold = pageout_target_mib(v.footprint_mib, v.wss_mib, margin_mib, v.floor_mib)
+        inputs = _inputs(v, cold)
+        why = protected(v)
+        take = 0
+        if why is None:
+            u = min(1.0, max(0.0, v.unshared_fraction))
+            if left < min_step_mib:
+                why = "not needed: the shortfall is covered by VMs ranked lower"
+            elif u <= 0:
+                why = "all of its memory is KSM-shared: paging it frees nothing"
+            else:
+                take = int(min(cold, left / u))
+                if take < min_step_mib:
+                    why = f"{cold:.0f} MiB cold (resident − working set − margin): below the {min_step_mib} MiB step"
+                    take = 0
+                else:
+                    left -= take * u
+                    why = (f"page out {take} MiB of {cold:.0f} MiB cold: {short:.0f} MiB over the budget after "
+                           f"ballooning; lowest ρ/u first ({'unknown' if not math.isfinite(v.rank) else f'{v.rank:.4g}'})")
+                    out.append((v.name, take))
+        lines.append(VmPageout(v.name, take, why, inputs))
+    return ShortfallPlan(budget_mib, footprint, short, out, vms=lines, left_mib=max(0.0, left))
 
 
 # -- idle detection (seeds/004: "VM doesn't use its scheduling quantum entirely") ---------------
