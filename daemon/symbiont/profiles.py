@@ -6,10 +6,10 @@ user's keys win). ``profile: overcommit`` in the config, or ``symbiontd --profil
 
 ``overcommit`` follows the order of seeds/002 (ESX): sharing first (dedup: hint-driven KSM),
 then ballooning (memory: the ESX policy under one host memory budget, derived from the host's
-memory), then host paging (paging: a zram tier sized from the host's memory, paging out only
-what the balloon could not reclaim within the budget — the paging part requires memory and
-runs after it each period), and idle VMs parked (paged out and paused) until a request wakes
-them (``paging.idle_park``, docs/paging.md).
+memory), then host paging (paging: a zram tier sized from the host's memory, slots for all of
+it and RAM for a quarter, paging out only what the balloon could not reclaim within the
+budget; the paging part requires memory and runs after it each period), and idle VMs parked
+(paged out and paused) until a request wakes them (``paging.idle_park``, docs/paging.md).
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ PROFILES: dict[str, Profile] = {
             # idle_cpu_pct 5: an idle TCG guest polled every period uses 2.7 % (peak 3.5 %) of a core
             # (docs/paging.md), so the part's default of 2 would never park one here.
             "paging": {"enabled": True, "auto_pageout": True, "idle_park": True, "idle_cpu_pct": 5.0,
-                       "zram_size_mib": HostShare(0.25)},
+                       # Slots apart from RAM: ~half of what the tier stores at density is zero-filled
+                       # 4 KiB subpages of THP-backed guest RAM (no RAM, one slot each; docs/paging.md).
+                       "zram_size_mib": HostShare(1.0), "zram_mem_limit_mib": HostShare(0.25)},
         },
     ),
 }

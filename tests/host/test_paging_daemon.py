@@ -20,9 +20,9 @@ from tests.host.test_paging_mechanism import Helper
 pytestmark = [pytest.mark.root]
 
 
-def _daemon(tmp: Path, enabled: bool = True, size: int = 256) -> DaemonProcess:
+def _daemon(tmp: Path, enabled: bool = True, size: int = 256, limit: int = 0) -> DaemonProcess:
     cfg = {"state_dir": str(tmp / "state"), "socket": str(tmp / "symbiontd.sock"), "control": {"period_s": 0.5},
-           "paging": {"enabled": enabled, "zram_size_mib": size}}
+           "paging": {"enabled": enabled, "zram_size_mib": size, "zram_mem_limit_mib": limit}}
     path = tmp / "symbiontd.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return DaemonProcess(path, load_config(path), tmp / "symbiontd.log")
@@ -48,13 +48,14 @@ def _tier(d: DaemonProcess) -> dict:
 
 
 def test_tier_created_at_start_and_removed_at_stop(tmp_path: Path, cleanup) -> None:
-    d = _daemon(tmp_path)
+    d = _daemon(tmp_path, size=1024, limit=64)  # slots and RAM apart (docs/paging.md)
     d.start()
     try:
         t = _tier(d)
-        assert t["device"] and t["size_mib"] >= 250 and t["used_mib"] == 0
+        assert t["device"] and t["size_mib"] >= 1000 and t["used_mib"] == 0 and t["mem_limit_mib"] == 64
         num = int(t["device"].removeprefix("/dev/zram"))
         assert _ours(tmp_path) == [num] and zram.is_swap(num)
+        assert zram.disksize(num) == 1024 << 20 and zram.stats(num).mem_limit == 64 << 20
     finally:
         assert d.stop() == 0
     assert not zram.exists(num) and _ours(tmp_path) == []
@@ -117,8 +118,13 @@ def test_a_tier_larger_than_the_host_allows_is_refused_naming_the_key(tmp_path: 
 
     from symbiont.config import ConfigError
 
-    too_big = psutil.virtual_memory().total // (1 << 20)
-    with pytest.raises(ConfigError, match=r"^paging\.zram_size_mib: .*half of this host's memory"):
-        load_config(None, {"paging": {"enabled": True, "zram_size_mib": too_big}})
+    total = psutil.virtual_memory().total // (1 << 20)
+    state = tmp_path / "state"
+    with pytest.raises(ConfigError, match=r"^paging\.zram_size_mib: .*twice this host's memory"):
+        load_config(None, {"state_dir": str(state), "paging": {"enabled": True, "zram_size_mib": 2 * total + 16}})
+    with pytest.raises(ConfigError, match=r"^paging\.zram_mem_limit_mib: .*half of this host's memory"):
+        load_config(None, {"state_dir": str(state), "paging": {"enabled": True, "zram_size_mib": total,
+                                                              "zram_mem_limit_mib": total}})
+    assert _ours(tmp_path) == [] and not state.exists()  # nothing changed: no tier, no state
     with pytest.raises(ConfigError, match=r"^paging\.compressor: "):
         load_config(None, {"paging": {"compressor": "gzip9"}})

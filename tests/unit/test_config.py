@@ -131,3 +131,19 @@ def test_a_daemon_that_fails_at_start_removes_its_socket(tmp_path: Path) -> None
     with pytest.raises(SystemExit, match="socket_group"):
         asyncio.run(serve(cfg))
     assert not (tmp_path / "api.sock").exists()
+
+
+def test_the_swap_tier_is_bounded_in_slots_and_in_ram_apart() -> None:
+    """paging.zram_size_mib is the tier's slots (may exceed RAM: zero-filled pages cost none,
+    up to 2x MemTotal); paging.zram_mem_limit_mib is its RAM (at most MemTotal/2)."""
+    import psutil
+
+    total = psutil.virtual_memory().total >> 20
+    cfg = load_config(None, {"paging": {"enabled": True, "zram_size_mib": total, "zram_mem_limit_mib": total // 4}})
+    assert (cfg.paging.zram_size_mib, cfg.paging.zram_mem_limit_mib) == (total, total // 4)
+    with pytest.raises(ConfigError, match=r"^paging\.zram_size_mib: .*twice this host's memory"):
+        load_config(None, {"paging": {"enabled": True, "zram_size_mib": 2 * total + 1}})
+    with pytest.raises(ConfigError, match=r"^paging\.zram_mem_limit_mib: .*half of this host's memory"):
+        load_config(None, {"paging": {"enabled": True, "zram_mem_limit_mib": total // 2 + 1}})
+    with pytest.raises(ConfigError, match=r"^paging\.zram_mem_limit_mib: must be 0"):
+        load_config(None, {"paging": {"zram_mem_limit_mib": 8}})

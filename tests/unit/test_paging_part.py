@@ -17,7 +17,7 @@ from symbiont.host.fake import FakeDomain, FakeHost
 from symbiont.host.pageout import PAGE_SIZE
 from symbiont.host.procmem import Mapping
 from symbiont.paging.config import PagingConfig
-from symbiont.paging.part import KIND, PagingPart
+from symbiont.paging.part import KIND, PagingPart, tier_label
 from tests.fakes import Env, FakeAgents
 
 MIB = 1 << 20
@@ -29,7 +29,7 @@ PID = 4242
 
 def _env(tmp_path: Path, agents: dict | None = None, **paging: object) -> tuple[Env, PagingPart]:
     cfg = Config(state_dir=str(tmp_path))
-    cfg.paging = PagingConfig(enabled=True, zram_size_mib=256, park_observe_s=0.0, **paging)  # type: ignore[arg-type]
+    cfg.paging = PagingConfig(**{"enabled": True, "zram_size_mib": 256, "park_observe_s": 0.0, **paging})  # type: ignore[arg-type]
     host = FakeHost(FakeDomain("vm1", qemu_pid=PID))
     host.add_process(PID, [Mapping(RAM, RAM + 512 * MIB, "rw-p", ""), Mapping(CODE, CODE + 64 * MIB, "rwxp", ""),
                            Mapping(HEAP, HEAP + 16 * MIB, "rw-p", "")])
@@ -65,6 +65,60 @@ async def test_tier_made_at_start_removed_at_stop_and_adopted_after_a_kill(tmp_p
     await again.stop()
     assert env.host.calls[-1] == ("zram_remove", 0) and env.host.zram == {}
     assert env.store.query("SELECT * FROM paging_tier") == []
+
+
+@run
+async def test_tier_slots_and_ram_limit_are_sized_apart_and_a_new_limit_is_not_adopted(tmp_path: Path) -> None:
+    """disksize (slots) and mem_limit (RAM) are separate keys: zero-filled guest pages take a
+    slot each but no RAM, so a tier sized by RAM filled up with slots (docs/paging.md)."""
+    env, part = _env(tmp_path, zram_size_mib=2048, zram_mem_limit_mib=512)
+    await env.start()
+    assert env.host.zram[0]["disksize"] == 2048 * MIB and env.host.zram[0]["mem_limit"] == 512 * MIB
+    assert env.store.query("SELECT mem_limit_bytes FROM paging_tier")[0]["mem_limit_bytes"] == 512 * MIB
+    # killed; restarted with another RAM limit: the device is not what the config asks for
+    again = PagingPart(env.ctx("paging", ("memory",)), PagingConfig(enabled=True, zram_size_mib=2048,
+                                                                    zram_mem_limit_mib=1024, park_observe_s=0.0))
+    await again.start()
+    rec = [d for d in env.store.decisions() if d["action"] == "tier-recover"][-1]
+    assert rec["outcome"]["action"] == "removed" and "RAM limit" in rec["outcome"]["reason"]
+    assert [c[0] for c in env.host.calls] == ["zram_create", "zram_remove", "zram_create"]
+    assert env.host.zram[again.device]["mem_limit"] == 1024 * MIB
+    await again.stop()
+
+
+@run
+async def test_the_derived_ram_limit_is_the_size_capped_at_half_the_host(tmp_path: Path) -> None:
+    env, part = _env(tmp_path, zram_size_mib=2048)
+    env.host.meminfo["MemTotal"] = 3 * 1024 * 1024  # KiB: a 3 GiB host; half is 1536 MiB
+    await env.start()
+    assert env.host.zram[0]["disksize"] == 2048 * MIB and env.host.zram[0]["mem_limit"] == 1536 * MIB
+    await part.stop()
+    env2, part2 = _env(tmp_path / "b", zram_size_mib=256)
+    await env2.start()
+    assert env2.host.zram[0]["mem_limit"] == 256 * MIB  # never above the tier's own size
+    await part2.stop()
+
+
+@run
+async def test_a_tier_recorded_before_the_limit_had_its_own_column_is_adopted(tmp_path: Path) -> None:
+    """An earlier daemon's schema had no mem_limit_bytes and wrote mem_limit = disksize: its
+    tier is adopted by a config that asks for the same (no swap-in storm at upgrade)."""
+    import sqlite3
+
+    env, part = _env(tmp_path, zram_size_mib=256)
+    env.store.ensure_schema("CREATE TABLE paging_tier (id INTEGER PRIMARY KEY CHECK (id = 1), device INTEGER NOT "
+                            "NULL, label TEXT NOT NULL, size_bytes INTEGER NOT NULL, compressor TEXT NOT NULL, "
+                            "priority INTEGER NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL)")
+    num = env.host.zram_create(256 * MIB, "lzo-rle", tier_label(str(tmp_path)), 100)
+    with env.store.transaction() as db:
+        db.execute("INSERT INTO paging_tier VALUES (1, ?, ?, ?, 'lzo-rle', 100, 'on', 0)",
+                   (num, tier_label(str(tmp_path)), 256 * MIB))
+    await env.start()
+    assert part.device == num and [c[0] for c in env.host.calls] == ["zram_create"]
+    with pytest.raises(sqlite3.IntegrityError):  # the column exists now, with its constraint
+        with env.store.transaction() as db:
+            db.execute("UPDATE paging_tier SET mem_limit_bytes = NULL")
+    await part.stop()
 
 
 @run

@@ -33,7 +33,9 @@ def test_overcommit_turns_the_levers_on_together(tmp_path: Path) -> None:
     assert (cfg.paging.idle_after_s, cfg.paging.idle_cpu_pct) == (60.0, 5.0)
     import psutil
 
-    assert cfg.paging.zram_size_mib == psutil.virtual_memory().total // 4 >> 20  # sized from host memory
+    total = psutil.virtual_memory().total
+    # Slots for all of the host's memory, RAM for a quarter of it (zero-filled pages take slots, not RAM).
+    assert (cfg.paging.zram_size_mib, cfg.paging.zram_mem_limit_mib) == (total >> 20, total // 4 >> 20)
     plain = _cfg(tmp_path, {})
     assert plain.dedup.policy == "off" and not plain.memory.enabled and not plain.paging.enabled
     assert not plain.paging.idle_park
@@ -64,8 +66,9 @@ def test_an_unknown_profile_names_the_key_and_the_known_ones(tmp_path: Path, val
 
 
 def test_sizes_follow_the_hosts_memory() -> None:
-    assert profiles.defaults("overcommit", 8 * GIB)["paging"]["zram_size_mib"] == 2048
-    assert profiles.defaults("overcommit", 24 * GIB)["paging"]["zram_size_mib"] == 6144
+    for gib in (8, 24):
+        paging = profiles.defaults("overcommit", gib * GIB)["paging"]
+        assert (paging["zram_size_mib"], paging["zram_mem_limit_mib"]) == (gib * 1024, gib * 256)
 
 
 def test_print_default_config_with_a_profile(capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,4 +89,5 @@ def test_with_the_profile_the_parts_are_all_enabled(tmp_path: Path) -> None:
     assert memory.state.enabled  # type: ignore[attr-defined]
     asyncio.run(paging.start())
     assert env.host.calls[0][:3] == ("zram_create", 0, cfg.paging.zram_size_mib << 20)
+    assert env.host.zram[0]["mem_limit"] == cfg.paging.zram_mem_limit_mib << 20  # RAM apart from slots
     env.close()

@@ -284,13 +284,14 @@ class FakeHost:
         d.state = "running"
 
     def zram_create(self, size_bytes: int, compressor: str, label: str, priority: int,
-                    on_added: Callable[[int], None] | None = None) -> int:
+                    on_added: Callable[[int], None] | None = None, mem_limit_bytes: int | None = None) -> int:
         if "zram_create" in self.fail:
             raise self.fail["zram_create"]
         num = max(self.zram, default=-1) + 1
         if on_added is not None:
             on_added(num)
         self.zram[num] = {"label": label, "disksize": size_bytes, "is_swap": True, "compressor": compressor,
+                          "mem_limit": size_bytes if mem_limit_bytes is None else mem_limit_bytes,
                           "swap": {"size_kib": size_bytes >> 10, "used_kib": 0, "priority": priority},
                           "stats": None}
         self.calls.append(("zram_create", num, size_bytes, compressor, label, priority))

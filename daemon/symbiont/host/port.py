@@ -84,7 +84,8 @@ class HostPort(Protocol):
     def suspend(self, vm: str) -> None: ...
     def resume(self, vm: str) -> None: ...
     def zram_create(self, size_bytes: int, compressor: str, label: str, priority: int,
-                    on_added: Callable[[int], None] | None = None) -> int: ...  # a swap device, its number
+                    on_added: Callable[[int], None] | None = None,
+                    mem_limit_bytes: int | None = None) -> int: ...  # a swap device, its number
     def zram_remove(self, num: int) -> None: ...  # swapoff (pages go back to their owners), hot_remove
     def zram_probe(self, num: int) -> dict[str, Any] | None: ...  # None: no such device; else label,
     # disksize, is_swap, swap ({size_kib, used_kib, priority} from /proc/swaps), stats (ZramStats)

@@ -280,9 +280,10 @@ class SystemHost:
             raise HostError(f"{vm}: resume failed: {exc.get_error_message()}") from None
 
     def zram_create(self, size_bytes: int, compressor: str, label: str, priority: int,
-                    on_added: Callable[[int], None] | None = None) -> int:
+                    on_added: Callable[[int], None] | None = None, mem_limit_bytes: int | None = None) -> int:
         with _paging_errors():
-            return zram.create_swap(size_bytes, compressor, label, priority, on_added=on_added)
+            return zram.create_swap(size_bytes, compressor, label, priority, on_added=on_added,
+                                    mem_limit_bytes=mem_limit_bytes)
 
     def zram_remove(self, num: int) -> None:
         with _paging_errors():

@@ -1,8 +1,11 @@
 """The host's swap tier: a zram device of our own, used as swap (sysfs + mkswap/swapon).
 
 ``/sys/class/zram-control/hot_add`` creates a device and answers its number;
-``comp_algorithm`` must be written before ``disksize``; ``mem_limit`` bounds the RAM the
-compressed pages may take. ``mkswap -L LABEL`` writes a swap header whose label names the
+``comp_algorithm`` must be written before ``disksize``. ``disksize`` is the number of swap
+slots (the uncompressed size); ``mem_limit`` bounds the RAM the compressed pages may take. The
+two are sized apart: a zero-filled page (a THP-backed guest's untouched 4 KiB subpages) is
+stored as a "same-filled" page that costs no RAM but takes a slot, so a tier sized by RAM runs
+out of slots long before its RAM is used (docs/paging.md). ``mkswap -L LABEL`` writes a swap header whose label names the
 owner, so a restarted daemon can tell its device from anyone else's (it never touches a
 device whose label is not its own). ``swapoff`` brings every page back into the memory of
 the process that owns it: removing the tier loses nothing, it costs RAM and time.
@@ -140,8 +143,10 @@ def hot_add() -> int:
 
 
 def create_swap(size_bytes: int, compressor: str, label: str, priority: int,
-                on_added: Callable[[int], None] = lambda num: None) -> int:
-    """A new zram device, formatted as swap labelled ``label`` and switched on; its number.
+                on_added: Callable[[int], None] = lambda num: None, mem_limit_bytes: int | None = None) -> int:
+    """A new zram device of ``size_bytes`` slots whose compressed pages may take at most
+    ``mem_limit_bytes`` of RAM (None: ``size_bytes``), formatted as swap labelled ``label`` and
+    switched on; its number.
 
     ``on_added(num)`` runs right after ``hot_add`` (the caller records the device before
     anything else can fail). On any failure the half-made device is removed again.
@@ -151,8 +156,8 @@ def create_swap(size_bytes: int, compressor: str, label: str, priority: int,
         on_added(num)
         _write(num, "comp_algorithm", compressor)
         _write(num, "disksize", str(size_bytes))
-        # The compressed pages may never take more RAM than the tier's size (incompressible data).
-        _write(num, "mem_limit", str(size_bytes))
+        # The RAM the compressed pages may take (a store past it fails: the page stays resident).
+        _write(num, "mem_limit", str(size_bytes if mem_limit_bytes is None else mem_limit_bytes))
         _run(["mkswap", "-L", label, dev_path(num)])
         _run(["swapon", "-p", str(priority), dev_path(num)])
     except BaseException:

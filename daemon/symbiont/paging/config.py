@@ -12,7 +12,9 @@ class PagingConfig:
     """Host paging (part 'paging'): the daemon's zram swap tier, page-out, park and wake."""
 
     enabled: bool = False  # create the swap tier at start (else page-out/park answer 409)
-    zram_size_mib: int = 4096  # the tier's (uncompressed) size; at most half the host's memory
+    zram_size_mib: int = 4096  # the tier's disksize: swap slots (uncompressed); at most 2 x the host's memory
+    zram_mem_limit_mib: int = 0  # zram's mem_limit: RAM the compressed pages may take; <= half the host's memory;
+    # 0: min(zram_size_mib, half the host's memory)
     compressor: str = "lzo-rle"  # zram comp_algorithm (this kernel's list: /sys/block/zram*/comp_algorithm)
     swap_priority: int = 100  # swapon priority: above any other swap, so page-outs land in RAM
     margin_mib: int = 64  # a page-out leaves the guest's working set + this resident
@@ -31,14 +33,23 @@ class PagingConfig:
         _check(self.compressor in zram.compressors(), f"{key}.compressor",
                f"{self.compressor!r} is not offered by this kernel's zram (offered: {', '.join(zram.compressors())})")
         _check(self.zram_size_mib >= 16, f"{key}.zram_size_mib", "must be at least 16 MiB")
+        _check(self.zram_mem_limit_mib == 0 or self.zram_mem_limit_mib >= 16, f"{key}.zram_mem_limit_mib",
+               "must be 0 (derived) or at least 16 MiB")
         if self.enabled:
             import psutil
 
-            half = psutil.virtual_memory().total // (2 << 20)
-            _check(self.zram_size_mib <= half, f"{key}.zram_size_mib",
-                   f"{self.zram_size_mib} MiB exceeds half of this host's memory ({half} MiB): zram keeps the "
-                   "swapped pages in RAM, and pages that do not compress would take their full size, leaving "
-                   "too little for the VMs the tier is meant to make room for")
+            total = psutil.virtual_memory().total >> 20
+            # A slot costs ~0.4 % of its size even empty (zram's table entry, the swap map), and
+            # a same-filled (zero) page costs no RAM: a disksize above the RAM limit is how
+            # zero-filled guest pages stay swappable. Twice the host's memory bounds the table
+            # (~110 MiB at 24 GiB) and a typo.
+            _check(self.zram_size_mib <= 2 * total, f"{key}.zram_size_mib",
+                   f"{self.zram_size_mib} MiB exceeds twice this host's memory ({2 * total} MiB): it is the "
+                   "tier's swap slots (uncompressed size); the RAM the tier may use is zram_mem_limit_mib")
+            _check(self.zram_mem_limit_mib <= total // 2, f"{key}.zram_mem_limit_mib",
+                   f"{self.zram_mem_limit_mib} MiB exceeds half of this host's memory ({total // 2} MiB): zram "
+                   "keeps the swapped pages in RAM, and pages that do not compress would take their full size, "
+                   "leaving too little for the VMs the tier is meant to make room for")
         _check(-1 <= self.swap_priority <= 32767, f"{key}.swap_priority", "must be between -1 and 32767")
         _check(0 <= self.margin_mib <= 1 << 20, f"{key}.margin_mib", "must be between 0 and 1048576")
         _check(0.0 <= self.park_observe_s <= 60.0, f"{key}.park_observe_s", "must be between 0 and 60 seconds")
@@ -46,6 +57,12 @@ class PagingConfig:
                "must be between 1 second and a year")
         _check(0.0 < self.idle_cpu_pct <= 100.0, f"{key}.idle_cpu_pct", "must be above 0 and at most 100 (% of one core)")
         _check(self.prefetch in ("touch", "willneed"), f"{key}.prefetch", "must be touch or willneed")
+
+    def mem_limit_bytes(self, mem_total_bytes: int) -> int:
+        """zram's ``mem_limit``: the key, or (0) the tier's size capped at half the host's memory."""
+        if self.zram_mem_limit_mib:
+            return self.zram_mem_limit_mib << 20
+        return min(self.zram_size_mib << 20, (mem_total_bytes // 2) >> 20 << 20)
 
 
 CONFIG = PagingConfig

@@ -4,8 +4,10 @@ third primitive of seeds/002; keeping idle VMs, seeds/004).
 Swap tier. With ``paging.enabled`` the part creates a zram device at start and removes it at
 stop (``swapoff`` brings every page back to its owner, so nothing is lost). The device is
 recorded in sqlite *right after* ``hot_add``, before it is formatted, so a daemon killed at
-any point leaves a record. A restarted daemon finds the record and either **adopts** the
-device — still its own (swap label), paging enabled with the same size and compressor: the
+any point leaves a record. Its size (``disksize``: swap slots) and its RAM limit
+(``mem_limit``) are set apart (docs/paging.md: zero-filled pages take slots, not RAM). A
+restarted daemon finds the record and either **adopts** the device — still its own (swap
+label), paging enabled with the same size, RAM limit and compressor: the
 pages of running and parked VMs stay where they are — or **removes** it. A device whose label
 is not ours is never touched; its record is dropped.
 
@@ -64,6 +66,7 @@ CREATE TABLE IF NOT EXISTS paging_tier (
     device INTEGER NOT NULL,
     label TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
+    mem_limit_bytes INTEGER NOT NULL DEFAULT 0,
     compressor TEXT NOT NULL,
     priority INTEGER NOT NULL,
     state TEXT NOT NULL,
@@ -168,6 +171,10 @@ class PagingPart(Part):
         if hook is not None:  # the daemon's gateway: a call for a parked VM wakes it first
             hook(self.before_agent_call)
         self.ctx.store.ensure_schema(SCHEMA)
+        cols = {r["name"] for r in self.ctx.store.query("PRAGMA table_info(paging_tier)")}
+        if "mem_limit_bytes" not in cols:  # a record of a daemon from before the limit was its own key
+            with self.ctx.store.transaction() as db:
+                db.execute("ALTER TABLE paging_tier ADD COLUMN mem_limit_bytes INTEGER NOT NULL DEFAULT 0")
         self.ctx.knobs.register(KnobKind(KIND, self.name, read=self._read_parked, write=self._write_parked))
         # A parked row whose knob the ledger no longer holds (restored while this part was not
         # running) is stale: the VM runs again.
@@ -183,10 +190,12 @@ class PagingPart(Part):
                 log.info("paging: swap tier of an earlier daemon %s (%s)", rec["action"], rec)
             if self.cfg.enabled and self.device is None:
                 num = await self.ctx.blocking(self.create_tier)
+                limit_mib = self._mem_limit_bytes() // MIB
                 self.ctx.decisions.log("tier-create", None, {"size_mib": self.cfg.zram_size_mib,
+                                                             "mem_limit_mib": limit_mib,
                                                              "compressor": self.cfg.compressor}, {"device": num})
-                log.info("paging: swap tier /dev/zram%d (%d MiB, %s)", num, self.cfg.zram_size_mib,
-                         self.cfg.compressor)
+                log.info("paging: swap tier /dev/zram%d (%d MiB of slots, RAM limit %d MiB, %s)", num,
+                         self.cfg.zram_size_mib, limit_mib, self.cfg.compressor)
         except HostError as exc:
             log.error("paging: no swap tier: %s", exc)
         for vm in sorted(self.parked_vms()):  # parked by an earlier daemon: traffic still wakes them
@@ -239,6 +248,11 @@ class PagingPart(Part):
         with self.ctx.store.transaction() as db:
             db.execute("DELETE FROM paging_tier WHERE id = 1")
 
+    def _mem_limit_bytes(self) -> int:
+        """The tier's RAM limit (``paging.zram_mem_limit_mib``, 0: derived from the host's memory)."""
+        total = int(self.ctx.host.meminfo_kib().get("MemTotal", 0)) << 10
+        return self.cfg.mem_limit_bytes(total)
+
     def recover_tier(self) -> dict[str, Any] | None:
         """Deal with a tier recorded by an earlier daemon (see the module docstring)."""
         row = self._tier_row()
@@ -257,8 +271,11 @@ class PagingPart(Part):
         if found is None and probe["disksize"] and row["state"] != "creating":
             self._forget_tier()
             return {"action": "forgotten", "device": num, "reason": f"zram{num} holds no swap of ours"}
+        # A record from before the limit was recorded (0): that daemon wrote mem_limit = disksize.
+        limit = int(row["mem_limit_bytes"] or 0) or int(row["size_bytes"])
         same = (cfg.enabled and row["state"] == "on" and found == label and probe["is_swap"]
-                and int(row["size_bytes"]) == cfg.zram_size_mib * MIB and row["compressor"] == cfg.compressor)
+                and int(row["size_bytes"]) == cfg.zram_size_mib * MIB and row["compressor"] == cfg.compressor
+                and limit == self._mem_limit_bytes())
         if same:
             self.device = num
             return {"action": "adopted", "device": num, "swap": probe["swap"]}
@@ -266,20 +283,24 @@ class PagingPart(Part):
         host.zram_remove(num)  # swapoff first: the pages go back to their owners, nothing is lost
         self._forget_tier()
         why = "paging is disabled" if not cfg.enabled else (
-            "left half-made" if row["state"] == "creating" else "the config asks for another size or compressor")
+            "left half-made" if row["state"] == "creating"
+            else "the config asks for another size, RAM limit or compressor")
         return {"action": "removed", "device": num, "swapped_in_kib": used, "reason": why}
 
     def create_tier(self) -> int:
         cfg = self.cfg
         label = tier_label(self.ctx.cfg.state_dir)
+        limit = self._mem_limit_bytes()
 
         def record(num: int) -> None:
             with self.ctx.store.transaction() as db:
-                db.execute("INSERT OR REPLACE INTO paging_tier (id, device, label, size_bytes, compressor, priority, "
-                           "state, created_at) VALUES (1, ?, ?, ?, ?, ?, 'creating', ?)",
-                           (num, label, cfg.zram_size_mib * MIB, cfg.compressor, cfg.swap_priority, time.time()))
+                db.execute("INSERT OR REPLACE INTO paging_tier (id, device, label, size_bytes, mem_limit_bytes, "
+                           "compressor, priority, state, created_at) VALUES (1, ?, ?, ?, ?, ?, ?, 'creating', ?)",
+                           (num, label, cfg.zram_size_mib * MIB, limit, cfg.compressor, cfg.swap_priority,
+                            time.time()))
 
-        num = self.ctx.host.zram_create(cfg.zram_size_mib * MIB, cfg.compressor, label, cfg.swap_priority, record)
+        num = self.ctx.host.zram_create(cfg.zram_size_mib * MIB, cfg.compressor, label, cfg.swap_priority, record,
+                                        mem_limit_bytes=limit)
         with self.ctx.store.transaction() as db:
             db.execute("UPDATE paging_tier SET state = 'on' WHERE id = 1")
         self.device = num
@@ -309,7 +330,10 @@ class PagingPart(Part):
         out.update({"device": zram.dev_path(self.device), "size_mib": round(sw.get("size_kib", 0) / 1024, 1),
                     "used_mib": round(sw.get("used_kib", 0) / 1024, 1), "priority": sw.get("priority")})
         if mm is not None:
-            out.update({"stored_mib": round(mm.orig_data_size / MIB, 1),
+            # size/used: swap slots (uncompressed, a zero-filled page takes one); mem_*: RAM.
+            out.update({"mem_limit_mib": round(mm.mem_limit / MIB, 1) if mm.mem_limit else None,
+                        "same_filled_mib": round(mm.same_pages * PAGE / MIB, 1),
+                        "stored_mib": round(mm.orig_data_size / MIB, 1),
                         "compressed_mib": round(mm.compr_data_size / MIB, 1),
                         "mem_used_mib": round(mm.mem_used_total / MIB, 1),
                         "ratio": round(mm.orig_data_size / mm.compr_data_size, 2) if mm.compr_data_size else None})
