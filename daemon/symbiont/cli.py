@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -60,6 +61,18 @@ def api(ctx: Ctx, method: str, path: str, body: Any = None, **params: Any) -> An
             return c.call(method, path, json=body, params=params or None)
     except ApiError as exc:
         fail(exc.detail if exc.status == 0 else f"{exc.status} {exc.detail}", 2 if 400 <= exc.status < 500 else 1)
+
+
+def call_and_show(ctx: Ctx, method: str, path: str, as_json: bool, show: Callable[[Any], object],
+                  body: Any = None, **params: Any) -> Any:
+    """A command's one round trip: call the API, then print the answer as JSON (``--json``) or
+    through ``show`` (a line, a table); returns the answer. One place for what every command did."""
+    r = api(ctx, method, path, body, **params)
+    if as_json:
+        emit(r, True)
+    else:
+        show(r)
+    return r
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -163,14 +176,13 @@ def _s(v: Any) -> str:
 @click.pass_obj
 def ping(ctx: Ctx, name: str, as_json: bool) -> None:
     """Ping a VM's agent, waking it first if it is parked (seconds include the wake)."""
-    r = api(ctx, "POST", f"/v1/vms/{name}/ping")
-    if as_json:
-        emit(r, True)
-        return
-    w = r.get("wake") or {}
-    console.print(f"{name}: answered in {r['seconds'] * 1000:.1f} ms"
-                  + (f" (woken: resume {_s(w.get('resume_s'))} s, prefetched {_s(w.get('prefetched_mib'))} MiB)"
-                     if r["woke"] else ""))
+    def show(r: dict[str, Any]) -> None:
+        w = r.get("wake") or {}
+        console.print(f"{name}: answered in {r['seconds'] * 1000:.1f} ms"
+                      + (f" (woken: resume {_s(w.get('resume_s'))} s, prefetched {_s(w.get('prefetched_mib'))} MiB)"
+                         if r["woke"] else ""))
+
+    call_and_show(ctx, "POST", f"/v1/vms/{name}/ping", as_json, show)
 
 
 @cli.command("console")
@@ -208,8 +220,7 @@ def vm() -> None:
 @click.pass_obj
 def vm_list(ctx: Ctx, as_json: bool) -> None:
     """List registered VMs with live stats."""
-    vms = api(ctx, "GET", "/v1/vms")
-    emit(vms, as_json, vm_table(vms))
+    call_and_show(ctx, "GET", "/v1/vms", as_json, lambda vms: console.print(vm_table(vms)))
 
 
 @vm.command("show")
@@ -218,10 +229,10 @@ def vm_list(ctx: Ctx, as_json: bool) -> None:
 @click.pass_obj
 def vm_show(ctx: Ctx, name: str, as_json: bool) -> None:
     """Show one VM: policy, agent session, stats, knobs the daemon changed."""
-    v = api(ctx, "GET", f"/v1/vms/{name}")
-    if as_json:
-        emit(v, True)
-        return
+    call_and_show(ctx, "GET", f"/v1/vms/{name}", as_json, _show_vm)
+
+
+def _show_vm(v: dict[str, Any]) -> None:
     console.print(vm_table([v]))
     a = v["agent"]
     console.print(f"agent: connected={a['connected']} handshakes={a['handshakes']} "
@@ -247,11 +258,7 @@ def vm_register(ctx: Ctx, name: str, shares: int, min_mib: int | None, max_mib: 
     """Register a libvirt domain with its policy parameters."""
     body = {"name": name, "memory": {"shares": shares, "min_mib": min_mib, "max_mib": max_mib},
             "cpu": {"min_vcpus": min_vcpus, "max_vcpus": max_vcpus}}
-    v = api(ctx, "POST", "/v1/vms", body)
-    if as_json:
-        emit(v, True)
-    else:
-        console.print(f"registered {name}")
+    call_and_show(ctx, "POST", "/v1/vms", as_json, lambda _: console.print(f"registered {name}"), body)
 
 
 @vm.command("unregister")

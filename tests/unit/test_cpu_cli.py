@@ -9,6 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import symbiont.cli
 from symbiont.cli import cli
 from symbiont.cpu import cli as ct_cli
 from symbiont.plugins import part_modules
@@ -50,6 +51,7 @@ def calls(monkeypatch):
                 "applied": {"cpu.weight": 5}}
 
     monkeypatch.setattr(ct_cli, "api", fake_api)
+    monkeypatch.setattr(symbiont.cli, "api", fake_api)  # what call_and_show calls
     return seen
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from symbiont.cli import Ctx, api, console, emit
+from symbiont.cli import Ctx, api, call_and_show, console
 
 
 def _mib(v: Any) -> str:
@@ -102,8 +102,7 @@ ALIASES = ("ct",)  # the group's name until issue 14 (one name per part)
 @click.pass_obj
 def ct_list(ctx: Ctx, vm: str, as_json: bool) -> None:
     """List VM's containers with limits in force and usage."""
-    data = api(ctx, "GET", f"/v1/cpu/vms/{vm}/containers")
-    emit(data, as_json, ct_table(data))
+    call_and_show(ctx, "GET", f"/v1/cpu/vms/{vm}/containers", as_json, lambda data: console.print(ct_table(data)))
 
 
 @group.command("show")
@@ -113,10 +112,10 @@ def ct_list(ctx: Ctx, vm: str, as_json: bool) -> None:
 @click.pass_obj
 def ct_show(ctx: Ctx, vm: str, name: str, as_json: bool) -> None:
     """Show one container: limits, the cgroup files in force, usage, PSI."""
-    data = api(ctx, "GET", f"/v1/cpu/vms/{vm}/containers/{name}")
-    if as_json:
-        emit(data, True)
-        return
+    call_and_show(ctx, "GET", f"/v1/cpu/vms/{vm}/containers/{name}", as_json, _show_ct)
+
+
+def _show_ct(data: dict[str, Any]) -> None:
     console.print(ct_table({"containers": [data]}))
     console.print(f"cgroup {data.get('cgroup')}  log {data.get('log')}")
     console.print(f"limits: {json.dumps(data.get('limits'))}")
@@ -149,11 +148,8 @@ def ct_create(ctx: Ctx, vm: str, name: str, command: tuple[str, ...], hostname: 
                             "start": not no_start}
     if hostname:
         body["hostname"] = hostname
-    data = api(ctx, "POST", f"/v1/cpu/vms/{vm}/containers", body)
-    if as_json:
-        emit(data, True)
-    else:
-        console.print(f"{vm}/{name}: {data['state']} (pid {data.get('pid')}), cgroup {data.get('cgroup')}")
+    call_and_show(ctx, "POST", f"/v1/cpu/vms/{vm}/containers", as_json, lambda data: console.print(
+        f"{vm}/{name}: {data['state']} (pid {data.get('pid')}), cgroup {data.get('cgroup')}"), body)
 
 
 @group.command("start")
@@ -197,11 +193,8 @@ def ct_set(ctx: Ctx, vm: str, name: str, as_json: bool, **lim: Any) -> None:
     limits = _limits(**lim)
     if not limits:
         raise click.UsageError("give at least one limit option")
-    data = api(ctx, "PATCH", f"/v1/cpu/vms/{vm}/containers/{name}", limits)
-    if as_json:
-        emit(data, True)
-    else:
-        console.print(f"{vm}/{name}: in force {json.dumps(data.get('applied'))}")
+    call_and_show(ctx, "PATCH", f"/v1/cpu/vms/{vm}/containers/{name}", as_json,
+                  lambda data: console.print(f"{vm}/{name}: in force {json.dumps(data.get('applied'))}"), limits)
 
 
 @group.command("logs")
@@ -242,25 +235,24 @@ def ct_mode(ctx: Ctx, vm: str, aware: bool | None, strategy: str | None) -> None
 @click.pass_obj
 def ct_vcpus(ctx: Ctx, vm: str, count: int | None, libvirt_unplug: bool, as_json: bool) -> None:
     """Show VM's vCPUs (libvirt, guest, record) or scale to COUNT, keeping containers' ratios."""
+    def shown(data: dict[str, Any]) -> None:
+        rec = data.get("record") or {}
+        console.print(f"{vm}: guest online {data['guest_online']} {data['online']}, libvirt {data['libvirt']}"
+                      f"/{data['max']}, offlined in the guest {data.get('offlined_in_guest')}; "
+                      f"last requested {rec.get('requested', '-')}, QEMU {rec.get('qemu') or '-'}, "
+                      f"unplug timeouts {rec.get('unplug_timeouts', 0)}")
+
+    def scaled(data: dict[str, Any]) -> None:
+        t = data.get("timings", {})
+        console.print(f"{vm}: {data['before']['guest_online']} -> {data['after']['guest_online']} vCPUs online "
+                      f"{data['after']['online']}; libvirt {data['after']['libvirt']} ({data['libvirt']}); "
+                      f"ratios in force after {t.get('ratios_in_force_s', 0):.3f} s")
+
     if count is None:
-        data = api(ctx, "GET", f"/v1/cpu/vms/{vm}/vcpus")
-        if as_json:
-            emit(data, True)
-        else:
-            rec = data.get("record") or {}
-            console.print(f"{vm}: guest online {data['guest_online']} {data['online']}, libvirt {data['libvirt']}"
-                          f"/{data['max']}, offlined in the guest {data.get('offlined_in_guest')}; "
-                          f"last requested {rec.get('requested', '-')}, QEMU {rec.get('qemu') or '-'}, "
-                          f"unplug timeouts {rec.get('unplug_timeouts', 0)}")
-        return
-    data = api(ctx, "PUT", f"/v1/cpu/vms/{vm}/vcpus", {"count": count, "libvirt_unplug": libvirt_unplug})
-    if as_json:
-        emit(data, True)
-        return
-    t = data.get("timings", {})
-    console.print(f"{vm}: {data['before']['guest_online']} -> {data['after']['guest_online']} vCPUs online "
-                  f"{data['after']['online']}; libvirt {data['after']['libvirt']} ({data['libvirt']}); "
-                  f"ratios in force after {t.get('ratios_in_force_s', 0):.3f} s")
+        call_and_show(ctx, "GET", f"/v1/cpu/vms/{vm}/vcpus", as_json, shown)
+    else:
+        call_and_show(ctx, "PUT", f"/v1/cpu/vms/{vm}/vcpus", as_json, scaled,
+                      {"count": count, "libvirt_unplug": libvirt_unplug})
 
 
 @group.command("balloon")
@@ -272,10 +264,11 @@ def ct_vcpus(ctx: Ctx, vm: str, count: int | None, libvirt_unplug: bool, as_json
 @click.pass_obj
 def ct_balloon(ctx: Ctx, vm: str, target_mib: int, aware: bool, as_json: bool) -> None:
     """Move VM's balloon to TARGET_MIB, reclaiming from containers first (nesting-aware)."""
-    data = api(ctx, "PUT", f"/v1/cpu/vms/{vm}/memory", {"target_mib": target_mib, "nesting_aware": aware})
-    if as_json:
-        emit(data, True)
-        return
+    call_and_show(ctx, "PUT", f"/v1/cpu/vms/{vm}/memory", as_json, lambda data: _show_balloon(vm, data),
+                  {"target_mib": target_mib, "nesting_aware": aware})
+
+
+def _show_balloon(vm: str, data: dict[str, Any]) -> None:
     rec = data.get("reclaim") or {}
     console.print(f"{vm}: balloon {data['before_mib']} -> {data['target_mib']} MiB; containers freed "
                   f"{rec.get('freed', 0) / 2**20:.1f} MiB of {rec.get('needed', 0) / 2**20:.1f} needed")

@@ -15,7 +15,7 @@ import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from symbiont.cli import Ctx, api, console, emit, fail
+from symbiont.cli import Ctx, api, call_and_show, console, emit, fail
 from symbiont.cpu.cli import group as ct_group
 
 STEPS = ("check", "predump", "dump", "transfer", "restore", "confirm", "cleanup", "done")
@@ -138,8 +138,7 @@ def group() -> None:
 @click.pass_obj
 def mig_list(ctx: Ctx, as_json: bool) -> None:
     """The migration journal, newest first."""
-    data = api(ctx, "GET", "/v1/migration")
-    emit(data, as_json, _table(data["migrations"]))
+    call_and_show(ctx, "GET", "/v1/migration", as_json, lambda data: console.print(_table(data["migrations"])))
 
 
 @group.command("show")
@@ -148,11 +147,7 @@ def mig_list(ctx: Ctx, as_json: bool) -> None:
 @click.pass_obj
 def mig_show(ctx: Ctx, mid: str, as_json: bool) -> None:
     """One migration: phases, timings, bytes, host CPU."""
-    m = api(ctx, "GET", f"/v1/migration/{mid}")
-    if as_json:
-        emit(m, True)
-    else:
-        show_result(m)
+    call_and_show(ctx, "GET", f"/v1/migration/{mid}", as_json, show_result)
 
 
 @group.command("recover")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from rich.table import Table
 
-from symbiont.cli import Ctx, _s, api, console, emit
+from symbiont.cli import Ctx, _s, call_and_show, console
 
 
 @click.group("paging")
@@ -18,7 +20,10 @@ def group() -> None:
 @click.pass_obj
 def status(ctx: Ctx, as_json: bool) -> None:
     """The swap tier and, per VM, where its host memory is."""
-    data = api(ctx, "GET", "/v1/paging")
+    call_and_show(ctx, "GET", "/v1/paging", as_json, lambda data: console.print(_status_table(data)))
+
+
+def _status_table(data: dict[str, Any]) -> Table:
     tier = data["tier"]
     if tier.get("device"):
         title = (f"swap tier {tier['device']} ({tier['compressor']}): {tier['used_mib']}/{tier['size_mib']} MiB used, "
@@ -36,7 +41,7 @@ def status(ctx: Ctx, as_json: bool) -> None:
                   _s(g.get("resident_mib")), _s(g.get("swapped_mib")), _s(c.get("resident_mib")),
                   _s(c.get("swapped_mib")), _s(o.get("resident_mib")), _s(o.get("swapped_mib")),
                   "yes" if v["parked"] else "no")
-    emit(data, as_json, t)
+    return t
 
 
 @group.command("pageout")
@@ -46,12 +51,10 @@ def status(ctx: Ctx, as_json: bool) -> None:
 @click.pass_obj
 def pageout(ctx: Ctx, vm: str, mib: int | None, as_json: bool) -> None:
     """Page out a VM's cold memory into the swap tier (the guest chooses which pages)."""
-    r = api(ctx, "POST", f"/v1/paging/vms/{vm}/pageout", {} if mib is None else {"mib": mib})
-    if as_json:
-        emit(r, True)
-        return
-    console.print(f"{vm}: paged out {r['paged_mib']} MiB in {r['seconds']} s {r['by_source_mib']}; "
-                  f"QEMU RSS {r['rss_before_mib']} → {r['rss_after_mib']} MiB, tier {r['tier_used_after_mib']} MiB used")
+    call_and_show(ctx, "POST", f"/v1/paging/vms/{vm}/pageout", as_json, lambda r: console.print(
+        f"{vm}: paged out {r['paged_mib']} MiB in {r['seconds']} s {r['by_source_mib']}; "
+        f"QEMU RSS {r['rss_before_mib']} → {r['rss_after_mib']} MiB, tier {r['tier_used_after_mib']} MiB used"),
+        {} if mib is None else {"mib": mib})
 
 
 @group.command("park")
@@ -60,12 +63,9 @@ def pageout(ctx: Ctx, vm: str, mib: int | None, as_json: bool) -> None:
 @click.pass_obj
 def park(ctx: Ctx, vm: str, as_json: bool) -> None:
     """Record the VM's idle working set, pause it and page all of it out."""
-    r = api(ctx, "POST", f"/v1/paging/vms/{vm}/park")
-    if as_json:
-        emit(r, True)
-        return
-    console.print(f"{vm}: parked in {r['seconds']} s; RSS {r['before']['rss_mib']} → {r['after']['rss_mib']} MiB, "
-                  f"idle working set {r['wset_mib']} MiB")
+    call_and_show(ctx, "POST", f"/v1/paging/vms/{vm}/park", as_json, lambda r: console.print(
+        f"{vm}: parked in {r['seconds']} s; RSS {r['before']['rss_mib']} → {r['after']['rss_mib']} MiB, "
+        f"idle working set {r['wset_mib']} MiB"))
 
 
 @group.command("wake")
@@ -75,9 +75,6 @@ def park(ctx: Ctx, vm: str, as_json: bool) -> None:
 @click.pass_obj
 def wake(ctx: Ctx, vm: str, prefetch: bool, as_json: bool) -> None:
     """Resume a parked VM (prefetching its working set) and deliver an agent ping."""
-    r = api(ctx, "POST", f"/v1/paging/vms/{vm}/wake", prefetch="true" if prefetch else "false")
-    if as_json:
-        emit(r, True)
-        return
-    console.print(f"{vm}: awake, answered in {r['latency_s']} s (prefetch {'on' if prefetch else 'off'}: "
-                  f"{r['prefetched_mib']} MiB in {_s(r['prefetch_s'])} s)")
+    call_and_show(ctx, "POST", f"/v1/paging/vms/{vm}/wake", as_json, lambda r: console.print(
+        f"{vm}: awake, answered in {r['latency_s']} s (prefetch {'on' if prefetch else 'off'}: "
+        f"{r['prefetched_mib']} MiB in {_s(r['prefetch_s'])} s)"), prefetch="true" if prefetch else "false")

@@ -11,7 +11,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from symbiont.cli import Ctx, api, console, emit
+from symbiont.cli import Ctx, api, call_and_show, console, emit
 
 
 def _runs(runs: list[list[int]]) -> str:
@@ -41,8 +41,7 @@ def pool() -> None:
 def pool_create(ctx: Ctx, file_: str | None, size_mib: int | None, device: str | None, as_json: bool) -> None:
     """Create the pool (1 MiB blocks)."""
     body = {"file": file_, "size_mib": size_mib, "device": device}
-    p = api(ctx, "POST", "/v1/ssdcache/pool", {k: v for k, v in body.items() if v is not None})
-    _pool_out(p, as_json)
+    call_and_show(ctx, "POST", "/v1/ssdcache/pool", as_json, _pool_out, {k: v for k, v in body.items() if v is not None})
 
 
 @pool.command("show")
@@ -50,7 +49,7 @@ def pool_create(ctx: Ctx, file_: str | None, size_mib: int | None, device: str |
 @click.pass_obj
 def pool_show(ctx: Ctx, as_json: bool) -> None:
     """Show the pool and its block counts."""
-    _pool_out(api(ctx, "GET", "/v1/ssdcache/pool"), as_json)
+    call_and_show(ctx, "GET", "/v1/ssdcache/pool", as_json, _pool_out)
 
 
 @pool.command("delete")
@@ -62,10 +61,7 @@ def pool_delete(ctx: Ctx, remove_file: bool) -> None:
     console.print(f"deleted pool {r['deleted']}")
 
 
-def _pool_out(p: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        emit(p, True)
-        return
+def _pool_out(p: dict[str, Any]) -> None:
     if not p.get("exists"):
         console.print("no pool (create one: symbiont ssdcache pool create --file PATH --size-mib N)")
         return
@@ -93,8 +89,7 @@ def register(ctx: Ctx, vm: str, size_mib: int, current_mib: int, persist: bool, 
                             "weight": weight, "min_mib": min_mib}
     if max_mib is not None:
         body["max_mib"] = max_mib
-    v = api(ctx, "POST", "/v1/ssdcache/caches", body)
-    _cache_out([v], as_json, one=True)
+    call_and_show(ctx, "POST", "/v1/ssdcache/caches", as_json, lambda v: _cache_out([v]), body)
 
 
 @group.command("list")
@@ -102,7 +97,7 @@ def register(ctx: Ctx, vm: str, size_mib: int, current_mib: int, persist: bool, 
 @click.pass_obj
 def list_cmd(ctx: Ctx, as_json: bool) -> None:
     """List the registered caches."""
-    _cache_out(api(ctx, "GET", "/v1/ssdcache/caches"), as_json)
+    call_and_show(ctx, "GET", "/v1/ssdcache/caches", as_json, _cache_out)
 
 
 @group.command("show")
@@ -111,11 +106,11 @@ def list_cmd(ctx: Ctx, as_json: bool) -> None:
 @click.pass_obj
 def show(ctx: Ctx, vm: str, as_json: bool) -> None:
     """Show one cache: backed blocks, I/O counters, the guest's view, the last resize."""
-    v = api(ctx, "GET", f"/v1/ssdcache/caches/{vm}")
-    if as_json:
-        emit(v, True)
-        return
-    _cache_out([v], False)
+    call_and_show(ctx, "GET", f"/v1/ssdcache/caches/{vm}", as_json, _show_cache)
+
+
+def _show_cache(v: dict[str, Any]) -> None:
+    _cache_out([v])
     io = v.get("io") or {}
     console.print(f"socket {v['socket']}  backed {_runs(v['backed'])}  revoked {_runs(v['revoked'])}")
     console.print(f"I/O: {io.get('reads', 0)} reads, {io.get('writes', 0)} writes, {io.get('flushes', 0)} flushes, "
@@ -133,12 +128,9 @@ def show(ctx: Ctx, vm: str, as_json: bool) -> None:
 @click.pass_obj
 def resize(ctx: Ctx, vm: str, current_mib: int, as_json: bool) -> None:
     """Inflate or deflate VM's cache to CURRENT_MIB backed MiB (the guest picks what to give back)."""
-    r = api(ctx, "PUT", f"/v1/ssdcache/caches/{vm}/size", {"current_mib": current_mib})
-    if as_json:
-        emit(r, True)
-        return
-    console.print(f"{vm}: {r['before_mib']} -> {r['current_mib']} MiB (blocks {_runs(_compress(r['lbns']))}, "
-                  f"chosen by {r['chosen_by']}, {r['total_ms']} ms)")
+    call_and_show(ctx, "PUT", f"/v1/ssdcache/caches/{vm}/size", as_json, lambda r: console.print(
+        f"{vm}: {r['before_mib']} -> {r['current_mib']} MiB (blocks {_runs(_compress(r['lbns']))}, "
+        f"chosen by {r['chosen_by']}, {r['total_ms']} ms)"), {"current_mib": current_mib})
 
 
 def _compress(lbns: list[int]) -> list[list[int]]:
@@ -163,7 +155,7 @@ def set_cmd(ctx: Ctx, vm: str, weight: int | None, persist: bool | None, min_mib
     """Change a cache's weight, persist flag or bounds."""
     body = {"weight": weight, "persist": persist, "min_mib": min_mib, "max_mib": max_mib}
     v = api(ctx, "PATCH", f"/v1/ssdcache/caches/{vm}", {k: x for k, x in body.items() if x is not None})
-    _cache_out([v], False, one=True)
+    _cache_out([v])
 
 
 @group.command("unregister")
@@ -241,10 +233,7 @@ def policy_apply(ctx: Ctx, mode: str | None) -> None:
     emit(api(ctx, "POST", "/v1/ssdcache/policy/apply", {"mode": mode} if mode else {}), True)
 
 
-def _cache_out(vs: list[dict[str, Any]], as_json: bool, one: bool = False) -> None:
-    if as_json:
-        emit(vs[0] if one else vs, True)
-        return
+def _cache_out(vs: list[dict[str, Any]]) -> None:
     t = Table(title="elastic SSD caches")
     for col in ("vm", "size MiB", "current MiB", "persist", "weight", "min..max", "reads", "writes", "refused",
                 "guest"):
@@ -307,11 +296,7 @@ def _weight(w: str) -> int:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def twolevel_show(ctx: Ctx, as_json: bool) -> None:
-    v = api(ctx, "GET", "/v1/ssdcache/twolevel")
-    if as_json:
-        emit(v, True)
-        return
-    _tl_out(v)
+    call_and_show(ctx, "GET", "/v1/ssdcache/twolevel", as_json, _tl_out)
 
 
 @twolevel.command("guest")
@@ -320,10 +305,10 @@ def twolevel_show(ctx: Ctx, as_json: bool) -> None:
 @click.pass_obj
 def twolevel_guest(ctx: Ctx, vm: str, as_json: bool) -> None:
     """The VM level as the guest runs it: its containers' quotas and occupancy (pages)."""
-    v = api(ctx, "GET", f"/v1/ssdcache/twolevel/vms/{vm}/guest")
-    if as_json:
-        emit(v, True)
-        return
+    call_and_show(ctx, "GET", f"/v1/ssdcache/twolevel/vms/{vm}/guest", as_json, lambda v: _guest_out(vm, v))
+
+
+def _guest_out(vm: str, v: dict[str, Any]) -> None:
     t = Table(title=f"{vm}: share mem {v['share']['mem']} / ssd {v['share']['ssd']} pages "
                     f"(SSD tier capacity {v['ssd_capacity']}), {v['clients']} producers")  # fmt: skip
     for col in ("container", "mem quota", "mem used", "ssd quota", "ssd used", "puts", "gets", "hits", "demoted"):
