@@ -72,3 +72,26 @@ def test_host_paging_spares_the_vm_under_pressure_and_logs_its_plan(tmp_path: Pa
         assert all(d["inputs"] for d in env.store.decisions()), "a decision without its inputs"
         env.close()
     asyncio.run(go())
+
+
+def test_host_paging_spares_a_guest_that_is_allocating_before_it_shows_pressure(tmp_path: Path) -> None:
+    async def go() -> None:
+        env = _env(tmp_path)
+        env.core.snapshots["hungry"] = env.snapshot_of("hungry", agent(470, 300))  # no pressure yet
+        await env.start()
+        await env.period()
+        first = {c[1] for c in env.host.calls if c[0] == "pageout"}
+        assert PIDS["idle"] in first  # the idle VM, lowest ρ, pays first
+        env.host.calls.clear()
+        # a budget cut the balloon cannot follow in one step, more than the idle VM has cold; the
+        # hungry guest allocates (+100 MiB used), still without pressure: the rest is left over
+        env.parts["memory"].set_policy({"budget_mib": 400})  # type: ignore[attr-defined]
+        env.core.snapshots["hungry"] = env.snapshot_of("hungry", agent(470, 200))
+        await env.period()
+        assert {c[1] for c in env.host.calls if c[0] == "pageout"} == {PIDS["idle"]}, env.host.calls
+        plan = [d for d in env.store.decisions() if d["action"] == "pageout-plan"][-1]
+        assert plan["outcome"]["left_mib"] > 0 and plan["outcome"]["pageouts"] == [["idle", 256]]
+        assert "allocating (used memory +100 MiB" in plan["outcome"]["reasons"]["hungry"]
+        assert plan["inputs"]["vms"]["hungry"]["used_rise_mib"] == 100
+        env.close()
+    asyncio.run(go())

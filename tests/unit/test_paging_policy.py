@@ -90,6 +90,13 @@ def test_a_vm_under_pressure_or_given_memory_is_never_paged_even_with_the_most_c
     plan = shortfall_plan(500, [growing, idle], margin_mib=64)
     assert plan.pageouts == [("idle", 316)]
     assert "balloon target rises" in {ln.name: ln.reason for ln in plan.vms}["hungry"]
+    # before its guest reports pressure: allocating (its used memory rising) is enough to be spared
+    allocating = _vm("hungry", 480, 40, used_rise_mib=48, rho=0.2)  # even ranked first
+    plan = shortfall_plan(500, [allocating, idle], margin_mib=64)
+    assert plan.pageouts == [("idle", 316)]
+    assert "allocating (used memory +48 MiB" in {ln.name: ln.reason for ln in plan.vms}["hungry"]
+    assert shortfall_plan(500, [_vm("hungry", 480, 40, used_rise_mib=8, rho=0.2), idle],
+                          margin_mib=64).pageouts[0] == ("hungry", 376)  # a small rise is noise
 
 
 def test_the_lowest_rho_per_host_mib_pays_first_as_the_memory_policy_ranks_victims() -> None:
@@ -120,7 +127,8 @@ _VMS = st.lists(st.builds(
     VmFootprint, name=st.text("abcdef", min_size=1, max_size=4), running=st.booleans(),
     resident_mib=st.floats(0, 2048), allocated_mib=st.floats(0, 2048),
     wss_mib=st.none() | st.floats(0, 2048), floor_mib=st.floats(0, 128), pressure=st.booleans(),
-    growing=st.booleans(), rho=st.none() | st.floats(1e-6, 100), unshared_fraction=st.floats(0, 1)),
+    growing=st.booleans(), rho=st.none() | st.floats(1e-6, 100), unshared_fraction=st.floats(0, 1),
+    used_rise_mib=st.floats(-512, 512)),
     max_size=8, unique_by=lambda v: v.name)
 
 

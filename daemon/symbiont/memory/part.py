@@ -59,6 +59,8 @@ class VmMemoryState:
     last: dict[str, Any] = field(default_factory=dict)  # last decision and its inputs
     unshared_fraction: float = 1.0
     pressure: bool = False
+    used_mib: float | None = None  # the guest's used memory at the last period (host paging: is it allocating)
+    used_rise_mib: float = 0.0  # its rise since the period before
 
 
 @dataclass
@@ -201,6 +203,10 @@ class MemoryPart(Part):
         self.state.last_period_at = time.time()
         self.state.last_host = {**asdict(obs.host),
                                 "occupied_mib": round(sum(v.allocated_mib * v.unshared_fraction for v in obs.views), 1)}
+        for v in obs.views:
+            st = self.state.vm(v.name)
+            st.used_rise_mib = 0.0 if st.used_mib is None else v.used_mib - st.used_mib
+            st.used_mib = v.used_mib
         for d in decision.decisions:
             self.state.vm(d.name).last = {"target_mib": d.target_mib, "before_mib": d.before_mib, "rho": d.rho,
                                           "reason": d.reason, "at": self.state.last_period_at}
@@ -329,7 +335,7 @@ class MemoryPart(Part):
     def shortfall_inputs(self, name: str) -> dict[str, Any]:
         """What host paging must know of a VM from this period's balloon decisions (issue 15:
         host paging is the last resort and never takes from a VM being given memory): its
-        pressure, whether its target rose, its ρ and u. Decisions older than this period's
+        pressure, whether its target rose, its ρ and u, how much its guest's used memory rose. Decisions older than this period's
         (the VM not decided on this period) count as no growth."""
         st = self.state.vms.get(name)
         if st is None or not self.state.enabled:
@@ -340,7 +346,8 @@ class MemoryPart(Part):
         return {"pressure": bool(st.pressure),
                 "growing": fresh and float(last.get("target_mib", 0)) > float(last.get("before_mib", 0)),
                 "rho": float(rho_) if isinstance(rho_, (int, float)) and math.isfinite(rho_) else None,
-                "unshared_fraction": float(st.unshared_fraction)}
+                "unshared_fraction": float(st.unshared_fraction),
+                "used_rise_mib": float(st.used_rise_mib) if fresh else 0.0}
 
     # -- what GET /v1/memory shows ---------------------------------------------------------------
     async def view(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAX_RUNS = 4096  # per class, as the agent sends at most
+ALLOCATING_MIB = 16.0  # a guest whose own used memory rose this much in a period is allocating: not paged
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class VmFootprint:
     growing: bool = False  # the memory part raised its balloon target this period (it is being given memory)
     rho: float | None = None  # memory's ρ for it (shares per page, idle pages taxed); None: not known
     unshared_fraction: float = 1.0  # u: the part of its memory KSM does not share (memory's figure)
+    used_rise_mib: float = 0.0  # how much the guest's own used memory rose since the previous period
 
     @property
     def footprint_mib(self) -> float:
@@ -178,6 +180,7 @@ def _inputs(v: VmFootprint, cold: float) -> dict[str, object]:
             "footprint_mib": round(v.footprint_mib, 1), "host_mib": round(v.host_mib, 1),
             "wss_mib": None if v.wss_mib is None else round(v.wss_mib, 1), "floor_mib": v.floor_mib,
             "cold_mib": round(cold, 1), "pressure": v.pressure, "growing": v.growing,
+            "used_rise_mib": round(v.used_rise_mib, 1),
             "rho": None if v.rho is None or not math.isfinite(v.rho) else round(v.rho, 6),
             "u": round(v.unshared_fraction, 4)}
 
@@ -192,6 +195,9 @@ def protected(v: VmFootprint) -> str | None:
         return "under memory pressure this period"
     if v.growing:
         return "its balloon target rises this period (the memory part is giving it memory)"
+    if v.used_rise_mib >= ALLOCATING_MIB:
+        return (f"its guest is allocating (used memory +{v.used_rise_mib:.0f} MiB since the last period): "
+                "what is paged out would be faulted straight back")
     if v.wss_mib is None or v.wss_mib < 0:
         return "no working-set sample (the host does not guess what a guest needs)"
     return None
@@ -207,8 +213,10 @@ def shortfall_plan(budget_mib: float, vms: Sequence[VmFootprint], margin_mib: fl
     the memory part counts it) is taken from the VMs in memory's victim order — lowest ρ/u
     first, so idle VMs (taxed: low ρ) pay before busy ones — each up to its cold memory
     (resident − (working set + margin)), paging ``1/u`` guest MiB per host MiB. Never from a VM
-    that is under pressure, whose balloon target rises this period, that is not running, or
-    that has no working-set sample: the shortfall those would have covered is left (``left_mib``)
+    that is under pressure, whose balloon target rises this period, whose guest is allocating
+    (its used memory rose by ``ALLOCATING_MIB`` in a period: its working-set sample lags what it
+    just allocated, so it looks the coldest), that is not running, or that has no working-set
+    sample: the shortfall those would have covered is left (``left_mib``)
     for the balloon of later periods. Every VM gets a line with its inputs and the reason.
     """
     floors = sum(v.floor_mib for v in vms)
