@@ -174,6 +174,35 @@ async def test_wake_prefetches_the_recorded_working_set_then_pings(tmp_path: Pat
         await part.wake("vm1")
 
 
+@run
+async def test_park_records_only_pages_that_went_out_and_came_back(tmp_path: Path) -> None:
+    """KSM-merged pages are never paged out (MADV_PAGEOUT skips pages mapped more than once):
+    resident after the observe window without being touched, they are not the working set
+    (the density run recorded ~515 MiB of them per clone, prefetched at every wake)."""
+    merged = (RAM, 100 * MIB)  # the guest RAM KSM shares with other VMs
+    touched = (RAM + 300 * MIB, 4 * MIB)  # what the request faults back in
+
+    def ping(_vm: str, _args: dict) -> dict:
+        env.host.process_touch(PID, [touched])
+        return {}
+
+    env, part = _env(tmp_path, {"core.ping": ping})
+    pageout = env.host.process_pageout
+
+    def pageout_but_merged(pid: int, ranges: list[tuple[int, int]]) -> int:
+        done = pageout(pid, ranges)
+        env.host._mark(pid, [merged], True)  # the page-out could not take them: still resident
+        return done
+
+    env.host.process_pageout = pageout_but_merged  # type: ignore[method-assign]
+    await env.start()
+    out = await part.park("vm1")
+    assert out["wset_mib"] == 4.0 and out["unpaged_mib"] == 100.0
+    assert part.parked("vm1")["ranges"] == [list(touched)]  # type: ignore[index]
+    woke = await part.wake("vm1", prefetch=True, mode="touch")
+    assert woke["prefetched_mib"] == 4.0
+
+
 def _two(tmp_path: Path, budget_mib: int, min_mib: int = 64) -> tuple[Env, PagingPart]:
     """Two 512 MiB VMs fully resident: 'idle' (working set 100 MiB), 'busy' (400 MiB)."""
     from symbiont.memory.config import MemoryConfig

@@ -16,8 +16,9 @@ and cold frames), the host *how much* (resident guest RAM − (working set + mar
 the caller asks); ``process_madvise(MADV_PAGEOUT)`` on the QEMU process's guest-RAM mapping.
 
 Park / wake: park pages the VM out, lets it run ``park_observe_s``, pages it out again and
-delivers one request (an agent ping): what comes back now is the request's working set, which
-is recorded; then the VM is paused (knob ``paging_parked`` in the ledger: original
+delivers one request (an agent ping): what comes back now (went out and was faulted back in:
+never a page the page-out could not take, such as a KSM-merged one) is the request's working
+set, which is recorded; then the VM is paused (knob ``paging_parked`` in the ledger: original
 ``running``) and paged out again. Wake swaps the recorded working set in while libvirt resumes
 the VM, then delivers the request and measures how long it took. The ledger resumes a parked
 VM (no prefetch) when it is unregistered and when the daemon stops (``restore_on_exit``).
@@ -486,11 +487,20 @@ class PagingPart(Part):
                     if r.anonymous and r.perms == "rw-p" and r.start != ram.start and r.rss_kib]
         return out
 
-    def _resident_ranges(self, pid: int, regs: list[Mapping]) -> list[tuple[int, int]]:
+    def _residency(self, pid: int, regs: list[Mapping]) -> list[Any]:
+        """Each region's page-present mask (pagemap)."""
+        return [self.ctx.host.process_residency(pid, r.start, r.size) for r in regs]
+
+    def _came_back(self, pid: int, regs: list[Mapping], stayed: list[Any]) -> list[tuple[int, int]]:
+        """The ranges resident now that were not right after the page-out (``stayed``): what
+        went out and was faulted back in. A page the page-out could not take stays resident
+        without being touched: a KSM-merged page (MADV_PAGEOUT skips pages mapped more than
+        once; the density run recorded ~515 MiB of them per clone as its "working set"), or one
+        pinned; counting it would make every wake prefetch memory that never left."""
         out: list[tuple[int, int]] = []
-        for r in regs:
-            present = self.ctx.host.process_residency(pid, r.start, r.size)
-            out.extend((r.start + a * PAGE, n * PAGE) for a, n in po.runs(present))
+        for r, before in zip(regs, stayed, strict=True):
+            now = self.ctx.host.process_residency(pid, r.start, r.size)
+            out.extend((r.start + a * PAGE, n * PAGE) for a, n in po.runs(now & ~before))
         return out
 
     async def _ping(self, vm: str, timeout: float) -> float | None:
@@ -531,22 +541,24 @@ class PagingPart(Part):
             before = self.memory_view(pid, ram_bytes)
             everything = self._all_pages(ram, code, maps)
             t0 = time.perf_counter()
-            await self.ctx.blocking(host.process_pageout, pid, everything, timeout=120.0)
+            regs = [ram] + (code if cfg.include_code_cache else [])
             # What the idle guest brings back is its background working set; what the one
             # request brings back after a second page-out is the *event's* working set
-            # (seeds/004), the one wake prefetches before delivering a request.
+            # (seeds/004), the one wake prefetches before delivering a request. Both count only
+            # pages that went out and came back: residency is read right after each page-out.
+            stayed = await self.ctx.blocking(self._pageout_then_residency, pid, everything, regs, timeout=120.0)
             await asyncio.sleep(cfg.park_observe_s)
-            regs = [ram] + (code if cfg.include_code_cache else [])
-            background = await self.ctx.blocking(self._resident_ranges, pid, regs)
-            await self.ctx.blocking(host.process_pageout, pid, everything, timeout=120.0)
+            background = await self.ctx.blocking(self._came_back, pid, regs, stayed)
+            stayed = await self.ctx.blocking(self._pageout_then_residency, pid, everything, regs, timeout=120.0)
             ping_s = None
             try:
                 ping_s = await self._ping(vm, timeout=10.0)
             except AgentError as exc:
                 log.info("vm %s: no ping while observing its working set: %s", vm, exc)
-            wset = await self.ctx.blocking(self._resident_ranges, pid, regs)
+            wset = await self.ctx.blocking(self._came_back, pid, regs, stayed)
             background_mib = sum(n for _, n in background) / MIB
             wset_mib = sum(n for _, n in wset) / MIB
+            unpaged_mib = sum(int(m.sum()) for m in stayed) * PAGE / MIB
             try:
                 await self.ctx.knobs.turn(self.name, vm, KIND, "", "paused", original="running")
             except HostError as exc:
@@ -559,6 +571,7 @@ class PagingPart(Part):
             after = self.memory_view(pid, ram_bytes)
             self._parked_fp[vm] = (pid, ram_bytes, float(after["guest_ram"]["resident_mib"]))
             outcome = {"wset_mib": round(wset_mib, 1), "wset_ranges": len(wset), "observe_ping_s": ping_s,
+                       "unpaged_mib": round(unpaged_mib, 1),  # stayed resident through the page-out (KSM)
                        "background_wset_mib": round(background_mib, 1), "seconds": round(dt, 3),
                        "before": before, "after": after, "tier_used_mib": self._swap_used_mib()}
             self.ctx.decisions.log("park", vm, {"reason": reason, "observe_s": cfg.park_observe_s,
@@ -568,6 +581,12 @@ class PagingPart(Part):
             log.info("vm %s: parked (RSS %.1f -> %.1f MiB, idle working set %.1f MiB)", vm, before["rss_mib"],
                      after["rss_mib"], wset_mib)
             return {"vm": vm, **outcome}
+
+    def _pageout_then_residency(self, pid: int, ranges: list[tuple[int, int]], regs: list[Mapping]) -> list[Any]:
+        """Page ``ranges`` out, then read what stayed resident in ``regs`` (one blocking call:
+        the guest runs meanwhile, and the sooner the read the fewer pages it re-faults first)."""
+        self.ctx.host.process_pageout(pid, ranges)
+        return self._residency(pid, regs)
 
     def _prefetch(self, pid: int, ranges: list[tuple[int, int]], mode: str) -> tuple[int, float]:
         """Swap the ranges in, split over the host's CPUs (the syscalls release the GIL)."""
