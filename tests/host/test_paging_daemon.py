@@ -56,6 +56,7 @@ def test_tier_created_at_start_and_removed_at_stop(tmp_path: Path, cleanup) -> N
         num = int(t["device"].removeprefix("/dev/zram"))
         assert _ours(tmp_path) == [num] and zram.is_swap(num)
         assert zram.disksize(num) == 1024 << 20 and zram.stats(num).mem_limit == 64 << 20
+        assert t["slots_free_mib"] >= 1000 and 60 <= t["ram_free_mib"] <= 64
     finally:
         assert d.stop() == 0
     assert not zram.exists(num) and _ours(tmp_path) == []

@@ -332,6 +332,10 @@ class PagingPart(Part):
                     "used_mib": round(sw.get("used_kib", 0) / 1024, 1), "priority": sw.get("priority")})
         if mm is not None:
             # size/used: swap slots (uncompressed, a zero-filled page takes one); mem_*: RAM.
+            # A page-out needs both a free slot and RAM under the limit: what is left of each.
+            out["slots_free_mib"] = round((sw.get("size_kib", 0) - sw.get("used_kib", 0)) / 1024, 1)
+            if mm.mem_limit:
+                out["ram_free_mib"] = round(max(0, mm.mem_limit - mm.mem_used_total) / MIB, 1)
             out.update({"mem_limit_mib": round(mm.mem_limit / MIB, 1) if mm.mem_limit else None,
                         "same_filled_mib": round(mm.same_pages * PAGE / MIB, 1),
                         "stored_mib": round(mm.orig_data_size / MIB, 1),
