@@ -42,7 +42,7 @@ class PagingConfig:
             # A slot costs ~0.4 % of its size even empty (zram's table entry, the swap map), and
             # a same-filled (zero) page costs no RAM: a disksize above the RAM limit is how
             # zero-filled guest pages stay swappable. Twice the host's memory bounds the table
-            # (~110 MiB at 24 GiB) and a typo.
+            # (119 MiB of MemAvailable for 24 GiB, measured) and a typo.
             _check(self.zram_size_mib <= 2 * total, f"{key}.zram_size_mib",
                    f"{self.zram_size_mib} MiB exceeds twice this host's memory ({2 * total} MiB): it is the "
                    "tier's swap slots (uncompressed size); the RAM the tier may use is zram_mem_limit_mib")
