@@ -42,17 +42,76 @@ def test_roles_and_bad_parameters_fail_before_booting() -> None:
 def test_report_compares_stock_and_symbiont_per_vm() -> None:
     phases = {"stock": {"a": 600.0, "b": 300.0}, "symbiont": {"a": 620.0, "b": 40.0}}
     rows = demo.report_rows(phases, {"a": "busy", "b": "idle"},
-                            {"b": {"parked": True, "ping_ms": 31.5, "balloon_mib": 128}})
+                            {"a": {"start_mib": 256, "end_mib": 480, "stock_rate": 40000.0, "symbiont_rate": 42000.0},
+                             "b": {"parked": True, "ping_ms": 31.5, "start_mib": 256, "end_mib": 139}})
     assert rows[1] == {"vm": "b", "role": "idle", "stock_host_mib": 300.0, "symbiont_host_mib": 40.0,
-                       "saved_mib": 260.0, "parked": True, "ping_ms": 31.5, "balloon_mib": 128}
+                       "saved_mib": 260.0, "parked": True, "ping_ms": 31.5, "start_mib": 256, "end_mib": 139}
     lines = demo.format_report(rows, 1280)
-    assert "yes" in lines[2] and "31.5" in lines[2] and lines[-1].split()[-2:] == ["900", "660"]
+    head, busy, idle, total, moved, rate = lines
+    assert "start->end" in head and "pages/s stock" in head
+    # guest memory start -> end, host stock vs symbiont, pages/s in both phases
+    assert busy.split()[:10] == ["VMa", "busy", "256", "->", "480", "600", "620", "40000", "42000", "no"]
+    assert idle.split()[:10] == ["VMb", "idle", "256", "->", "139", "300", "40", "-", "-", "yes"] and "31.5" in idle
+    assert total.split()[1:6] == ["512", "->", "619", "900", "660"] and "budget 1280" in total
+    assert moved == "guest memory moved: busy VMs +224 MiB, idle VMs -117 MiB"
+    assert rate == "busy VMs' rate under symbiont / stock: 1.05"
+
+
+def test_workload_rate_lines_from_the_console_log() -> None:
+    """The hog's SYMDEMO lines among console noise; a line still being written waits."""
+    data = b"login: root\r\nSYMDEMO 41234 184\r\n[  12.3] random kernel line\nSYMDEMO 39000 192\nSYMDEMO 38"
+    samples, cut = demo.hog_samples(data)
+    assert samples == [(41234.0, 184), (39000.0, 192)] and data[cut:] == b"SYMDEMO 38"
+    assert demo.hog_samples(b"SYMDEMO 1 2")[0] == []  # no newline yet
+    assert "SYMDEMO" in demo.HOG and "/dev/ttyS0" in demo.HOG
+
+
+def test_phase_rates_are_medians_without_the_starts() -> None:
+    rows = [{"phase": ph, "vm": "a", "pages_per_s": r}
+            for ph, rs in (("stock", [5.0, 9.0, 100.0, 110.0, 90.0]), ("symbiont", [1.0, 2.0, 120.0]))
+            for r in rs]
+    assert demo.phase_rates(rows, "stock") == {"a": 100.0}
+    assert demo.phase_rates(rows, "symbiont") == {"a": 120.0}
+    assert demo.phase_rates([{"phase": "stock", "vm": "a", "pages_per_s": 7.0}], "stock") == {"a": 7.0}
+    assert demo.phase_rates(rows, "other") == {}
+
+
+def test_busy_memory_settles_only_after_a_quiet_window() -> None:
+    def tl(vals: list[int]) -> list[dict]:
+        return [{"vm": "a", "t_s": 2.0 * i, "balloon_actual_mib": v} for i, v in enumerate(vals)]
+
+    assert not demo.settled(tl([256, 320, 384, 448]), ["a"], 4)  # still growing
+    assert demo.settled(tl([256, 320, 480, 484, 488]), ["a"], 4)  # moved < 16 MiB over the last 4 s
+    assert not demo.settled(tl([480, 484]), ["a"], 4)  # not observed long enough
+    assert not demo.settled(tl([480, 484, 488]), ["a", "b"], 4)  # b never seen
+
+
+def test_timeline_line_shows_memory_parking_and_the_last_lever() -> None:
+    assert demo.lever_text(None) == "-"
+    last = {"part": "memory", "action": "balloon", "age_s": 1.0,
+            "reason": "policy: grant 64 MiB (under pressure; rho=0.0021)"}
+    assert demo.lever_text(last) == "memory balloon: grant 64 MiB"
+    assert demo.lever_text({"part": "paging", "action": "park", "reason": ""}) == "paging park"
+    line = demo.timeline_line(95.4, "symbiont", [
+        {"label": "1", "role": "busy", "mib": 448.0, "parked": False, "lever": demo.lever_text(last)},
+        {"label": "3", "role": "idle", "mib": 139.0, "parked": True, "lever": "paging park"},
+        {"label": "4", "role": "idle", "mib": None, "parked": False, "lever": None}])
+    assert line == ("t=  95s symbiont VM1 busy 448 MiB [memory balloon: grant 64 MiB] | "
+                    "VM3 idle 139 MiB parked [paging park] | VM4 idle ? MiB [-]")
+
+
+def test_start_mib_must_lie_between_floor_and_ceiling() -> None:
+    p = dict(registry()["demo"].params)
+    assert p["min_mib"] <= p["start_mib"] < p["memory_mib"]  # the VMs start ballooned down: room to grow
+    for bad in (p["min_mib"] - 1, p["memory_mib"] + 1):
+        with pytest.raises(ValueError, match="start_mib"):
+            demo.check_params({**p, "start_mib": bad})
 
 
 def test_registry_demo_is_the_overcommit_one() -> None:
     exp = registry()["demo"]
     assert {"vm", "libvirt"} <= exp.needs
-    assert {"budget_mib", "busy", "idle_after_s"} <= set(exp.params)
+    assert {"budget_mib", "busy", "idle_after_s", "start_mib", "timeline_s"} <= set(exp.params)
 
 
 def test_plot_draws_both_phases(tmp_path) -> None:
