@@ -125,8 +125,10 @@ def test_plot_draws_both_phases(tmp_path) -> None:
     rows = [{"t_s": t, "phase": ph, "vm": vm, "role": role, "host_mib": mib, "balloon_actual_mib": bal}
             for t, ph in ((0.0, "stock"), (2.0, "stock"), (4.0, "symbiont"), (6.0, "symbiont"))
             for vm, role, mib, bal in (("a", "busy", 600.0, 512), ("b", "idle", 300.0 if t < 5 else 20.0, 512))]
-    demo._plot(Ctx(), rows, [{"t_s": 4.0, "vm": "all", "event": "profile overcommit"}], 1280)
+    work = [{"t_s": t, "vm": "a", "pages_per_s": 40000.0 + t} for t in (0.0, 2.0, 4.0, 6.0)]
+    demo._plot(Ctx(), rows, [{"t_s": 4.0, "vm": "all", "event": "profile overcommit"}], 1280, work)
     assert saved == ["demo.png"] and (tmp_path / "demo.png").stat().st_size > 10_000
+    demo._plot(Ctx(), rows, [], 1280)  # no workload samples: the rate panel stays empty
 
 
 def test_a_parked_vm_keeps_its_last_balloon_in_the_report() -> None:

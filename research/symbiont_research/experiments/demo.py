@@ -451,7 +451,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     ctx.write_csv("workload.csv", hog_rows)
     ctx.write_csv("events.csv", events)
     ctx.write_csv("report.csv", report)
-    _plot(ctx, rows, events, p["budget_mib"])
+    _plot(ctx, rows, events, p["budget_mib"], hog_rows)
     for line in format_report(report, p["budget_mib"]):
         ctx.note(line)
     tot = {ph: round(sum(phase_mem[ph].values()), 1) for ph in ("stock", "symbiont")}
@@ -468,14 +468,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
     return summary
 
 
-def _plot(ctx: RunContext, rows: list[dict[str, Any]], events: list[dict[str, Any]], budget_mib: int) -> None:
+def _plot(ctx: RunContext, rows: list[dict[str, Any]], events: list[dict[str, Any]], budget_mib: int,
+          workload: list[dict[str, Any]] | None = None) -> None:
+    """Host memory, guest memory (balloon) and the busy VMs' pages/s over both phases."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     vms = sorted({r["vm"] for r in rows})
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True)
     for vm in vms:
         rs = [r for r in rows if r["vm"] == vm]
         style = "-" if rs and rs[0]["role"] == "busy" else "--"
@@ -488,7 +490,7 @@ def _plot(ctx: RunContext, rows: list[dict[str, Any]], events: list[dict[str, An
     ax1.plot(ts, total, "k-", lw=1.5, label="all VMs")
     ax1.axhline(budget_mib, color="red", lw=0.8, ls=":", label=f"budget {budget_mib} MiB")
     for e in events:
-        for ax in (ax1, ax2):
+        for ax in (ax1, ax2, ax3):
             ax.axvline(e["t_s"], color="grey", lw=0.6)
         who = ",".join(f"VM {v.rsplit('-', 1)[-1]}" if "-" in v else v for v in e["vm"].split(","))
         ax1.annotate(f"{who}: {e['event']}", (e["t_s"], ax1.get_ylim()[1]), fontsize=6, rotation=90,
@@ -496,7 +498,13 @@ def _plot(ctx: RunContext, rows: list[dict[str, Any]], events: list[dict[str, An
     ax1.set_ylabel("host MiB (PSS + zram share)")
     ax1.set_title("Stock, then symbiont (profile overcommit): memory goes to the busy VMs, idle ones parked")
     ax1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax2.set_ylabel("balloon actual MiB")
-    ax2.set_xlabel("seconds since the VMs came up")
+    ax2.set_ylabel("guest memory (balloon) MiB")
     ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for vm in sorted({r["vm"] for r in workload or []}):
+        ws = [r for r in workload or [] if r["vm"] == vm]
+        ax3.plot([r["t_s"] for r in ws], [r["pages_per_s"] for r in ws], "-", label=f"VM {vm.rsplit('-', 1)[-1]}")
+    ax3.set_ylabel("busy VMs' pages/s")
+    ax3.set_xlabel("seconds since the VMs came up")
+    if workload:
+        ax3.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ctx.savefig(fig, "demo.png")
