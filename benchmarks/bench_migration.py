@@ -17,6 +17,7 @@ daemon) per migrated MiB, measured in the same run. As root:
     .venv/bin/python benchmarks/bench_migration.py
     .venv/bin/python benchmarks/bench_migration.py --sizes 32 --rates "" --no-baseline   # quick
     .venv/bin/python benchmarks/bench_migration.py --grid --rates 4096   # 8/32/128 MiB x 1 and 4 MiB/s
+    .venv/bin/python benchmarks/bench_migration.py --sizes 32 --rates "" --no-baseline --reps 3   # 3 pairs
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the stop-and-copy pair")
     ap.add_argument("--grid", action="store_true", help="every size at every write rate (--dirty and --rates)")
     ap.add_argument("--memory-mib", type=int, default=768, help="guest memory")
+    ap.add_argument("--reps", type=int, default=1, help="run the whole plan this many times (same lab)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     rates = [int(x) for x in args.rates.split(",") if x.strip()]
@@ -105,6 +107,7 @@ def main() -> None:
         plan += [(32, r, args.predumps) for r in rates]
     if not args.no_baseline:
         plan.append((32, args.dirty, 0))
+    plan = plan * max(1, args.reps)
     rows: list[dict[str, Any]] = []
     with LabSession(count=2, prefix="symb-mig-bench-", period_s=1.0, memory_mib=args.memory_mib, max_vcpus=2,
                     peer_link=True, step=lambda x: print("-", x, flush=True),

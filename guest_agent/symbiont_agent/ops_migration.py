@@ -235,7 +235,8 @@ def _du(path: str) -> int:
 
 @op("mig-manifest")
 def _manifest(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
-    """Every file under the given sub-folders (and files): path, size, SHA-256."""
+    """Every file under the given sub-folders (and files): path, size, CRC-32 of the whole file
+    (checked once by ``mig-verify``; SHA-256 cost ~0.1 s of guest time per 4 MiB in the freeze)."""
     d = _dir(args.get("mid"))
     want = args.get("paths")
     if not isinstance(want, list) or not want or len(want) > 32:
@@ -250,11 +251,7 @@ def _manifest(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         for f in items:
             if os.path.islink(f):  # CRIU's "parent" links are made again on the other side
                 continue
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    h.update(block)
-            out.append({"path": os.path.relpath(f, d), "size": os.path.getsize(f), "sha256": h.hexdigest()})
+            out.append({"path": os.path.relpath(f, d), "size": os.path.getsize(f), "crc32": rate.file_crc32(f)})
     return {"files": out, "bytes": sum(e["size"] for e in out)}
 
 
@@ -374,7 +371,8 @@ def _recv(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
 
 @op("mig-verify")
 def _verify(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
-    """Every file of the manifest present with its size and SHA-256 (catches truncation)."""
+    """Every file of the manifest present with its size and checksum (CRC-32, or SHA-256 from
+    an older source agent): catches a truncated or corrupted stream."""
     d = _dir(args.get("mid"))
     try:
         files = rate.validate_manifest(args.get("files"), MAX_TOTAL)
@@ -391,11 +389,15 @@ def _verify(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         if size != e["size"]:
             bad.append(f"{path}: {size} bytes, expected {e['size']} (truncated stream)")
             continue
-        h = hashlib.sha256()
-        with open(full, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != e["sha256"]:
+        if "crc32" in e:
+            ok = rate.file_crc32(full) == e["crc32"]
+        else:  # a manifest from an older agent
+            h = hashlib.sha256()
+            with open(full, "rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(block)
+            ok = h.hexdigest() == e["sha256"]
+        if not ok:
             bad.append(f"{path}: checksum mismatch (corrupted stream)")
     if bad:
         raise InvalidSpec("image stream rejected: " + "; ".join(bad[:8]))

@@ -65,14 +65,21 @@ class Message:
         return self.header["type"]
 
 
-def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    """Encode one frame. Raises ProtocolError when it would exceed the limits."""
+def encode_head(header: dict[str, Any], payload_len: int = 0) -> bytes:
+    """A frame without its payload (fixed header + JSON): writers that send the payload
+    after it, from their own buffer, save a copy of a multi-MiB chunk."""
     body = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if not body or len(body) > MAX_JSON:
         raise ProtocolError(f"JSON header of {len(body)} bytes exceeds {MAX_JSON}")
-    if len(payload) > MAX_BINARY:
-        raise ProtocolError(f"binary payload of {len(payload)} bytes exceeds {MAX_BINARY}")
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, 0, len(body), len(payload)) + body + bytes(payload)
+    if payload_len > MAX_BINARY:
+        raise ProtocolError(f"binary payload of {payload_len} bytes exceeds {MAX_BINARY}")
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, 0, len(body), payload_len) + body
+
+
+def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    """Encode one frame. Raises ProtocolError when it would exceed the limits."""
+    head = encode_head(header, len(payload))
+    return head + bytes(payload) if payload else head
 
 
 MAX_DEPTH = 32  # nesting of a JSON header: deeper is an attack, not a message

@@ -17,10 +17,12 @@ def base(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_chunks_written_verified_and_damage_refused(base) -> None:
+@pytest.mark.parametrize("kind", ["crc32", "sha256"])  # crc32 now; sha256 from an older source agent
+def test_chunks_written_verified_and_damage_refused(base, kind) -> None:
     data = os.urandom(300_000)
     a, b = data[:200_000], data[200_000:]
-    man = [{"path": "img/final/pages-1.img", "size": len(data), "sha256": rate.sha256(data)}]
+    digest = rate.crc32(data) if kind == "crc32" else rate.sha256(data)
+    man = [{"path": "img/final/pages-1.img", "size": len(data), kind: digest}]
     om._recv({"mid": "m1", "path": "img/final/pages-1.img", "off": 0, "crc": rate.crc32(a)}, a)
     with pytest.raises(InvalidSpec, match="truncated"):  # the last chunk never came
         om._verify({"mid": "m1", "files": man}, b"")
@@ -64,6 +66,9 @@ def test_manifest_lists_files_with_checksums(base) -> None:
     (d / "a.img").write_bytes(b"hello")
     (d / "parent").symlink_to("../0")
     out = om._manifest({"mid": "m3", "paths": ["img/1"]}, b"")
-    assert out["files"] == [{"path": "img/1/a.img", "size": 5, "sha256": rate.sha256(b"hello")}]
+    assert out["files"] == [{"path": "img/1/a.img", "size": 5, "crc32": rate.crc32(b"hello")}]
+    big = os.urandom(3 << 20)  # the whole file's CRC-32, across the 1 MiB reads
+    (d / "b.img").write_bytes(big)
+    assert rate.file_crc32(str(d / "b.img")) == rate.crc32(big)
     with pytest.raises(InvalidSpec):
         om._manifest({"mid": "m3", "paths": []}, b"")

@@ -94,6 +94,13 @@ def test_manifest_limits() -> None:
         rate.validate_manifest([{**good, "sha256": "xyz"}], 100)
     with pytest.raises(rate.StreamError, match="size"):
         rate.validate_manifest([{**good, "size": -1}], 100)
+    crc = {"path": "files.tar", "size": 10, "crc32": 0xDEADBEEF}  # what agents send now
+    assert rate.validate_manifest([crc], 10)["files.tar"] == crc
+    for bad in (-1, 1 << 32, True, "deadbeef", 1.5):
+        with pytest.raises(rate.StreamError, match="crc32"):
+            rate.validate_manifest([{**crc, "crc32": bad}], 100)
+    with pytest.raises(rate.StreamError, match="sha256"):  # neither checksum
+        rate.validate_manifest([{"path": "files.tar", "size": 10}], 100)
     with pytest.raises(rate.StreamError):
         rate.validate_manifest("nope", 100)
     with pytest.raises(rate.StreamError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -287,3 +288,68 @@ def test_pending_offset_marks_one_frame_however_slowly_it_arrives() -> None:
         assert reader.pending_offset == 0
     assert len(reader.feed(a[-1:] + b[:5])) == 1
     assert reader.pending_offset == len(a)
+
+
+# -- the agent's end of the channel: batched reads, frames written without a joined copy ----------
+def test_agent_drains_the_port_in_one_batch_up_to_a_limit() -> None:
+    """virtio-console returns one 4 KiB receive buffer per read(); a SOCK_SEQPACKET pair does the
+    same. The agent takes everything waiting (up to its batch limit) in one loop iteration."""
+    import socket
+
+    from symbiont_agent import agent
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        b.setblocking(False)
+        a.setblocking(False)  # 12 packets fit its buffer; a full one raises instead of hanging
+        data = os.urandom(12 * 4096)  # within the socket's buffer: the sends do not block
+        for i in range(0, len(data), 4096):
+            a.send(data[i:i + 4096])
+        assert agent._drain_port(b.fileno(), limit=4 * 4096) == data[:4 * 4096]  # stops at the limit
+        assert agent._drain_port(b.fileno()) == data[4 * 4096:]  # the rest, until EAGAIN
+        with pytest.raises(BlockingIOError):
+            agent._drain_port(b.fileno())
+        a.close()
+        assert agent._drain_port(b.fileno()) == b""  # hang-up: end of file
+    finally:
+        a.close()
+        b.close()
+
+
+def test_agent_channel_writes_big_frames_whole_through_a_full_port() -> None:
+    """A 4 MiB chunk goes out as head + payload (no joined copy) and arrives intact, also when
+    the port is full most of the time (the reader is slow: the writer waits in select)."""
+    import socket
+    import threading
+
+    from symbiont_agent import agent
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    ch = agent.Channel("/nonexistent")
+    ch.fd = a.fileno()
+    payload = os.urandom(4 << 20)
+    got: list[proto.Message] = []
+
+    def slow_reader() -> None:
+        reader = proto.FrameReader()
+        while len(got) < 3:
+            data = b.recv(32768)
+            if not data:
+                return
+            got.extend(reader.feed(data))
+
+    t = threading.Thread(target=slow_reader, daemon=True)
+    t.start()
+    try:
+        assert ch.send(proto.event("mig-chunk", {"n": 1}), payload)
+        assert ch.send(proto.event("small", {"n": 2}), b"xyz")
+        assert ch.send(proto.event("none", {"n": 3}))
+        t.join(10)
+        assert [m.header["data"]["n"] for m in got] == [1, 2, 3]
+        assert got[0].payload == payload and got[1].payload == b"xyz" and got[2].payload == b""
+        assert proto.encode(proto.event("x"), payload)[-len(payload):] == payload  # encode unchanged
+    finally:
+        ch.fd = None
+        a.close()
+        b.close()
