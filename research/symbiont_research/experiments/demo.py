@@ -95,12 +95,14 @@ def lever_text(last: dict[str, Any] | None) -> str:
 
 
 def timeline_line(t_s: float, phase: str, per_vm: list[dict[str, Any]]) -> str:
-    """One progress line: each VM's guest memory (its balloon), parked or not, and its last lever."""
+    """One progress line: each VM's guest memory (its balloon), parked or not, and its last lever
+    (none in the stock phase)."""
     cells = []
     for v in per_vm:
         mem = "?" if v.get("mib") is None else f"{v['mib']:.0f}"
         state = " parked" if v.get("parked") else ""
-        cells.append(f"VM{v['label']} {v['role']} {mem} MiB{state} [{v.get('lever') or '-'}]")
+        lever = f" ({v['lever']})" if v.get("lever") else ""  # not [..]: the progress console reads markup
+        cells.append(f"VM{v['label']} {v['role']} {mem} MiB{state}{lever}")
     return f"t={t_s:>4.0f}s {phase:<8} " + " | ".join(cells)
 
 
@@ -335,7 +337,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             latest = {r["vm"]: r for r in rows[-len(lab.names):]}
             per_vm = [{"label": label(vm), "role": role[vm], "mib": mem.get(vm),
                        "parked": bool(latest.get(vm, {}).get("parked")),
-                       "lever": lever_text((levers.get(vm) or {}).get("last")) if phase != "stock" else "stock"}
+                       "lever": lever_text((levers.get(vm) or {}).get("last")) if phase != "stock" else None}
                       for vm in lab.names]
             ctx.note(timeline_line(now - t0, phase, per_vm))
 
