@@ -41,8 +41,10 @@ MIB = 1 << 20
 
 # The busy VMs' workload: like ``memory.HOG`` it takes memory while the guest has more than 8 %
 # available (8 MiB buffers of unique pages, which KSM cannot merge), so it grows when the balloon
-# deflates; it touches every page it holds in a loop, and every 2 s prints the pages it wrote per
-# second and the MiB it holds to the serial console (the host's console log keeps them).
+# deflates; it touches every page it holds in a loop (0.2 s pause after each pass), and every 2 s
+# prints the pages it wrote per second of work (the pauses left out, so the rate does not rise
+# just because a bigger buffer pauses less often) and the MiB it holds to the serial console
+# (the host's console log keeps them). Host paging or CPU contention shows as a lower rate.
 HOG = """
 import mmap, os, time
 out = open('/dev/ttyS0', 'w')
@@ -50,7 +52,7 @@ def avail():
     d = {l.split(':')[0]: int(l.split()[1]) for l in open('/proc/meminfo')}
     return d['MemAvailable'], d['MemTotal']
 bufs = []
-n, last = 0, time.monotonic()
+n, slept, last = 0, 0.0, time.monotonic()
 while True:
     a, t = avail()
     if a >= 0.08 * t and len(bufs) * 8 < 448:
@@ -65,11 +67,12 @@ while True:
                 b[i + 16] = (b[i + 16] + 1) & 255
             n += 2048
         time.sleep(0.2)
+        slept += 0.2
     now = time.monotonic()
     if now - last >= 2.0:
-        out.write('\\nSYMDEMO %.0f %d\\n' % (n / (now - last), len(bufs) * 8))
+        out.write('\\nSYMDEMO %.0f %d\\n' % (n / max(0.1, now - last - slept), len(bufs) * 8))
         out.flush()
-        n, last = 0, now
+        n, slept, last = 0, 0.0, now
 """
 RATE = re.compile(rb"SYMDEMO ([0-9.]+) ([0-9]+)")
 
@@ -91,7 +94,7 @@ def lever_text(last: dict[str, Any] | None) -> str:
     if not last:
         return "-"
     why = str(last.get("reason") or "").removeprefix("policy: ").split(" (")[0].split(";")[0].strip()
-    return f"{last.get('part')} {last.get('action')}" + (f": {why[:32]}" if why else "")
+    return f"{last.get('part')} {last.get('action')}" + (f": {why[:24]}" if why else "")
 
 
 def timeline_line(t_s: float, phase: str, per_vm: list[dict[str, Any]]) -> str:
@@ -102,7 +105,7 @@ def timeline_line(t_s: float, phase: str, per_vm: list[dict[str, Any]]) -> str:
         mem = "?" if v.get("mib") is None else f"{v['mib']:.0f}"
         state = " parked" if v.get("parked") else ""
         lever = f" ({v['lever']})" if v.get("lever") else ""  # not [..]: the progress console reads markup
-        cells.append(f"VM{v['label']} {v['role']} {mem} MiB{state}{lever}")
+        cells.append(f"VM{v['label']} {mem} MiB{state}{lever}")
     return f"t={t_s:>4.0f}s {phase:<8} " + " | ".join(cells)
 
 
@@ -160,26 +163,31 @@ def report_rows(phases: dict[str, dict[str, float]], role: dict[str, str], extra
 
 
 def format_report(rows: list[dict[str, Any]], budget_mib: int) -> list[str]:
-    """The table: guest memory start → end, host memory stock vs symbiont, pages/s in both
-    phases (busy VMs), parked, ping; then the totals and what moved."""
+    """The table (fits 80 columns): guest memory start → end, host memory stock vs symbiont,
+    the busy VMs' rate in both phases (thousands of pages/s), parked, ping; then the totals,
+    what moved and the busy VMs' rate ratio."""
     def num(v: Any, fmt: str = ".0f") -> str:
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"{'VM':<6} {'role':<5} {'guest MiB start->end':>20} {'host MiB stock':>15} {'symbiont':>9} "
-             f"{'pages/s stock':>14} {'symbiont':>9} {'parked':>7} {'ping ms':>8}"]
+    def k(v: Any) -> str:
+        return "-" if v is None else f"{v / 1000:.1f}"
+
+    lines = [f"{'':<9} {'guest MiB':^12} {'host MiB':^16} {'k pages/s':^16} {'':>6} {'ping':>6}",
+             f"{'VM':<4} {'role':<4} {'start->end':>12} {'stock':>7} {'symbiont':>8} {'stock':>7} {'symbiont':>8} "
+             f"{'parked':>6} {'ms':>6}"]
     for r in rows:
-        guest = f"{num(r.get('start_mib'))} -> {num(r.get('end_mib'))}"
-        lines.append(f"{'VM' + r['vm'].rsplit('-', 1)[-1]:<6} {r['role']:<5} {guest:>20} "
-                     f"{num(r['stock_host_mib']):>15} {num(r['symbiont_host_mib']):>9} "
-                     f"{num(r.get('stock_rate')):>14} {num(r.get('symbiont_rate')):>9} "
-                     f"{('yes' if r.get('parked') else 'no'):>7} {num(r.get('ping_ms'), '.1f'):>8}")
+        guest = f"{num(r.get('start_mib'))}->{num(r.get('end_mib'))}"
+        lines.append(f"{'VM' + r['vm'].rsplit('-', 1)[-1]:<4} {r['role']:<4} {guest:>12} "
+                     f"{num(r['stock_host_mib']):>7} {num(r['symbiont_host_mib']):>8} "
+                     f"{k(r.get('stock_rate')):>7} {k(r.get('symbiont_rate')):>8} "
+                     f"{('yes' if r.get('parked') else 'no'):>6} {num(r.get('ping_ms'), '.0f'):>6}")
 
-    def tot(k: str) -> float:
-        return round(sum(r.get(k) or 0 for r in rows), 1)
+    def tot(key: str) -> float:
+        return round(sum(r.get(key) or 0 for r in rows), 1)
 
-    guest = f"{tot('start_mib'):.0f} -> {tot('end_mib'):.0f}"
-    lines.append(f"{'total':<6} {'':<5} {guest:>20} {tot('stock_host_mib'):>15.0f} {tot('symbiont_host_mib'):>9.0f}"
-                 f"   (budget {budget_mib} MiB)")
+    guest = f"{tot('start_mib'):.0f}->{tot('end_mib'):.0f}"
+    lines.append(f"{'all':<9} {guest:>12} {tot('stock_host_mib'):>7.0f} {tot('symbiont_host_mib'):>8.0f}"
+                 f"   (host budget {budget_mib} MiB)")
     moved = {role: round(sum((r.get("end_mib") or 0) - (r.get("start_mib") or 0) for r in rows if r["role"] == role))
              for role in ("busy", "idle")}
     lines.append(f"guest memory moved: busy VMs {moved['busy']:+d} MiB, idle VMs {moved['idle']:+d} MiB")
@@ -350,6 +358,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
             except ApiError as exc:
                 ctx.note(f"{vm}: ping failed: {exc}")
                 return (time.perf_counter() - t) * 1000, False, False
+
+        ctx.note("roles: " + "; ".join(f"{', '.join('VM' + label(v) for v in vs)} {r}"
+                                        for r, vs in (("busy (page-touching)", busy), ("idle", idle))))
 
         # -- every VM ballooned down to start_mib: the memory the policy may give back ---------
         ctx.stage(f"ballooning every VM down to {p['start_mib']} of {p['memory_mib']} MiB", total=None)
