@@ -72,3 +72,28 @@ def test_manifest_lists_files_with_checksums(base) -> None:
     assert rate.file_crc32(str(d / "b.img")) == rate.crc32(big)
     with pytest.raises(InvalidSpec):
         om._manifest({"mid": "m3", "paths": []}, b"")
+
+
+def test_huge_pages_split_per_anonymous_mapping_before_a_predump(tmp_path) -> None:
+    """THP makes soft-dirty tracking 2 MiB-granular: the source agent splits the container's
+    huge pages (one debugfs write per big private anonymous mapping) before each pre-dump."""
+    from symbiont_agent import migration_criu as criu
+
+    maps = (
+        "55d0c0000000-55d0c0021000 r--p 00000000 fe:01 123 /usr/bin/python3.11\n"
+        "55d0c1000000-55d0c1400000 rw-p 00000000 00:00 0 [heap]\n"
+        "7f0000000000-7f0002001000 rw-p 00000000 00:00 0 \n"
+        "7f0002001000-7f0002002000 rw-p 00000000 00:00 0 \n"  # too small for a THP
+        "7f0003000000-7f0004000000 rw-s 00000000 00:01 9 /dev/zero (deleted)\n"  # shared
+        "7f0005000000-7f0006000000 rw-p 00000000 fe:01 77 /var/lib/x.db\n"  # file-backed
+        "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n"
+    )
+    assert criu.anon_ranges(maps) == [(0x55D0C1000000, 0x55D0C1400000), (0x7F0000000000, 0x7F0002001000)]
+    control = tmp_path / "split_huge_pages"
+    control.write_text("")
+    pid = os.getpid()  # a real process: its maps are read from /proc
+    r = criu.split_huge_pages([pid, 1 << 30], str(control))  # the second pid does not exist
+    lines = control.read_text()
+    want = [f"{pid},{lo:#x},{hi:#x}" for lo, hi in criu.anon_ranges(open(f"/proc/{pid}/maps").read())]
+    assert r["ranges"] == len(want) and all(w in lines for w in want)
+    assert criu.split_huge_pages([pid], str(tmp_path / "missing"))["ranges"] == 0
