@@ -66,8 +66,9 @@ while True:
             for i in range(0, 8 << 20, 4096):
                 b[i + 16] = (b[i + 16] + 1) & 255
             n += 2048
+        z = time.monotonic()
         time.sleep(0.2)
-        slept += 0.2
+        slept += time.monotonic() - z
     now = time.monotonic()
     if now - last >= 2.0:
         out.write('\\nSYMDEMO %.0f %d\\n' % (n / max(0.1, now - last - slept), len(bufs) * 8))
