@@ -64,7 +64,8 @@ def one(s: LabSession, src: str, dst: str, ct: str, path: str, predumps: int, si
     print(f"  {path:7s} {size:4d} MiB {dirty:6d} KiB/s predumps {r['predumps']} ({r['stop']}): moved {r['moved_mib']:.1f} "
           f"MiB, final {r['final_mib']:.2f} MiB, freeze {r['freeze_s']:.2f} s (dump {r['dump_s']:.2f}, restore "
           f"{r['restore_s']:.2f}), total {r['total_s']:.1f} s, {r['host_cpu_s_per_mib']:.3f} host CPU s/MiB, "
-          f"transfers alone {r['xfer_cpu_s_per_mib']} s/MiB at {r['xfer_mib_s']} MiB/s; steps {fs}", flush=True)  # fmt: skip
+          f"transfers alone {r['xfer_cpu_s_per_mib']} s/MiB at {r['xfer_mib_s']} MiB/s; pre-dumps MiB "
+          f"{[round(b / MiB, 2) for b in pr.get('predump_bytes') or []]}; steps {fs}", flush=True)  # fmt: skip
     return r
 
 
