@@ -89,16 +89,18 @@ def test_busy_memory_settles_only_after_a_quiet_window() -> None:
 
 
 def test_timeline_line_shows_memory_parking_and_the_last_lever() -> None:
-    assert demo.lever_text(None) == "-"
-    last = {"part": "memory", "action": "balloon", "age_s": 1.0,
+    assert demo.lever_text(None) is None  # no lever moved yet: the cell shows none
+    last = {"part": "memory", "action": "balloon", "age_s": 4.2,
             "reason": "policy: grant 64 MiB (under pressure; rho=0.0021)"}
-    assert demo.lever_text(last) == "memory balloon: grant 64 MiB"
+    assert demo.lever_text(last) == "memory balloon: grant 64 MiB, 4 s ago"
     assert demo.lever_text({"part": "paging", "action": "park", "reason": ""}) == "paging park"
+    long = {"part": "paging", "action": "park", "reason": "idle policy: idle for 16.2 s at 0.4 % of a vCPU"}
+    assert demo.lever_text(long) == "paging park: idle policy: idle for 16.2 s at"  # whole words, <= 32
     line = demo.timeline_line(95.4, "symbiont", [
         {"label": "1", "role": "busy", "mib": 448.0, "parked": False, "lever": demo.lever_text(last)},
         {"label": "3", "role": "idle", "mib": 139.0, "parked": True, "lever": "paging park"},
         {"label": "4", "role": "idle", "mib": None, "parked": False, "lever": None}])
-    assert line == ("t=  95s symbiont VM1 448 MiB (memory balloon: grant 64 MiB) | "
+    assert line == ("t=  95s symbiont VM1 448 MiB (memory balloon: grant 64 MiB, 4 s ago) | "
                     "VM3 139 MiB parked (paging park) | VM4 ? MiB")
     assert "[" not in line  # the progress console would read [..] as markup and drop it
 

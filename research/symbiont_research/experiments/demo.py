@@ -89,13 +89,17 @@ def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def lever_text(last: dict[str, Any] | None) -> str:
-    """``GET /v1/paging/memory``'s last lever in a few words: part, action and the reason's head
-    (``memory balloon: grant 64 MiB``)."""
+def lever_text(last: dict[str, Any] | None) -> str | None:
+    """``GET /v1/paging/memory``'s last lever in a few words: part, action, the reason's head
+    (whole words, at most 32 characters) and its age (``memory balloon: grant 64 MiB, 4 s ago``)."""
     if not last:
-        return "-"
+        return None
     why = str(last.get("reason") or "").removeprefix("policy: ").split(" (")[0].split(";")[0].strip()
-    return f"{last.get('part')} {last.get('action')}" + (f": {why[:24]}" if why else "")
+    if len(why) > 32:
+        why = why[:33].rsplit(" ", 1)[0]
+    age = last.get("age_s")
+    return (f"{last.get('part')} {last.get('action')}" + (f": {why}" if why else "")
+            + (f", {age:.0f} s ago" if isinstance(age, (int, float)) else ""))
 
 
 def timeline_line(t_s: float, phase: str, per_vm: list[dict[str, Any]]) -> str:
@@ -426,8 +430,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
                     break
                 time.sleep(p["period_s"])
                 ctx.advance(p["period_s"])
-            next_line[0] = 0.0
-            timeline(c, "symbiont")
+            if next_line[0] - time.monotonic() < p["timeline_s"] - p["period_s"]:  # none printed just now
+                next_line[0] = 0.0
+                timeline(c, "symbiont")
             summary["parked"] = sorted(parked_at)
             summary["symbiont_phase_s"] = round(time.monotonic() - t0 - t_sym, 1)
             end_mib = last_known(rows, "balloon_actual_mib")  # a paused (parked) VM reports none
