@@ -78,6 +78,14 @@ def test_phase_rates_are_medians_without_the_starts() -> None:
     assert demo.phase_rates(rows, "other") == {}
 
 
+def test_peak_host_memory_of_a_phase() -> None:
+    rows = [{"phase": ph, "t_s": t, "host_mib": m} for ph, t, m in (
+        ("stock", 1.0, 900.0), ("stock", 1.0, 900.0), ("symbiont", 5.0, 700.0), ("symbiont", 5.0, 750.0),
+        ("symbiont", 7.0, 500.0), ("symbiont", 7.0, 100.0))]
+    assert demo.peak_total(rows, "symbiont") == (1450.0, 5.0)
+    assert demo.peak_total(rows, "other") is None
+
+
 def test_busy_memory_settles_only_after_a_quiet_window() -> None:
     def tl(vals: list[int]) -> list[dict]:
         return [{"vm": "a", "t_s": 2.0 * i, "balloon_actual_mib": v} for i, v in enumerate(vals)]

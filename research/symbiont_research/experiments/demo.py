@@ -214,6 +214,18 @@ def phase_rates(samples: list[dict[str, Any]], phase: str, skip: int = 2) -> dic
     return {vm: median(xs[skip:] or xs) for vm, xs in by_vm.items()}
 
 
+def peak_total(rows: list[dict[str, Any]], phase: str) -> tuple[float, float] | None:
+    """The highest host memory of all VMs together at one sample of ``phase``, and when."""
+    tot: dict[float, float] = {}
+    for r in rows:
+        if r["phase"] == phase:
+            tot[r["t_s"]] = tot.get(r["t_s"], 0.0) + r["host_mib"]
+    if not tot:
+        return None
+    t = max(tot, key=lambda k: tot[k])
+    return round(tot[t], 1), t
+
+
 def settled(rows: list[dict[str, Any]], vms: list[str], window_s: float, chunk_mib: float = 16) -> bool:
     """True once each of ``vms``'s guest memory moved less than ``chunk_mib`` over the last
     ``window_s`` of the timeline (the policy has stopped moving it)."""
@@ -481,6 +493,11 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "all_answered": all(extra[v].get("answered") for v in lab.names),
         "per_vm": report,
     })
+    peak = peak_total(rows, "symbiont")
+    if peak is not None:
+        summary["symbiont_peak_host_mib"] = peak[0]
+        ctx.note(f"peak host memory of all VMs under symbiont: {peak[0]:.0f} MiB at t={peak[1]:.0f} s "
+                 f"(budget {p['budget_mib']} MiB)")
     ctx.note(f"report: VMs' host memory stock {tot['stock']:.0f} MiB -> symbiont {tot['symbiont']:.0f} MiB "
              f"(budget {p['budget_mib']} MiB); busy VMs grew: {summary['busy_grew']}; "
              f"idle VMs parked: {summary['idle_parked']}; every VM answered its ping: {summary['all_answered']}")
