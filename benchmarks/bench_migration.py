@@ -65,7 +65,9 @@ def one(s: LabSession, src: str, dst: str, ct: str, path: str, predumps: int, si
           f"MiB, final {r['final_mib']:.2f} MiB, freeze {r['freeze_s']:.2f} s (dump {r['dump_s']:.2f}, restore "
           f"{r['restore_s']:.2f}), total {r['total_s']:.1f} s, {r['host_cpu_s_per_mib']:.3f} host CPU s/MiB, "
           f"transfers alone {r['xfer_cpu_s_per_mib']} s/MiB at {r['xfer_mib_s']} MiB/s; pre-dumps MiB "
-          f"{[round(b / MiB, 2) for b in pr.get('predump_bytes') or []]}; steps {fs}", flush=True)  # fmt: skip
+          f"{[round(b / MiB, 2) for b in pr.get('predump_bytes') or []]}; transfers' CPU s source QEMU "
+          f"{xfer.get('source_qemu_cpu_s')} dest QEMU {xfer.get('dest_qemu_cpu_s')} daemon {xfer.get('daemon_cpu_s')} "
+          f"for {xfer.get('bytes', 0) / MiB:.1f} MiB; steps {fs}", flush=True)  # fmt: skip
     return r
 
 
