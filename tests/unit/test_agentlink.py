@@ -71,3 +71,48 @@ def test_stop_is_bounded_even_when_the_task_will_not_end(tmp_path: Path) -> None
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(run())
+
+
+def test_multi_mib_frames_cross_the_link_intact_both_ways(tmp_path: Path) -> None:
+    """A relayed 4 MiB chunk goes out as head + payload (no joined copy) and big frames are read
+    1 MiB at a time: both directions keep every byte and the frame boundaries."""
+    import os
+
+    async def run() -> None:
+        path = str(tmp_path / "chan.sock")
+        big = os.urandom(4 << 20)
+        got: list[bytes] = []
+
+        async def agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(proto.encode(proto.hello("agent", "t", ["ping"], boot_id="b", pid=1)))
+            writer.write(proto.encode(proto.event("mig-chunk", {"n": 1}), big[::-1]))
+            await writer.drain()
+            frames = proto.FrameReader()
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    return
+                for msg in frames.feed(data):
+                    if msg.type == "req":
+                        writer.write(proto.encode(proto.response_ok(msg.header["id"], {"n": len(msg.payload)}),
+                                                  msg.payload))  # fmt: skip
+                        await writer.drain()
+
+        server = await asyncio.start_unix_server(agent, path)
+        link = AgentLink("vm", lambda: path, reconnect_max=0.2)
+        link.stream_handlers["mig-chunk"] = lambda data, payload: got.append(payload)
+        link.start()
+        try:
+            async with asyncio.timeout(20):
+                while not link.ready or not got:
+                    await asyncio.sleep(0.05)
+                result, payload = await link.request("ping", {}, payload=big)
+                small, spay = await link.request("ping", {}, payload=b"abc")
+            assert got == [big[::-1]]
+            assert result == {"n": len(big)} and payload == big
+            assert small == {"n": 3} and spay == b"abc"
+        finally:
+            await link.stop()
+            server.close()
+
+    asyncio.run(run())
