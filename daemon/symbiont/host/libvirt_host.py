@@ -107,14 +107,21 @@ def ensure_libvirtd(timeout: float = 20.0) -> list[str]:
     return started
 
 
-def stop_started_libvirtd() -> list[str]:
-    """Stop the daemons :func:`ensure_libvirtd` started (and nothing else)."""
+def stop_started_libvirtd(timeout: float = 15.0) -> list[str]:
+    """Stop the daemons :func:`ensure_libvirtd` started (and nothing else), and wait until they exited."""
     if not STARTED_MARK.exists():
         return []
     names = STARTED_MARK.read_text().split()
     for name in ("libvirtd", "virtlogd"):
         if name in names:
             subprocess.run(["pkill", "-x", name], check=False)
+            # Wait for the exit: a caller that runs next (the README's demo after a test run)
+            # found the dying libvirtd still there, started none, and timed out on its socket.
+            deadline = time.monotonic() + timeout
+            while _running(name) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _running(name):
+                subprocess.run(["pkill", "-KILL", "-x", name], check=False)
     STARTED_MARK.unlink()
     return names
 
