@@ -47,3 +47,26 @@ def test_read_smaps_fails_with_each_users_error() -> None:
         procmem.read_smaps(1 << 30)
     with pytest.raises(po.PageoutError, match="does not exist"):
         po.read_smaps(1 << 30)
+
+
+def test_a_process_that_exits_during_the_pagemap_read_is_a_host_error(monkeypatch, tmp_path) -> None:
+    """ESRCH from pread (the process exited after the open) is the seam's ProcessGone, a
+    HostError the parts handle per VM; it was a bare ProcessLookupError that failed the dedup
+    part's whole period in the density run's teardown."""
+    import os
+
+    import pytest
+
+    from symbiont.host import procmem
+    from symbiont.host.port import HostError
+
+    (tmp_path / "4242").mkdir()
+    (tmp_path / "4242" / "pagemap").write_bytes(b"\0" * 64)
+
+    def gone(*_a: object) -> bytes:
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(os, "pread", gone)
+    with pytest.raises(procmem.ProcessGone) as exc:
+        procmem.read_pagemap(4242, 0, 8 * procmem.PAGE_SIZE, proc=tmp_path)
+    assert isinstance(exc.value, HostError) and "4242" in str(exc.value)

@@ -206,6 +206,8 @@ def read_pagemap(pid: int, start: int, end: int, proc: Path | str = "/proc") -> 
         raise ProcMemError(f"process {pid} does not exist") from None
     except PermissionError:
         raise ProcMemError(f"no permission to read /proc/{pid}/pagemap (needs root)") from None
+    except ProcessLookupError:
+        raise ProcessGone(f"process {pid} exited") from None
     try:
         for i in range(0, n, _PAGEMAP_CHUNK):
             k = min(_PAGEMAP_CHUNK, n - i)
@@ -213,6 +215,10 @@ def read_pagemap(pid: int, start: int, end: int, proc: Path | str = "/proc") -> 
             if len(buf) != 8 * k:
                 raise ProcMemError(f"short pagemap read for process {pid}")
             out[i : i + k] = np.frombuffer(buf, dtype=np.uint64)
+    except ProcessLookupError:
+        # ESRCH from pread: the process exited after the open (a VM removed while its period ran;
+        # seen as 'part dedup: period failed' for every VM in the density run's teardown)
+        raise ProcessGone(f"process {pid} exited while its pagemap was read") from None
     finally:
         os.close(fd)
     return out
