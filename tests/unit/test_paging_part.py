@@ -261,3 +261,40 @@ async def test_the_view_splits_a_vms_host_memory(tmp_path: Path) -> None:
     v = part.view()["vms"][0]
     assert v["qemu_other"] == {"resident_mib": 8.0, "swapped_mib": 8.0}
     assert v["code_cache"]["swapped_mib"] == 32.0 and v["guest_ram"]["swapped_mib"] == 0.0
+
+
+def _tier_with(env: Env, slots_free_mib: int, ram_free_mib: int = 1024) -> None:
+    """The fake tier's swap usage and zram stats: ``slots_free_mib`` slots and ``ram_free_mib``
+    of RAM under its limit left."""
+    from symbiont.host.zram import ZramStats
+
+    num, dev = next(iter(env.host.zram.items()))
+    size_kib = dev["swap"]["size_kib"]
+    dev["swap"]["used_kib"] = size_kib - slots_free_mib * 1024
+    limit = 4096 * MIB
+    dev["stats"] = ZramStats(orig_data_size=0, compr_data_size=0, mem_used_total=limit - ram_free_mib * MIB,
+                             mem_limit=limit, mem_used_max=0, same_pages=0, pages_compacted=0, huge_pages=0)
+
+
+@run
+async def test_auto_pageout_puts_in_the_tier_only_what_fits(tmp_path: Path) -> None:
+    env, part = _two(tmp_path, budget_mib=800)
+    await env.start()
+    _tier_with(env, slots_free_mib=100)
+    await env.period()  # the plan wants 224 MiB of 'idle'; 100 MiB of slots are left
+    assert part.tier_room_mib() == 100.0
+    assert [c for c in env.host.calls if c[0] == "pageout"] == [("pageout", 11, 100 * MIB)]
+
+
+@run
+async def test_a_full_tier_skips_the_page_outs_and_says_so_once(tmp_path: Path) -> None:
+    env, part = _two(tmp_path, budget_mib=800)
+    await env.start()
+    _tier_with(env, slots_free_mib=200, ram_free_mib=4)  # slots, but the RAM limit is reached
+    assert part.tier_room_mib() == 0.0
+    await env.period()
+    await env.period()
+    assert [c for c in env.host.calls if c[0] == "pageout"] == []
+    full = [d for d in env.store.decisions() if d["action"] == "tier-full"]
+    assert len(full) == 1 and full[0]["outcome"]["skipped"] == [["idle", 224]]
+    assert "zram_size_mib" in full[0]["outcome"]["reason"] and full[0]["inputs"]["tier"]["ram_free_mib"] == 4.0

@@ -147,6 +147,7 @@ class PagingPart(Part):
         self.last_plan: ShortfallPlan | None = None
         self._refused: str | None = None  # the last refusal logged (logged again only when it changes)
         self._plan_logged: object = None  # the last shortfall plan logged without a page-out (ditto)
+        self._tier_full: bool = False  # the last 'tier-full' logged (logged again once it had room)
         # idle VMs (paging.idle_park): each VM's recent samples, and agent calls made for it from
         # outside the control loop (counted by the gateway hook)
         self.idle_samples: dict[str, deque[IdleSample]] = {}
@@ -429,6 +430,20 @@ class PagingPart(Part):
                 out["cold_error"] = str(exc)
         return out
 
+    TIER_FULL_MIB = 16  # less room than this in the tier: a page-out would free nothing
+
+    def tier_room_mib(self) -> float | None:
+        """Guest MiB one more page-out can still put in the tier (None: not known). Its free
+        slots, or 0 once the compressed pages' RAM is at the limit: past either, a page-out
+        frees nothing (the kernel keeps a page that finds no slot; zram refuses writes above
+        ``mem_limit``). The density run's 144 step ran into the slots silently."""
+        t = self.tier_view()
+        if t.get("slots_free_mib") is None:
+            return None
+        if t.get("ram_free_mib") is not None and t["ram_free_mib"] < self.TIER_FULL_MIB:
+            return 0.0
+        return float(t["slots_free_mib"])
+
     async def pageout_vm(self, vm: str, mib: int | None = None, reason: str = "api") -> dict[str, Any]:
         """Page out a VM's cold guest memory (see the module docstring); a decision in the log."""
         self._require_tier(vm)
@@ -577,7 +592,8 @@ class PagingPart(Part):
             outcome = {"wset_mib": round(wset_mib, 1), "wset_ranges": len(wset), "observe_ping_s": ping_s,
                        "unpaged_mib": round(unpaged_mib, 1),  # stayed resident through the page-out (KSM)
                        "background_wset_mib": round(background_mib, 1), "seconds": round(dt, 3),
-                       "before": before, "after": after, "tier_used_mib": self._swap_used_mib()}
+                       "before": before, "after": after, "tier_used_mib": self._swap_used_mib(),
+                       "tier_room_mib": self.tier_room_mib()}  # near 0: the next park frees little
             self.ctx.decisions.log("park", vm, {"reason": reason, "observe_s": cfg.park_observe_s,
                                                 "include_code_cache": cfg.include_code_cache,
                                                 **({"idle": idle} if idle is not None else {})}, outcome)
@@ -928,7 +944,20 @@ class PagingPart(Part):
                     decision.left_mib, 1), "reasons": {ln.name: ln.reason for ln in decision.vms}})
         self._plan_logged = sig if decision.shortfall_mib > 0 else None
         why = {ln.name: ln.reason for ln in decision.vms}
-        for vm, mib in decision.pageouts:
+        for i, (vm, mib) in enumerate(decision.pageouts):
+            room = self.tier_room_mib()
+            if room is not None and mib > room:
+                if room < self.TIER_FULL_MIB:
+                    if not self._tier_full:
+                        self.ctx.decisions.log("tier-full", None, {**inputs, "tier": self.tier_view()}, {
+                            "skipped": decision.pageouts[i:],
+                            "reason": "no room left in the swap tier (its slots or its RAM limit): page-outs "
+                                      "would free nothing; raise paging.zram_size_mib / zram_mem_limit_mib"})
+                        log.warning("paging: the swap tier is full; page-outs skipped until it has room")
+                    self._tier_full = True
+                    break
+                mib = int(room)  # what fits
+            self._tier_full = False
             try:
                 await self.pageout_vm(vm, mib, reason=f"policy: {decision.shortfall_mib:.0f} MiB over the budget "
                                                       f"after ballooning: {why.get(vm, '')}")
