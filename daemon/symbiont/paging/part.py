@@ -517,8 +517,7 @@ class PagingPart(Part):
         once; the density run recorded ~515 MiB of them per clone as its "working set"), or one
         pinned; counting it would make every wake prefetch memory that never left."""
         out: list[tuple[int, int]] = []
-        for r, before in zip(regs, stayed, strict=True):
-            now = self.ctx.host.process_residency(pid, r.start, r.size)
+        for r, now, before in zip(regs, self._residency(pid, regs), stayed, strict=True):
             out.extend((r.start + a * PAGE, n * PAGE) for a, n in po.runs(now & ~before))
         return out
 
