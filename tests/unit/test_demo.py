@@ -3,10 +3,13 @@ pages once, bad parameters fail before anything boots, and the report compares t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from symbiont_research.experiments import demo
 from symbiont_research.experiments.framework import registry
+from symbiont_research.lab.console import read_lines
 
 ROLLUP = """55d0c0a00000-7ffd5f1f1000 ---p 00000000 00:00 0                          [rollup]
 Rss:              300000 kB
@@ -58,12 +61,18 @@ def test_report_compares_stock_and_symbiont_per_vm() -> None:
     assert rate == "busy VMs' rate under symbiont / stock: 1.05"
 
 
-def test_workload_rate_lines_from_the_console_log() -> None:
+def test_workload_rate_lines_from_the_console_log(tmp_path: Path) -> None:
     """The hog's SYMDEMO lines among console noise; a line still being written waits."""
+    log = tmp_path / "console.log"
     data = b"login: root\r\nSYMDEMO 41234 184\r\n[  12.3] random kernel line\nSYMDEMO 39000 192\nSYMDEMO 38"
-    samples, cut = demo.hog_samples(data)
-    assert samples == [(41234.0, 184), (39000.0, 192)] and data[cut:] == b"SYMDEMO 38"
-    assert demo.hog_samples(b"SYMDEMO 1 2")[0] == []  # no newline yet
+    log.write_bytes(data)
+    lines, at = read_lines(log, 0)
+    assert demo.hog_samples(lines) == [(41234.0, 184), (39000.0, 192)] and data[at:] == b"SYMDEMO 38"
+    with log.open("ab") as fh:
+        fh.write(b"000 200\nSYMDEMO 1 2")
+    lines, at = read_lines(log, at)
+    assert demo.hog_samples(lines) == [(38000.0, 200)]  # the partial line, once finished
+    assert read_lines(log, at) == ([], at)  # "SYMDEMO 1 2": no newline yet
     assert "SYMDEMO" in demo.HOG and "/dev/ttyS0" in demo.HOG
     assert "now - last - slept" in demo.HOG  # pages per second of work: the pauses left out
 

@@ -52,6 +52,22 @@ def test_rates_since_reads_whole_lines_only(tmp_path: Path) -> None:
     assert rates_since(tmp_path / "missing.log", 7) == ([], 7)
 
 
+def test_console_read_lines_whole_lines_from_an_offset(tmp_path: Path) -> None:
+    """The console-log reader both experiments poll: whole lines only, the partial last one kept
+    for the next read; a log that vanished or shrank below the offset gives nothing."""
+    from symbiont_research.lab.console import read_lines
+
+    log = tmp_path / "console.log"
+    log.write_bytes(b"a\r\n\nb c\npart")
+    assert read_lines(log, 0) == ([b"a\r", b"", b"b c"], 8)
+    assert read_lines(log, 2) == ([b"", b"", b"b c"], 8)  # from mid-line: its tail is a line
+    assert read_lines(log, 8) == ([], 8)  # only a partial line: nothing, offset kept
+    log.write_bytes(b"no newline at all")
+    assert read_lines(log, 0) == ([], 0)
+    assert read_lines(log, 100) == ([], 100)  # shrank below the offset: wait for it to grow
+    assert read_lines(tmp_path / "missing.log", 7) == ([], 7)
+
+
 def test_registered_with_its_parameters() -> None:
     exp = registry()["overcommit-density"]
     assert exp.part == "overcommit" and {"root", "libvirt", "vm"} <= exp.needs

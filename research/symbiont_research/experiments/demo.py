@@ -78,11 +78,9 @@ while True:
 RATE = re.compile(rb"SYMDEMO ([0-9.]+) ([0-9]+)")
 
 
-def hog_samples(data: bytes) -> tuple[list[tuple[float, int]], int]:
-    """The (pages/s, MiB held) lines in a chunk of console log, and how many bytes were whole
-    lines (a line still being written is read next time)."""
-    cut = data.rfind(b"\n") + 1
-    return [(float(m.group(1)), int(m.group(2))) for m in RATE.finditer(data[:cut])], cut
+def hog_samples(lines: list[bytes]) -> list[tuple[float, int]]:
+    """The (pages/s, MiB held) of the hog's lines among whole console-log lines."""
+    return [(float(m.group(1)), int(m.group(2))) for line in lines for m in RATE.finditer(line)]
 
 
 def median(xs: list[float]) -> float | None:
@@ -271,6 +269,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from symbiont.client import ApiError
     from symbiont.config import load_config
     from symbiont_research.experiments.memory import run_guest_script
+    from symbiont_research.lab.console import read_lines
     from symbiont_research.lab.session import DaemonProcess, LabSession
 
     p = ctx.params
@@ -300,13 +299,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
         def read_hogs(phase: str) -> None:
             for vm in busy:
-                try:
-                    with logs[vm].open("rb") as fh:
-                        fh.seek(log_at[vm])
-                        samples, cut = hog_samples(fh.read())
-                except OSError:
-                    continue
-                log_at[vm] += cut
+                lines, log_at[vm] = read_lines(logs[vm], log_at[vm])
+                samples = hog_samples(lines)
                 t_s = round(time.monotonic() - t0, 1)
                 hog_rows.extend({"t_s": t_s, "phase": phase, "vm": vm, "pages_per_s": r, "held_mib": h}
                                 for r, h in samples)

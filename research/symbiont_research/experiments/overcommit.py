@@ -138,15 +138,12 @@ def judge(ratios: list[float], pings: list[float | None], oom: int, min_ratio: f
 
 
 def rates_since(log: Path, offset: int) -> tuple[list[float], int]:
-    """The SYMRATE values a console log gained after byte ``offset``; and the new offset."""
-    try:
-        with log.open("rb") as fh:
-            fh.seek(offset)
-            data = fh.read()
-    except OSError:
-        return [], offset
-    cut = data.rfind(b"\n") + 1  # a line still being written is read next time
-    return [float(m.group(1)) for m in RATE.finditer(data[:cut])], offset + cut
+    """The SYMRATE values a console log gained after byte ``offset`` (whole lines only); and the
+    new offset."""
+    from symbiont_research.lab.console import read_lines
+
+    lines, offset = read_lines(log, offset)
+    return [float(m.group(1)) for line in lines for m in RATE.finditer(line)], offset
 
 
 def proc_mem_kib(pid: int) -> dict[str, int]:

@@ -15,10 +15,30 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from pathlib import Path
 
 from symbiont.host.libvirt_host import LibvirtHost
 
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def read_lines(log: Path, offset: int) -> tuple[list[bytes], int]:
+    """The whole lines (without their newline) a guest's console log gained after byte ``offset``,
+    and the offset just after the last of them: a line still being written is read next time.
+
+    The experiments poll the log QEMU appends the serial console to while the guest writes it.
+    A log that is missing or unreadable gives no lines and keeps ``offset``; so does one that
+    shrank below ``offset`` (until it grows past it again). Bytes, since console noise need not
+    be UTF-8.
+    """
+    try:
+        with log.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except OSError:
+        return [], offset
+    cut = data.rfind(b"\n") + 1
+    return data[:cut].split(b"\n")[:-1], offset + cut
 
 
 class ConsoleError(Exception):
