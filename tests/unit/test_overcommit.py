@@ -111,6 +111,33 @@ def test_restore_ksm_puts_every_changed_tunable_back_run_last(tmp_path: Path) ->
     assert not notes
 
 
+def test_restore_ksm_unmerges_only_for_the_tunables_busy_while_merged(tmp_path: Path) -> None:
+    """max_page_sharing needs run=2 first, and run goes back last even though it read right;
+    use_zero_pages does not (the kernel takes it at any time): nothing is unmerged for it."""
+    from symbiont.host.ksm import Ksm
+    from symbiont_research.experiments.overcommit import restore_ksm
+
+    for name, value in {"run": "1", "use_zero_pages": "1", "max_page_sharing": "512"}.items():
+        (tmp_path / name).write_text(value + "\n")
+    writes: list[tuple[str, str]] = []
+
+    class Recording(Ksm):
+        def write(self, name: str, value: int | str) -> None:
+            writes.append((name, str(value)))
+            (self.root / name).write_text(f"{value}\n")
+
+    notes: list[str] = []
+    assert restore_ksm(Recording(tmp_path), {"run": 1, "use_zero_pages": 0, "max_page_sharing": 512},
+                       notes.append) == ["use_zero_pages"]
+    assert writes == [("use_zero_pages", "0")]
+    writes.clear()
+    (tmp_path / "max_page_sharing").write_text("256\n")
+    assert restore_ksm(Recording(tmp_path), {"run": 1, "use_zero_pages": 0, "max_page_sharing": 512},
+                       notes.append) == ["max_page_sharing", "run"]
+    assert writes == [("run", "2"), ("max_page_sharing", "512"), ("run", "1")]
+    assert not notes
+
+
 def _fleet_with_memory(monkeypatch: pytest.MonkeyPatch, avails: list[int]) -> tuple[object, object]:
     """A Fleet whose host MemAvailable follows ``avails`` (MiB, one value per 2 s poll)."""
     import types

@@ -32,11 +32,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from symbiont.dedup.policy import KsmSettings
-from symbiont.host.ksm import RUN_MERGE, RUN_STOP, RUN_UNMERGE, TUNABLES, Ksm, KsmdCpu, KsmError, KsmStats
+from symbiont.host.ksm import (
+    NEEDS_UNMERGED,
+    RUN_MERGE,
+    RUN_STOP,
+    RUN_UNMERGE,
+    TUNABLES,
+    Ksm,
+    KsmdCpu,
+    KsmError,
+    KsmStats,
+)
 
 log = logging.getLogger(__name__)
-
-NEEDS_UNMERGED = ("max_page_sharing", "merge_across_nodes")
 
 
 class KnobStore(Protocol):

@@ -37,7 +37,7 @@ from symbiont.dedup import metrics, tenancy
 from symbiont.dedup.backends import PAGE_SIZE, BackendError, HashBackend, select_backend
 from symbiont.dedup.config import CONFIG
 from symbiont.dedup.engine import Engine, EngineError, ScanReport
-from symbiont.dedup.ksm_controller import NEEDS_UNMERGED, Sample
+from symbiont.dedup.ksm_controller import Sample
 from symbiont.dedup.memsource import ProcessMemorySource
 from symbiont.dedup.policy import (
     POLICIES,
@@ -56,7 +56,7 @@ from symbiont.dedup.policy import (
     stock,
 )
 from symbiont.dedup.service import SETTINGS_SCHEMA, Mode, ModeError, vm_settings
-from symbiont.host.ksm import RUN_MERGE, RUN_UNMERGE, TUNABLES, KsmError
+from symbiont.host.ksm import NEEDS_UNMERGED, RUN_MERGE, RUN_UNMERGE, KsmError, restore_order
 from symbiont.host.port import HostError
 from symbiont.knobs import KnobKind
 from symbiont.part import Part, PartContext, Period
@@ -65,11 +65,6 @@ log = logging.getLogger(__name__)
 
 KIND = "ksm_tunable"  # ledger kind: vm '', key = the tunable's name
 LEGACY_TABLE = "dedup_ksm_knobs"  # the part's own table of older daemons
-
-
-def restore_order(key: str) -> int:
-    """A tunable's place when restoring: :data:`TUNABLES` order (``run`` last)."""
-    return TUNABLES.index(key) if key in TUNABLES else len(TUNABLES) - 1
 
 
 @dataclass

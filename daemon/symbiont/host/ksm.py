@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,6 +69,39 @@ COUNTERS = (
 )
 
 RUN_STOP, RUN_MERGE, RUN_UNMERGE = 0, 1, 2
+
+# The kernel refuses these (EBUSY) while any page is merged: unmerge (run=2) first.
+# (use_zero_pages may change at any time: mm/ksm.c's use_zero_pages_store has no such check.)
+NEEDS_UNMERGED = ("max_page_sharing", "merge_across_nodes")
+
+
+def restore_order(name: str) -> int:
+    """A tunable's place when several are written: :data:`TUNABLES` order (``run`` last)."""
+    return TUNABLES.index(name) if name in TUNABLES else len(TUNABLES) - 1
+
+
+def write_plan(current: Mapping[str, int | str], wanted: Mapping[str, int | str]) -> tuple[list[str], bool]:
+    """The tunables of ``wanted`` to write so that KSM reads ``wanted``, in the order to write
+    them, and whether ``run=2`` (unmerge) must be written before them.
+
+    Order: :func:`restore_order`. Written: what differs from ``current`` (a missing one
+    differs), ``pages_to_scan`` also after ``advisor_mode`` goes to ``none`` (the kernel then
+    resets it to 100). Unmerge first when one of :data:`NEEDS_UNMERGED` is written, and then
+    ``run`` too (last), since unmerging wrote it. The overcommit experiment restores the host by
+    this plan; the dedup part's ledger kind, which writes one knob at a time, orders by
+    :func:`restore_order` and unmerges for :data:`NEEDS_UNMERGED` only when allowed to.
+    """
+
+    def same(name: str) -> bool:
+        return name in current and (current[name] == wanted[name] or str(current[name]) == str(wanted[name]))
+
+    todo = {name for name in wanted if not same(name)}
+    if str(wanted.get("advisor_mode")) == "none" and "advisor_mode" in todo and "pages_to_scan" in wanted:
+        todo.add("pages_to_scan")
+    unmerge = any(name in NEEDS_UNMERGED for name in todo)
+    if unmerge and "run" in wanted:
+        todo.add("run")
+    return sorted(todo, key=lambda name: (name == "run", restore_order(name), name)), unmerge
 
 
 class KsmError(HostError):
@@ -322,6 +356,7 @@ __all__ = [
     "CLK_TCK",
     "COUNTERS",
     "KSM_DIR",
+    "NEEDS_UNMERGED",
     "PAGE_SIZE",
     "RUN_MERGE",
     "RUN_STOP",
@@ -338,4 +373,6 @@ __all__ = [
     "process_ksm_stat",
     "process_merging_pages",
     "qemu_committed_kib",
+    "restore_order",
+    "write_plan",
 ]

@@ -281,17 +281,28 @@ def restore_ksm(ksm: Any, saved: dict[str, int | str], note: Callable[[str], Non
     """Every KSM tunable back to ``saved`` (the host's own, read before the run), ``run`` last;
     the names that differed. ksmtuned's port and the daemons write ``pages_to_scan``,
     ``sleep_millisecs``, ``run`` and the advisor's knobs; a host left tuned broke the next
-    suite's KSM tests (the last session's finding), so each config ends with the host's own."""
-    changed = []
-    for key in [k for k in ksm.tunables() if k != "run"] + ["run"]:
-        if key not in saved:
-            continue
+    suite's KSM tests (the last session's finding), so each config ends with the host's own.
+    The order and the unmerge are :func:`symbiont.host.ksm.write_plan`'s (the dedup part's rules)."""
+    from symbiont.host.ksm import RUN_UNMERGE, write_plan
+
+    current: dict[str, int | str] = {}
+    for key in ksm.tunables():
+        if key in saved:
+            try:
+                current[key] = ksm.read(key)
+            except Exception as exc:  # noqa: BLE001 - the others still go back
+                note(f"KSM {key} not restored to {saved[key]!r}: {exc}")
+    order, unmerge = write_plan(current, {k: saved[k] for k in current})
+    if unmerge:
         try:
-            if ksm.read(key) != saved[key]:
-                if key in ("use_zero_pages", "max_page_sharing", "merge_across_nodes"):
-                    ksm.write("run", 2)  # these refuse while pages are merged
-                ksm.write(key, saved[key])
-                changed.append(key)
+            ksm.write("run", RUN_UNMERGE)  # max_page_sharing, merge_across_nodes refuse while pages are merged
+        except Exception as exc:  # noqa: BLE001
+            note(f"KSM run=2 (unmerge) before restoring {', '.join(order)}: {exc}")
+    changed = []
+    for key in order:
+        try:
+            ksm.write(key, saved[key])
+            changed.append(key)
         except Exception as exc:  # noqa: BLE001 - the others still go back
             note(f"KSM {key} not restored to {saved[key]!r}: {exc}")
     return changed
