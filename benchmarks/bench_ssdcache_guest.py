@@ -16,7 +16,11 @@ guest in the same run, interleaved case by case:
   the pool as parallel 256 KiB chunks (Linux AIO), a read alone in flight is streamed
   (reply header and chunks sent as they come in), and a read of 64 KiB or more with others in
   flight goes pool -> pipe -> socket by ``splice()`` (no copy through the server);
-* ``nosplice``: ``native`` without the splice path (pread into a buffer, then sendmsg).
+* ``nosplice``: ``native`` without the splice path (pread into a buffer, then sendmsg);
+* ``vhost``: the same C data path (translation, map, rwlock) as a **vhost-user-blk** backend
+  (``native/vhostblk.c``): it maps the guest's RAM (the VM is booted with shared memfd memory
+  when this disk is measured) and does the pool I/O straight into the guest's buffers, so no
+  byte crosses a socket.
 
 ``--disks`` and ``--cases`` pick a subset. Beside each figure the CPU time spent per MiB (or
 per request) by the QEMU process and by this process (the NBD servers) is printed: where the
@@ -52,6 +56,7 @@ import libvirt
 from symbiont.ssdcache import nbdfast
 from symbiont.ssdcache.nbdserver import Export, IoThread, NbdServer
 from symbiont.ssdcache.pool import Pool
+from symbiont.ssdcache.vhostuser import VhostUserServer
 from symbiont_research.lab.console import SerialConsole, console_pty
 from symbiont_research.lab.session import LabSession
 
@@ -61,7 +66,7 @@ CASES = [  # (mode, block size, depth)
     ("randread", 4096, 1), ("randread", 4096, 16), ("randwrite", 4096, 1), ("randwrite", 4096, 16),
     ("read", 1 << 20, 1), ("read", 1 << 20, 16), ("write", 1 << 20, 1), ("write", 1 << 20, 16),
 ]
-DISKS = ("plain", "python", "nsync", "nosplice", "native")
+DISKS = ("plain", "python", "nsync", "nosplice", "native", "vhost")
 DEV = 'dev() { for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && echo /dev/${d##*/}; done; }; '
 HERE = Path(__file__).resolve().parent
 
@@ -84,6 +89,10 @@ def disk_xml(kind: str, target: str, src: str, iothread: int = 0) -> str:
     if kind == "tools":
         return (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{src}'/>"
                 f"<target dev='{target}' bus='virtio'/><serial>bench-tools</serial><readonly/></disk>")
+    if kind == "vhost":  # no <serial> for vhost-user disks: the backend answers GET_ID itself
+        return (f"<disk type='vhostuser' device='disk'><driver name='qemu' type='raw' queues='1' queue_size='256'/>"
+                f"<source type='unix' path='{src}'><reconnect enabled='yes' timeout='1'/></source>"
+                f"<target dev='{target}' bus='virtio'/></disk>")
     return (f"<disk type='network' device='disk'><driver name='qemu' type='raw' error_policy='report' "
             f"rerror_policy='report'{io}/><source protocol='nbd' name='bench-{kind}'><host transport='unix' "
             f"socket='{src}'/></source><target dev='{target}' bus='virtio'/><serial>bench-{kind}</serial></disk>")
@@ -147,11 +156,12 @@ def main() -> None:
     plain_dev = ""
     pool: Pool | None = None
     servers: list[NbdServer] = []
+    vhosts: list[VhostUserServer] = []
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     remaps: list[float] = []
     try:
         with LabSession(count=1, prefix="symbiont-ssdbench-", register=False, memory_mib=512, max_vcpus=2,
-                        step=lambda s: print(f"# {s}", flush=True)) as lab:
+                        shared_memory="vhost" in disks, step=lambda s: print(f"# {s}", flush=True)) as lab:
             assert lab.host is not None
             vm = lab.vms[0]
             print(f"# booted in {lab.boot_seconds[vm.name]:.0f} s", flush=True)
@@ -172,10 +182,15 @@ def main() -> None:
                 if kind == "nsync":
                     assert exp.native is not None
                     exp.native.set_chunk(0)
+                exports[kind] = exp
+                if kind == "vhost":
+                    vh = VhostUserServer(exp, run_dir / f"{kind}.sock", f"bench-{kind}", socket_gid=gid)
+                    vh.start()
+                    vhosts.append(vh)
+                    continue
                 srv = NbdServer(exp, run_dir / f"{kind}.sock", socket_gid=gid, executor=io.executor)
                 io.submit(srv.start())
                 servers.append(srv)
-                exports[kind] = exp
             tool_size = build_tool(vm.dir / "tools.img")
             dom = lab.host.domain(vm.name)
             attach = [("plain", plain_dev)] + [(k, str(run_dir / f"{k}.sock")) for k in disks[1:]]
@@ -184,7 +199,7 @@ def main() -> None:
             for i, (kind, src) in enumerate(attach):
                 target = "vd" + "bcdefgh"[i]
                 iothread = 0
-                if args.iothreads and kind != "tools":
+                if args.iothreads and kind not in ("tools", "vhost"):
                     iothread = 10 + i
                     dom.addIOThread(iothread, libvirt.VIR_DOMAIN_AFFECT_LIVE)
                 dom.attachDeviceFlags(disk_xml(kind, target, src, iothread), libvirt.VIR_DOMAIN_AFFECT_LIVE)
@@ -235,6 +250,8 @@ def main() -> None:
                 io.submit(srv.close())
             servers.clear()
     finally:
+        for vh in vhosts:
+            vh.close()
         for srv in servers:
             with contextlib.suppress(Exception):
                 io.submit(srv.close())

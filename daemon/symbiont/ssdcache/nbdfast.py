@@ -26,7 +26,8 @@ from symbiont.native import NativeLibrary
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "nbdfast.c"
+# vhostblk.c includes nbdfast.c: one library, one ``struct export`` for both transports.
+SOURCE = Path(__file__).with_name("native") / "vhostblk.c"
 FLAGS = (["-O2", "-march=native"], ["-O2"])
 # Order of the counters in nbdx_stats (enum in nbdfast.c).
 STAT_NAMES = ("reads", "writes", "flushes", "trims", "zeroes", "read_bytes", "write_bytes",
@@ -56,6 +57,8 @@ def _setup(so: ctypes.CDLL) -> ctypes.CDLL:
     so.nbdx_last_error.argtypes = [vp, ctypes.c_char_p, sz]
     so.nbdx_serve.restype = ci
     so.nbdx_serve.argtypes = [vp, ci, ctypes.c_char_p, sz, ci, ctypes.c_char_p, sz]
+    so.vhbx_serve.restype = ci
+    so.vhbx_serve.argtypes = [vp, ci, ctypes.c_char_p, ci, ctypes.c_char_p, sz]
     return so
 
 
@@ -122,6 +125,13 @@ class NativeExport:
         NBD_CMD_DISC, else why the connection was dropped."""
         why = ctypes.create_string_buffer(200)
         rc = self.lib.nbdx_serve(self.handle, sock_fd, prefix, len(prefix), threads, why, len(why))
+        return "" if rc == 0 else why.value.decode(errors="replace") or "connection dropped"
+
+    def serve_vhost(self, sock_fd: int, serial: str, workers: int) -> str:
+        """Serve one vhost-user-blk connection (QEMU's) until it ends (blocks; the GIL is
+        released). Returns "" when QEMU closed it, else why it was dropped."""
+        why = ctypes.create_string_buffer(200)
+        rc = self.lib.vhbx_serve(self.handle, sock_fd, serial.encode()[:20], workers, why, len(why))
         return "" if rc == 0 else why.value.decode(errors="replace") or "connection dropped"
 
     def __del__(self) -> None:  # the last reference: no connection thread uses it any more

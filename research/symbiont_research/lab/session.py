@@ -99,6 +99,7 @@ class LabSession:
     period_s: float = 2.0
     memory_mib: int = 512
     max_vcpus: int = 4
+    shared_memory: bool = False  # guest RAM in a shared memfd (vhost-user disks need it; KSM cannot merge it)
     work_dir: Path | None = None
     base_config: str | None = None
     daemon_overrides: dict[str, Any] = field(default_factory=dict)
@@ -177,6 +178,8 @@ class LabSession:
         for i, name in enumerate(names):
             t0 = time.monotonic()
             link: dict[str, Any] = {"owner": self.owner}
+            if self.shared_memory:
+                link["shared_memory"] = True
             if self._link is not None and i < 2:
                 link.update(tap_link=(self._link.tap(i), self._link.mac(i)), peer_link=self._link.ids)
             self.vms.append(vms.create_vm(self.host, lab_cfg, self.image, name, **link))

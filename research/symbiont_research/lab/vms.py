@@ -207,12 +207,15 @@ def domain_xml(
     vcpus: int | None = None,
     max_vcpus: int | None = None,
     nosharepages: bool = False,
+    shared_memory: bool = False,
     tap_link: tuple[str, str] | None = None,
     owner: LabOwner | None = None,
     peer_link: tuple[int, int] | None = None,
 ) -> str:
     """The libvirt domain for one lab VM (``nosharepages``: guest RAM not mergeable by KSM,
-    the only way the host can enforce a tenant's opt-out of page sharing).
+    the only way the host can enforce a tenant's opt-out of page sharing; ``shared_memory``: guest
+    RAM in a shared memfd, which a vhost-user backend must map to do a disk's I/O straight into it,
+    and which KSM cannot merge).
 
     ``tap_link=(tap, mac)`` adds a virtio NIC on an existing tap device, which
     :mod:`symbiont_research.lab.peerlink` moves into a network namespace of the lab's own once QEMU
@@ -238,7 +241,7 @@ def domain_xml(
   <metadata>{mark_xml(image.recipe_digest, owner, peer_link)}</metadata>
   <memory unit='MiB'>{mem}</memory>
   <currentMemory unit='MiB'>{mem}</currentMemory>
-  {"<memoryBacking><nosharepages/></memoryBacking>" if nosharepages else ""}
+  {_memory_backing(nosharepages, shared_memory)}
   <vcpu placement='static' current='{cur}'>{top}</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -277,6 +280,12 @@ def domain_xml(
   </devices>
 </domain>
 """
+
+
+def _memory_backing(nosharepages: bool, shared_memory: bool) -> str:
+    inner = ("<nosharepages/>" if nosharepages else "") + (
+        "<source type='memfd'/><access mode='shared'/>" if shared_memory else "")
+    return f"<memoryBacking>{inner}</memoryBacking>" if inner else ""
 
 
 def _tap_nic(tap: str, mac: str) -> str:
