@@ -72,6 +72,9 @@ class AttachBody(StrictModel):
     serial: str = Field("symbiont-cache", pattern=r"^[A-Za-z0-9_.-]{1,20}$", description="the guest finds it by this")
     reconnect_delay_s: int = Field(0, ge=0, le=3600, description="QEMU NBD reconnect-delay: requests wait this "
                                    "long for a restarted daemon (attached over QMP: libvirt 9.0 has no such XML)")
+    transport: Literal["nbd", "vhost-user"] = Field(
+        "nbd", description="nbd: QEMU's NBD client; vhost-user: vhost-user-blk on the daemon's C backend, no copy "
+        "through a socket (the domain needs shared memfd RAM)")
 
 
 class WorkloadBody(StrictModel):
@@ -182,9 +185,11 @@ async def disk_xml(request: Request, vm: VmName, target_dev: Annotated[str, Quer
 
 @router.post("/caches/{vm}/attach")
 async def attach(request: Request, vm: VmName, body: AttachBody) -> dict[str, Any]:
-    """Hot-plug the elastic disk into the running domain (QEMU's NBD client, unix socket)."""
+    """Hot-plug the elastic disk into the running domain (QEMU's NBD client on a unix socket,
+    or a vhost-user-blk device on the daemon's backend)."""
     try:
-        return await _run(_part(request).attach(vm, body.target_dev, body.serial, body.reconnect_delay_s))
+        return await _run(_part(request).attach(vm, body.target_dev, body.serial, body.reconnect_delay_s,
+                                              body.transport))
     except HostError as exc:
         raise HTTPException(409, f"the disk was refused: {exc}") from None
 
@@ -192,7 +197,8 @@ async def attach(request: Request, vm: VmName, body: AttachBody) -> dict[str, An
 @router.post("/caches/{vm}/detach")
 async def detach(request: Request, vm: VmName, body: AttachBody) -> dict[str, Any]:
     try:
-        return await _run(_part(request).detach(vm, body.target_dev, body.serial, body.reconnect_delay_s))
+        return await _run(_part(request).detach(vm, body.target_dev, body.serial, body.reconnect_delay_s,
+                                              body.transport))
     except HostError as exc:
         raise HTTPException(409, f"the disk could not be detached: {exc}") from None
     except TimeoutError:

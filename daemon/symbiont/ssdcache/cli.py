@@ -173,12 +173,17 @@ def unregister(ctx: Ctx, vm: str) -> None:
 @click.option("--reconnect-delay", type=click.IntRange(0, 3600), default=0, show_default=True,
               help="seconds QEMU's NBD client waits for a restarted daemon (attached over QMP: libvirt 9.0 "
                    "cannot set it); 0: the libvirt path")  # fmt: skip
+@click.option("--transport", type=click.Choice(["nbd", "vhost-user"]), default="nbd", show_default=True,
+              help="nbd: QEMU's NBD client; vhost-user: a vhost-user-blk device on the daemon's C backend, "
+                   "which does the I/O straight into guest memory (the domain needs shared memfd RAM)")
 @click.pass_obj
-def attach(ctx: Ctx, vm: str, target_dev: str, reconnect_delay: int) -> None:
+def attach(ctx: Ctx, vm: str, target_dev: str, reconnect_delay: int, transport: str) -> None:
     """Hot-plug VM's elastic SSD into its running libvirt domain."""
     api(ctx, "POST", f"/v1/ssdcache/caches/{vm}/attach", {"target_dev": target_dev,
-                                                          "reconnect_delay_s": reconnect_delay})  # fmt: skip
+                                                          "reconnect_delay_s": reconnect_delay,
+                                                          "transport": transport})  # fmt: skip
     how = f" (QMP, reconnect-delay {reconnect_delay} s)" if reconnect_delay else ""
+    how += " over vhost-user" if transport == "vhost-user" else ""
     console.print(f"attached {vm}'s elastic SSD as {target_dev}{how}")
 
 

@@ -57,10 +57,12 @@ from symbiont.ssdcache.twolevel import (
     container_quotas,
     vm_shares,
 )
+from symbiont.ssdcache.vhostuser import VhostUserServer
 
 log = logging.getLogger(__name__)
 
 GUEST_SERIAL = "symbiont-cache"
+TRANSPORTS = ("nbd", "vhost-user")  # how QEMU reaches an export (the attach's ``transport``)
 DD_OWNER = "doubledecker.ssd-tier"  # the block-map owner of the two-level cache's SSD tier
 MAX_CACHE_MIB = 1 << 20  # 1 TiB per virtual SSD
 
@@ -143,8 +145,10 @@ class CacheManager:
                  domain_state: DomainState | None = None, release_timeout_s: float = 3.0,
                  inline_io: bool = False, pool_dir: str | Path | None = None,
                  allowed_devices: list[str] | None = None, max_caches: int = 64,
-                 size_overcommit: float = 4.0, reserve_free_mib: int = 1024) -> None:
-        """``pool_dir``: where pool files may be (None: no file pools); ``allowed_devices``:
+                 size_overcommit: float = 4.0, reserve_free_mib: int = 1024,
+                 peer_check: Callable[[str], Callable[[int], bool]] | None = None) -> None:
+        """``peer_check(vm)``: the test a process must pass to connect to ``vm``'s vhost-user
+        socket (given its pid: is it ``vm``'s QEMU?); ``pool_dir``: where pool files may be (None: no file pools); ``allowed_devices``:
         block devices (globs) that may be a pool; ``max_caches`` and ``size_overcommit``
         (sum of the caches' sizes ≤ factor × pool) bound what the API can make the daemon hold;
         ``reserve_free_mib``: free space a new pool file must leave on its file system."""
@@ -161,11 +165,13 @@ class CacheManager:
         self.domain_state = domain_state
         self.release_timeout_s = release_timeout_s
         self.inline_io = inline_io
+        self.peer_check = peer_check
         self.pool: Pool | None = None
         self.pool_error = ""
         self.io = IoThread()
         self.exports: dict[str, Export] = {}
         self.servers: dict[str, NbdServer] = {}
+        self.vhosts: dict[str, VhostUserServer] = {}  # caches attached with transport vhost-user
         self.guests: dict[str, GuestView] = {}
         self.epochs: dict[str, int] = {}
         self.last_resize: dict[str, dict[str, Any]] = {}
@@ -236,8 +242,8 @@ class CacheManager:
             log.info("ssdcache: zeroing %d blocks left dirty", len(dirty))
             await asyncio.to_thread(self._zero_and_free, dirty)
 
-    def socket_path(self, vm: str) -> Path:
-        return self.runtime_dir / f"{vm}.nbd.sock"
+    def socket_path(self, vm: str, transport: str = "nbd") -> Path:
+        return self.runtime_dir / (f"{vm}.nbd.sock" if transport == "nbd" else f"{vm}.vhost.sock")
 
     def _runtime_dir(self) -> None:
         """Create the socket folder (lazily: a daemon without caches leaves no trace in /run)."""
@@ -273,8 +279,46 @@ class CacheManager:
         self.servers[c.vm] = srv
         self.guests.setdefault(c.vm, GuestView())
         self.epochs.setdefault(c.vm, 0)
+        if c.params.get("transport") == "vhost-user":  # attached so before a restart: QEMU reconnects
+            await self.serve_vhost(c.vm, str(c.params.get("vhost_serial") or GUEST_SERIAL))
+
+    async def serve_vhost(self, vm: str, serial: str) -> Path:
+        """Serve ``vm``'s export as a vhost-user-blk backend too (same map and lock as its NBD
+        export); remembered in sqlite so that a restarted daemon serves it again. Only ``vm``'s
+        own QEMU may connect (its pid, checked with SO_PEERCRED)."""
+        exp = self.exports.get(vm)
+        if exp is None:
+            raise NotFound(f"no cache for {vm!r}")
+        if exp.native is None:
+            raise Unavailable(f"vhost-user needs the native data path: {nbdfast.why()}")
+        old = self.vhosts.pop(vm, None)
+        if old is not None:
+            await asyncio.to_thread(old.close)
+        gid = None
+        with contextlib.suppress(KeyError):
+            gid = grp.getgrnam("kvm").gr_gid
+        srv = VhostUserServer(exp, self.socket_path(vm, "vhost-user"), serial, socket_gid=gid,
+                              allow_peer=self.peer_check(vm) if self.peer_check else None)
+        await asyncio.to_thread(srv.start)
+        self.vhosts[vm] = srv
+        c = self._cache(vm)
+        if c.params.get("transport") != "vhost-user" or c.params.get("vhost_serial") != serial:
+            self.bmap.update_cache(vm, params=dict(c.params, transport="vhost-user", vhost_serial=serial))
+        return srv.socket_path
+
+    async def unserve_vhost(self, vm: str) -> None:
+        srv = self.vhosts.pop(vm, None)
+        if srv is not None:
+            await asyncio.to_thread(srv.close)
+        c = self.bmap.cache(vm)
+        if c is not None and "transport" in c.params:
+            self.bmap.update_cache(vm, params={k: v for k, v in c.params.items()
+                                               if k not in ("transport", "vhost_serial")})
 
     async def _unserve(self, vm: str) -> None:
+        vh = self.vhosts.pop(vm, None)
+        if vh is not None:
+            await asyncio.to_thread(vh.close)
         srv = self.servers.pop(vm, None)
         self.exports.pop(vm, None)
         if srv is not None:
@@ -967,14 +1011,27 @@ class CacheManager:
     def views(self) -> list[dict[str, Any]]:
         return [self.view(c.vm) for c in self.bmap.caches() if c.vm != DD_OWNER]
 
-    def disk_xml(self, vm: str, target_dev: str = "vdb", serial: str = GUEST_SERIAL) -> str:
+    def disk_xml(self, vm: str, target_dev: str = "vdb", serial: str = GUEST_SERIAL, transport: str = "nbd") -> str:
         """libvirt ``<disk>`` for hot-plugging ``vm``'s elastic SSD (QEMU's NBD client).
 
         libvirt 9.0 has no ``<reconnect>`` for NBD disks: when the daemon restarts, QEMU's
         client reconnects on the guest's next request, and requests issued while the daemon
-        is down fail with EIO (the guest cache treats that as a miss)."""
+        is down fail with EIO (the guest cache treats that as a miss).
+
+        ``transport='vhost-user'``: a ``vhost-user-blk-pci`` on our backend's socket (the domain
+        needs shared memfd RAM); QEMU reconnects within a second of a daemon restart. libvirt
+        takes no ``<serial>`` for it: the backend answers the guest's GET_ID with ``serial``."""
         from xml.sax.saxutils import escape, quoteattr
 
+        if transport == "vhost-user":
+            return (
+                "<disk type='vhostuser' device='disk'>"
+                "<driver name='qemu' type='raw' queues='1' queue_size='256'/>"
+                f"<source type='unix' path={quoteattr(str(self.socket_path(vm, transport)))}>"
+                "<reconnect enabled='yes' timeout='1'/></source>"
+                f"<target dev={quoteattr(target_dev)} bus='virtio'/>"
+                "</disk>"
+            )
         name = self.export_name(vm)
         return (
             "<disk type='network' device='disk'>"

@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from symbiont.errors import NotFound, Unavailable
+from symbiont.errors import Invalid, NotFound, Unavailable
 from symbiont.part import Part, PartContext, Period
 from symbiont.ssdcache.config import CONFIG, SsdCacheConfig
 from symbiont.ssdcache.manager import CacheManager, default_runtime_dir, policy_due
@@ -63,10 +63,16 @@ class SsdCachePart(Part):
             pool_dir=c.pool_dir or Path(state_dir) / "ssdcache-pools",
             allowed_devices=list(c.allowed_devices), max_caches=c.max_caches,
             size_overcommit=c.size_overcommit, reserve_free_mib=c.reserve_free_mib,
+            peer_check=self._own_qemu,
         )
         await mgr.start()
         self.manager = mgr
         log.info("ssdcache: %d caches served, sockets in %s", len(mgr.servers), runtime)
+
+    def _own_qemu(self, vm: str) -> Any:
+        """The vhost-user socket's gate for ``vm``: only the pid of ``vm``'s own QEMU."""
+        host = self.ctx.host
+        return lambda pid: host.qemu_pid(vm) == pid
 
     async def observe(self, period: Period) -> dict[str, Any] | None:
         return await self.manager.observe_period() if self.manager is not None else None
@@ -91,13 +97,29 @@ class SsdCachePart(Part):
 
     # -- the elastic disk in a domain (the API's attach/detach), through the host port -------
     # A refusal by libvirt or QEMU is a host.port.HostError (the API answers 409 with it).
-    async def attach(self, vm: str, target_dev: str, serial: str, reconnect_delay_s: int) -> dict[str, Any]:
-        """Hot-plug the elastic disk: libvirt XML, or QMP with NBD reconnect-delay."""
+    async def attach(self, vm: str, target_dev: str, serial: str, reconnect_delay_s: int,
+                     transport: str = "nbd") -> dict[str, Any]:  # fmt: skip
+        """Hot-plug the elastic disk: libvirt XML, QMP with NBD reconnect-delay, or a
+        vhost-user-blk device on our backend (``transport='vhost-user'``)."""
         mgr = self.require_manager()
-        xml = mgr.disk_xml(vm, target_dev, serial)
         host = self.ctx.host
         if not await self.ctx.blocking(host.exists, vm):
             raise NotFound(f"no libvirt domain {vm!r}")
+        if transport == "vhost-user":
+            if reconnect_delay_s:
+                raise Invalid("reconnect_delay_s is for transport nbd (vhost-user reconnects by itself)")
+            sock = await mgr.serve_vhost(vm, serial)
+            xml = mgr.disk_xml(vm, target_dev, serial, transport)
+            try:
+                await self.ctx.blocking(host.attach_disk, vm, xml)
+            except Exception:
+                await mgr.unserve_vhost(vm)
+                raise
+            self.ctx.decisions.log("attach", vm, {"target_dev": target_dev, "transport": transport},
+                                   {"socket": str(sock)})  # fmt: skip
+            await mgr.sync_guest(vm)
+            return {"attached": vm, "target_dev": target_dev, "transport": transport, "xml": xml}
+        xml = mgr.disk_xml(vm, target_dev, serial)
         if reconnect_delay_s:
             node = await self.ctx.blocking(host.attach_nbd_disk, vm, str(mgr.socket_path(vm)), mgr.export_name(vm),
                                            target_dev, serial, reconnect_delay_s)
@@ -108,14 +130,20 @@ class SsdCachePart(Part):
         await self.ctx.blocking(host.attach_disk, vm, xml)
         self.ctx.decisions.log("attach", vm, {"target_dev": target_dev}, {"ok": True})
         await mgr.sync_guest(vm)
-        return {"attached": vm, "target_dev": target_dev, "xml": xml}
+        return {"attached": vm, "target_dev": target_dev, "transport": transport, "xml": xml}
 
-    async def detach(self, vm: str, target_dev: str, serial: str, reconnect_delay_s: int) -> dict[str, Any]:
+    async def detach(self, vm: str, target_dev: str, serial: str, reconnect_delay_s: int,
+                     transport: str = "nbd") -> dict[str, Any]:  # fmt: skip
         mgr = self.require_manager()
-        xml = mgr.disk_xml(vm, target_dev, serial)
         host = self.ctx.host
         if not await self.ctx.blocking(host.exists, vm):
             raise NotFound(f"no libvirt domain {vm!r}")
+        if transport == "vhost-user":
+            await self.ctx.blocking(host.detach_disk, vm, mgr.disk_xml(vm, target_dev, serial, transport))
+            await mgr.unserve_vhost(vm)
+            self.ctx.decisions.log("detach", vm, {"target_dev": target_dev, "transport": transport}, {"ok": True})
+            return {"detached": vm}
+        xml = mgr.disk_xml(vm, target_dev, serial)
         if reconnect_delay_s or await self.ctx.blocking(host.nbd_disk_attached, vm, target_dev):
             await self.ctx.blocking(host.detach_nbd_disk, vm, target_dev, timeout=90.0)
             self.ctx.decisions.log("detach", vm, {"target_dev": target_dev, "via": "qmp"}, {"ok": True})

@@ -20,7 +20,9 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from symbiont.ssdcache.nbdserver import Export
@@ -34,15 +36,19 @@ class VhostUserServer:
     """Serves one :class:`Export` as a vhost-user-blk backend on a unix socket."""
 
     def __init__(self, export: Export, socket_path: str | Path, serial: str, *, socket_mode: int = 0o660,
-                 socket_gid: int | None = None, workers: int = WORKERS) -> None:  # fmt: skip
+                 socket_gid: int | None = None, workers: int = WORKERS,
+                 allow_peer: Callable[[int], bool] | None = None) -> None:  # fmt: skip
         """``serial``: what the guest reads as the disk's serial (at most 20 bytes; the guest
-        agent finds its elastic disk by it)."""
+        agent finds its elastic disk by it). ``allow_peer(pid)``: whether the process that
+        connected may be served (the VM's own QEMU: every QEMU runs as the same user, so the
+        socket's mode alone cannot keep another VM's QEMU out; NBD has its export secret)."""
         if export.native is None:
             raise RuntimeError(f"export {export.name}: vhost-user needs the native data path")
         self.export, self.serial, self.workers = export, serial, workers
         self.socket_path = Path(socket_path)
         self.socket_mode, self.socket_gid = socket_mode, socket_gid
-        self.connections = 0
+        self.allow_peer = allow_peer
+        self.connections = self.refused = 0
         self.last_drop = ""
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
@@ -72,6 +78,18 @@ class VhostUserServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # closed
+            pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            try:
+                allowed = self.allow_peer is None or self.allow_peer(pid)
+            except Exception as exc:  # noqa: BLE001 - the check failing refuses, never kills the server
+                log.warning("export %s: peer check failed: %s", self.export.name, exc)
+                allowed = False
+            if not allowed:
+                self.refused += 1
+                self.last_drop = f"refused pid {pid}: not this VM's QEMU"
+                log.warning("export %s: vhost-user connection from pid %d refused", self.export.name, pid)
+                conn.close()
+                continue
             self._conn = conn
             self.connections += 1
             try:
