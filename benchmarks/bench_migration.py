@@ -10,14 +10,18 @@ there over one path and back over the other, so both paths see the same state:
 * write rates (default 0.25, 4, 16 MiB/s) at 32 MiB, relay and network;
 * the stop-and-copy baseline (no pre-dump: the freeze of before) at 32 MiB, both paths.
 
-Printed: a markdown table (freeze = from the freeze to the restored copy confirmed running),
-and per pair the ratio relay / network of host CPU seconds (both QEMU processes + the
-daemon) per migrated MiB, measured in the same run. As root:
+Every plan step moves the container over each of ``--paths`` in turn (default: the relay
+with its serial frames, the relay with its shm channel, the guest network; the last is the
+baseline). Printed: a markdown table (freeze = from the freeze to the restored copy confirmed
+running), and per group the ratio of each path to the baseline of host CPU seconds (both QEMU
+processes + the daemon) per migrated MiB, measured in the same run. As root:
 
     .venv/bin/python benchmarks/bench_migration.py
     .venv/bin/python benchmarks/bench_migration.py --sizes 32 --rates "" --no-baseline   # quick
     .venv/bin/python benchmarks/bench_migration.py --grid --rates 4096   # 8/32/128 MiB x 1 and 4 MiB/s
-    .venv/bin/python benchmarks/bench_migration.py --sizes 32 --rates "" --no-baseline --reps 3   # 3 pairs
+    .venv/bin/python benchmarks/bench_migration.py --sizes 32 --rates "" --no-baseline --reps 3   # 3 groups
+    .venv/bin/python benchmarks/bench_migration.py --sizes 32 --rates 256 --no-baseline --reps 2 \\
+        --paths relay-serial,relay-shm,network   # the fourth round
 """
 
 from __future__ import annotations
@@ -45,11 +49,21 @@ def start(s: LabSession, vm: str, ct: str, mib: int, dirty_kib_s: int) -> None:
         })  # fmt: skip
 
 
+PATHS = {  # row label -> the request's path and relay channel
+    "relay-serial": {"path": "relay", "channel": "serial"},
+    "relay-shm": {"path": "relay", "channel": "shm"},
+    "network": {"path": "network"},
+}
+
+
 def one(s: LabSession, src: str, dst: str, ct: str, path: str, predumps: int, size: int, dirty: int) -> dict[str, Any]:
-    m = migrate(s, {"vm": src, "ct": ct, "to": dst, "path": path, "predumps": predumps})
+    m = migrate(s, {"vm": src, "ct": ct, "to": dst, **PATHS[path], "predumps": predumps})
     if m["phase"] != "done":
         raise SystemExit(f"migration {m['id']} failed: {m['error']}")
+    if path == "relay-shm" and m["result"].get("channel") != "shm":
+        raise SystemExit(f"migration {m['id']}: no shm channel ({m['result'].get('shm_fallback')})")
     r = _row(m, size)
+    r["path"] = path
     pr = m["progress"]
     fs = m["result"].get("freeze_steps") or {}
     xfer = m["result"].get("transfer_cpu") or {}
@@ -61,7 +75,7 @@ def one(s: LabSession, src: str, dst: str, ct: str, path: str, predumps: int, si
         steps=fs, final_xfer_s=round(sum(fs.get(k, 0.0) for k in ("manifest_s", "send_s", "verify_s")), 3),
         xfer_cpu_s_per_mib=xfer.get("cpu_s_per_mib"), xfer_mib_s=round(xfer.get("bytes", 0) / MiB / max(1e-9, xfer.get("seconds", 0.0)), 2),
     )  # fmt: skip
-    print(f"  {path:7s} {size:4d} MiB {dirty:6d} KiB/s predumps {r['predumps']} ({r['stop']}): moved {r['moved_mib']:.1f} "
+    print(f"  {path:12s} {size:4d} MiB {dirty:6d} KiB/s predumps {r['predumps']} ({r['stop']}): moved {r['moved_mib']:.1f} "
           f"MiB, final {r['final_mib']:.2f} MiB, freeze {r['freeze_s']:.2f} s (dump {r['dump_s']:.2f}, restore "
           f"{r['restore_s']:.2f}), total {r['total_s']:.1f} s, {r['host_cpu_s_per_mib']:.3f} host CPU s/MiB, "
           f"transfers alone {r['xfer_cpu_s_per_mib']} s/MiB at {r['xfer_mib_s']} MiB/s; pre-dumps MiB "
@@ -100,7 +114,12 @@ def main() -> None:
     ap.add_argument("--grid", action="store_true", help="every size at every write rate (--dirty and --rates)")
     ap.add_argument("--memory-mib", type=int, default=768, help="guest memory")
     ap.add_argument("--reps", type=int, default=1, help="run the whole plan this many times (same lab)")
+    ap.add_argument("--paths", default="relay-serial,relay-shm,network",
+                    help=f"which paths, in this order, the last one the baseline ({', '.join(PATHS)})")
     args = ap.parse_args()
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if len(paths) < 2 or any(x not in PATHS for x in paths):
+        raise SystemExit(f"--paths: two or more of {', '.join(PATHS)}")
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     rates = [int(x) for x in args.rates.split(",") if x.strip()]
     plan: list[tuple[int, int, int]] = [(size, args.dirty, args.predumps) for size in sizes]
@@ -123,32 +142,49 @@ def main() -> None:
             ct = f"b{i}"
             start(s, a, ct, size, dirty)
             time.sleep(6 + size / 16)  # allocated and writing
-            for path, src, dst in (("relay", a, b), ("network", b, a)):
-                rows.append(one(s, src, dst, ct, path, predumps, size, dirty))
+            where = a
+            for path in paths:  # there and back: every path moves the same container's state
+                other = b if where == a else a
+                rows.append(one(s, where, other, ct, path, predumps, size, dirty))
+                where = other
             with s.client() as c:
-                c.call("DELETE", f"/v1/cpu/vms/{a}/containers/{ct}")
+                c.call("DELETE", f"/v1/cpu/vms/{where}/containers/{ct}")
+    base = paths[-1]
     print()
     print("| path | size MiB | writes KiB/s | pre-dumps (why stopped) | moved MiB | final dump MiB | freeze s "
-          "| dump s | final transfer s | restore s | total s | host CPU s/MiB (whole) | relay/network | "
-          "host CPU s/MiB (transfers alone) | relay/network |")
+          f"| dump s | final transfer s | restore s | total s | host CPU s/MiB (whole) | /{base} | "
+          f"host CPU s/MiB (transfers alone) | /{base} |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    ratios, xratios = [], []
-    for j in range(0, len(rows), 2):
-        r, n = rows[j], rows[j + 1]
-        ratio = r["host_cpu_s_per_mib"] / max(1e-9, n["host_cpu_s_per_mib"])
-        ratios.append(ratio)
-        xratio = (r["xfer_cpu_s_per_mib"] or 0.0) / max(1e-9, n["xfer_cpu_s_per_mib"] or 0.0)
-        xratios.append(xratio)
-        for x, extra, xextra in ((r, f"x{ratio:.2f}", f"x{xratio:.2f}"), (n, "", "")):
+    k = len(paths)
+    ratios: dict[str, list[float]] = {p: [] for p in paths[:-1]}
+    xratios: dict[str, list[float]] = {p: [] for p in paths[:-1]}
+    for j in range(0, len(rows), k):
+        group = rows[j : j + k]
+        n = group[-1]
+        for x in group:
+            extra = xextra = ""
+            if x is not n:
+                ratio = x["host_cpu_s_per_mib"] / max(1e-9, n["host_cpu_s_per_mib"])
+                xratio = (x["xfer_cpu_s_per_mib"] or 0.0) / max(1e-9, n["xfer_cpu_s_per_mib"] or 0.0)
+                ratios[x["path"]].append(ratio)
+                xratios[x["path"]].append(xratio)
+                extra, xextra = f"x{ratio:.2f}", f"x{xratio:.2f}"
             print(f"| {x['path']} | {x['size_mib']} | {x['dirty_kib_s']} | {x['predumps']} ({x['stop']}) | "
                   f"{x['moved_mib']:.1f} | {x['final_mib']:.2f} | {x['freeze_s']:.2f} | {x['dump_s']:.2f} | "
                   f"{x['final_xfer_s']:.2f} | {x['restore_s']:.2f} | {x['total_s']:.1f} | "
                   f"{x['host_cpu_s_per_mib']:.3f} | {extra} | {x['xfer_cpu_s_per_mib']} | {xextra} |")  # fmt: skip
     print()
-    print(f"relay / network host CPU per migrated MiB, whole migration: median x{statistics.median(ratios):.2f} "
-          f"(min x{min(ratios):.2f}, max x{max(ratios):.2f}) over {len(ratios)} pairs")
-    print(f"relay / network host CPU per MiB, transfers alone: median x{statistics.median(xratios):.2f} "
-          f"(min x{min(xratios):.2f}, max x{max(xratios):.2f}) over {len(xratios)} pairs")
+    for p in paths[:-1]:
+        r, xr = ratios[p], xratios[p]
+        print(f"{p} / {base} host CPU per migrated MiB, whole migration: median x{statistics.median(r):.2f} "
+              f"(min x{min(r):.2f}, max x{max(r):.2f}) over {len(r)} runs")
+        print(f"{p} / {base} host CPU per MiB, transfers alone: median x{statistics.median(xr):.2f} "
+              f"(min x{min(xr):.2f}, max x{max(xr):.2f}) over {len(xr)} runs")
+    for p in paths:
+        fr = [x["freeze_s"] for x in rows if x["path"] == p]
+        tp = [x["xfer_mib_s"] for x in rows if x["path"] == p]
+        print(f"{p}: freeze median {statistics.median(fr):.2f} s ({min(fr):.2f}-{max(fr):.2f}); transfers "
+              f"median {statistics.median(tp):.2f} MiB/s ({min(tp):.2f}-{max(tp):.2f})")
 
 
 if __name__ == "__main__":

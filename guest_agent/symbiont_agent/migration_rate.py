@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
+from collections import deque
 
 MODES = ("adaptive", "fixed")
 MAX_CHUNK = (16 << 20) - (64 << 10)  # one frame: the protocol's 16 MiB payload less room for headers
@@ -141,6 +142,22 @@ def validate_manifest(manifest: object, max_total: int) -> dict[str, dict[str, o
 
 def validate_chunk(meta: object, payload: bytes, files: dict[str, dict[str, object]], max_chunk: int) -> dict:
     """Check one chunk's header against its payload and the manifest; return the header."""
+    head = validate_chunk_head(meta, files, max_chunk)
+    if head["len"] != len(payload):
+        raise StreamError(f"{head['path']}@{head['off']}: header says {head['len']} bytes, payload has {len(payload)}")
+    check_crc(head, payload)
+    return head
+
+
+def check_crc(head: dict, data: bytes | memoryview) -> None:
+    """The chunk's bytes (wherever they lie: a frame's payload or a shared region) match its CRC-32."""
+    if crc32(data) != head["crc"]:
+        raise StreamError(f"{head['path']}@{head['off']}: checksum mismatch (corrupted chunk)")
+
+
+def validate_chunk_head(meta: object, files: dict[str, dict[str, object]], max_chunk: int) -> dict:
+    """A chunk's header alone (the ``shm`` channel carries no payload): path in the manifest,
+    offset and length within the file and the chunk limit, a 32-bit CRC."""
     if not isinstance(meta, dict):
         raise StreamError("chunk header must be an object")
     path = validate_relpath(meta.get("path"))
@@ -152,8 +169,6 @@ def validate_chunk(meta: object, payload: bytes, files: dict[str, dict[str, obje
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise StreamError(f"chunk {key} must be a non-negative integer")
     assert isinstance(off, int) and isinstance(length, int)
-    if length != len(payload):
-        raise StreamError(f"{path}@{off}: header says {length} bytes, payload has {len(payload)}")
     if length > max_chunk:
         raise StreamError(f"{path}@{off}: {length} bytes exceeds the chunk limit {max_chunk}")
     size = entry["size"]
@@ -162,6 +177,69 @@ def validate_chunk(meta: object, payload: bytes, files: dict[str, dict[str, obje
         raise StreamError(f"{path}@{off}+{length}: beyond the file's {size} bytes")
     if isinstance(crc, bool) or not isinstance(crc, int) or not 0 <= crc <= 0xFFFFFFFF:
         raise StreamError(f"{path}@{off}: crc must be a 32-bit unsigned integer")
-    if crc32(payload) != crc:
-        raise StreamError(f"{path}@{off}: checksum mismatch (corrupted chunk)")
     return {"path": path, "off": off, "len": length, "crc": crc}
+
+
+# -- the ``shm`` channel: a per-VM shared region (ivshmem-plain BAR2 in the guest) -----------------
+SHM_HEADER = 4096  # the region's first page: a 16-byte token (which device is this region); data after
+SHM_TOKEN = 16
+
+
+def shm_size(window: int, chunk: int) -> int:
+    """Region size (a power of two, as ivshmem's BAR needs) for a relay window and chunk size:
+    the header page, plus window + chunk of ring, which always has room for what the window
+    admits (see :class:`Ring`), plus a byte for each empty file a manifest may list."""
+    need = SHM_HEADER + window + chunk + 4096
+    return 1 << max(20, (need - 1).bit_length())
+
+
+def validate_span(at: object, length: int, data_size: int) -> int:
+    """``at`` (an offset in a region's data area) and ``length`` lie inside its ``data_size`` bytes."""
+    if isinstance(at, bool) or not isinstance(at, int) or at < 0 or at + length > data_size:
+        raise StreamError(f"region span {at!r}+{length} outside the region's {data_size} data bytes")
+    return at
+
+
+class Ring:
+    """Contiguous allocations in a region's data area, freed oldest first.
+
+    The source guest reads each chunk into the next allocation of its region and frees the
+    oldest ones once the relay says it took them; the relay allocates its copy in the
+    destination's region and frees it when the destination wrote it. With ``size`` >= window
+    + chunk and at most ``window`` bytes allocated, an allocation of up to ``chunk`` bytes
+    always fits (the gap left at the end by a wrap is below ``chunk``)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.q: deque[tuple[int, int]] = deque()
+
+    def alloc(self, n: int) -> int | None:
+        """Start of ``n`` contiguous bytes (an empty chunk takes one), or None: no room now."""
+        n = max(1, n)
+        if n > self.size:
+            return None
+        if not self.q:
+            start = 0
+        else:
+            h, t = self.q[0][0], self.q[-1][1]
+            if self.q[-1][0] >= h:  # not wrapped: room at the end, else at the start
+                if t + n <= self.size:
+                    start = t
+                elif n <= h:
+                    start = 0
+                else:
+                    return None
+            elif t + n <= h:
+                start = t
+            else:
+                return None
+        self.q.append((start, start + n))
+        return start
+
+    def release(self, count: int = 1) -> None:
+        """Free the ``count`` oldest allocations."""
+        for _ in range(min(count, len(self.q))):
+            self.q.popleft()
+
+    def __len__(self) -> int:
+        return len(self.q)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
+import re
 import shutil
 import socket
 import tarfile
@@ -52,6 +54,91 @@ _LOCK = threading.Lock()
 
 
 STALL_S = 30.0  # a sender with no acknowledgement for this long gives up (the relay is gone)
+
+# -- the ``shm`` channel: this guest's side of its migration region -------------------------------
+PCI_DEVICES = "/sys/bus/pci/devices"
+IVSHMEM = ("0x1af4", "0x1110")  # ivshmem-plain (vendor, device)
+DEV_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_REGIONS: dict[str, tuple[str, mmap.mmap]] = {}  # mid -> (token, BAR2 mapping)
+
+
+def _shm_map(mid: str, desc: Any, wait: float = 0.0) -> mmap.mmap:
+    """The migration's region: the ivshmem-plain device ``dev`` the host hot-plugged, its BAR2
+    mapped (once per migration). The host wrote ``token`` into the region's header: a device
+    without it is not this migration's region and is refused."""
+    if not isinstance(desc, dict):
+        raise InvalidSpec("shm: expected {dev, size, token}")
+    dev, size, token = desc.get("dev"), desc.get("size"), desc.get("token")
+    if not isinstance(dev, str) or not DEV_RE.match(dev):
+        raise InvalidSpec(f"shm.dev: expected a PCI address such as 0000:00:06.0, got {dev!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or not (1 << 20) <= size <= (1 << 30) or size & (size - 1):
+        raise InvalidSpec(f"shm.size: expected a power of two between 1 MiB and 1 GiB, got {size!r}")
+    if not isinstance(token, str) or not re.fullmatch(r"[0-9a-f]{32}", token):
+        raise InvalidSpec("shm.token: expected 32 hex digits")
+    with _LOCK:
+        cached = _REGIONS.get(mid)
+    if cached is not None and cached[0] == token:
+        return cached[1]
+    d = os.path.join(PCI_DEVICES, dev)
+    deadline = time.monotonic() + wait
+    while not os.path.exists(os.path.join(d, "resource2")):  # ACPI hot-plug: the guest sees it soon
+        if time.monotonic() >= deadline:
+            raise Conflict(f"no PCI device {dev} with a BAR2 in this guest (the region is not plugged in)")
+        time.sleep(0.2)
+    ids = []
+    for f in ("vendor", "device"):
+        with open(os.path.join(d, f)) as fh:
+            ids.append(fh.read().strip())
+    if tuple(ids) != IVSHMEM:
+        raise Conflict(f"PCI device {dev} is {ids[0]}:{ids[1]}, not ivshmem-plain")
+    with open(os.path.join(d, "enable")) as fh:
+        enabled = fh.read().strip() != "0"
+    if not enabled:
+        with open(os.path.join(d, "enable"), "w") as fh:
+            fh.write("1")
+    fd = os.open(os.path.join(d, "resource2"), os.O_RDWR)
+    try:
+        have = os.fstat(fd).st_size
+        if have != size:
+            raise Conflict(f"PCI device {dev}: BAR2 has {have} bytes, the region {size}")
+        mm = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    if mm[: rate.SHM_TOKEN] != bytes.fromhex(token):
+        mm.close()
+        raise Conflict(f"PCI device {dev} is not this migration's region (token differs)")
+    with _LOCK:
+        old = _REGIONS.pop(mid, None)
+        _REGIONS[mid] = (token, mm)
+    if old is not None:
+        _close_map(old[1])
+    return mm
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a send or write still holds a view: the mapping goes with it
+        pass
+
+
+def _shm_drop(mid: Any) -> bool:
+    with _LOCK:
+        old = _REGIONS.pop(str(mid), None)
+    if old is not None:
+        _close_map(old[1])
+    return old is not None
+
+
+@op("mig-shm", threaded=True)
+def _shm(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    """Map (and check) the migration's region once the host plugged it in, or let go of it
+    (``release``) before the host unplugs it."""
+    mid = rate.validate_mid(args.get("mid"))
+    if args.get("release"):
+        return {"released": _shm_drop(mid)}
+    mm = _shm_map(mid, args.get("shm"), _num(args, "wait", 20.0, 0.0, 120.0))
+    return {"mapped": len(mm)}
 
 
 def _dir(mid: Any) -> str:
@@ -268,6 +355,7 @@ def _credit(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         if st is None:
             return {"known": False}
         st["acked"] = max(st["acked"], acked)
+        st["taken"] = max(st.get("taken", 0.0), _int(args, "taken", 0, 0, 1 << 40))
         st["bw"] = bw
         if args.get("stop"):  # the relay refused the stream (a damaged chunk): stop sending
             st["stop"] = 1.0
@@ -290,54 +378,93 @@ def _send(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     chunk = _int(args, "chunk", 4 << 20, rate.MIN_CHUNK, min(rate.MAX_CHUNK, proto.MAX_BINARY - 4096))
     window = _int(args, "window", 16 << 20, chunk, 1 << 30)
     fixed = _num(args, "rate", 8e6, 1e3, 1e12)
+    # The shm channel: each chunk is read straight into this guest's region and the event
+    # names where it lies (no payload); the region's ring frees what the relay took.
+    mv: memoryview | None = None
+    ring: rate.Ring | None = None
+    if args.get("shm") is not None:
+        mm = _shm_map(mid, args.get("shm"))
+        if len(mm) - rate.SHM_HEADER < window + chunk:
+            raise InvalidSpec(f"shm: a {len(mm)}-byte region is too small for window {window} + chunk {chunk}")
+        mv = memoryview(mm)[rate.SHM_HEADER :]
+        ring = rate.Ring(len(mv))
     with _LOCK:
-        _CREDITS[mid] = {"acked": 0.0, "bw": _num(args, "bw", 8e6, 1.0, 1e12)}
+        _CREDITS[mid] = {"acked": 0.0, "taken": 0.0, "bw": _num(args, "bw", 8e6, 1.0, 1e12)}
     st = _CREDITS[mid]
     st["at"] = time.monotonic()
-    sent = chunks = retries = 0
+    sent = chunks = retries = freed = 0
     slept = 0.0
     t0 = time.monotonic()
     next_at = t0
     try:
         for p in paths:
-            with open(os.path.join(d, p), "rb") as fh:
+            with open(os.path.join(d, p), "rb", buffering=0) as fh:
                 off = 0
+                size = os.fstat(fh.fileno()).st_size
                 while True:
-                    data = fh.read(chunk)
-                    if not data and off > 0:
+                    data: bytes | memoryview = b""
+                    if ring is not None:  # read below, once the window has room
+                        need = min(chunk, max(0, size - off))
+                    else:
+                        data = fh.read(chunk)
+                        need = len(data)
+                    if not need and off > 0:
                         break
                     if st.get("stop"):
                         raise OSError("the relay stopped the stream")
                     while True:  # wait for room in the relay's window
                         free = rate.free_space(window, sent, int(st["acked"]))
                         if mode == "adaptive":
-                            delay = rate.adaptive_delay(len(data), free, st["bw"])
+                            delay = rate.adaptive_delay(need, free, st["bw"])
                         else:
                             delay = max(0.0, next_at - time.monotonic())
                         if delay > 0:
                             time.sleep(delay)
                             slept += delay
-                        if len(data) <= rate.free_space(window, sent, int(st["acked"])):
+                        if need <= rate.free_space(window, sent, int(st["acked"])):
                             break
                         retries += 1  # found the buffer full: a wasted interaction
                         if time.monotonic() - st["at"] > STALL_S or _is_aborted(mid) or st.get("stop"):
                             raise OSError(f"no acknowledgement from the relay for {STALL_S:.0f} s")
                         if mode == "fixed":
-                            next_at = time.monotonic() + rate.fixed_delay(len(data), fixed)
-                    meta = {"mid": mid, "path": p, "off": off, "len": len(data), "crc": rate.crc32(data)}
-                    if not agent.emit(proto.event("mig-chunk", meta), data):
+                            next_at = time.monotonic() + rate.fixed_delay(need, fixed)
+                    extra: dict[str, Any] = {}
+                    if ring is not None and mv is not None:
+                        taken = int(st.get("taken", 0))
+                        ring.release(taken - freed)
+                        freed = max(freed, taken)
+                        at = ring.alloc(need)
+                        while at is None:  # the window admits it: the relay is about to take older ones
+                            if time.monotonic() - st["at"] > STALL_S or _is_aborted(mid) or st.get("stop"):
+                                raise OSError(f"no room in the region and no acknowledgement for {STALL_S:.0f} s")
+                            time.sleep(0.005)
+                            taken = int(st.get("taken", 0))
+                            ring.release(taken - freed)
+                            freed = max(freed, taken)
+                            at = ring.alloc(need)
+                        n = fh.readinto(mv[at : at + need]) or 0
+                        if n != need:
+                            raise OSError(f"{p} changed while it was sent ({n} of {need} bytes at {off})")
+                        data = mv[at : at + n]
+                        extra["at"] = at
+                    meta = {"mid": mid, "path": p, "off": off, "len": len(data), "crc": rate.crc32(data), **extra}
+                    if not agent.emit(proto.event("mig-chunk", meta), b"" if ring is not None else data):
                         raise OSError("the host stopped reading the channel")
                     sent += len(data)
                     chunks += 1
                     off += len(data)
                     next_at = time.monotonic() + rate.fixed_delay(max(len(data), 1), fixed)
-                    if not data:
+                    if not need:
                         break  # an empty file: one empty chunk
     finally:
         with _LOCK:
             _CREDITS.pop(mid, None)
+        if mv is not None:
+            data = b""
+            mv.release()
     secs = time.monotonic() - t0
     return {
+        "channel": "serial" if ring is None else "shm",
         "bytes": sent,
         "chunks": chunks,
         "retries": retries,
@@ -352,22 +479,35 @@ def _send(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
 def _recv(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     """Write one relayed chunk after checking its CRC-32 (a corrupted chunk is refused; the
     whole file's SHA-256 is checked once at the end by ``mig-verify``)."""
-    d = _dir(args.get("mid"))
+    mid = rate.validate_mid(args.get("mid"))
+    d = _dir(mid)
     path = rate.validate_relpath(args.get("path"))
     off = _int(args, "off", 0, 0, MAX_TOTAL)
-    if len(payload) + off > MAX_TOTAL:
+    if args.get("shm") is not None:  # the relay copied the chunk into this guest's region at ``at``
+        mm = _shm_map(mid, args.get("shm"))
+        length = _int(args, "len", 0, 0, len(mm) - rate.SHM_HEADER)
+        try:
+            at = rate.validate_span(args.get("at"), length, len(mm) - rate.SHM_HEADER)
+        except rate.StreamError as exc:
+            raise InvalidSpec(str(exc)) from None
+        with memoryview(mm) as view:
+            return _write_chunk(d, path, off, view[rate.SHM_HEADER + at : rate.SHM_HEADER + at + length], args.get("crc"))
+    return _write_chunk(d, path, off, payload, args.get("crc"))
+
+
+def _write_chunk(d: str, path: str, off: int, data: bytes | memoryview, crc: Any) -> dict[str, Any]:
+    if len(data) + off > MAX_TOTAL:
         raise InvalidSpec("chunk beyond the migration's size limit")
-    crc = args.get("crc")
-    if isinstance(crc, bool) or not isinstance(crc, int) or rate.crc32(payload) != crc:
+    if isinstance(crc, bool) or not isinstance(crc, int) or rate.crc32(data) != crc:
         raise InvalidSpec(f"{path}@{off}: checksum mismatch, chunk refused (corrupted stream)")
     full = os.path.join(d, path)
     os.makedirs(os.path.dirname(full), exist_ok=True)
     fd = os.open(full, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        os.pwrite(fd, payload, off)
+        os.pwrite(fd, data, off)
     finally:
         os.close(fd)
-    return {"written": len(payload)}
+    return {"written": len(data)}
 
 
 @op("mig-verify")
@@ -571,6 +711,7 @@ def _resume(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
 def _abort(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     """Destination side of a failed migration: remove what it restored and received (idempotent)."""
     d = _dir(args.get("mid"))
+    _shm_drop(args.get("mid"))
     _set_aborted(args.get("mid"))
     name = args.get("name")
     removed = None
@@ -589,6 +730,7 @@ def _abort(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
 def _finish(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     """Source side after the destination confirmed: the frozen copy goes away (idempotent)."""
     d = _dir(args.get("mid"))
+    _shm_drop(args.get("mid"))
     name = args.get("name")
     MANAGER.load()
     destroyed = None
@@ -605,6 +747,7 @@ def _finish(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
 @op("mig-cleanup")
 def _cleanup(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     d = _dir(args.get("mid"))
+    _shm_drop(args.get("mid"))
     existed = os.path.isdir(d)
     shutil.rmtree(d, ignore_errors=True)
     return {"removed": existed}

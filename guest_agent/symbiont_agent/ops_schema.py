@@ -569,6 +569,7 @@ class MigCreditReq:
     acked: int = i(0, 1 << 40, 0)
     bw: float | None = num(1.0, 1e12, None)
     stop: bool = False
+    taken: int = i(0, 1 << 40, 0)  # shm channel: chunks the relay took out of the source's region
 
 
 @dataclass
@@ -580,6 +581,7 @@ class MigSendReq:
     window: int = i(0, 1 << 30, 4 << 20)
     rate: float = num(1e3, 1e12, 8e6)
     bw: float = num(1.0, 1e12, 8e6)
+    shm: Json | None = js(1024, None)  # the shm channel's region {dev, size, token}; None: serial frames
 
 
 @dataclass
@@ -589,6 +591,16 @@ class MigRecvReq:
     crc: int = i(0, 0xFFFFFFFF)
     off: int = i(0, 1 << 40, 0)
     len: int = i(0, MAX_BINARY, 0)
+    shm: Json | None = js(1024, None)  # the chunk lies in this guest's region at ``at``
+    at: int | None = i(0, 1 << 30, None)
+
+
+@dataclass
+class MigShmReq:
+    mid: str = s(MID)
+    shm: Json | None = js(1024, None)
+    release: bool = False
+    wait: float = num(0.0, 120.0, 20.0)
 
 
 @dataclass
@@ -697,6 +709,7 @@ for _verb, _req, _doc, _pin in (
     ("net-recv", MigNetRecvReq, "receive files over the migration network", 0),
     ("net-send", MigNetSendReq, "send files over the migration network", 0),
     ("addr", MigAddrReq, "add or remove the container's own address on the link", 0),
+    ("shm", MigShmReq, "map (or let go of) the migration's shared region (the relay's shm channel)", 0),
 ):
     _d(f"migration.{_verb}", _req, Open, f"mig-{_verb}", payload_in=_pin, doc=_doc)
 _d("paging.cold", Empty, ColdReply, "paging-cold", doc="runs of free and cold guest frames")

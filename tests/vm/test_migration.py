@@ -7,6 +7,7 @@ of the agents: its counter file (written by a second process through a pipe), it
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -145,6 +146,25 @@ def test_network_path_migrates_back(lab: LabSession) -> None:
     assert m["phase"] == "done", m
     assert m["result"]["network"] and m["progress"]["moved"] > 8 * MiB
     assert_counts_on(lab, vm1, "ctr", vm2)
+
+
+def test_shm_channel_migrates_and_leaves_no_region(lab: LabSession) -> None:
+    """The relay's shm channel: a region hot-plugged into each guest (ivshmem-plain), the
+    restored copy runs, and no region is left (no file under /dev/shm, no device in a domain)."""
+    vm1, vm2 = lab.names
+    create(lab, vm2, "shmc", mib=8)
+    m = migrate(lab, vm2, "shmc", vm1, path="relay", channel="shm", predumps=1)
+    assert m["phase"] == "done", m
+    assert m["result"]["channel"] == "shm", m["result"]
+    relay = m["result"]["relay"]
+    assert relay and all(r["channel"] == "shm" and r["sender"]["channel"] == "shm" for r in relay), relay
+    assert sum(r["relay_bytes"] for r in relay) == m["progress"]["moved"] > 4 * MiB
+    assert_counts_on(lab, vm1, "shmc", vm2)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"symbiont-mig-{m['id']}")]
+    for vm in (vm1, vm2):
+        assert "<shmem" not in lab.host.domain(vm).XMLDesc(0), vm
+    with lab.client() as c:
+        c.call("DELETE", f"/v1/cpu/vms/{vm1}/containers/shmc")
 
 
 @pytest.mark.parametrize("fault,words", [("corrupt", "checksum"), ("truncate", "truncated")])

@@ -408,3 +408,58 @@ class FakeHost:
 
     def detach_nbd_disk(self, vm: str, target: str) -> None:
         nbddisk.detach(lambda c, a: self.qmp(vm, c, a), target, timeout_s=0)
+
+    # -- migration: the relay's shm channel (regions are files in a folder of the test's) -------
+    shm_dir: str | None = None  # set by a test (tmp_path); else a temporary folder on first use
+
+    def _shm_path(self, region: str) -> str:
+        import os
+        import tempfile
+
+        if self.shm_dir is None:
+            self.shm_dir = tempfile.mkdtemp(prefix="fake-shm-")
+        return os.path.join(self.shm_dir, region)
+
+    def attach_shmem(self, vm: str, region: str, size_bytes: int) -> str:
+        """As QEMU does: the file is created (sparse) at attach; the address is the next free slot."""
+        d = self._dom(vm, "attach_shmem")
+        self.calls.append(("attach_shmem", vm, region, size_bytes))
+        with open(self._shm_path(region), "wb") as fh:
+            fh.truncate(size_bytes)
+        plugged = self.__dict__.setdefault("shmem", {})
+        plugged[(d.name, region)] = f"0000:00:{7 + len(plugged):02x}.0"
+        return plugged[(d.name, region)]  # type: ignore[no-any-return]
+
+    def detach_shmem(self, vm: str, region: str) -> bool:
+        if "detach_shmem" in self.fail:
+            raise self.fail["detach_shmem"]
+        self.calls.append(("detach_shmem", vm, region))
+        return self.__dict__.setdefault("shmem", {}).pop((vm, region), None) is not None
+
+    def open_shmem(self, region: str, size_bytes: int) -> Any:
+        import mmap
+        import os
+
+        try:
+            fd = os.open(self._shm_path(region), os.O_RDWR)
+        except OSError as exc:
+            raise HostError(f"region {region}: {exc.strerror}") from None
+        try:
+            return mmap.mmap(fd, size_bytes)
+        finally:
+            os.close(fd)
+
+    def remove_shmem(self, region: str) -> bool:
+        import os
+
+        self.calls.append(("remove_shmem", region))
+        try:
+            os.unlink(self._shm_path(region))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list_shmem(self) -> list[str]:
+        import os
+
+        return sorted(os.listdir(self.shm_dir)) if self.shm_dir and os.path.isdir(self.shm_dir) else []

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import grp
 import logging
+import mmap
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -225,6 +227,61 @@ class LibvirtHost:
                 return s.get("path")
         return None
 
+    # -- a shared-memory region per VM (the migration relay's shm channel) -----------------------
+    def attach_shmem(self, name: str, region: str, size_bytes: int) -> str:
+        """Hot-plug an ivshmem-plain device backed by ``/dev/shm/<region>`` (QEMU creates the
+        file) into the running domain; its guest PCI address (``0000:00:06.0``)."""
+        _check_region(region, size_bytes)
+        dom = self.domain(name)
+        xml = (f"<shmem name='{region}'><model type='ivshmem-plain'/>"
+               f"<size unit='B'>{size_bytes}</size></shmem>")  # fmt: skip
+        try:
+            dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise LibvirtError(f"{name}: libvirt refused to attach the region {region}: "
+                               f"{exc.get_error_message()}") from None  # fmt: skip
+        addr = self.shmem_address(name, region)
+        if addr is None:
+            raise LibvirtError(f"{name}: the region {region} is attached but has no PCI address")
+        return addr
+
+    def shmem_address(self, name: str, region: str) -> str | None:
+        """The guest PCI address of the domain's ``<shmem name=region>``; None: not attached."""
+        root = ET.fromstring(self.domain(name).XMLDesc(0))
+        for sh in root.iterfind("./devices/shmem"):
+            a = sh.find("address")
+            if sh.get("name") == region and a is not None and a.get("type") == "pci":
+                d, b, sl, f = (int(a.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function"))
+                return f"{d:04x}:{b:02x}:{sl:02x}.{f:x}"
+        return None
+
+    def detach_shmem(self, name: str, region: str, wait_s: float = 30.0) -> bool:
+        """Unplug the region's device and wait until it is gone from the domain; False: the
+        domain or the device was not there. The unplug is an ACPI request the guest answers
+        (0.07 s for an idle TCG guest, seconds for a busy one; libvirt itself waits 5 s and then
+        reports success while the removal is still pending): a guest that never lets go is an
+        error, and the caller keeps the region on its books."""
+        if not self.exists(name):
+            return False
+        # libvirt finds the device by name, model and size: hand it the live definition itself
+        root = ET.fromstring(self.domain(name).XMLDesc(0))
+        found = [sh for sh in root.iterfind("./devices/shmem") if sh.get("name") == region]
+        if not found:
+            return False
+        xml = ET.tostring(found[0], encoding="unicode")
+        try:
+            self.domain(name).detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise LibvirtError(f"{name}: libvirt refused to detach the region {region}: "
+                               f"{exc.get_error_message()}") from None  # fmt: skip
+        deadline = time.monotonic() + wait_s
+        while self.exists(name) and self.shmem_address(name, region) is not None:
+            if time.monotonic() > deadline:
+                raise LibvirtError(f"{name}: the region {region} is still plugged in {wait_s:.0f} s after the "
+                                   "unplug request (the guest has not released it)")  # fmt: skip
+            time.sleep(0.1)
+        return True
+
     def qemu_pid(self, name: str) -> int | None:
         # A second libvirtd (host/libvirt_instance.py) has its /run/libvirt at <socket dir>/run.
         sock = re.search(r"[?&]socket=([^&]+)", self.uri)
@@ -235,6 +292,52 @@ class LibvirtHost:
         except (OSError, ValueError):
             return None
         return pid if _pid_alive(pid) else None
+
+
+SHM_DIR = "/dev/shm"
+REGION_RE = re.compile(r"^symbiont-mig-[a-z0-9][a-z0-9-]{0,79}$")
+
+
+def _check_region(region: str, size_bytes: int | None = None) -> None:
+    if not REGION_RE.match(region):
+        raise HostError(f"region name {region!r} must match {REGION_RE.pattern}")
+    if size_bytes is not None and (size_bytes < 1 << 20 or size_bytes > 1 << 30 or size_bytes & (size_bytes - 1)):
+        raise HostError(f"region size {size_bytes}: a power of two between 1 MiB and 1 GiB")
+
+
+def open_shmem(region: str, size_bytes: int) -> mmap.mmap:
+    """The host side of a region QEMU created under /dev/shm, mapped read-write (shared)."""
+    _check_region(region, size_bytes)
+    path = os.path.join(SHM_DIR, region)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise HostError(f"region {region}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_size != size_bytes or not stat.S_ISREG(st.st_mode):
+            raise HostError(f"region {region}: {st.st_size} bytes, expected a {size_bytes}-byte file")
+        return mmap.mmap(fd, size_bytes)
+    finally:
+        os.close(fd)
+
+
+def remove_shmem(region: str) -> bool:
+    """Remove a region's file (a mapping that still holds it keeps its pages till it goes)."""
+    _check_region(region)
+    try:
+        os.unlink(os.path.join(SHM_DIR, region))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def list_shmem() -> list[str]:
+    """The regions' files now under /dev/shm (a daemon killed mid-migration leaves some)."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if REGION_RE.match(n))
+    except OSError:
+        return []
 
 
 def kill_pid(pid: int) -> None:

@@ -112,3 +112,10 @@ class HostPort(Protocol):
                         reconnect_delay_s: int) -> str: ...  # QMP; the node id (host.nbddisk)
     def nbd_disk_attached(self, vm: str, target: str) -> bool: ...
     def detach_nbd_disk(self, vm: str, target: str) -> None: ...  # waits for the guest to let go
+
+    # -- migration: one shared region per VM (ivshmem-plain), the relay's shm channel ------------
+    def attach_shmem(self, vm: str, region: str, size_bytes: int) -> str: ...  # live; guest PCI address
+    def detach_shmem(self, vm: str, region: str) -> bool: ...  # False: domain or device not there
+    def open_shmem(self, region: str, size_bytes: int) -> Any: ...  # mmap.mmap of the host's side
+    def remove_shmem(self, region: str) -> bool: ...  # its file; False: already gone
+    def list_shmem(self) -> list[str]: ...  # the regions' files that exist now

@@ -16,6 +16,7 @@ import libvirt
 import psutil
 
 from symbiont.host import ksm, nbddisk, procmem, tapwatch, zram
+from symbiont.host import libvirt_host as shmem
 from symbiont.host import pageout as po
 from symbiont.host.ksm import KSM_DIR, RUN_MERGE, Ksm, KsmdCpu, KsmStats
 from symbiont.host.ksm import process_merging_pages as _merging_pages
@@ -255,6 +256,22 @@ class SystemHost:
 
     def detach_disk(self, vm: str, xml: str) -> None:
         self._device(vm, xml, False)
+
+    # -- migration: the relay's shm channel (libvirt_host) ------------------------------------
+    def attach_shmem(self, vm: str, region: str, size_bytes: int) -> str:
+        return self.libvirt.attach_shmem(vm, region, size_bytes)
+
+    def detach_shmem(self, vm: str, region: str) -> bool:
+        return self.libvirt.detach_shmem(vm, region)
+
+    def open_shmem(self, region: str, size_bytes: int) -> Any:
+        return shmem.open_shmem(region, size_bytes)
+
+    def remove_shmem(self, region: str) -> bool:
+        return shmem.remove_shmem(region)
+
+    def list_shmem(self) -> list[str]:
+        return shmem.list_shmem()
 
     def attach_nbd_disk(self, vm: str, socket: str, export: str, target: str, serial: str,
                         reconnect_delay_s: int) -> str:

@@ -1,6 +1,6 @@
 """HTTP API of the migration part, mounted by the daemon under ``/v1/migration``.
 
-* ``POST /v1/migration`` ``{vm, ct, to, path, rate, ...}``: start (202 with the journal entry);
+* ``POST /v1/migration`` ``{vm, ct, to, path, channel, rate, ...}``: start (202 with the journal entry);
   the migration runs in the background, ``GET /v1/migration/{id}`` follows it.
 * ``GET /v1/migration``: the journal, newest first; ``GET /v1/migration/{id}``: one entry with
   its phase, timings (pre-dump, dump, transfer, restore, downtime), bytes and host CPU.
@@ -32,6 +32,9 @@ class MigrationSpec(StrictModel):
     to: str = Field(pattern=VM_PATTERN, description="destination VM")
     path: Literal["relay", "network"] = Field("relay", description="hypervisor relay or guest network")
     rate: Literal["adaptive", "fixed"] = Field("adaptive", description="relay send pacing")
+    channel: Literal["serial", "shm"] = Field(
+        "serial", description="relay data channel: serial (frames over virtio-serial) or shm (a region per VM, "
+        "ivshmem-plain, one host copy; falls back to serial when a region cannot be had)")
     predumps: int = Field(4, ge=0, le=8, description="at most this many pre-copy iterations while the container "
                           "runs (fewer once the dirty set is below converge_kib or stops shrinking)")
     converge_kib: int = Field(1024, ge=0, le=1 << 20, description="pre-copy stops once a pre-dump is this small")
@@ -57,7 +60,7 @@ async def start_migration(body: MigrationSpec, request: Request) -> dict[str, An
     return await ctl(request).start(
         body.vm, body.ct, body.to, path=body.path, mode=body.rate, predumps=body.predumps,
         rate_bps=body.rate_mbps * 1e6 / 8, window=body.window_kib << 10, chunk=body.chunk_kib << 10,
-        fault=body.fault, converge=body.converge_kib << 10, ip=body.ip,
+        fault=body.fault, converge=body.converge_kib << 10, ip=body.ip, channel=body.channel,
     )  # fmt: skip
 
 

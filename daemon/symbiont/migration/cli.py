@@ -94,6 +94,13 @@ def follow(ctx: Ctx, mid: str, timeout: float = 1800.0) -> dict[str, Any]:
     help="relay: images over virtio-serial through the daemon (Portkey); network: guest TCP",
 )
 @click.option(
+    "--channel",
+    type=click.Choice(["serial", "shm"]),
+    default="serial",
+    show_default=True,
+    help="relay data channel: serial frames, or shm (a shared region per VM, one host copy)",
+)
+@click.option(
     "--rate", type=click.Choice(["adaptive", "fixed"]), default="adaptive", help="relay send pacing"
 )
 @click.option(
@@ -110,11 +117,13 @@ def follow(ctx: Ctx, mid: str, timeout: float = 1800.0) -> dict[str, Any]:
 @click.option("--no-wait", is_flag=True, help="start it and print its id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def ct_migrate(ctx: Ctx, vm: str, name: str, dest: str, path: str, rate: str, rate_mbps: float, predumps: int,
-               window_kib: int, no_wait: bool, as_json: bool) -> None:  # fmt: skip
+def ct_migrate(ctx: Ctx, vm: str, name: str, dest: str, path: str, channel: str, rate: str, rate_mbps: float,
+               predumps: int, window_kib: int, no_wait: bool, as_json: bool) -> None:  # fmt: skip
     """Migrate container NAME from VM to another VM with CRIU (pre-copy, dump, transfer, restore)."""
     body = {"vm": vm, "ct": name, "to": dest, "path": path, "rate": rate, "rate_mbps": rate_mbps,
             "predumps": predumps, "window_kib": window_kib}  # fmt: skip
+    if path == "relay":
+        body["channel"] = channel
     m = api(ctx, "POST", "/v1/migration", body)
     if no_wait:
         emit(m, as_json, _table([m]))

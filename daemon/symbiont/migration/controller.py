@@ -42,9 +42,12 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from symbiont.errors import Conflict, DaemonError, Invalid, NotFound, Unavailable
+from symbiont.host.port import HostError
 from symbiont.migration import journal as jn
 from symbiont.migration.hostcpu import CpuMeter
 from symbiont.part import PartContext
@@ -77,16 +80,60 @@ class MigrationFailed(Exception):
     """A step failed; the migration is aborted (the source keeps running)."""
 
 
+CHANNELS = ("serial", "shm")
+REGION_PREFIX = "symbiont-mig-"
+REGION_RETRY_S = 30.0  # a region whose unplug failed is tried again after this long
+
+
+@dataclass
+class Region:
+    """One VM's shared region of the ``shm`` channel, mapped on the host (never in two guests:
+    each migration plugs one region into its source and another into its destination)."""
+
+    name: str
+    vm: str
+    size: int
+    dev: str  # the guest's PCI address of the ivshmem-plain device
+    token: str  # written into the region's header: the guest checks it found this region
+    mm: Any
+    view: memoryview = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.mm)
+        self.view[: rate.SHM_TOKEN] = bytes.fromhex(self.token)
+
+    @property
+    def data(self) -> memoryview:
+        return self.view[rate.SHM_HEADER :]
+
+    def desc(self) -> dict[str, Any]:
+        return {"dev": self.dev, "size": self.size, "token": self.token}
+
+    def close(self) -> None:
+        self.view.release()
+        with contextlib.suppress(BufferError, ValueError):
+            self.mm.close()
+
+
 class Relay:
     """The hypervisor side of one relayed transfer: validate, buffer (bounded), forward, acknowledge."""
 
     def __init__(
         self, ctl: MigrationController, m: dict[str, Any], files: dict[str, dict[str, Any]],
         window: int, chunk: int, bw0: float, fault: str | None, workers: int = 2,
+        regions: tuple[Region, Region] | None = None,
     ) -> None:  # fmt: skip
         self.ctl, self.m, self.files = ctl, m, files
         self.window, self.chunk = window, chunk
-        self.queue: asyncio.Queue[tuple[dict[str, Any], bytes]] = asyncio.Queue()
+        # shm: (source, destination) regions; one forwarder, so the destination's ring is
+        # written and freed in order (see rate.Ring)
+        self.shm = regions
+        if regions is not None:
+            workers = 1
+            self.src_data, self.dst_data = regions[0].data, regions[1].data
+            self.dring = rate.Ring(len(self.dst_data))
+            self.dslots: deque[list[bool]] = deque()
+        self.queue: asyncio.Queue[tuple[dict[str, Any], bytes, list[bool] | None]] = asyncio.Queue()
         self.inflight = 0  # received from the source, not yet written at the destination
         self.received = self.acked = self.chunks = 0
         self.error: str | None = None
@@ -102,22 +149,42 @@ class Relay:
         """Called by the source's link for every ``mig-chunk`` event; never raises."""
         if self.error:
             return
+        slot: list[bool] | None = None
         try:
             if data.get("mid") != self.m["id"]:
                 raise rate.StreamError(f"chunk of another migration {data.get('mid')!r}")
-            meta = rate.validate_chunk(data, payload, self.files, self.chunk)
-            if self.inflight + len(payload) > self.window:
-                raise rate.StreamError(
-                    f"the guest overran the relay window ({self.inflight} + {len(payload)} bytes)"
-                )
+            if self.shm is None:
+                meta = rate.validate_chunk(data, payload, self.files, self.chunk)
+            elif payload:
+                raise rate.StreamError("a chunk of the shm channel carries no payload")
+            else:
+                meta = rate.validate_chunk_head(data, self.files, self.chunk)
+            n = meta["len"]
+            if self.inflight + n > self.window:
+                raise rate.StreamError(f"the guest overran the relay window ({self.inflight} + {n} bytes)")
+            if self.shm is not None:
+                at = rate.validate_span(data.get("at"), n, len(self.src_data))
+                dat = self.dring.alloc(n)
+                if dat is None:  # cannot happen within the window: a bug, never an overwrite
+                    raise rate.StreamError("no room in the destination's region")
+                slot = [False]
+                self.dslots.append(slot)
+                # the one copy on the host; the CRC is checked on the copy, which the source
+                # guest can no longer change
+                self.dst_data[dat : dat + n] = self.src_data[at : at + n]
+                rate.check_crc(meta, self.dst_data[dat : dat + n])
+                meta = {**meta, "at": dat}
         except rate.StreamError as exc:
             self._fail(f"{self.m['vm']}: {exc}")
             return
-        self.received += len(payload)
-        self.inflight += len(payload)
+        self.received += n
+        self.inflight += n
         self.chunks += 1
-        if self.fault == "corrupt" and self.chunks == 2 and payload:
-            payload = bytes([payload[0] ^ 0xFF]) + payload[1:]  # a bit flip past the sender's checksum
+        if self.fault == "corrupt" and self.chunks == 2 and n:  # a bit flip past the sender's checksum
+            if self.shm is not None:
+                self.dst_data[meta["at"]] ^= 0xFF
+            else:
+                payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
             self.fault = None
         elif (
             self.fault == "truncate"
@@ -127,22 +194,25 @@ class Relay:
             and meta["len"] > 0
         ):
             self.fault = None  # the stream's last chunk never reaches the destination
-            self._acked(len(payload), 0.0)
+            self._acked(n, 0.0, slot)
             return
-        self.queue.put_nowait((meta, payload))
+        self.queue.put_nowait((meta, payload, slot))
 
     async def _forward(self) -> None:
         while True:
-            meta, payload = await self.queue.get()
+            meta, payload, slot = await self.queue.get()
             t0 = time.monotonic()
             try:
                 if not self.error:
-                    await self.ctl.agent(self.m["dest"], "migration.recv", {"mid": self.m["id"], **meta},
-                                         timeout=60, payload=payload)  # fmt: skip
+                    args = {"mid": self.m["id"], **meta}
+                    if self.shm is not None:
+                        args["shm"] = self.shm[1].desc()
+                    await self.ctl.agent(self.m["dest"], "migration.recv", args, timeout=60,
+                                         payload=payload)  # fmt: skip
             except DaemonError as exc:
                 self._fail(str(exc))
             finally:
-                self._acked(len(payload), time.monotonic() - t0)
+                self._acked(int(meta["len"]), time.monotonic() - t0, slot)
                 self.queue.task_done()
 
     def _fail(self, why: str) -> None:
@@ -153,12 +223,19 @@ class Relay:
         self._credit({"mid": self.m["id"], "acked": self.acked, "bw": max(1.0, self.bw.value), "stop": True})
 
     def _credit(self, args: dict[str, Any]) -> None:
+        if self.shm is not None:  # what the source may reuse of its region: all it sent so far was copied
+            args["taken"] = self.chunks
         if self.ctl.ctx.agents.supports(self.m["vm"], "migration.credit"):
             t = asyncio.get_running_loop().create_task(self.ctl.ctx.agents.call(self.m["vm"], "migration.credit", args))
             self._credit_tasks.add(t)
             t.add_done_callback(self._credit_done)
 
-    def _acked(self, n: int, secs: float) -> None:
+    def _acked(self, n: int, secs: float, slot: list[bool] | None = None) -> None:
+        if slot is not None:  # the destination wrote it: its room in the region is free (in order)
+            slot[0] = True
+            while self.dslots and self.dslots[0][0]:
+                self.dslots.popleft()
+                self.dring.release(1)
         self.inflight -= n
         self.acked += n
         bw = self.bw.observe(n, secs) if secs > 0 else self.bw.value
@@ -187,6 +264,7 @@ class MigrationController:
         self.journal = jn.Journal(ctx.store)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.recovering: set[str] = set()
+        self.retry_at: dict[str, float] = {}  # region -> when to try its unplug again
 
     # -- agents --------------------------------------------------------------------------------
     def require(self, vm: str) -> None:
@@ -207,7 +285,7 @@ class MigrationController:
     async def start(self, vm: str, ct: str, dest: str, path: str = "relay", mode: str = "adaptive",
                     predumps: int = 1, rate_bps: float = 8e6, window: int = 16 << 20, chunk: int = 4 << 20,
                     fault: str | None = None, converge: int = 1 << 20,
-                    ip: str | None = None) -> dict[str, Any]:  # fmt: skip
+                    ip: str | None = None, channel: str = "serial") -> dict[str, Any]:  # fmt: skip
         """Validate, journal, and run the migration in the background; returns the journal entry."""
         self.ctx.vm(vm)
         self.ctx.vm(dest)
@@ -215,6 +293,10 @@ class MigrationController:
             raise Invalid("to: the destination must be another VM")
         if path not in ("relay", "network"):
             raise Invalid(f"path: {path!r} (relay or network)")
+        if channel not in CHANNELS:
+            raise Invalid(f"channel: {channel!r} ({' or '.join(CHANNELS)})")
+        if channel == "shm" and path != "relay":
+            raise Invalid("channel: shm is a channel of the relay path, not of the network path")
         if mode not in rate.MODES:
             raise Invalid(f"rate: {mode!r} ({', '.join(rate.MODES)})")
         if fault is not None and fault not in FAULTS:
@@ -230,6 +312,7 @@ class MigrationController:
             "fault": fault,
             "converge": converge,
             "ip": ip,
+            "channel": channel,
         }
         try:
             self.journal.create(mid, vm, ct, dest, path, mode, params)
@@ -273,6 +356,12 @@ class MigrationController:
             log.exception("migration %s crashed", mid)
             await self._abort(m, f"{type(exc).__name__}: {exc}", timings)
         finally:
+            try:
+                t = time.monotonic()
+                if await self._release_regions(m):
+                    timings["regions_release_s"] = round(time.monotonic() - t, 4)
+            except Exception:  # the recovery's sweep tries again (the rows stay in the journal)
+                log.exception("migration %s: releasing its regions failed", mid)
             self.tasks.pop(mid, None)
             timings["total_s"] = round(time.monotonic() - t0, 4)
             with contextlib.suppress(Exception):
@@ -287,6 +376,10 @@ class MigrationController:
         self.journal.move(
             mid, "check", result={"check": {k: chk[k] for k in ("init_pid", "files", "memory_current")}}
         )
+        if m["path"] == "relay" and p.get("channel") == "shm":
+            t = time.monotonic()
+            await self._regions(m)  # before any transfer: never inside the freeze
+            timings["regions_s"] = round(time.monotonic() - t, 4)
         # The destination warms CRIU up while the source pre-copies (a cold first restore
         # costs seconds inside the freeze under TCG); best effort, an older agent has no op.
         prep: asyncio.Task[Any] | None = None
@@ -433,7 +526,9 @@ class MigrationController:
         self, m: dict[str, Any], files: dict[str, dict[str, Any]], order: list[str]
     ) -> dict[str, Any]:
         p = m["params"]
-        relay = Relay(self, m, files, int(p["window"]), int(p["chunk"]), float(p["rate_bps"]), p.get("fault"))
+        regions = m.get("_shm")
+        relay = Relay(self, m, files, int(p["window"]), int(p["chunk"]), float(p["rate_bps"]), p.get("fault"),
+                      regions=regions)  # fmt: skip
         try:
             unsubscribe = self.ctx.agents.stream(m["vm"], CHUNK_EVENT, relay.on_chunk)
         except BaseException:
@@ -444,6 +539,7 @@ class MigrationController:
                 sent = await self.agent(m["vm"], "migration.send", {
                     "mid": m["id"], "paths": order, "mode": m["rate"], "chunk": int(p["chunk"]),
                     "window": int(p["window"]), "rate": float(p["rate_bps"]), "bw": float(p["rate_bps"]),
+                    **({"shm": regions[0].desc()} if regions else {}),
                 }, timeout=LONG)  # fmt: skip
             except DaemonError as exc:
                 if relay.error:  # the sender stopped because the relay refused the stream
@@ -455,7 +551,8 @@ class MigrationController:
                 await relay.queue.join()
             if relay.error:
                 raise MigrationFailed(f"relay: {relay.error}")
-            stats = {"relay_bytes": relay.received, "relay_chunks": relay.chunks, "sender": sent,
+            stats = {"channel": "shm" if regions else "serial", "relay_bytes": relay.received,
+                     "relay_chunks": relay.chunks, "sender": sent,
                      "relay_s": round(time.monotonic() - relay.started, 4)}  # fmt: skip
             prev = (self.journal.get(m["id"]) or {}).get("result", {}).get("relay", [])
             self.journal.move(m["id"], "transfer", result={"relay": [*prev, stats]})
@@ -485,6 +582,80 @@ class MigrationController:
                 recv.cancel()
         prev = (self.journal.get(m["id"]) or {}).get("result", {}).get("network", [])
         self.journal.move(m["id"], "transfer", result={"network": [*prev, {"sender": sent, "receiver": got}]})
+
+    # -- the shm channel's regions -------------------------------------------------------------------
+    async def _regions(self, m: dict[str, Any]) -> tuple[Region, Region] | None:
+        """Plug a fresh region into the source and another into the destination, once per
+        migration; None (the serial frames are used) when either cannot be had: an agent
+        without ``migration.shm``, libvirt refusing the device, the guest not seeing it."""
+        if "_shm" in m:
+            return m["_shm"]  # type: ignore[no-any-return]
+        mid, p = m["id"], m["params"]
+        size = rate.shm_size(int(p["window"]), int(p["chunk"]))
+        made: list[Region] = m.setdefault("_shm_regions", [])
+        try:
+            for vm, role in ((m["vm"], "src"), (m["dest"], "dst")):
+                if not self.ctx.agents.supports(vm, "migration.shm"):
+                    raise MigrationFailed(f"{vm}: its agent has no migration.shm (an older agent)")
+                name = f"{REGION_PREFIX}{mid}-{role}"
+                self.journal.add_region(name, mid, vm, size)  # first: a crash from here on finds it
+                dev = await asyncio.to_thread(self.ctx.host.attach_shmem, vm, name, size)
+                mm = await asyncio.to_thread(self.ctx.host.open_shmem, name, size)
+                r = Region(name, vm, size, dev, secrets.token_hex(rate.SHM_TOKEN), mm)
+                made.append(r)
+                await self.agent(vm, "migration.shm", {"mid": mid, "shm": r.desc(), "wait": 20.0}, timeout=60)
+        except (HostError, DaemonError, MigrationFailed, jn.JournalError, OSError) as exc:
+            log.warning("migration %s: no shm channel, serial frames instead: %s", mid, exc)
+            await self._release_regions(m)
+            m["_shm"] = None
+            self.ctx.decisions.log("shm-fallback", m["vm"], {"id": mid}, {"why": str(exc)})
+            self.journal.move(mid, self.journal.get(mid)["phase"],  # type: ignore[index]
+                              result={"channel": "serial", "shm_fallback": str(exc)})  # fmt: skip
+            return None
+        m["_shm"] = (made[0], made[1])
+        self.journal.move(mid, self.journal.get(mid)["phase"], result={"channel": "shm", "shm_bytes": size})  # type: ignore[index]
+        return m["_shm"]  # type: ignore[no-any-return]
+
+    async def _release_regions(self, m: dict[str, Any]) -> int:
+        """The migration's regions go: the guest lets go, the device is unplugged, the host
+        file removed, the journal row dropped (kept if the unplug failed: the sweep retries).
+        Returns how many there were."""
+        mid = m["id"]
+        mapped = {r.name: r for r in m.pop("_shm_regions", [])}
+        for r in mapped.values():
+            r.close()
+        rows = self.journal.regions(mid)
+        for row in rows:
+            vm = row["vm"]
+            if self.ctx.agents.supports(vm, "migration.shm"):
+                with contextlib.suppress(DaemonError):
+                    await self.agent(vm, "migration.shm", {"mid": mid, "release": True}, timeout=15)
+            try:
+                await asyncio.to_thread(self.ctx.host.detach_shmem, vm, row["name"])
+                unplugged = True
+            except HostError as exc:
+                log.warning("migration %s: unplugging %s from %s failed: %s", mid, row["name"], vm, exc)
+                unplugged = False
+            await asyncio.to_thread(self.ctx.host.remove_shmem, row["name"])
+            if unplugged:
+                self.journal.drop_region(row["name"])
+                self.retry_at.pop(row["name"], None)
+            else:
+                self.retry_at[row["name"]] = time.monotonic() + REGION_RETRY_S
+        return len(rows)
+
+    def orphan_regions(self) -> list[dict[str, Any]]:
+        """Regions in the journal of no migration this daemon runs (a daemon killed mid-way)."""
+        now = time.monotonic()
+        return [r for r in self.journal.regions()
+                if r["mid"] not in self.tasks and self.retry_at.get(r["name"], 0.0) <= now]  # fmt: skip
+
+    async def sweep_regions(self) -> int:
+        """Release the orphans; returns how many were found."""
+        rows = self.orphan_regions()
+        for mid in dict.fromkeys(r["mid"] for r in rows):
+            await self._release_regions({"id": mid})
+        return len(rows)
 
     # -- failure, finish, recovery ----------------------------------------------------------------
     async def _abort(self, m: dict[str, Any], why: str, timings: dict[str, float] | None = None) -> bool:
@@ -540,8 +711,11 @@ class MigrationController:
         return jn.GuestView(True, bool(c.get("populated")), bool(st.get("restored")))
 
     async def recover(self) -> list[dict[str, Any]]:
-        """Resolve unfinished journal entries (not those this daemon is running now)."""
+        """Resolve unfinished journal entries (not those this daemon is running now); release
+        the regions of migrations no longer running."""
         out = []
+        with contextlib.suppress(HostError, OSError):
+            await self.sweep_regions()
         for m in self.journal.unfinished():
             if m["id"] in self.tasks or m["id"] in self.recovering:
                 continue

@@ -68,7 +68,14 @@ CREATE TABLE IF NOT EXISTS migrations (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS migrations_phase ON migrations (phase)
+CREATE INDEX IF NOT EXISTS migrations_phase ON migrations (phase);
+CREATE TABLE IF NOT EXISTS migration_regions (
+    name TEXT PRIMARY KEY,
+    mid TEXT NOT NULL,
+    vm TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+)
 """
 
 
@@ -207,3 +214,23 @@ class Journal:
                     "UPDATE migrations SET progress = ?, updated_at = ? WHERE id = ?",
                     (json.dumps(merged), time.time(), mid),
                 )
+
+    # -- the shm channel's regions: written before a region is attached, removed once it is gone --
+    def add_region(self, name: str, mid: str, vm: str, size: int) -> None:
+        """Record a region before it exists, so a daemon killed at any point finds it again."""
+        with self.store.transaction() as db:
+            other = db.execute("SELECT mid, vm FROM migration_regions WHERE name = ?", (name,)).fetchone()
+            if other is not None:
+                raise JournalError(f"region {name} is already {other['vm']}'s (migration {other['mid']})")
+            db.execute("INSERT INTO migration_regions (name, mid, vm, size, created_at) VALUES (?, ?, ?, ?, ?)",
+                       (name, mid, vm, size, time.time()))  # fmt: skip
+
+    def regions(self, mid: str | None = None) -> list[dict[str, Any]]:
+        q, args = "SELECT * FROM migration_regions", ()
+        if mid is not None:
+            q, args = q + " WHERE mid = ?", (mid,)
+        return [dict(r) for r in self.store.query(q + " ORDER BY created_at", args)]
+
+    def drop_region(self, name: str) -> None:
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM migration_regions WHERE name = ?", (name,))

@@ -36,7 +36,7 @@ class MigrationPart(Part):
         """Resolve unfinished journal entries in the background (one pass at a time)."""
         if self.recovery is not None and not self.recovery.done():
             return
-        if not self.ctl.journal.unfinished() or self.ctl.recovering:
+        if not (self.ctl.journal.unfinished() or self.ctl.orphan_regions()) or self.ctl.recovering:
             return
         self.recovery = asyncio.get_running_loop().create_task(self._recover(), name="migration-recover")
 

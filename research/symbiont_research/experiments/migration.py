@@ -1,7 +1,7 @@
 """Portkey's experiments on the lab: network vs relay path, adaptive vs fixed send rate.
 
 * ``migration-paths``: a counter container with N MiB of memory migrates between two VMs over
-  the guest network and over the hypervisor relay, for each size: migration time, downtime,
+  the guest network and over the hypervisor relay (its serial frames and its shm channel), for each size: migration time, downtime,
   pre-dump/dump/transfer/restore times, host CPU of each QEMU process and of the daemon (the
   seed's table: source and destination machine CPU %), and the application's progress
   (counts per second, from the counter's own time stamps) across the migration.
@@ -21,6 +21,11 @@ from symbiont_research.experiments.framework import ExperimentError, RunContext,
 
 WORK = "/var/lib/symbiont-work"
 PREFIX = "symb-mig-exp-"
+PATHS = {  # a path's name in the experiments -> the request's path and relay channel
+    "network": {"path": "network"},
+    "relay": {"path": "relay", "channel": "serial"},
+    "relay-shm": {"path": "relay", "channel": "shm"},
+}
 
 
 @contextlib.contextmanager
@@ -94,8 +99,9 @@ def _row(m: dict[str, Any], size: int) -> dict[str, Any]:
 @experiment(
     "migration-paths",
     "Portkey: container migration over the guest network vs the hypervisor relay, across memory sizes",
-    params={"sizes_mib": "8,32", "paths": "network,relay", "predumps": 1, "warmup_s": 4.0, "settle_s": 4.0},
-    param_help={"sizes_mib": "container memory sizes, MiB", "paths": "which transfer paths, in order",
+    params={"sizes_mib": "8,32", "paths": "network,relay,relay-shm", "predumps": 1, "warmup_s": 4.0, "settle_s": 4.0},
+    param_help={"sizes_mib": "container memory sizes, MiB",
+                "paths": "which transfer paths, in order (relay: serial frames; relay-shm: the shm channel)",
                 "predumps": "pre-copy iterations", "warmup_s": "counting before the migration",
                 "settle_s": "counting after it"},
     needs=("root", "libvirt", "vm"),
@@ -104,8 +110,8 @@ def migration_paths(ctx: RunContext) -> dict[str, Any]:
     p = ctx.params
     sizes = [int(x) for x in str(p["sizes_mib"]).split(",") if x.strip()]
     paths = [x.strip() for x in str(p["paths"]).split(",") if x.strip()]
-    if not sizes or any(x not in ("network", "relay") for x in paths):
-        raise ExperimentError("sizes_mib: MiB list; paths: network and/or relay")
+    if not sizes or any(x not in PATHS for x in paths):
+        raise ExperimentError(f"sizes_mib: MiB list; paths: some of {', '.join(PATHS)}")
     rows: list[dict[str, Any]] = []
     prog: list[dict[str, Any]] = []
     with lab(ctx) as s:
@@ -113,14 +119,16 @@ def migration_paths(ctx: RunContext) -> dict[str, Any]:
         ctx.stage(f"{len(sizes) * len(paths)} migrations", total=len(sizes) * len(paths))
         for size in sizes:
             for path in paths:
-                ct = f"c{size}{path[0]}"
+                ct = f"c{size}{path[0]}{len(path)}"
                 start_counter(s, vm1, ct, size)
                 time.sleep(float(p["warmup_s"]) + size / 8)
-                m = migrate(s, {"vm": vm1, "ct": ct, "to": vm2, "path": path, "predumps": int(p["predumps"])})
+                m = migrate(s, {"vm": vm1, "ct": ct, "to": vm2, **PATHS[path], "predumps": int(p["predumps"])})
                 if m["phase"] != "done":
                     raise ExperimentError(f"migration {m['id']} {m['phase']}: {m['error']}")
                 time.sleep(float(p["settle_s"]))
                 row = _row(m, size)
+                row["path"] = path
+                row["channel"] = m["result"].get("channel")
                 rows.append(row)
                 lines = counter_lines(s, vm2, ct)
                 frozen_at = m["progress"].get("frozen_at")
