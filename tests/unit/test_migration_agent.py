@@ -97,3 +97,89 @@ def test_huge_pages_split_per_anonymous_mapping_before_a_predump(tmp_path) -> No
     want = [f"{pid},{lo:#x},{hi:#x}" for lo, hi in criu.anon_ranges(open(f"/proc/{pid}/maps").read())]
     assert r["ranges"] == len(want) and all(w in lines for w in want)
     assert criu.split_huge_pages([pid], str(tmp_path / "missing"))["ranges"] == 0
+
+
+def _pci(tmp_path, dev: str, size: int, token: bytes, ids: tuple[str, str] = ("0x1af4", "0x1110")):
+    """A sysfs PCI device folder as the guest shows an ivshmem-plain device: ids, enable, BAR2."""
+    d = tmp_path / "pci" / dev
+    d.mkdir(parents=True)
+    (d / "vendor").write_text(ids[0] + "\n")
+    (d / "device").write_text(ids[1] + "\n")
+    (d / "enable").write_text("0\n")
+    with open(d / "resource2", "wb") as fh:
+        fh.truncate(size)
+        fh.write(token)
+    return d
+
+
+def test_shm_region_is_checked_and_chunks_are_written_from_it(base, tmp_path, monkeypatch) -> None:
+    """The destination's side of the shm channel: the device must be ivshmem-plain of the
+    right size with the host's token; a chunk is written from the region at ``at`` after its
+    CRC; a span outside the region is refused."""
+    monkeypatch.setattr(om, "PCI_DEVICES", str(tmp_path / "pci"))
+    size, token = 1 << 20, os.urandom(16)
+    d = _pci(tmp_path, "0000:00:07.0", size, token)
+    _pci(tmp_path, "0000:00:08.0", size, os.urandom(16))  # another region: not this migration's
+    _pci(tmp_path, "0000:00:09.0", size, token, ids=("0x1af4", "0x1000"))  # not ivshmem
+    desc = {"dev": "0000:00:07.0", "size": size, "token": token.hex()}
+    for dev, words in (("0000:00:08.0", "token"), ("0000:00:09.0", "not ivshmem"), ("0000:00:0a.0", "no PCI")):
+        with pytest.raises(om.Conflict, match=words):
+            om._shm({"mid": "m9", "shm": {**desc, "dev": dev}, "wait": 0.0}, b"")
+    with pytest.raises(InvalidSpec, match="shm.size"):
+        om._shm({"mid": "m9", "shm": {**desc, "size": size + 1}}, b"")
+    with pytest.raises(om.Conflict, match="BAR2 has"):
+        om._shm({"mid": "m9", "shm": {**desc, "size": size * 2}, "wait": 0.0}, b"")
+    assert om._shm({"mid": "m9", "shm": desc}, b"") == {"mapped": size}
+    assert (d / "enable").read_text() == "1"
+    data = os.urandom(5000)
+    with open(d / "resource2", "r+b") as fh:  # the relay's copy, at 1234 in the data area
+        fh.seek(rate.SHM_HEADER + 1234)
+        fh.write(data)
+    args = {"mid": "m9", "path": "img/1/pages-1.img", "off": 0, "len": len(data), "crc": rate.crc32(data),
+            "shm": desc, "at": 1234}  # fmt: skip
+    assert om._recv(args, b"") == {"written": len(data)}
+    assert (base / "m9" / "img" / "1" / "pages-1.img").read_bytes() == data
+    with pytest.raises(InvalidSpec, match="checksum mismatch"):
+        om._recv({**args, "crc": rate.crc32(data) ^ 1}, b"")
+    with pytest.raises(InvalidSpec, match="outside the region"):
+        om._recv({**args, "at": size - rate.SHM_HEADER - 10}, b"")
+    with pytest.raises(InvalidSpec):
+        om._recv({**args, "at": -1}, b"")
+    assert om._shm({"mid": "m9", "release": True}, b"") == {"released": True}
+    assert om._shm({"mid": "m9", "release": True}, b"") == {"released": False}
+
+
+def test_shm_sender_reads_into_its_region_and_reuses_what_the_relay_took(base, tmp_path, monkeypatch) -> None:
+    """The source's side: each chunk lies in the region at ``at`` (no payload in the event), and
+    with a window smaller than the files the ring is reused as the credits say chunks were taken."""
+    from symbiont_agent import agent
+
+    monkeypatch.setattr(om, "PCI_DEVICES", str(tmp_path / "pci"))
+    size, token = 1 << 20, os.urandom(16)
+    _pci(tmp_path, "0000:00:07.0", size, token)
+    desc = {"dev": "0000:00:07.0", "size": size, "token": token.hex()}
+    files = {"img/1/pages-1.img": os.urandom(2_500_000), "img/1/empty.img": b"", "img/1/core.img": os.urandom(3000)}
+    for p, data in files.items():
+        (base / "m8" / os.path.dirname(p)).mkdir(parents=True, exist_ok=True)
+        (base / "m8" / p).write_bytes(data)
+    got: dict[str, bytearray] = {p: bytearray() for p in files}
+    n = {"taken": 0, "acked": 0}
+
+    def emit(msg: dict, payload: bytes = b"") -> bool:
+        meta = msg["data"]
+        assert payload == b"" and 0 <= meta["at"] and meta["at"] + meta["len"] <= size - rate.SHM_HEADER
+        with open(tmp_path / "pci" / "0000:00:07.0" / "resource2", "rb") as fh:  # the relay's copy
+            fh.seek(rate.SHM_HEADER + meta["at"])
+            chunk = fh.read(meta["len"])
+        assert rate.crc32(chunk) == meta["crc"] and meta["off"] == len(got[meta["path"]])
+        got[meta["path"]] += chunk
+        n["taken"] += 1
+        n["acked"] += len(chunk)
+        om._credit({"mid": "m8", "acked": n["acked"], "taken": n["taken"], "bw": 1e9}, b"")
+        return True
+
+    monkeypatch.setattr(agent, "emit", emit)
+    r = om._send({"mid": "m8", "paths": sorted(files), "chunk": 64 << 10, "window": 256 << 10, "shm": desc}, b"")
+    assert r["channel"] == "shm" and r["bytes"] == sum(len(d) for d in files.values())
+    assert {p: bytes(b) for p, b in got.items()} == files
+    assert r["bytes"] > 2 * size  # the ring went round: the relay's ``taken`` freed its spans
