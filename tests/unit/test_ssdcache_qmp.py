@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from symbiont.host import nbddisk
+from symbiont.host import nbddisk, vhostdisk
 from symbiont.host.port import HostError
 
 
@@ -51,3 +51,27 @@ def test_detach_waits_until_the_guest_released_the_device(monkeypatch: pytest.Mo
     monkeypatch.setattr(nbddisk.time, "sleep", lambda s: None)
     nbddisk.detach(mon, "vdd", timeout_s=5)
     assert [m["execute"] for m in mon.sent] == ["device_del", "blockdev-del", "blockdev-del", "blockdev-del"]
+
+
+# -- vhost-user (symbiont.host.vhostdisk): libvirt 9.0 drops a hot-plugged vhostuser disk's <reconnect>
+
+
+def test_vhost_attach_adds_a_reconnecting_socket_chardev_and_the_device() -> None:
+    mon = Monitor()
+    assert vhostdisk.attach(mon, "/run/x.vhost.sock", "vdc") == "symbiont-vhu-vdc"
+    chardev, dev = mon.sent
+    assert chardev == {"execute": "chardev-add", "arguments": {"id": "symbiont-vhu-vdc", "backend": {
+        "type": "socket", "data": {"addr": {"type": "unix", "data": {"path": "/run/x.vhost.sock"}},
+                                   "server": False, "reconnect": 1}}}}  # fmt: skip
+    assert dev["arguments"] == {"driver": "vhost-user-blk-pci", "id": "symbiont-vhu-vdc",
+                                "chardev": "symbiont-vhu-vdc", "num-queues": 1, "queue-size": 256}  # fmt: skip
+
+
+def test_vhost_refused_device_removes_the_chardev_and_detach_waits() -> None:
+    mon = Monitor({"device_add": ["Duplicate ID"]})
+    with pytest.raises(nbddisk.QmpError, match="device_add: .*Duplicate ID"):
+        vhostdisk.attach(mon, "/run/x.sock", "vdc")
+    assert [m["execute"] for m in mon.sent] == ["chardev-add", "device_add", "chardev-remove"]
+    mon = Monitor({"chardev-remove": ["Chardev 'symbiont-vhu-vdc' is busy"]})
+    vhostdisk.detach(mon, "vdc", timeout_s=5)
+    assert [m["execute"] for m in mon.sent] == ["device_del", "chardev-remove", "chardev-remove"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from symbiont.host import nbddisk
+from symbiont.host import nbddisk, vhostdisk
 from symbiont.host.ksm import COUNTERS, TUNABLES, KsmError, KsmStats
 from symbiont.host.pageout import PAGE_SIZE
 from symbiont.host.port import DomainInfo, HostError
@@ -408,6 +408,15 @@ class FakeHost:
 
     def detach_nbd_disk(self, vm: str, target: str) -> None:
         nbddisk.detach(lambda c, a: self.qmp(vm, c, a), target, timeout_s=0)
+
+    def attach_vhost_disk(self, vm: str, socket: str, target: str) -> str:
+        return vhostdisk.attach(lambda c, a: self.qmp(vm, c, a), socket, target)
+
+    def vhost_disk_attached(self, vm: str, target: str) -> bool:
+        return vhostdisk.attached(lambda c, a: self.qmp(vm, c, a), target)
+
+    def detach_vhost_disk(self, vm: str, target: str) -> None:
+        vhostdisk.detach(lambda c, a: self.qmp(vm, c, a), target, timeout_s=0)
 
     # -- migration: the relay's shm channel (regions are files in a folder of the test's) -------
     shm_dir: str | None = None  # set by a test (tmp_path); else a temporary folder on first use

@@ -112,6 +112,9 @@ class HostPort(Protocol):
                         reconnect_delay_s: int) -> str: ...  # QMP; the node id (host.nbddisk)
     def nbd_disk_attached(self, vm: str, target: str) -> bool: ...
     def detach_nbd_disk(self, vm: str, target: str) -> None: ...  # waits for the guest to let go
+    def attach_vhost_disk(self, vm: str, socket: str, target: str) -> str: ...  # QMP (host.vhostdisk)
+    def vhost_disk_attached(self, vm: str, target: str) -> bool: ...
+    def detach_vhost_disk(self, vm: str, target: str) -> None: ...  # waits for the guest to let go
 
     # -- migration: one shared region per VM (ivshmem-plain), the relay's shm channel ------------
     def attach_shmem(self, vm: str, region: str, size_bytes: int) -> str: ...  # live; guest PCI address

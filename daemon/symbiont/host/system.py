@@ -15,7 +15,7 @@ from typing import Any
 import libvirt
 import psutil
 
-from symbiont.host import ksm, nbddisk, procmem, tapwatch, zram
+from symbiont.host import ksm, nbddisk, procmem, tapwatch, vhostdisk, zram
 from symbiont.host import libvirt_host as shmem
 from symbiont.host import pageout as po
 from symbiont.host.ksm import KSM_DIR, RUN_MERGE, Ksm, KsmdCpu, KsmStats
@@ -282,6 +282,15 @@ class SystemHost:
 
     def detach_nbd_disk(self, vm: str, target: str) -> None:
         nbddisk.detach(lambda c, a: self.qmp(vm, c, a), target)
+
+    def attach_vhost_disk(self, vm: str, socket: str, target: str) -> str:
+        return vhostdisk.attach(lambda c, a: self.qmp(vm, c, a), socket, target)
+
+    def vhost_disk_attached(self, vm: str, target: str) -> bool:
+        return vhostdisk.attached(lambda c, a: self.qmp(vm, c, a), target)
+
+    def detach_vhost_disk(self, vm: str, target: str) -> None:
+        vhostdisk.detach(lambda c, a: self.qmp(vm, c, a), target)
 
     # -- host paging ------------------------------------------------------------------------
     def suspend(self, vm: str) -> None:

@@ -105,20 +105,19 @@ class SsdCachePart(Part):
         host = self.ctx.host
         if not await self.ctx.blocking(host.exists, vm):
             raise NotFound(f"no libvirt domain {vm!r}")
-        if transport == "vhost-user":
+        if transport == "vhost-user":  # over QMP: libvirt 9.0 drops a hot-plugged disk's <reconnect>
             if reconnect_delay_s:
                 raise Invalid("reconnect_delay_s is for transport nbd (vhost-user reconnects by itself)")
             sock = await mgr.serve_vhost(vm, serial)
-            xml = mgr.disk_xml(vm, target_dev, serial, transport)
             try:
-                await self.ctx.blocking(host.attach_disk, vm, xml)
+                node = await self.ctx.blocking(host.attach_vhost_disk, vm, str(sock), target_dev)
             except Exception:
                 await mgr.unserve_vhost(vm)
                 raise
-            self.ctx.decisions.log("attach", vm, {"target_dev": target_dev, "transport": transport},
-                                   {"socket": str(sock)})  # fmt: skip
+            self.ctx.decisions.log("attach", vm, {"target_dev": target_dev, "transport": transport, "via": "qmp"},
+                                   {"node": node, "socket": str(sock)})  # fmt: skip
             await mgr.sync_guest(vm)
-            return {"attached": vm, "target_dev": target_dev, "transport": transport, "xml": xml}
+            return {"attached": vm, "target_dev": target_dev, "transport": transport, "qmp_node": node}
         xml = mgr.disk_xml(vm, target_dev, serial)
         if reconnect_delay_s:
             node = await self.ctx.blocking(host.attach_nbd_disk, vm, str(mgr.socket_path(vm)), mgr.export_name(vm),
@@ -139,7 +138,7 @@ class SsdCachePart(Part):
         if not await self.ctx.blocking(host.exists, vm):
             raise NotFound(f"no libvirt domain {vm!r}")
         if transport == "vhost-user":
-            await self.ctx.blocking(host.detach_disk, vm, mgr.disk_xml(vm, target_dev, serial, transport))
+            await self.ctx.blocking(host.detach_vhost_disk, vm, target_dev)
             await mgr.unserve_vhost(vm)
             self.ctx.decisions.log("detach", vm, {"target_dev": target_dev, "transport": transport}, {"ok": True})
             return {"detached": vm}

@@ -92,6 +92,7 @@ class VhostUserServer:
                 continue
             self._conn = conn
             self.connections += 1
+            log.info("export %s: vhost-user connection from pid %d", self.export.name, pid)
             try:
                 why = self.export.native.serve_vhost(conn.fileno(), self.serial, self.workers)
             finally:

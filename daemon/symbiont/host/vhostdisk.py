@@ -1,0 +1,71 @@
+"""Hot-plug an elastic disk as ``vhost-user-blk-pci`` through the QEMU monitor.
+
+libvirt 9.0 accepts ``<disk type='vhostuser'>`` with ``<source><reconnect enabled='yes'
+timeout='1'/>`` but a *hot-plugged* one reaches QEMU without the reconnect (measured: after the
+backend restarted QEMU never connected again, while a ``chardev-add`` with ``reconnect: 1`` did
+within a second). A daemon restart must not cost the guest its disk, so the device is added as
+the NBD one with a reconnect delay is (:mod:`symbiont.host.nbddisk`): ``chardev-add`` of a unix
+socket client with ``reconnect``, then ``device_add`` of a ``vhost-user-blk-pci`` on it (one
+queue of 256 entries: the backend's ``seg_max`` is set for that size). libvirt does not know the
+disk (the domain is tainted *custom-monitor*), so it is removed the same way.
+"""
+
+from __future__ import annotations
+
+import time
+
+from symbiont.host.nbddisk import QmpError, Send, _qmp
+
+QUEUE_SIZE = 256
+
+
+def node_name(target: str) -> str:
+    """The chardev and device id for ``target`` (``vdX``)."""
+    return f"symbiont-vhu-{target}"
+
+
+def attach(send: Send, socket: str, target: str, reconnect_s: int = 1) -> str:
+    """Add the socket chardev (client, ``reconnect``) and the device on it; returns its id."""
+    node = node_name(target)
+    _qmp(send, "chardev-add", {
+        "id": node,
+        "backend": {"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": socket}},
+                                               "server": False, "reconnect": int(reconnect_s)}},
+    })  # fmt: skip
+    try:
+        _qmp(send, "device_add", {"driver": "vhost-user-blk-pci", "id": node, "chardev": node,
+                                  "num-queues": 1, "queue-size": QUEUE_SIZE})  # fmt: skip
+    except QmpError:
+        _qmp(send, "chardev-remove", {"id": node})
+        raise
+    return node
+
+
+def attached(send: Send, target: str) -> bool:
+    """Is there a QMP-attached vhost-user disk for ``target``? (False when the monitor cannot say.)"""
+    node = node_name(target)
+    try:
+        return any(c.get("label") == node for c in _qmp(send, "query-chardev", {}) or [])
+    except QmpError:
+        return False
+
+
+def detach(send: Send, target: str, timeout_s: float = 60.0) -> None:
+    """Unplug the device (the guest must let go of it), then remove its chardev."""
+    node = node_name(target)
+    try:
+        _qmp(send, "device_del", {"id": node})
+    except QmpError as exc:
+        if "not found" not in str(exc):
+            raise
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _qmp(send, "chardev-remove", {"id": node})
+            return
+        except QmpError as exc:
+            if "not found" in str(exc):
+                return
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
