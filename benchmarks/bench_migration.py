@@ -67,6 +67,7 @@ def one(s: LabSession, src: str, dst: str, ct: str, path: str, predumps: int, si
     pr = m["progress"]
     fs = m["result"].get("freeze_steps") or {}
     xfer = m["result"].get("transfer_cpu") or {}
+    relay = m["result"].get("relay") or []
     r.update(
         dirty_kib_s=dirty, predumps=pr.get("predumps", 0), stop=pr.get("precopy_stop"),
         final_mib=round(pr.get("final_bytes", 0) / MiB, 3),
@@ -81,7 +82,12 @@ def one(s: LabSession, src: str, dst: str, ct: str, path: str, predumps: int, si
           f"transfers alone {r['xfer_cpu_s_per_mib']} s/MiB at {r['xfer_mib_s']} MiB/s; pre-dumps MiB "
           f"{[round(b / MiB, 2) for b in pr.get('predump_bytes') or []]}; transfers' CPU s source QEMU "
           f"{xfer.get('source_qemu_cpu_s')} dest QEMU {xfer.get('dest_qemu_cpu_s')} daemon {xfer.get('daemon_cpu_s')} "
-          f"for {xfer.get('bytes', 0) / MiB:.1f} MiB; steps {fs}", flush=True)  # fmt: skip
+          f"for {xfer.get('bytes', 0) / MiB:.1f} MiB; steps {fs}; regions in/out s "
+          f"{m['timings'].get('regions_s')}/{m['timings'].get('regions_release_s')}; chunks "
+          f"{sum(x.get('relay_chunks', 0) for x in relay)}, credits {sum(x.get('credits', 0) for x in relay)} "
+          f"(+{sum(x.get('credits_coalesced', 0) for x in relay)} folded), sender slept "
+          f"{[x['sender'].get('slept_s') for x in relay]} s, per transfer s "
+          f"{[v for k, v in m['timings'].items() if k.startswith('transfer')]}", flush=True)  # fmt: skip
     return r
 
 

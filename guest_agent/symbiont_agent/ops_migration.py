@@ -51,6 +51,7 @@ NET_PORT = 47800
 FILES_TAR = "files.tar"
 _CREDITS: dict[str, dict[str, float]] = {}
 _LOCK = threading.Lock()
+_CREDITED = threading.Condition(_LOCK)  # notified at each credit: an adaptive sender wakes up at once
 
 
 STALL_S = 30.0  # a sender with no acknowledgement for this long gives up (the relay is gone)
@@ -360,6 +361,7 @@ def _credit(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         if args.get("stop"):  # the relay refused the stream (a damaged chunk): stop sending
             st["stop"] = 1.0
         st["at"] = time.monotonic()
+        _CREDITED.notify_all()
     return {"known": True}
 
 
@@ -418,7 +420,16 @@ def _send(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
                             delay = rate.adaptive_delay(need, free, st["bw"])
                         else:
                             delay = max(0.0, next_at - time.monotonic())
-                        if delay > 0:
+                        if delay > 0 and mode == "adaptive":
+                            # Portkey's delay is an estimate from the drain rate; the relay's
+                            # credits say when room was really made: whichever comes first (a low
+                            # first estimate, 8 MB/s by default, slept 0.5 s per full window)
+                            t = time.monotonic()
+                            with _CREDITED:
+                                _CREDITED.wait_for(lambda n=need, s=sent: n <= rate.free_space(window, s, int(st["acked"]))
+                                                   or bool(st.get("stop")), timeout=delay)  # fmt: skip
+                            slept += time.monotonic() - t
+                        elif delay > 0:
                             time.sleep(delay)
                             slept += delay
                         if need <= rate.free_space(window, sent, int(st["acked"])):

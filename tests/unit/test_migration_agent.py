@@ -183,3 +183,29 @@ def test_shm_sender_reads_into_its_region_and_reuses_what_the_relay_took(base, t
     assert r["channel"] == "shm" and r["bytes"] == sum(len(d) for d in files.values())
     assert {p: bytes(b) for p, b in got.items()} == files
     assert r["bytes"] > 2 * size  # the ring went round: the relay's ``taken`` freed its spans
+
+
+def test_adaptive_sender_wakes_at_the_credit_not_at_a_low_estimate(base, monkeypatch) -> None:
+    """A drain-rate estimate far too low (1 byte/s: Portkey's delay would be its 2 s cap per
+    full window) must not hold the sender: it wakes when the relay's credit makes room."""
+    import threading
+
+    from symbiont_agent import agent
+
+    data = os.urandom(64 << 10)
+    (base / "m7" / "img").mkdir(parents=True)
+    (base / "m7" / "img" / "a.img").write_bytes(data)
+    acked = {"n": 0}
+
+    def emit(msg: dict, payload: bytes = b"") -> bool:
+        def ack() -> None:
+            acked["n"] += msg["data"]["len"]
+            om._credit({"mid": "m7", "acked": acked["n"], "bw": 1.0}, b"")
+
+        threading.Timer(0.02, ack).start()
+        return True
+
+    monkeypatch.setattr(agent, "emit", emit)
+    r = om._send({"mid": "m7", "paths": ["img/a.img"], "chunk": 4096, "window": 8192, "bw": 1.0}, b"")
+    assert r["chunks"] == 16 and r["bytes"] == len(data)
+    assert r["slept_s"] < 2.0, r  # 14 full windows: 28 s of estimated delay without the wake-up

@@ -143,6 +143,9 @@ class Relay:
         self.last = max(files.values(), key=lambda e: e["size"]) if files else None
         self.workers = [asyncio.get_running_loop().create_task(self._forward()) for _ in range(workers)]
         self._credit_tasks: set[asyncio.Task[Any]] = set()
+        self._credit_next: dict[str, Any] | None = None  # the newest credit, held while one is in flight
+        self.credits = self.credits_coalesced = 0
+        self.closed = False
         self.started = time.monotonic()
 
     def on_chunk(self, data: dict[str, Any], payload: bytes) -> None:
@@ -223,11 +226,21 @@ class Relay:
         self._credit({"mid": self.m["id"], "acked": self.acked, "bw": max(1.0, self.bw.value), "stop": True})
 
     def _credit(self, args: dict[str, Any]) -> None:
+        """Acknowledge to the source. At most one credit is in flight: while one is, only the
+        newest state is kept and sent when it is answered (each credit is a round trip through
+        the source's serial channel and a TCG-emulated interrupt; a transfer of many small image
+        files acknowledged one by one paid that per file). A stop goes at once."""
         if self.shm is not None:  # what the source may reuse of its region: all it sent so far was copied
             args["taken"] = self.chunks
+        if self._credit_tasks and not args.get("stop"):
+            if self._credit_next is not None:  # replaced unsent: folded into the newer one
+                self.credits_coalesced += 1
+            self._credit_next = args
+            return
         if self.ctl.ctx.agents.supports(self.m["vm"], "migration.credit"):
             t = asyncio.get_running_loop().create_task(self.ctl.ctx.agents.call(self.m["vm"], "migration.credit", args))
             self._credit_tasks.add(t)
+            self.credits += 1
             t.add_done_callback(self._credit_done)
 
     def _acked(self, n: int, secs: float, slot: list[bool] | None = None) -> None:
@@ -245,8 +258,12 @@ class Relay:
         self._credit_tasks.discard(t)
         with contextlib.suppress(asyncio.CancelledError, Exception):
             t.result()
+        nxt, self._credit_next = self._credit_next, None
+        if nxt is not None and not self.closed and not t.cancelled():
+            self._credit(nxt)
 
     async def close(self) -> None:
+        self.closed = True
         for w in self.workers:
             w.cancel()
         for w in self.workers:
@@ -552,7 +569,8 @@ class MigrationController:
             if relay.error:
                 raise MigrationFailed(f"relay: {relay.error}")
             stats = {"channel": "shm" if regions else "serial", "relay_bytes": relay.received,
-                     "relay_chunks": relay.chunks, "sender": sent,
+                     "relay_chunks": relay.chunks, "credits": relay.credits,
+                     "credits_coalesced": relay.credits_coalesced, "sender": sent,
                      "relay_s": round(time.monotonic() - relay.started, 4)}  # fmt: skip
             prev = (self.journal.get(m["id"]) or {}).get("result", {}).get("relay", [])
             self.journal.move(m["id"], "transfer", result={"relay": [*prev, stats]})
