@@ -36,19 +36,21 @@ UVA = 0x7F00_0000_0000  # where "QEMU" has it mapped (only the vring addresses u
 NUM = 16
 DESC, AVAIL, USED = 0x0000, 0x1000, 0x2000
 HDR, STATUS, DATA = 0x3000, 0x4000, 0x100000
-F_PROTOCOL, P_CONFIG, P_REPLY_ACK = 1 << 30, 1 << 9, 1 << 3
+F_PROTOCOL, P_CONFIG, P_REPLY_ACK, P_INFLIGHT = 1 << 30, 1 << 9, 1 << 3, 1 << 12
 NEXT, WRITE, INDIRECT = 1, 2, 4
 
 
 class Driver:
     """QEMU's side of one vhost-user-blk connection, minimal."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, ram_of: Driver | None = None) -> None:
+        """``ram_of``: reuse another driver's guest RAM (QEMU reconnecting to a new backend)."""
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.sock.settimeout(10)
-        self.memfd = os.memfd_create("guest-ram")
-        os.ftruncate(self.memfd, RAM)
+        self.memfd = os.dup(ram_of.memfd) if ram_of else os.memfd_create("guest-ram")
+        if not ram_of:
+            os.ftruncate(self.memfd, RAM)
         self.ram = mmap.mmap(self.memfd, RAM)
         self.kick, self.call = os.eventfd(0), os.eventfd(0, os.EFD_NONBLOCK)
         self.avail_idx = 0
@@ -88,21 +90,34 @@ class Driver:
         self.send(req, struct.pack("<Q", value))
         return 0
 
-    def setup(self, ring_uva: int = UVA) -> None:
+    def setup(self, ring_uva: int = UVA, base: int = 0, inflight: tuple[int, int] | None = None) -> None:
+        """``inflight=(fd, size)``: hand the backend that region (SET_INFLIGHT_FD), as QEMU does."""
         feats = self.u64(1)
         assert feats & (1 << 32) and feats & F_PROTOCOL
         self.u64(2, feats)
         assert self.u64(15) & P_CONFIG
-        self.u64(16, P_CONFIG | P_REPLY_ACK)
+        self.u64(16, P_CONFIG | P_REPLY_ACK | (P_INFLIGHT if inflight else 0))
         self.send(3)  # SET_OWNER
+        if inflight:
+            self.send(32, struct.pack("<QQHHxxxx", inflight[1], 0, 1, NUM), [inflight[0]])
+        self.used_seen = base
         self.send(5, struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, RAM, UVA, 0), [self.memfd], flags=1 | 8)
         assert struct.unpack("<Q", self.recv()[1])[0] == 0  # REPLY_ACK
         self.send(8, struct.pack("<II", 0, NUM))
-        self.send(10, struct.pack("<II", 0, 0))
+        self.send(10, struct.pack("<II", 0, base))
         self.send(9, struct.pack("<IIQQQQ", 0, 0, ring_uva + DESC, ring_uva + USED, ring_uva + AVAIL, 0))
         self.send(13, struct.pack("<Q", 0), [self.call])
         self.send(12, struct.pack("<Q", 0), [self.kick])
         self.send(18, struct.pack("<II", 0, 1))
+
+    def get_inflight(self) -> tuple[int, int]:
+        """GET_INFLIGHT_FD: the backend's new region (fd, size)."""
+        self.send(31, struct.pack("<QQHHxxxx", 0, 0, 1, NUM))
+        msg, fds, _flags, _addr = socket.recv_fds(self.sock, 12 + 24, 1)
+        assert struct.unpack_from("<I", msg, 8)[0] == 24  # QEMU refuses any other size
+        size = struct.unpack_from("<Q", msg, 12)[0]
+        assert len(fds) == 1 and size >= 16 + 16 * NUM
+        return fds[0], size
 
     def config(self) -> bytes:
         self.send(24, struct.pack("<III", 0, 60, 0) + bytes(60))
@@ -327,3 +342,46 @@ def test_close_ends_a_live_connection(env) -> None:
     assert not t.is_alive()
     with pytest.raises((ConnectionError, OSError)):
         d.recv()
+
+
+def test_requests_in_flight_at_a_crash_are_resubmitted_exactly_once(env) -> None:
+    """The backend dies with A taken but unfinished while B, taken after A, finished (completions
+    come out of order). QEMU then restarts the ring at the guest's used index, where B's avail
+    slot is: without the inflight region B would be done twice and A never. With it, the next
+    backend finishes A, once, and resumes after both."""
+    d = env["connect"]()
+    fd, size = d.get_inflight()
+    d.setup(inflight=(fd, size))
+    assert d.request(0, 0, 4096)[0] == 0  # one request the normal way: used idx 1
+    region = mmap.mmap(fd, size)
+    assert region[16] == 0 and struct.unpack_from("<H", region, 14)[0] == 1  # flag cleared, used idx 1
+    d.sock.close()  # the backend "crashes" (its connection ends)
+    # What the dead backend left: A (write 0x66 at lbn 2, descs 0-2) and B (read lbn 0, descs 3-5)
+    # taken from avail slots 1 and 2; B completed into used slot 1; A marked in flight.
+    d.ram[HDR: HDR + 16] = struct.pack("<IIQ", 1, 0, 2 * BLOCK_SIZE // 512)
+    d.ram[DATA: DATA + 4096] = b"\x66" * 4096
+    d.ram[STATUS] = 0xFF
+    d.ram[HDR + 16: HDR + 32] = struct.pack("<IIQ", 0, 0, 0)
+    d.ram[STATUS + 1] = 0
+    d.put([(HDR, 16, NEXT, 1), (DATA, 4096, NEXT, 2), (STATUS, 1, WRITE, 0),
+           (HDR + 16, 16, NEXT, 4), (DATA + 8192, 4096, NEXT | WRITE, 5), (STATUS + 1, 1, WRITE, 0)])  # fmt: skip
+    d.ram[AVAIL + 4 + 2: AVAIL + 4 + 6] = struct.pack("<HH", 0, 3)
+    d.ram[AVAIL + 2: AVAIL + 4] = struct.pack("<H", 3)
+    d.ram[USED + 4 + 8: USED + 4 + 16] = struct.pack("<II", 3, 4097)
+    d.ram[USED + 2: USED + 4] = struct.pack("<H", 2)
+    struct.pack_into("<HH", region, 12, 3, 2)  # last_batch_head B, used_idx 2
+    struct.pack_into("<BxxxxxHQ", region, 16 + 16 * 0, 1, 0, 7)  # A: in flight, taken 7th
+    region.close()
+    d2 = Driver(str(env["srv"].socket_path), ram_of=d)
+    try:
+        d2.avail_idx = 3
+        d2.setup(base=2, inflight=(fd, size))  # QEMU: last avail = the guest's used index
+        assert d2.wait_used() == (0, 1)  # A, resubmitted without a kick
+        assert d2.ram[STATUS] == 0
+        assert env["pool"].pread(18 * BLOCK_SIZE, 4096) == b"\x66" * 4096  # lbn 2 -> pbn 18
+        time.sleep(0.3)
+        assert struct.unpack("<H", d2.ram[USED + 2: USED + 4])[0] == 3  # B was not done again
+        assert d2.request(0, 0, 4096)[0] == 0  # the ring goes on after both (avail slot 3)
+    finally:
+        d2.close()
+        os.close(fd)

@@ -17,10 +17,15 @@
  * and the guest sees an I/O error at worst); the host's memory outside the guest's own regions
  * is never touched.
  *
+ * Requests in flight survive a crash of the daemon (INFLIGHT_SHMFD): each head taken from the
+ * ring is marked in a shared memfd region that QEMU keeps and hands to the next backend after it
+ * reconnects, which resubmits the marked heads in the order they were taken and resumes the ring
+ * after them (QEMU itself falls back to the guest's used index, which with out-of-order
+ * completions would redo finished requests and lose unfinished ones).
+ *
  * Scope (the protocol as QEMU 7.2's vhost-user-blk-pci speaks it): one virtqueue (split ring,
  * indirect descriptors, no event index), features SEG_MAX, BLK_SIZE, FLUSH; protocol features
- * CONFIG and REPLY_ACK. Not done: INFLIGHT_SHMFD (requests in flight when the daemon dies are
- * not resubmitted after QEMU reconnects), multiqueue, discard/write-zeroes.
+ * CONFIG, REPLY_ACK, INFLIGHT_SHMFD. Not done: multiqueue, discard/write-zeroes.
  */
 #include "nbdfast.c"
 
@@ -44,7 +49,7 @@ enum {
     U_SET_VRING_NUM = 8, U_SET_VRING_ADDR = 9, U_SET_VRING_BASE = 10, U_GET_VRING_BASE = 11,
     U_SET_VRING_KICK = 12, U_SET_VRING_CALL = 13, U_SET_VRING_ERR = 14, U_GET_PROTOCOL_FEATURES = 15,
     U_SET_PROTOCOL_FEATURES = 16, U_GET_QUEUE_NUM = 17, U_SET_VRING_ENABLE = 18, U_GET_CONFIG = 24,
-    U_SET_CONFIG = 25,
+    U_SET_CONFIG = 25, U_GET_INFLIGHT_FD = 31, U_SET_INFLIGHT_FD = 32,
 };
 
 #define F_BLK_SEG_MAX (1ULL << 2)
@@ -56,7 +61,8 @@ enum {
 #define OFFERED (F_BLK_SEG_MAX | F_BLK_BLK_SIZE | F_BLK_FLUSH | F_RING_INDIRECT | F_PROTOCOL | F_VERSION_1)
 #define P_REPLY_ACK (1ULL << 3)
 #define P_CONFIG (1ULL << 9)
-#define P_OFFERED (P_REPLY_ACK | P_CONFIG)
+#define P_INFLIGHT (1ULL << 12)
+#define P_OFFERED (P_REPLY_ACK | P_CONFIG | P_INFLIGHT)
 
 #define D_NEXT 1
 #define D_WRITE 2
@@ -88,6 +94,15 @@ struct vq {
 
 struct job { uint16_t head; };
 
+/* The inflight region of the one queue (libvhost-user's split layout): QEMU keeps it across
+ * reconnects and zeroes it when the guest resets the device. */
+struct ifdesc { uint8_t inflight; uint8_t pad[5]; uint16_t next; uint64_t counter; };
+struct ifregion {
+    uint64_t features;
+    uint16_t version, desc_num, last_batch_head, used_idx;
+    struct ifdesc desc[];
+};
+
 struct vconn {
     struct export *ex;
     int sock;
@@ -106,6 +121,9 @@ struct vconn {
     pthread_t workers[MAX_WORKERS];
     int failed;
     char why[200];
+    struct ifregion *inf; /* NULL: no inflight tracking */
+    size_t inf_len;
+    uint64_t counter;     /* order in which heads were taken */
 };
 
 static void vfail(struct vconn *c, const char *fmt, const char *arg)
@@ -328,11 +346,17 @@ static void complete(struct vconn *c, uint16_t head, uint32_t written)
     pthread_mutex_lock(&c->mu);
     volatile uint32_t *ring = (volatile uint32_t *)(q->used + 2);
     uint16_t u = q->used_idx;
+    if (c->inf)
+        c->inf->last_batch_head = head;
     ring[2 * (u % q->num)] = head;
     ring[2 * (u % q->num) + 1] = written;
     __atomic_thread_fence(__ATOMIC_RELEASE);
     q->used_idx = (uint16_t)(u + 1);
     __atomic_store_n(&q->used[1], q->used_idx, __ATOMIC_RELEASE);
+    if (c->inf && head < c->inf->desc_num) { /* after the used index: a crash in between is repaired at start */
+        __atomic_store_n(&c->inf->desc[head].inflight, 0, __ATOMIC_RELEASE);
+        c->inf->used_idx = q->used_idx;
+    }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     int call = q->call, quiet = __atomic_load_n(&q->avail[0], __ATOMIC_ACQUIRE) & AVAIL_NO_INTERRUPT;
     if (!quiet && call >= 0) {
@@ -449,6 +473,10 @@ static int pop_all(struct vconn *c)
             break;
         c->jobs[(c->jhead + c->jcount) % VQ_MAX].head = head;
         c->jcount++;
+        if (c->inf && head < c->inf->desc_num) {
+            c->inf->desc[head].counter = ++c->counter;
+            __atomic_store_n(&c->inf->desc[head].inflight, 1, __ATOMIC_RELEASE);
+        }
         c->inflight++;
         q->last_avail++;
         pthread_cond_signal(&c->work);
@@ -466,6 +494,58 @@ static void drain(struct vconn *c)
     pthread_mutex_unlock(&c->mu);
 }
 
+static int by_counter(const void *a, const void *b, void *arg)
+{
+    const struct ifdesc *d = arg;
+    uint64_t x = d[*(const uint16_t *)a].counter, y = d[*(const uint16_t *)b].counter;
+    return x < y ? -1 : x > y;
+}
+
+/* A previous backend's heads still marked in flight: queue them again, oldest first, and resume
+ * the ring after them. Called when the ring starts (no worker runs). */
+static int resubmit(struct vconn *c)
+{
+    struct ifregion *r = c->inf;
+    struct vq *q = &c->q;
+    if (!r)
+        return 0;
+    if (r->version != 1 || r->desc_num != q->num) { /* fresh, or zeroed by a device reset */
+        memset(r, 0, c->inf_len);
+        r->version = 1;
+        r->desc_num = (uint16_t)q->num;
+        r->used_idx = q->used_idx;
+        return 0;
+    }
+    if (r->used_idx != q->used_idx) { /* the crash came between the used index and the flag */
+        if (r->last_batch_head < r->desc_num)
+            r->desc[r->last_batch_head].inflight = 0;
+        r->used_idx = q->used_idx;
+    }
+    uint16_t heads[VQ_MAX];
+    uint32_t n = 0;
+    uint64_t top = 0;
+    for (uint32_t i = 0; i < r->desc_num; i++) {
+        if (r->desc[i].inflight) {
+            heads[n++] = (uint16_t)i;
+            top = r->desc[i].counter > top ? r->desc[i].counter : top;
+        }
+    }
+    if (!n)
+        return 0;
+    qsort_r(heads, n, sizeof heads[0], by_counter, r->desc);
+    c->counter = top;
+    q->last_avail = (uint16_t)(q->used_idx + n);
+    pthread_mutex_lock(&c->mu);
+    for (uint32_t i = 0; i < n; i++) {
+        c->jobs[(c->jhead + c->jcount) % VQ_MAX].head = heads[i];
+        c->jcount++;
+        c->inflight++;
+    }
+    pthread_cond_broadcast(&c->work);
+    pthread_mutex_unlock(&c->mu);
+    return 0;
+}
+
 static int start_ring(struct vconn *c)
 {
     struct vq *q = &c->q;
@@ -478,7 +558,7 @@ static int start_ring(struct vconn *c)
         return -1;
     q->used_idx = __atomic_load_n(&q->used[1], __ATOMIC_ACQUIRE);
     q->started = 1;
-    return 0;
+    return resubmit(c);
 }
 
 static void stop_ring(struct vconn *c)
@@ -514,6 +594,34 @@ static int vreply(struct vconn *c, uint32_t req, const void *payload, uint32_t s
 }
 
 static int reply_u64(struct vconn *c, uint32_t req, uint64_t v) { return vreply(c, req, &v, 8); }
+
+/* A reply carrying one file descriptor (GET_INFLIGHT_FD). */
+static int vreply_fd(struct vconn *c, uint32_t req, const void *payload, uint32_t size, int fd)
+{
+    unsigned char msg[12 + 64];
+    uint32_t h[3] = {req, VHU_VERSION | VHU_REPLY, size};
+    memcpy(msg, h, 12);
+    memcpy(msg + 12, payload, size);
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
+    struct iovec iov = {msg, 12 + size};
+    struct msghdr m = {0};
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = u.buf;
+    m.msg_controllen = sizeof u.buf;
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+    ssize_t r;
+    do
+        r = sendmsg(c->sock, &m, MSG_NOSIGNAL);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return -1;
+    return (size_t)r < 12 + size ? sendall(c->sock, msg + r, 12 + size - (size_t)r) : 0;
+}
 
 /* Read one message (header, payload, fds). 1: one read, 0: EOF, -1: error. */
 static int recv_msg(struct vconn *c, uint32_t *h, unsigned char *payload, int *fds, int *nfds)
@@ -746,6 +854,65 @@ static int control(struct vconn *c, uint32_t *h, unsigned char *p, int *fds, int
     }
     case U_SET_CONFIG:
         break; /* writeback toggles: every write goes to the pool, flush does fsync */
+    case U_GET_INFLIGHT_FD:
+    case U_SET_INFLIGHT_FD: {
+        uint64_t v[2]; /* mmap size, mmap offset */
+        uint16_t nq, qs;
+        if (size < 20) {
+            rc = -1;
+            break;
+        }
+        memcpy(v, p, 16);
+        memcpy(&nq, p + 16, 2);
+        memcpy(&qs, p + 18, 2);
+        size_t need = sizeof(struct ifregion) + (size_t)qs * sizeof(struct ifdesc);
+        need = (need + 63) & ~(size_t)63;
+        int fd = -1;
+        if (req == U_GET_INFLIGHT_FD) {
+            if (nq != 1 || qs == 0 || qs > VQ_MAX) {
+                rc = -1;
+                break;
+            }
+            fd = memfd_create("symbiont-vhost-inflight", MFD_CLOEXEC);
+            if (fd < 0 || ftruncate(fd, (off_t)need) < 0) {
+                rc = -1;
+                if (fd >= 0)
+                    close(fd);
+                break;
+            }
+            v[0] = need;
+            v[1] = 0;
+        } else {
+            if (nfds != 1 || v[1] != 0 || nq != 1 || qs == 0 || qs > VQ_MAX || v[0] < need || v[0] > (1u << 20)) {
+                rc = -1;
+                break;
+            }
+            fd = fds[0];
+            nfds = 0;
+            need = v[0];
+        }
+        void *m = mmap(NULL, need, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (m == MAP_FAILED) {
+            close(fd);
+            rc = -1;
+            break;
+        }
+        drain(c);
+        if (c->inf)
+            munmap(c->inf, c->inf_len);
+        c->inf = m;
+        c->inf_len = need;
+        if (req == U_GET_INFLIGHT_FD) {
+            unsigned char out[24] = {0}; /* VhostUserInflight, padded to 8 bytes as QEMU sizes it */
+            memcpy(out, v, 16);
+            memcpy(out + 16, &nq, 2);
+            memcpy(out + 18, &qs, 2);
+            rc = vreply_fd(c, req, out, sizeof out, fd);
+            replied = 1;
+        }
+        close(fd);
+        break;
+    }
     default:
         snprintf(c->why, sizeof c->why, "vhost-user request %u not supported", req);
         rc = -1;
@@ -834,6 +1001,8 @@ int vhbx_serve(struct export *ex, int sock, const char *serial, int nworkers, ch
     if (c->q.call >= 0)
         close(c->q.call);
     unmap_regions(c);
+    if (c->inf)
+        munmap(c->inf, c->inf_len);
     int failed = c->failed;
     if (why && why_len)
         snprintf(why, why_len, "%s", c->why);
