@@ -133,11 +133,13 @@ def _shm_drop(mid: Any) -> bool:
 
 @op("mig-shm", threaded=True)
 def _shm(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
-    """Map (and check) the migration's region once the host plugged it in, or let go of it
-    (``release``) before the host unplugs it."""
+    """Map (and check) the migration's region once the host plugged it in, or let go of every
+    mapping (``release``) before the host unplugs it."""
     mid = rate.validate_mid(args.get("mid"))
     if args.get("release"):
-        return {"released": _shm_drop(mid)}
+        with _LOCK:
+            mids = list(_REGIONS)
+        return {"released": sum(_shm_drop(m) for m in mids) > 0}
     mm = _shm_map(mid, args.get("shm"), _num(args, "wait", 20.0, 0.0, 120.0))
     return {"mapped": len(mm)}
 

@@ -148,23 +148,30 @@ def test_network_path_migrates_back(lab: LabSession) -> None:
     assert_counts_on(lab, vm1, "ctr", vm2)
 
 
-def test_shm_channel_migrates_and_leaves_no_region(lab: LabSession) -> None:
-    """The relay's shm channel: a region hot-plugged into each guest (ivshmem-plain), the
-    restored copy runs, and no region is left (no file under /dev/shm, no device in a domain)."""
+def test_shm_channel_migrates_with_one_region_per_vm_and_no_file_left(lab: LabSession) -> None:
+    """The relay's shm channel: a region hot-plugged into each guest (ivshmem-plain) at the
+    first migration, the restored copy runs, no region file is left under /dev/shm, and the
+    way back reuses the two regions (one per VM, never one in two guests)."""
     vm1, vm2 = lab.names
     create(lab, vm2, "shmc", mib=8)
-    m = migrate(lab, vm2, "shmc", vm1, path="relay", channel="shm", predumps=1)
-    assert m["phase"] == "done", m
-    assert m["result"]["channel"] == "shm", m["result"]
-    relay = m["result"]["relay"]
-    assert relay and all(r["channel"] == "shm" and r["sender"]["channel"] == "shm" for r in relay), relay
-    assert sum(r["relay_bytes"] for r in relay) == m["progress"]["moved"] > 4 * MiB
-    assert_counts_on(lab, vm1, "shmc", vm2)
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"symbiont-mig-{m['id']}")]
-    for vm in (vm1, vm2):
-        assert "<shmem" not in lab.host.domain(vm).XMLDesc(0), vm
+    regions: dict[str, str] = {}
+    for src, dst, plugged in ((vm2, vm1, [vm2, vm1]), (vm1, vm2, [])):
+        m = migrate(lab, src, "shmc", dst, path="relay", channel="shm", predumps=1)
+        assert m["phase"] == "done", m
+        shm = m["result"]["shm"]
+        assert m["result"]["channel"] == "shm" and shm["plugged"] == plugged, m["result"]
+        relay = m["result"]["relay"]
+        assert relay and all(r["channel"] == "shm" and r["sender"]["channel"] == "shm" for r in relay), relay
+        assert sum(r["relay_bytes"] for r in relay) == m["progress"]["moved"] > 4 * MiB
+        assert_counts_on(lab, dst, "shmc", src)
+        assert not set(shm["regions"]) & set(os.listdir("/dev/shm"))
+        for vm, name in zip((src, dst), shm["regions"], strict=True):
+            assert regions.setdefault(vm, name) == name  # the same region each time
+            xml = lab.host.domain(vm).XMLDesc(0)
+            assert xml.count("<shmem ") == 1 and f"name='{name}'" in xml, vm
+    assert regions[vm1] != regions[vm2]
     with lab.client() as c:
-        c.call("DELETE", f"/v1/cpu/vms/{vm1}/containers/shmc")
+        c.call("DELETE", f"/v1/cpu/vms/{vm2}/containers/shmc")
 
 
 @pytest.mark.parametrize("fault,words", [("corrupt", "checksum"), ("truncate", "truncated")])

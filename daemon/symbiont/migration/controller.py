@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import secrets
 import time
 from collections import deque
@@ -108,6 +109,12 @@ class Region:
 
     def desc(self) -> dict[str, Any]:
         return {"dev": self.dev, "size": self.size, "token": self.token}
+
+    def scrub(self) -> None:
+        """Give the data pages back to the host between migrations (tmpfs hole punch); the
+        next migration's writes fault fresh zero pages in."""
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self.mm.madvise(mmap.MADV_REMOVE, rate.SHM_HEADER, self.size - rate.SHM_HEADER)
 
     def close(self) -> None:
         self.view.release()
@@ -282,6 +289,8 @@ class MigrationController:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.recovering: set[str] = set()
         self.retry_at: dict[str, float] = {}  # region -> when to try its unplug again
+        self.vm_regions: dict[str, Region] = {}  # VM -> its region of the shm channel (mapped here)
+        self._task_vms: dict[str, tuple[str, str]] = {}  # running migration -> its two VMs
 
     # -- agents --------------------------------------------------------------------------------
     def require(self, vm: str) -> None:
@@ -341,6 +350,7 @@ class MigrationController:
             {"ct": ct, "dest": dest, "path": path, "rate": mode, **params},
             {"id": mid},
         )
+        self._task_vms[mid] = (vm, dest)
         self.tasks[mid] = asyncio.get_running_loop().create_task(self._run(mid), name=f"migrate-{mid}")
         m = self.journal.get(mid)
         assert m is not None
@@ -373,13 +383,10 @@ class MigrationController:
             log.exception("migration %s crashed", mid)
             await self._abort(m, f"{type(exc).__name__}: {exc}", timings)
         finally:
-            try:
-                t = time.monotonic()
-                if await self._release_regions(m):
-                    timings["regions_release_s"] = round(time.monotonic() - t, 4)
-            except Exception:  # the recovery's sweep tries again (the rows stay in the journal)
-                log.exception("migration %s: releasing its regions failed", mid)
+            with contextlib.suppress(Exception):
+                self._after_migration(m)
             self.tasks.pop(mid, None)
+            self._task_vms.pop(mid, None)
             timings["total_s"] = round(time.monotonic() - t0, 4)
             with contextlib.suppress(Exception):
                 cur = self.journal.get(mid)
@@ -394,9 +401,13 @@ class MigrationController:
             mid, "check", result={"check": {k: chk[k] for k in ("init_pid", "files", "memory_current")}}
         )
         if m["path"] == "relay" and p.get("channel") == "shm":
-            t = time.monotonic()
+            t, c0 = time.monotonic(), meter.read()
             await self._regions(m)  # before any transfer: never inside the freeze
             timings["regions_s"] = round(time.monotonic() - t, 4)
+            c1 = meter.read()  # what getting them cost the host (both QEMUs + the daemon)
+            cpu = sum(max(0.0, (c1.get(k) or 0.0) - (c0.get(k) or 0.0))
+                      for k in ("source_qemu_cpu_s", "dest_qemu_cpu_s", "daemon_cpu_s"))  # fmt: skip
+            self.journal.move(mid, "check", result={"shm_cpu_s": round(cpu, 4)})
         # The destination warms CRIU up while the source pre-copies (a cold first restore
         # costs seconds inside the freeze under TCG); best effort, an older agent has no op.
         prep: asyncio.Task[Any] | None = None
@@ -602,78 +613,124 @@ class MigrationController:
         self.journal.move(m["id"], "transfer", result={"network": [*prev, {"sender": sent, "receiver": got}]})
 
     # -- the shm channel's regions -------------------------------------------------------------------
+    # One region per VM, plugged in at the VM's first shm migration and kept for the VM's life
+    # (plugging in and out cost both guests an ACPI hot-plug under TCG, 0.1-0.3 s each way, at
+    # every migration): unplugged when the VM is unregistered or gone, when a migration needs a
+    # bigger one, when the daemon stops, and by the sweep for rows no running daemon holds.
     async def _regions(self, m: dict[str, Any]) -> tuple[Region, Region] | None:
-        """Plug a fresh region into the source and another into the destination, once per
-        migration; None (the serial frames are used) when either cannot be had: an agent
-        without ``migration.shm``, libvirt refusing the device, the guest not seeing it."""
+        """The source's and the destination's regions (each VM's own, never shared), plugged in
+        if they are not yet; None (the serial frames are used) when either cannot be had: an
+        agent without ``migration.shm``, libvirt refusing the device, the guest not seeing it."""
         if "_shm" in m:
             return m["_shm"]  # type: ignore[no-any-return]
         mid, p = m["id"], m["params"]
         size = rate.shm_size(int(p["window"]), int(p["chunk"]))
-        made: list[Region] = m.setdefault("_shm_regions", [])
+        got: list[Region] = []
+        plugged: list[str] = []
         try:
-            for vm, role in ((m["vm"], "src"), (m["dest"], "dst")):
+            for vm in (m["vm"], m["dest"]):
                 if not self.ctx.agents.supports(vm, "migration.shm"):
                     raise MigrationFailed(f"{vm}: its agent has no migration.shm (an older agent)")
-                name = f"{REGION_PREFIX}{mid}-{role}"
-                self.journal.add_region(name, mid, vm, size)  # first: a crash from here on finds it
-                dev = await asyncio.to_thread(self.ctx.host.attach_shmem, vm, name, size)
-                mm = await asyncio.to_thread(self.ctx.host.open_shmem, name, size)
-                r = Region(name, vm, size, dev, secrets.token_hex(rate.SHM_TOKEN), mm)
-                made.append(r)
+                r = self.vm_regions.get(vm)
+                if r is not None and r.size < size:  # a bigger window than before: a bigger region
+                    await self._unplug(vm)
+                    r = None
+                if r is None:
+                    r = await self._plug(vm, mid, size)
+                    plugged.append(vm)
+                got.append(r)
                 await self.agent(vm, "migration.shm", {"mid": mid, "shm": r.desc(), "wait": 20.0}, timeout=60)
         except (HostError, DaemonError, MigrationFailed, jn.JournalError, OSError) as exc:
             log.warning("migration %s: no shm channel, serial frames instead: %s", mid, exc)
-            await self._release_regions(m)
+            for vm in (m["vm"], m["dest"]):  # whatever state they are in: out, the next one starts clean
+                await self._unplug(vm)
             m["_shm"] = None
             self.ctx.decisions.log("shm-fallback", m["vm"], {"id": mid}, {"why": str(exc)})
             self.journal.move(mid, self.journal.get(mid)["phase"],  # type: ignore[index]
                               result={"channel": "serial", "shm_fallback": str(exc)})  # fmt: skip
             return None
-        m["_shm"] = (made[0], made[1])
-        self.journal.move(mid, self.journal.get(mid)["phase"], result={"channel": "shm", "shm_bytes": size})  # type: ignore[index]
+        m["_shm"] = (got[0], got[1])
+        self.journal.move(mid, self.journal.get(mid)["phase"],  # type: ignore[index]
+                          result={"channel": "shm", "shm": {"bytes": size, "plugged": plugged,
+                                                            "regions": [r.name for r in got]}})  # fmt: skip
         return m["_shm"]  # type: ignore[no-any-return]
 
-    async def _release_regions(self, m: dict[str, Any]) -> int:
-        """The migration's regions go: the guest lets go, the device is unplugged, the host
-        file removed, the journal row dropped (kept if the unplug failed: the sweep retries).
-        Returns how many there were."""
-        mid = m["id"]
-        mapped = {r.name: r for r in m.pop("_shm_regions", [])}
-        for r in mapped.values():
+    async def _plug(self, vm: str, mid: str, size: int) -> Region:
+        name = f"{REGION_PREFIX}{secrets.token_hex(8)}"
+        self.journal.add_region(name, mid, vm, size)  # first: a daemon killed from here on finds it
+        dev = await asyncio.to_thread(self.ctx.host.attach_shmem, vm, name, size)
+        try:
+            mm = await asyncio.to_thread(self.ctx.host.open_shmem, name, size)
+        finally:
+            # mapped by QEMU (and by us): the name is no longer needed, nothing is left under
+            # /dev/shm whatever happens to this daemon
+            await asyncio.to_thread(self.ctx.host.remove_shmem, name)
+        r = self.vm_regions[vm] = Region(name, vm, size, dev, secrets.token_hex(rate.SHM_TOKEN), mm)
+        return r
+
+    def _after_migration(self, m: dict[str, Any]) -> None:
+        """The regions stay plugged; their pages go back to the host (the guests' agents let go
+        of their mappings at mig-finish/cleanup/abort)."""
+        for r in m.pop("_shm", None) or ():
+            r.scrub()
+
+    async def _unplug(self, vm: str, name: str | None = None) -> bool:
+        """Take a region out of ``vm`` (its own, or the one called ``name`` from the journal):
+        the guest lets go, the device is unplugged, the row dropped; a failed unplug keeps the
+        row, and the sweep tries again later. True when it is gone."""
+        r = self.vm_regions.get(vm)
+        if r is not None and name in (None, r.name):
+            del self.vm_regions[vm]
             r.close()
-        rows = self.journal.regions(mid)
-        for row in rows:
-            vm = row["vm"]
-            if self.ctx.agents.supports(vm, "migration.shm"):
-                with contextlib.suppress(DaemonError):
-                    await self.agent(vm, "migration.shm", {"mid": mid, "release": True}, timeout=15)
-            try:
-                await asyncio.to_thread(self.ctx.host.detach_shmem, vm, row["name"])
-                unplugged = True
-            except HostError as exc:
-                log.warning("migration %s: unplugging %s from %s failed: %s", mid, row["name"], vm, exc)
-                unplugged = False
-            await asyncio.to_thread(self.ctx.host.remove_shmem, row["name"])
-            if unplugged:
-                self.journal.drop_region(row["name"])
-                self.retry_at.pop(row["name"], None)
-            else:
-                self.retry_at[row["name"]] = time.monotonic() + REGION_RETRY_S
-        return len(rows)
+            name = r.name
+        if name is None:
+            return True
+        if self.ctx.agents.supports(vm, "migration.shm"):
+            with contextlib.suppress(DaemonError):
+                await self.agent(vm, "migration.shm", {"mid": "unplug", "release": True}, timeout=15)
+        try:
+            await asyncio.to_thread(self.ctx.host.detach_shmem, vm, name)
+        except HostError as exc:
+            log.warning("unplugging the region %s from %s failed: %s", name, vm, exc)
+            self.retry_at[name] = time.monotonic() + REGION_RETRY_S
+            return False
+        finally:
+            await asyncio.to_thread(self.ctx.host.remove_shmem, name)  # gone already unless a crash came first
+        self.journal.drop_region(name)
+        self.retry_at.pop(name, None)
+        return True
 
     def orphan_regions(self) -> list[dict[str, Any]]:
-        """Regions in the journal of no migration this daemon runs (a daemon killed mid-way)."""
+        """Regions to take out now: in the journal but not held by this daemon (one killed
+        before), or held for a VM no longer registered."""
         now = time.monotonic()
-        return [r for r in self.journal.regions()
-                if r["mid"] not in self.tasks and self.retry_at.get(r["name"], 0.0) <= now]  # fmt: skip
+        held = {r.name for r in self.vm_regions.values()}
+        out = []
+        for row in self.journal.regions():
+            if self.retry_at.get(row["name"], 0.0) > now:
+                continue
+            if row["name"] not in held:
+                out.append(row)
+                continue
+            try:
+                self.ctx.vm(row["vm"])
+            except NotFound:
+                out.append(row)
+        return out
 
     async def sweep_regions(self) -> int:
-        """Release the orphans; returns how many were found."""
-        rows = self.orphan_regions()
-        for mid in dict.fromkeys(r["mid"] for r in rows):
-            await self._release_regions({"id": mid})
+        """Unplug the orphans (never one a running migration uses); returns how many."""
+        busy = {vm for t in self.tasks for vm in self._task_vms.get(t, ())}
+        rows = [r for r in self.orphan_regions() if r["vm"] not in busy]
+        for row in rows:
+            await self._unplug(row["vm"], row["name"])
         return len(rows)
+
+    async def unplug_all(self) -> None:
+        """Daemon stop: no region stays behind."""
+        for row in self.journal.regions():
+            with contextlib.suppress(HostError, OSError):
+                await self._unplug(row["vm"], row["name"])
 
     # -- failure, finish, recovery ----------------------------------------------------------------
     async def _abort(self, m: dict[str, Any], why: str, timings: dict[str, float] | None = None) -> bool:
@@ -779,4 +836,5 @@ class MigrationController:
         for t in list(self.tasks.values()):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self.unplug_all()
 
