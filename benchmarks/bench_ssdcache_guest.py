@@ -32,7 +32,7 @@ they are ``Export`` + ``NbdServer`` exactly as the daemon runs them, served from
 The guest tool is ``guest_iobench.c`` (fio's libaio engine in miniature: O_DIRECT, native AIO,
 IODEPTH in flight), built static here and handed to the guest on a read-only disk: the golden
 image has no fio. The ratio elastic / plain is the figure (target: random 4 KiB ≥ 0.8, sequential
-1 MiB ≥ 0.95). While the native disk runs random writes at QD 16, a host thread remaps spare
+1 MiB ≥ 0.95). While the native or vhost disk runs random writes at QD 16, a host thread remaps spare
 blocks of its export (unmap + map under the exclusive lock): the resize commit under load.
 """
 
@@ -158,7 +158,7 @@ def main() -> None:
     servers: list[NbdServer] = []
     vhosts: list[VhostUserServer] = []
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
-    remaps: list[float] = []
+    remaps: dict[str, list[float]] = {}
     try:
         with LabSession(count=1, prefix="symbiont-ssdbench-", register=False, memory_mib=512, max_vcpus=2,
                         shared_memory="vhost" in disks, step=lambda s: print(f"# {s}", flush=True)) as lab:
@@ -220,8 +220,9 @@ def main() -> None:
                         for disk in order:
                             stop = threading.Event()
                             th = None
-                            if disk == "native" and mode == "randwrite" and depth == 16:
-                                th = threading.Thread(target=remap_loop, args=(exports["native"], stop, remaps))
+                            if disk in ("native", "vhost") and mode == "randwrite" and depth == 16:
+                                th = threading.Thread(target=remap_loop,
+                                                      args=(exports[disk], stop, remaps.setdefault(disk, [])))
                                 th.start()
                             try:
                                 cmd = (DEV + f"/tmp/iobench $(dev bench-{disk}) {mode} {bs} {depth} {args.seconds} "
@@ -276,9 +277,9 @@ def main() -> None:
                for d in disks}
         print(f"{'  cpu qemu+server':18} " + " ".join(f"{q:4.2f}+{sv:4.2f}" for q, sv in cpu.values())
               + f"   ({'ms per MiB' if unit == 'mib_s' else 'us per request'})")
-    if remaps:
-        print(f"# remap commit (unmap + map of {SPARE} blocks) during native randwrite QD16: p50 "
-              f"{statistics.median(remaps):.2f} ms, max {max(remaps):.2f} ms (n={len(remaps)})")
+    for disk, ms in remaps.items():
+        print(f"# remap commit (unmap + map of {SPARE} blocks) during {disk} randwrite QD16: p50 "
+              f"{statistics.median(ms):.2f} ms, max {max(ms):.2f} ms (n={len(ms)})")
     print("# reads served: " + ", ".join(f"{k} {v['reads']}" + (f" ({v['spliced_reads']} spliced)" if v.get(
         "spliced_reads") else "") for k, v in stats.items()))
     print(f"# {time.monotonic() - t_start:.0f} s")

@@ -67,7 +67,8 @@ def test_vhost_attach_adds_a_reconnecting_socket_chardev_and_the_device() -> Non
                                 "chardev": "symbiont-vhu-vdc", "num-queues": 1, "queue-size": 256}  # fmt: skip
 
 
-def test_vhost_refused_device_removes_the_chardev_and_detach_waits() -> None:
+def test_vhost_refused_device_removes_the_chardev_and_detach_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nbddisk.time, "sleep", lambda s: None)
     mon = Monitor({"device_add": ["Duplicate ID"]})
     with pytest.raises(nbddisk.QmpError, match="device_add: .*Duplicate ID"):
         vhostdisk.attach(mon, "/run/x.sock", "vdc")

@@ -80,18 +80,23 @@ def attach(send: Send, socket: str, export: str, target: str, serial: str, recon
     return node
 
 
-def attached(send: Send, target: str) -> bool:
-    """Is there a QMP-attached elastic disk for ``target``? (False when the monitor cannot say.)"""
-    node = node_name(target)
+def listed(send: Send, query: str, key: str, node: str) -> bool:
+    """Does the monitor's ``query`` list an entry whose ``key`` is ``node``? (False when it
+    cannot say.)"""
     try:
-        return any(n.get("node-name") == node for n in _qmp(send, "query-named-block-nodes", {}) or [])
+        return any(n.get(key) == node for n in _qmp(send, query, {}) or [])
     except QmpError:
         return False
 
 
-def detach(send: Send, target: str, timeout_s: float = 60.0) -> None:
-    """Unplug the device (the guest must let go of it), then drop the NBD node."""
-    node = node_name(target)
+def attached(send: Send, target: str) -> bool:
+    """Is there a QMP-attached elastic disk for ``target``? (False when the monitor cannot say.)"""
+    return listed(send, "query-named-block-nodes", "node-name", node_name(target))
+
+
+def unplug(send: Send, node: str, backend: tuple[str, dict[str, Any]], timeout_s: float) -> None:
+    """``device_del`` of ``node``, then remove its backend (``blockdev-del``, ``chardev-remove``),
+    retried until the guest has let go of the device or ``timeout_s`` passed."""
     try:
         _qmp(send, "device_del", {"id": node})
     except QmpError as exc:
@@ -100,7 +105,7 @@ def detach(send: Send, target: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            _qmp(send, "blockdev-del", {"node-name": node})
+            _qmp(send, *backend)
             return
         except QmpError as exc:
             if "not found" in str(exc) or "Cannot find" in str(exc):
@@ -108,3 +113,9 @@ def detach(send: Send, target: str, timeout_s: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def detach(send: Send, target: str, timeout_s: float = 60.0) -> None:
+    """Unplug the device (the guest must let go of it), then drop the NBD node."""
+    node = node_name(target)
+    unplug(send, node, ("blockdev-del", {"node-name": node}), timeout_s)

@@ -12,9 +12,7 @@ disk (the domain is tainted *custom-monitor*), so it is removed the same way.
 
 from __future__ import annotations
 
-import time
-
-from symbiont.host.nbddisk import QmpError, Send, _qmp
+from symbiont.host.nbddisk import QmpError, Send, _qmp, listed, unplug
 
 QUEUE_SIZE = 256
 
@@ -43,29 +41,10 @@ def attach(send: Send, socket: str, target: str, reconnect_s: int = 1) -> str:
 
 def attached(send: Send, target: str) -> bool:
     """Is there a QMP-attached vhost-user disk for ``target``? (False when the monitor cannot say.)"""
-    node = node_name(target)
-    try:
-        return any(c.get("label") == node for c in _qmp(send, "query-chardev", {}) or [])
-    except QmpError:
-        return False
+    return listed(send, "query-chardev", "label", node_name(target))
 
 
 def detach(send: Send, target: str, timeout_s: float = 60.0) -> None:
     """Unplug the device (the guest must let go of it), then remove its chardev."""
     node = node_name(target)
-    try:
-        _qmp(send, "device_del", {"id": node})
-    except QmpError as exc:
-        if "not found" not in str(exc):
-            raise
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            _qmp(send, "chardev-remove", {"id": node})
-            return
-        except QmpError as exc:
-            if "not found" in str(exc):
-                return
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    unplug(send, node, ("chardev-remove", {"id": node}), timeout_s)

@@ -457,6 +457,15 @@ static void *vworker(void *arg)
     return NULL;
 }
 
+/* Hand one head to the workers (under c->mu). */
+static void queue_head(struct vconn *c, uint16_t head)
+{
+    c->jobs[(c->jhead + c->jcount) % VQ_MAX].head = head;
+    c->jcount++;
+    c->inflight++;
+    pthread_cond_signal(&c->work);
+}
+
 /* Queue every head the guest made available since the last look. */
 static int pop_all(struct vconn *c)
 {
@@ -471,15 +480,12 @@ static int pop_all(struct vconn *c)
         uint16_t head = q->avail[2 + q->last_avail % q->num];
         if (c->jcount == VQ_MAX)
             break;
-        c->jobs[(c->jhead + c->jcount) % VQ_MAX].head = head;
-        c->jcount++;
         if (c->inf && head < c->inf->desc_num) {
             c->inf->desc[head].counter = ++c->counter;
             __atomic_store_n(&c->inf->desc[head].inflight, 1, __ATOMIC_RELEASE);
         }
-        c->inflight++;
+        queue_head(c, head);
         q->last_avail++;
-        pthread_cond_signal(&c->work);
     }
     pthread_mutex_unlock(&c->mu);
     return 0;
@@ -536,12 +542,8 @@ static int resubmit(struct vconn *c)
     c->counter = top;
     q->last_avail = (uint16_t)(q->used_idx + n);
     pthread_mutex_lock(&c->mu);
-    for (uint32_t i = 0; i < n; i++) {
-        c->jobs[(c->jhead + c->jcount) % VQ_MAX].head = heads[i];
-        c->jcount++;
-        c->inflight++;
-    }
-    pthread_cond_broadcast(&c->work);
+    for (uint32_t i = 0; i < n; i++)
+        queue_head(c, heads[i]);
     pthread_mutex_unlock(&c->mu);
     return 0;
 }
