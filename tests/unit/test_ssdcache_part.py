@@ -117,3 +117,46 @@ def test_the_elastic_disk_is_attached_through_the_host_port(tmp_path: Path) -> N
     qmp = [c for c in calls if c[0] == "qmp"]
     assert [c[2] for c in qmp] == ["blockdev-add", "device_add"]
     assert qmp[0][3]["reconnect-delay"] == 30 and qmp[0][3]["server"]["path"].endswith(".sock")
+
+
+@pytest.mark.root
+@needs_losetup
+def test_a_vhost_user_attach_serves_the_export_and_a_refusal_leaves_nothing(tmp_path: Path) -> None:
+    """transport vhost-user: the backend's socket is served and recorded in sqlite (a restarted
+    daemon serves it again), the device goes in over QMP; a refusal (RAM not shared) leaves no
+    socket and no record; reconnect_delay_s is for NBD only."""
+    from symbiont.errors import Invalid
+
+    env, part = _env(tmp_path)
+    dom = env.host.domains["vm1"]
+    dom.qmp = {"query-memdev": [{"id": "pc.ram", "share": False}], "chardev-add": {}, "device_add": {}}
+
+    async def run() -> None:
+        await env.start()
+        mgr = part.require_manager()
+        try:
+            await mgr.create_pool("pool.img", None, 16)
+            await mgr.register("vm1", 8, 0, True)
+            with pytest.raises(Invalid, match="reconnect_delay_s"):
+                await part.attach("vm1", "vdc", "symbiont-cache", 30, "vhost-user")
+            with pytest.raises(HostError, match="shared"):
+                await part.attach("vm1", "vdc", "symbiont-cache", 0, "vhost-user")
+            assert "vm1" not in mgr.vhosts and not mgr.socket_path("vm1", "vhost-user").exists()
+            assert "transport" not in mgr.bmap.cache("vm1").params
+            dom.qmp["query-memdev"] = [{"id": "pc.ram", "share": True}]
+            out = await part.attach("vm1", "vdc", "symbiont-cache", 0, "vhost-user")
+            assert out["qmp_node"] == "symbiont-vhu-vdc" and out["transport"] == "vhost-user"
+            assert mgr.socket_path("vm1", "vhost-user").is_socket()
+            assert mgr.bmap.cache("vm1").params["transport"] == "vhost-user"
+            chardev = [c for c in env.host.calls if c[0] == "qmp" and c[2] == "chardev-add"][-1]
+            assert chardev[3]["backend"]["data"]["addr"]["data"]["path"] == str(mgr.socket_path("vm1", "vhost-user"))
+            # a restarted manager serves the vhost socket again from what sqlite says
+            await part.stop()
+            await part.start()
+            mgr = part.require_manager()
+            assert "vm1" in mgr.vhosts and mgr.socket_path("vm1", "vhost-user").is_socket()
+        finally:
+            await part.stop()
+
+    asyncio.run(run())
+    env.close()

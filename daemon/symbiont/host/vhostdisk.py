@@ -23,8 +23,15 @@ def node_name(target: str) -> str:
 
 
 def attach(send: Send, socket: str, target: str, reconnect_s: int = 1) -> str:
-    """Add the socket chardev (client, ``reconnect``) and the device on it; returns its id."""
+    """Add the socket chardev (client, ``reconnect``) and the device on it; returns its id.
+    Refused (nothing added) when the domain's RAM is not shared."""
     node = node_name(target)
+    memdevs = _qmp(send, "query-memdev", {}) or []
+    if not any(m.get("share") for m in memdevs if isinstance(m, dict)):
+        # QEMU would add the device and fail only when the guest starts it (no memory fds to hand
+        # the backend): refuse here, with what the domain needs.
+        raise QmpError("vhost-user needs the guest's RAM shared: <memoryBacking><source type='memfd'/>"
+                       "<access mode='shared'/></memoryBacking> in the domain (not set for this VM)")
     _qmp(send, "chardev-add", {
         "id": node,
         "backend": {"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": socket}},
