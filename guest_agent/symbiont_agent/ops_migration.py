@@ -441,6 +441,8 @@ def _send(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
                             raise OSError(f"no acknowledgement from the relay for {STALL_S:.0f} s")
                         if mode == "fixed":
                             next_at = time.monotonic() + rate.fixed_delay(need, fixed)
+                    if _is_aborted(mid):  # the host gave this migration up (a daemon restarted meanwhile)
+                        raise OSError("the migration was aborted by the host")
                     extra: dict[str, Any] = {}
                     if ring is not None and mv is not None:
                         taken = int(st.get("taken", 0))

@@ -209,3 +209,24 @@ def test_adaptive_sender_wakes_at_the_credit_not_at_a_low_estimate(base, monkeyp
     r = om._send({"mid": "m7", "paths": ["img/a.img"], "chunk": 4096, "window": 8192, "bw": 1.0}, b"")
     assert r["chunks"] == 16 and r["bytes"] == len(data)
     assert r["slept_s"] < 2.0, r  # 14 full windows: 28 s of estimated delay without the wake-up
+
+
+def test_sender_stops_once_the_host_aborted_its_migration(base, monkeypatch) -> None:
+    """A daemon killed mid-transfer leaves the sender running; the recovery's abort marker
+    (mig-resume) stops it at its next chunk, before it reaches the next migration's relay."""
+    from symbiont_agent import agent
+
+    (base / "m6" / "img").mkdir(parents=True)
+    (base / "m6" / "img" / "a.img").write_bytes(os.urandom(40 << 10))
+    sent: list[dict] = []
+
+    def emit(msg: dict, payload: bytes = b"") -> bool:
+        sent.append(msg["data"])
+        if len(sent) == 2:
+            om._set_aborted("m6")
+        return True
+
+    monkeypatch.setattr(agent, "emit", emit)
+    with pytest.raises(OSError, match="aborted"):
+        om._send({"mid": "m6", "paths": ["img/a.img"], "chunk": 4096, "window": 1 << 20}, b"")
+    assert len(sent) == 2

@@ -20,7 +20,7 @@ from tests.unit.test_migration_controller import DATA, agents, env_with
 HDR = rate.SHM_HEADER
 
 
-def shm_agents(tmp_path: Any, bad_at: int | None = None):
+def shm_agents(tmp_path: Any, bad_at: int | None = None, stale: bool = False):
     """FakeAgents whose source reads the file into its region (as the agent's ring does) and
     whose destination takes each chunk from its own region at ``at``, CRC checked. The regions'
     files are gone once mapped: the fake guests reach them through the daemon's own mappings
@@ -40,6 +40,9 @@ def shm_agents(tmp_path: Any, bad_at: int | None = None):
         ring = rate.Ring(args["shm"]["size"] - HDR)
         region = mm(vm)
         assert region[:16] == bytes.fromhex(args["shm"]["token"])
+        if stale:  # a sender of an earlier, aborted migration still running in the guest
+            handler({"mid": "20261205-000000-aaaaaa", "path": "img/zz", "off": 0, "len": 5, "crc": 0, "at": 1 << 40},
+                    b"junk!")  # fmt: skip
         for off in range(0, len(DATA), 4096):
             part = DATA[off : off + 4096]
             at = ring.alloc(len(part))
@@ -226,3 +229,33 @@ def test_ring_always_has_room_for_a_chunk_the_window_admits() -> None:
         assert 0 <= at and at + max(1, n) <= window + chunk
         assert all(at + max(1, n) <= a or b <= at for a, b in live)
         live.append((at, at + max(1, n)))
+
+
+def test_shm_is_the_relay_default_and_only_the_relay_has_channels(tmp_path) -> None:
+    import pytest
+
+    from symbiont.errors import Invalid
+
+    a, shm_dir, _written, held = shm_agents(tmp_path)
+
+    async def main() -> dict[str, Any]:
+        env, part = await _setup(tmp_path, a, shm_dir, held)
+        for kw in ({"path": "network", "channel": "shm"}, {"path": "network", "channel": "serial"},
+                   {"channel": "pigeon"}):  # fmt: skip
+            with pytest.raises(Invalid, match="channel"):
+                await part.ctl.start("vm1", "web", "vm2", **kw)
+        m = await part.ctl.start("vm1", "web", "vm2", predumps=1, chunk=4096, window=16384)
+        await part.ctl.tasks[m["id"]]
+        await part.stop()
+        return part.ctl.show(m["id"])
+
+    m = asyncio.run(main())
+    assert m["params"]["channel"] == "shm" and m["result"]["channel"] == "shm" and m["phase"] == "done", m
+
+
+def test_a_stale_sender_of_an_earlier_migration_is_ignored(tmp_path) -> None:
+    a, shm_dir, written, held = shm_agents(tmp_path, stale=True)
+    m, _env, _ctl = migrate(tmp_path, a, shm_dir, held)
+    assert m["phase"] == "done", m
+    assert [r["foreign_chunks"] for r in m["result"]["relay"]] == [1, 1]
+    assert b"".join(written) == DATA * 2

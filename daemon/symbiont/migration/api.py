@@ -32,9 +32,9 @@ class MigrationSpec(StrictModel):
     to: str = Field(pattern=VM_PATTERN, description="destination VM")
     path: Literal["relay", "network"] = Field("relay", description="hypervisor relay or guest network")
     rate: Literal["adaptive", "fixed"] = Field("adaptive", description="relay send pacing")
-    channel: Literal["serial", "shm"] = Field(
-        "serial", description="relay data channel: serial (frames over virtio-serial) or shm (a region per VM, "
-        "ivshmem-plain, one host copy; falls back to serial when a region cannot be had)")
+    channel: Literal["serial", "shm"] | None = Field(
+        None, description="relay data channel (relay path only; default shm): shm (a region per VM, ivshmem-plain, "
+        "one host copy; falls back to serial when a region cannot be had) or serial (frames over virtio-serial)")
     predumps: int = Field(4, ge=0, le=8, description="at most this many pre-copy iterations while the container "
                           "runs (fewer once the dirty set is below converge_kib or stops shrinking)")
     converge_kib: int = Field(1024, ge=0, le=1 << 20, description="pre-copy stops once a pre-dump is this small")

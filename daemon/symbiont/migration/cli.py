@@ -96,9 +96,8 @@ def follow(ctx: Ctx, mid: str, timeout: float = 1800.0) -> dict[str, Any]:
 @click.option(
     "--channel",
     type=click.Choice(["serial", "shm"]),
-    default="serial",
-    show_default=True,
-    help="relay data channel: serial frames, or shm (a shared region per VM, one host copy)",
+    default=None,
+    help="relay data channel: shm (the default: a shared region per VM, one host copy) or serial frames",
 )
 @click.option(
     "--rate", type=click.Choice(["adaptive", "fixed"]), default="adaptive", help="relay send pacing"
@@ -117,12 +116,12 @@ def follow(ctx: Ctx, mid: str, timeout: float = 1800.0) -> dict[str, Any]:
 @click.option("--no-wait", is_flag=True, help="start it and print its id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def ct_migrate(ctx: Ctx, vm: str, name: str, dest: str, path: str, channel: str, rate: str, rate_mbps: float,
+def ct_migrate(ctx: Ctx, vm: str, name: str, dest: str, path: str, channel: str | None, rate: str, rate_mbps: float,
                predumps: int, window_kib: int, no_wait: bool, as_json: bool) -> None:  # fmt: skip
     """Migrate container NAME from VM to another VM with CRIU (pre-copy, dump, transfer, restore)."""
     body = {"vm": vm, "ct": name, "to": dest, "path": path, "rate": rate, "rate_mbps": rate_mbps,
             "predumps": predumps, "window_kib": window_kib}  # fmt: skip
-    if path == "relay":
+    if channel is not None:
         body["channel"] = channel
     m = api(ctx, "POST", "/v1/migration", body)
     if no_wait:
