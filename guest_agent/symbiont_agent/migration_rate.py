@@ -143,6 +143,8 @@ def validate_manifest(manifest: object, max_total: int) -> dict[str, dict[str, o
 def validate_chunk(meta: object, payload: bytes, files: dict[str, dict[str, object]], max_chunk: int) -> dict:
     """Check one chunk's header against its payload and the manifest; return the header."""
     head = validate_chunk_head(meta, files, max_chunk)
+    if head["crc"] is None:
+        raise StreamError(f"{head['path']}@{head['off']}: a framed chunk needs its crc")
     if head["len"] != len(payload):
         raise StreamError(f"{head['path']}@{head['off']}: header says {head['len']} bytes, payload has {len(payload)}")
     check_crc(head, payload)
@@ -150,14 +152,17 @@ def validate_chunk(meta: object, payload: bytes, files: dict[str, dict[str, obje
 
 
 def check_crc(head: dict, data: bytes | memoryview) -> None:
-    """The chunk's bytes (wherever they lie: a frame's payload or a shared region) match its CRC-32."""
-    if crc32(data) != head["crc"]:
+    """The chunk's bytes (wherever they lie: a frame's payload or a shared region) match its CRC-32
+    (no ``crc``: an shm chunk, whose bytes are checked once, by the file's CRC-32 at the end)."""
+    if head["crc"] is not None and crc32(data) != head["crc"]:
         raise StreamError(f"{head['path']}@{head['off']}: checksum mismatch (corrupted chunk)")
 
 
 def validate_chunk_head(meta: object, files: dict[str, dict[str, object]], max_chunk: int) -> dict:
     """A chunk's header alone (the ``shm`` channel carries no payload): path in the manifest,
-    offset and length within the file and the chunk limit, a 32-bit CRC."""
+    offset and length within the file and the chunk limit, a 32-bit CRC or none (``shm``
+    chunks: no bytes cross a channel that could change them, so each file is checked once at the
+    end against the manifest's CRC-32 instead of every chunk twice, at 2.1 ms/MiB per guest under TCG)."""
     if not isinstance(meta, dict):
         raise StreamError("chunk header must be an object")
     path = validate_relpath(meta.get("path"))
@@ -175,7 +180,7 @@ def validate_chunk_head(meta: object, files: dict[str, dict[str, object]], max_c
     assert isinstance(size, int)
     if off + length > size:
         raise StreamError(f"{path}@{off}+{length}: beyond the file's {size} bytes")
-    if isinstance(crc, bool) or not isinstance(crc, int) or not 0 <= crc <= 0xFFFFFFFF:
+    if crc is not None and (isinstance(crc, bool) or not isinstance(crc, int) or not 0 <= crc <= 0xFFFFFFFF):
         raise StreamError(f"{path}@{off}: crc must be a 32-bit unsigned integer")
     return {"path": path, "off": off, "len": length, "crc": crc}
 

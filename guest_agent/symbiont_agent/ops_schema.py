@@ -588,7 +588,7 @@ class MigSendReq:
 class MigRecvReq:
     mid: str = s(MID)
     path: str = s(PATH)
-    crc: int = i(0, 0xFFFFFFFF)
+    crc: int | None = i(0, 0xFFFFFFFF, None)  # None: an shm chunk, checked with its file by mig-verify
     off: int = i(0, 1 << 40, 0)
     len: int = i(0, MAX_BINARY, 0)
     shm: Json | None = js(1024, None)  # the chunk lies in this guest's region at ``at``

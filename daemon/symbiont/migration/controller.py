@@ -10,10 +10,12 @@ destination's files and restored copy are removed and the source is thawed.
 
 Two transfer paths share everything else:
 
-* ``relay`` (Portkey): the source agent streams the images over its virtio-serial channel as
-  framed binary events (4 MiB by default, up to the protocol's 16 MiB), the daemon checks
-  each chunk (manifest, bounds, CRC-32: the host never hashes with SHA-256; the files'
-  SHA-256 is computed once by the source and checked once by the destination), queues the
+* ``relay`` (Portkey): the source agent streams the images through the daemon: over the
+  ``shm`` channel (default; each VM's ivshmem region, one host copy, see docs/migration.md) or
+  as framed binary events on its virtio-serial channel (4 MiB by default, up to the protocol's
+  16 MiB); the daemon checks each chunk (manifest, bounds, window; a framed chunk's CRC-32:
+  the host never hashes with SHA-256; each file's CRC-32 is computed once by the source and
+  checked once by the destination, which is all an shm chunk gets), queues the
   payload it received (no copy) in a bounded window and writes it to the destination agent;
   acknowledgements flow back with the measured drain rate, from which the sender computes
   its delay (adaptive) — or it sends at a fixed rate (the baseline);
@@ -183,8 +185,8 @@ class Relay:
                     raise rate.StreamError("no room in the destination's region")
                 slot = [False]
                 self.dslots.append(slot)
-                # the one copy on the host; the CRC is checked on the copy, which the source
-                # guest can no longer change
+                # the one copy on the host; a CRC, if the header has one, is checked on the
+                # copy, which the source guest can no longer change
                 self.dst_data[dat : dat + n] = self.src_data[at : at + n]
                 rate.check_crc(meta, self.dst_data[dat : dat + n])
                 meta = {**meta, "at": dat}
