@@ -22,6 +22,8 @@ processes + the daemon) per migrated MiB, measured in the same run. As root:
     .venv/bin/python benchmarks/bench_migration.py --sizes 32 --rates "" --no-baseline --reps 3   # 3 groups
     .venv/bin/python benchmarks/bench_migration.py --sizes 32 --rates 256 --no-baseline --reps 2 \\
         --paths relay-serial,relay-shm,network   # the fourth round
+    .venv/bin/python benchmarks/bench_migration.py --sizes 32,128 --rates "" --no-baseline \\
+        --paths relay-shm,relay-shm-lazy,network   # lazy restore (CRIU lazy pages) beside the eager one
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def start(s: LabSession, vm: str, ct: str, mib: int, dirty_kib_s: int) -> None:
 PATHS = {  # row label -> the request's path and relay channel
     "relay-serial": {"path": "relay", "channel": "serial"},
     "relay-shm": {"path": "relay", "channel": "shm"},
+    "relay-shm-lazy": {"path": "relay", "channel": "shm", "lazy": True},  # CRIU lazy pages at the destination
     "network": {"path": "network"},
 }
 
@@ -60,7 +63,7 @@ def one(s: LabSession, src: str, dst: str, ct: str, path: str, predumps: int, si
     m = migrate(s, {"vm": src, "ct": ct, "to": dst, **PATHS[path], "predumps": predumps})
     if m["phase"] != "done":
         raise SystemExit(f"migration {m['id']} failed: {m['error']}")
-    if path == "relay-shm" and m["result"].get("channel") != "shm":
+    if path.startswith("relay-shm") and m["result"].get("channel") != "shm":
         raise SystemExit(f"migration {m['id']}: no shm channel ({m['result'].get('shm_fallback')})")
     r = _row(m, size)
     r["path"] = path

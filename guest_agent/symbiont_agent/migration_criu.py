@@ -20,12 +20,19 @@ dumped (found out on the real guest):
   iptables), and the local address must exist on the destination before the restore (the
   container's address moves with it: ``mig-addr``). A container with its own network
   namespace has that namespace (links, addresses, routes, iptables rules) dumped and
-  recreated by CRIU.
+  recreated by CRIU;
+* a *lazy* restore (``restore(lazy=True)``) starts the tasks before their memory is back:
+  ``criu lazy-pages`` serves the page images of the local images folder through userfaultfd
+  (this guest kernel has ``uffd-noncoop``), faulting pages in on demand and pushing the rest in
+  the background, so the freeze no longer grows with the container's size (measured on a
+  128 MiB process under TCG: restore 0.28-0.40 s lazy vs 0.52 s; the background fill took
+  ~1 s more). The images must stay until the daemon exits: :func:`wait_lazy`.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -111,21 +118,80 @@ def dump(pid: int, images_dir: str, parent: str | None, cgroup_path: str) -> flo
     return run("dump", images_dir, "dump.log", **opts)[1]
 
 
-def restore(images_dir: str) -> tuple[int, float]:
-    resp, secs = run(
-        "restore",
-        images_dir,
-        "restore.log",
-        root="/",
-        shell_job=True,
-        tcp_established=True,
-        auto_ext_mnt=True,
-        ext_sharing=True,
-        ext_masters=True,
-        manage_cgroups=True,
-        manage_cgroups_mode="SOFT",
-    )
-    return int(resp.pid), secs
+LAZY_SOCKET = "lazy-pages.socket"  # criu lazy-pages listens here, in the images folder
+_LAZY: dict[str, subprocess.Popen[bytes]] = {}  # images folder -> its lazy-pages daemon
+
+
+def restore(images_dir: str, lazy: bool = False) -> tuple[int, float]:
+    """Restore the container from ``images_dir``; with ``lazy``, its memory comes after it runs."""
+    opts: dict[str, Any] = {}
+    t0 = time.monotonic()
+    if lazy:
+        opts["lazy_pages"] = True
+        _start_lazy(images_dir)
+    try:
+        resp, _secs = run(
+            "restore",
+            images_dir,
+            "restore.log",
+            root="/",
+            shell_job=True,
+            tcp_established=True,
+            auto_ext_mnt=True,
+            ext_sharing=True,
+            ext_masters=True,
+            manage_cgroups=True,
+            manage_cgroups_mode="SOFT",
+            **opts,
+        )
+    except CriuError:
+        stop_lazy(images_dir)
+        raise
+    return int(resp.pid), time.monotonic() - t0
+
+
+def _start_lazy(images_dir: str, timeout: float = 10.0) -> None:
+    """``criu lazy-pages`` on the folder's page images, up before the restore connects to it."""
+    stop_lazy(images_dir)
+    sock = os.path.join(images_dir, LAZY_SOCKET)
+    if os.path.exists(sock):
+        os.unlink(sock)
+    proc = subprocess.Popen([CRIU_BIN, "lazy-pages", "-D", images_dir, "-o", "lazy-pages.log", "-v2"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    _LAZY[images_dir] = proc
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_lazy(images_dir)
+            raise CriuError("criu lazy-pages did not start: "
+                            + _log_tail(os.path.join(images_dir, "lazy-pages.log")))  # fmt: skip
+        time.sleep(0.01)
+
+
+def wait_lazy(images_dir: str, timeout: float = 120.0) -> float | None:
+    """Wait until the lazy-pages daemon of ``images_dir`` has put every page back (it exits
+    then); seconds waited, or None when there was none. Its images must stay until then: a
+    page it cannot serve leaves the faulting task blocked."""
+    proc = _LAZY.get(images_dir)
+    if proc is None:
+        return None
+    t0 = time.monotonic()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_lazy(images_dir)
+        raise CriuError(f"criu lazy-pages still serving after {timeout:.0f} s: "
+                        + _log_tail(os.path.join(images_dir, "lazy-pages.log"))) from None  # fmt: skip
+    _LAZY.pop(images_dir, None)
+    return time.monotonic() - t0
+
+
+def stop_lazy(images_dir: str) -> None:
+    proc = _LAZY.pop(images_dir, None)
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 # -- transparent huge pages vs dirty tracking ----------------------------------------------------

@@ -639,7 +639,7 @@ def _restore(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     g.create()
     try:
         MANAGER._apply_limits(c, limits)
-        pid, secs = criu.restore(os.path.join(d, "img", "final"))
+        pid, secs = criu.restore(os.path.join(d, "img", "final"), lazy=args.get("lazy") is True)
     except (CgroupError, ValueError, ContainerError, criu.CriuError):
         g.kill()
         g.remove()
@@ -652,6 +652,7 @@ def _restore(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
         raise Conflict("migration aborted by the host during the restore")
     _mark(d, "restored", {"name": name, "pid": pid})
     return {
+        "lazy": args.get("lazy") is True,
         "pid": pid,
         "criu_seconds": round(secs, 4),
         "seconds": round(time.monotonic() - t0, 4),
@@ -737,6 +738,7 @@ def _abort(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     _set_aborted(args.get("mid"))
     name = args.get("name")
     removed = None
+    criu.stop_lazy(os.path.join(d, "img", "final"))  # the restored copy goes anyway
     MANAGER.load()
     if (
         os.path.exists(os.path.join(d, "restored.json"))
@@ -766,13 +768,16 @@ def _finish(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
     return {"destroyed": destroyed}
 
 
-@op("mig-cleanup")
+@op("mig-cleanup", threaded=True)
 def _cleanup(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    """Destination after the confirm: its received images go (after a lazy restore, once every
+    page is back: the restored tasks fault on them until then)."""
     d = _dir(args.get("mid"))
     _shm_drop(args.get("mid"))
     existed = os.path.isdir(d)
+    waited = criu.wait_lazy(os.path.join(d, "img", "final"), timeout=50.0)
     shutil.rmtree(d, ignore_errors=True)
-    return {"removed": existed}
+    return {"removed": existed, "lazy_wait_s": None if waited is None else round(waited, 4)}
 
 
 # -- guest network path --------------------------------------------------------------------------

@@ -620,6 +620,7 @@ class MigVerifyReq:
 class MigRestoreReq:
     mid: str = s(MID)
     record: Json = js(64 << 10)
+    lazy: bool = False  # memory after the tasks run: criu lazy-pages through userfaultfd
 
 
 @dataclass

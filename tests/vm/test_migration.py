@@ -148,6 +148,21 @@ def test_network_path_migrates_back(lab: LabSession) -> None:
     assert_counts_on(lab, vm1, "ctr", vm2)
 
 
+def test_lazy_restore_runs_the_container_before_its_memory_is_back(lab: LabSession) -> None:
+    """CRIU lazy pages in the destination guest (userfaultfd): the restored copy runs at once,
+    its memory faulted in and pushed by ``criu lazy-pages`` from the received images, which the
+    destination keeps until that is done; there and back, the counter never restarts."""
+    vm1, vm2 = lab.names
+    for src, dst in ((vm1, vm2), (vm2, vm1)):
+        m = migrate(lab, src, "ctr", dst, path="relay", predumps=1, lazy=True)
+        assert m["phase"] == "done", m
+        assert m["result"]["restore"]["lazy"] is True, m["result"]["restore"]
+        assert m["timings"]["lazy_fill_wait_s"] >= 0, m["timings"]
+        assert_counts_on(lab, dst, "ctr", src)
+        assert gx(lab, dst, "pgrep -f 'criu lazy-pages' || true") == ""
+        assert gx(lab, dst, f"ls /var/lib/symbiont-mig/{m['id']} 2>/dev/null || true") == ""  # images gone after the fill
+
+
 def test_shm_channel_migrates_with_one_region_per_vm_and_no_file_left(lab: LabSession) -> None:
     """The relay's shm channel (the default): a region hot-plugged into each guest
     (ivshmem-plain) at its first shm migration (here or in a test before), the restored copy

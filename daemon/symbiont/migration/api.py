@@ -44,6 +44,9 @@ class MigrationSpec(StrictModel):
     ip: str | None = Field(None, pattern=r"^10\.211\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])$",
                            description="the container's own address on the guest link: moves with it "
                            "(servers with established TCP connections)")
+    lazy: bool = Field(False, description="restore with CRIU lazy pages: the container runs before its memory is "
+                       "back (faulted in through userfaultfd from the received images), so the freeze does not "
+                       "grow with its size")
     fault: Literal["corrupt", "truncate"] | None = Field(
         None, description="testing: damage the relayed stream"
     )
@@ -61,6 +64,7 @@ async def start_migration(body: MigrationSpec, request: Request) -> dict[str, An
         body.vm, body.ct, body.to, path=body.path, mode=body.rate, predumps=body.predumps,
         rate_bps=body.rate_mbps * 1e6 / 8, window=body.window_kib << 10, chunk=body.chunk_kib << 10,
         fault=body.fault, converge=body.converge_kib << 10, ip=body.ip, channel=body.channel,
+        lazy=body.lazy,
     )  # fmt: skip
 
 

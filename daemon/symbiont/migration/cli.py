@@ -113,16 +113,21 @@ def follow(ctx: Ctx, mid: str, timeout: float = 1800.0) -> dict[str, Any]:
     "--predumps", type=int, default=4, show_default=True, help="at most this many pre-copy iterations, fewer once converged (0: stop-and-copy)"
 )
 @click.option("--window-kib", type=int, default=16384, show_default=True, help="relay window (send buffer)")
+@click.option("--lazy", is_flag=True,
+              help="lazy restore: the container runs before its memory is back (CRIU lazy pages), so the freeze "
+                   "does not grow with its size")  # fmt: skip
 @click.option("--no-wait", is_flag=True, help="start it and print its id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def ct_migrate(ctx: Ctx, vm: str, name: str, dest: str, path: str, channel: str | None, rate: str, rate_mbps: float,
-               predumps: int, window_kib: int, no_wait: bool, as_json: bool) -> None:  # fmt: skip
+               predumps: int, window_kib: int, lazy: bool, no_wait: bool, as_json: bool) -> None:  # fmt: skip
     """Migrate container NAME from VM to another VM with CRIU (pre-copy, dump, transfer, restore)."""
     body = {"vm": vm, "ct": name, "to": dest, "path": path, "rate": rate, "rate_mbps": rate_mbps,
             "predumps": predumps, "window_kib": window_kib}  # fmt: skip
     if channel is not None:
         body["channel"] = channel
+    if lazy:
+        body["lazy"] = True
     m = api(ctx, "POST", "/v1/migration", body)
     if no_wait:
         emit(m, as_json, _table([m]))

@@ -317,8 +317,11 @@ class MigrationController:
     async def start(self, vm: str, ct: str, dest: str, path: str = "relay", mode: str = "adaptive",
                     predumps: int = 1, rate_bps: float = 8e6, window: int = 16 << 20, chunk: int = 4 << 20,
                     fault: str | None = None, converge: int = 1 << 20,
-                    ip: str | None = None, channel: str | None = None) -> dict[str, Any]:  # fmt: skip
-        """Validate, journal, and run the migration in the background; returns the journal entry."""
+                    ip: str | None = None, channel: str | None = None, lazy: bool = False) -> dict[str, Any]:  # fmt: skip
+        """Validate, journal, and run the migration in the background; returns the journal entry.
+        ``lazy``: restore with CRIU's lazy pages (the tasks run before their memory is back,
+        which the destination's ``criu lazy-pages`` faults in and pushes from the received
+        images), so the freeze does not grow with the container's size."""
         self.ctx.vm(vm)
         self.ctx.vm(dest)
         if vm == dest:
@@ -347,6 +350,7 @@ class MigrationController:
             "converge": converge,
             "ip": ip,
             "channel": channel,
+            "lazy": bool(lazy),
         }
         try:
             self.journal.create(mid, vm, ct, dest, path, mode, params)
@@ -480,7 +484,10 @@ class MigrationController:
             await self.agent(dest, "migration.addr", {"ip": p["ip"], "up": True, "fenced": True})
             steps["addr_up_s"] = time.monotonic() - t
         t1 = time.monotonic()
-        res = await self.agent(dest, "migration.restore", {"mid": mid, "record": chk["record"]}, timeout=LONG)
+        rargs: dict[str, Any] = {"mid": mid, "record": chk["record"]}
+        if p.get("lazy"):
+            rargs["lazy"] = True
+        res = await self.agent(dest, "migration.restore", rargs, timeout=LONG)
         steps["restore_s"] = time.monotonic() - t1
         steps["restore_criu_s"] = float(res.get("criu_seconds") or 0.0)
         steps["restore_agent_s"] = float(res.get("seconds") or 0.0)
@@ -502,7 +509,9 @@ class MigrationController:
             "confirm", dest, {"id": mid, "ct": ct}, {"pid": res.get("pid")}
         )
         self.journal.move(mid, "cleanup")
-        await self._finish(m)
+        fin = await self._finish(m)
+        if fin.get("lazy_wait_s") is not None:  # the lazy restore's background fill, after the freeze
+            timings["lazy_fill_wait_s"] = fin["lazy_wait_s"]
         self.journal.move(mid, "done", timings=timings, result={"host_cpu": meter.read(),
                                                                "transfer_cpu": m.get("_xfer_cpu")})  # fmt: skip
 
@@ -780,10 +789,13 @@ class MigrationController:
             self.ctx.decisions.log("abort", m["vm"], {"id": m["id"], "why": why}, {})
         return ok
 
-    async def _finish(self, m: dict[str, Any]) -> None:
+    async def _finish(self, m: dict[str, Any]) -> dict[str, Any]:
+        """The source's frozen copy goes; then the destination's images (after a lazy restore
+        the destination keeps them until every page is back). The destination's answer."""
         await self.agent(m["vm"], "migration.finish", {"mid": m["id"], "name": m["ct"]}, timeout=60)
         with contextlib.suppress(DaemonError):
-            await self.agent(m["dest"], "migration.cleanup", {"mid": m["id"]}, timeout=60)
+            return await self.agent(m["dest"], "migration.cleanup", {"mid": m["id"]}, timeout=60)
+        return {}
 
     async def _view(self, vm: str, m: dict[str, Any]) -> jn.GuestView:
         try:
