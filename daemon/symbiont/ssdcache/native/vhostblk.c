@@ -448,8 +448,8 @@ static void *vworker(void *arg)
             vfail(c, "%s", "malformed descriptor chain from the guest");
             c->quit = 1;
             pthread_cond_broadcast(&c->work);
-            if (--c->inflight == 0)
-                pthread_cond_broadcast(&c->idle);
+            --c->inflight;
+            pthread_cond_broadcast(&c->idle); /* a drain in progress gives up (quit) */
             shutdown(c->sock, SHUT_RDWR); /* ends the control loop's poll */
         }
     }
@@ -491,11 +491,13 @@ static int pop_all(struct vconn *c)
     return 0;
 }
 
-/* Wait until no request is being served (before the rings or the memory change). */
+/* Wait until no request is being served (before the rings or the memory change). Once the
+ * connection is failing (quit) the queued requests will never run: stop waiting for them, or a
+ * control message in progress (GET_VRING_BASE, which QEMU waits for) would hang for good. */
 static void drain(struct vconn *c)
 {
     pthread_mutex_lock(&c->mu);
-    while (c->inflight > 0)
+    while (c->inflight > 0 && !c->quit)
         pthread_cond_wait(&c->idle, &c->mu);
     pthread_mutex_unlock(&c->mu);
 }
