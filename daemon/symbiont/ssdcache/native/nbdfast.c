@@ -216,30 +216,39 @@ static int readn(struct conn *c, unsigned char *buf, size_t n)
     return 1;
 }
 
-static int sendv(struct conn *c, struct iovec *iov, int n)
+/* Step an iovec array past the first `done` bytes (after a short transfer). */
+static void iov_advance(struct iovec **iov, size_t *n, size_t done)
+{
+    while (*n && done >= (*iov)->iov_len) {
+        done -= (*iov)->iov_len;
+        (*iov)++;
+        (*n)--;
+    }
+    if (*n && done) {
+        (*iov)->iov_base = (char *)(*iov)->iov_base + done;
+        (*iov)->iov_len -= done;
+    }
+}
+
+/* Send all of iov (it is consumed) on a socket; -1 if the peer went away. */
+static int send_iov(int sock, struct iovec *iov, int n)
 {
     struct msghdr m = {0};
     m.msg_iov = iov;
     m.msg_iovlen = (size_t)n;
     while (m.msg_iovlen) {
-        ssize_t r = sendmsg(c->sock, &m, MSG_NOSIGNAL);
+        ssize_t r = sendmsg(sock, &m, MSG_NOSIGNAL);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
             return -1;
         }
-        while (m.msg_iovlen && (size_t)r >= m.msg_iov->iov_len) {
-            r -= (ssize_t)m.msg_iov->iov_len;
-            m.msg_iov++;
-            m.msg_iovlen--;
-        }
-        if (m.msg_iovlen) {
-            m.msg_iov->iov_base = (char *)m.msg_iov->iov_base + r;
-            m.msg_iov->iov_len -= (size_t)r;
-        }
+        iov_advance(&m.msg_iov, &m.msg_iovlen, (size_t)r);
     }
     return 0;
 }
+
+static int sendv(struct conn *c, struct iovec *iov, int n) { return send_iov(c->sock, iov, n); }
 
 static void header(unsigned char *h, uint32_t err, const unsigned char *handle);
 
@@ -290,6 +299,15 @@ static int translate(struct export *ex, uint64_t off, uint64_t len, struct piece
     return 0;
 }
 
+/* Why translate() refused (its *bad). */
+static void unbacked_msg(int64_t bad, char *msg, size_t n)
+{
+    if (bad >= 0)
+        snprintf(msg, n, "logical block %lld is not backed", (long long)bad);
+    else
+        snprintf(msg, n, "logical block %lld maps outside the pool", (long long)(-2 - bad));
+}
+
 static void touch(struct export *ex, uint64_t off, uint64_t len)
 {
     struct timespec ts;
@@ -330,10 +348,7 @@ static int do_io(struct conn *c, aio_context_t aio, int cmd, uint64_t off, uint6
     if (translate(ex, off, len, p, &n, &bad) < 0) {
         pthread_rwlock_unlock(&ex->lock);
         bump(ex, ST_UNBACKED, 1);
-        if (bad >= 0)
-            snprintf(msg, msgn, "logical block %lld is not backed", (long long)bad);
-        else
-            snprintf(msg, msgn, "logical block %lld maps outside the pool", (long long)(-2 - bad));
+        unbacked_msg(bad, msg, msgn);
         return EIO;
     }
     if (cmd != CMD_WRITE_ZEROES) {

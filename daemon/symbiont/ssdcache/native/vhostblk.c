@@ -226,6 +226,14 @@ static int walk(struct vconn *c, uint16_t head, struct iovec *out, int *nout, st
     }
 }
 
+static uint64_t iov_total(const struct iovec *iov, int n)
+{
+    uint64_t t = 0;
+    for (int i = 0; i < n; i++)
+        t += iov[i].iov_len;
+    return t;
+}
+
 /* Copy n bytes from the start of iov into dst (across segments); -1 if iov is shorter. */
 static int iov_read(const struct iovec *iov, int n, void *dst, size_t len)
 {
@@ -287,10 +295,7 @@ static int blk_rw(struct vconn *c, int write, uint64_t off, const struct iovec *
     if (translate(ex, off, len, p, &np, &bad) < 0) {
         pthread_rwlock_unlock(&ex->lock);
         bump(ex, ST_UNBACKED, 1);
-        if (bad >= 0)
-            snprintf(msg, sizeof msg, "logical block %lld is not backed", (long long)bad);
-        else
-            snprintf(msg, sizeof msg, "logical block %lld maps outside the pool", (long long)(-2 - bad));
+        unbacked_msg(bad, msg, sizeof msg);
         set_error(ex, msg);
         return S_IOERR;
     }
@@ -304,8 +309,9 @@ static int blk_rw(struct vconn *c, int write, uint64_t off, const struct iovec *
         int fd = ex->dfd >= 0 && p[i].phys % 512 == 0 && iov_aligned(sub, m) ? ex->dfd : ex->fd;
         uint64_t pos = p[i].phys, left = p[i].len;
         struct iovec *v = sub;
+        size_t nv = (size_t)m;
         while (left) {
-            ssize_t r = write ? pwritev(fd, v, m, (off_t)pos) : preadv(fd, v, m, (off_t)pos);
+            ssize_t r = write ? pwritev(fd, v, (int)nv, (off_t)pos) : preadv(fd, v, (int)nv, (off_t)pos);
             if (r < 0 && errno == EINTR)
                 continue;
             if (r <= 0) {
@@ -317,15 +323,7 @@ static int blk_rw(struct vconn *c, int write, uint64_t off, const struct iovec *
             }
             left -= (uint64_t)r;
             pos += (uint64_t)r;
-            while (m && (size_t)r >= v->iov_len) { /* a short transfer: go on after what was done */
-                r -= (ssize_t)v->iov_len;
-                v++;
-                m--;
-            }
-            if (m && r) {
-                v->iov_base = (unsigned char *)v->iov_base + r;
-                v->iov_len -= (size_t)r;
-            }
+            iov_advance(&v, &nv, (size_t)r); /* a short transfer: go on after what was done */
         }
     }
     if (rc == S_OK)
@@ -379,9 +377,7 @@ static int handle(struct vconn *c, uint16_t head)
         return -1;
     }
     struct { uint32_t type, ioprio; uint64_t sector; } hdr;
-    uint64_t inlen = 0;
-    for (int i = 0; i < nin; i++)
-        inlen += in[i].iov_len;
+    uint64_t inlen = iov_total(in, nin);
     if (iov_read(out, nout, &hdr, sizeof hdr) < 0 || inlen < 1) {
         bump(c->ex, ST_INVALID, 1);
         return -1;
@@ -402,9 +398,7 @@ static int handle(struct vconn *c, uint16_t head)
             written += datalen;
     } else if (hdr.type == T_OUT) {
         struct iovec data[MAX_SEGS];
-        uint64_t outlen = 0;
-        for (int i = 0; i < nout; i++)
-            outlen += out[i].iov_len;
+        uint64_t outlen = iov_total(out, nout);
         int m = iov_slice(out, nout, sizeof hdr, outlen - sizeof hdr, data, MAX_SEGS);
         st = m < 0 ? S_IOERR : blk_rw(c, 1, hdr.sector * 512, data, m, outlen - sizeof hdr);
     } else if (hdr.type == T_FLUSH) {
@@ -574,27 +568,11 @@ static void stop_ring(struct vconn *c)
     c->q.kick = -1;
 }
 
-static int sendall(int sock, const void *buf, size_t n)
-{
-    const unsigned char *p = buf;
-    while (n) {
-        ssize_t r = send(sock, p, n, MSG_NOSIGNAL);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return -1;
-        p += r;
-        n -= (size_t)r;
-    }
-    return 0;
-}
-
 static int vreply(struct vconn *c, uint32_t req, const void *payload, uint32_t size)
 {
     uint32_t h[3] = {req, VHU_VERSION | VHU_REPLY, size};
-    if (sendall(c->sock, h, sizeof h) < 0 || (size && sendall(c->sock, payload, size) < 0))
-        return -1;
-    return 0;
+    struct iovec iov[2] = {{h, sizeof h}, {(void *)payload, size}};
+    return send_iov(c->sock, iov, size ? 2 : 1);
 }
 
 static int reply_u64(struct vconn *c, uint32_t req, uint64_t v) { return vreply(c, req, &v, 8); }
@@ -624,7 +602,10 @@ static int vreply_fd(struct vconn *c, uint32_t req, const void *payload, uint32_
     while (r < 0 && errno == EINTR);
     if (r < 0)
         return -1;
-    return (size_t)r < 12 + size ? sendall(c->sock, msg + r, 12 + size - (size_t)r) : 0;
+    struct iovec *rest = &iov;
+    size_t nrest = 1;
+    iov_advance(&rest, &nrest, (size_t)r);
+    return nrest ? send_iov(c->sock, rest, 1) : 0;
 }
 
 /* Read one message (header, payload, fds). 1: one read, 0: EOF, -1: error. */
@@ -712,11 +693,11 @@ static int control(struct vconn *c, uint32_t *h, unsigned char *p, int *fds, int
     int need_ack = (h[1] & VHU_NEED_REPLY) && (c->pfeatures & P_REPLY_ACK);
     int rc = 0, replied = 0;
     uint64_t u64 = 0;
-    uint32_t st[2]; /* vhost_vring_state: index, num */
-    if (size >= 8)
+    uint32_t st[2] = {0, 0}; /* vhost_vring_state: index, num (the same 8 bytes) */
+    if (size >= 8) {
         memcpy(&u64, p, 8);
-    if (size >= 8)
         memcpy(st, p, 8);
+    }
     switch (req) {
     case U_GET_FEATURES:
         rc = reply_u64(c, req, OFFERED);
@@ -932,6 +913,9 @@ static int control(struct vconn *c, uint32_t *h, unsigned char *p, int *fds, int
     return rc;
 }
 
+/* The ring may be served: started (kick fd, mapped) and enabled (always, without protocol features). */
+static int ring_live(const struct vconn *c) { return c->q.started && (c->q.enabled || !c->proto); }
+
 /* Serve one vhost-user connection (QEMU's) until it closes or misbehaves. 0 on a clean close,
  * -1 with the reason in why. The socket is not closed. */
 int vhbx_serve(struct export *ex, int sock, const char *serial, int nworkers, char *why, size_t why_len)
@@ -972,9 +956,8 @@ int vhbx_serve(struct export *ex, int sock, const char *serial, int nworkers, ch
             uint64_t n;
             ssize_t k = read(c->q.kick, &n, sizeof n);
             (void)k;
-            if (c->q.enabled || !c->proto)
-                if (pop_all(c) < 0)
-                    break;
+            if (ring_live(c) && pop_all(c) < 0)
+                break;
         }
         if (pf[0].revents & (POLLIN | POLLHUP | POLLERR)) {
             uint32_t h[3];
@@ -989,7 +972,7 @@ int vhbx_serve(struct export *ex, int sock, const char *serial, int nworkers, ch
             if (control(c, h, payload, fds, nfds) < 0)
                 break;
             /* a ring (re)enabled with requests already waiting: the guest will not kick again */
-            if (c->q.started && (c->q.enabled || !c->proto) && pop_all(c) < 0)
+            if (ring_live(c) && pop_all(c) < 0)
                 break;
         }
     }
