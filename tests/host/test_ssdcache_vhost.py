@@ -90,8 +90,10 @@ class Driver:
         self.send(req, struct.pack("<Q", value))
         return 0
 
-    def setup(self, ring_uva: int = UVA, base: int = 0, inflight: tuple[int, int] | None = None) -> None:
-        """``inflight=(fd, size)``: hand the backend that region (SET_INFLIGHT_FD), as QEMU does."""
+    def setup(self, ring_uva: int = UVA, base: int = 0, inflight: tuple[int, int] | None = None,
+              inflight_queue: int = NUM) -> None:  # fmt: skip
+        """``inflight=(fd, size)``: hand the backend that region (SET_INFLIGHT_FD), as QEMU does,
+        declared for a queue of ``inflight_queue`` entries."""
         feats = self.u64(1)
         assert feats & (1 << 32) and feats & F_PROTOCOL
         self.u64(2, feats)
@@ -99,7 +101,7 @@ class Driver:
         self.u64(16, P_CONFIG | P_REPLY_ACK | (P_INFLIGHT if inflight else 0))
         self.send(3)  # SET_OWNER
         if inflight:
-            self.send(32, struct.pack("<QQHHxxxx", inflight[1], 0, 1, NUM), [inflight[0]])
+            self.send(32, struct.pack("<QQHHxxxx", inflight[1], 0, 1, inflight_queue), [inflight[0]])
         self.used_seen = base
         self.send(5, struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, RAM, UVA, 0), [self.memfd], flags=1 | 8)
         assert struct.unpack("<Q", self.recv()[1])[0] == 0  # REPLY_ACK
@@ -385,3 +387,30 @@ def test_requests_in_flight_at_a_crash_are_resubmitted_exactly_once(env) -> None
     finally:
         d2.close()
         os.close(fd)
+
+
+def test_regions_that_do_not_hold_what_they_claim_are_refused_not_faulted_on(env) -> None:
+    """A peer's memory or inflight file shorter than the size it declares would make the backend
+    fault (SIGBUS past the file's end) when it touches it: the message is refused instead. An
+    inflight region sized for a smaller ring than the one started is not used (no index into it
+    past its end), and the ring is served without it."""
+    d = env["connect"]()
+    short = os.memfd_create("short")
+    os.ftruncate(short, 4096)
+    d.u64(1)
+    d.send(5, struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, RAM, UVA, 0), [short])  # 8 MiB claimed
+    with pytest.raises((ConnectionError, OSError)):
+        d.recv()
+    os.close(short)
+    assert "bad vhost-user request 5" in env["exp"].stats.last_error
+    # an inflight region for 4 descriptors, whose header claims a 16-entry ring with all in flight
+    small = os.memfd_create("inflight")
+    os.ftruncate(small, 128)
+    region = mmap.mmap(small, 128)
+    struct.pack_into("<QHHHH", region, 0, 0, 1, NUM, 0, 0)
+    region.close()
+    d2 = env["connect"]()
+    d2.setup(inflight=(small, 128), inflight_queue=4)  # the ring itself has NUM = 16 entries
+    assert d2.request(0, 0, 4096)[0] == 0
+    assert struct.unpack("<H", d2.ram[USED + 2: USED + 4])[0] == 1  # nothing resubmitted
+    os.close(small)

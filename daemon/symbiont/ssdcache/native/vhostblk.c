@@ -31,6 +31,7 @@
 
 #include <poll.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #define VHU_VERSION 0x1u
 #define VHU_REPLY 0x4u
@@ -123,6 +124,7 @@ struct vconn {
     char why[200];
     struct ifregion *inf; /* NULL: no inflight tracking */
     size_t inf_len;
+    uint32_t inf_cap;     /* descriptor entries the mapping holds: the bound for every index into it */
     uint64_t counter;     /* order in which heads were taken */
 };
 
@@ -351,7 +353,7 @@ static void complete(struct vconn *c, uint16_t head, uint32_t written)
     __atomic_thread_fence(__ATOMIC_RELEASE);
     q->used_idx = (uint16_t)(u + 1);
     __atomic_store_n(&q->used[1], q->used_idx, __ATOMIC_RELEASE);
-    if (c->inf && head < c->inf->desc_num) { /* after the used index: a crash in between is repaired at start */
+    if (c->inf && head < c->inf_cap) { /* after the used index: a crash in between is repaired at start */
         __atomic_store_n(&c->inf->desc[head].inflight, 0, __ATOMIC_RELEASE);
         c->inf->used_idx = q->used_idx;
     }
@@ -474,7 +476,7 @@ static int pop_all(struct vconn *c)
         uint16_t head = q->avail[2 + q->last_avail % q->num];
         if (c->jcount == VQ_MAX)
             break;
-        if (c->inf && head < c->inf->desc_num) {
+        if (c->inf && head < c->inf_cap) {
             c->inf->desc[head].counter = ++c->counter;
             __atomic_store_n(&c->inf->desc[head].inflight, 1, __ATOMIC_RELEASE);
         }
@@ -511,6 +513,11 @@ static int resubmit(struct vconn *c)
     struct vq *q = &c->q;
     if (!r)
         return 0;
+    if (q->num > c->inf_cap) { /* a region sized for a smaller ring than this one: no tracking */
+        munmap(r, c->inf_len);
+        c->inf = NULL;
+        return 0;
+    }
     if (r->version != 1 || r->desc_num != q->num) { /* fresh, or zeroed by a device reset */
         memset(r, 0, c->inf_len);
         r->version = 1;
@@ -519,14 +526,14 @@ static int resubmit(struct vconn *c)
         return 0;
     }
     if (r->used_idx != q->used_idx) { /* the crash came between the used index and the flag */
-        if (r->last_batch_head < r->desc_num)
+        if (r->last_batch_head < q->num)
             r->desc[r->last_batch_head].inflight = 0;
         r->used_idx = q->used_idx;
     }
     uint16_t heads[VQ_MAX];
     uint32_t n = 0;
     uint64_t top = 0;
-    for (uint32_t i = 0; i < r->desc_num; i++) {
+    for (uint32_t i = 0; i < q->num; i++) {
         if (r->desc[i].inflight) {
             heads[n++] = (uint16_t)i;
             top = r->desc[i].counter > top ? r->desc[i].counter : top;
@@ -655,6 +662,13 @@ static int recv_msg(struct vconn *c, uint32_t *h, unsigned char *payload, int *f
     return 1;
 }
 
+/* The file behind fd has at least n bytes (what is about to be mapped from it). */
+static int fd_holds(int fd, size_t n)
+{
+    struct stat st;
+    return fstat(fd, &st) == 0 && st.st_size >= 0 && (uint64_t)st.st_size >= n;
+}
+
 static int set_mem_table(struct vconn *c, const unsigned char *p, uint32_t size, int *fds, int nfds)
 {
     uint32_t n;
@@ -671,6 +685,8 @@ static int set_mem_table(struct vconn *c, const unsigned char *p, uint32_t size,
         if (v[1] == 0 || v[3] > UINT64_MAX - v[1])
             return -1;
         size_t len = (size_t)(v[1] + v[3]);
+        if (!fd_holds(fds[i], len)) /* a page past the file's end would be SIGBUS, not an error */
+            return -1;
         void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fds[i], 0);
         if (m == MAP_FAILED)
             return -1;
@@ -875,6 +891,11 @@ static int control(struct vconn *c, uint32_t *h, unsigned char *p, int *fds, int
             fd = fds[0];
             nfds = 0;
             need = v[0];
+            if (!fd_holds(fd, need)) {
+                close(fd);
+                rc = -1;
+                break;
+            }
         }
         void *m = mmap(NULL, need, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (m == MAP_FAILED) {
@@ -887,6 +908,7 @@ static int control(struct vconn *c, uint32_t *h, unsigned char *p, int *fds, int
             munmap(c->inf, c->inf_len);
         c->inf = m;
         c->inf_len = need;
+        c->inf_cap = (uint32_t)((need - sizeof(struct ifregion)) / sizeof(struct ifdesc));
         if (req == U_GET_INFLIGHT_FD) {
             unsigned char out[24] = {0}; /* VhostUserInflight, padded to 8 bytes as QEMU sizes it */
             memcpy(out, v, 16);
