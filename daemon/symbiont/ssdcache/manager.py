@@ -62,7 +62,6 @@ from symbiont.ssdcache.vhostuser import VhostUserServer
 log = logging.getLogger(__name__)
 
 GUEST_SERIAL = "symbiont-cache"
-TRANSPORTS = ("nbd", "vhost-user")  # how QEMU reaches an export (the attach's ``transport``)
 DD_OWNER = "doubledecker.ssd-tier"  # the block-map owner of the two-level cache's SSD tier
 MAX_CACHE_MIB = 1 << 20  # 1 TiB per virtual SSD
 
@@ -269,10 +268,7 @@ class CacheManager:
         self._runtime_dir()
         await asyncio.to_thread(nbdfast.load)  # the C data path is compiled once, off the event loop
         exp = Export(c.vm, c.size_blocks, self.pool, self.bmap.mapping(c.vm))
-        gid = None
-        with contextlib.suppress(KeyError):
-            gid = grp.getgrnam("kvm").gr_gid
-        srv = NbdServer(exp, self.socket_path(c.vm), socket_gid=gid, export_name=self.export_name(c.vm),
+        srv = NbdServer(exp, self.socket_path(c.vm), socket_gid=_kvm_gid(), export_name=self.export_name(c.vm),
                         executor=None if self.inline_io else self.io.executor)
         await self.io.run(srv.start())
         self.exports[c.vm] = exp
@@ -291,13 +287,8 @@ class CacheManager:
             raise NotFound(f"no cache for {vm!r}")
         if exp.native is None:
             raise Unavailable(f"vhost-user needs the native data path: {nbdfast.why()}")
-        old = self.vhosts.pop(vm, None)
-        if old is not None:
-            await asyncio.to_thread(old.close)
-        gid = None
-        with contextlib.suppress(KeyError):
-            gid = grp.getgrnam("kvm").gr_gid
-        srv = VhostUserServer(exp, self.socket_path(vm, "vhost-user"), serial, socket_gid=gid,
+        await self._close_vhost(vm)
+        srv = VhostUserServer(exp, self.socket_path(vm, "vhost-user"), serial, socket_gid=_kvm_gid(),
                               allow_peer=self.peer_check(vm) if self.peer_check else None)
         await asyncio.to_thread(srv.start)
         self.vhosts[vm] = srv
@@ -306,19 +297,21 @@ class CacheManager:
             self.bmap.update_cache(vm, params=dict(c.params, transport="vhost-user", vhost_serial=serial))
         return srv.socket_path
 
-    async def unserve_vhost(self, vm: str) -> None:
+    async def _close_vhost(self, vm: str) -> None:
         srv = self.vhosts.pop(vm, None)
         if srv is not None:
             await asyncio.to_thread(srv.close)
+
+    async def unserve_vhost(self, vm: str) -> None:
+        """Stop serving ``vm`` over vhost-user and forget it (a restart will not serve it again)."""
+        await self._close_vhost(vm)
         c = self.bmap.cache(vm)
         if c is not None and "transport" in c.params:
             self.bmap.update_cache(vm, params={k: v for k, v in c.params.items()
                                                if k not in ("transport", "vhost_serial")})
 
     async def _unserve(self, vm: str) -> None:
-        vh = self.vhosts.pop(vm, None)
-        if vh is not None:
-            await asyncio.to_thread(vh.close)
+        await self._close_vhost(vm)  # the sqlite record stays: a restarted daemon serves it again
         srv = self.servers.pop(vm, None)
         self.exports.pop(vm, None)
         if srv is not None:
@@ -1011,27 +1004,15 @@ class CacheManager:
     def views(self) -> list[dict[str, Any]]:
         return [self.view(c.vm) for c in self.bmap.caches() if c.vm != DD_OWNER]
 
-    def disk_xml(self, vm: str, target_dev: str = "vdb", serial: str = GUEST_SERIAL, transport: str = "nbd") -> str:
+    def disk_xml(self, vm: str, target_dev: str = "vdb", serial: str = GUEST_SERIAL) -> str:
         """libvirt ``<disk>`` for hot-plugging ``vm``'s elastic SSD (QEMU's NBD client).
 
         libvirt 9.0 has no ``<reconnect>`` for NBD disks: when the daemon restarts, QEMU's
         client reconnects on the guest's next request, and requests issued while the daemon
-        is down fail with EIO (the guest cache treats that as a miss).
-
-        ``transport='vhost-user'``: a ``vhost-user-blk-pci`` on our backend's socket (the domain
-        needs shared memfd RAM); QEMU reconnects within a second of a daemon restart. libvirt
-        takes no ``<serial>`` for it: the backend answers the guest's GET_ID with ``serial``."""
+        is down fail with EIO (the guest cache treats that as a miss). (A vhost-user disk is not
+        attached with libvirt XML: see :mod:`symbiont.host.vhostdisk`.)"""
         from xml.sax.saxutils import escape, quoteattr
 
-        if transport == "vhost-user":
-            return (
-                "<disk type='vhostuser' device='disk'>"
-                "<driver name='qemu' type='raw' queues='1' queue_size='256'/>"
-                f"<source type='unix' path={quoteattr(str(self.socket_path(vm, transport)))}>"
-                "<reconnect enabled='yes' timeout='1'/></source>"
-                f"<target dev={quoteattr(target_dev)} bus='virtio'/>"
-                "</disk>"
-            )
         name = self.export_name(vm)
         return (
             "<disk type='network' device='disk'>"
@@ -1043,6 +1024,14 @@ class CacheManager:
             f"<serial>{escape(serial)}</serial>"
             "</disk>"
         )
+
+
+def _kvm_gid() -> int | None:
+    """The group QEMU runs in (its sockets are ``root:kvm 0660``); None where there is none."""
+    try:
+        return grp.getgrnam("kvm").gr_gid
+    except KeyError:
+        return None
 
 
 def _detach_orphans(path: str) -> None:
