@@ -24,9 +24,9 @@ dumped (found out on the real guest):
 * a *lazy* restore (``restore(lazy=True)``) starts the tasks before their memory is back:
   ``criu lazy-pages`` serves the page images of the local images folder through userfaultfd
   (this guest kernel has ``uffd-noncoop``), faulting pages in on demand and pushing the rest in
-  the background, so the freeze no longer grows with the container's size (measured on a
-  128 MiB process under TCG: restore 0.28-0.40 s lazy vs 0.52 s; the background fill took
-  ~1 s more). The images must stay until the daemon exits: :func:`wait_lazy`.
+  the background (measured on a bare 128 MiB process under TCG: restore 0.28-0.40 s lazy vs
+  0.52 s, the fill ~1 s more; inside a migration, after pre-copy, the freeze was longer lazy:
+  1.19 vs 0.97 s, BENCHMARKS.md fifth round). The images must stay until the daemon exits: :func:`wait_lazy`.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ class MigrationSpec(StrictModel):
                            description="the container's own address on the guest link: moves with it "
                            "(servers with established TCP connections)")
     lazy: bool = Field(False, description="restore with CRIU lazy pages: the container runs before its memory is "
-                       "back (faulted in through userfaultfd from the received images), so the freeze does not "
-                       "grow with its size")
+                       "back (faulted in through userfaultfd from the received images); meant to keep the freeze "
+                       "from growing with its size, measured slower under TCG (BENCHMARKS.md, fifth round)")
     fault: Literal["corrupt", "truncate"] | None = Field(
         None, description="testing: damage the relayed stream"
     )

@@ -114,8 +114,8 @@ def follow(ctx: Ctx, mid: str, timeout: float = 1800.0) -> dict[str, Any]:
 )
 @click.option("--window-kib", type=int, default=16384, show_default=True, help="relay window (send buffer)")
 @click.option("--lazy", is_flag=True,
-              help="lazy restore: the container runs before its memory is back (CRIU lazy pages), so the freeze "
-                   "does not grow with its size")  # fmt: skip
+              help="lazy restore: the container runs before its memory is back (CRIU lazy pages); meant to "
+                   "keep the freeze from growing with its size, measured slower under TCG (off by default)")  # fmt: skip
 @click.option("--no-wait", is_flag=True, help="start it and print its id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj

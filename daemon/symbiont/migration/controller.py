@@ -321,7 +321,8 @@ class MigrationController:
         """Validate, journal, and run the migration in the background; returns the journal entry.
         ``lazy``: restore with CRIU's lazy pages (the tasks run before their memory is back,
         which the destination's ``criu lazy-pages`` faults in and pushes from the received
-        images), so the freeze does not grow with the container's size."""
+        images), meant to keep the freeze from growing with the container's size; under TCG it
+        measured slower than the eager restore (BENCHMARKS.md, fifth round), hence off by default."""
         self.ctx.vm(vm)
         self.ctx.vm(dest)
         if vm == dest:
