@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
@@ -23,14 +22,13 @@ import pytest
 from symbiont.config import load_config
 from symbiont.ssdcache.layout import BLOCK_SIZE
 from symbiont.ssdcache.pool import loop_devices_of
-from symbiont_research.lab.console import guest_exec
 from symbiont_research.lab.session import LabSession
 from symbiont_research.lab.vms import lab_vm
+from tests.vm.ssdlab import DEV, cache, drop_caches_and_pool, mapping, pool_path, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 
 SLOW_LINES = 32
-DEV = 'dev() { for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && echo /dev/${d##*/}; done; }; '
 
 
 @pytest.fixture(scope="module")
@@ -70,40 +68,13 @@ def lab(libvirtd, tmp_path_factory):
             s.host.domain(name).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
             yield s
         finally:
-            if s.daemon is not None and s.daemon.proc is not None:
-                with s.client() as c:
-                    for v in c.get("/v1/ssdcache/caches"):
-                        c.delete(f"/v1/ssdcache/caches/{v['vm']}")
-                    c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
+            drop_caches_and_pool(s)
     assert not pool_file.exists() or loop_devices_of(pool_file) == []
-
-
-def pool_path(lab: LabSession) -> Path:
-    with lab.client() as c:
-        return Path(c.get("/v1/ssdcache/pool")["path"])
-
-
-def cache(lab: LabSession, vm: str | None = None) -> dict:
-    with lab.client() as c:
-        return c.get(f"/v1/ssdcache/caches/{vm or lab.names[0]}")
-
-
-def mapping(lab: LabSession, vm: str) -> dict[int, int]:
-    db = sqlite3.connect(lab.daemon.cfg.db_path)
-    try:
-        return dict(db.execute("SELECT lbn, pbn FROM ssd_blocks WHERE vm = ?", (vm,)).fetchall())
-    finally:
-        db.close()
 
 
 def vm_view(lab: LabSession) -> dict:
     with lab.client() as c:
         return c.get(f"/v1/vms/{lab.names[0]}")
-
-
-def sh(lab: LabSession, cmd: str, timeout: float = 60, vm: str | None = None) -> tuple[int, str]:
-    r = guest_exec(lab.host, vm or lab.names[0], DEV + cmd, timeout=timeout)
-    return r.rc, r.output
 
 
 def guest_ready(lab: LabSession) -> dict:

@@ -14,18 +14,16 @@ resubmitted: the guest's read/write loop across the kill sees no error and no wr
 from __future__ import annotations
 
 import signal
-import sqlite3
 
 import pytest
 
 from symbiont.ssdcache.layout import BLOCK_SIZE
 from symbiont.ssdcache.pool import loop_devices_of
-from symbiont_research.lab.console import guest_exec
 from symbiont_research.lab.session import LabSession
+from tests.vm.ssdlab import cache, drop_caches_and_pool, mapping, pool_path, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 
-DEV = 'dev() { for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = "$1" ] && echo /dev/${d##*/}; done; }; '
 
 
 @pytest.fixture(scope="module")
@@ -42,29 +40,7 @@ def lab(libvirtd, tmp_path_factory):
                 assert r["transport"] == "vhost-user" and r["qmp_node"] == "symbiont-vhu-vdb", r
             yield s
         finally:
-            if s.daemon is not None and s.daemon.proc is not None:
-                with s.client() as c:
-                    for v in c.get("/v1/ssdcache/caches"):
-                        c.delete(f"/v1/ssdcache/caches/{v['vm']}")
-                    c.call("DELETE", "/v1/ssdcache/pool", params={"remove_file": "true"})
-
-
-def cache(lab: LabSession) -> dict:
-    with lab.client() as c:
-        return c.get(f"/v1/ssdcache/caches/{lab.names[0]}")
-
-
-def mapping(lab: LabSession) -> dict[int, int]:
-    db = sqlite3.connect(lab.daemon.cfg.db_path)
-    try:
-        return dict(db.execute("SELECT lbn, pbn FROM ssd_blocks WHERE vm = ?", (lab.names[0],)).fetchall())
-    finally:
-        db.close()
-
-
-def sh(lab: LabSession, cmd: str, timeout: float = 60) -> tuple[int, str]:
-    r = guest_exec(lab.host, lab.names[0], DEV + cmd, timeout=timeout)
-    return r.rc, r.output
+            drop_caches_and_pool(s)
 
 
 def test_the_guest_writes_and_reads_through_vhost_user(lab: LabSession) -> None:
@@ -76,21 +52,16 @@ def test_the_guest_writes_and_reads_through_vhost_user(lab: LabSession) -> None:
                       f"dd if=/tmp/p of=$D bs=1M seek={lbn} count=1 oflag=direct conv=fsync status=none && "
                       f"dd if=$D bs=1M skip={lbn} count=1 iflag=direct status=none | cmp - /tmp/p && echo SAME")  # fmt: skip
     assert rc == 0 and "SAME" in out, out
-    dev = loop_devices_of(_pool(lab))[0]
+    dev = loop_devices_of(pool_path(lab))[0]
     with open(dev, "rb") as fh:
-        fh.seek(mapping(lab)[lbn] * BLOCK_SIZE)
+        fh.seek(mapping(lab, lab.names[0])[lbn] * BLOCK_SIZE)
         assert fh.read(4096) == (b"VHOSTUSER\n" * 500)[:4096]
     io = cache(lab)["io"]
     assert io["writes"] >= 1 and io["reads"] >= 1, io
 
 
-def _pool(lab: LabSession) -> str:
-    with lab.client() as c:
-        return c.get("/v1/ssdcache/pool")["path"]
-
-
 def test_unbacked_block_is_an_io_error_and_a_deflate_commits(lab: LabSession) -> None:
-    unbacked = next(i for i in range(16) if i not in mapping(lab))
+    unbacked = next(i for i in range(16) if i not in mapping(lab, lab.names[0]))
     before = cache(lab)["io"]["unbacked_errors"]
     rc, out = sh(lab, f"dd if=$(dev symbiont-cache) of=/dev/null bs=1M skip={unbacked} count=1 iflag=direct")
     assert rc != 0 and "Input/output error" in out, out
@@ -107,7 +78,7 @@ def test_kill_9_of_the_daemon_under_guest_io_loses_no_request(lab: LabSession) -
     """The guest writes and reads its disk in a loop while the daemon is killed with -9 and
     started again: QEMU reconnects, the new backend resubmits what was in flight (the inflight
     region QEMU kept), and the guest sees neither an error nor a wrong byte."""
-    lbn = min(mapping(lab))
+    lbn = min(mapping(lab, lab.names[0]))
     loop = (f"D=$(dev symbiont-cache); head -c 1048576 /dev/urandom > /tmp/r; ( for i in $(seq 60); do "
             f"dd if=/tmp/r of=$D bs=64k seek={lbn * 16} count=16 oflag=direct status=none || echo FAIL; "
             f"dd if=$D of=/tmp/b bs=64k skip={lbn * 16} count=16 iflag=direct status=none || echo FAIL; "
