@@ -412,9 +412,6 @@ class FakeHost:
     def attach_vhost_disk(self, vm: str, socket: str, target: str) -> str:
         return vhostdisk.attach(lambda c, a: self.qmp(vm, c, a), socket, target)
 
-    def vhost_disk_attached(self, vm: str, target: str) -> bool:
-        return vhostdisk.attached(lambda c, a: self.qmp(vm, c, a), target)
-
     def detach_vhost_disk(self, vm: str, target: str) -> None:
         vhostdisk.detach(lambda c, a: self.qmp(vm, c, a), target, timeout_s=0)
 
@@ -467,8 +464,3 @@ class FakeHost:
             return True
         except FileNotFoundError:
             return False
-
-    def list_shmem(self) -> list[str]:
-        import os
-
-        return sorted(os.listdir(self.shm_dir)) if self.shm_dir and os.path.isdir(self.shm_dir) else []

@@ -332,14 +332,6 @@ def remove_shmem(region: str) -> bool:
         return False
 
 
-def list_shmem() -> list[str]:
-    """The regions' files now under /dev/shm (a daemon killed mid-migration leaves some)."""
-    try:
-        return sorted(n for n in os.listdir(SHM_DIR) if REGION_RE.match(n))
-    except OSError:
-        return []
-
-
 def kill_pid(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGTERM)

@@ -80,18 +80,13 @@ def attach(send: Send, socket: str, export: str, target: str, serial: str, recon
     return node
 
 
-def listed(send: Send, query: str, key: str, node: str) -> bool:
-    """Does the monitor's ``query`` list an entry whose ``key`` is ``node``? (False when it
-    cannot say.)"""
-    try:
-        return any(n.get(key) == node for n in _qmp(send, query, {}) or [])
-    except QmpError:
-        return False
-
-
 def attached(send: Send, target: str) -> bool:
     """Is there a QMP-attached elastic disk for ``target``? (False when the monitor cannot say.)"""
-    return listed(send, "query-named-block-nodes", "node-name", node_name(target))
+    node = node_name(target)
+    try:
+        return any(n.get("node-name") == node for n in _qmp(send, "query-named-block-nodes", {}) or [])
+    except QmpError:
+        return False
 
 
 def unplug(send: Send, node: str, backend: tuple[str, dict[str, Any]], timeout_s: float) -> None:

@@ -113,7 +113,6 @@ class HostPort(Protocol):
     def nbd_disk_attached(self, vm: str, target: str) -> bool: ...
     def detach_nbd_disk(self, vm: str, target: str) -> None: ...  # waits for the guest to let go
     def attach_vhost_disk(self, vm: str, socket: str, target: str) -> str: ...  # QMP (host.vhostdisk)
-    def vhost_disk_attached(self, vm: str, target: str) -> bool: ...
     def detach_vhost_disk(self, vm: str, target: str) -> None: ...  # waits for the guest to let go
 
     # -- migration: one shared region per VM (ivshmem-plain), the relay's shm channel ------------
@@ -121,4 +120,3 @@ class HostPort(Protocol):
     def detach_shmem(self, vm: str, region: str) -> bool: ...  # False: domain or device not there
     def open_shmem(self, region: str, size_bytes: int) -> Any: ...  # mmap.mmap of the host's side
     def remove_shmem(self, region: str) -> bool: ...  # its file; False: already gone
-    def list_shmem(self) -> list[str]: ...  # the regions' files that exist now

@@ -270,9 +270,6 @@ class SystemHost:
     def remove_shmem(self, region: str) -> bool:
         return shmem.remove_shmem(region)
 
-    def list_shmem(self) -> list[str]:
-        return shmem.list_shmem()
-
     def attach_nbd_disk(self, vm: str, socket: str, export: str, target: str, serial: str,
                         reconnect_delay_s: int) -> str:
         return nbddisk.attach(lambda c, a: self.qmp(vm, c, a), socket, export, target, serial, reconnect_delay_s)
@@ -285,9 +282,6 @@ class SystemHost:
 
     def attach_vhost_disk(self, vm: str, socket: str, target: str) -> str:
         return vhostdisk.attach(lambda c, a: self.qmp(vm, c, a), socket, target)
-
-    def vhost_disk_attached(self, vm: str, target: str) -> bool:
-        return vhostdisk.attached(lambda c, a: self.qmp(vm, c, a), target)
 
     def detach_vhost_disk(self, vm: str, target: str) -> None:
         vhostdisk.detach(lambda c, a: self.qmp(vm, c, a), target)

@@ -12,7 +12,7 @@ disk (the domain is tainted *custom-monitor*), so it is removed the same way.
 
 from __future__ import annotations
 
-from symbiont.host.nbddisk import QmpError, Send, _qmp, listed, unplug
+from symbiont.host.nbddisk import QmpError, Send, _qmp, unplug
 
 QUEUE_SIZE = 256
 
@@ -44,11 +44,6 @@ def attach(send: Send, socket: str, target: str, reconnect_s: int = 1) -> str:
         _qmp(send, "chardev-remove", {"id": node})
         raise
     return node
-
-
-def attached(send: Send, target: str) -> bool:
-    """Is there a QMP-attached vhost-user disk for ``target``? (False when the monitor cannot say.)"""
-    return listed(send, "query-chardev", "label", node_name(target))
 
 
 def detach(send: Send, target: str, timeout_s: float = 60.0) -> None:

@@ -225,11 +225,8 @@ class Journal:
             db.execute("INSERT INTO migration_regions (name, mid, vm, size, created_at) VALUES (?, ?, ?, ?, ?)",
                        (name, mid, vm, size, time.time()))  # fmt: skip
 
-    def regions(self, mid: str | None = None) -> list[dict[str, Any]]:
-        q, args = "SELECT * FROM migration_regions", ()
-        if mid is not None:
-            q, args = q + " WHERE mid = ?", (mid,)
-        return [dict(r) for r in self.store.query(q + " ORDER BY created_at", args)]
+    def regions(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.store.query("SELECT * FROM migration_regions ORDER BY created_at")]
 
     def drop_region(self, name: str) -> None:
         with self.store.transaction() as db:
