@@ -445,18 +445,16 @@ def _send(args: dict[str, Any], payload: bytes) -> dict[str, Any]:
                         raise OSError("the migration was aborted by the host")
                     extra: dict[str, Any] = {}
                     if ring is not None and mv is not None:
-                        taken = int(st.get("taken", 0))
-                        ring.release(taken - freed)
-                        freed = max(freed, taken)
-                        at = ring.alloc(need)
-                        while at is None:  # the window admits it: the relay is about to take older ones
-                            if time.monotonic() - st["at"] > STALL_S or _is_aborted(mid) or st.get("stop"):
-                                raise OSError(f"no room in the region and no acknowledgement for {STALL_S:.0f} s")
-                            time.sleep(0.005)
+                        while True:  # free what the relay took; no room yet: it is about to take older ones
                             taken = int(st.get("taken", 0))
                             ring.release(taken - freed)
                             freed = max(freed, taken)
                             at = ring.alloc(need)
+                            if at is not None:
+                                break
+                            if time.monotonic() - st["at"] > STALL_S or _is_aborted(mid) or st.get("stop"):
+                                raise OSError(f"no room in the region and no acknowledgement for {STALL_S:.0f} s")
+                            time.sleep(0.005)
                         n = fh.readinto(mv[at : at + need]) or 0
                         if n != need:
                             raise OSError(f"{p} changed while it was sent ({n} of {need} bytes at {off})")
